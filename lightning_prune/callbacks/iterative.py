@@ -1,0 +1,117 @@
+"""Iterative pruning: train → prune → fine-tune → re-prune, with optional lottery-ticket rewind."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_prune.callbacks.base import MaskingCallback
+from lightning_prune.criteria import Criterion
+from lightning_prune.masking import apply_masks_
+
+
+class IterativePruning(MaskingCallback):
+    """Prune a fraction of the remaining weights after every `epochs_per_cycle` epochs, `cycles` times.
+
+    Cycle c of C reaches sparsity 1 − (1 − s)^(c/C), i.e. each cycle prunes the same fraction
+    p = 1 − (1 − s)^(1/C) of what is left (Han et al., 2015). With `rewind="init"` (or an integer
+    step k) the surviving weights go back to their values at the start of training (or at step k)
+    and the optimizer state is cleared after every pruning: the lottery-ticket procedure of
+    Frankle & Carbin (2019). The snapshot holds the target tensors only. Learning-rate schedulers
+    are not rewound. The Trainer needs at least `cycles · epochs_per_cycle` epochs; more epochs
+    fine-tune the final sparse model.
+
+    Example YAML (`conf/pruning/iterative.yaml`)::
+
+        _target_: lightning_prune.IterativePruning
+        sparsity: 0.8          # final fraction of zeros
+        cycles: 3              # prune events
+        epochs_per_cycle: 2    # training epochs before each prune
+        rewind: init           # null | init | <step>
+    """
+
+    def __init__(
+        self,
+        sparsity: float,
+        cycles: int,
+        epochs_per_cycle: int,
+        rewind: str | int | None = None,
+        criterion: str | Criterion = "magnitude",
+        scope: str = "layer",
+        pattern: str | None = None,
+        targets: str | Sequence[str] | None = None,
+        ignore: str | Sequence[str] | None = None,
+        finalize_on_end: bool = False,
+    ) -> None:
+        super().__init__(sparsity, criterion, scope, pattern, targets, ignore, finalize_on_end)
+        if not isinstance(cycles, int) or cycles < 1:
+            raise ValueError(f"`cycles` must be an integer >= 1, got {cycles!r}")
+        if not isinstance(epochs_per_cycle, int) or epochs_per_cycle < 1:
+            raise ValueError(f"`epochs_per_cycle` must be an integer >= 1, got {epochs_per_cycle!r}")
+        if rewind is not None and rewind != "init" and (isinstance(rewind, bool) or not isinstance(rewind, int) or rewind < 0):
+            raise ValueError(f"`rewind` must be None, 'init' or a step >= 0, got {rewind!r}")
+        self.cycles = cycles
+        self.epochs_per_cycle = epochs_per_cycle
+        self.rewind = rewind
+        self.cycles_done = 0
+        self.snapshot: dict[str, torch.Tensor] = {}
+
+    def sparsity_after(self, cycle: int) -> float:
+        """Target sparsity after `cycle` prunings (0 before the first)."""
+        return 1.0 - (1.0 - self.sparsity) ** (cycle / self.cycles)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        needed = self.cycles * self.epochs_per_cycle
+        if trainer.max_epochs is None or 0 <= trainer.max_epochs < needed:
+            raise ValueError(
+                f"`cycles`={self.cycles} × `epochs_per_cycle`={self.epochs_per_cycle} needs Trainer(max_epochs>={needed}), "
+                f"got max_epochs={trainer.max_epochs}"
+            )
+        self.attach(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rewind == "init" and not self.snapshot:
+            self.take_snapshot()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if isinstance(self.rewind, int) and trainer.global_step == self.rewind and not self.snapshot:
+            self.take_snapshot()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.epochs_per_cycle == 0 and self.cycles_done < self.cycles:
+            self.prune_cycle(trainer)
+            self.log_sparsity(pl_module, layers=True, on_step=False)
+
+    def take_snapshot(self) -> None:
+        """Copy the target tensors (only those) for a later rewind."""
+        self.snapshot = {t.name: t.weight.detach().clone() for t in self.targets}
+
+    def prune_cycle(self, trainer: pl.Trainer) -> None:
+        """Prune to the next cycle's sparsity, then rewind survivors and reset optimizers if asked."""
+        self.prune_to(self.sparsity_after(self.cycles_done + 1))
+        self.cycles_done += 1
+        if self.rewind is not None:
+            self.rewind_weights(trainer)
+
+    @torch.no_grad()
+    def rewind_weights(self, trainer: pl.Trainer) -> None:
+        """Surviving weights back to the snapshot; optimizer state cleared (momenta belong to old weights)."""
+        if not self.snapshot:
+            raise RuntimeError(f"`rewind`={self.rewind!r}: no snapshot was taken before the first pruning")
+        for target in self.targets:
+            target.weight.copy_(self.snapshot[target.name].to(target.weight.device))
+        apply_masks_(trainer.lightning_module)
+        for optimizer in trainer.optimizers:
+            optimizer.state.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        snapshot = {name: value.cpu().clone() for name, value in self.snapshot.items()}
+        return {**super().state_dict(), "cycles_done": self.cycles_done, "snapshot": snapshot}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.cycles_done = int(state_dict.get("cycles_done", 0))
+        self.snapshot = dict(state_dict.get("snapshot", {}))

@@ -1,0 +1,169 @@
+"""Scores → boolean keep-masks: per layer, global, per row, N:M and whole channels.
+
+Conventions: scores and masks are (out, in) matrices (see `PruneTarget.as_matrix`); a mask is
+True where the weight is kept. A target of `s` over `n` elements prunes exactly `prune_count(n, s)`
+of them; ties go to the lower flat index, so every selection is deterministic. Entries listed in
+`pruned` stay pruned (masks are monotone) and count toward the target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+SCOPES = ("layer", "global", "row", "channel")
+
+
+def prune_count(numel: int, sparsity: float) -> int:
+    """Number of elements pruned at `sparsity`: round(s·n), halves rounded up."""
+    return int(math.floor(sparsity * numel + 0.5))
+
+
+def check_sparsity(sparsity: float, argument: str = "sparsity") -> float:
+    """Validate a sparsity in [0, 1) and return it as a float."""
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"`{argument}` must be a number in [0, 1), got {sparsity!r}")
+    return float(sparsity)
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """Parse an N:M pattern such as "2:4" (keep N of every M) into (N, M)."""
+    try:
+        n, m = (int(part) for part in str(pattern).split(":"))
+    except ValueError:
+        raise ValueError(f"`pattern` must look like 'N:M' (e.g. '2:4'), got {pattern!r}") from None
+    if not 0 < n < m:
+        raise ValueError(f"`pattern` needs 0 < N < M, got {pattern!r}")
+    return n, m
+
+
+def _check_scores(scores: torch.Tensor) -> None:
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN; check the model's weights and calibration activations")
+
+
+def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the `k` lowest entries of a 1-D tensor, ties to the lower index (O(n))."""
+    n = scores.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=scores.device)
+    threshold = torch.kthvalue(scores.float().cpu() if scores.is_cuda else scores, k).values.to(scores.device)
+    below = scores < threshold
+    tied = scores == threshold
+    need = k - int(below.sum())
+    return below | (tied & (tied.cumsum(0) <= need))
+
+
+def _with_pruned(scores: torch.Tensor, pruned: torch.Tensor | None) -> torch.Tensor:
+    _check_scores(scores)
+    return scores if pruned is None else scores.masked_fill(pruned, float("-inf"))
+
+
+def select_layer_wise(scores: torch.Tensor, sparsity: float, pruned: torch.Tensor | None = None) -> torch.Tensor:
+    """Prune the lowest `sparsity` fraction of one layer's scores."""
+    flat = _with_pruned(scores, pruned).reshape(-1)
+    return ~lowest_k(flat, prune_count(flat.numel(), sparsity)).reshape(scores.shape)
+
+
+def select_row_wise(scores: torch.Tensor, sparsity: float, pruned: torch.Tensor | None = None) -> torch.Tensor:
+    """Prune the lowest `sparsity` fraction within each output row (Wanda's comparison group)."""
+    scores = _with_pruned(scores, pruned)
+    k = prune_count(scores.shape[1], sparsity)
+    order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+    return torch.ones_like(scores, dtype=torch.bool).scatter_(1, order, False)
+
+
+def n_m_candidates(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """True at the M−N lowest scores of every group of M consecutive inputs of each row."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"`pattern` {n}:{m} needs the input dimension to divide by {m}, got {cols} columns")
+    groups = scores.reshape(rows, cols // m, m)
+    order = torch.sort(groups, dim=-1, stable=True).indices[..., : m - n]
+    candidates = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
+    return candidates.reshape(rows, cols)
+
+
+def select_n_m(
+    scores: torch.Tensor,
+    n: int,
+    m: int,
+    sparsity: float | None = None,
+    pruned: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Keep N of every M consecutive inputs of each row.
+
+    With `sparsity` below (M−N)/M (gradual N:M), only the lowest-scoring of the N:M candidates
+    are pruned, so that the final step lands exactly on the pattern.
+    """
+    scores = _with_pruned(scores, pruned)
+    candidates = n_m_candidates(scores, n, m)
+    full = (m - n) / m
+    if sparsity is None or sparsity >= full - 1e-9:
+        return ~candidates
+    flat = scores.masked_fill(~candidates, float("inf")).reshape(-1)
+    return ~lowest_k(flat, prune_count(flat.numel(), sparsity)).reshape(scores.shape)
+
+
+def select_channels(scores: torch.Tensor, sparsity: float, pruned: torch.Tensor | None = None) -> torch.Tensor:
+    """Prune whole output rows (neurons, filters) with the lowest L2 norm of their scores."""
+    _check_scores(scores)
+    row_scores = scores.float().norm(dim=1)
+    if pruned is not None:
+        row_scores = row_scores.masked_fill(pruned.all(dim=1), float("-inf"))
+    dropped = lowest_k(row_scores, prune_count(row_scores.numel(), sparsity))
+    return (~dropped).unsqueeze(1).expand_as(scores).clone()
+
+
+def select_global(
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float,
+    pruned: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """One threshold over all layers' scores; each layer keeps at least its best weight."""
+    pruned = pruned or {}
+    flats = {name: _with_pruned(s, pruned.get(name)).reshape(-1).float() for name, s in scores.items()}
+    total = sum(f.numel() for f in flats.values())
+    k = prune_count(total, sparsity)
+    if k > total - len(flats):
+        raise ValueError(
+            f"`sparsity`={sparsity} would empty a layer in global scope ({k} of {total} weights over {len(flats)} layers)"
+        )
+    protected = []
+    for flat in flats.values():
+        keep_best = torch.zeros_like(flat, dtype=torch.bool)
+        keep_best[torch.argmax(flat)] = True
+        protected.append(keep_best)
+    joined = torch.cat([f.to(next(iter(flats.values())).device) for f in flats.values()])
+    joined = joined.masked_fill(torch.cat([p.to(joined.device) for p in protected]), float("inf"))
+    dropped = lowest_k(joined, k)
+    masks, offset = {}, 0
+    for name, flat in flats.items():
+        part = dropped[offset : offset + flat.numel()].to(scores[name].device)
+        masks[name] = ~part.reshape(scores[name].shape)
+        offset += flat.numel()
+    return masks
+
+
+def select_masks(
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float,
+    scope: str = "layer",
+    pattern: str | None = None,
+    pruned: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Keep-masks for a dict of (out, in) score matrices: dispatch on `pattern`, then `scope`."""
+    pruned = pruned or {}
+    if pattern is not None:
+        n, m = parse_pattern(pattern)
+        return {name: select_n_m(s, n, m, sparsity, pruned.get(name)) for name, s in scores.items()}
+    if scope == "global":
+        return select_global(scores, sparsity, pruned)
+    per_layer = {"layer": select_layer_wise, "row": select_row_wise, "channel": select_channels}
+    if scope not in per_layer:
+        raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
+    return {name: per_layer[scope](s, sparsity, pruned.get(name)) for name, s in scores.items()}
