@@ -13,7 +13,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_prune.criteria import CRITERIA, Criterion, make_criterion
-from lightning_prune.masking import finalize, get_mask, keep_masks_applied, load_masks, update_masks
+from lightning_prune.distributed import broadcast_masks_
+from lightning_prune.masking import apply_masks_, finalize, get_mask, keep_masks_applied, load_masks, update_masks
 from lightning_prune.selection import SCOPES, check_sparsity, parse_pattern
 from lightning_prune.targets import PruneTarget, find_targets
 
@@ -58,6 +59,7 @@ class MaskingCallback(Callback):
         self._targets: list[PruneTarget] = []
         self._restored_masks: dict[str, torch.Tensor] = {}
         self._hooks: list[Any] = []
+        self._pl_module: pl.LightningModule | None = None
 
     @property
     def state_key(self) -> str:
@@ -80,6 +82,8 @@ class MaskingCallback(Callback):
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Resolve targets, restore saved masks, and keep masks applied after every optimizer step."""
+        refuse_sharded_strategy(trainer.strategy)
+        self._pl_module = pl_module
         self._targets = find_targets(pl_module, include=self.target_patterns, ignore=self.ignore)
         if self._restored_masks:
             load_masks(pl_module, self._restored_masks)
@@ -103,8 +107,11 @@ class MaskingCallback(Callback):
     def prune_to(self, sparsity: float) -> dict[str, torch.Tensor]:
         """Recompute masks at `sparsity` from the criterion's scores (monotone: pruned stays pruned)."""
         scores = {t.name: self.criterion.score(t.name, t.weight) for t in self._targets}
-        masks = update_masks(self._targets, scores, sparsity, scope=self.scope, pattern=self.pattern)
+        update_masks(self._targets, scores, sparsity, scope=self.scope, pattern=self.pattern)
         self.criterion.reset()
+        masks = self.masks()
+        broadcast_masks_(masks)  # every rank computed them from the same weights; rank 0's win ties
+        apply_masks_(self._pl_module)
         kept = {name: int(mask.sum()) for name, mask in masks.items()}
         self.layer_sparsity = {name: 1.0 - kept[name] / masks[name].numel() for name in masks}
         self.current_sparsity = 1.0 - sum(kept.values()) / sum(mask.numel() for mask in masks.values())
@@ -132,5 +139,22 @@ class MaskingCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored_masks = dict(state_dict.get("masks", {}))
+        if self._targets and self._restored_masks:  # strategies that restore after `on_fit_start`
+            load_masks(self._pl_module, self._restored_masks)
+            self._restored_masks = {}
         self.criterion.load_state_dict(state_dict.get("criterion", {}))
         self.current_sparsity = float(state_dict.get("current_sparsity", 0.0))
+
+
+def refuse_sharded_strategy(strategy: object) -> None:
+    """Raise for strategies that shard parameters (FSDP, DeepSpeed, model parallel).
+
+    Masks live beside whole weights; a sharded weight would need a sharded mask and a global
+    selection across shards, which these callbacks do not do.
+    """
+    name = type(strategy).__name__
+    if any(key in name for key in ("FSDP", "DeepSpeed", "ModelParallel")):
+        raise ValueError(
+            f"`strategy`={name} shards parameters, which lightning_prune's masks do not support; "
+            "use strategy='ddp' (masks are identical on every rank), or prune one-shot before wrapping the model"
+        )
