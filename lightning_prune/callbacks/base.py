@@ -122,7 +122,7 @@ class MaskingCallback(Callback):
         metrics = {"prune/sparsity": self.current_sparsity}
         if layers:
             metrics.update({f"prune/layer/{name}": value for name, value in self.layer_sparsity.items()})
-        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step)
+        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
 
     def masks(self) -> dict[str, torch.Tensor]:
         """This callback's current keep-masks by qualified parameter name."""

@@ -1,0 +1,91 @@
+"""Pruning under Lightning's DDP strategy: two real CPU processes (gloo) against one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+JOB = Path(__file__).with_name("distributed_job.py")
+
+
+def run_job(out: Path, devices: int, *extra: str) -> None:
+    """Run tests/distributed_job.py; Lightning launches the second rank itself."""
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(JOB), "--devices", str(devices), "--out", str(out), *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One DDP run (2 ranks) and one single-process run with the same global batch.
+
+    The single-process run resumes its `resumed` phase from the DDP run's checkpoint.
+    """
+    ddp = tmp_path_factory.mktemp("ddp")
+    single = tmp_path_factory.mktemp("single")
+    run_job(ddp, 2)
+    run_job(single, 1, "--resume-from", str(ddp / "half-2.ckpt"))
+    return {"ddp": ddp, "single": single}
+
+
+def load(folder: Path, phase: str, rank: int = 0) -> dict:
+    return torch.load(folder / f"{phase}-rank{rank}.pt", weights_only=True)
+
+
+def assert_same_masks(a: dict, b: dict) -> None:
+    assert a["masks"].keys() == b["masks"].keys() and a["masks"]
+    for name in a["masks"]:
+        assert torch.equal(a["masks"][name], b["masks"][name]), name
+
+
+@pytest.mark.parametrize("phase", ["gradual", "resumed", "iterative"])
+def test_ranks_hold_identical_masks_and_weights(runs: dict[str, Path], phase: str) -> None:
+    rank0, rank1 = load(runs["ddp"], phase, 0), load(runs["ddp"], phase, 1)
+    assert_same_masks(rank0, rank1)
+    for name, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][name]), name
+
+
+@pytest.mark.parametrize("phase", ["gradual", "iterative"])
+def test_two_ranks_equal_one_process_with_the_same_global_batch(runs: dict[str, Path], phase: str) -> None:
+    ddp, single = load(runs["ddp"], phase), load(runs["single"], phase)
+    assert_same_masks(ddp, single)
+    for name, value in ddp["weights"].items():
+        torch.testing.assert_close(value, single["weights"][name], rtol=1e-4, atol=1e-5)
+
+
+def test_gradual_reaches_its_target_under_ddp(runs: dict[str, Path]) -> None:
+    masks = load(runs["ddp"], "gradual")["masks"]
+    assert sorted(masks) == ["net.0.weight", "net.2.weight"]  # the head stays dense
+    assert [int(m.sum()) for m in masks.values()] == [1024, 1024]  # 4096 − round(0.75·4096) each
+
+
+def test_ddp_checkpoint_resumes_on_two_ranks_and_on_one(runs: dict[str, Path]) -> None:
+    uninterrupted = load(runs["ddp"], "gradual")
+    resumed_ddp = load(runs["ddp"], "resumed")
+    resumed_single = load(runs["single"], "resumed")
+    assert_same_masks(uninterrupted, resumed_ddp)
+    assert_same_masks(uninterrupted, resumed_single)
+    for name, value in uninterrupted["weights"].items():
+        assert torch.equal(value, resumed_ddp["weights"][name]), name
+        torch.testing.assert_close(value, resumed_single["weights"][name], rtol=1e-4, atol=1e-5)
+
+
+def test_sharded_strategies_are_refused() -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_prune.callbacks.base import refuse_sharded_strategy
+
+    with pytest.raises(ValueError, match="FSDPStrategy.*strategy='ddp'"):
+        refuse_sharded_strategy(FSDPStrategy())
