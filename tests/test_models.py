@@ -1,0 +1,83 @@
+"""Demo LightningModules: shapes, metrics, fused AdamW, HF round trip, argument errors."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_prune.models import CausalLMModule, ClassifierModule, build_digits_net, make_adamw
+
+TINY_LLAMA = {
+    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+    "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 50, "max_position_embeddings": 16,
+}
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    return pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_digits_nets_map_64_features_to_classes(arch: str) -> None:
+    net = build_digits_net(arch, hidden=16)
+    assert net(torch.randn(3, 64)).shape == (3, 10)
+    assert isinstance(net.classifier, nn.Linear)
+
+
+def test_classifier_accuracy_is_fraction_correct() -> None:
+    module = ClassifierModule(model=nn.Identity(), num_classes=3)
+    logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 5.0, 0], [0, 0, 5.0]])
+    module.val_accuracy.update(logits, torch.tensor([0, 1, 2, 2]))
+    assert float(module.val_accuracy.compute()) == pytest.approx(0.75)
+
+
+def test_adamw_is_fused_on_cpu_and_skips_frozen() -> None:
+    frozen, trained = nn.Parameter(torch.ones(2), requires_grad=False), nn.Parameter(torch.ones(2))
+    optimizer = make_adamw([frozen, trained], lr=0.1)
+    assert optimizer.defaults["fused"] is True
+    assert optimizer.param_groups[0]["params"] == [trained]
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        make_adamw([frozen], lr=0.1)
+
+
+def test_causal_lm_perplexity_is_exp_of_loss(tmp_path) -> None:
+    torch.manual_seed(0)
+    module = CausalLMModule(config=TINY_LLAMA)
+    batch = {"input_ids": torch.randint(0, 50, (2, 8))}
+    module.validation_step(batch, 0)
+    loss = module.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+    assert float(module.val_perplexity.compute()) == pytest.approx(float(loss.detach().exp()), rel=1e-4)
+    module.model.save_pretrained(tmp_path)
+    reloaded = CausalLMModule(model_path=str(tmp_path))
+    assert torch.equal(reloaded(batch["input_ids"]), module(batch["input_ids"]))
+
+
+def test_causal_lm_trains_one_step() -> None:
+    module = CausalLMModule(config=TINY_LLAMA, lr=1e-2)
+    data = [{"input_ids": torch.randint(0, 50, (8,))} for _ in range(4)]
+    before = module.model.model.layers[0].mlp.up_proj.weight.clone()
+    trainer(max_steps=1).fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert not torch.equal(before, module.model.model.layers[0].mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"model_path": "/no/such/model"}, "`model_path`='/no/such/model' is not a local model directory"),
+        ({}, "exactly one of `model_path` or `config`"),
+        ({"config": {"hidden_size": 8}}, "needs a `model_type`"),
+        ({"config": TINY_LLAMA, "dtype": "floaty"}, "`dtype` must name a torch dtype"),
+        ({"config": TINY_LLAMA, "lr": 0.0}, "`lr` must be > 0"),
+    ],
+)
+def test_causal_lm_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        CausalLMModule(**kwargs)
+
+
+def test_classifier_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="`arch` must be one of"):
+        ClassifierModule(arch="rnn")
+    with pytest.raises(ValueError, match="`num_classes` must be"):
+        ClassifierModule(num_classes=1)
