@@ -1,0 +1,93 @@
+"""`SparseExport`: write the pruned model with `save_sparse` when `fit` ends."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_prune.export.config import check_format
+from lightning_prune.export.save import save_sparse
+
+
+class SparseExport(Callback):
+    """Export the model at the end of `fit` in a format other tools load.
+
+    Masks still attached are baked in on the way out (the model itself is not modified), so it can
+    follow a pruning callback with or without `finalize_on_end`. Only global rank 0 writes.
+
+    Lifecycle: `on_fit_end` → `export(pl_module)` → `save_sparse(model, dirpath, format, ...)`.
+
+    Example (YAML)::
+
+        _target_: lightning_prune.callbacks.export.SparseExport
+        dirpath: ${hydra:runtime.output_dir}/export   # directory to (re)write
+        format: sparse-24-bitmask                     # dense | sparse-24-bitmask | sparse-bitmask
+        attribute: null                               # submodule to export; null = auto
+
+    Args:
+        dirpath: the export directory (replaced atomically if it exists).
+        format: see `save_sparse`.
+        attribute: name of the LightningModule attribute holding the model to export; None exports
+            `pl_module.model` when it is a Hugging Face `PreTrainedModel`, else the LightningModule.
+        targets, ignore: module-name regular expressions, as in `find_targets`.
+        tokenizer: saved beside a Hugging Face model when given.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str],
+        format: str = "dense",
+        attribute: str | None = None,
+        targets: str | Sequence[str] | None = None,
+        ignore: str | Sequence[str] | None = None,
+        tokenizer: Any | None = None,
+    ) -> None:
+        if not str(dirpath):
+            raise ValueError(f"`dirpath` must be a non-empty path, got {dirpath!r}")
+        self.dirpath = Path(dirpath)
+        self.format = check_format(format)
+        self.attribute = attribute
+        self.targets = targets
+        self.ignore = ignore
+        self.tokenizer = tokenizer
+        self.last_export: Path | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(dirpath=str(self.dirpath), format=self.format)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.export(pl_module)
+        trainer.strategy.barrier("lightning_prune.SparseExport")
+
+    def model_to_export(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The module `export` writes (see `attribute`)."""
+        if self.attribute is not None:
+            model = getattr(pl_module, self.attribute, None)
+            if not isinstance(model, nn.Module):
+                raise ValueError(f"`attribute`={self.attribute!r} names no nn.Module of {type(pl_module).__name__}")
+            return model
+        from transformers import PreTrainedModel
+
+        inner = getattr(pl_module, "model", None)
+        return inner if isinstance(inner, PreTrainedModel) else pl_module
+
+    def export(self, pl_module: pl.LightningModule) -> Path:
+        """Write the export now and return its directory."""
+        model = self.model_to_export(pl_module)
+        self.last_export = save_sparse(model, self.dirpath, self.format, self.tokenizer, self.targets, self.ignore)
+        return self.last_export
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_export": None if self.last_export is None else str(self.last_export)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        last = state_dict.get("last_export")
+        self.last_export = None if last is None else Path(last)

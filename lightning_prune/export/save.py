@@ -1,0 +1,191 @@
+"""`save_sparse`: write a pruned model as a dense HF directory or a legacy compressed-tensors layout.
+
+The directory is built in a temporary sibling and renamed into place, so a crash never leaves a
+half-written checkpoint under `path`. Pruned weights are written as +0.0 (negative zeros broke
+vLLM's 2:4 kernels, vLLM #13198), and a 2:4 format refuses any targeted weight that is not 2:4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lightning_prune.export.bitmask import compress_24, compress_bitmask, is_2_4, measured_pattern
+from lightning_prune.export.config import (
+    CONFIG_NAME,
+    TWO_FOUR_FORMATS,
+    WEIGHTS_NAME,
+    build_sparsity_config,
+    check_format,
+    module_name_of,
+    quantization_config,
+)
+from lightning_prune.export.manifest import write_manifest
+from lightning_prune.masking import get_masks
+from lightning_prune.targets import DEFAULT_TYPES, PruneTarget, find_targets
+
+
+@torch.no_grad()
+def export_state_dict(model: nn.Module, targets: Sequence[PruneTarget]) -> dict[str, torch.Tensor]:
+    """The model's state dict on CPU with attached masks baked in and targeted zeros as +0.0.
+
+    The model itself is not modified: this equals `finalize(copy_of_model).state_dict()`.
+    """
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    masks = get_masks(model)
+    for name in {t.name for t in targets} | set(masks):
+        weight = state[name]
+        drop = weight == 0  # masked_fill writes +0.0 where a product would keep -0.0
+        if name in masks:
+            drop |= ~masks[name].cpu()
+        state[name] = weight.masked_fill(drop, 0.0)
+    return state
+
+
+def _refuse_non_2_4(targets: Sequence[PruneTarget], matrices: Sequence[torch.Tensor], format: str) -> None:
+    for target, matrix in zip(targets, matrices):
+        if not is_2_4(matrix):
+            raise ValueError(
+                f"`format`={format!r} needs every targeted weight to be 2:4 along its input dimension, but "
+                f"{target.name!r} (matrix {tuple(matrix.shape)}) measures {measured_pattern(matrix)}; prune it 2:4, "
+                "leave it out with `ignore`, or use format='dense' or 'sparse-bitmask' (values are never dropped)"
+            )
+
+
+def _aliases(state: dict[str, torch.Tensor], prefer: set[str]) -> dict[str, str]:
+    """{alias: primary} for state-dict entries that share storage (tied weights)."""
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        groups.setdefault(key, []).append(name)
+    aliases = {}
+    for names in groups.values():
+        primary = next((n for n in names if n in prefer), names[0])
+        aliases.update({n: primary for n in names if n != primary})
+    return aliases
+
+
+def _compressed_tensors(
+    state: dict[str, torch.Tensor], pairs: Sequence[tuple[PruneTarget, torch.Tensor]], format: str
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """Replace each targeted weight by its packed tensors; returns (tensors, layout of reshaped weights)."""
+    tensors = dict(state)
+    layout = {}
+    for target, matrix in pairs:
+        weight = tensors.pop(target.name)
+        prefix = module_name_of(target.name)
+        if format == "sparse-24-bitmask":
+            # Packed along the input dimension: GPT-2 Conv1D and conv kernels are stored as (out, in) matrices.
+            compressed, bitmask = compress_24(matrix.contiguous())
+            packed = {"shape": torch.tensor(list(matrix.shape)).reshape(-1, 1), "compressed": compressed, "bitmask": bitmask}
+            if tuple(matrix.shape) != tuple(weight.shape) or target.transposed:
+                layout[target.name] = {"shape": list(weight.shape), "transposed": target.transposed}
+        else:
+            values, bitmask, row_offsets = compress_bitmask(weight)
+            packed = {"shape": torch.tensor(list(weight.shape)), "compressed": values, "bitmask": bitmask, "row_offsets": row_offsets}
+        tensors.update({f"{prefix}.{key}": value.contiguous() for key, value in packed.items()})
+    return tensors, layout
+
+
+def _write_hf_config(model: nn.Module, directory: Path, sparsity_config: dict[str, Any], compressed: bool) -> None:
+    config_path = directory / CONFIG_NAME
+    if not config_path.exists():
+        model.config.save_pretrained(directory)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(directory)
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = str(model.dtype).removeprefix("torch.")
+    if compressed:
+        config["quantization_config"] = quantization_config(sparsity_config)
+    else:
+        config["sparsity_config"] = sparsity_config
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _replace_directory(source: Path, destination: Path) -> None:
+    """Move the finished `source` to `destination`, replacing an older export only after success."""
+    if destination.exists():
+        backup = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
+        os.replace(destination, backup / destination.name)
+        os.replace(source, destination)
+        shutil.rmtree(backup)
+    else:
+        os.replace(source, destination)
+
+
+def save_sparse(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    format: str = "dense",
+    tokenizer: Any | None = None,
+    targets: str | Sequence[str] | None = None,
+    ignore: str | Sequence[str] | None = None,
+) -> Path:
+    """Export `model` to the directory `path` and return it.
+
+    Args:
+        model: a Hugging Face `PreTrainedModel` (written as a `save_pretrained` directory) or any
+            `nn.Module` (written as `model.safetensors` of its state dict plus the manifest).
+        format: "dense" (exact zeros, loads anywhere), "sparse-24-bitmask" (legacy
+            compressed-tensors 2:4 layout) or "sparse-bitmask" (values + bitmask, any sparsity).
+        tokenizer: saved beside the model when given (`save_pretrained`).
+        targets, ignore: regular expressions over module names, as in `find_targets`; default:
+            every prunable layer but the output head.
+
+    Raises:
+        ValueError: bad `format`; for a 2:4 format, a targeted weight that is not 2:4 (names the
+            first one and its measured pattern).
+    """
+    check_format(format)
+    destination = Path(path)
+    chosen = find_targets(model, include=targets, ignore=ignore)
+    state = export_state_dict(model, chosen)
+    matrices = [target.as_matrix(state[target.name]) for target in chosen]
+    if format in TWO_FOUR_FORMATS:
+        _refuse_non_2_4(chosen, matrices, format)
+    target_modules = {t.module_name for t in chosen}
+    ignored = [name for name, module in model.named_modules() if isinstance(module, DEFAULT_TYPES) and name not in target_modules]
+    sparsity_config = build_sparsity_config(format, chosen, matrices, ignored)
+    from transformers import PreTrainedModel
+
+    huggingface = isinstance(model, PreTrainedModel)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    try:
+        aliases, layout = {}, {}
+        if huggingface and format == "dense":
+            model.save_pretrained(work, state_dict=state)
+        else:
+            aliases = _aliases(state, prefer={t.name for t in chosen})
+            unique = {name: tensor for name, tensor in state.items() if name not in aliases}
+            pairs = [(t, m) for t, m in zip(chosen, matrices) if t.name not in aliases]
+            tensors, layout = _compressed_tensors(unique, pairs, format) if format != "dense" else (unique, {})
+            save_file(tensors, str(work / WEIGHTS_NAME), metadata={"format": "pt"})
+        if huggingface:
+            _write_hf_config(model, work, sparsity_config, compressed=format != "dense")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(work)
+        write_manifest(work, {
+            "format": format,
+            "huggingface": huggingface,
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "sparsity_config": sparsity_config,
+            "target_params": [t.name for t in chosen],
+            "layout": layout,
+            "aliases": aliases,
+        })
+        _replace_directory(work, destination)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return destination
