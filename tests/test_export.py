@@ -1,0 +1,217 @@
+"""save_sparse / load_sparse: bitwise round trips, file layouts, refusals, tampering, the callback."""
+
+import copy
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from lightning_prune import GradualPruning, finalize, find_targets, update_masks
+from lightning_prune.callbacks.export import SparseExport
+from lightning_prune.export import load_sparse, load_sparse_state_dict, save_sparse
+from lightning_prune.models import CausalLMModule
+
+FORMATS = ["dense", "sparse-24-bitmask", "sparse-bitmask"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "vocab_size": 48, "max_position_embeddings": 16}
+
+
+def prune_2_4(model: nn.Module, **find) -> nn.Module:
+    targets = find_targets(model, **find)
+    update_masks(targets, {t.name: t.weight.abs() for t in targets}, 0.5, pattern="2:4")
+    return model
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return prune_2_4(AutoModelForCausalLM.from_config(LlamaConfig(**TINY_LLAMA)).to(dtype))
+
+
+def assert_bitwise_equal(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        got = actual[name]
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape, name
+        assert torch.equal(got.contiguous().view(torch.uint8), tensor.contiguous().view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("format", FORMATS)
+def test_hf_round_trip_is_bitwise(tmp_path, format, dtype):
+    model = tiny_llama(dtype)
+    expected = finalize(copy.deepcopy(model)).state_dict()
+    loaded = load_sparse(save_sparse(model, tmp_path / "out", format=format))
+    assert type(loaded) is type(model)
+    assert_bitwise_equal(loaded.state_dict(), expected)
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_plain_module_round_trip_with_conv_and_tied_weights(tmp_path, format):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 2), nn.Flatten(), nn.Linear(8, 8), nn.Linear(8, 8)).to(torch.bfloat16)
+    model[3].weight = model[2].weight  # tied: stored once
+    prune_2_4(model, include=["0", "2"])
+    expected = finalize(copy.deepcopy(model)).state_dict()
+    path = save_sparse(model, tmp_path / "plain", format=format, targets=["0", "2"])
+    fresh = nn.Sequential(nn.Conv2d(4, 8, 2), nn.Flatten(), nn.Linear(8, 8), nn.Linear(8, 8))
+    assert_bitwise_equal(load_sparse(path, model=fresh).state_dict(), expected)
+    with pytest.raises(ValueError, match="`model` is required"):
+        load_sparse(path)
+
+
+def test_gpt2_conv1d_is_packed_along_the_input_dimension(tmp_path):
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=48, n_positions=16)
+    model = prune_2_4(AutoModelForCausalLM.from_config(config))
+    path = save_sparse(model, tmp_path / "gpt2", format="sparse-24-bitmask")
+    with safe_open(path / "model.safetensors", "pt") as f:
+        assert f.get_tensor("transformer.h.0.attn.c_attn.shape").tolist() == [[96], [32]]  # (out, in)
+        assert f.get_slice("transformer.h.0.attn.c_attn.compressed").get_shape() == [96, 16]
+    assert_bitwise_equal(load_sparse(path).state_dict(), finalize(copy.deepcopy(model)).state_dict())
+
+
+def test_transformers_loads_the_dense_format(tmp_path):
+    model = tiny_llama(torch.bfloat16)
+    path = save_sparse(model, tmp_path / "dense")
+    config = json.loads((path / "config.json").read_text())
+    assert config["sparsity_config"]["format"] == "dense"
+    assert config["sparsity_config"]["sparsity_structure"] == "2:4"
+    assert config["sparsity_config"]["global_sparsity"] == 0.5
+    assert "model.layers.0.mlp.down_proj" in config["sparsity_config"]["targets"]
+    assert config["sparsity_config"]["ignore"] == ["lm_head"]
+    assert "quantization_config" not in config  # would make transformers require compressed-tensors
+    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    finalize(model)
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    weight = reloaded.model.layers[0].self_attn.q_proj.weight
+    assert not torch.signbit(weight[weight == 0]).any()
+
+
+def test_bitmask_layout_on_weights_1_to_8(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(1.0, 9.0).to(torch.float16))
+    model = model.to(torch.float16)
+    prune_2_4(model, include="0")
+    assert model[0].weight.tolist() == [[0, 0, 3, 4, 0, 0, 7, 8]]
+    path = save_sparse(model, tmp_path / "m", format="sparse-24-bitmask", targets="0")
+    with safe_open(path / "model.safetensors", "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    assert sorted(tensors) == ["0.bitmask", "0.compressed", "0.shape"]
+    assert tensors["0.shape"].dtype == torch.int64 and tensors["0.shape"].tolist() == [[1], [8]]
+    assert tensors["0.compressed"].dtype == torch.float16 and tensors["0.compressed"].tolist() == [[3, 4, 7, 8]]
+    assert tensors["0.bitmask"].dtype == torch.uint8 and tensors["0.bitmask"].tolist() == [[0b11001100]]
+    manifest = json.loads((path / "lightning_prune_export.json").read_text())
+    assert manifest["sparsity_config"] == {"format": "sparse-24-bitmask", "global_sparsity": 0.5, "ignore": [],
+                                           "sparsity_structure": "2:4", "targets": ["0"]}
+
+
+@pytest.mark.parametrize(("dtype", "limit"), [(torch.float16, 0.5625), (torch.bfloat16, 0.5625), (torch.float32, 0.53125)])
+def test_size_ratio_of_2_4_bitmask(tmp_path, dtype, limit):
+    torch.manual_seed(0)
+    model = prune_2_4(nn.Sequential(*[nn.Linear(256, 256, bias=False) for _ in range(3)]).to(dtype), include=".")
+    dense = save_sparse(model, tmp_path / "d", targets=".") / "model.safetensors"
+    packed = save_sparse(model, tmp_path / "p", format="sparse-24-bitmask", targets=".") / "model.safetensors"
+    # Payload: half the values + 1 bit per weight; beyond it only the 16-byte shape tensors and the header.
+    assert packed.stat().st_size / dense.stat().st_size <= limit + 2e-3
+
+
+def test_refuses_a_layer_that_is_not_2_4_and_keeps_the_old_export(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 2), nn.Linear(4, 2), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0, 2, 0], [0, 3, 0, 4]]))
+        model[1].weight.copy_(torch.tensor([[1.0, 2, 3, 0], [0, 3, 0, 4]]))
+    path = save_sparse(model, tmp_path / "m", format="sparse-24-bitmask", targets="0")
+    before = (path / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"'1.weight' \(matrix \(2, 4\)\) measures 3:4"):
+        save_sparse(model, path, format="sparse-24-bitmask", targets=["0", "1"])
+    assert (path / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary directory left behind
+    with pytest.raises(ValueError, match="`format` must be one of"):
+        save_sparse(model, tmp_path / "x", format="2:4")
+
+
+def test_negative_zeros_are_written_as_positive(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 1, bias=False), nn.Linear(1, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[-0.0, -1.0, -0.0, 2.0]]))
+    for format in FORMATS:
+        state, _ = load_sparse_state_dict(save_sparse(model, tmp_path / format, format=format, targets="0"))
+        assert not torch.signbit(state["0.weight"][state["0.weight"] == 0]).any()
+    assert torch.signbit(model[0].weight[0, 0])  # the model itself is left alone
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda p: p.write_bytes(p.read_bytes()[:-7]), "'model.safetensors' .* truncated"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-1] + b"\x00"), "'model.safetensors' .* was modified"),
+    (lambda p: p.unlink(), "'model.safetensors' listed in .* is missing"),
+])
+def test_damaged_files_are_reported_by_name(tmp_path, damage, message):
+    path = save_sparse(tiny_llama(torch.float16), tmp_path / "m", format="sparse-24-bitmask")
+    damage(path / "model.safetensors")
+    with pytest.raises(ValueError, match=message):
+        load_sparse(path)
+
+
+def test_inconsistent_bitmask_is_reported_even_with_a_matching_manifest(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lightning_prune.export.manifest import write_manifest
+
+    path = save_sparse(tiny_llama(torch.float16), tmp_path / "m", format="sparse-24-bitmask")
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.bitmask"][0, 0] = 0xFF
+    save_file(tensors, path / "model.safetensors")
+    manifest = json.loads((path / "lightning_prune_export.json").read_text())
+    write_manifest(path, {k: v for k, v in manifest.items() if k not in ("files", "manifest_version")})
+    with pytest.raises(ValueError, match="'model.layers.0.mlp.up_proj.weight' is inconsistent: .*exactly 2 of every 4"):
+        load_sparse(path)
+    (path / "lightning_prune_export.json").unlink()
+    with pytest.raises(ValueError, match="not a directory written by save_sparse"):
+        load_sparse(path)
+
+
+def test_sparse_export_callback_writes_at_fit_end(tmp_path):
+    torch.manual_seed(0)
+    module = CausalLMModule(config={"model_type": "llama", **TINY_LLAMA})
+    data = torch.utils.data.DataLoader([{"input_ids": torch.randint(0, 48, (8,))} for _ in range(4)], batch_size=2)
+    export = SparseExport(tmp_path / "export", format="sparse-24-bitmask")
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", max_steps=2, callbacks=[GradualPruning(0.5, pattern="2:4", frequency=1), export])
+    trainer.fit(module, train_dataloaders=data)
+    assert export.last_export == tmp_path / "export"
+    loaded = load_sparse(export.last_export)
+    assert_bitwise_equal(loaded.state_dict(), finalize(module.model).state_dict())
+    assert SparseExport(tmp_path, "dense").state_dict() == {"last_export": None}
+    with pytest.raises(ValueError, match="`format` must be one of"):
+        SparseExport(tmp_path, format="csr")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_semi_structured_without_cuda_says_so(tmp_path):
+    path = save_sparse(tiny_llama(torch.float16), tmp_path / "m", format="sparse-24-bitmask")
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        load_sparse(path, semi_structured=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_semi_structured_linear_matches_dense(tmp_path, dtype):
+    from torch.sparse import SparseSemiStructuredTensor
+
+    torch.manual_seed(0)
+    model = prune_2_4(nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64)).to(dtype), include=["0", "2"])
+    path = save_sparse(model, tmp_path / "m", format="sparse-24-bitmask", targets=["0", "2"])
+    fresh = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64))
+    sparse = load_sparse(path, model=fresh, semi_structured=True)
+    assert isinstance(sparse[0].weight, SparseSemiStructuredTensor)
+    x = torch.randn(64, 256, dtype=dtype, device="cuda")
+    expected = finalize(model).cuda()(x)
+    torch.testing.assert_close(sparse(x), expected, rtol=2e-2, atol=2e-2)
