@@ -1,0 +1,143 @@
+"""What a run writes into its output directory: history, report, plots, results and the model.
+
+All writes are atomic (a temporary file, then a rename) so an interrupted run leaves no half file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_prune.report import SparsityReport
+
+SPARSITY_KEY = "prune/sparsity"
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (same-directory temporary file, then `os.replace`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "wb") as file:
+        file.write(data)
+    os.replace(temporary, path)
+
+
+class History(Callback):
+    """Records the logged `prune/sparsity` after every training batch and the validation metric
+    after every validation, on one step axis across the run's phases."""
+
+    def __init__(self, metric: str = "val/loss") -> None:
+        self.metric = metric
+        self.phase = "dense"
+        self.step_offset = 0
+        self.sparsity: list[tuple[str, int, float]] = []
+        self.validation: list[tuple[str, int, float]] = []
+
+    def start_phase(self, phase: str, steps_before: int) -> None:
+        """Name the next phase; its step 0 is `steps_before` on the run's axis."""
+        self.phase, self.step_offset = phase, steps_before
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        value = trainer.callback_metrics.get(SPARSITY_KEY)
+        self.sparsity.append((self.phase, self.step_offset + trainer.global_step, float(value) if value is not None else 0.0))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.metric)
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and value is not None:
+            self.validation.append((self.phase, self.step_offset + trainer.global_step, float(value)))
+
+    def to_csv(self) -> str:
+        """Rows `phase,step,series,value` (series: sparsity or the metric name)."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["phase", "step", "series", "value"])
+        writer.writerows((p, s, "sparsity", v) for p, s, v in self.sparsity)
+        writer.writerows((p, s, self.metric, v) for p, s, v in self.validation)
+        return buffer.getvalue()
+
+
+def _save_figure(figure: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    write_bytes(path, buffer.getvalue())
+
+
+def plot_layer_sparsity(report: SparsityReport, path: Path) -> None:
+    """Horizontal bars: the fraction of zeros of every reported layer, and the global line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [layer.name for layer in report.layers]
+    figure, axes = plt.subplots(figsize=(7, 1.5 + 0.3 * len(names)))
+    axes.barh(names, [layer.sparsity for layer in report.layers], color="tab:blue")
+    axes.axvline(report.global_sparsity, color="tab:red", linestyle="--", label=f"global {report.global_sparsity:.1%}")
+    axes.set_xlim(0, 1)
+    axes.invert_yaxis()
+    axes.set_xlabel("sparsity (fraction of exact zeros)")
+    axes.legend(loc="lower right")
+    _save_figure(figure, path)
+    plt.close(figure)
+
+
+def plot_schedule(history: History, path: Path) -> None:
+    """The logged sparsity (left axis) and the validation metric (right axis) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, left = plt.subplots(figsize=(7, 4))
+    left.plot([s for _, s, _ in history.sparsity], [v for _, _, v in history.sparsity], color="tab:blue", label="sparsity")
+    left.set_xlabel("optimizer step (all phases)")
+    left.set_ylabel("sparsity", color="tab:blue")
+    left.set_ylim(0, 1)
+    right = left.twinx()
+    right.plot([s for _, s, _ in history.validation], [v for _, _, v in history.validation], "o-", color="tab:orange", label=history.metric)
+    right.set_ylabel(history.metric, color="tab:orange")
+    starts = sorted({step for phase, step, _ in history.sparsity if phase != "dense"})
+    if starts and any(phase == "dense" for phase, _, _ in history.sparsity):
+        left.axvline(starts[0], color="grey", linestyle=":", label="pruning phase starts")
+    figure.legend(loc="upper center", ncol=3)
+    _save_figure(figure, path)
+    plt.close(figure)
+
+
+def save_model(model: torch.nn.Module, directory: Path, tokenizer: Any = None) -> Path:
+    """Save a Hugging Face model with `save_pretrained` (and its tokenizer) into `directory`,
+    any other model as `directory/model.pt` (a `torch.save`d state dict); returns the path."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    if callable(getattr(model, "save_pretrained", None)):
+        model.save_pretrained(staging)
+        if callable(getattr(tokenizer, "save_pretrained", None)):
+            tokenizer.save_pretrained(staging)
+        result = directory
+    else:
+        torch.save(model.state_dict(), staging / "model.pt")
+        result = directory / "model.pt"
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(staging, directory)
+    return result
+
+
+def write_results(results: dict[str, Any], path: Path) -> None:
+    """The run's numbers (metrics before/after, sparsity, paths) as JSON."""
+    write_text(path, json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
