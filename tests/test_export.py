@@ -18,7 +18,8 @@ from lightning_prune.models import CausalLMModule
 FORMATS = ["dense", "sparse-24-bitmask", "sparse-bitmask"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-              "num_key_value_heads": 2, "vocab_size": 48, "max_position_embeddings": 16}
+              "num_key_value_heads": 2, "vocab_size": 48, "max_position_embeddings": 16,
+              "tie_word_embeddings": True}
 
 
 def prune_2_4(model: nn.Module, **find) -> nn.Module:
@@ -48,6 +49,7 @@ def test_hf_round_trip_is_bitwise(tmp_path, format, dtype):
     loaded = load_sparse(save_sparse(model, tmp_path / "out", format=format))
     assert type(loaded) is type(model)
     assert_bitwise_equal(loaded.state_dict(), expected)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
 
 
 @pytest.mark.parametrize("format", FORMATS)
