@@ -20,7 +20,7 @@ from rich.console import Console
 
 from lightning_prune.masking import finalize as finalize_masks
 from lightning_prune.report import sparsity_report
-from lightning_prune.run.checks import ConfigError, build, check_run_settings
+from lightning_prune.run.checks import ConfigError, build, check_run_settings, check_types
 from lightning_prune.run.outputs import History, plot_layer_sparsity, plot_schedule, save_model, write_results, write_text
 
 # Config groups whose entry is one callback of the pruning phase, in the order they run.
@@ -79,14 +79,16 @@ def evaluate(trainer: pl.Trainer, module: pl.LightningModule, data: pl.Lightning
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment from a composed config; returns the results also saved as `results.json`."""
     check_run_settings(cfg)
+    for key in ("trainer", "data", "model", *PHASE_CALLBACK_GROUPS, "callbacks", "export"):
+        check_types(cfg.get(key), key)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    callbacks = phase_callbacks(cfg)  # cheap, and where most argument errors are: before data and model
     data = build(cfg.data, "data")
     module = build(cfg.model, "model")
     history = History(metric=getattr(module, "val_metric", "val/loss"))
-    callbacks = phase_callbacks(cfg)
     results: dict[str, Any] = {"output_dir": str(out), "metric": history.metric}
 
     steps = 0
