@@ -54,6 +54,15 @@ def phase_callbacks(cfg: DictConfig) -> list[Callback]:
     return callbacks
 
 
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar without the logger version (`v_num`: the phase name here)."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
 def make_loggers(cfg: DictConfig, out: Path, phase: str) -> list[Logger]:
     """CSV metrics under `logs/<phase>/` (and TensorBoard events when installed and enabled)."""
     loggers: list[Logger] = [CSVLogger(out, name="logs", version=phase)]
@@ -66,7 +75,7 @@ def make_trainer(cfg: DictConfig, out: Path, phase: str, callbacks: list[Callbac
     """The configured Trainer with the phase's callbacks, loggers and (when enabled) rich progress bar."""
     callbacks = list(callbacks)
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(RichProgressBar())
+        callbacks.append(ProgressBar())
     return build(cfg.trainer, "trainer", callbacks=callbacks, logger=make_loggers(cfg, out, phase), **overrides)
 
 
