@@ -139,6 +139,42 @@ def test_refuses_a_layer_that_is_not_2_4_and_keeps_the_old_export(tmp_path):
         save_sparse(model, tmp_path / "x", format="2:4")
 
 
+def test_a_failed_write_keeps_the_old_export_and_foreign_directories_are_refused(tmp_path, monkeypatch):
+    import lightning_prune.export.save as save_module
+
+    model = nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 1))
+    path = save_sparse(model, tmp_path / "m")
+    before = (path / "model.safetensors").read_bytes()
+
+    def broken_disk(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(save_module, "save_file", broken_disk)
+    with pytest.raises(OSError, match="disk full"):
+        save_sparse(model, path)
+    assert (path / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="non-empty directory that save_sparse did not write"):
+        save_sparse(model, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_export_configs_instantiate_the_callback(tmp_path):
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).parents[1] / "conf" / "export"
+    for name, format in [("dense", "dense"), ("sparse_24_bitmask", "sparse-24-bitmask"), ("sparse_bitmask", "sparse-bitmask")]:
+        node = OmegaConf.load(conf / f"{name}.yaml")
+        node.dirpath = str(tmp_path)  # `${hydra:runtime.output_dir}` resolves only inside a Hydra run
+        callback = instantiate(node)
+        assert isinstance(callback, SparseExport) and callback.format == format
+
+
 def test_negative_zeros_are_written_as_positive(tmp_path):
     model = nn.Sequential(nn.Linear(4, 1, bias=False), nn.Linear(1, 1))
     with torch.no_grad():

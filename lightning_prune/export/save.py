@@ -22,6 +22,7 @@ from torch import nn
 from lightning_prune.export.bitmask import compress_24, compress_bitmask, is_2_4, measured_pattern
 from lightning_prune.export.config import (
     CONFIG_NAME,
+    MANIFEST_NAME,
     TWO_FOUR_FORMATS,
     WEIGHTS_NAME,
     build_sparsity_config,
@@ -96,6 +97,22 @@ def _compressed_tensors(
     return tensors, layout
 
 
+def _write_weights(
+    model: nn.Module, work: Path, state: dict[str, torch.Tensor], pairs: list[tuple[PruneTarget, torch.Tensor]],
+    format: str, huggingface: bool,
+) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """Write the weights file(s); returns (tied-weight aliases, layout of reshaped packed weights)."""
+    if huggingface and format == "dense":
+        model.save_pretrained(work, state_dict=state)  # transformers handles tied weights and sharding
+        return {}, {}
+    aliases = _aliases(state, prefer={t.name for t, _ in pairs})
+    unique = {name: tensor for name, tensor in state.items() if name not in aliases}
+    kept = [(t, m) for t, m in pairs if t.name not in aliases]
+    tensors, layout = _compressed_tensors(unique, kept, format) if format != "dense" else (unique, {})
+    save_file(tensors, str(work / WEIGHTS_NAME), metadata={"format": "pt"})
+    return aliases, layout
+
+
 def _write_hf_config(model: nn.Module, directory: Path, sparsity_config: dict[str, Any], compressed: bool) -> None:
     config_path = directory / CONFIG_NAME
     if not config_path.exists():
@@ -110,6 +127,16 @@ def _write_hf_config(model: nn.Module, directory: Path, sparsity_config: dict[st
     else:
         config["sparsity_config"] = sparsity_config
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _check_destination(destination: Path) -> None:
+    """Only an empty directory or an earlier export may be replaced: never delete someone's files."""
+    if not destination.exists():
+        return
+    if not destination.is_dir():
+        raise ValueError(f"`path`={str(destination)!r} is an existing file, not a directory")
+    if any(destination.iterdir()) and not (destination / MANIFEST_NAME).is_file():
+        raise ValueError(f"`path`={str(destination)!r} is a non-empty directory that save_sparse did not write; choose a new path")
 
 
 def _replace_directory(source: Path, destination: Path) -> None:
@@ -143,11 +170,13 @@ def save_sparse(
             every prunable layer but the output head.
 
     Raises:
-        ValueError: bad `format`; for a 2:4 format, a targeted weight that is not 2:4 (names the
-            first one and its measured pattern).
+        ValueError: bad `format`; `path` is a file or a non-empty directory not written by
+            save_sparse; for a 2:4 format, a targeted weight that is not 2:4 (names the first one
+            and its measured pattern).
     """
     check_format(format)
     destination = Path(path)
+    _check_destination(destination)
     chosen = find_targets(model, include=targets, ignore=ignore)
     state = export_state_dict(model, chosen)
     matrices = [target.as_matrix(state[target.name]) for target in chosen]
@@ -162,15 +191,7 @@ def save_sparse(
     destination.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
     try:
-        aliases, layout = {}, {}
-        if huggingface and format == "dense":
-            model.save_pretrained(work, state_dict=state)
-        else:
-            aliases = _aliases(state, prefer={t.name for t in chosen})
-            unique = {name: tensor for name, tensor in state.items() if name not in aliases}
-            pairs = [(t, m) for t, m in zip(chosen, matrices) if t.name not in aliases]
-            tensors, layout = _compressed_tensors(unique, pairs, format) if format != "dense" else (unique, {})
-            save_file(tensors, str(work / WEIGHTS_NAME), metadata={"format": "pt"})
+        aliases, layout = _write_weights(model, work, state, list(zip(chosen, matrices)), format, huggingface)
         if huggingface:
             _write_hf_config(model, work, sparsity_config, compressed=format != "dense")
         if tokenizer is not None:
