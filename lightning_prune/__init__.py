@@ -1,7 +1,8 @@
 """lightning_prune: training-time, iterative and one-shot pruning for PyTorch Lightning."""
 
-from lightning_prune.callbacks import GradualPruning, IterativePruning
+from lightning_prune.callbacks import GradualPruning, IterativePruning, SparseExport
 from lightning_prune.criteria import make_criterion
+from lightning_prune.export import load_sparse, load_sparse_state_dict, save_sparse
 from lightning_prune.masking import (
     apply_masks_,
     finalize,
@@ -24,6 +25,7 @@ __all__ = [
     "GradualPruning",
     "IterativePruning",
     "PruneTarget",
+    "SparseExport",
     "SparsityReport",
     "apply_masks_",
     "finalize",
@@ -32,9 +34,12 @@ __all__ = [
     "get_masks",
     "keep_masks_applied",
     "load_masks",
+    "load_sparse",
+    "load_sparse_state_dict",
     "make_criterion",
     "make_schedule",
     "remove_masks",
+    "save_sparse",
     "select_masks",
     "set_mask",
     "sparsity_report",
