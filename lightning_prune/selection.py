@@ -63,18 +63,23 @@ def _with_pruned(scores: torch.Tensor, pruned: torch.Tensor | None) -> torch.Ten
     return scores if pruned is None else scores.masked_fill(pruned, float("-inf"))
 
 
+def _monotone(keep: torch.Tensor, pruned: torch.Tensor | None) -> torch.Tensor:
+    """Never revive a pruned weight, even where a group already holds more pruned than its target."""
+    return keep if pruned is None else keep & ~pruned.to(keep.device)
+
+
 def select_layer_wise(scores: torch.Tensor, sparsity: float, pruned: torch.Tensor | None = None) -> torch.Tensor:
     """Prune the lowest `sparsity` fraction of one layer's scores."""
     flat = _with_pruned(scores, pruned).reshape(-1)
-    return ~lowest_k(flat, prune_count(flat.numel(), sparsity)).reshape(scores.shape)
+    return _monotone(~lowest_k(flat, prune_count(flat.numel(), sparsity)).reshape(scores.shape), pruned)
 
 
 def select_row_wise(scores: torch.Tensor, sparsity: float, pruned: torch.Tensor | None = None) -> torch.Tensor:
     """Prune the lowest `sparsity` fraction within each output row (Wanda's comparison group)."""
-    scores = _with_pruned(scores, pruned)
+    masked = _with_pruned(scores, pruned)
     k = prune_count(scores.shape[1], sparsity)
-    order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-    return torch.ones_like(scores, dtype=torch.bool).scatter_(1, order, False)
+    order = torch.sort(masked, dim=1, stable=True).indices[:, :k]
+    return _monotone(torch.ones_like(scores, dtype=torch.bool).scatter_(1, order, False), pruned)
 
 
 def n_m_candidates(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -100,13 +105,13 @@ def select_n_m(
     With `sparsity` below (M−N)/M (gradual N:M), only the lowest-scoring of the N:M candidates
     are pruned, so that the final step lands exactly on the pattern.
     """
-    scores = _with_pruned(scores, pruned)
-    candidates = n_m_candidates(scores, n, m)
+    masked = _with_pruned(scores, pruned)
+    candidates = n_m_candidates(masked, n, m)
     full = (m - n) / m
     if sparsity is None or sparsity >= full - 1e-9:
-        return ~candidates
-    flat = scores.masked_fill(~candidates, float("inf")).reshape(-1)
-    return ~lowest_k(flat, prune_count(flat.numel(), sparsity)).reshape(scores.shape)
+        return _monotone(~candidates, pruned)
+    flat = masked.masked_fill(~candidates, float("inf")).reshape(-1)
+    return _monotone(~lowest_k(flat, prune_count(flat.numel(), sparsity)).reshape(scores.shape), pruned)
 
 
 def select_channels(scores: torch.Tensor, sparsity: float, pruned: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,7 +121,7 @@ def select_channels(scores: torch.Tensor, sparsity: float, pruned: torch.Tensor 
     if pruned is not None:
         row_scores = row_scores.masked_fill(pruned.all(dim=1), float("-inf"))
     dropped = lowest_k(row_scores, prune_count(row_scores.numel(), sparsity))
-    return (~dropped).unsqueeze(1).expand_as(scores).clone()
+    return _monotone((~dropped).unsqueeze(1).expand_as(scores).clone(), pruned)
 
 
 def select_global(
@@ -144,7 +149,7 @@ def select_global(
     masks, offset = {}, 0
     for name, flat in flats.items():
         part = dropped[offset : offset + flat.numel()].to(scores[name].device)
-        masks[name] = ~part.reshape(scores[name].shape)
+        masks[name] = _monotone(~part.reshape(scores[name].shape), pruned.get(name))
         offset += flat.numel()
     return masks
 
