@@ -95,6 +95,20 @@ def output_head_names(model: nn.Module, types: tuple[type[nn.Module], ...] = DEF
     return heads
 
 
+def adapter_module_names(model: nn.Module) -> set[str]:
+    """Modules inside peft tuner layers other than their `base_layer` (LoRA's `lora_A`, `lora_B`, ...).
+
+    They are adapters, never pruning targets; peft's layers carry `base_layer` and `adapter_layer_names`.
+    """
+    names: set[str] = set()
+    for name, module in model.named_modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, nn.Module) and hasattr(module, "adapter_layer_names"):
+            inside_base = {id(m) for m in base.modules()}
+            names.update(child for child, m in module.named_modules(prefix=name) if m is not module and id(m) not in inside_base)
+    return names
+
+
 def find_targets(
     model: nn.Module,
     types: Iterable[type[nn.Module]] | None = None,
@@ -121,8 +135,11 @@ def find_targets(
     heads = output_head_names(model, types) if ignore_output_head and not includes else set()
     found = []
     candidates = []
+    adapters = adapter_module_names(model)
     for name, module in model.named_modules():
         if not isinstance(module, types) or not isinstance(getattr(module, "weight", None), nn.Parameter):
+            continue
+        if name in adapters:
             continue
         candidates.append(name)
         if includes and not any(p.search(name) for p in includes):

@@ -1,0 +1,131 @@
+"""`LoRARecovery`: LoRA adapters on a pruned model for one fit, merged without losing the sparsity pattern."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from peft import PeftModel
+from torch import nn
+
+from lightning_prune.callbacks.base import refuse_sharded_strategy
+from lightning_prune.lora import adapter_parameters, attach_lora, merge_lora
+
+
+def wrapped_network(pl_module: pl.LightningModule) -> nn.Module:
+    """The network LoRA wraps: `pl_module.model` when it is a module (the demos' convention), else `pl_module`."""
+    network = getattr(pl_module, "model", None)
+    return network if isinstance(network, nn.Module) else pl_module
+
+
+class LoRARecovery(Callback):
+    """Recover a pruned model with LoRA: only adapters train, base masks stay, merge keeps the zeros.
+
+    Lifecycle: `on_fit_start` wraps the pruned layers of `pl_module.model` (or `pl_module`) with peft
+    LoRA adapters (`lightning_prune.lora.attach_lora`), freezes every other parameter and replaces the
+    Trainer's optimizer with one of the same class and settings over the adapter parameters only
+    (learning rate `lr`, or the original one when None). `on_fit_end` merges `W + M ⊙ (s·B·A)`
+    (`merge_lora`) when `merge`, restoring the original `requires_grad` flags; with `merge=False`
+    the adapters stay and `peft_model.save_pretrained(dir)` saves them beside the sparse base.
+
+    Order: Lightning runs callbacks' hooks in list order, so put a `OneShotPruning` callback *before*
+    `LoRARecovery` in the same Trainer (the adapters target the layers pruned at that point); on an
+    already pruned model it is the only callback needed. `configure_optimizers` must not return LR
+    schedulers (they would still point at the replaced optimizer). Single-process strategies only:
+    adapters created after DDP wrapped the model would not have their gradients synchronised.
+
+    Example YAML (`conf/lora/default.yaml`)::
+
+        _target_: lightning_prune.callbacks.LoRARecovery
+        r: 8                 # adapter rank
+        alpha: 16            # scaling numerator: s = alpha / r
+        dropout: 0.0         # dropout on the adapter input
+        target_modules: null # regexes of module names; null = the pruned layers
+        merge: true          # merge into the sparse weights at the end of fit
+        lr: null             # adapter learning rate; null = the model's optimizer's
+        masked_delta: true   # mask the delta in the forward pass: merged model == trained model
+    """
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        target_modules: str | Sequence[str] | None = None,
+        merge: bool = True,
+        lr: float | None = None,
+        masked_delta: bool = True,
+    ) -> None:
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"`r` must be an integer >= 1, got {r!r}")
+        if alpha <= 0:
+            raise ValueError(f"`alpha` must be > 0, got {alpha!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}")
+        if lr is not None and lr <= 0:
+            raise ValueError(f"`lr` must be > 0 or None, got {lr!r}")
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.target_modules = target_modules
+        self.merge, self.lr, self.masked_delta = merge, lr, masked_delta
+        self.peft_model: PeftModel | None = None
+        self.merged = False
+        self._requires_grad: dict[str, bool] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(r=self.r, target_modules=str(self.target_modules))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attach(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.merge and self.peft_model is not None:
+            self.merge_adapters(pl_module)
+
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Wrap the pruned layers, freeze the rest, and give the Trainer an adapter-only optimizer."""
+        refuse_sharded_strategy(trainer.strategy)
+        if trainer.world_size > 1:
+            raise ValueError(f"LoRARecovery runs in one process; got a Trainer with world_size={trainer.world_size}")
+        if len(trainer.optimizers) != 1 or trainer.lr_scheduler_configs:
+            raise ValueError(
+                f"LoRARecovery replaces the one optimizer of `configure_optimizers`; got {len(trainer.optimizers)} "
+                f"optimizers and {len(trainer.lr_scheduler_configs)} LR schedulers (return one optimizer, no scheduler)"
+            )
+        self._requires_grad = {name: p.requires_grad for name, p in pl_module.named_parameters()}
+        self.peft_model = attach_lora(
+            wrapped_network(pl_module), r=self.r, alpha=self.alpha, dropout=self.dropout,
+            target_modules=self.target_modules, masked_delta=self.masked_delta,
+        )
+        adapters = adapter_parameters(pl_module)
+        adapter_ids = {id(p) for p in adapters}
+        for parameter in pl_module.parameters():
+            parameter.requires_grad_(id(parameter) in adapter_ids)
+        trainer.strategy.optimizers = [self.adapter_optimizer(trainer.optimizers[0], adapters)]
+        self.merged = False
+
+    def adapter_optimizer(self, optimizer: torch.optim.Optimizer, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """An optimizer of `optimizer`'s class and settings over `parameters`, at `lr` when given."""
+        # `defaults` may hold keys the constructor does not take (AdamW's `decoupled_weight_decay`).
+        accepted = inspect.signature(type(optimizer).__init__).parameters
+        settings = {key: value for key, value in optimizer.defaults.items() if key in accepted}
+        settings["lr"] = self.lr if self.lr is not None else optimizer.param_groups[0]["lr"]
+        return type(optimizer)(parameters, **settings)
+
+    def merge_adapters(self, pl_module: pl.LightningModule) -> None:
+        """Merge `M ⊙ (s·B·A)` into the sparse weights, unwrap, and restore `requires_grad`."""
+        merge_lora(self.peft_model)
+        self.peft_model = None
+        for name, parameter in pl_module.named_parameters():
+            parameter.requires_grad_(self._requires_grad.get(name, True))
+        self.merged = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"merged": self.merged}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.merged = bool(state_dict.get("merged", False))

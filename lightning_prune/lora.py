@@ -1,0 +1,188 @@
+"""LoRA recovery on top of peft that keeps the sparsity pattern: wrap, train adapters, merge `W + M ⊙ ΔW`.
+
+peft's own `merge_and_unload` adds the dense delta `s·B·A` to the pruned weight and densifies it
+(Wanda users saw 40% sparsity fall to 32.7%, locuslab/wanda #83). Here the base weights keep their
+masks (`masking.set_mask`; derived from the exact zeros of a finalized model), adapters are the only
+trainable parameters, and `merge_lora` adds `M ⊙ (s·B·A)` with `masked_fill`, so every pruned
+entry stays exactly `+0.0` and an N:M pattern stays N:M.
+
+Two training modes:
+- merge-time masking (`masked_delta=False`): plain LoRA forward, `W·x + s·B·A·x`; the masked part of
+  the delta is dropped only at merge, so the merged model differs from the trained one.
+- masked delta (`masked_delta=True`): the forward computes `W·x + (M ⊙ s·B·A)·x`, so the merged model
+  equals the trained one up to float rounding; it costs one dense (out × in) delta per layer and step.
+
+Lifecycle::
+
+    peft_model = attach_lora(model, r=8, alpha=16, masked_delta=True)  # adapters on the pruned layers
+    ...train (only adapter parameters require grad)...
+    model = merge_lora(peft_model)        # same zero set as before; masks attached as before
+    # or keep it unmerged: peft_model.save_pretrained(dir), later load_lora(sparse_base, dir)
+
+Module names under peft gain `base_model.model.` and `.base_layer` (e.g.
+`base_model.model.model.layers.0.mlp.up_proj.base_layer.weight`); `base_name` maps them back.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import LoraLayer, LoraVariant
+from torch import nn
+
+from lightning_prune.masking import get_mask, masked_parameters, remove_masks, set_mask
+from lightning_prune.targets import find_targets
+
+_DERIVED = "_lightning_prune_lora_derived_mask"  # base-layer flag: mask derived from zeros by attach_lora
+
+
+class MaskedDelta(LoraVariant):
+    """peft LoRA variant whose forward adds `(M ⊙ s·B·A)·x`: the delta never reaches a pruned weight."""
+
+    @staticmethod
+    def init(module: LoraLayer, adapter_name: str) -> None:
+        """Nothing to initialise: the mask lives on the base layer (`weight_mask`)."""
+
+    @staticmethod
+    def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """`result + (M ⊙ ΔW) x` with ΔW = s·B·A in the base weight's layout (peft's `get_delta_weight`)."""
+        delta = masked_delta_weight(module, active_adapter)
+        if module.fan_in_fan_out:  # GPT-2 Conv1D stores (in, out)
+            delta = delta.t()
+        return result + F.linear(module.lora_dropout[active_adapter](x), delta.to(x.dtype))
+
+
+def masked_delta_weight(module: LoraLayer, adapter_name: str) -> torch.Tensor:
+    """`M ⊙ s·B·A` in the base weight's shape; pruned entries are +0.0 (masked_fill, never `* 0`)."""
+    return module.get_delta_weight(adapter_name).masked_fill(~keep_mask(module.get_base_layer()), 0.0)
+
+
+def keep_mask(module: nn.Module) -> torch.Tensor:
+    """The module's attached keep-mask, else its non-zeros (a base finalized under the wrapper)."""
+    mask = get_mask(module)
+    return mask if mask is not None else module.weight.detach() != 0
+
+
+def base_name(name: str) -> str:
+    """The unwrapped model's name of a parameter or module named inside a peft model."""
+    name = re.sub(r"^base_model\.model\.", "", name)
+    return name.replace(".base_layer", "")
+
+
+def pruned_module_names(model: nn.Module) -> list[str]:
+    """Default LoRA targets: modules with an attached mask, else prunable layers holding exact zeros."""
+    masked = [name.rpartition(".")[0] for name, _, _ in masked_parameters(model)]
+    if masked:
+        return masked
+    return [t.module_name for t in find_targets(model) if bool((t.weight == 0).any())]
+
+
+def _ensure_masks(model: nn.Module, names: Sequence[str]) -> None:
+    """Attach a mask `W != 0` to every target without one (a finalized model), flagged for removal."""
+    for name in names:
+        module = model.get_submodule(name)
+        if get_mask(module) is not None:
+            continue
+        weight = module.weight
+        frozen = not weight.requires_grad
+        weight.requires_grad_(True)  # set_mask registers a gradient hook, which needs requires_grad
+        set_mask(module, weight.detach() != 0)
+        weight.requires_grad_(not frozen)
+        object.__setattr__(module, _DERIVED, True)
+
+
+def attach_lora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    target_modules: str | Sequence[str] | None = None,
+    masked_delta: bool = True,
+    adapter_name: str = "default",
+) -> PeftModel:
+    """Wrap a pruned `model` (in place) with LoRA adapters; only adapter parameters stay trainable.
+
+    Args:
+        model: a model with masks attached (`set_mask`) or with pruned entries already exact zeros.
+        r, alpha, dropout: LoRA rank, scaling numerator (s = alpha / r) and dropout on the adapter input.
+        target_modules: regular expressions over module names (as `find_targets(include=...)`);
+            None = the pruned layers (`pruned_module_names`).
+        masked_delta: multiply the delta by the mask in the forward pass (see the module docstring).
+        adapter_name: peft adapter name.
+
+    Returns the `PeftModel`; `model` itself now holds the LoRA layers (peft injects in place).
+    """
+    if not isinstance(r, int) or r < 1:
+        raise ValueError(f"`r` must be an integer >= 1, got {r!r}")
+    if alpha <= 0:
+        raise ValueError(f"`alpha` must be > 0, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}")
+    if target_modules is None:
+        names = pruned_module_names(model)
+        if not names:
+            raise ValueError("`target_modules`=None found no pruned layer (no masks, no exact zeros); prune first or name the targets")
+    else:
+        names = [t.module_name for t in find_targets(model, include=target_modules, ignore_output_head=False)]
+    _ensure_masks(model, names)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(names), bias="none")
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    if masked_delta:
+        install_masked_delta(peft_model, adapter_name)
+    return peft_model
+
+
+def install_masked_delta(model: nn.Module, adapter_name: str = "default") -> None:
+    """Switch every LoRA layer's `adapter_name` to the `MaskedDelta` forward."""
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            layer.lora_variant[adapter_name] = MaskedDelta()
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    """(name, layer) of every peft LoRA layer in `model`."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The LoRA adapter parameters (`lora_A`, `lora_B`, ...) of `model`."""
+    return [p for name, p in model.named_parameters() if "lora_" in name]
+
+
+@torch.no_grad()
+def merge_lora(peft_model: PeftModel) -> nn.Module:
+    """Merge the active adapters as `W ← W + M ⊙ (s·B·A)` and return the unwrapped model.
+
+    Every pruned entry stays exactly +0.0 and N:M stays N:M. Masks attached before `attach_lora`
+    stay attached; masks it derived from zeros are removed again, leaving a plain model.
+    """
+    for _, layer in lora_layers(peft_model):
+        base = layer.get_base_layer()
+        mask = keep_mask(base)
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                delta = masked_delta_weight(layer, adapter)
+                base.weight.add_(delta.to(base.weight.dtype))
+        # Guard: pruned entries were +0.0 and received +0.0; rewrite them so no -0.0 can survive.
+        base.weight.masked_fill_(~mask, 0.0)
+        if getattr(base, _DERIVED, False):
+            remove_masks(base)
+            object.__delattr__(base, _DERIVED)
+    return peft_model.unload()
+
+
+def load_lora(model: nn.Module, directory: str, masked_delta: bool = True, adapter_name: str = "default") -> PeftModel:
+    """Load adapters saved by `PeftModel.save_pretrained` onto a sparse base, masks as in `attach_lora`.
+
+    Use the `masked_delta` the adapters were trained with: it changes the forward pass.
+    """
+    loaded = PeftModel.from_pretrained(model, directory, adapter_name=adapter_name, is_trainable=False)
+    _ensure_masks(loaded, [f"{name}.base_layer" for name, _ in lora_layers(loaded)])
+    if masked_delta:
+        install_masked_delta(loaded, adapter_name)
+    return loaded
