@@ -1,0 +1,145 @@
+"""One-shot Wanda / SparseGPT / magnitude pruning at the start of `fit`, masks fixed afterwards."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DistributedSampler
+
+from lightning_prune.callbacks.base import MaskingCallback
+from lightning_prune.distributed import all_reduce_sum_, is_distributed
+from lightning_prune.oneshot.api import check_oneshot_arguments, prune_oneshot, take_samples
+from lightning_prune.report import SparsityReport
+
+
+class OneShotPruning(MaskingCallback):
+    """Prune one-shot on calibration batches when `fit` starts, then keep the masks applied.
+
+    Calibration batches come from `calibration` (any iterable of batches) or else from the fit's
+    training dataloader (the datamodule's `train_dataloader()`); the first `num_samples` sequences
+    are used. The fine-tuning that follows never moves a pruned weight (masks re-applied after
+    every optimizer step); a resumed run restores the masks and does not prune again.
+
+    Lifecycle: `on_fit_start` attaches optimizer hooks, restores saved masks, and (once) runs
+    `prune_oneshot` on the module; `on_train_batch_start` logs `prune/sparsity`; `on_fit_end`
+    removes the hooks (and finalizes if asked).
+
+    Example YAML (`conf/pruning/wanda_2of4.yaml`)::
+
+        _target_: lightning_prune.OneShotPruning
+        method: wanda       # wanda | sparsegpt | magnitude
+        sparsity: 0.5       # fraction of zeros per layer ((M-N)/M with a pattern)
+        pattern: "2:4"      # N:M, or null for unstructured
+        num_samples: 128    # calibration sequences
+    """
+
+    def __init__(
+        self,
+        method: str = "wanda",
+        sparsity: float = 0.5,
+        pattern: str | None = None,
+        calibration: Iterable[Any] | None = None,
+        num_samples: int | None = 128,
+        targets: str | Sequence[str] | None = None,
+        ignore: str | Sequence[str] | None = None,
+        blocks: str | None = None,
+        offload: bool = False,
+        sparsity_profile: str = "uniform",
+        blocksize: int = 128,
+        percdamp: float = 0.01,
+        finalize_on_end: bool = False,
+        progress: bool = True,
+    ) -> None:
+        check_oneshot_arguments(method, sparsity, pattern, sparsity_profile, blocksize, percdamp)
+        if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+            raise ValueError(f"`num_samples` must be None or an integer >= 1, got {num_samples!r}")
+        super().__init__(sparsity, "magnitude", "layer", pattern, targets, ignore, finalize_on_end)
+        self.method = method
+        self.calibration = calibration
+        self.num_samples = num_samples
+        self.blocks = blocks
+        self.offload = offload
+        self.sparsity_profile = sparsity_profile
+        self.blocksize = blocksize
+        self.percdamp = percdamp
+        self.progress = progress
+        self.pruned = False
+        self.report: SparsityReport | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attach(trainer, pl_module)
+        if not self.pruned:
+            self.prune(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.log_sparsity(pl_module, layers=batch_idx == 0)
+
+    def calibration_batches(self, trainer: pl.Trainer) -> list[Any]:
+        """This rank's calibration batches: the first `num_samples` sequences over all ranks.
+
+        From `calibration`, else the fit's training dataloader. Under DDP, rank r of W takes batches
+        r, r+W, r+2W, ... of them; a dataloader that already shards with a `DistributedSampler`
+        keeps its own batches on each rank, and each rank takes its share of `num_samples`.
+        """
+        if self.calibration is not None:
+            source = self.calibration
+        elif trainer.datamodule is not None:
+            source = trainer.datamodule.train_dataloader()
+        else:
+            source = trainer.fit_loop._data_source.dataloader()
+        world, rank = trainer.world_size, trainer.global_rank
+        if isinstance(getattr(source, "sampler", None), DistributedSampler):
+            share = None if self.num_samples is None else self.num_samples // world + int(rank < self.num_samples % world)
+            return take_samples(source, share)
+        return take_samples(source, self.num_samples)[rank::world]
+
+    def _check_every_rank_has_batches(self, trainer: pl.Trainer, batches: list[Any]) -> None:
+        """One rank without batches would leave the others waiting in the statistics' all-reduce."""
+        counts = torch.zeros(trainer.world_size, dtype=torch.int64)
+        counts[trainer.global_rank] = len(batches)
+        all_reduce_sum_([counts])
+        empty = (counts == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"`num_samples`={self.num_samples} leaves ranks {empty} of {trainer.world_size} without calibration "
+                f"batches (batches per rank: {counts.tolist()}); give at least one batch per rank"
+            )
+
+    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SparsityReport:
+        """Run `prune_oneshot` on the module and record the resulting sparsities."""
+        needs_data = self.method != "magnitude" or self.sparsity_profile == "owl"
+        batches = self.calibration_batches(trainer) if needs_data else None
+        if needs_data and is_distributed():
+            self._check_every_rank_has_batches(trainer, batches)
+        self.report = prune_oneshot(
+            pl_module,
+            batches,
+            method=self.method,
+            sparsity=self.sparsity,
+            pattern=self.pattern,
+            targets=self.target_patterns,
+            ignore=self.ignore,
+            offload=self.offload,
+            device=pl_module.device,
+            blocks=self.blocks,
+            sparsity_profile=self.sparsity_profile,
+            blocksize=self.blocksize,
+            percdamp=self.percdamp,
+            # Summed statistics over all ranks: the masks of one process that saw every batch.
+            reduce_stats=lambda stats: all_reduce_sum_([t for stat in stats for t in stat.tensors()]),
+            progress=self.progress,
+        )
+        self.layer_sparsity = {layer.name: layer.sparsity for layer in self.report.layers}
+        self.current_sparsity = self.report.global_sparsity
+        self.pruned = True
+        return self.report
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "pruned": self.pruned}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.pruned = bool(state_dict.get("pruned", False))

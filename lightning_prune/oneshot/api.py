@@ -1,0 +1,228 @@
+"""`prune_oneshot`: Wanda, SparseGPT or magnitude on calibration batches, block by block, in place."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_prune.masking import set_mask
+from lightning_prune.oneshot.driver import Batch, calibrate_sequentially, call_model, find_blocks
+from lightning_prune.oneshot.magnitude import magnitude_mask
+from lightning_prune.oneshot.owl import outlier_ratio, owl_sparsities
+from lightning_prune.oneshot.sparsegpt import sparsegpt_prune
+from lightning_prune.oneshot.stats import FeatureNormStats, HessianStats
+from lightning_prune.oneshot.wanda import wanda_mask, wanda_scores
+from lightning_prune.report import SparsityReport, sparsity_report
+from lightning_prune.selection import check_sparsity, parse_pattern
+from lightning_prune.targets import HFConv1D, PruneTarget, find_targets
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+PROFILES = ("uniform", "owl")
+ONESHOT_TYPES = tuple(t for t in (nn.Linear, HFConv1D) if t is not None)
+Statistic = FeatureNormStats | HessianStats
+
+
+def take_samples(batches: Iterable[Batch], num_samples: int | None) -> list[Batch]:
+    """The first `num_samples` sequences of `batches` (the last batch cut), as a list of batches."""
+    if num_samples is None:
+        return list(batches)
+    taken, count = [], 0
+    for batch in batches:
+        size = _batch_size(batch)
+        if count + size > num_samples:
+            batch = _slice(batch, num_samples - count)
+            size = num_samples - count
+        taken.append(batch)
+        count += size
+        if count >= num_samples:
+            break
+    return taken
+
+
+def _batch_size(batch: Batch) -> int:
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) else batch
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) else 1
+
+
+def _slice(batch: Batch, size: int) -> Batch:
+    if isinstance(batch, dict):
+        return {k: _slice(v, size) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_slice(v, size) for v in batch)
+    return batch[:size] if isinstance(batch, torch.Tensor) else batch
+
+
+def check_oneshot_arguments(method: str, sparsity: float, pattern: str | None, sparsity_profile: str, blocksize: int, percdamp: float) -> float:
+    """Validate the arguments shared by `prune_oneshot` and `OneShotPruning`; returns the sparsity."""
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+    sparsity = check_sparsity(sparsity)
+    if pattern is not None:
+        n, m = parse_pattern(pattern)
+        if abs(sparsity - (m - n) / m) > 1e-9:
+            raise ValueError(f"`sparsity` must be {(m - n) / m} for `pattern`={pattern!r} (N:M fixes it), got {sparsity}")
+    if sparsity_profile not in PROFILES:
+        raise ValueError(f"`sparsity_profile` must be one of {PROFILES}, got {sparsity_profile!r}")
+    if sparsity_profile == "owl" and pattern is not None:
+        raise ValueError(f"`sparsity_profile`='owl' sets per-layer sparsities, which an N:M `pattern` fixes; got pattern={pattern!r}")
+    if not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"`blocksize` must be an integer >= 1, got {blocksize!r}")
+    if not percdamp > 0:
+        raise ValueError(f"`percdamp` must be > 0, got {percdamp!r}")
+    return sparsity
+
+
+def block_targets(model: nn.Module, blocks_name: str, n_blocks: int, targets: Any, ignore: Any) -> list[list[PruneTarget]]:
+    """The targets of each block; explicitly requested targets outside the blocks are an error."""
+    found = find_targets(model, types=ONESHOT_TYPES, include=targets, ignore=ignore)
+    per_block: list[list[PruneTarget]] = [[] for _ in range(n_blocks)]
+    outside = []
+    for target in found:
+        rest = target.module_name[len(blocks_name) + 1 :] if target.module_name.startswith(blocks_name + ".") else ""
+        index = rest.split(".", 1)[0]
+        if index.isdigit():
+            per_block[int(index)].append(target)
+        else:
+            outside.append(target.name)
+    if outside and targets is not None:
+        raise ValueError(f"`targets`={targets!r} matches layers outside the blocks `{blocks_name}`, which one-shot pruning cannot calibrate: {outside}")
+    if not any(per_block):
+        raise ValueError(f"no Linear/Conv1D layers matched `targets`={targets!r} (`ignore`={ignore!r}) inside the blocks `{blocks_name}`")
+    return per_block
+
+
+def collect_statistics(targets: Sequence[PruneTarget], kind: type[Statistic], run_block: Callable[[], None]) -> dict[str, Statistic]:
+    """Run the block once with forward hooks that add each target's fp32 input statistics."""
+    stats: dict[str, Statistic] = {}
+    handles = []
+    for target in targets:
+        matrix = target.as_matrix(target.weight)
+        stat = stats[target.name] = kind(target.name, matrix.shape[1], matrix.device)
+        handles.append(target.module.register_forward_hook(lambda module, args, output, stat=stat: stat.add(args[0])))
+    try:
+        run_block()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+@torch.no_grad()
+def prune_target(target: PruneTarget, method: str, stat: Statistic | None, sparsity: float, pattern: str | None, blocksize: int, percdamp: float) -> None:
+    """Prune one weight in place with `method` and attach its keep-mask."""
+    matrix = target.as_matrix(target.weight.data)
+    if method == "sparsegpt":
+        new_weight, keep = sparsegpt_prune(matrix, stat.hessian(), sparsity, pattern, blocksize, percdamp)
+        matrix.copy_(new_weight.to(matrix.dtype))
+    elif method == "wanda":
+        keep = wanda_mask(matrix, stat.feature_norms(), sparsity, pattern)
+    else:
+        keep = magnitude_mask(matrix, sparsity, pattern)
+    set_mask(target.module, target.from_matrix(keep), target.param_name)
+
+
+def _check_pattern_fits(per_block: Sequence[Sequence[PruneTarget]], pattern: str | None) -> None:
+    if pattern is None:
+        return
+    _, m = parse_pattern(pattern)
+    for target in itertools.chain.from_iterable(per_block):
+        columns = target.as_matrix(target.weight).shape[1]
+        if columns % m:
+            raise ValueError(f"`pattern`={pattern!r} needs every layer's input dimension to divide by {m}; {target.name} has {columns}")
+
+
+def _identity(stats: list[Statistic]) -> None:
+    """Default `reduce_stats`: one process, nothing to combine."""
+
+
+def owl_block_sparsities(model: nn.Module, batches: list[Batch], per_block: Sequence[Sequence[PruneTarget]], sparsity: float, reduce_stats: Callable[[list[Statistic]], None], threshold: float, lam: float, **driver: Any) -> list[float]:
+    """A dense calibration pass that measures each block's Wanda outlier ratio, then OWL sparsities."""
+    ratios: list[float] = [0.0] * len(per_block)
+
+    def measure(index: int, name: str, block: nn.Module, run_block: Callable[[], None]) -> None:
+        if not per_block[index]:
+            return
+        stats = collect_statistics(per_block[index], FeatureNormStats, run_block)
+        reduce_stats(list(stats.values()))
+        scores = [wanda_scores(t.as_matrix(t.weight), stats[t.name].feature_norms()) for t in per_block[index]]
+        ratios[index] = outlier_ratio(scores, threshold)
+
+    calibrate_sequentially(model, batches, measure, **driver)
+    active = [i for i, targets in enumerate(per_block) if targets]
+    spread = owl_sparsities([ratios[i] for i in active], sparsity, lam)
+    result = [sparsity] * len(per_block)
+    for i, value in zip(active, spread):
+        result[i] = value
+    return result
+
+
+def prune_oneshot(
+    model: nn.Module,
+    calibration: Iterable[Batch] | None,
+    method: str = "wanda",
+    sparsity: float = 0.5,
+    pattern: str | None = None,
+    targets: str | Sequence[str] | None = None,
+    ignore: str | Sequence[str] | None = None,
+    offload: bool = False,
+    device: torch.device | str | None = None,
+    blocks: str | nn.ModuleList | None = None,
+    num_samples: int | None = None,
+    sparsity_profile: str = "uniform",
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    owl_threshold: float = 5.0,
+    owl_lambda: float = 0.08,
+    reduce_stats: Callable[[list[Statistic]], None] | None = None,
+    forward: Callable[[nn.Module, Batch], Any] = call_model,
+    progress: bool = True,
+) -> SparsityReport:
+    """Prune the Linear/Conv1D layers inside `model`'s blocks one-shot, in place; masks attached.
+
+    Args:
+        model: any model with an nn.ModuleList of blocks (`blocks` names it if not found).
+        calibration: batches (dicts of tensors, tensors, or (inputs, targets) tuples) that
+            `forward(model, batch)` runs; magnitude needs none unless `sparsity_profile="owl"`.
+        method: "wanda" (Sun et al., 2023), "sparsegpt" (Frantar & Alistarh, 2023) or "magnitude".
+        sparsity / pattern: fraction of zeros per layer, or N:M such as "2:4" (sparsity (M−N)/M).
+        targets / ignore: regexes of module names (see `find_targets`); the output head stays dense.
+        offload: keep the blocks where they are and bring one at a time to `device`.
+        num_samples: use only the first `num_samples` sequences of `calibration`.
+        sparsity_profile: "uniform", or "owl" (Yin et al., 2023) per-block sparsities with mean `sparsity`.
+        blocksize / percdamp: SparseGPT's column block size and relative damping.
+        reduce_stats: called with each block's statistics (`.sum`, `.count`, `.tensors()`) before
+            pruning, e.g. to all-reduce them across ranks; default: nothing.
+    Returns:
+        the per-layer sparsity report of the pruned layers.
+    """
+    sparsity = check_oneshot_arguments(method, sparsity, pattern, sparsity_profile, blocksize, percdamp)
+    blocks_name, block_list = find_blocks(model, blocks)
+    per_block = block_targets(model, blocks_name, len(block_list), targets, ignore)
+    _check_pattern_fits(per_block, pattern)
+    reduce_stats = reduce_stats or _identity
+    driver = dict(blocks=block_list, device=device, offload=offload, forward=forward, progress=progress)
+    needs_data = method != "magnitude" or sparsity_profile == "owl"
+    batches = take_samples(calibration, num_samples) if calibration is not None else []
+    if needs_data and not batches:
+        raise ValueError(f"`calibration` has no batches; method {method!r} needs calibration data")
+    block_sparsity = [sparsity] * len(block_list)
+    if sparsity_profile == "owl":
+        block_sparsity = owl_block_sparsities(model, batches, per_block, sparsity, reduce_stats, owl_threshold, owl_lambda, **driver)
+    kind = {"wanda": FeatureNormStats, "sparsegpt": HessianStats}.get(method)
+
+    def prune_block(index: int, name: str, block: nn.Module, run_block: Callable[[], None]) -> None:
+        stats = collect_statistics(per_block[index], kind, run_block) if kind and per_block[index] else {}
+        reduce_stats(list(stats.values()))
+        for target in per_block[index]:
+            prune_target(target, method, stats.get(target.name), block_sparsity[index], pattern, blocksize, percdamp)
+
+    if needs_data:
+        calibrate_sequentially(model, batches, prune_block, **driver)
+    else:
+        for index in range(len(block_list)):
+            prune_block(index, f"{blocks_name}.{index}", block_list[index], lambda: None)
+    return sparsity_report(model, [t for targets_ in per_block for t in targets_])

@@ -1,0 +1,17 @@
+"""Magnitude pruning per layer (the baseline of the Wanda and SparseGPT papers)."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_prune.criteria import Magnitude
+from lightning_prune.selection import parse_pattern, select_layer_wise, select_n_m
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float, pattern: str | None = None) -> torch.Tensor:
+    """Keep-mask (out, in): the lowest-|w| `sparsity` of the whole layer pruned, or N:M per row."""
+    scores = Magnitude().score("", weight)
+    if pattern is not None:
+        n, m = parse_pattern(pattern)
+        return select_n_m(scores, n, m)
+    return select_layer_wise(scores, sparsity)

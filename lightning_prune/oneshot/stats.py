@@ -1,0 +1,68 @@
+"""Calibration statistics as plain sums: easy to all-reduce across ranks before pruning.
+
+Each statistic keeps an un-normalised fp32 `sum` and an int64 token `count` (0-d tensor), whatever
+the model's dtype. Summing both over ranks (e.g. `distributed.all_reduce_sum_(stat.tensors())`)
+gives exactly the statistic of the union of the ranks' batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _TokenStatistic:
+    """Shared bookkeeping: `sum`, `count`, `tensors()` and the NaN/Inf guard."""
+
+    def __init__(self, name: str, sum_: torch.Tensor) -> None:
+        self.name = name
+        self.sum = sum_
+        self.count = torch.zeros((), dtype=torch.int64, device=sum_.device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors to sum across ranks (in place), in a fixed order."""
+        return [self.sum, self.count]
+
+    def _rows(self, inputs: torch.Tensor) -> torch.Tensor:
+        rows = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        if not torch.isfinite(rows).all():
+            raise ValueError(f"calibration activations entering {self.name!r} contain NaN or Inf; check the model and the batches")
+        self.count += rows.shape[0]
+        return rows
+
+    def check_count(self) -> None:
+        """Raise when no token reached this layer (a layer the block's forward never called)."""
+        if int(self.count) == 0:
+            raise ValueError(f"no calibration tokens reached {self.name!r}; it cannot be pruned one-shot (add it to `ignore`)")
+
+
+class FeatureNormStats(_TokenStatistic):
+    """Wanda's statistic: Σ over tokens of x_j² for every input feature j, and the token count."""
+
+    def __init__(self, name: str, in_features: int, device: torch.device | str | None = None) -> None:
+        super().__init__(name, torch.zeros(in_features, dtype=torch.float32, device=device))
+
+    def add(self, inputs: torch.Tensor) -> None:
+        """Accumulate a batch of layer inputs `(..., in_features)`."""
+        self.sum += self._rows(inputs).square().sum(0)
+
+    def feature_norms(self) -> torch.Tensor:
+        """‖X_j‖₂ over all calibration tokens (Wanda's activation norm)."""
+        self.check_count()
+        return self.sum.sqrt()
+
+
+class HessianStats(_TokenStatistic):
+    """SparseGPT's statistic: Σ over tokens of x xᵀ (fp32), and the token count."""
+
+    def __init__(self, name: str, in_features: int, device: torch.device | str | None = None) -> None:
+        super().__init__(name, torch.zeros(in_features, in_features, dtype=torch.float32, device=device))
+
+    def add(self, inputs: torch.Tensor) -> None:
+        """Accumulate a batch of layer inputs `(..., in_features)`."""
+        rows = self._rows(inputs)
+        self.sum.addmm_(rows.t(), rows)
+
+    def hessian(self) -> torch.Tensor:
+        """H = (2/n)·Σ x xᵀ over the n calibration tokens (SparseGPT, section 3)."""
+        self.check_count()
+        return self.sum * (2.0 / float(self.count))
