@@ -1,0 +1,149 @@
+"""masking.py: the forward never sees pruned values, zero gradients, +0.0 after AdamW, finalize."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_prune.masking import (
+    apply_masks_,
+    finalize,
+    get_mask,
+    get_masks,
+    keep_masks_applied,
+    load_masks,
+    remove_masks,
+    set_mask,
+    update_masks,
+)
+from lightning_prune.targets import find_targets
+
+from tests.conftest import tiny_gpt2, tiny_llama
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def half_pruned(model: nn.Module) -> list:
+    targets = find_targets(model, ignore_output_head=False)
+    # Prune the positive half of each weight: the rest of the model keeps negative values, so a
+    # multiply-by-mask implementation would write -0.0 where a masked_fill writes +0.0.
+    update_masks(targets, {t.name: -t.weight.detach() for t in targets}, sparsity=0.5)
+    return targets
+
+
+def test_set_mask_zeroes_with_positive_zero_and_stores_bool() -> None:
+    layer = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[-1.0, 2.0, -3.0, 4.0], [5.0, -6.0, 7.0, -8.0]]))
+    mask = torch.tensor([[0, 1, 0, 1], [1, 0, 1, 0]], dtype=torch.bool)
+    set_mask(layer, mask)
+    assert layer.weight.tolist() == [[0.0, 2.0, 0.0, 4.0], [5.0, 0.0, 7.0, 0.0]]
+    assert not torch.signbit(layer.weight).logical_and(layer.weight == 0).any()
+    stored = get_mask(layer)
+    assert stored.dtype == torch.bool and stored.element_size() == 1
+    assert "weight_mask" not in layer.state_dict()
+    with pytest.raises(ValueError, match=r"mask of shape \(4, 2\) does not fit `weight` of shape \(2, 4\)"):
+        set_mask(layer, mask.t())
+
+
+def test_forward_ignores_pruned_values() -> None:
+    model = mlp()
+    targets = half_pruned(model)
+    x = torch.randn(5, 8)
+    reference = model(x)
+    with torch.no_grad():  # write garbage into pruned slots, as a stray optimizer update would
+        for target in targets:
+            target.weight.add_(torch.where(get_mask(target.module), 0.0, 100.0))
+    apply_masks_(model)
+    assert torch.equal(model(x), reference)
+
+
+def test_pruned_weights_get_zero_grad_and_stay_positive_zero_under_adamw() -> None:
+    model = mlp()
+    targets = half_pruned(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    keep_masks_applied(optimizer, model)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 8)).square().sum().backward()
+        for target in targets:
+            pruned = ~get_mask(target.module)
+            assert torch.equal(target.weight.grad[pruned], torch.zeros(int(pruned.sum())))
+        optimizer.step()
+    for target in targets:
+        pruned = ~get_mask(target.module)
+        assert int(pruned.sum()) == target.weight.numel() // 2
+        assert torch.equal(target.weight[pruned], torch.zeros(int(pruned.sum())))
+        assert not torch.signbit(target.weight[pruned]).any()
+        assert (target.weight[~pruned] != 0).all()
+
+
+def test_finalize_leaves_dense_keys_that_load_strict() -> None:
+    model = tiny_llama()
+    dense_keys = list(model.state_dict())
+    update_masks(find_targets(model), {t.name: t.weight.abs() for t in find_targets(model)}, 0.5, pattern="2:4")
+    assert list(model.state_dict()) == dense_keys  # masks are non-persistent all along
+    finalize(model)
+    assert get_masks(model) == {}
+    assert not any(hasattr(m, "_lightning_prune_handles") for m in model.modules())
+    fresh = tiny_llama()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    for target in find_targets(fresh):
+        weight = target.weight
+        assert (weight == 0).float().mean().item() == 0.5
+        assert not torch.signbit(weight[weight == 0]).any()
+
+
+def test_finalize_turns_negative_zeros_positive() -> None:
+    layer = nn.Linear(2, 1, bias=False)
+    set_mask(layer, torch.tensor([[True, False]]))
+    with torch.no_grad():
+        layer.weight[0, 0] = -0.0
+    finalize(layer)
+    assert not torch.signbit(layer.weight).any()
+
+
+def test_load_state_dict_re_zeroes_pruned_weights() -> None:
+    model = mlp()
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    targets = half_pruned(model)
+    model.load_state_dict(dense_state)  # a dense checkpoint must not bring pruned weights back
+    for target in targets:
+        assert torch.equal(target.weight[~get_mask(target.module)], torch.zeros(target.weight.numel() // 2))
+
+
+def test_get_and_load_masks_round_trip() -> None:
+    model = tiny_gpt2()
+    targets = find_targets(model)
+    update_masks(targets, {t.name: t.weight.abs() for t in targets}, 0.25)
+    saved = {name: mask.clone() for name, mask in get_masks(model).items()}
+    assert sorted(saved) == sorted(t.name for t in targets)
+    other = tiny_gpt2()
+    load_masks(other, saved)
+    assert all(torch.equal(get_masks(other)[name], saved[name]) for name in saved)
+    with pytest.raises(ValueError, match="saved mask 'nope.weight' names no module"):
+        load_masks(other, {"nope.weight": torch.ones(1, dtype=torch.bool)})
+
+
+def test_monotone_update_keeps_pruned_weights_pruned() -> None:
+    layer = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    targets = find_targets(nn.Sequential(layer), ignore_output_head=False)
+    update_masks(targets, {"0.weight": torch.tensor([[1.0, 2.0, 3.0, 4.0]])}, 0.25)
+    # New scores would rank the pruned entry highest: it stays pruned, the next lowest goes too.
+    update_masks(targets, {"0.weight": torch.tensor([[9.0, 2.0, 3.0, 4.0]])}, 0.5)
+    assert get_mask(layer).int().tolist() == [[0, 0, 1, 1]]
+
+
+def test_remove_masks_keeps_weights_and_drops_hooks() -> None:
+    model = mlp()
+    half_pruned(model)
+    before = [p.clone() for p in model.parameters()]
+    remove_masks(model)
+    assert get_masks(model) == {}
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    model(torch.randn(2, 8)).sum().backward()
+    assert (model[0].weight.grad != 0).float().mean() > 0.5  # gradients no longer masked

@@ -1,0 +1,67 @@
+"""report.py: exact per-layer and global numbers, N:M pattern detection, Markdown and CSV."""
+
+import torch
+from torch import nn
+
+from lightning_prune.masking import set_mask
+from lightning_prune.report import max_nonzeros_per_group, sparsity_report
+
+
+def two_layer_model() -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(8, 2, bias=False), nn.Linear(2, 4, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 2, 0, 0, 3, 0, 4, 0], [0, 5, 6, 0, 7, 8, 0, 0]]))  # 2:4, 8 zeros
+        model[1].weight.copy_(torch.tensor([[1.0, 0], [2, 3], [4, 5], [6, 7]]))  # 1 zero
+    return model
+
+
+def test_unmasked_model_reports_every_prunable_layer() -> None:
+    report = sparsity_report(two_layer_model())
+    assert [(l.name, l.shape, l.numel, l.zeros, l.pattern) for l in report.layers] == [
+        ("0.weight", (2, 8), 16, 8, "2:4"),
+        ("1.weight", (4, 2), 8, 1, "unstructured"),
+    ]
+    assert report.numel == 24
+    assert report.global_sparsity == 9 / 24
+    assert report.as_dict() == {"0.weight": 0.5, "1.weight": 0.125, "global": 0.375}
+
+
+def test_masked_layers_only_when_masks_exist() -> None:
+    model = two_layer_model()
+    set_mask(model[1], torch.tensor([[1, 0], [0, 1], [1, 1], [1, 1]], dtype=torch.bool))
+    report = sparsity_report(model)
+    assert [(l.name, l.zeros) for l in report.layers] == [("1.weight", 2)]
+    assert report.global_sparsity == 0.25
+
+
+def test_markdown_and_csv() -> None:
+    report = sparsity_report(two_layer_model())
+    assert report.to_markdown().splitlines() == [
+        "| layer | shape | params | zeros | sparsity | pattern |",
+        "|---|---|---|---|---|---|",
+        "| 0.weight | 2×8 | 16 | 8 | 0.5000 | 2:4 |",
+        "| 1.weight | 4×2 | 8 | 1 | 0.1250 | unstructured |",
+        "| global |  | 24 | 9 | 0.3750 |  |",
+    ]
+    assert report.to_csv().splitlines() == [
+        "layer,shape,params,zeros,sparsity,pattern",
+        "0.weight,2×8,16,8,0.5000,2:4",
+        "1.weight,4×2,8,1,0.1250,unstructured",
+        "global,,24,9,0.3750,",
+    ]
+    assert str(report).splitlines()[0].split() == ["layer", "shape", "params", "zeros", "sparsity", "pattern"]
+
+
+def test_rich_renders_a_table() -> None:
+    from rich.console import Console
+
+    console = Console(record=True, width=120)
+    console.print(sparsity_report(two_layer_model()))
+    assert "global 37.50%" in console.export_text()
+
+
+def test_max_nonzeros_per_group() -> None:
+    matrix = torch.tensor([[1.0, 2, 0, 0, 3, 4, 5, 0]])
+    assert max_nonzeros_per_group(matrix, 4) == 3
+    assert max_nonzeros_per_group(matrix, 8) == 5
+    assert max_nonzeros_per_group(torch.ones(1, 6), 4) == 4  # 4 does not divide 6: no valid groups
