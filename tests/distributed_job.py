@@ -16,6 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_prune import GradualPruning, IterativePruning, get_masks
+from lightning_prune.callbacks.oneshot import OneShotPruning
+from lightning_prune.models import CausalLMModule
 
 SAMPLES = 512  # divisible by every global batch used, so DistributedSampler pads nothing
 
@@ -44,10 +46,41 @@ class DigitsMLP(pl.LightningModule):
         return DataLoader(data, batch_size=self.global_batch // world, sampler=sampler)
 
 
-def fit(callback: pl.Callback, args: argparse.Namespace, epochs: int, ckpt_in: str | None = None) -> pl.Trainer:
-    """Fit a freshly seeded model with `callback`; returns the trainer."""
+LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+
+
+def token_batches(count: int, batch: int) -> list[dict[str, torch.Tensor]]:
+    """Fixed random token sequences (the same on every rank)."""
+    generator = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 64, (batch, 16), generator=generator)} for _ in range(count)]
+
+
+class TinyLlama(CausalLMModule):
+    """A 2-block Llama from a config whose training data rank r of W shards with a DistributedSampler."""
+
+    def __init__(self, global_batch: int) -> None:
+        super().__init__(config=LLAMA, lr=1e-3)
+        self.global_batch = global_batch
+
+    def train_dataloader(self) -> DataLoader:
+        """12 sequences of 16 tokens in a fixed order; rank r of W takes sequences r, r+W, ...
+
+        Odd sequences draw from the upper half of the vocabulary: under DDP the two ranks see
+        different activations, so only statistics summed over ranks give one process's masks.
+        """
+        ids = torch.cat([b["input_ids"] for b in token_batches(3, 4)]) % 32
+        ids[1::2] += 32
+        data = [{"input_ids": row} for row in ids]
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(data, batch_size=max(1, self.global_batch // world), sampler=sampler)
+
+
+def fit(callback: pl.Callback, args: argparse.Namespace, epochs: int, ckpt_in: str | None = None, llama: bool = False) -> pl.Trainer:
+    """Fit a freshly seeded model (digits MLP, or the tiny Llama) with `callback`; returns the trainer."""
     pl.seed_everything(0, verbose=False)
-    model = DigitsMLP(args.global_batch)
+    model = TinyLlama(4) if llama else DigitsMLP(args.global_batch)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -97,6 +130,15 @@ def main() -> None:
     dump(fit(gradual(), args, epochs=3, ckpt_in=ckpt), "resumed", args.out)
 
     dump(fit(IterativePruning(0.75, cycles=2, epochs_per_cycle=1, rewind="init"), args, epochs=3), "iterative", args.out)
+
+    # One-shot: calibration split across ranks, statistics all-reduced, then a masked fine-tune epoch.
+    wanda = OneShotPruning("wanda", 0.5, pattern="2:4", num_samples=None, progress=False)  # the sharded train loader
+    dump(fit(wanda, args, epochs=1, llama=True), "wanda", args.out)
+    calibration = token_batches(4, 2)
+    for index, batch in enumerate(calibration):  # batches 0, 2 go to rank 0 and 1, 3 to rank 1: make them differ
+        batch["input_ids"] = batch["input_ids"] % 32 + 32 * (index % 2)
+    sparsegpt = OneShotPruning("sparsegpt", 0.5, calibration=calibration, num_samples=None, progress=False)
+    dump(fit(sparsegpt, args, epochs=0, llama=True), "sparsegpt", args.out)
 
 
 if __name__ == "__main__":
