@@ -56,3 +56,60 @@ def llama() -> nn.Module:
 @pytest.fixture
 def gpt2() -> nn.Module:
     return tiny_gpt2()
+
+
+class TinyRegressor(pl.LightningModule):
+    """An 8→32→32→2 ReLU MLP on a fixed random regression set: fast, deterministic, no dropout.
+
+    Records every training step's exact-zero fraction per target weight in `zeros_seen` (as the
+    forward saw them) so that tests can check the sparsity schedule step by step.
+    """
+
+    def __init__(self, seed: int = 0, samples: int = 32, batch_size: int = 8, lr: float = 1e-2) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+        for parameter in self.net.parameters():
+            with torch.no_grad():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        self.inputs = torch.randn(samples, 8, generator=generator)
+        self.labels = torch.randn(samples, 2, generator=generator)
+        self.batch_size = batch_size
+        self.lr = lr
+        self.training_steps = 0
+        self.zeros_seen: list[list[float]] = []
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.training_steps += 1
+        self.zeros_seen.append([float((self.net[i].weight == 0).float().mean()) for i in (0, 2)])
+        inputs, labels = batch
+        return nn.functional.mse_loss(self(inputs), labels)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        dataset = torch.utils.data.TensorDataset(self.inputs, self.labels)
+        return torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+
+
+class TinyCausalLM(pl.LightningModule):
+    """A Hugging Face causal LM trained on fixed random token batches (4 batches of 2 × 16)."""
+
+    def __init__(self, model: nn.Module, seed: int = 0) -> None:
+        super().__init__()
+        self.model = model
+        generator = torch.Generator().manual_seed(seed)
+        self.tokens = torch.randint(0, model.config.vocab_size, (8, 16), generator=generator)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.tokens, batch_size=2, shuffle=False)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
