@@ -85,6 +85,8 @@ class MaskingCallback(Callback):
         refuse_sharded_strategy(trainer.strategy)
         self._pl_module = pl_module
         self._targets = find_targets(pl_module, include=self.target_patterns, ignore=self.ignore)
+        if self.pattern is not None:
+            check_pattern_fits(self._targets, self.pattern)
         if self._restored_masks:
             load_masks(pl_module, self._restored_masks)
             self._restored_masks = {}
@@ -144,6 +146,18 @@ class MaskingCallback(Callback):
             self._restored_masks = {}
         self.criterion.load_state_dict(state_dict.get("criterion", {}))
         self.current_sparsity = float(state_dict.get("current_sparsity", 0.0))
+
+
+def check_pattern_fits(targets: Sequence[PruneTarget], pattern: str) -> None:
+    """Raise before training when an N:M `pattern` does not divide a target's input dimension."""
+    _, m = parse_pattern(pattern)
+    for target in targets:
+        columns = target.as_matrix(target.weight).shape[1]
+        if columns % m:
+            raise ValueError(
+                f"`pattern`={pattern!r} needs every target's input dimension to divide by {m}, "
+                f"got {columns} for {target.name!r}; leave it dense with `ignore`"
+            )
 
 
 def refuse_sharded_strategy(strategy: object) -> None:
