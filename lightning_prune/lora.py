@@ -26,7 +26,7 @@ Module names under peft gain `base_model.model.` and `.base_layer` (e.g.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -72,6 +72,11 @@ def base_name(name: str) -> str:
     """The unwrapped model's name of a parameter or module named inside a peft model."""
     name = re.sub(r"^base_model\.model\.", "", name)
     return name.replace(".base_layer", "")
+
+
+def unwrapped_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA-injected model's state dict under the plain model's keys: adapters dropped, `base_layer` unwrapped."""
+    return {key.replace(".base_layer.", "."): value for key, value in state.items() if ".lora_" not in key}
 
 
 def pruned_module_names(model: nn.Module) -> list[str]:

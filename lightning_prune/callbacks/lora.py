@@ -13,7 +13,7 @@ from peft import PeftModel
 from torch import nn
 
 from lightning_prune.callbacks.base import refuse_sharded_strategy
-from lightning_prune.lora import adapter_parameters, attach_lora, merge_lora
+from lightning_prune.lora import adapter_parameters, attach_lora, merge_lora, unwrapped_state_dict
 
 
 def wrapped_network(pl_module: pl.LightningModule) -> nn.Module:
@@ -37,6 +37,11 @@ class LoRARecovery(Callback):
     already pruned model it is the only callback needed. `configure_optimizers` must not return LR
     schedulers (they would still point at the replaced optimizer). Single-process strategies only:
     adapters created after DDP wrapped the model would not have their gradients synchronised.
+
+    Checkpoints: while adapters are attached, the checkpoint's model `state_dict` is written with
+    the unwrapped model's keys (no `base_layer`, no adapters) and the adapters go into this
+    callback's state, so a resumed fit loads the base strictly, re-attaches, restores the adapters
+    and then Lightning restores the adapter optimizer's state.
 
     Example YAML (`conf/lora/default.yaml`)::
 
@@ -74,6 +79,8 @@ class LoRARecovery(Callback):
         self.peft_model: PeftModel | None = None
         self.merged = False
         self._requires_grad: dict[str, bool] = {}
+        self._restored_adapters: dict[str, torch.Tensor] = {}
+        self._pl_module: pl.LightningModule | None = None
 
     @property
     def state_key(self) -> str:
@@ -96,12 +103,15 @@ class LoRARecovery(Callback):
                 f"LoRARecovery replaces the one optimizer of `configure_optimizers`; got {len(trainer.optimizers)} "
                 f"optimizers and {len(trainer.lr_scheduler_configs)} LR schedulers (return one optimizer, no scheduler)"
             )
+        self._pl_module = pl_module
         self._requires_grad = {name: p.requires_grad for name, p in pl_module.named_parameters()}
         self.peft_model = attach_lora(
             wrapped_network(pl_module), r=self.r, alpha=self.alpha, dropout=self.dropout,
             target_modules=self.target_modules, masked_delta=self.masked_delta,
         )
         adapters = adapter_parameters(pl_module)
+        if self._restored_adapters:
+            self.restore_adapters(pl_module)
         adapter_ids = {id(p) for p in adapters}
         for parameter in pl_module.parameters():
             parameter.requires_grad_(id(parameter) in adapter_ids)
@@ -116,6 +126,19 @@ class LoRARecovery(Callback):
         settings["lr"] = self.lr if self.lr is not None else optimizer.param_groups[0]["lr"]
         return type(optimizer)(parameters, **settings)
 
+    def restore_adapters(self, pl_module: pl.LightningModule) -> None:
+        """Copy adapter values saved in a checkpoint into the freshly attached adapters."""
+        current = {name: p for name, p in pl_module.named_parameters() if "lora_" in name}
+        if set(current) != set(self._restored_adapters):
+            raise ValueError(
+                f"checkpointed adapters {sorted(self._restored_adapters)[:3]}... do not match the attached ones "
+                f"{sorted(current)[:3]}... (same `r`, `target_modules` and pruned layers are needed to resume)"
+            )
+        with torch.no_grad():
+            for name, value in self._restored_adapters.items():
+                current[name].copy_(value)
+        self._restored_adapters = {}
+
     def merge_adapters(self, pl_module: pl.LightningModule) -> None:
         """Merge `M ⊙ (s·B·A)` into the sparse weights, unwrap, and restore `requires_grad`."""
         merge_lora(self.peft_model)
@@ -124,8 +147,19 @@ class LoRARecovery(Callback):
             parameter.requires_grad_(self._requires_grad.get(name, True))
         self.merged = True
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.peft_model is not None:
+            checkpoint["state_dict"] = unwrapped_state_dict(checkpoint["state_dict"])
+
     def state_dict(self) -> dict[str, Any]:
-        return {"merged": self.merged}
+        adapters = {}
+        if self.peft_model is not None:
+            adapters = {name: p.detach().cpu().clone() for name, p in self._pl_module_parameters() if "lora_" in name}
+        return {"merged": self.merged, "adapters": adapters or dict(self._restored_adapters)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.merged = bool(state_dict.get("merged", False))
+        self._restored_adapters = dict(state_dict.get("adapters", {}))
+
+    def _pl_module_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self._pl_module.named_parameters()) if self._pl_module is not None else []
