@@ -25,6 +25,7 @@ RUN_SETTINGS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "dense_epochs": (int, lambda v: v >= 0, "an integer >= 0"),
     "evaluate_before": (bool, lambda v: True, "true or false"),
     "evaluate_after": (bool, lambda v: True, "true or false"),
+    "evaluate_pruned": (bool, lambda v: True, "true or false"),
     "finalize": (bool, lambda v: True, "true or false"),
     "save_model": (bool, lambda v: True, "true or false"),
     "plots": (bool, lambda v: True, "true or false"),

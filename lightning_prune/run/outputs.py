@@ -47,6 +47,7 @@ class History(Callback):
         self.step_offset = 0
         self.sparsity: list[tuple[str, int, float]] = []
         self.validation: list[tuple[str, int, float]] = []
+        self.start_metrics: dict[str, dict[str, float]] = {}  # phase -> metrics of its sanity-check validation
 
     def start_phase(self, phase: str, steps_before: int) -> None:
         """Name the next phase; its step 0 is `steps_before` on the run's axis."""
@@ -57,9 +58,20 @@ class History(Callback):
         self.sparsity.append((self.phase, self.step_offset + trainer.global_step, float(value) if value is not None else 0.0))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            # Lightning keeps sanity-check results out of `callback_metrics`; they are held here until reset.
+            epoch_metrics = trainer._logger_connector.metrics["callback"]
+            self.start_metrics[self.phase] = {name: float(value) for name, value in epoch_metrics.items()}
+            return
         value = trainer.callback_metrics.get(self.metric)
         if trainer.state.fn == "fit" and not trainer.sanity_checking and value is not None:
             self.validation.append((self.phase, self.step_offset + trainer.global_step, float(value)))
+
+    def metrics_at_start(self, phase: str) -> dict[str, float]:
+        """Validation metrics of `phase`'s sanity check (run after every `on_fit_start`, before training)."""
+        if phase not in self.start_metrics:
+            raise ValueError(f"no validation ran at the start of phase {phase!r}: `evaluate_pruned` needs validation batches")
+        return self.start_metrics[phase]
 
     def to_csv(self) -> str:
         """Rows `phase,step,series,value` (series: sparsity or the metric name)."""
@@ -141,3 +153,49 @@ def save_model(model: torch.nn.Module, directory: Path, tokenizer: Any = None) -
 def write_results(results: dict[str, Any], path: Path) -> None:
     """The run's numbers (metrics before/after, sparsity, paths) as JSON."""
     write_text(path, json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# Results keys of the stage metrics, in run order, with what each measured.
+STAGES = {
+    "before": "before the pruning phase (after dense training)",
+    "pruned": "after the pruning-phase callbacks acted at fit start, before training",
+    "after": "after the pruning phase (fine-tuning, recovery)",
+}
+
+
+def stage_table(results: dict[str, Any]) -> str:
+    """Markdown table of every stage's validation metrics (a column per metric)."""
+    stages = [key for key in STAGES if key in results]
+    names = sorted({name for key in stages for name in results[key]})
+    lines = ["| stage | " + " | ".join(names) + " | measured |", "|---|" + "---:|" * len(names) + "---|"]
+    for key in stages:
+        values = " | ".join(f"{results[key][name]:.4f}" if name in results[key] else "" for name in names)
+        lines.append(f"| {key} | {values} | {STAGES[key]} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_stages(results: dict[str, Any], metric: str, path: Path) -> None:
+    """Bars: `metric` at each evaluated stage (before, pruned, after)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [key for key in STAGES if metric in results.get(key, {})]
+    values = [results[key][metric] for key in stages]
+    figure, axes = plt.subplots(figsize=(1.5 + 1.4 * len(stages), 3.5))
+    bars = axes.bar(stages, values, color=["tab:blue", "tab:red", "tab:green"][: len(stages)])
+    axes.bar_label(bars, fmt="%.4g")
+    axes.set_ylabel(metric)
+    axes.set_title(f"{metric} by stage")
+    _save_figure(figure, path)
+    plt.close(figure)
+
+
+def write_stages(results: dict[str, Any], metric: str, out: Path, plots: bool = True) -> None:
+    """`stages.md` (every stage's metrics) and `plots/stage_metrics.png`, when any stage was evaluated."""
+    if not any(key in results for key in STAGES):
+        return
+    write_text(out / "stages.md", stage_table(results))
+    if plots and any(metric in results.get(key, {}) for key in STAGES):
+        plot_stages(results, metric, out / "plots" / "stage_metrics.png")

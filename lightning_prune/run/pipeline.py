@@ -1,8 +1,9 @@
 """`run(cfg)`: the plain-Python job behind `lightning-prune` — the only code that reads a config.
 
 Phases: optional dense training (`dense_epochs`), evaluation, the pruning phase (a fit with the
-`pruning`, `lora`, `callbacks.*` and `export` callbacks), evaluation, then the report, plots and
-the finalized model written into the output directory.
+`pruning`, `lora`, `callbacks.*` and `export` callbacks; with `evaluate_pruned`, a validation once
+they acted at fit start), evaluation, then the per-stage metrics, report, plots and the finalized
+model written into the output directory.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from rich.console import Console
 from lightning_prune.masking import finalize as finalize_masks
 from lightning_prune.report import sparsity_report
 from lightning_prune.run.checks import ConfigError, build, check_run_settings, check_types
-from lightning_prune.run.outputs import History, plot_layer_sparsity, plot_schedule, save_model, write_results, write_text
+from lightning_prune.run.outputs import (
+    History,
+    plot_layer_sparsity,
+    plot_schedule,
+    save_model,
+    write_results,
+    write_stages,
+    write_text,
+)
 
 # Config groups whose entry is one callback of the pruning phase, in the order they run.
 PHASE_CALLBACK_GROUPS = ("pruning", "lora")
@@ -105,13 +114,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         dense = make_trainer(cfg, out, "dense", [history], max_epochs=cfg.dense_epochs)
         dense.fit(module, datamodule=data)
         steps = dense.global_step
-    trainer = make_trainer(cfg, out, "prune", [*callbacks, history])
+    # evaluate_pruned: a full-length sanity check runs after every callback's `on_fit_start`
+    # (one-shot pruning done, adapters attached) and before the first training step.
+    overrides = {"num_sanity_val_steps": -1} if cfg.evaluate_pruned else {}
+    trainer = make_trainer(cfg, out, "prune", [*callbacks, history], **overrides)
     if cfg.evaluate_before:
         results["before"] = evaluate(trainer, module, data)
     history.start_phase("prune", steps)
     trainer.fit(module, datamodule=data)
+    if cfg.evaluate_pruned:
+        results["pruned"] = history.metrics_at_start("prune")
     if cfg.evaluate_after:
         results["after"] = evaluate(trainer, module, data)
+    write_stages(results, history.metric, out, plots=cfg.plots)
     results.update(write_outputs(cfg, out, module, data, history))
     write_results(results, out / "results.json")
     return results

@@ -1,0 +1,51 @@
+"""The wanda_2of4_lora recipe in-process (Hydra compose API, as tests/test_cli.py does) with tiny settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from lightning_prune.cli import CONFIG_DIR
+from lightning_prune.export import load_sparse_state_dict
+from lightning_prune.report import max_nonzeros_per_group
+from lightning_prune.run import ConfigError, run
+
+QUIET = ["trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "tensorboard=false"]
+TINY = ["dense_epochs=1", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2", "data.seq_len=16",
+        "data.vocab_size=300", "pruning.num_samples=16", "pruning.progress=false"]
+
+
+def compose_config(recipe: str, output: Path, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=[f"recipe={recipe}", f"output_dir={output}", *QUIET, *overrides])
+
+
+@pytest.mark.slow
+def test_wanda_2of4_lora_reports_every_stage_and_exports_2of4(tmp_path: Path) -> None:
+    cfg = compose_config("wanda_2of4_lora", tmp_path, *TINY)
+    assert cfg.lora._target_.endswith("LoRARecovery") and cfg.pruning.pattern == "2:4" and cfg.evaluate_pruned
+    results = run(cfg)
+    assert {"before", "pruned", "after"} <= set(results)
+    assert results["pruned"]["val/ppl"] != results["before"]["val/ppl"]  # measured after Wanda acted
+    assert results["global_sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert json.loads((tmp_path / "results.json").read_text())["pruned"] == results["pruned"]
+    table = (tmp_path / "stages.md").read_text().splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["before", "pruned", "after"]
+    assert f"{results['pruned']['val/ppl']:.4f}" in table[3]
+    assert (tmp_path / "plots" / "stage_metrics.png").read_bytes()[:4] == b"\x89PNG"
+    exported, manifest = load_sparse_state_dict(tmp_path / "export")
+    assert manifest["format"] == "sparse-24-bitmask"
+    for name, weight in exported.items():
+        if ("mlp" in name or "self_attn" in name) and name.endswith("weight"):
+            assert max_nonzeros_per_group(weight, 4) <= 2, name
+            assert not torch.signbit(weight[weight == 0]).any(), name
+
+
+def test_evaluate_pruned_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="evaluate_pruned"):
+        run(compose_config("wanda_2of4_lora", tmp_path, "evaluate_pruned=maybe"))
