@@ -49,6 +49,16 @@ def _zero_pruned(module: nn.Module, param_name: str) -> None:
     weight.masked_fill_(~getattr(module, _mask_name(param_name)), 0.0)
 
 
+@torch.no_grad()
+def _rezero_pruned(module: nn.Module, param_name: str) -> None:
+    # The per-step path: on CPU, masked_fill_ and where run a branchy scalar loop (~7x a fused
+    # AdamW step at 50% random sparsity, benchmarks/mask_overhead.py); a vectorised multiply is
+    # ~5x faster. It writes -0.0 for negative weights, and adding +0.0 turns -0.0 into +0.0
+    # (IEEE 754: x + 0.0 == x for every other x). Pruned entries are finite here: their gradients
+    # are masked and they were zero before the step.
+    getattr(module, param_name).mul_(getattr(module, _mask_name(param_name))).add_(0.0)
+
+
 def set_mask(module: nn.Module, mask: torch.Tensor, param_name: str = "weight") -> None:
     """Attach (or replace) the keep-mask of `module.<param_name>` and zero its pruned entries now."""
     weight = getattr(module, param_name)
@@ -65,7 +75,7 @@ def set_mask(module: nn.Module, mask: torch.Tensor, param_name: str = "weight") 
         module.register_buffer(_mask_name(param_name), mask.clone(), persistent=False)
 
         def mask_grad(grad: torch.Tensor) -> torch.Tensor:
-            return torch.where(getattr(module, _mask_name(param_name)), grad, 0.0)
+            return grad * getattr(module, _mask_name(param_name))  # a multiply: see _rezero_pruned
 
         def reapply_after_load(mod: nn.Module, incompatible: object) -> None:
             _zero_pruned(mod, param_name)
@@ -104,7 +114,7 @@ def load_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
 def apply_masks_(model: nn.Module) -> None:
     """Re-zero every pruned weight of `model` (call after each optimizer step in a plain loop)."""
     for _, module, param_name in masked_parameters(model):
-        _zero_pruned(module, param_name)
+        _rezero_pruned(module, param_name)
 
 
 def keep_masks_applied(optimizer: torch.optim.Optimizer, model: nn.Module) -> RemovableHandle:

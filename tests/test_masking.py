@@ -147,3 +147,22 @@ def test_remove_masks_keeps_weights_and_drops_hooks() -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     model(torch.randn(2, 8)).sum().backward()
     assert (model[0].weight.grad != 0).float().mean() > 0.5  # gradients no longer masked
+
+
+def test_re_zeroing_after_the_step_writes_positive_zeros_where_momentum_moves_weights() -> None:
+    model = mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for _ in range(2):  # build up momentum before pruning
+        optimizer.zero_grad()
+        model(torch.randn(4, 8)).square().sum().backward()
+        optimizer.step()
+    targets = half_pruned(model)
+    optimizer.zero_grad()
+    model(torch.randn(4, 8)).square().sum().backward()
+    optimizer.step()  # no re-masking hook yet: Adam's momentum moves pruned weights off zero
+    moved = torch.cat([t.weight[~get_mask(t.module)] for t in targets])
+    assert (moved < 0).any() and (moved > 0).any()
+    apply_masks_(model)  # the per-step path
+    for target in targets:
+        pruned = target.weight[~get_mask(target.module)]
+        assert pruned.eq(0).all() and not torch.signbit(pruned).any()
