@@ -42,11 +42,29 @@ _DERIVED = "_lightning_prune_lora_derived_mask"  # base-layer flag: mask derived
 
 
 class MaskedDelta(LoraVariant):
-    """peft LoRA variant whose forward adds `(M ⊙ s·B·A)·x`: the delta never reaches a pruned weight."""
+    """peft LoRA variant whose forward adds `(M ⊙ s·B·A)·x`: the delta never reaches a pruned weight.
+
+    Its merge hooks add the same masked delta, so even peft's own `merge_and_unload` keeps the zeros.
+    """
 
     @staticmethod
     def init(module: LoraLayer, adapter_name: str) -> None:
         """Nothing to initialise: the mask lives on the base layer (`weight_mask`)."""
+
+    @staticmethod
+    def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        """A new tensor `W + M ⊙ ΔW` (peft's `merge(safe_merge=True)`), pruned entries +0.0."""
+        return _masked_sum(module, orig_weight, masked_delta_weight(module, active_adapter))
+
+    @staticmethod
+    def merge_unsafe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        """`W ← W + M ⊙ ΔW` in place (peft's `merge()` and `merge_and_unload()`)."""
+        orig_weight.data = _masked_sum(module, orig_weight.data, masked_delta_weight(module, active_adapter))
+
+    @staticmethod
+    def unmerge(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        """`W − M ⊙ ΔW` (peft's `unmerge()`)."""
+        return _masked_sum(module, orig_weight, -masked_delta_weight(module, active_adapter))
 
     @staticmethod
     def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -60,6 +78,12 @@ class MaskedDelta(LoraVariant):
 def masked_delta_weight(module: LoraLayer, adapter_name: str) -> torch.Tensor:
     """`M ⊙ s·B·A` in the base weight's shape; pruned entries are +0.0 (masked_fill, never `* 0`)."""
     return module.get_delta_weight(adapter_name).masked_fill(~keep_mask(module.get_base_layer()), 0.0)
+
+
+def _masked_sum(module: LoraLayer, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """`weight + delta` with the pruned entries rewritten as +0.0 (no -0.0 can survive)."""
+    mask = keep_mask(module.get_base_layer())
+    return (weight + delta.detach().to(weight.dtype)).masked_fill(~mask, 0.0)
 
 
 def keep_mask(module: nn.Module) -> torch.Tensor:

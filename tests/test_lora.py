@@ -172,3 +172,22 @@ def test_set_mask_on_frozen_weight_is_supported():
     assert torch.equal(get_mask(layer), layer.weight != 0)
     assert not layer.weight.requires_grad
     assert all(p.requires_grad for p in adapter_parameters(peft_model))
+
+
+@pytest.mark.parametrize(("factory", "pattern"), CASES)
+def test_peft_merge_and_unload_keeps_zeros_in_masked_delta_mode(factory, pattern):
+    """peft's own merge goes through the MaskedDelta variant: same zero set, same outputs."""
+    model = pruned(factory, pattern)
+    before = zero_sets(model)
+    peft_model = attach_lora(model, r=4, masked_delta=True)
+    randomize_adapters(peft_model)
+    wrapped = logits(peft_model)
+    peft_model.merge_adapter()
+    peft_model.unmerge_adapter()  # W back up to rounding; the pruned entries exactly +0.0 throughout
+    assert {base_name(name): zeros for name, zeros in zero_sets(peft_model).items()}.keys() == before.keys()
+    assert all(torch.equal(zeros, before[base_name(name)]) for name, zeros in zero_sets(peft_model).items())
+    merged = peft_model.merge_and_unload()
+    torch.testing.assert_close(logits(merged), wrapped, atol=1e-5, rtol=1e-5)
+    for name, zeros in zero_sets(merged).items():
+        assert torch.equal(zeros, before[name]), name
+        assert not torch.signbit(merged.get_parameter(name)[zeros]).any(), name
