@@ -156,8 +156,12 @@ def test_statistics_are_fp32_sums_with_token_counts() -> None:
     assert norms.sum.dtype == torch.float32 and int(norms.count) == 2
     assert norms.feature_norms().tolist() == pytest.approx([10**0.5, 2.0])
     assert hessian.hessian().tolist() == [[10.0, 2.0], [2.0, 4.0]]  # (2/2)·Σ x xᵀ
-    with pytest.raises(ValueError, match="NaN"):
-        norms.add(torch.tensor([[float("nan"), 0.0]]))
+    norms.add(torch.tensor([[float("nan"), 0.0]]))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        norms.feature_norms()
+    hessian.add(torch.tensor([[float("inf"), 0.0]]))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        hessian.hessian()
 
 
 def test_owl_sparsities_by_hand() -> None:

@@ -24,15 +24,19 @@ class _TokenStatistic:
 
     def _rows(self, inputs: torch.Tensor) -> torch.Tensor:
         rows = inputs.detach().reshape(-1, inputs.shape[-1]).float()
-        if not torch.isfinite(rows).all():
-            raise ValueError(f"calibration activations entering {self.name!r} contain NaN or Inf; check the model and the batches")
         self.count += rows.shape[0]
         return rows
 
     def check_count(self) -> None:
-        """Raise when no token reached this layer (a layer the block's forward never called)."""
+        """Raise when no token reached this layer, or when its inputs held NaN or Inf.
+
+        A NaN or Inf input makes its sum non-finite, so one check of the sum finds it; checking every
+        batch's inputs instead cost as much as the statistics themselves.
+        """
         if int(self.count) == 0:
             raise ValueError(f"no calibration tokens reached {self.name!r}; it cannot be pruned one-shot (add it to `ignore`)")
+        if not torch.isfinite(self.sum).all():
+            raise ValueError(f"calibration activations entering {self.name!r} contain NaN or Inf; check the model and the batches")
 
 
 class FeatureNormStats(_TokenStatistic):
