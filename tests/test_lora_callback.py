@@ -48,7 +48,6 @@ def wanda_2of4() -> OneShotPruning:
     return OneShotPruning(method="wanda", sparsity=0.5, pattern="2:4", num_samples=32, progress=False)
 
 
-@pytest.mark.slow  # trains a small LM first (shared fixture, ~5-20 s)
 def test_recovery_lowers_perplexity_and_keeps_the_2of4_zero_set(trained):
     module, data = copy.deepcopy(trained[0]), trained[1]
     pl.seed_everything(0, verbose=False)
@@ -57,7 +56,7 @@ def test_recovery_lowers_perplexity_and_keeps_the_2of4_zero_set(trained):
     recovery = LoRARecovery(r=8, lr=5e-3)  # masked delta (the default), merged at fit end
     pl.Trainer(max_steps=30, limit_val_batches=0, callbacks=[recovery], **QUIET).fit(module, datamodule=data)
     assert recovery.merged and recovery.peft_model is None
-    assert perplexity(module, data) < pruned_ppl
+    assert perplexity(module, data) < pruned_ppl  # 32.0 → 30.4 with these seeds
     assert zero_sets(module).keys() == zeros.keys()
     for target in find_targets(module):
         assert torch.equal(target.weight == 0, zeros[target.name]), target.name
@@ -73,7 +72,6 @@ class Snapshot(pl.Callback):
         self.values = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
 
 
-@pytest.mark.slow
 def test_after_oneshot_in_one_trainer_only_adapters_change(trained):
     module, data = copy.deepcopy(trained[0]), trained[1]
     snapshot, recovery = Snapshot(), LoRARecovery(r=4, lr=5e-3, merge=False)

@@ -25,7 +25,6 @@ def compose_config(recipe: str, output: Path, *overrides: str) -> DictConfig:
         return compose("config", overrides=[f"recipe={recipe}", f"output_dir={output}", *QUIET, *overrides])
 
 
-@pytest.mark.slow
 def test_wanda_2of4_lora_reports_every_stage_and_exports_2of4(tmp_path: Path) -> None:
     cfg = compose_config("wanda_2of4_lora", tmp_path, *TINY)
     assert cfg.lora._target_.endswith("LoRARecovery") and cfg.pruning.pattern == "2:4" and cfg.evaluate_pruned
