@@ -52,11 +52,16 @@ def _zero_pruned(module: nn.Module, param_name: str) -> None:
 @torch.no_grad()
 def _rezero_pruned(module: nn.Module, param_name: str) -> None:
     # The per-step path: on CPU, masked_fill_ and where run a branchy scalar loop (~7x a fused
-    # AdamW step at 50% random sparsity, benchmarks/mask_overhead.py); a vectorised multiply is
-    # ~5x faster. It writes -0.0 for negative weights, and adding +0.0 turns -0.0 into +0.0
-    # (IEEE 754: x + 0.0 == x for every other x). Pruned entries are finite here: their gradients
-    # are masked and they were zero before the step.
-    getattr(module, param_name).mul_(getattr(module, _mask_name(param_name))).add_(0.0)
+    # AdamW step at 50% random sparsity, benchmarks/mask_overhead.py); a vectorised multiply by
+    # the mask viewed as uint8 (same bytes; a bool operand is ~2x slower) is ~8x faster. It writes
+    # -0.0 for negative weights, and adding +0.0 turns -0.0 into +0.0 (IEEE 754: x + 0.0 == x for
+    # every other x). Pruned entries are finite here: their gradients are masked and they were
+    # zero before the step.
+    getattr(module, param_name).mul_(_mask_as_uint8(module, param_name)).add_(0.0)
+
+
+def _mask_as_uint8(module: nn.Module, param_name: str) -> torch.Tensor:
+    return getattr(module, _mask_name(param_name)).view(torch.uint8)
 
 
 def set_mask(module: nn.Module, mask: torch.Tensor, param_name: str = "weight") -> None:
@@ -75,7 +80,7 @@ def set_mask(module: nn.Module, mask: torch.Tensor, param_name: str = "weight") 
         module.register_buffer(_mask_name(param_name), mask.clone(), persistent=False)
 
         def mask_grad(grad: torch.Tensor) -> torch.Tensor:
-            return grad * getattr(module, _mask_name(param_name))  # a multiply: see _rezero_pruned
+            return grad * _mask_as_uint8(module, param_name)  # a multiply: see _rezero_pruned
 
         def reapply_after_load(mod: nn.Module, incompatible: object) -> None:
             _zero_pruned(mod, param_name)
