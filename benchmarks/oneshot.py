@@ -254,6 +254,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="Llama training steps")
     parser.add_argument("--samples", type=int, default=None, help="calibration sequences")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--sections", default="llama,minilm,solver,memory", help="comma-separated subset to run")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child is not None:
@@ -269,23 +270,27 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; args {vars(args)}\n")
 
-    model, calibration, validation = trained_llama(args)
-    print(quality(f"Tiny Llama ({args.layers}×{args.hidden}, {args.steps} steps): validation perplexity", model, calibration,
-                  lambda m: perplexity(m, validation), f"{perplexity(model, validation):.4g}") + "\n")
-    print(timing(f"Tiny Llama, {args.samples} × {args.seq_len} tokens", model, calibration, repeats) + "\n")
-
-    encoder, tokenizer, windows, sentences = minilm(16 if quick else 128)
-    sentences = sentences[: 64 if quick else 256]
-    dense = embed(encoder, tokenizer, sentences)
-    print(quality(f"all-MiniLM-L6-v2: mean cosine to dense embeddings ({len(sentences)} held-out sentences)", encoder, windows,
-                  lambda m: float(nn.functional.cosine_similarity(dense, embed(m, tokenizer, sentences)).mean()), "1") + "\n")
-    print(timing(f"all-MiniLM-L6-v2, {len(windows) * 16} × 64 tokens", encoder, windows, repeats) + "\n")
+    sections = set(args.sections.split(","))
+    if "llama" in sections:
+        model, calibration, validation = trained_llama(args)
+        print(quality(f"Tiny Llama ({args.layers}×{args.hidden}, {args.steps} steps): validation perplexity", model, calibration,
+                      lambda m: perplexity(m, validation), f"{perplexity(model, validation):.4g}") + "\n")
+        print(timing(f"Tiny Llama, {args.samples} × {args.seq_len} tokens", model, calibration, repeats) + "\n")
+    if "minilm" in sections:
+        encoder, tokenizer, windows, sentences = minilm(16 if quick else 128)
+        sentences = sentences[: 64 if quick else 256]
+        dense = embed(encoder, tokenizer, sentences)
+        print(quality(f"all-MiniLM-L6-v2: mean cosine to dense embeddings ({len(sentences)} held-out sentences)", encoder, windows,
+                      lambda m: float(nn.functional.cosine_similarity(dense, embed(m, tokenizer, sentences)).mean()), "1") + "\n")
+        print(timing(f"all-MiniLM-L6-v2, {len(windows) * 16} × 64 tokens", encoder, windows, repeats) + "\n")
 
     sizes = [(384, 384), (1536, 384), (384, 1536)] if quick else [(384, 384), (1536, 384), (384, 1536), (1024, 1024), (2816, 1024), (1024, 2816)]
-    print(solver_speed(sizes, repeats, "cpu") + "\n")
-    if torch.cuda.is_available():
-        print(solver_speed(sizes + [(4096, 4096), (11008, 4096), (4096, 11008)], repeats, "cuda") + "\n")
-    print(memory([1, 2, 4] if quick else [2, 4, 8, 16], 128 if quick else 512))
+    if "solver" in sections:
+        print(solver_speed(sizes, repeats, "cpu") + "\n")
+        if torch.cuda.is_available():
+            print(solver_speed(sizes + [(4096, 4096), (11008, 4096), (4096, 11008)], repeats, "cuda") + "\n")
+    if "memory" in sections:
+        print(memory([1, 2, 4] if quick else [2, 4, 8, 16], 128 if quick else 512))
 
 
 if __name__ == "__main__":
