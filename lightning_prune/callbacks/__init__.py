@@ -4,5 +4,14 @@ from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.callbacks.export import SparseExport
 from lightning_prune.callbacks.gradual import GradualPruning
 from lightning_prune.callbacks.iterative import IterativePruning
+from lightning_prune.callbacks.lora import LoRARecovery
+from lightning_prune.callbacks.oneshot import OneShotPruning
 
-__all__ = ["GradualPruning", "IterativePruning", "MaskingCallback", "SparseExport"]
+__all__ = [
+    "GradualPruning",
+    "IterativePruning",
+    "LoRARecovery",
+    "MaskingCallback",
+    "OneShotPruning",
+    "SparseExport",
+]

@@ -25,7 +25,7 @@ class SparseExport(Callback):
 
     Example (YAML)::
 
-        _target_: lightning_prune.callbacks.export.SparseExport
+        _target_: lightning_prune.SparseExport
         dirpath: ${hydra:runtime.output_dir}/export   # directory to (re)write
         format: sparse-24-bitmask                     # dense | sparse-24-bitmask | sparse-bitmask
         attribute: null                               # submodule to export; null = auto
