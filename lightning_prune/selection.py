@@ -78,8 +78,19 @@ def select_row_wise(scores: torch.Tensor, sparsity: float, pruned: torch.Tensor 
     """Prune the lowest `sparsity` fraction within each output row (Wanda's comparison group)."""
     masked = _with_pruned(scores, pruned)
     k = prune_count(scores.shape[1], sparsity)
-    order = torch.sort(masked, dim=1, stable=True).indices[:, :k]
-    return _monotone(torch.ones_like(scores, dtype=torch.bool).scatter_(1, order, False), pruned)
+    return _monotone(~lowest_k_per_row(masked, k), pruned)
+
+
+def lowest_k_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the `k` lowest entries of every row, ties to the lower column (no sort)."""
+    rows, cols = scores.shape
+    if k <= 0 or k >= cols:
+        return torch.full_like(scores, k > 0, dtype=torch.bool)
+    threshold = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    below = scores < threshold
+    tied = scores == threshold
+    need = k - below.sum(dim=1, keepdim=True)
+    return below | (tied & (tied.cumsum(dim=1) <= need))
 
 
 def n_m_candidates(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ from transformers.pytorch_utils import Conv1D
 from lightning_prune.masking import update_masks
 from lightning_prune.selection import (
     check_sparsity,
+    lowest_k_per_row,
     parse_pattern,
     prune_count,
     select_channels,
@@ -134,6 +135,20 @@ def test_property_counts_are_exact(shape, sparsity: float) -> None:
     assert int((~select_layer_wise(scores, sparsity)).sum()) == prune_count(rows * cols, sparsity)
     assert ((~select_row_wise(scores, sparsity)).sum(1) == prune_count(cols, sparsity)).all()
     assert int((~select_channels(scores, sparsity)).all(1).sum()) == prune_count(rows, sparsity)
+
+
+@settings(max_examples=60, deadline=None)
+@given(matrices, st.integers(0, 40), st.floats(0.0, 0.5))
+def test_property_row_wise_equals_a_stable_sort(shape, k: int, pruned_share: float) -> None:
+    # The selection uses a per-row k-th value (no sort); the definition is a stable sort per row:
+    # the k lowest scores, ties to the lower column, already pruned entries (-inf) first.
+    scores = scores_from(*shape)
+    k = min(k, scores.shape[1])
+    pruned = torch.rand(scores.shape, generator=torch.Generator().manual_seed(k)) < pruned_share
+    masked = scores.masked_fill(pruned, float("-inf"))
+    order = torch.sort(masked, dim=1, stable=True).indices[:, :k]
+    expected = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+    assert torch.equal(lowest_k_per_row(masked, k), expected)
 
 
 @settings(max_examples=40, deadline=None)
