@@ -77,7 +77,27 @@ class TinyLlama(CausalLMModule):
         return DataLoader(data, batch_size=max(1, self.global_batch // world), sampler=sampler)
 
 
-def fit(callback: pl.Callback, args: argparse.Namespace, epochs: int, ckpt_in: str | None = None, llama: bool = False) -> pl.Trainer:
+class PrunedGradientProbe(pl.Callback):
+    """The largest |gradient| of a pruned weight the optimizer was handed (after DDP's all-reduce)."""
+
+    def __init__(self) -> None:
+        self.largest = 0.0
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        for name, mask in get_masks(pl_module).items():
+            grad = pl_module.get_parameter(name).grad
+            if grad is not None and (~mask).any():
+                self.largest = max(self.largest, float(grad[~mask].abs().max()))
+
+
+def fit(
+    callback: pl.Callback,
+    args: argparse.Namespace,
+    epochs: int,
+    ckpt_in: str | None = None,
+    llama: bool = False,
+    probe: pl.Callback | None = None,
+) -> pl.Trainer:
     """Fit a freshly seeded model (digits MLP, or the tiny Llama) with `callback`; returns the trainer."""
     pl.seed_everything(0, verbose=False)
     model = TinyLlama(4) if llama else DigitsMLP(args.global_batch)
@@ -86,7 +106,7 @@ def fit(callback: pl.Callback, args: argparse.Namespace, epochs: int, ckpt_in: s
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
         max_epochs=epochs,
-        callbacks=[callback],
+        callbacks=[callback] if probe is None else [callback, probe],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -97,12 +117,13 @@ def fit(callback: pl.Callback, args: argparse.Namespace, epochs: int, ckpt_in: s
     return trainer
 
 
-def dump(trainer: pl.Trainer, phase: str, out: Path) -> None:
-    """Save this rank's masks and weights for the test to compare."""
+def dump(trainer: pl.Trainer, phase: str, out: Path, probe: PrunedGradientProbe | None = None) -> None:
+    """Save this rank's masks and weights (and the probe's largest pruned gradient) for the test."""
     module = trainer.lightning_module
     state = {
         "masks": {k: v.cpu().clone() for k, v in get_masks(module).items()},
         "weights": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+        "pruned_grad_max": None if probe is None else probe.largest,
     }
     torch.save(state, out / f"{phase}-rank{trainer.global_rank}.pt")
 
@@ -122,7 +143,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    dump(fit(gradual(), args, epochs=3), "gradual", args.out)
+    probe = PrunedGradientProbe()
+    dump(fit(gradual(), args, epochs=3, probe=probe), "gradual", args.out, probe)
 
     trainer = fit(gradual(), args, epochs=2)
     trainer.save_checkpoint(str(args.out / f"half-{args.devices}.ckpt"))

@@ -57,6 +57,14 @@ def test_ranks_hold_identical_masks_and_weights(runs: dict[str, Path], phase: st
         assert torch.equal(value, rank1["weights"][name]), name
 
 
+@pytest.mark.parametrize("run", ["ddp", "single"])
+def test_pruned_weights_get_zero_gradient_after_the_all_reduce(runs: dict[str, Path], run: str) -> None:
+    # Gradients are masked inside gradient accumulation, before DDP's reducer reads them: the
+    # optimizer never sees a non-zero gradient of a pruned weight, on any rank.
+    for rank in (0, 1) if run == "ddp" else (0,):
+        assert load(runs[run], "gradual", rank)["pruned_grad_max"] == 0.0
+
+
 @pytest.mark.parametrize("phase", ["gradual", "iterative"])
 def test_two_ranks_equal_one_process_with_the_same_global_batch(runs: dict[str, Path], phase: str) -> None:
     ddp, single = load(runs["ddp"], phase), load(runs["single"], phase)

@@ -80,6 +80,22 @@ def test_pruned_weights_get_zero_grad_and_stay_positive_zero_under_adamw() -> No
         assert (target.weight[~pruned] != 0).all()
 
 
+def test_gradients_are_masked_in_place_through_accumulation_and_set_to_none() -> None:
+    model = mlp()
+    targets = half_pruned(model)
+    weights = [t.weight for t in targets]
+    inputs = [torch.randn(4, 8), torch.randn(4, 8)]
+    # torch.autograd.grad does not accumulate, so it returns the unmasked gradients to compare with.
+    unmasked = [sum(pair) for pair in zip(*(torch.autograd.grad(model(x).square().sum(), weights) for x in inputs))]
+    for zero_to_none in (True, False):
+        model.zero_grad(set_to_none=zero_to_none)
+        for x in inputs:  # gradient accumulation: the second backward adds into the same .grad
+            model(x).square().sum().backward()
+        for target, expected in zip(targets, unmasked):
+            keep = get_mask(target.module)
+            assert torch.equal(target.weight.grad, expected * keep)
+
+
 def test_finalize_leaves_dense_keys_that_load_strict() -> None:
     model = tiny_llama()
     dense_keys = list(model.state_dict())
@@ -166,3 +182,17 @@ def test_re_zeroing_after_the_step_writes_positive_zeros_where_momentum_moves_we
     for target in targets:
         pruned = target.weight[~get_mask(target.module)]
         assert pruned.eq(0).all() and not torch.signbit(pruned).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_re_zeroing_writes_positive_zeros_over_negatives_nan_and_inf_in_every_dtype(dtype: torch.dtype) -> None:
+    layer = nn.Linear(4, 2).to(dtype)
+    keep = torch.tensor([[True, False, True, False], [False, True, False, True]])
+    set_mask(layer, keep)
+    kept = layer.weight[keep].clone()
+    with torch.no_grad():  # what a diverging optimizer could leave in pruned entries
+        layer.weight[~keep] = torch.tensor([-1.5, float("nan"), float("-inf"), -0.0], dtype=dtype)
+    apply_masks_(layer)
+    pruned = layer.weight[~keep]
+    assert pruned.eq(0).all() and not torch.signbit(pruned).any()
+    assert torch.equal(layer.weight[keep], kept)  # kept values bit for bit
