@@ -125,6 +125,16 @@ def _ensure_masks(model: nn.Module, names: Sequence[str]) -> None:
         object.__setattr__(module, _DERIVED, True)
 
 
+def check_lora_arguments(r: int, alpha: float, dropout: float) -> None:
+    """Validate LoRA's rank, scaling numerator and dropout; the error names the argument and value."""
+    if not isinstance(r, int) or r < 1:
+        raise ValueError(f"`r` must be an integer >= 1, got {r!r}")
+    if alpha <= 0:
+        raise ValueError(f"`alpha` must be > 0, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}")
+
+
 def attach_lora(
     model: nn.Module,
     r: int = 8,
@@ -146,12 +156,7 @@ def attach_lora(
 
     Returns the `PeftModel`; `model` itself now holds the LoRA layers (peft injects in place).
     """
-    if not isinstance(r, int) or r < 1:
-        raise ValueError(f"`r` must be an integer >= 1, got {r!r}")
-    if alpha <= 0:
-        raise ValueError(f"`alpha` must be > 0, got {alpha!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}")
+    check_lora_arguments(r, alpha, dropout)
     if target_modules is None:
         names = pruned_module_names(model)
         if not names:

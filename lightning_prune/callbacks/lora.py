@@ -13,7 +13,7 @@ from peft import PeftModel
 from torch import nn
 
 from lightning_prune.callbacks.base import refuse_sharded_strategy
-from lightning_prune.lora import adapter_parameters, attach_lora, merge_lora, unwrapped_state_dict
+from lightning_prune.lora import adapter_parameters, attach_lora, check_lora_arguments, merge_lora, unwrapped_state_dict
 
 
 def wrapped_network(pl_module: pl.LightningModule) -> nn.Module:
@@ -65,12 +65,7 @@ class LoRARecovery(Callback):
         lr: float | None = None,
         masked_delta: bool = True,
     ) -> None:
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"`r` must be an integer >= 1, got {r!r}")
-        if alpha <= 0:
-            raise ValueError(f"`alpha` must be > 0, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}")
+        check_lora_arguments(r, alpha, dropout)
         if lr is not None and lr <= 0:
             raise ValueError(f"`lr` must be > 0 or None, got {lr!r}")
         self.r, self.alpha, self.dropout = r, alpha, dropout
