@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_prune.selection import n_m_candidates, parse_pattern, select_layer_wise
+from lightning_prune.selection import parse_pattern, select_layer_wise
 
 MAX_DAMPING_ATTEMPTS = 6  # percdamp × 10^k for k < 6, then raise
 
@@ -73,17 +73,18 @@ def sparsegpt_prune(
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        diag1 = torch.diag(Hinv1)
+        diag1_sq = torch.diag(Hinv1).square().unsqueeze(0)
         if pattern is None:
-            mask1 = ~select_layer_wise(W1.square() / diag1.square().unsqueeze(0), sparsity)
+            mask1 = ~select_layer_wise(W1.square() / diag1_sq, sparsity)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             w = W1[:, i]
             d = Hinv1[i, i]
             if m and i % m == 0:
-                group = W1[:, i : i + m].square() / diag1[i : i + m].square().unsqueeze(0)
-                mask1[:, i : i + m] = n_m_candidates(group, n, m)
+                # The M−N lowest of the group, ties to the lower column (as `n_m_candidates`), written in place.
+                group = W1[:, i : i + m].square() / diag1_sq[:, i : i + m]
+                mask1[:, i : i + m].scatter_(1, torch.sort(group, dim=1, stable=True).indices[:, : m - n], True)
             q = w.masked_fill(mask1[:, i], 0.0)
             err1 = (w - q) / d
             # OBS update (paper, equation 3): spread the error over the block's later columns.
