@@ -52,10 +52,20 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=scores.device)
     threshold = torch.kthvalue(scores.float().cpu() if scores.is_cuda else scores, k).values.to(scores.device)
+    return _at_or_below(scores, threshold, k, dim=0)
+
+
+def _at_or_below(scores: torch.Tensor, threshold: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Given the k-th lowest value along `dim`: the entries below it, plus the first tied ones up to k."""
     below = scores < threshold
     tied = scores == threshold
-    need = k - int(below.sum())
-    return below | (tied & (tied.cumsum(0) <= need))
+    need = k - below.sum(dim=dim, keepdim=True)
+    return below | (tied & (tied.cumsum(dim=dim) <= need))
+
+
+def lowest_in_groups(groups: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` lowest entries along the last dimension, ties to the lower index."""
+    return torch.sort(groups, dim=-1, stable=True).indices[..., :count]
 
 
 def _with_pruned(scores: torch.Tensor, pruned: torch.Tensor | None) -> torch.Tensor:
@@ -87,10 +97,7 @@ def lowest_k_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0 or k >= cols:
         return torch.full_like(scores, k > 0, dtype=torch.bool)
     threshold = torch.kthvalue(scores, k, dim=1, keepdim=True).values
-    below = scores < threshold
-    tied = scores == threshold
-    need = k - below.sum(dim=1, keepdim=True)
-    return below | (tied & (tied.cumsum(dim=1) <= need))
+    return _at_or_below(scores, threshold, k, dim=1)
 
 
 def n_m_candidates(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -99,8 +106,7 @@ def n_m_candidates(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if cols % m:
         raise ValueError(f"`pattern` {n}:{m} needs the input dimension to divide by {m}, got {cols} columns")
     groups = scores.reshape(rows, cols // m, m)
-    order = torch.sort(groups, dim=-1, stable=True).indices[..., : m - n]
-    candidates = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
+    candidates = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, lowest_in_groups(groups, m - n), True)
     return candidates.reshape(rows, cols)
 
 

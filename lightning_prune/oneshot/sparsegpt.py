@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_prune.selection import parse_pattern, select_layer_wise
+from lightning_prune.selection import lowest_in_groups, parse_pattern, select_layer_wise
 
 MAX_DAMPING_ATTEMPTS = 6  # percdamp × 10^k for k < 6, then raise
 
@@ -82,9 +82,8 @@ def sparsegpt_prune(
             w = W1[:, i]
             d = Hinv1[i, i]
             if m and i % m == 0:
-                # The M−N lowest of the group, ties to the lower column (as `n_m_candidates`), written in place.
                 group = W1[:, i : i + m].square() / diag1_sq[:, i : i + m]
-                mask1[:, i : i + m].scatter_(1, torch.sort(group, dim=1, stable=True).indices[:, : m - n], True)
+                mask1[:, i : i + m].scatter_(1, lowest_in_groups(group, m - n), True)  # in place in the block mask
             q = w.masked_fill(mask1[:, i], 0.0)
             err1 = (w - q) / d
             # OBS update (paper, equation 3): spread the error over the block's later columns.
