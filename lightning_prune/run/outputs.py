@@ -64,7 +64,7 @@ class History(Callback):
             self.start_metrics[self.phase] = {name: float(value) for name, value in epoch_metrics.items()}
             return
         value = trainer.callback_metrics.get(self.metric)
-        if trainer.state.fn == "fit" and not trainer.sanity_checking and value is not None:
+        if trainer.state.fn == "fit" and value is not None:
             self.validation.append((self.phase, self.step_offset + trainer.global_step, float(value)))
 
     def metrics_at_start(self, phase: str) -> dict[str, float]:
