@@ -16,12 +16,27 @@ from lightning_prune.masking import (
     update_masks,
 )
 from lightning_prune.oneshot import (
+    FeatureNormStats,
+    HessianStats,
+    MaskRefiner,
+    OneShotMethod,
     calibrate_sequentially,
     find_blocks,
     magnitude_mask,
     prune_oneshot,
     sparsegpt_prune,
     wanda_mask,
+)
+from lightning_prune.registry import (
+    CRITERIA,
+    MASK_REFINERS,
+    ONESHOT_METHODS,
+    STRUCTURED_SCORES,
+    Registry,
+    register_criterion,
+    register_method,
+    register_refiner,
+    register_structured_score,
 )
 from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.schedules import make_schedule
@@ -31,6 +46,19 @@ from lightning_prune.targets import PruneTarget, find_targets
 __version__ = "0.1.0"
 
 __all__ = [
+    "CRITERIA",
+    "MASK_REFINERS",
+    "ONESHOT_METHODS",
+    "STRUCTURED_SCORES",
+    "FeatureNormStats",
+    "HessianStats",
+    "MaskRefiner",
+    "OneShotMethod",
+    "Registry",
+    "register_criterion",
+    "register_method",
+    "register_refiner",
+    "register_structured_score",
     "GradualPruning",
     "IterativePruning",
     "LoRARecovery",

@@ -12,13 +12,21 @@ from typing import Any
 
 import torch
 
-CRITERIA = ("magnitude", "random", "taylor", "fisher")
+from lightning_prune.registry import CRITERIA, register_criterion
 
 
 class Criterion:
-    """Base class: stateless magnitude-style criteria override `score` only."""
+    """Base class: stateless magnitude-style criteria override `score` only.
 
+    Subclasses registered with `register_criterion(name)` are found by name by the callbacks
+    (`criterion="name"`); `seed` is given to every criterion (random ones use it).
+    """
+
+    name: str = ""
     needs_gradients = False
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
 
     def accumulate(self, name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
         """Add one step's gradient of weight `name` to the statistics (no-op by default)."""
@@ -38,10 +46,12 @@ class Criterion:
         """Restore what `state_dict` returned."""
 
 
+@register_criterion("magnitude")
 class Magnitude(Criterion):
     """|w| (Han et al., 2015; Zhu & Gupta, 2017)."""
 
 
+@register_criterion("random")
 class RandomScore(Criterion):
     """Uniform random scores, the baseline every criterion must beat; seeded and reproducible.
 
@@ -50,7 +60,7 @@ class RandomScore(Criterion):
     """
 
     def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
+        super().__init__(seed)
         self.calls = 0
 
     def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -72,7 +82,8 @@ class _GradientCriterion(Criterion):
 
     needs_gradients = True
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
 
@@ -109,6 +120,7 @@ class _GradientCriterion(Criterion):
         self.counts = dict(state.get("counts", {}))
 
 
+@register_criterion("taylor")
 class Taylor(_GradientCriterion):
     """First-order Taylor saliency |w·g|, summed over steps (Molchanov et al., 2016)."""
 
@@ -119,6 +131,7 @@ class Taylor(_GradientCriterion):
         return self.accumulated(name).to(weight.device)
 
 
+@register_criterion("fisher")
 class Fisher(_GradientCriterion):
     """OBD saliency ½·w²·H_ii with the empirical Fisher H_ii ≈ mean g² (LeCun et al., 1989)."""
 
@@ -131,12 +144,8 @@ class Fisher(_GradientCriterion):
 
 
 def make_criterion(name: str | Criterion, seed: int = 0) -> Criterion:
-    """A criterion by name (one of `CRITERIA`), or the given instance unchanged."""
+    """A registered criterion by name (see `CRITERIA`), or the given instance unchanged."""
     if isinstance(name, Criterion):
         return name
-    factories = {"magnitude": Magnitude, "taylor": Taylor, "fisher": Fisher}
-    if name == "random":
-        return RandomScore(seed)
-    if name not in factories:
-        raise ValueError(f"`criterion` must be one of {CRITERIA}, got {name!r}")
-    return factories[name]()
+    criterion: Criterion = CRITERIA.create(name, seed=seed)
+    return criterion

@@ -11,7 +11,8 @@ from torch.utils.data import DistributedSampler
 
 from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.distributed import all_reduce_sum_, is_distributed
-from lightning_prune.oneshot.api import check_oneshot_arguments, prune_oneshot, take_samples
+from lightning_prune.oneshot.api import check_oneshot_arguments, needs_calibration, prune_oneshot, resolve_method, resolve_refiner, take_samples
+from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
 from lightning_prune.report import SparsityReport
 
 
@@ -30,7 +31,7 @@ class OneShotPruning(MaskingCallback):
     Example YAML (`conf/pruning/wanda.yaml`, with a 2:4 pattern)::
 
         _target_: lightning_prune.OneShotPruning
-        method: wanda       # wanda | sparsegpt | magnitude
+        method: wanda       # any registered method: wanda | sparsegpt | ria | magnitude | yours
         sparsity: 0.5       # fraction of zeros per layer ((M-N)/M with a pattern)
         pattern: "2:4"      # N:M, or null for unstructured
         num_samples: 128    # calibration sequences
@@ -38,9 +39,12 @@ class OneShotPruning(MaskingCallback):
 
     def __init__(
         self,
-        method: str = "wanda",
+        method: str | OneShotMethod = "wanda",
         sparsity: float = 0.5,
         pattern: str | None = None,
+        method_options: dict[str, Any] | None = None,
+        refine: str | MaskRefiner | None = None,
+        refine_options: dict[str, Any] | None = None,
         calibration: Iterable[Any] | None = None,
         num_samples: int | None = 128,
         targets: str | Sequence[str] | None = None,
@@ -48,12 +52,13 @@ class OneShotPruning(MaskingCallback):
         blocks: str | None = None,
         offload: bool = False,
         sparsity_profile: str = "uniform",
-        blocksize: int = 128,
-        percdamp: float = 0.01,
         finalize_on_end: bool = False,
         progress: bool = True,
     ) -> None:
-        check_oneshot_arguments(method, sparsity, pattern, sparsity_profile, blocksize, percdamp)
+        check_oneshot_arguments(sparsity, pattern, sparsity_profile)
+        # Built here so that a bad name or option fails when the callback is made, before any fit.
+        self.solver = resolve_method(method, method_options)
+        self.refiner = resolve_refiner(refine, refine_options)
         if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
             raise ValueError(f"`num_samples` must be None or an integer >= 1, got {num_samples!r}")
         super().__init__(sparsity, "magnitude", "layer", pattern, targets, ignore, finalize_on_end)
@@ -63,8 +68,6 @@ class OneShotPruning(MaskingCallback):
         self.blocks = blocks
         self.offload = offload
         self.sparsity_profile = sparsity_profile
-        self.blocksize = blocksize
-        self.percdamp = percdamp
         self.progress = progress
         self.pruned = False
         self.report: SparsityReport | None = None
@@ -110,24 +113,23 @@ class OneShotPruning(MaskingCallback):
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SparsityReport:
         """Run `prune_oneshot` on the module and record the resulting sparsities."""
-        needs_data = self.method != "magnitude" or self.sparsity_profile == "owl"
+        needs_data = needs_calibration(self.solver, self.refiner, self.sparsity_profile)
         batches = self.calibration_batches(trainer) if needs_data else None
         if needs_data and is_distributed():
             self._check_every_rank_has_batches(trainer, batches)
         self.report = prune_oneshot(
             pl_module,
             batches,
-            method=self.method,
+            method=self.solver,
             sparsity=self.sparsity,
             pattern=self.pattern,
+            refine=self.refiner,
             targets=self.target_patterns,
             ignore=self.ignore,
             offload=self.offload,
             device=pl_module.device,
             blocks=self.blocks,
             sparsity_profile=self.sparsity_profile,
-            blocksize=self.blocksize,
-            percdamp=self.percdamp,
             # Summed statistics over all ranks: the masks of one process that saw every batch.
             reduce_stats=lambda stats: all_reduce_sum_([t for stat in stats for t in stat.tensors()]),
             progress=self.progress,

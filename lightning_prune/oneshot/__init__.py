@@ -1,24 +1,43 @@
-"""One-shot pruning on calibration data: sequential driver, Wanda, SparseGPT, magnitude, OWL."""
+"""One-shot pruning on calibration data: sequential driver, registered methods, OWL.
 
-from lightning_prune.oneshot.api import METHODS, prune_oneshot
+Importing this package registers the built-in methods (one file each): magnitude, wanda, sparsegpt.
+"""
+
+from lightning_prune.oneshot.api import needs_calibration, prune_oneshot, resolve_method, resolve_refiner
 from lightning_prune.oneshot.driver import calibrate_sequentially, find_blocks
-from lightning_prune.oneshot.magnitude import magnitude_mask
+from lightning_prune.oneshot.magnitude import MagnitudeMethod, magnitude_mask
+from lightning_prune.oneshot.method import LayerStats, MaskRefiner, OneShotMethod
 from lightning_prune.oneshot.owl import outlier_ratio, owl_sparsities
-from lightning_prune.oneshot.sparsegpt import inverse_hessian_factor, sparsegpt_prune
-from lightning_prune.oneshot.stats import FeatureNormStats, HessianStats
-from lightning_prune.oneshot.wanda import wanda_mask, wanda_scores
+from lightning_prune.oneshot.sparsegpt import SparseGPT, inverse_hessian_factor, sparsegpt_prune
+from lightning_prune.oneshot.stats import FeatureNormStats, HessianStats, TokenStatistic
+from lightning_prune.oneshot.wanda import Wanda, wanda_mask, wanda_scores
+from lightning_prune.registry import MASK_REFINERS, ONESHOT_METHODS
+
+METHODS = ONESHOT_METHODS  # the registry of one-shot methods (names: `METHODS.names()`)
 
 __all__ = [
+    "MASK_REFINERS",
     "METHODS",
+    "ONESHOT_METHODS",
     "FeatureNormStats",
     "HessianStats",
+    "LayerStats",
+    "MagnitudeMethod",
+    "MaskRefiner",
+    "OneShotMethod",
+    "SparseGPT",
+    "TokenStatistic",
+    "Wanda",
     "calibrate_sequentially",
     "find_blocks",
     "inverse_hessian_factor",
     "magnitude_mask",
+    "needs_calibration",
     "outlier_ratio",
     "owl_sparsities",
     "prune_oneshot",
+    "resolve_method",
+    "resolve_refiner",
     "sparsegpt_prune",
     "wanda_mask",
     "wanda_scores",

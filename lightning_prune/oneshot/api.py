@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,19 +11,18 @@ from torch import nn
 
 from lightning_prune.masking import set_mask
 from lightning_prune.oneshot.driver import Batch, calibrate_sequentially, call_model, find_blocks
-from lightning_prune.oneshot.magnitude import magnitude_mask
+from lightning_prune.oneshot.method import LayerStats, MaskRefiner, OneShotMethod
 from lightning_prune.oneshot.owl import outlier_ratio, owl_sparsities
-from lightning_prune.oneshot.sparsegpt import sparsegpt_prune
-from lightning_prune.oneshot.stats import FeatureNormStats, HessianStats
-from lightning_prune.oneshot.wanda import wanda_mask, wanda_scores
+from lightning_prune.oneshot.stats import FeatureNormStats, TokenStatistic
+from lightning_prune.oneshot.wanda import wanda_scores
+from lightning_prune.registry import MASK_REFINERS, ONESHOT_METHODS
 from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.selection import check_sparsity, parse_pattern
 from lightning_prune.targets import HFConv1D, PruneTarget, find_targets
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
 PROFILES = ("uniform", "owl")
 ONESHOT_TYPES = tuple(t for t in (nn.Linear, HFConv1D) if t is not None)
-Statistic = FeatureNormStats | HessianStats
+Statistic = TokenStatistic
 
 
 def take_samples(batches: Iterable[Batch], num_samples: int | None) -> list[Batch]:
@@ -56,10 +55,33 @@ def _slice(batch: Batch, size: int) -> Batch:
     return batch[:size] if isinstance(batch, torch.Tensor) else batch
 
 
-def check_oneshot_arguments(method: str, sparsity: float, pattern: str | None, sparsity_profile: str, blocksize: int, percdamp: float) -> float:
+def resolve_method(method: str | OneShotMethod, options: Mapping[str, Any] | None = None) -> OneShotMethod:
+    """A registered one-shot method by name with its `options`, or the given instance."""
+    resolved: OneShotMethod = ONESHOT_METHODS.create(method, **dict(options or {}))
+    if not isinstance(resolved, OneShotMethod):
+        raise ValueError(f"`method` must be a registered name {ONESHOT_METHODS} or a OneShotMethod, got {method!r}")
+    return resolved
+
+
+def resolve_refiner(refine: str | MaskRefiner | None, options: Mapping[str, Any] | None = None) -> MaskRefiner | None:
+    """A registered mask refinement by name with its `options`, the given instance, or None."""
+    if refine is None:
+        if options:
+            raise ValueError(f"`refine_options`={dict(options)!r} given without `refine`")
+        return None
+    resolved: MaskRefiner = MASK_REFINERS.create(refine, **dict(options or {}))
+    if not isinstance(resolved, MaskRefiner):
+        raise ValueError(f"`refine` must be None, a registered name {MASK_REFINERS} or a MaskRefiner, got {refine!r}")
+    return resolved
+
+
+def needs_calibration(method: OneShotMethod, refiner: MaskRefiner | None, sparsity_profile: str) -> bool:
+    """Whether the call needs calibration batches (statistics to collect, or OWL's dense pass)."""
+    return bool(method.statistics) or bool(refiner and refiner.statistics) or sparsity_profile == "owl"
+
+
+def check_oneshot_arguments(sparsity: float, pattern: str | None, sparsity_profile: str) -> float:
     """Validate the arguments shared by `prune_oneshot` and `OneShotPruning`; returns the sparsity."""
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
     sparsity = check_sparsity(sparsity)
     if pattern is not None:
         n, m = parse_pattern(pattern)
@@ -69,10 +91,6 @@ def check_oneshot_arguments(method: str, sparsity: float, pattern: str | None, s
         raise ValueError(f"`sparsity_profile` must be one of {PROFILES}, got {sparsity_profile!r}")
     if sparsity_profile == "owl" and pattern is not None:
         raise ValueError(f"`sparsity_profile`='owl' sets per-layer sparsities, which an N:M `pattern` fixes; got pattern={pattern!r}")
-    if not isinstance(blocksize, int) or blocksize < 1:
-        raise ValueError(f"`blocksize` must be an integer >= 1, got {blocksize!r}")
-    if not percdamp > 0:
-        raise ValueError(f"`percdamp` must be > 0, got {percdamp!r}")
     return sparsity
 
 
@@ -95,14 +113,19 @@ def block_targets(model: nn.Module, blocks_name: str, n_blocks: int, targets: An
     return per_block
 
 
-def collect_statistics(targets: Sequence[PruneTarget], kind: type[Statistic], run_block: Callable[[], None]) -> dict[str, Statistic]:
+def collect_statistics(targets: Sequence[PruneTarget], kinds: Sequence[type[Statistic]], run_block: Callable[[], None]) -> dict[str, dict[type[Statistic], Statistic]]:
     """Run the block once with forward hooks that add each target's fp32 input statistics."""
-    stats: dict[str, Statistic] = {}
+    stats: dict[str, dict[type[Statistic], Statistic]] = {}
     handles = []
     for target in targets:
-        matrix = target.as_matrix(target.weight)
-        stat = stats[target.name] = kind(target.name, matrix.shape[1], matrix.device)
-        handles.append(target.module.register_forward_hook(lambda module, args, output, stat=stat: stat.add(args[0])))
+        columns = target.as_matrix(target.weight).shape[1]
+        per_kind = stats[target.name] = {kind: kind(target.name, columns, target.weight.device) for kind in kinds}
+
+        def add(module: nn.Module, args: tuple[Any, ...], output: Any, per_kind: dict[type[Statistic], Statistic] = per_kind) -> None:
+            for stat in per_kind.values():
+                stat.add(args[0])
+
+        handles.append(target.module.register_forward_hook(add))
     try:
         run_block()
     finally:
@@ -112,16 +135,15 @@ def collect_statistics(targets: Sequence[PruneTarget], kind: type[Statistic], ru
 
 
 @torch.no_grad()
-def prune_target(target: PruneTarget, method: str, stat: Statistic | None, sparsity: float, pattern: str | None, blocksize: int, percdamp: float) -> None:
-    """Prune one weight in place with `method` and attach its keep-mask."""
+def prune_target(target: PruneTarget, method: OneShotMethod, refiner: MaskRefiner | None, stats: LayerStats, sparsity: float, pattern: str | None) -> None:
+    """Prune one weight in place with `method` (then `refiner`) and attach its keep-mask."""
     matrix = target.as_matrix(target.weight.data)
-    if method == "sparsegpt":
-        new_weight, keep = sparsegpt_prune(matrix, stat.hessian(), sparsity, pattern, blocksize, percdamp)
+    dense = matrix.clone() if refiner is not None else matrix
+    new_weight, keep = method.prune(matrix, stats, sparsity, pattern)
+    if refiner is not None:
+        new_weight, keep = refiner.refine(dense, new_weight, keep, stats, pattern)
+    if new_weight is not matrix:
         matrix.copy_(new_weight.to(matrix.dtype))
-    elif method == "wanda":
-        keep = wanda_mask(matrix, stat.feature_norms(), sparsity, pattern)
-    else:
-        keep = magnitude_mask(matrix, sparsity, pattern)
     set_mask(target.module, target.from_matrix(keep), target.param_name)
 
 
@@ -146,9 +168,9 @@ def owl_block_sparsities(model: nn.Module, batches: list[Batch], per_block: Sequ
     def measure(index: int, name: str, block: nn.Module, run_block: Callable[[], None]) -> None:
         if not per_block[index]:
             return
-        stats = collect_statistics(per_block[index], FeatureNormStats, run_block)
-        reduce_stats(list(stats.values()))
-        scores = [wanda_scores(t.as_matrix(t.weight), stats[t.name].feature_norms()) for t in per_block[index]]
+        stats = collect_statistics(per_block[index], (FeatureNormStats,), run_block)
+        reduce_stats([stat for per_kind in stats.values() for stat in per_kind.values()])
+        scores = [wanda_scores(t.as_matrix(t.weight), stats[t.name][FeatureNormStats].feature_norms()) for t in per_block[index]]
         ratios[index] = outlier_ratio(scores, threshold)
 
     calibrate_sequentially(model, batches, measure, **driver)
@@ -163,9 +185,13 @@ def owl_block_sparsities(model: nn.Module, batches: list[Batch], per_block: Sequ
 def prune_oneshot(
     model: nn.Module,
     calibration: Iterable[Batch] | None,
-    method: str = "wanda",
+    method: str | OneShotMethod = "wanda",
     sparsity: float = 0.5,
     pattern: str | None = None,
+    *,
+    method_options: Mapping[str, Any] | None = None,
+    refine: str | MaskRefiner | None = None,
+    refine_options: Mapping[str, Any] | None = None,
     targets: str | Sequence[str] | None = None,
     ignore: str | Sequence[str] | None = None,
     offload: bool = False,
@@ -173,8 +199,6 @@ def prune_oneshot(
     blocks: str | nn.ModuleList | None = None,
     num_samples: int | None = None,
     sparsity_profile: str = "uniform",
-    blocksize: int = 128,
-    percdamp: float = 0.01,
     owl_threshold: float = 5.0,
     owl_lambda: float = 0.08,
     reduce_stats: Callable[[list[Statistic]], None] | None = None,
@@ -187,38 +211,42 @@ def prune_oneshot(
         model: any model with an nn.ModuleList of blocks (`blocks` names it if not found).
         calibration: batches (dicts of tensors, tensors, or (inputs, targets) tuples) that
             `forward(model, batch)` runs; magnitude needs none unless `sparsity_profile="owl"`.
-        method: "wanda" (Sun et al., 2023), "sparsegpt" (Frantar & Alistarh, 2023) or "magnitude".
+        method: a registered method name (`ONESHOT_METHODS`: "wanda" (Sun et al., 2023),
+            "sparsegpt" (Frantar & Alistarh, 2023), "ria", "magnitude", or your own) or an instance.
         sparsity / pattern: fraction of zeros per layer, or N:M such as "2:4" (sparsity (M−N)/M).
+        method_options: the method's own options, e.g. {"blocksize": 128, "percdamp": 0.01} for SparseGPT.
+        refine / refine_options: a registered mask refinement run after the method (e.g. "dsnot").
         targets / ignore: regexes of module names (see `find_targets`); the output head stays dense.
         offload: keep the blocks where they are and bring one at a time to `device`.
         num_samples: use only the first `num_samples` sequences of `calibration`.
         sparsity_profile: "uniform", or "owl" (Yin et al., 2023) per-block sparsities with mean `sparsity`.
-        blocksize / percdamp: SparseGPT's column block size and relative damping.
         reduce_stats: called with each block's statistics (`.sum`, `.count`, `.tensors()`) before
             pruning, e.g. to all-reduce them across ranks; default: nothing.
     Returns:
         the per-layer sparsity report of the pruned layers.
     """
-    sparsity = check_oneshot_arguments(method, sparsity, pattern, sparsity_profile, blocksize, percdamp)
+    sparsity = check_oneshot_arguments(sparsity, pattern, sparsity_profile)
+    solver = resolve_method(method, method_options)
+    refiner = resolve_refiner(refine, refine_options)
     blocks_name, block_list = find_blocks(model, blocks)
     per_block = block_targets(model, blocks_name, len(block_list), targets, ignore)
     _check_pattern_fits(per_block, pattern)
     reduce_stats = reduce_stats or _identity
     driver = dict(blocks=block_list, device=device, offload=offload, forward=forward, progress=progress)
-    needs_data = method != "magnitude" or sparsity_profile == "owl"
+    needs_data = needs_calibration(solver, refiner, sparsity_profile)
     batches = take_samples(calibration, num_samples) if calibration is not None else []
     if needs_data and not batches:
-        raise ValueError(f"`calibration` has no batches; method {method!r} needs calibration data")
+        raise ValueError(f"`calibration` has no batches; method {solver.name!r} needs calibration data")
     block_sparsity = [sparsity] * len(block_list)
     if sparsity_profile == "owl":
         block_sparsity = owl_block_sparsities(model, batches, per_block, sparsity, reduce_stats, owl_threshold, owl_lambda, **driver)
-    kind = {"wanda": FeatureNormStats, "sparsegpt": HessianStats}.get(method)
+    kinds = tuple(dict.fromkeys(solver.statistics + (refiner.statistics if refiner else ())))
 
     def prune_block(index: int, name: str, block: nn.Module, run_block: Callable[[], None]) -> None:
-        stats = collect_statistics(per_block[index], kind, run_block) if kind and per_block[index] else {}
-        reduce_stats(list(stats.values()))
+        stats = collect_statistics(per_block[index], kinds, run_block) if kinds and per_block[index] else {}
+        reduce_stats([stat for per_kind in stats.values() for stat in per_kind.values()])
         for target in per_block[index]:
-            prune_target(target, method, stats.get(target.name), block_sparsity[index], pattern, blocksize, percdamp)
+            prune_target(target, solver, refiner, stats.get(target.name, {}), block_sparsity[index], pattern)
 
     if needs_data:
         calibrate_sequentially(model, batches, prune_block, **driver)

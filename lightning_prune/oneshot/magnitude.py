@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from lightning_prune.criteria import Magnitude
+from lightning_prune.oneshot.method import LayerStats, OneShotMethod
+from lightning_prune.registry import register_method
 from lightning_prune.selection import parse_pattern, select_layer_wise, select_n_m
 
 
@@ -15,3 +17,11 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, pattern: str | None = 
         n, m = parse_pattern(pattern)
         return select_n_m(scores, n, m)
     return select_layer_wise(scores, sparsity)
+
+
+@register_method("magnitude")
+class MagnitudeMethod(OneShotMethod):
+    """Layer-wise magnitude (or N:M per row by |w|): needs no calibration data."""
+
+    def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return weight, magnitude_mask(weight, sparsity, pattern)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from lightning_prune.oneshot.method import LayerStats, OneShotMethod, statistic
+from lightning_prune.oneshot.stats import HessianStats
+from lightning_prune.registry import register_method
 from lightning_prune.selection import lowest_in_groups, parse_pattern, select_layer_wise
 
 MAX_DAMPING_ATTEMPTS = 6  # percdamp × 10^k for k < 6, then raise
@@ -95,3 +98,30 @@ def sparsegpt_prune(
         # Lazy batch update (section 3.3): the block's accumulated error reaches all later columns.
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
     return W.masked_fill(pruned, 0.0), ~pruned
+
+
+@register_method("sparsegpt")
+class SparseGPT(OneShotMethod):
+    """SparseGPT: OBS error feedback from each layer's Hessian; updates the surviving weights.
+
+    Example YAML (`conf/pruning/sparsegpt.yaml`)::
+
+        _target_: lightning_prune.OneShotPruning
+        method: sparsegpt
+        method_options: {blocksize: 128, percdamp: 0.01}
+    """
+
+    statistics = (HessianStats,)
+    updates_weights = True
+
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01) -> None:
+        if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
+            raise ValueError(f"`blocksize` must be an integer >= 1, got {blocksize!r}")
+        if not isinstance(percdamp, (int, float)) or isinstance(percdamp, bool) or not 0 < percdamp < float("inf"):
+            raise ValueError(f"`percdamp` must be a finite number > 0, got {percdamp!r}")
+        self.blocksize = blocksize
+        self.percdamp = float(percdamp)
+
+    def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        hessian = statistic(stats, HessianStats).hessian()
+        return sparsegpt_prune(weight, hessian, sparsity, pattern, self.blocksize, self.percdamp)

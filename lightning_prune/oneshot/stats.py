@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 
-class _TokenStatistic:
+class TokenStatistic:
     """Shared bookkeeping: `sum`, `count`, `tensors()` and the NaN/Inf guard."""
 
     def __init__(self, name: str, sum_: torch.Tensor) -> None:
@@ -39,7 +39,7 @@ class _TokenStatistic:
             raise ValueError(f"calibration activations entering {self.name!r} contain NaN or Inf; check the model and the batches")
 
 
-class FeatureNormStats(_TokenStatistic):
+class FeatureNormStats(TokenStatistic):
     """Wanda's statistic: Σ over tokens of x_j² for every input feature j, and the token count."""
 
     def __init__(self, name: str, in_features: int, device: torch.device | str | None = None) -> None:
@@ -55,7 +55,7 @@ class FeatureNormStats(_TokenStatistic):
         return self.sum.sqrt()
 
 
-class HessianStats(_TokenStatistic):
+class HessianStats(TokenStatistic):
     """SparseGPT's statistic: Σ over tokens of x xᵀ (fp32), and the token count."""
 
     def __init__(self, name: str, in_features: int, device: torch.device | str | None = None) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from lightning_prune.oneshot.method import LayerStats, OneShotMethod, statistic
+from lightning_prune.oneshot.stats import FeatureNormStats
+from lightning_prune.registry import register_method
 from lightning_prune.selection import parse_pattern, select_n_m, select_row_wise
 
 
@@ -19,3 +22,19 @@ def wanda_mask(weight: torch.Tensor, feature_norms: torch.Tensor, sparsity: floa
         n, m = parse_pattern(pattern)
         return select_n_m(scores, n, m)
     return select_row_wise(scores, sparsity)
+
+
+@register_method("wanda")
+class Wanda(OneShotMethod):
+    """Wanda: the lowest |W_ij|·‖X_j‖₂ of each row (or N:M per row) pruned; weights not updated.
+
+    Example YAML (`conf/pruning/wanda.yaml`)::
+
+        _target_: lightning_prune.OneShotPruning
+        method: wanda
+    """
+
+    statistics = (FeatureNormStats,)
+
+    def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return weight, wanda_mask(weight, statistic(stats, FeatureNormStats).feature_norms(), sparsity, pattern)
