@@ -39,7 +39,8 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
     return n, m
 
 
-def _check_scores(scores: torch.Tensor) -> None:
+def check_scores(scores: torch.Tensor) -> None:
+    """Raise a ValueError when `scores` hold NaN (one host sync: call it once per layer)."""
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN; check the model's weights and calibration activations")
 
@@ -51,8 +52,24 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.bool, device=scores.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=scores.device)
-    threshold = torch.kthvalue(scores.float().cpu() if scores.is_cuda else scores, k).values.to(scores.device)
-    return _at_or_below(scores, threshold, k, dim=0)
+    return _at_or_below(scores, _kth_lowest(scores, k), k, dim=0)
+
+
+def _kth_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th lowest entry (1 ≤ k ≤ n) of a 1-D tensor, as a 0-d tensor on its device (no sync)."""
+    if scores.device.type == "cpu":
+        return torch.kthvalue(scores, k).values
+    return _kth_lowest_by_topk(scores, k)
+
+
+def _kth_lowest_by_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """`_kth_lowest` off the CPU: CUDA's kthvalue gives a whole slice to one thread block (~20x a
+    sort on one large slice, pytorch#75599) while topk spreads it over many (pytorch#71081).
+    The k-th lowest is the largest of the k lowest, or the smallest of the n−k+1 highest."""
+    n = scores.numel()
+    if 2 * k <= n + 1:
+        return torch.topk(scores, k, largest=False, sorted=False).values.amax()
+    return torch.topk(scores, n - k + 1, largest=True, sorted=False).values.amin()
 
 
 def _at_or_below(scores: torch.Tensor, threshold: torch.Tensor, k: int, dim: int) -> torch.Tensor:
@@ -60,7 +77,8 @@ def _at_or_below(scores: torch.Tensor, threshold: torch.Tensor, k: int, dim: int
     below = scores < threshold
     tied = scores == threshold
     need = k - below.sum(dim=dim, keepdim=True)
-    return below | (tied & (tied.cumsum(dim=dim) <= need))
+    count = torch.int32 if scores.shape[dim] < 2**31 else torch.int64  # half the memory of the default int64
+    return below | (tied & (tied.cumsum(dim=dim, dtype=count) <= need))
 
 
 def lowest_in_groups(groups: torch.Tensor, count: int) -> torch.Tensor:
@@ -69,7 +87,7 @@ def lowest_in_groups(groups: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _with_pruned(scores: torch.Tensor, pruned: torch.Tensor | None) -> torch.Tensor:
-    _check_scores(scores)
+    check_scores(scores)
     return scores if pruned is None else scores.masked_fill(pruned, float("-inf"))
 
 
@@ -133,7 +151,7 @@ def select_n_m(
 
 def select_channels(scores: torch.Tensor, sparsity: float, pruned: torch.Tensor | None = None) -> torch.Tensor:
     """Prune whole output rows (neurons, filters) with the lowest L2 norm of their scores."""
-    _check_scores(scores)
+    check_scores(scores)
     row_scores = scores.float().norm(dim=1)
     if pruned is not None:
         row_scores = row_scores.masked_fill(pruned.all(dim=1), float("-inf"))
@@ -155,13 +173,13 @@ def select_global(
         raise ValueError(
             f"`sparsity`={sparsity} would empty a layer in global scope ({k} of {total} weights over {len(flats)} layers)"
         )
-    protected = []
-    for flat in flats.values():
-        keep_best = torch.zeros_like(flat, dtype=torch.bool)
-        keep_best[torch.argmax(flat)] = True
-        protected.append(keep_best)
-    joined = torch.cat([f.to(next(iter(flats.values())).device) for f in flats.values()])
-    joined = joined.masked_fill(torch.cat([p.to(joined.device) for p in protected]), float("inf"))
+    device = next(iter(flats.values())).device
+    joined = torch.cat([f.to(device) for f in flats.values()])
+    best, offset = [], 0
+    for flat in flats.values():  # by index_fill: indexing with a 0-d tensor would sync with the host
+        best.append(torch.argmax(flat).to(device) + offset)
+        offset += flat.numel()
+    joined = joined.index_fill(0, torch.stack(best), float("inf"))
     dropped = lowest_k(joined, k)
     masks, offset = {}, 0
     for name, flat in flats.items():

@@ -11,7 +11,7 @@ import torch
 from lightning_prune.oneshot.method import LayerStats, OneShotMethod, statistic
 from lightning_prune.oneshot.stats import HessianStats
 from lightning_prune.registry import register_method
-from lightning_prune.selection import lowest_in_groups, parse_pattern, select_layer_wise
+from lightning_prune.selection import check_scores, lowest_in_groups, lowest_k, parse_pattern, prune_count
 
 MAX_DAMPING_ATTEMPTS = 6  # percdamp × 10^k for k < 6, then raise
 
@@ -22,17 +22,14 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01, attemp
     When a factorisation fails, the damping is raised tenfold and the whole computation retried;
     after `attempts` failures a ValueError is raised (never a silent fallback).
     """
-    columns = hessian.shape[0]
-    diagonal = torch.arange(columns, device=hessian.device)
     damp = percdamp
     for _ in range(attempts):
         damped = hessian.clone()
-        damped[diagonal, diagonal] += damp * torch.mean(torch.diag(hessian))
+        damped.diagonal().add_(damp * torch.mean(torch.diag(hessian)))
         lower, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0 and torch.isfinite(upper).all():
+        if int(info) == 0:  # (cholesky_inverse raises on a failed factor instead of retrying)
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if bool((info == 0) & torch.isfinite(upper).all()):  # one host sync for both checks
                 return upper
         damp *= 10.0
     raise ValueError(
@@ -65,9 +62,11 @@ def sparsegpt_prune(
         if columns % m or blocksize % m:
             raise ValueError(f"`pattern` {pattern} needs the input dimension ({columns}) and `blocksize` ({blocksize}) to divide by {m}")
     # Dead inputs (never active in calibration) carry no information: H_jj = 1, zero their weights.
+    # (masked_fill, not boolean indexing, which syncs with the host to count the dead inputs)
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    H.diagonal().masked_fill_(dead, 1.0)
+    W.masked_fill_(dead.unsqueeze(0), 0.0)
+    check_scores(W)  # once per layer, so that the per-block selection below never syncs
     Hinv = inverse_hessian_factor(H, percdamp)
     pruned = torch.zeros_like(W, dtype=torch.bool)
     for i1 in range(0, columns, blocksize):
@@ -78,7 +77,8 @@ def sparsegpt_prune(
         Hinv1 = Hinv[i1:i2, i1:i2]
         diag1_sq = torch.diag(Hinv1).square().unsqueeze(0)
         if pattern is None:
-            mask1 = ~select_layer_wise(W1.square() / diag1_sq, sparsity)
+            scores = (W1.square() / diag1_sq).reshape(-1)
+            mask1 = lowest_k(scores, prune_count(scores.numel(), sparsity)).reshape(W1.shape)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
