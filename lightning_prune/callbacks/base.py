@@ -114,7 +114,7 @@ class MaskingCallback(Callback):
         masks = self.masks()
         broadcast_masks_(masks)  # every rank computed them from the same weights; rank 0's win ties
         apply_masks_(self._pl_module)
-        kept = {name: int(mask.sum()) for name, mask in masks.items()}
+        kept = _kept_counts(masks)
         self.layer_sparsity = {name: 1.0 - kept[name] / masks[name].numel() for name in masks}
         self.current_sparsity = 1.0 - sum(kept.values()) / sum(mask.numel() for mask in masks.values())
         return masks
@@ -172,3 +172,12 @@ def refuse_sharded_strategy(strategy: object) -> None:
             f"`strategy`={name} shards parameters, which lightning_prune's masks do not support; "
             "use strategy='ddp' (masks are identical on every rank), or prune one-shot before wrapping the model"
         )
+
+
+def _kept_counts(masks: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Kept weights per mask, read back in one host sync (not one per layer)."""
+    if not masks:
+        return {}
+    device = next(iter(masks.values())).device
+    counts = torch.stack([mask.sum().to(device) for mask in masks.values()]).tolist()
+    return dict(zip(masks, counts))

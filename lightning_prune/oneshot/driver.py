@@ -94,8 +94,10 @@ def _drop_caches(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_finite(hidden: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(hidden).all():
+def _check_finite(hiddens: list[torch.Tensor], where: str) -> None:
+    """One host sync for all batches (a check per batch would stall the device after each one)."""
+    finite = torch.stack([torch.isfinite(h).all().to(hiddens[0].device) for h in hiddens]).all()
+    if not finite:
         raise ValueError(f"calibration activations {where} contain NaN or Inf; check the model's weights and the batches")
 
 
@@ -118,8 +120,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, calibration: 
         handle.remove()
     if not captured:
         raise ValueError("`calibration` yielded no batches that reached the first block; give at least one calibration batch")
-    for args, kwargs in captured:
-        _check_finite(_hidden(args, kwargs), "entering the first block")
+    _check_finite([_hidden(args, kwargs) for args, kwargs in captured], "entering the first block")
     return captured
 
 
@@ -186,9 +187,8 @@ def calibrate_sequentially(
             process_block(index, f"{blocks_name}.{index}", block, run_block)
             if index + 1 < len(block_list):  # the last block's outputs feed nothing
                 for position, (args, kwargs) in enumerate(inputs):
-                    hidden = _block_output(block(*args, **kwargs))
-                    _check_finite(hidden, f"leaving block {blocks_name}.{index}")
-                    inputs[position] = _with_hidden(args, kwargs, hidden)
+                    inputs[position] = _with_hidden(args, kwargs, _block_output(block(*args, **kwargs)))
+                _check_finite([_hidden(*pair) for pair in inputs], f"leaving block {blocks_name}.{index}")
             if offload:
                 block.to(home)
             bar.update(1)
