@@ -9,6 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+# Parametrize a test over devices: `@pytest.mark.parametrize("device", DEVICES)`; CUDA is skipped
+# cleanly where there is none.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
 TINY_LLAMA_CONFIG = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
     num_key_value_heads=2, vocab_size=48, max_position_embeddings=32,

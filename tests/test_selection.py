@@ -1,5 +1,7 @@
 """selection.py: exact counts, deterministic ties, N:M validity, global scope, property tests."""
 
+from unittest.mock import patch
+
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -9,6 +11,8 @@ from transformers.pytorch_utils import Conv1D
 
 from lightning_prune.masking import update_masks
 from lightning_prune.selection import (
+    _kth_lowest,
+    _kth_lowest_by_topk,
     check_sparsity,
     lowest_k_per_row,
     parse_pattern,
@@ -21,6 +25,7 @@ from lightning_prune.selection import (
     select_row_wise,
 )
 from lightning_prune.targets import find_targets
+from tests.conftest import DEVICES
 
 
 def as_ints(mask: torch.Tensor) -> list:
@@ -127,19 +132,21 @@ def scores_from(rows: int, groups: int, seed: int, m: int = 4) -> torch.Tensor:
     return torch.randint(0, 5, (rows, groups * m), generator=generator).float()  # many ties
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=40, deadline=None)
 @given(matrices, st.floats(0.0, 0.99))
-def test_property_counts_are_exact(shape, sparsity: float) -> None:
-    scores = scores_from(*shape)
+def test_property_counts_are_exact(device: str, shape, sparsity: float) -> None:
+    scores = scores_from(*shape).to(device)
     rows, cols = scores.shape
     assert int((~select_layer_wise(scores, sparsity)).sum()) == prune_count(rows * cols, sparsity)
     assert ((~select_row_wise(scores, sparsity)).sum(1) == prune_count(cols, sparsity)).all()
     assert int((~select_channels(scores, sparsity)).all(1).sum()) == prune_count(rows, sparsity)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=60, deadline=None)
 @given(matrices, st.integers(0, 40), st.floats(0.0, 0.5))
-def test_property_row_wise_equals_a_stable_sort(shape, k: int, pruned_share: float) -> None:
+def test_property_row_wise_equals_a_stable_sort(device: str, shape, k: int, pruned_share: float) -> None:
     # The selection uses a per-row k-th value (no sort); the definition is a stable sort per row:
     # the k lowest scores, ties to the lower column, already pruned entries (-inf) first.
     scores = scores_from(*shape)
@@ -148,22 +155,24 @@ def test_property_row_wise_equals_a_stable_sort(shape, k: int, pruned_share: flo
     masked = scores.masked_fill(pruned, float("-inf"))
     order = torch.sort(masked, dim=1, stable=True).indices[:, :k]
     expected = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
-    assert torch.equal(lowest_k_per_row(masked, k), expected)
+    assert torch.equal(lowest_k_per_row(masked.to(device), k).cpu(), expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=40, deadline=None)
 @given(matrices, st.sampled_from([(1, 4), (2, 4), (3, 4), (4, 8)]))
-def test_property_n_m_keeps_exactly_n_of_every_m(shape, pattern) -> None:
+def test_property_n_m_keeps_exactly_n_of_every_m(device: str, shape, pattern) -> None:
     n, m = pattern
     rows, groups, seed = shape
-    mask = select_n_m(scores_from(rows, groups, seed, m), n, m)
+    mask = select_n_m(scores_from(rows, groups, seed, m).to(device), n, m)
     assert (mask.reshape(rows, groups, m).sum(-1) == n).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=40, deadline=None)
 @given(matrices, st.floats(0.0, 0.5), st.floats(0.0, 0.49), st.sampled_from(["layer", "row", "global"]))
-def test_property_masks_are_monotone_with_pruned(shape, first: float, more: float, scope: str) -> None:
-    scores = scores_from(*shape)
+def test_property_masks_are_monotone_with_pruned(device: str, shape, first: float, more: float, scope: str) -> None:
+    scores = scores_from(*shape).to(device)
     assume(scope != "global" or prune_count(scores.numel(), first + more) < scores.numel())  # else: emptied, an error
     before = select_masks({"w": scores}, first, scope="layer")["w"]
     later = select_masks({"w": torch.rand_like(scores)}, first + more, scope=scope, pruned={"w": ~before})["w"]
@@ -183,3 +192,36 @@ def test_pruned_weights_stay_pruned_where_a_row_already_exceeds_its_share(scope:
 def test_n_m_never_revives_a_group_with_more_than_m_minus_n_pruned() -> None:
     pruned = torch.tensor([[True, True, True, False]])
     assert as_ints(select_n_m(torch.rand(1, 4), 2, 4, pruned=pruned)) == [[0, 0, 0, 1]]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 60), st.integers(0, 2**31 - 1), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_property_topk_threshold_is_the_kth_value(n: int, seed: int, dtype: torch.dtype) -> None:
+    # The threshold used off the CPU (topk) equals kthvalue's for every k, ties and -inf included.
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randint(-2, 3, (n,), generator=generator).to(dtype).masked_fill(torch.rand(n, generator=generator) < 0.2, float("-inf"))
+    for k in range(1, n + 1):
+        assert _kth_lowest_by_topk(scores, k) == torch.kthvalue(scores.float(), k).values
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=30, deadline=None)
+@given(matrices, st.floats(0.0, 0.9), st.floats(0.0, 0.5))
+def test_property_every_selection_matches_the_cpu_on_the_device(device: str, shape, sparsity: float, pruned_share: float) -> None:
+    # Same exact masks, ties included, wherever the scores live. On the CPU, the selections run
+    # with the threshold the other devices use (topk) against the CPU's own (kthvalue).
+    scores = scores_from(*shape)
+    pruned = torch.rand(scores.shape, generator=torch.Generator().manual_seed(shape[2])) < pruned_share
+    on_device = {"w": scores.to(device), "v": scores.flip(0).to(device)}
+    on_cpu = {"w": scores, "v": scores.flip(0)}
+    cases = [dict(scope="layer"), dict(scope="row"), dict(scope="channel"), dict(pattern="2:4", sparsity=0.5 * sparsity)]
+    if prune_count(2 * scores.numel(), sparsity) <= 2 * scores.numel() - 2:
+        cases.append(dict(scope="global"))
+    for case in cases:
+        case = {"sparsity": sparsity, **case}
+        expected = select_masks(on_cpu, pruned={"w": pruned}, **case)
+        with patch("lightning_prune.selection._kth_lowest", _kth_lowest_by_topk if device == "cpu" else _kth_lowest):
+            got = select_masks(on_device, pruned={"w": pruned.to(device)}, **case)
+        for name in expected:
+            assert got[name].device.type == device
+            assert torch.equal(got[name].cpu(), expected[name]), (case, name)
