@@ -6,7 +6,7 @@ instead (its read-back is replaced by a counter), and must happen at most once p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -38,7 +38,7 @@ def nan_checks(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, ...]
 def test_meta_tensors_refuse_every_kind_of_read_back() -> None:
     # The mechanism the other tests rely on: each of these syncs on CUDA, and raises on meta.
     x = torch.empty(4, 8, device=META)
-    reads = [
+    reads: list[Callable[[], object]] = [
         lambda: x.sum().item(),
         lambda: x.cpu(),
         lambda: x.tolist(),
@@ -86,7 +86,8 @@ def test_mask_updates_of_a_model_stay_on_its_device(nan_checks: list[tuple[int, 
     targets = find_targets(model)
     for sparsity in (0.25, 0.5):  # the second update is monotone: it reads the first masks
         update_masks(targets, {t.name: t.weight.abs() for t in targets}, sparsity, scope=scope)
-    assert all(get_mask(t.module, t.param_name).device == META for t in targets)
+    masks = [get_mask(t.module, t.param_name) for t in targets]
+    assert all(mask is not None and mask.device == META for mask in masks)
     assert len(nan_checks) == 2 * len(targets)
 
 
