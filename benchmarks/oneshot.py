@@ -32,43 +32,10 @@ from torch import nn
 
 import lightning_prune.oneshot.api as api
 from lightning_prune.oneshot import HessianStats, prune_oneshot, sparsegpt_prune
+from reference_sparsegpt import reference_sparsegpt  # benchmarks/, beside this script
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = (None, "4:8", "2:4")
-
-
-def reference_sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, prunen: int = 0, prunem: int = 0,
-                        blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
-    """The reference `SparseGPT.fasterprune` math (IST-DASLab/sparsegpt), written out as a baseline."""
-    W, H = W.clone().float(), H.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    for i1 in range(0, W.shape[1], blocksize):
-        i2 = min(i1 + blocksize, W.shape[1])
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        if prunen == 0:
-            tmp = W1**2 / torch.diag(Hinv1).reshape(1, -1) ** 2
-            mask1 = tmp <= torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
-        else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            w, d = W1[:, i], Hinv1[i, i]
-            if prunen != 0 and i % prunem == 0:
-                tmp = W1[:, i:i + prunem] ** 2 / torch.diag(Hinv1)[i:i + prunem].reshape(1, -1) ** 2
-                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-    return W
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

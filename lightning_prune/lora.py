@@ -35,7 +35,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
-from lightning_prune.masking import get_mask, masked_parameters, remove_masks, set_mask
+from lightning_prune.masking import get_mask, keep_only_, masked_parameters, remove_masks, set_mask
 from lightning_prune.targets import find_targets
 
 _DERIVED = "_lightning_prune_lora_derived_mask"  # base-layer flag: mask derived from zeros by attach_lora
@@ -76,14 +76,16 @@ class MaskedDelta(LoraVariant):
 
 
 def masked_delta_weight(module: LoraLayer, adapter_name: str) -> torch.Tensor:
-    """`M ⊙ s·B·A` in the base weight's shape; pruned entries are +0.0 (masked_fill, never `* 0`)."""
+    """`M ⊙ s·B·A` in the base weight's shape; pruned entries are +0.0 (masked_fill, never `* 0`).
+
+    The LoRA forward differentiates through it, so it is `masked_fill` rather than `keep_only_`.
+    """
     return module.get_delta_weight(adapter_name).masked_fill(~keep_mask(module.get_base_layer()), 0.0)
 
 
 def _masked_sum(module: LoraLayer, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """`weight + delta` with the pruned entries rewritten as +0.0 (no -0.0 can survive)."""
-    mask = keep_mask(module.get_base_layer())
-    return (weight + delta.detach().to(weight.dtype)).masked_fill(~mask, 0.0)
+    return keep_only_(weight + delta.detach().to(weight.dtype), keep_mask(module.get_base_layer()))
 
 
 def keep_mask(module: nn.Module) -> torch.Tensor:
@@ -203,7 +205,7 @@ def merge_lora(peft_model: PeftModel) -> nn.Module:
                 delta = masked_delta_weight(layer, adapter)
                 base.weight.add_(delta.to(base.weight.dtype))
         # Guard: pruned entries were +0.0 and received +0.0; rewrite them so no -0.0 can survive.
-        base.weight.masked_fill_(~mask, 0.0)
+        keep_only_(base.weight, mask)
         if getattr(base, _DERIVED, False):
             remove_masks(base)
             object.__delattr__(base, _DERIVED)

@@ -10,15 +10,15 @@ import torch
 from torch import nn
 
 from lightning_prune.masking import masked_parameters
+from lightning_prune.selection import group_counts
 from lightning_prune.targets import PruneTarget, find_targets
 
 
 def max_nonzeros_per_group(matrix: torch.Tensor, m: int) -> int:
     """Most non-zeros in any group of `m` consecutive inputs of a row: 2 for an exact 2:4 matrix."""
-    rows, cols = matrix.shape
-    if cols % m:
+    if matrix.shape[1] % m:
         return m
-    return int((matrix != 0).reshape(rows, cols // m, m).sum(-1).max())
+    return int(group_counts(matrix != 0, m).max())
 
 
 @dataclass(frozen=True)

@@ -9,20 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
 from lightning_prune.cli import CONFIG_DIR
 from lightning_prune.models import build_digits_net
 from lightning_prune.run import ConfigError, run
-
-QUIET = ["trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "tensorboard=false"]
-
-
-def compose_config(recipe: str, output: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=[f"recipe={recipe}", f"output_dir={output}", *QUIET, *overrides])
-
+from tests.conftest import compose_config
 
 def test_every_recipe_composes_and_states_only_deltas() -> None:
     recipes = sorted(p.stem for p in (Path(CONFIG_DIR) / "recipe").glob("*.yaml"))

@@ -31,7 +31,7 @@ from lightning_prune.export.config import (
     quantization_config,
 )
 from lightning_prune.export.manifest import write_manifest
-from lightning_prune.masking import get_masks
+from lightning_prune.masking import get_masks, keep_only_
 from lightning_prune.targets import DEFAULT_TYPES, PruneTarget, find_targets
 
 
@@ -45,10 +45,10 @@ def export_state_dict(model: nn.Module, targets: Sequence[PruneTarget]) -> dict[
     masks = get_masks(model)
     for name in {t.name for t in targets} | set(masks):
         weight = state[name]
-        drop = weight == 0  # masked_fill writes +0.0 where a product would keep -0.0
+        keep = weight != 0  # also turns -0.0 into +0.0
         if name in masks:
-            drop |= ~masks[name].cpu()
-        state[name] = weight.masked_fill(drop, 0.0)
+            keep &= masks[name].cpu()
+        state[name] = keep_only_(weight.clone(), keep)  # a copy: on CPU `state` shares the model's storage
     return state
 
 

@@ -17,7 +17,7 @@ from lightning_prune.oneshot.stats import FeatureNormStats, TokenStatistic
 from lightning_prune.oneshot.wanda import wanda_scores
 from lightning_prune.registry import MASK_REFINERS, ONESHOT_METHODS
 from lightning_prune.report import SparsityReport, sparsity_report
-from lightning_prune.selection import check_sparsity, parse_pattern
+from lightning_prune.selection import check_pattern_fits, check_pattern_sparsity, check_sparsity
 from lightning_prune.targets import HFConv1D, PruneTarget, find_targets
 
 PROFILES = ("uniform", "owl")
@@ -83,10 +83,7 @@ def needs_calibration(method: OneShotMethod, refiner: MaskRefiner | None, sparsi
 def check_oneshot_arguments(sparsity: float, pattern: str | None, sparsity_profile: str) -> float:
     """Validate the arguments shared by `prune_oneshot` and `OneShotPruning`; returns the sparsity."""
     sparsity = check_sparsity(sparsity)
-    if pattern is not None:
-        n, m = parse_pattern(pattern)
-        if abs(sparsity - (m - n) / m) > 1e-9:
-            raise ValueError(f"`sparsity` must be {(m - n) / m} for `pattern`={pattern!r} (N:M fixes it), got {sparsity}")
+    check_pattern_sparsity(sparsity, pattern)
     if sparsity_profile not in PROFILES:
         raise ValueError(f"`sparsity_profile` must be one of {PROFILES}, got {sparsity_profile!r}")
     if sparsity_profile == "owl" and pattern is not None:
@@ -145,16 +142,6 @@ def prune_target(target: PruneTarget, method: OneShotMethod, refiner: MaskRefine
     if new_weight is not matrix:
         matrix.copy_(new_weight.to(matrix.dtype))
     set_mask(target.module, target.from_matrix(keep), target.param_name)
-
-
-def _check_pattern_fits(per_block: Sequence[Sequence[PruneTarget]], pattern: str | None) -> None:
-    if pattern is None:
-        return
-    _, m = parse_pattern(pattern)
-    for target in itertools.chain.from_iterable(per_block):
-        columns = target.as_matrix(target.weight).shape[1]
-        if columns % m:
-            raise ValueError(f"`pattern`={pattern!r} needs every layer's input dimension to divide by {m}; {target.name} has {columns}")
 
 
 def _identity(stats: list[Statistic]) -> None:
@@ -230,7 +217,7 @@ def prune_oneshot(
     refiner = resolve_refiner(refine, refine_options)
     blocks_name, block_list = find_blocks(model, blocks)
     per_block = block_targets(model, blocks_name, len(block_list), targets, ignore)
-    _check_pattern_fits(per_block, pattern)
+    check_pattern_fits(itertools.chain.from_iterable(per_block), pattern)
     reduce_stats = reduce_stats or _identity
     driver = dict(blocks=block_list, device=device, offload=offload, forward=forward, progress=progress)
     needs_data = needs_calibration(solver, refiner, sparsity_profile)
