@@ -123,7 +123,7 @@ def gpu_rows(dtype_name: str, backend: str, batches: list[int], repeats: int, it
         for batch in batches:
             x = torch.randn(batch, in_features, dtype=dense_weight.dtype, device="cuda")
             torch.testing.assert_close(linear(x, sparse_weight), linear(x, dense_weight), rtol=5e-2, atol=5e-1)
-            variants = {"dense": lambda: linear(x, dense_weight), "sparse": lambda: linear(x, sparse_weight)}
+            variants = {"dense": lambda x=x, w=dense_weight: linear(x, w), "sparse": lambda x=x, w=sparse_weight: linear(x, w)}
             try:
                 variants.update({"dense graph": graphed(variants["dense"]), "sparse graph": graphed(variants["sparse"])})
             except RuntimeError as error:  # reported under the table, not hidden

@@ -39,7 +39,8 @@ def get_mask(module: nn.Module, param_name: str = "weight") -> torch.Tensor | No
     """The keep-mask attached to `module.<param_name>`, or None."""
     if param_name not in getattr(module, _HANDLES, {}):
         return None
-    return getattr(module, _mask_name(param_name))
+    mask: torch.Tensor = getattr(module, _mask_name(param_name))
+    return mask
 
 
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -97,7 +98,7 @@ def set_mask(module: nn.Module, mask: torch.Tensor, param_name: str = "weight") 
 
         handles[param_name] = [
             weight.register_post_accumulate_grad_hook(mask_grad_),
-            module.register_load_state_dict_post_hook(reapply_after_load),
+            module.register_load_state_dict_post_hook(reapply_after_load),  # type: ignore[no-untyped-call]  # unannotated in torch 2.13
         ]
     _zero_pruned(module, param_name)
 

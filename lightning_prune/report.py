@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -58,11 +59,11 @@ class SparsityReport:
         return {**{layer.name: layer.sparsity for layer in self.layers}, "global": self.global_sparsity}
 
     def _rows(self) -> list[list[str]]:
-        rows = [[l.name, "×".join(map(str, l.shape)), str(l.numel), str(l.zeros), f"{l.sparsity:.4f}", l.pattern] for l in self.layers]
-        rows.append(["global", "", str(self.numel), str(sum(l.zeros for l in self.layers)), f"{self.global_sparsity:.4f}", ""])
+        rows = [[layer.name, "×".join(map(str, layer.shape)), str(layer.numel), str(layer.zeros), f"{layer.sparsity:.4f}", layer.pattern] for layer in self.layers]
+        rows.append(["global", "", str(self.numel), str(sum(layer.zeros for layer in self.layers)), f"{self.global_sparsity:.4f}", ""])
         return rows
 
-    _HEADER = ["layer", "shape", "params", "zeros", "sparsity", "pattern"]
+    _HEADER: ClassVar[list[str]] = ["layer", "shape", "params", "zeros", "sparsity", "pattern"]
 
     def to_markdown(self) -> str:
         """The table in GitHub Markdown."""

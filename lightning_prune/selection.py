@@ -20,7 +20,7 @@ SCOPES = ("layer", "global", "row", "channel")
 
 def prune_count(numel: int, sparsity: float) -> int:
     """Number of elements pruned at `sparsity`: round(s·n), halves rounded up."""
-    return int(math.floor(sparsity * numel + 0.5))
+    return math.floor(sparsity * numel + 0.5)
 
 
 def check_sparsity(sparsity: float, argument: str = "sparsity") -> float:
@@ -132,7 +132,7 @@ def select_row_wise(scores: torch.Tensor, sparsity: float, pruned: torch.Tensor 
 
 def lowest_k_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the `k` lowest entries of every row, ties to the lower column (no sort)."""
-    rows, cols = scores.shape
+    cols = scores.shape[1]
     if k <= 0 or k >= cols:
         return torch.full_like(scores, k > 0, dtype=torch.bool)
     threshold = torch.kthvalue(scores, k, dim=1, keepdim=True).values

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from conftest import tiny_llama_config  # tests/, beside this script (run as `python tests/distributed_job.py`)
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -18,8 +19,6 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from lightning_prune import GradualPruning, IterativePruning, get_masks
 from lightning_prune.callbacks.oneshot import OneShotPruning
 from lightning_prune.models import CausalLMModule
-
-from conftest import tiny_llama_config  # tests/, beside this script (run as `python tests/distributed_job.py`)
 
 SAMPLES = 512  # divisible by every global batch used, so DistributedSampler pads nothing
 

@@ -15,6 +15,7 @@ from lightning_prune.models import build_digits_net
 from lightning_prune.run import ConfigError, run
 from tests.conftest import compose_config
 
+
 def test_every_recipe_composes_and_states_only_deltas() -> None:
     recipes = sorted(p.stem for p in (Path(CONFIG_DIR) / "recipe").glob("*.yaml"))
     assert {"quickstart", "gmp_finetune", "iterative_lottery"} <= set(recipes)
@@ -39,10 +40,10 @@ def test_quickstart_reaches_90_percent_and_keeps_accuracy(quickstart: tuple[Path
 
 
 def test_quickstart_writes_every_output(quickstart: tuple[Path, dict]) -> None:
-    out, results = quickstart
+    out, _ = quickstart
     assert json.loads((out / "results.json").read_text())["global_sparsity"] == pytest.approx(0.9)
     assert "| model.fc2.weight | 256×256 | 65536 | 58982 | 0.9000 |" in (out / "sparsity_report.md").read_text()
-    assert list(csv.reader((out / "sparsity_report.csv").open()))[0][0] == "layer"
+    assert next(csv.reader((out / "sparsity_report.csv").open()))[0] == "layer"
     for png in ("layer_sparsity.png", "sparsity_vs_metric.png"):
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader((out / "history.csv").open()))

@@ -213,7 +213,7 @@ def test_inconsistent_bitmask_is_reported_even_with_a_matching_manifest(tmp_path
     save_file(tensors, path / "model.safetensors")
     manifest = json.loads((path / "lightning_prune_export.json").read_text())
     write_manifest(path, {k: v for k, v in manifest.items() if k not in ("files", "manifest_version")})
-    with pytest.raises(ValueError, match="'model.layers.0.mlp.up_proj.weight' is inconsistent: .*exactly 2 of every 4"):
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.up_proj.weight' is inconsistent: .*exactly 2 of every 4"):
         load_sparse(path)
     (path / "lightning_prune_export.json").unlink()
     with pytest.raises(ValueError, match="not a directory written by save_sparse"):

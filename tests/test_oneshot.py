@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
@@ -287,7 +284,7 @@ def test_bad_inputs_raise_value_errors() -> None:
         prune_oneshot(nan_model, batches(), method="wanda", progress=False)
     with pytest.raises(ValueError, match="`method`"):
         prune_oneshot(llama(), batches(), method="obs", progress=False)
-    with pytest.raises(ValueError, match="`sparsity` must be 0.5"):
+    with pytest.raises(ValueError, match=r"`sparsity` must be 0.5"):
         prune_oneshot(llama(), batches(), sparsity=0.6, pattern="2:4", progress=False)
     with pytest.raises(ValueError, match="`num_samples`"):
         OneShotPruning(num_samples=0)

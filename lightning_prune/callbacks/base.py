@@ -12,9 +12,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_prune.criteria import CRITERIA, Criterion, make_criterion
+from lightning_prune.criteria import Criterion, make_criterion
 from lightning_prune.distributed import broadcast_masks_
 from lightning_prune.masking import apply_masks_, finalize, get_mask, keep_masks_applied, load_masks, update_masks
+from lightning_prune.registry import CRITERIA
 from lightning_prune.selection import SCOPES, check_pattern_fits, check_pattern_sparsity, check_sparsity
 from lightning_prune.targets import PruneTarget, find_targets
 
@@ -109,7 +110,8 @@ class MaskingCallback(Callback):
         self.criterion.reset()
         masks = self.masks()
         broadcast_masks_(masks)  # every rank computed them from the same weights; rank 0's win ties
-        apply_masks_(self._pl_module)
+        if self._pl_module is not None:  # set with the targets in `attach`
+            apply_masks_(self._pl_module)
         kept = {name: int(mask.sum()) for name, mask in masks.items()}
         self.layer_sparsity = {name: 1.0 - kept[name] / masks[name].numel() for name in masks}
         self.current_sparsity = 1.0 - sum(kept.values()) / sum(mask.numel() for mask in masks.values())
@@ -137,7 +139,7 @@ class MaskingCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored_masks = dict(state_dict.get("masks", {}))
-        if self._targets and self._restored_masks:  # strategies that restore after `on_fit_start`
+        if self._pl_module is not None and self._targets and self._restored_masks:  # strategies that restore after `on_fit_start`
             load_masks(self._pl_module, self._restored_masks)
             self._restored_masks = {}
         self.criterion.load_state_dict(state_dict.get("criterion", {}))

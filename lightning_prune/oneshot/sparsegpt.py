@@ -59,7 +59,7 @@ def sparsegpt_prune(
     """
     W = weight.detach().float().clone()
     H = hessian.float().clone()
-    rows, columns = W.shape
+    columns = W.shape[1]
     n = m = 0
     if pattern is not None:
         n, m = parse_pattern(pattern)
