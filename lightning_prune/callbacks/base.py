@@ -105,13 +105,14 @@ class MaskingCallback(Callback):
 
     def prune_to(self, sparsity: float) -> dict[str, torch.Tensor]:
         """Recompute masks at `sparsity` from the criterion's scores (monotone: pruned stays pruned)."""
+        if self._pl_module is None:
+            raise RuntimeError("prune_to needs the targets that `attach` (on_fit_start) finds; call it during fit")
         scores = {t.name: self.criterion.score(t.name, t.weight) for t in self._targets}
         update_masks(self._targets, scores, sparsity, scope=self.scope, pattern=self.pattern)
         self.criterion.reset()
         masks = self.masks()
         broadcast_masks_(masks)  # every rank computed them from the same weights; rank 0's win ties
-        if self._pl_module is not None:  # set with the targets in `attach`
-            apply_masks_(self._pl_module)
+        apply_masks_(self._pl_module)
         kept = {name: int(mask.sum()) for name, mask in masks.items()}
         self.layer_sparsity = {name: 1.0 - kept[name] / masks[name].numel() for name in masks}
         self.current_sparsity = 1.0 - sum(kept.values()) / sum(mask.numel() for mask in masks.values())
