@@ -21,6 +21,7 @@ from torch import nn
 
 from lightning_prune import find_targets, update_masks
 from lightning_prune.export import load_sparse, save_sparse
+from lightning_prune.masking import keep_only_
 
 FORMATS = ("dense", "sparse-24-bitmask", "sparse-bitmask")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -107,7 +108,7 @@ def two_four(out_features: int, in_features: int, dtype: torch.dtype) -> torch.T
     weight = torch.randn(out_features, in_features, dtype=dtype, device="cuda")
     groups = weight.abs().reshape(out_features, -1, 4)
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True)
-    return weight.masked_fill(~keep.reshape(weight.shape), 0.0)
+    return keep_only_(weight, keep.reshape(weight.shape))
 
 
 def gpu_rows(dtype_name: str, backend: str, batches: list[int], repeats: int, iters: int, notes: list[str]) -> list[str]:
@@ -122,7 +123,7 @@ def gpu_rows(dtype_name: str, backend: str, batches: list[int], repeats: int, it
         for batch in batches:
             x = torch.randn(batch, in_features, dtype=dense_weight.dtype, device="cuda")
             torch.testing.assert_close(linear(x, sparse_weight), linear(x, dense_weight), rtol=5e-2, atol=5e-1)
-            variants = {"dense": lambda: linear(x, dense_weight), "sparse": lambda: linear(x, sparse_weight)}
+            variants = {"dense": lambda x=x, w=dense_weight: linear(x, w), "sparse": lambda x=x, w=sparse_weight: linear(x, w)}
             try:
                 variants.update({"dense graph": graphed(variants["dense"]), "sparse graph": graphed(variants["sparse"])})
             except RuntimeError as error:  # reported under the table, not hidden

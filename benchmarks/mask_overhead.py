@@ -36,6 +36,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from lightning_prune import find_targets, keep_masks_applied, set_mask, update_masks
+from lightning_prune.masking import keep_only_
 
 SPARSITY = 0.5
 
@@ -83,8 +84,7 @@ def prepare(name: str, base: nn.Module, masks: dict[str, torch.Tensor]) -> Varia
             torch_prune.l1_unstructured(module, "weight", amount=SPARSITY)
     elif name == "parametrize (multiply)":
         for key, module in modules.items():
-            with torch.no_grad():
-                module.weight.masked_fill_(~masks[key], 0.0)
+            keep_only_(module.weight, masks[key])
             parametrize.register_parametrization(module, "weight", MultiplyMask(masks[key].clone()))
     elif name == "Lightning ModelPruning":
         callback = ModelPruning("l1_unstructured", parameters_to_prune=[(m, "weight") for m in modules.values()], amount=SPARSITY, verbose=0)

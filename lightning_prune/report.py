@@ -5,20 +5,21 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from lightning_prune.masking import masked_parameters
+from lightning_prune.selection import group_counts
 from lightning_prune.targets import PruneTarget, find_targets
 
 
 def max_nonzeros_per_group(matrix: torch.Tensor, m: int) -> int:
     """Most non-zeros in any group of `m` consecutive inputs of a row: 2 for an exact 2:4 matrix."""
-    rows, cols = matrix.shape
-    if cols % m:
+    if matrix.shape[1] % m:
         return m
-    return int((matrix != 0).reshape(rows, cols // m, m).sum(-1).max())
+    return int(group_counts(matrix != 0, m).max())
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,11 @@ class SparsityReport:
         return {**{layer.name: layer.sparsity for layer in self.layers}, "global": self.global_sparsity}
 
     def _rows(self) -> list[list[str]]:
-        rows = [[l.name, "×".join(map(str, l.shape)), str(l.numel), str(l.zeros), f"{l.sparsity:.4f}", l.pattern] for l in self.layers]
-        rows.append(["global", "", str(self.numel), str(sum(l.zeros for l in self.layers)), f"{self.global_sparsity:.4f}", ""])
+        rows = [[layer.name, "×".join(map(str, layer.shape)), str(layer.numel), str(layer.zeros), f"{layer.sparsity:.4f}", layer.pattern] for layer in self.layers]
+        rows.append(["global", "", str(self.numel), str(sum(layer.zeros for layer in self.layers)), f"{self.global_sparsity:.4f}", ""])
         return rows
 
-    _HEADER = ["layer", "shape", "params", "zeros", "sparsity", "pattern"]
+    _HEADER: ClassVar[list[str]] = ["layer", "shape", "params", "zeros", "sparsity", "pattern"]
 
     def to_markdown(self) -> str:
         """The table in GitHub Markdown."""

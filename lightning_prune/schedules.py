@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lightning_prune.selection import check_sparsity
@@ -128,7 +128,7 @@ def make_schedule(
     **kwargs: object,
 ) -> _Ramp | Steps:
     """Build a schedule by name (one of `SCHEDULES`); `steps` takes `milestones` and `values`."""
-    ramps = {"constant": Constant, "linear": Linear, "cubic": Cubic, "exponential": Exponential}
+    ramps: dict[str, Callable[..., _Ramp]] = {"constant": Constant, "linear": Linear, "cubic": Cubic, "exponential": Exponential}
     if name == "steps":
         return Steps(**kwargs)  # type: ignore[arg-type]
     if name not in ramps:

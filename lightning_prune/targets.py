@@ -13,15 +13,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D as HFConv1D  # GPT-2 style: the weight stored transposed, (in, out)
 
-try:  # GPT-2 style layers store the weight transposed, (in, out).
-    from transformers.pytorch_utils import Conv1D as HFConv1D
-except ImportError:  # pragma: no cover - transformers is a runtime dependency
-    HFConv1D = None
-
-DEFAULT_TYPES: tuple[type[nn.Module], ...] = tuple(
-    t for t in (nn.Linear, nn.Conv1d, nn.Conv2d, HFConv1D) if t is not None
-)
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, HFConv1D)
 # Last name components of output heads that stay dense by default.
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head", "cls", "output_layer")
 
@@ -42,12 +36,12 @@ class PruneTarget:
     @property
     def weight(self) -> nn.Parameter:
         """The pruned parameter itself."""
-        return getattr(self.module, self.param_name)
+        return self.module.get_parameter(self.param_name)
 
     @property
     def transposed(self) -> bool:
         """True for layers that store the weight as (in, out), like transformers' `Conv1D`."""
-        return HFConv1D is not None and isinstance(self.module, HFConv1D)
+        return isinstance(self.module, HFConv1D)
 
     def as_matrix(self, tensor: torch.Tensor) -> torch.Tensor:
         """View a tensor of the weight's shape as (out, in); a view, so writes reach `tensor`."""
@@ -84,8 +78,9 @@ def output_head_names(model: nn.Module, types: tuple[type[nn.Module], ...] = DEF
     with neither has its last prunable layer (in registration order) as the head.
     """
     heads: set[str] = set()
-    hf_models = [m for m in model.modules() if callable(getattr(m, "get_output_embeddings", None))]
-    outputs = [m.get_output_embeddings() for m in hf_models]
+    getters = [getattr(m, "get_output_embeddings", None) for m in model.modules()]
+    hf_models = [getter for getter in getters if callable(getter)]
+    outputs = [getter() for getter in hf_models]
     named = [(name, module) for name, module in model.named_modules() if isinstance(module, types)]
     for name, module in named:
         if any(module is output for output in outputs) or name.rsplit(".", 1)[-1] in HEAD_NAMES:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 # Parametrize a test over devices: `@pytest.mark.parametrize("device", DEVICES)`; CUDA is skipped
@@ -14,9 +16,27 @@ from torch import nn
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 TINY_LLAMA_CONFIG = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
     num_key_value_heads=2, vocab_size=48, max_position_embeddings=32,
 )
+
+
+def tiny_llama_config(**overrides: Any) -> dict[str, Any]:
+    """The tiny Llama's settings with `overrides`, `model_type` included (as `CausalLMModule(config=...)` takes them)."""
+    return {**TINY_LLAMA_CONFIG, **overrides}
+
+
+QUIET_RUN = ["trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "tensorboard=false"]
+
+
+def compose_config(recipe: str, output: Path, *overrides: str) -> DictConfig:
+    """The CLI's config for `recipe` writing to `output`, quiet on CPU, then `overrides` (Hydra compose API)."""
+    from hydra import compose, initialize_config_dir
+
+    from lightning_prune.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=[f"recipe={recipe}", f"output_dir={output}", *QUIET_RUN, *overrides])
 
 
 def make_trainer(**kwargs: Any) -> pl.Trainer:
@@ -26,12 +46,18 @@ def make_trainer(**kwargs: Any) -> pl.Trainer:
     return pl.Trainer(**{**defaults, **kwargs})
 
 
-def tiny_llama() -> nn.Module:
-    """A 1-layer Llama causal LM (hidden 32) from a config: no download."""
+def tiny_llama(seed: int | None = 0, **overrides: Any) -> nn.Module:
+    """A Llama causal LM from `tiny_llama_config(**overrides)` (1 layer, hidden 32): no download.
+
+    Seeded with `seed` first; `seed=None` builds from the current random state.
+    """
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(LlamaConfig(**TINY_LLAMA_CONFIG))
+    if seed is not None:
+        torch.manual_seed(seed)
+    settings = tiny_llama_config(**overrides)
+    settings.pop("model_type")
+    return AutoModelForCausalLM.from_config(LlamaConfig(**settings))
 
 
 def tiny_gpt2() -> nn.Module:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from conftest import tiny_llama_config  # tests/, beside this script (run as `python tests/distributed_job.py`)
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -46,8 +47,7 @@ class DigitsMLP(pl.LightningModule):
         return DataLoader(data, batch_size=self.global_batch // world, sampler=sampler)
 
 
-LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-             num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+LLAMA = tiny_llama_config(num_hidden_layers=2, vocab_size=64)
 
 
 def token_batches(count: int, batch: int) -> list[dict[str, torch.Tensor]]:

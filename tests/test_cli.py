@@ -9,19 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
 from lightning_prune.cli import CONFIG_DIR
 from lightning_prune.models import build_digits_net
 from lightning_prune.run import ConfigError, run
-
-QUIET = ["trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "tensorboard=false"]
-
-
-def compose_config(recipe: str, output: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=[f"recipe={recipe}", f"output_dir={output}", *QUIET, *overrides])
+from tests.conftest import compose_config
 
 
 def test_every_recipe_composes_and_states_only_deltas() -> None:
@@ -48,10 +40,10 @@ def test_quickstart_reaches_90_percent_and_keeps_accuracy(quickstart: tuple[Path
 
 
 def test_quickstart_writes_every_output(quickstart: tuple[Path, dict]) -> None:
-    out, results = quickstart
+    out, _ = quickstart
     assert json.loads((out / "results.json").read_text())["global_sparsity"] == pytest.approx(0.9)
     assert "| model.fc2.weight | 256×256 | 65536 | 58982 | 0.9000 |" in (out / "sparsity_report.md").read_text()
-    assert list(csv.reader((out / "sparsity_report.csv").open()))[0][0] == "layer"
+    assert next(csv.reader((out / "sparsity_report.csv").open()))[0] == "layer"
     for png in ("layer_sparsity.png", "sparsity_vs_metric.png"):
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader((out / "history.csv").open()))

@@ -95,7 +95,7 @@ def test_sharded_strategies_are_refused() -> None:
 
     from lightning_prune.callbacks.base import refuse_sharded_strategy
 
-    with pytest.raises(ValueError, match="FSDPStrategy.*strategy='ddp'"):
+    with pytest.raises(ValueError, match=r"FSDPStrategy.*strategy='ddp'"):
         refuse_sharded_strategy(FSDPStrategy())
 
 

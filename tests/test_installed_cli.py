@@ -85,6 +85,7 @@ def test_installed_wheel_runs_help_and_a_sweep(tmp_path: Path) -> None:
     where = subprocess.run([venv / "bin" / "python", "-c", "import lightning_prune.cli as c; print(c.CONFIG_DIR)"],
                            cwd=tmp_path, check=True, text=True, capture_output=True).stdout.strip()
     assert where.startswith(str(venv)) and Path(where, "recipe", "quickstart.yaml").is_file()
+    assert Path(where).parent.joinpath("py.typed").is_file()  # PEP 561 marker shipped in the wheel
     cli = str(venv / "bin" / "lightning-prune")
     shown = subprocess.run([cli, "--help"], cwd=tmp_path, check=True, text=True, capture_output=True).stdout
     (recipes,) = [line for line in shown.splitlines() if line.startswith("recipe: ")]

@@ -8,27 +8,26 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+from transformers import AutoModelForCausalLM, GPT2Config
 
 from lightning_prune.lora import adapter_parameters, attach_lora, base_name, load_lora, merge_lora, pruned_module_names
-from lightning_prune.masking import finalize, get_mask, get_masks, set_mask, update_masks
+from lightning_prune.masking import finalize, get_mask, get_masks, update_masks
 from lightning_prune.report import max_nonzeros_per_group, sparsity_report
 from lightning_prune.targets import find_targets
+from tests.conftest import tiny_llama
 
 VOCAB = 64
 
 
-def tiny_llama() -> nn.Module:
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32)
-    return AutoModelForCausalLM.from_config(config).eval()
+def llama() -> nn.Module:  # built from the caller's random state (`pruned` seeds it)
+    return tiny_llama(seed=None, num_attention_heads=4, vocab_size=VOCAB).eval()
 
 
 def tiny_gpt2() -> nn.Module:  # Conv1D layers: weights stored (in, out), peft's fan_in_fan_out; eval: no dropout
     return AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB, n_positions=32)).eval()
 
 
-CASES = [(tiny_llama, "2:4"), (tiny_llama, None), (tiny_gpt2, "2:4")]
+CASES = [(llama, "2:4"), (llama, None), (tiny_gpt2, "2:4")]
 
 
 def pruned(factory, pattern: str | None) -> nn.Module:
@@ -87,14 +86,14 @@ def test_masked_delta_merged_outputs_equal_adapter_outputs(factory, pattern):
 
 def test_merge_time_masking_drops_the_pruned_part_of_the_delta():
     """Plain LoRA forward sees the dense delta, so merging (masked) changes the outputs."""
-    peft_model = attach_lora(pruned(tiny_llama, "2:4"), r=4, masked_delta=False)
+    peft_model = attach_lora(pruned(llama, "2:4"), r=4, masked_delta=False)
     randomize_adapters(peft_model)
     wrapped = logits(peft_model)
     assert (logits(merge_lora(peft_model)) - wrapped).abs().max() > 1e-2
 
 
 def test_zero_delta_changes_nothing_and_only_adapters_train():
-    model = pruned(tiny_llama, "2:4")
+    model = pruned(llama, "2:4")
     reference = logits(model)
     peft_model = attach_lora(model, r=2)
     trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
@@ -103,7 +102,7 @@ def test_zero_delta_changes_nothing_and_only_adapters_train():
 
 
 def test_finalized_model_derives_masks_from_zeros_and_ends_plain():
-    model = finalize(pruned(tiny_llama, "2:4"))
+    model = finalize(pruned(llama, "2:4"))
     keys = set(model.state_dict())
     before = zero_sets(model)
     assert pruned_module_names(model) == [t.module_name for t in find_targets(model)]
@@ -117,7 +116,7 @@ def test_finalized_model_derives_masks_from_zeros_and_ends_plain():
 
 
 def test_wrapped_names_map_back_and_finalize_works_on_wrapped_model():
-    model = pruned(tiny_llama, "2:4")
+    model = pruned(llama, "2:4")
     names = set(get_masks(model))
     peft_model = attach_lora(model, r=2, target_modules=r"mlp\.")
     wrapped_names = set(get_masks(peft_model))
@@ -125,7 +124,7 @@ def test_wrapped_names_map_back_and_finalize_works_on_wrapped_model():
     assert "base_model.model.model.layers.0.mlp.up_proj.base_layer.weight" in wrapped_names
     lora_modules = {name for name, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     assert {base_name(name).rsplit(".", 1)[-1] for name in lora_modules} == {"gate_proj", "up_proj", "down_proj"}
-    assert [base_name(t.name) for t in find_targets(peft_model)] == [t.name for t in find_targets(tiny_llama())]
+    assert [base_name(t.name) for t in find_targets(peft_model)] == [t.name for t in find_targets(llama())]
     finalize(peft_model)  # bakes the base masks in under the wrapper; adapters untouched
     assert get_masks(peft_model) == {}
     assert sparsity_report(peft_model, find_targets(peft_model)).global_sparsity == pytest.approx(0.5)
@@ -136,12 +135,12 @@ def test_wrapped_names_map_back_and_finalize_works_on_wrapped_model():
 
 @pytest.mark.parametrize("masked_delta", [True, False])
 def test_unmerged_adapters_save_and_load_on_the_sparse_base(tmp_path, masked_delta):
-    model = pruned(tiny_llama, "2:4")
+    model = pruned(llama, "2:4")
     peft_model = attach_lora(model, r=4, masked_delta=masked_delta)
     randomize_adapters(peft_model)
     expected = logits(peft_model)
     peft_model.save_pretrained(tmp_path)
-    fresh = finalize(pruned(tiny_llama, "2:4"))  # the same sparse base (same seed), saved elsewhere
+    fresh = finalize(pruned(llama, "2:4"))  # the same sparse base (same seed), saved elsewhere
     loaded = load_lora(fresh, str(tmp_path), masked_delta=masked_delta)
     torch.testing.assert_close(logits(loaded), expected)
     assert get_mask(loaded.base_model.model.model.layers[0].mlp.up_proj.base_layer) is not None
@@ -153,16 +152,16 @@ def test_unmerged_adapters_save_and_load_on_the_sparse_base(tmp_path, masked_del
 )
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        attach_lora(pruned(tiny_llama, "2:4"), **kwargs)
+        attach_lora(pruned(llama, "2:4"), **kwargs)
 
 
 def test_dense_model_without_targets_is_refused():
     with pytest.raises(ValueError, match="found no pruned layer"):
-        attach_lora(tiny_llama())
+        attach_lora(llama())
 
 
 def test_set_mask_on_frozen_weight_is_supported():
-    model = tiny_llama()
+    model = llama()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     layer = model.model.layers[0].mlp.up_proj

@@ -18,11 +18,11 @@ from lightning_prune.masking import get_masks, update_masks
 from lightning_prune.models import CausalLMModule
 from lightning_prune.report import max_nonzeros_per_group
 from lightning_prune.targets import find_targets
+from tests.conftest import tiny_llama_config
 
 QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
          "accelerator": "cpu"}
-LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 32}
+LLAMA = tiny_llama_config(num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
 
 
 @pytest.fixture(scope="module")

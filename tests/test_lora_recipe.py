@@ -7,22 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
-from lightning_prune.cli import CONFIG_DIR
 from lightning_prune.export import load_sparse_state_dict
 from lightning_prune.report import max_nonzeros_per_group
 from lightning_prune.run import ConfigError, run
+from tests.conftest import compose_config
 
-QUIET = ["trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "tensorboard=false"]
 TINY = ["dense_epochs=1", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2", "data.seq_len=16",
         "data.vocab_size=300", "pruning.num_samples=16", "pruning.progress=false"]
-
-
-def compose_config(recipe: str, output: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=[f"recipe={recipe}", f"output_dir={output}", *QUIET, *overrides])
 
 
 def test_wanda_2of4_lora_reports_every_stage_and_exports_2of4(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ from lightning_prune.masking import (
     update_masks,
 )
 from lightning_prune.targets import find_targets
-
 from tests.conftest import tiny_gpt2, tiny_llama
 
 
@@ -139,7 +138,7 @@ def test_get_and_load_masks_round_trip() -> None:
     other = tiny_gpt2()
     load_masks(other, saved)
     assert all(torch.equal(get_masks(other)[name], saved[name]) for name in saved)
-    with pytest.raises(ValueError, match="saved mask 'nope.weight' names no module"):
+    with pytest.raises(ValueError, match=r"saved mask 'nope.weight' names no module"):
         load_masks(other, {"nope.weight": torch.ones(1, dtype=torch.bool)})
 
 

@@ -6,11 +6,9 @@ import torch
 from torch import nn
 
 from lightning_prune.models import CausalLMModule, ClassifierModule, build_digits_net, make_adamw
+from tests.conftest import tiny_llama_config
 
-TINY_LLAMA = {
-    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-    "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 50, "max_position_embeddings": 16,
-}
+TINY_LLAMA = tiny_llama_config(vocab_size=50, max_position_embeddings=16)
 
 
 def trainer(**kwargs) -> pl.Trainer:

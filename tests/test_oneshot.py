@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, BertConfig, BertModel, GPT2Config, LlamaConfig
+from transformers import AutoModelForCausalLM, BertConfig, BertModel, GPT2Config
 
+from benchmarks.reference_sparsegpt import reference_sparsegpt
 from lightning_prune.callbacks.oneshot import OneShotPruning
 from lightning_prune.masking import get_masks, set_mask
 from lightning_prune.oneshot import (
@@ -27,15 +25,13 @@ from lightning_prune.oneshot import (
 from lightning_prune.oneshot.api import ONESHOT_TYPES, take_samples
 from lightning_prune.report import max_nonzeros_per_group
 from lightning_prune.targets import find_targets
+from tests.conftest import tiny_llama
 
 VOCAB = 64
 
 
-def tiny_llama(hidden: int = 32, layers: int = 2, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32)
-    return AutoModelForCausalLM.from_config(config).eval()
+def llama(hidden: int = 32, layers: int = 2, seed: int = 0) -> nn.Module:
+    return tiny_llama(seed, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4, vocab_size=VOCAB).eval()
 
 
 def tiny_gpt2() -> nn.Module:
@@ -89,42 +85,6 @@ def test_sparsegpt_with_identity_hessian_is_blockwise_magnitude_without_update()
     assert not torch.signbit(pruned[~keep]).any()
 
 
-def reference_sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, prunen: int = 0, prunem: int = 0,
-                        blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
-    """The reference `fasterprune` math (IST-DASLab/sparsegpt), written out for comparison."""
-    W, H = W.clone().float(), H.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    damp = percdamp * torch.mean(torch.diag(H))
-    H += damp * torch.eye(H.shape[0])
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    for i1 in range(0, W.shape[1], blocksize):
-        i2 = min(i1 + blocksize, W.shape[1])
-        W1, Q1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1), torch.zeros(W.shape[0], i2 - i1), Hinv[i1:i2, i1:i2]
-        if prunen == 0:
-            tmp = W1**2 / torch.diag(Hinv1).reshape(1, -1) ** 2
-            # The reference's `sort(...)[k]` with `<=` prunes k + 1 per block; `[k - 1]` prunes the exact k.
-            thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity) - 1]
-            mask1 = tmp <= thresh
-        else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            w, d = W1[:, i], Hinv1[i, i]
-            if prunen != 0 and i % prunem == 0:
-                tmp = W1[:, i:i + prunem] ** 2 / torch.diag(Hinv1)[i:i + prunem].reshape(1, -1) ** 2
-                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-    return W
-
-
 @pytest.mark.parametrize("pattern", [None, "2:4", "4:8"])
 def test_sparsegpt_matches_the_reference_math(pattern: str | None) -> None:
     torch.manual_seed(0)
@@ -133,7 +93,8 @@ def test_sparsegpt_matches_the_reference_math(pattern: str | None) -> None:
     stats = HessianStats("layer", 48)
     stats.add(X)
     n, m = (0, 0) if pattern is None else map(int, pattern.split(":"))
-    expected = reference_sparsegpt(W, stats.hessian(), 0.5, m - n if m else 0, m, blocksize=16)
+    # exact_count: the reference's own threshold prunes k + 1 per block; ours prunes exactly k.
+    expected = reference_sparsegpt(W, stats.hessian(), 0.5, m - n if m else 0, m, blocksize=16, exact_count=True)
     pruned, keep = sparsegpt_prune(W, stats.hessian(), 0.5, pattern, blocksize=16)
     torch.testing.assert_close(pruned, expected, rtol=1e-4, atol=1e-5)
     assert (pruned[:, 5] == 0).all() and float((~keep).float().mean()) == 0.5
@@ -172,7 +133,7 @@ def test_owl_sparsities_by_hand() -> None:
 
 # --- prune_oneshot on Hugging Face models -------------------------------------------------------
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2, tiny_bert], ids=["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("build", [llama, tiny_gpt2, tiny_bert], ids=["llama", "gpt2", "bert"])
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_exact_2_of_4_on_every_targeted_weight(build, method: str) -> None:
     model = build()
@@ -189,7 +150,7 @@ def test_exact_2_of_4_on_every_targeted_weight(build, method: str) -> None:
 
 
 def test_report_and_unstructured_counts_per_row() -> None:
-    model = tiny_llama()
+    model = llama()
     report = prune_oneshot(model, batches(), method="wanda", sparsity=0.25, progress=False)
     assert report.global_sparsity == pytest.approx(0.25)
     for target in block_targets(model):
@@ -225,7 +186,7 @@ def test_driver_equals_pruning_the_layers_by_hand_in_order(method: str) -> None:
     for batch in data:
         batch["attention_mask"] = torch.ones_like(batch["input_ids"])
         batch["attention_mask"][0, -4:] = 0  # padding reaches the blocks through the captured kwargs
-    driven, by_hand = tiny_llama(), tiny_llama()
+    driven, by_hand = llama(), llama()
     prune_oneshot(driven, data, method=method, progress=False)
     _prune_by_hand(by_hand, data, method)
     hand_masks = {f"{name}": mask for name, mask in get_masks(by_hand).items()}
@@ -237,7 +198,7 @@ def test_driver_equals_pruning_the_layers_by_hand_in_order(method: str) -> None:
 
 
 def test_driver_outputs_of_unpruned_blocks_equal_the_model() -> None:
-    model, data = tiny_llama(), batches(count=2)
+    model, data = llama(), batches(count=2)
     seen: list[torch.Tensor] = []
     final = model.model.norm
     handle = final.register_forward_hook(lambda m, a, o: seen.append(a[0]))
@@ -259,7 +220,7 @@ def test_driver_outputs_of_unpruned_blocks_equal_the_model() -> None:
 
 
 def test_offload_on_and_off_give_equal_masks() -> None:
-    on, off = tiny_llama(), tiny_llama()
+    on, off = llama(), llama()
     prune_oneshot(on, batches(), method="sparsegpt", offload=True, progress=False)
     prune_oneshot(off, batches(), method="sparsegpt", offload=False, progress=False)
     for name, mask in get_masks(off).items():
@@ -269,7 +230,7 @@ def test_offload_on_and_off_give_equal_masks() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_offload_to_cuda_keeps_one_block_on_the_device() -> None:
-    on, off = tiny_llama(layers=4), tiny_llama(layers=4)
+    on, off = llama(layers=4), llama(layers=4)
     peak_blocks = []
     data = batches()
     calibrate_sequentially(on, data, lambda i, n, b, run: peak_blocks.append(
@@ -285,7 +246,7 @@ def test_offload_to_cuda_keeps_one_block_on_the_device() -> None:
 
 
 def test_owl_profile_spreads_sparsity_over_blocks_with_the_target_mean() -> None:
-    model = tiny_llama(layers=3)
+    model = llama(layers=3)
     report = prune_oneshot(model, batches(), method="wanda", sparsity=0.5, sparsity_profile="owl", owl_lambda=0.1, progress=False)
     per_block = [report.as_dict()[f"model.layers.{i}.mlp.up_proj.weight"] for i in range(3)]
     assert sum(per_block) / 3 == pytest.approx(0.5, abs=0.01)
@@ -293,7 +254,7 @@ def test_owl_profile_spreads_sparsity_over_blocks_with_the_target_mean() -> None
 
 
 def test_bf16_model_gets_fp32_statistics_and_exact_counts() -> None:
-    model = tiny_llama().to(torch.bfloat16)
+    model = llama().to(torch.bfloat16)
     seen = []
     prune_oneshot(model, batches(), method="sparsegpt", pattern="2:4", reduce_stats=lambda stats: seen.extend(stats), progress=False)
     assert seen and all(s.sum.dtype == torch.float32 and int(s.count) == 3 * 2 * 16 for s in seen)
@@ -308,23 +269,23 @@ def test_take_samples_cuts_the_last_batch() -> None:
 
 def test_bad_inputs_raise_value_errors() -> None:
     with pytest.raises(ValueError, match="`calibration` has no batches"):
-        prune_oneshot(tiny_llama(), [], method="wanda", progress=False)
+        prune_oneshot(llama(), [], method="wanda", progress=False)
     with pytest.raises(ValueError, match="`calibration` has no batches"):
-        prune_oneshot(tiny_llama(), None, method="sparsegpt", progress=False)
+        prune_oneshot(llama(), None, method="sparsegpt", progress=False)
     with pytest.raises(ValueError, match="divide by 16"):
-        prune_oneshot(tiny_llama(hidden=40), batches(), method="wanda", sparsity=0.75, pattern="4:16", progress=False)
+        prune_oneshot(llama(hidden=40), batches(), method="wanda", sparsity=0.75, pattern="4:16", progress=False)
     with pytest.raises(ValueError, match="blocks="):
         prune_oneshot(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), [torch.randn(2, 4)], progress=False)
     with pytest.raises(ValueError, match="`blocks`='nope'"):
-        prune_oneshot(tiny_llama(), batches(), blocks="nope", progress=False)
-    nan_model = tiny_llama()
+        prune_oneshot(llama(), batches(), blocks="nope", progress=False)
+    nan_model = llama()
     nan_model.model.embed_tokens.weight.data[:] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         prune_oneshot(nan_model, batches(), method="wanda", progress=False)
     with pytest.raises(ValueError, match="`method`"):
-        prune_oneshot(tiny_llama(), batches(), method="obs", progress=False)
-    with pytest.raises(ValueError, match="`sparsity` must be 0.5"):
-        prune_oneshot(tiny_llama(), batches(), sparsity=0.6, pattern="2:4", progress=False)
+        prune_oneshot(llama(), batches(), method="obs", progress=False)
+    with pytest.raises(ValueError, match=r"`sparsity` must be 0.5"):
+        prune_oneshot(llama(), batches(), sparsity=0.6, pattern="2:4", progress=False)
     with pytest.raises(ValueError, match="`num_samples`"):
         OneShotPruning(num_samples=0)
 

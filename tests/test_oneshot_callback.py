@@ -14,9 +14,9 @@ from lightning_prune.callbacks.oneshot import OneShotPruning
 from lightning_prune.masking import get_masks
 from lightning_prune.models import CausalLMModule
 from lightning_prune.oneshot import prune_oneshot
+from tests.conftest import tiny_llama_config
 
-LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=64, max_position_embeddings=16)
+LLAMA = tiny_llama_config(num_hidden_layers=2, num_attention_heads=4, vocab_size=64, max_position_embeddings=16)
 
 
 def module(seed: int = 0) -> CausalLMModule:

@@ -17,7 +17,7 @@ def two_layer_model() -> nn.Sequential:
 
 def test_unmasked_model_reports_every_prunable_layer() -> None:
     report = sparsity_report(two_layer_model())
-    assert [(l.name, l.shape, l.numel, l.zeros, l.pattern) for l in report.layers] == [
+    assert [(layer.name, layer.shape, layer.numel, layer.zeros, layer.pattern) for layer in report.layers] == [
         ("0.weight", (2, 8), 16, 8, "2:4"),
         ("1.weight", (4, 2), 8, 1, "unstructured"),
     ]
@@ -30,7 +30,7 @@ def test_masked_layers_only_when_masks_exist() -> None:
     model = two_layer_model()
     set_mask(model[1], torch.tensor([[1, 0], [0, 1], [1, 1], [1, 1]], dtype=torch.bool))
     report = sparsity_report(model)
-    assert [(l.name, l.zeros) for l in report.layers] == [("1.weight", 2)]
+    assert [(layer.name, layer.zeros) for layer in report.layers] == [("1.weight", 2)]
     assert report.global_sparsity == 0.25
 
 

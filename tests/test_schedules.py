@@ -1,5 +1,7 @@
 """schedules.py: end points, monotonicity, the cubic formula, explicit steps, argument errors."""
 
+import itertools
+
 import pytest
 
 from lightning_prune.schedules import Constant, Cubic, Exponential, Linear, Steps, make_schedule
@@ -19,7 +21,7 @@ def test_ramps_hold_initial_before_start_and_final_from_end(name: str) -> None:
 def test_ramps_are_monotone(name: str) -> None:
     schedule = make_schedule(name, 0.9, start_step=3, end_step=50)
     values = [schedule(step) for step in range(60)]
-    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert all(b >= a for a, b in itertools.pairwise(values))
     assert values[0] == 0.0 and values[-1] == pytest.approx(0.9)
 
 

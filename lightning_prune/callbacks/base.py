@@ -12,10 +12,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_prune.criteria import CRITERIA, Criterion, make_criterion
+from lightning_prune.criteria import Criterion, make_criterion
 from lightning_prune.distributed import broadcast_masks_
 from lightning_prune.masking import apply_masks_, finalize, get_mask, keep_masks_applied, load_masks, update_masks
-from lightning_prune.selection import SCOPES, check_sparsity, parse_pattern
+from lightning_prune.registry import CRITERIA
+from lightning_prune.selection import SCOPES, check_pattern_fits, check_pattern_sparsity, check_sparsity
 from lightning_prune.targets import PruneTarget, find_targets
 
 
@@ -44,10 +45,7 @@ class MaskingCallback(Callback):
             raise ValueError(f"`criterion` must be one of {CRITERIA} or a Criterion, got {criterion!r}")
         if scope not in SCOPES:
             raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
-        if pattern is not None:
-            n, m = parse_pattern(pattern)
-            if abs(self.sparsity - (m - n) / m) > 1e-9:
-                raise ValueError(f"`sparsity` must be {(m - n) / m} for `pattern`={pattern!r} (N:M fixes it), got {sparsity}")
+        check_pattern_sparsity(self.sparsity, pattern)
         self.criterion = make_criterion(criterion, seed)
         self.scope = scope
         self.pattern = pattern
@@ -85,8 +83,7 @@ class MaskingCallback(Callback):
         refuse_sharded_strategy(trainer.strategy)
         self._pl_module = pl_module
         self._targets = find_targets(pl_module, include=self.target_patterns, ignore=self.ignore)
-        if self.pattern is not None:
-            check_pattern_fits(self._targets, self.pattern)
+        check_pattern_fits(self._targets, self.pattern)
         if self._restored_masks:
             load_masks(pl_module, self._restored_masks)
             self._restored_masks = {}
@@ -108,6 +105,8 @@ class MaskingCallback(Callback):
 
     def prune_to(self, sparsity: float) -> dict[str, torch.Tensor]:
         """Recompute masks at `sparsity` from the criterion's scores (monotone: pruned stays pruned)."""
+        if self._pl_module is None:
+            raise RuntimeError("prune_to needs the targets that `attach` (on_fit_start) finds; call it during fit")
         scores = {t.name: self.criterion.score(t.name, t.weight) for t in self._targets}
         update_masks(self._targets, scores, sparsity, scope=self.scope, pattern=self.pattern)
         self.criterion.reset()
@@ -141,23 +140,11 @@ class MaskingCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored_masks = dict(state_dict.get("masks", {}))
-        if self._targets and self._restored_masks:  # strategies that restore after `on_fit_start`
+        if self._pl_module is not None and self._targets and self._restored_masks:  # strategies that restore after `on_fit_start`
             load_masks(self._pl_module, self._restored_masks)
             self._restored_masks = {}
         self.criterion.load_state_dict(state_dict.get("criterion", {}))
         self.current_sparsity = float(state_dict.get("current_sparsity", 0.0))
-
-
-def check_pattern_fits(targets: Sequence[PruneTarget], pattern: str) -> None:
-    """Raise before training when an N:M `pattern` does not divide a target's input dimension."""
-    _, m = parse_pattern(pattern)
-    for target in targets:
-        columns = target.as_matrix(target.weight).shape[1]
-        if columns % m:
-            raise ValueError(
-                f"`pattern`={pattern!r} needs every target's input dimension to divide by {m}, "
-                f"got {columns} for {target.name!r}; leave it dense with `ignore`"
-            )
 
 
 def refuse_sharded_strategy(strategy: object) -> None:

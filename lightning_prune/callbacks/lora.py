@@ -136,6 +136,8 @@ class LoRARecovery(Callback):
 
     def merge_adapters(self, pl_module: pl.LightningModule) -> None:
         """Merge `M ⊙ (s·B·A)` into the sparse weights, unwrap, and restore `requires_grad`."""
+        if self.peft_model is None:
+            raise RuntimeError("LoRARecovery.merge_adapters needs the adapters attached at fit start; none are attached")
         merge_lora(self.peft_model)
         self.peft_model = None
         for name, parameter in pl_module.named_parameters():

@@ -89,8 +89,10 @@ class OneShotPruning(MaskingCallback):
         """
         if self.calibration is not None:
             source = self.calibration
-        elif trainer.datamodule is not None:
-            source = trainer.datamodule.train_dataloader()
+        # `trainer.datamodule` is set at run time by Lightning's data connector, not declared on
+        # `Trainer` (lightning 2.6.6), hence getattr.
+        elif (datamodule := getattr(trainer, "datamodule", None)) is not None:
+            source = datamodule.train_dataloader()
         else:
             source = trainer.fit_loop._data_source.dataloader()
         world, rank = trainer.world_size, trainer.global_rank
@@ -115,7 +117,7 @@ class OneShotPruning(MaskingCallback):
         """Run `prune_oneshot` on the module and record the resulting sparsities."""
         needs_data = needs_calibration(self.solver, self.refiner, self.sparsity_profile)
         batches = self.calibration_batches(trainer) if needs_data else None
-        if needs_data and is_distributed():
+        if batches is not None and is_distributed():
             self._check_every_rank_has_batches(trainer, batches)
         self.report = prune_oneshot(
             pl_module,

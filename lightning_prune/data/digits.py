@@ -58,14 +58,20 @@ class DigitsDataModule(pl.LightningDataModule):
         self.train_set = TensorDataset(features[train_idx], labels[train_idx])
         self.val_set = TensorDataset(features[val_idx], labels[val_idx])
 
-    def train_dataloader(self) -> DataLoader:
+    def splits(self) -> tuple[TensorDataset, TensorDataset]:
+        """The (train, validation) datasets, set up on first use."""
+        self.setup()
+        assert self.train_set is not None and self.val_set is not None  # setup() sets both
+        return self.train_set, self.val_set
+
+    def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
         """Shuffled training batches (seeded through Lightning's `seed_everything`)."""
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
+        return DataLoader(self.splits()[0], batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
         """Validation batches in a fixed order."""
-        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(self.splits()[1], batch_size=self.batch_size, num_workers=self.num_workers)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
         """The validation split (digits has no separate test split here)."""
         return self.val_dataloader()

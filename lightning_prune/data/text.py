@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from lightning_prune.data.corpus import encode_documents, load_tokenizer, read_documents, train_bpe_tokenizer
 
 
-class BlockDataset(Dataset):
+class BlockDataset(Dataset[dict[str, torch.Tensor]]):
     """Rows of a `(blocks, seq_len)` id tensor as `{"input_ids": row}` (labels are the inputs)."""
 
     def __init__(self, blocks: torch.Tensor) -> None:
@@ -92,14 +92,20 @@ class TextDataModule(pl.LightningDataModule):
             )
         self.train_set, self.val_set = BlockDataset(train), BlockDataset(val)
 
-    def train_dataloader(self) -> DataLoader:
+    def splits(self) -> tuple[BlockDataset, BlockDataset]:
+        """The (train, validation) block datasets, set up on first use."""
+        self.setup()
+        assert self.train_set is not None and self.val_set is not None  # setup() sets both
+        return self.train_set, self.val_set
+
+    def train_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
         """Shuffled training blocks."""
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
+        return DataLoader(self.splits()[0], batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
         """Validation blocks in order."""
-        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(self.splits()[1], batch_size=self.batch_size, num_workers=self.num_workers)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
         """The validation blocks."""
         return self.val_dataloader()

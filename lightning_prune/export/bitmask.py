@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from lightning_prune.selection import group_counts
+
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
@@ -55,21 +57,16 @@ def unpack_bitmask(packed: torch.Tensor, shape: tuple[int, ...] | list[int] | to
 
 def measured_pattern(matrix: torch.Tensor, m: int = 4) -> str:
     """"k:m" where k is the most non-zeros in any group of `m` consecutive columns of a row."""
-    rows, cols = matrix.shape
+    cols = matrix.shape[1]
     if cols % m:
         return f"unstructured ({cols} columns do not split into groups of {m})"
-    most = int(_group_counts(matrix != 0, m).max()) if matrix.numel() else 0
+    most = int(group_counts(matrix != 0, m).max()) if matrix.numel() else 0
     return f"{most}:{m}"
 
 
 def is_2_4(matrix: torch.Tensor) -> bool:
     """True when every group of 4 consecutive columns of every row has at most 2 non-zeros."""
     return matrix.dim() == 2 and matrix.shape[1] % 4 == 0 and measured_pattern(matrix) in ("0:4", "1:4", "2:4")
-
-
-def _group_counts(keep: torch.Tensor, m: int) -> torch.Tensor:
-    """Trues per group of `m` consecutive columns, (rows, cols/m) uint8 (a bool sum is ~10x slower on CPU)."""
-    return keep.view(torch.uint8).reshape(keep.shape[0], -1, m).sum(-1, dtype=torch.uint8)
 
 
 def stored_positions_24(matrix: torch.Tensor) -> torch.Tensor:
@@ -80,7 +77,7 @@ def stored_positions_24(matrix: torch.Tensor) -> torch.Tensor:
     """
     rows, cols = matrix.shape
     nonzero = (matrix != 0).reshape(rows, cols // 4, 4)
-    missing = 2 - _group_counts(nonzero.reshape(rows, cols), 4).unsqueeze(-1)  # zeros still to store, 0..2
+    missing = 2 - group_counts(nonzero.reshape(rows, cols), 4).unsqueeze(-1)  # zeros still to store, 0..2
     zero_rank = (~nonzero).view(torch.uint8).cumsum(-1, dtype=torch.uint8)  # 1 for a group's first zero, ...
     keep = nonzero | (~nonzero & (zero_rank <= missing))
     return keep.reshape(rows, cols)
@@ -108,7 +105,7 @@ def decompress_24(compressed: torch.Tensor, bitmask: torch.Tensor, shape: tuple[
     if cols % 4 or tuple(compressed.shape) != (rows, cols // 2):
         raise ValueError(f"compressed values must have shape {(rows, cols // 2)} for shape {(rows, cols)}, got {tuple(compressed.shape)}")
     keep = unpack_bitmask(bitmask, (rows, cols))
-    per_group = keep.reshape(rows, cols // 4, 4).sum(-1)
+    per_group = group_counts(keep, 4)
     if not bool((per_group == 2).all()):
         raise ValueError(f"bitmask does not mark exactly 2 of every 4 positions (found {int(per_group.min())}..{int(per_group.max())})")
     dense = torch.zeros((rows, cols), dtype=compressed.dtype, device=compressed.device)

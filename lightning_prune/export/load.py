@@ -86,8 +86,9 @@ def _build_huggingface(directory: Path, manifest: dict[str, Any]) -> nn.Module:
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Assign the tensors (keeping their dtypes bit for bit); keys missing only through weight tying pass."""
     result = model.load_state_dict(state, strict=False, assign=True)
-    if callable(getattr(model, "tie_weights", None)):
-        model.tie_weights()
+    tie_weights = getattr(model, "tie_weights", None)
+    if callable(tie_weights):
+        tie_weights()
     if result.unexpected_keys:
         raise ValueError(f"checkpoint has tensors the model does not: {result.unexpected_keys[:10]}")
     loaded = {tensor.data_ptr() for tensor in state.values()}

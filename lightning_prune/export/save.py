@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from transformers import PreTrainedModel
 
 from lightning_prune.export.bitmask import compress_24, compress_bitmask, is_2_4, measured_pattern
 from lightning_prune.export.config import (
@@ -31,7 +32,7 @@ from lightning_prune.export.config import (
     quantization_config,
 )
 from lightning_prune.export.manifest import write_manifest
-from lightning_prune.masking import get_masks
+from lightning_prune.masking import get_masks, keep_only_
 from lightning_prune.targets import DEFAULT_TYPES, PruneTarget, find_targets
 
 
@@ -45,10 +46,10 @@ def export_state_dict(model: nn.Module, targets: Sequence[PruneTarget]) -> dict[
     masks = get_masks(model)
     for name in {t.name for t in targets} | set(masks):
         weight = state[name]
-        drop = weight == 0  # masked_fill writes +0.0 where a product would keep -0.0
+        keep = weight != 0  # also turns -0.0 into +0.0
         if name in masks:
-            drop |= ~masks[name].cpu()
-        state[name] = weight.masked_fill(drop, 0.0)
+            keep &= masks[name].cpu()
+        state[name] = keep_only_(weight.clone(), keep)  # a copy: on CPU `state` shares the model's storage
     return state
 
 
@@ -99,10 +100,10 @@ def _compressed_tensors(
 
 def _write_weights(
     model: nn.Module, work: Path, state: dict[str, torch.Tensor], pairs: list[tuple[PruneTarget, torch.Tensor]],
-    format: str, huggingface: bool,
+    format: str,
 ) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
     """Write the weights file(s); returns (tied-weight aliases, layout of reshaped packed weights)."""
-    if huggingface and format == "dense":
+    if isinstance(model, PreTrainedModel) and format == "dense":
         model.save_pretrained(work, state_dict=state)  # transformers handles tied weights and sharding
         return {}, {}
     aliases = _aliases(state, prefer={t.name for t, _ in pairs})
@@ -113,7 +114,7 @@ def _write_weights(
     return aliases, layout
 
 
-def _write_hf_config(model: nn.Module, directory: Path, sparsity_config: dict[str, Any], compressed: bool) -> None:
+def _write_hf_config(model: PreTrainedModel, directory: Path, sparsity_config: dict[str, Any], compressed: bool) -> None:
     config_path = directory / CONFIG_NAME
     if not config_path.exists():
         model.config.save_pretrained(directory)
@@ -185,14 +186,12 @@ def save_sparse(
     target_modules = {t.module_name for t in chosen}
     ignored = [name for name, module in model.named_modules() if isinstance(module, DEFAULT_TYPES) and name not in target_modules]
     sparsity_config = build_sparsity_config(format, chosen, matrices, ignored)
-    from transformers import PreTrainedModel
-
     huggingface = isinstance(model, PreTrainedModel)
     destination.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
     try:
-        aliases, layout = _write_weights(model, work, state, list(zip(chosen, matrices)), format, huggingface)
-        if huggingface:
+        aliases, layout = _write_weights(model, work, state, list(zip(chosen, matrices)), format)
+        if isinstance(model, PreTrainedModel):
             _write_hf_config(model, work, sparsity_config, compressed=format != "dense")
         if tokenizer is not None:
             tokenizer.save_pretrained(work)

@@ -29,7 +29,7 @@ def load_causal_lm(model_path: str | None = None, config: Mapping[str, Any] | No
         if not (path / "config.json").is_file():
             raise ValueError(f"`model_path`={model_path!r} is not a local model directory (no config.json there)")
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
-    settings = dict(config)
+    settings = dict(config or {})  # not None here: exactly one of model_path and config was given
     if "model_type" not in settings:
         raise ValueError(f"`config` needs a `model_type` (e.g. 'llama'), got keys {sorted(settings)}")
     model_config = AutoConfig.for_model(settings.pop("model_type"), **settings)

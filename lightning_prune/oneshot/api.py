@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lightning_prune.masking import set_mask
 from lightning_prune.oneshot.driver import Batch, calibrate_sequentially, call_model, find_blocks
-from lightning_prune.oneshot.method import LayerStats, MaskRefiner, OneShotMethod
+from lightning_prune.oneshot.method import LayerStats, MaskRefiner, OneShotMethod, statistic
 from lightning_prune.oneshot.owl import outlier_ratio, owl_sparsities
 from lightning_prune.oneshot.stats import FeatureNormStats, TokenStatistic
 from lightning_prune.oneshot.wanda import wanda_scores
 from lightning_prune.registry import MASK_REFINERS, ONESHOT_METHODS
 from lightning_prune.report import SparsityReport, sparsity_report
-from lightning_prune.selection import check_sparsity, parse_pattern
-from lightning_prune.targets import HFConv1D, PruneTarget, find_targets
+from lightning_prune.selection import check_pattern_fits, check_pattern_sparsity, check_sparsity
+from lightning_prune.targets import PruneTarget, find_targets
 
 PROFILES = ("uniform", "owl")
-ONESHOT_TYPES = tuple(t for t in (nn.Linear, HFConv1D) if t is not None)
+ONESHOT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 Statistic = TokenStatistic
+StatisticFactory = Callable[[str, int, torch.device], TokenStatistic]
 
 
 def take_samples(batches: Iterable[Batch], num_samples: int | None) -> list[Batch]:
@@ -83,10 +85,7 @@ def needs_calibration(method: OneShotMethod, refiner: MaskRefiner | None, sparsi
 def check_oneshot_arguments(sparsity: float, pattern: str | None, sparsity_profile: str) -> float:
     """Validate the arguments shared by `prune_oneshot` and `OneShotPruning`; returns the sparsity."""
     sparsity = check_sparsity(sparsity)
-    if pattern is not None:
-        n, m = parse_pattern(pattern)
-        if abs(sparsity - (m - n) / m) > 1e-9:
-            raise ValueError(f"`sparsity` must be {(m - n) / m} for `pattern`={pattern!r} (N:M fixes it), got {sparsity}")
+    check_pattern_sparsity(sparsity, pattern)
     if sparsity_profile not in PROFILES:
         raise ValueError(f"`sparsity_profile` must be one of {PROFILES}, got {sparsity_profile!r}")
     if sparsity_profile == "owl" and pattern is not None:
@@ -119,7 +118,8 @@ def collect_statistics(targets: Sequence[PruneTarget], kinds: Sequence[type[Stat
     handles = []
     for target in targets:
         columns = target.as_matrix(target.weight).shape[1]
-        per_kind = stats[target.name] = {kind: kind(target.name, columns, target.weight.device) for kind in kinds}
+        # Every statistic kind is built as (name, in_features, device); the base class takes the sum itself.
+        per_kind = stats[target.name] = {kind: cast(StatisticFactory, kind)(target.name, columns, target.weight.device) for kind in kinds}
 
         def add(module: nn.Module, args: tuple[Any, ...], output: Any, per_kind: dict[type[Statistic], Statistic] = per_kind) -> None:
             for stat in per_kind.values():
@@ -147,16 +147,6 @@ def prune_target(target: PruneTarget, method: OneShotMethod, refiner: MaskRefine
     set_mask(target.module, target.from_matrix(keep), target.param_name)
 
 
-def _check_pattern_fits(per_block: Sequence[Sequence[PruneTarget]], pattern: str | None) -> None:
-    if pattern is None:
-        return
-    _, m = parse_pattern(pattern)
-    for target in itertools.chain.from_iterable(per_block):
-        columns = target.as_matrix(target.weight).shape[1]
-        if columns % m:
-            raise ValueError(f"`pattern`={pattern!r} needs every layer's input dimension to divide by {m}; {target.name} has {columns}")
-
-
 def _identity(stats: list[Statistic]) -> None:
     """Default `reduce_stats`: one process, nothing to combine."""
 
@@ -170,7 +160,7 @@ def owl_block_sparsities(model: nn.Module, batches: list[Batch], per_block: Sequ
             return
         stats = collect_statistics(per_block[index], (FeatureNormStats,), run_block)
         reduce_stats([stat for per_kind in stats.values() for stat in per_kind.values()])
-        scores = [wanda_scores(t.as_matrix(t.weight), stats[t.name][FeatureNormStats].feature_norms()) for t in per_block[index]]
+        scores = [wanda_scores(t.as_matrix(t.weight), statistic(stats[t.name], FeatureNormStats).feature_norms()) for t in per_block[index]]
         ratios[index] = outlier_ratio(scores, threshold)
 
     calibrate_sequentially(model, batches, measure, **driver)
@@ -230,9 +220,9 @@ def prune_oneshot(
     refiner = resolve_refiner(refine, refine_options)
     blocks_name, block_list = find_blocks(model, blocks)
     per_block = block_targets(model, blocks_name, len(block_list), targets, ignore)
-    _check_pattern_fits(per_block, pattern)
+    check_pattern_fits(itertools.chain.from_iterable(per_block), pattern)
     reduce_stats = reduce_stats or _identity
-    driver = dict(blocks=block_list, device=device, offload=offload, forward=forward, progress=progress)
+    driver: dict[str, Any] = dict(blocks=block_list, device=device, offload=offload, forward=forward, progress=progress)
     needs_data = needs_calibration(solver, refiner, sparsity_profile)
     batches = take_samples(calibration, num_samples) if calibration is not None else []
     if needs_data and not batches:

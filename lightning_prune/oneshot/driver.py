@@ -9,6 +9,7 @@ model's maximum context. With `offload=True` only the current block sits on the 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -112,10 +113,8 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, calibration: 
     handle = first_block.register_forward_pre_hook(stop, with_kwargs=True)
     try:
         for batch in calibration:
-            try:
+            with contextlib.suppress(_ReachedFirstBlock):
                 forward(model, to_device(batch, device))
-            except _ReachedFirstBlock:
-                pass
     finally:
         handle.remove()
     if not captured:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from lightning_prune.masking import keep_only_
 from lightning_prune.oneshot.method import LayerStats, OneShotMethod, statistic
 from lightning_prune.oneshot.stats import HessianStats
 from lightning_prune.registry import register_method
@@ -55,7 +56,7 @@ def sparsegpt_prune(
     """
     W = weight.detach().float().clone()
     H = hessian.float().clone()
-    rows, columns = W.shape
+    columns = W.shape[1]
     n = m = 0
     if pattern is not None:
         n, m = parse_pattern(pattern)
@@ -97,7 +98,8 @@ def sparsegpt_prune(
         pruned[:, i1:i2] = mask1
         # Lazy batch update (section 3.3): the block's accumulated error reaches all later columns.
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-    return W.masked_fill(pruned, 0.0), ~pruned
+    keep = ~pruned
+    return keep_only_(W, keep), keep
 
 
 @register_method("sparsegpt")

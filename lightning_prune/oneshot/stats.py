@@ -18,6 +18,10 @@ class TokenStatistic:
         self.sum = sum_
         self.count = torch.zeros((), dtype=torch.int64, device=sum_.device)
 
+    def add(self, inputs: torch.Tensor) -> None:
+        """Accumulate a batch of layer inputs `(..., in_features)`."""
+        raise TypeError(f"{type(self).__name__} must define `add`")
+
     def tensors(self) -> list[torch.Tensor]:
         """The tensors to sum across ranks (in place), in a fixed order."""
         return [self.sum, self.count]

@@ -136,8 +136,9 @@ def save_model(model: torch.nn.Module, directory: Path, tokenizer: Any = None) -
     any other model as `directory/model.pt` (a `torch.save`d state dict); returns the path."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    if callable(getattr(model, "save_pretrained", None)):
-        model.save_pretrained(staging)
+    save_pretrained = getattr(model, "save_pretrained", None)
+    if callable(save_pretrained):
+        save_pretrained(staging)
         if callable(getattr(tokenizer, "save_pretrained", None)):
             tokenizer.save_pretrained(staging)
         result = directory
