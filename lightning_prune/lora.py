@@ -76,8 +76,8 @@ class MaskedDelta(LoraVariant):
 
 
 def masked_delta_weight(module: LoraLayer, adapter_name: str) -> torch.Tensor:
-    """`M ⊙ s·B·A` in the base weight's shape; pruned entries are +0.0 (masked_fill, never `* 0`)."""
-    return module.get_delta_weight(adapter_name).masked_fill(~keep_mask(module.get_base_layer()), 0.0)
+    """`M ⊙ s·B·A` in the base weight's shape; pruned entries are +0.0 (a select, never `* 0`)."""
+    return torch.where(keep_mask(module.get_base_layer()), module.get_delta_weight(adapter_name), 0.0)  # one pass, no ~mask
 
 
 def _masked_sum(module: LoraLayer, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
