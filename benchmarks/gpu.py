@@ -206,6 +206,16 @@ def sorted_threshold(flat: torch.Tensor, k: int) -> torch.Tensor:
     return flat <= torch.sort(flat)[0][k - 1]
 
 
+def device_kthvalue(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th value by `torch.kthvalue` where the scores are (one thread block per slice on CUDA)."""
+    return flat <= torch.kthvalue(flat, k).values
+
+
+def topk_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's k-th value by topk instead of kthvalue (the alternative for Wanda's selection)."""
+    return scores <= torch.topk(scores, k, dim=1, largest=False, sorted=False).values.amax(1, keepdim=True)
+
+
 def sorted_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The reference Wanda's selection: a stable sort of every row."""
     return torch.sort(scores, dim=1, stable=True)[1][:, :k]
@@ -222,25 +232,20 @@ def select_section(sizes: Sequence[tuple[int, int]], repeats: int, device: torch
             result = measure(
                 {
                     "ours": call(lowest_k, flat, k),
+                    "alternative": call(device_kthvalue, flat, k),
                     "host kthvalue (before)": call(host_threshold, flat, k),
                     "sort (reference)": call(sorted_threshold, flat, k),
                 },
                 repeats,
                 device,
             )
-            rows.append([f"{out_features}×{in_features}", name, *(ms(result[c][0]) for c in result)])
+            rows.append([f"{out_features}×{in_features}", f"{name}; alt.: kthvalue on the device", *(ms(result[c][0]) for c in result)])
         k = prune_count(in_features, 0.5)
-        result = measure(
-            {
-                "ours": call(lowest_k_per_row, scores, k),
-                "sort (reference)": call(sorted_per_row, scores, k),
-            },
-            repeats,
-            device,
-        )
-        rows.append([f"{out_features}×{in_features}", "per row (Wanda)", ms(result["ours"][0]), "—", ms(result["sort (reference)"][0])])
-    title = f"Selection alone at 50% (fp32 scores), ms; median of {repeats} interleaved rounds"
-    return table(title, ["W (out×in)", "scope", "ours", "host kthvalue (before)", "sort (reference)"], rows)
+        cases = {"ours": call(lowest_k_per_row, scores, k), "alternative": call(topk_per_row, scores, k), "sort (reference)": call(sorted_per_row, scores, k)}
+        result = measure(cases, repeats, device)
+        rows.append([f"{out_features}×{in_features}", "per row (Wanda); alt.: topk per row", ms(result["ours"][0]), ms(result["alternative"][0]), "—", ms(result["sort (reference)"][0])])
+    title = f"Selection alone at 50% (fp32 scores), ms; median of {repeats} interleaved rounds; ours = kthvalue per row, topk for one slice off the CPU"
+    return table(title, ["W (out×in)", "scope", "ours", "alternative", "host kthvalue (before)", "sort (reference)"], rows)
 
 
 # --- driver --------------------------------------------------------------------------------------------

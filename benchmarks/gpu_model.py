@@ -125,7 +125,8 @@ def oneshot_section(settings: ModelSettings, repeats: int, device: torch.device)
     title = (
         f"One-shot, 50%, Llama-style {params / 1e9:.2f}B bf16 ({settings.layers} blocks), {settings.samples}×{settings.seq_len} "
         f"calibration tokens; median of {repeats} interleaved rounds (goals: Wanda ≤ 2.2×, SparseGPT ≤ 4× the forward; "
-        f"offload peak equal at {settings.layers} and {half} blocks)"
+        f"offload peak equal at {settings.layers} and {half} blocks); peaks are above what was allocated before the call: "
+        "the model itself for the runs without offload, nothing for the offloaded ones (model on the CPU)"
     )
     return table(title, ["run", "ms", "/ forward", "peak MiB above start"], rows)
 

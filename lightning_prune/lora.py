@@ -76,13 +76,13 @@ class MaskedDelta(LoraVariant):
 
 
 def masked_delta_weight(module: LoraLayer, adapter_name: str) -> torch.Tensor:
-    """`M ⊙ s·B·A` in the base weight's shape; pruned entries are +0.0 (masked_fill, never `* 0`).
+    """`M ⊙ s·B·A` in the base weight's shape; pruned entries are +0.0 (a select, never `* 0`).
 
-    The LoRA forward differentiates through it, so it is `masked_fill` rather than `keep_only_`.
+    The LoRA forward differentiates through it, so it is a select rather than `keep_only_`.
     """
     # Every concrete peft LoRA layer (Linear, Conv, Embedding) defines get_delta_weight; the LoraLayer base does not (peft 0.21.2).
     delta: torch.Tensor = module.get_delta_weight(adapter_name)  # type: ignore[attr-defined]
-    return delta.masked_fill(~keep_mask(module.get_base_layer()), 0.0)
+    return torch.where(keep_mask(module.get_base_layer()), delta, 0.0)  # one pass, no ~mask
 
 
 def _masked_sum(module: LoraLayer, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -218,7 +218,7 @@ def select_global(
     for flat in flats.values():  # by index_fill: indexing with a 0-d tensor would sync with the host
         best.append(torch.argmax(flat).to(device) + offset)
         offset += flat.numel()
-    joined = joined.index_fill(0, torch.stack(best), float("inf"))
+    joined.index_fill_(0, torch.stack(best), float("inf"))  # joined is a fresh copy (cat): in place
     dropped = lowest_k(joined, k)
     masks, offset = {}, 0
     for name, flat in flats.items():

@@ -70,34 +70,30 @@ def sparsegpt_prune(
     check_scores(W)  # once per layer, so that the per-block selection below never syncs
     Hinv = inverse_hessian_factor(H, percdamp)
     pruned = torch.zeros_like(W, dtype=torch.bool)
+    errors = torch.empty(rows, min(blocksize, columns), device=W.device)
+    # Two kernels per column (the error, then the rank-1 update in place) where the reference code
+    # runs seven: no q, no Q1: a pruned entry of column i ends as w − (w/d)·d ≈ 0 and is zeroed at
+    # the end, a kept one stays exactly w.
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        diag1_sq = torch.diag(Hinv1).square().unsqueeze(0)
+        W1, Hinv1, mask1, Err1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], pruned[:, i1:i2], errors[:, : i2 - i1]
+        diag1 = torch.diag(Hinv1).unsqueeze(0)
+        diag1_sq = diag1.square()
         if pattern is None:
             scores = (W1.square() / diag1_sq).reshape(-1)
-            mask1 = lowest_k(scores, prune_count(scores.numel(), sparsity)).reshape(W1.shape)
-        else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            mask1.copy_(lowest_k(scores, prune_count(scores.numel(), sparsity)).reshape(W1.shape))
+        scale = mask1 / diag1  # 1/[H⁻¹]_jj where pruned, 0 where kept (N:M: filled group by group)
         for i in range(i2 - i1):
-            w = W1[:, i]
-            d = Hinv1[i, i]
             if m and i % m == 0:
                 group = W1[:, i : i + m].square() / diag1_sq[:, i : i + m]
-                mask1[:, i : i + m].scatter_(1, lowest_in_groups(group, m - n), True)  # in place in the block mask
-            q = w.masked_fill(mask1[:, i], 0.0)
-            err1 = (w - q) / d
+                mask1[:, i : i + m].scatter_(1, lowest_in_groups(group, m - n), True)
+                torch.div(mask1[:, i : i + m], diag1[:, i : i + m], out=scale[:, i : i + m])
+            torch.mul(W1[:, i], scale[:, i], out=Err1[:, i])  # (w − q)/d, q = w with the pruned entries 0
             # OBS update (paper, equation 3): spread the error over the block's later columns.
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Q1[:, i] = q
-            Err1[:, i] = err1
-        W[:, i1:i2] = Q1
-        pruned[:, i1:i2] = mask1
+            W1[:, i:].addmm_(Err1[:, i : i + 1], Hinv1[i : i + 1, i:], alpha=-1.0)
+        W[:, i1:i2] = W1
         # Lazy batch update (section 3.3): the block's accumulated error reaches all later columns.
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
     keep = ~pruned
     return keep_only_(W, keep), keep
 
