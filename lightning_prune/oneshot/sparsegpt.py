@@ -56,7 +56,7 @@ def sparsegpt_prune(
     """
     W = weight.detach().float().clone()
     H = hessian.float().clone()
-    columns = W.shape[1]
+    rows, columns = W.shape
     n = m = 0
     if pattern is not None:
         n, m = parse_pattern(pattern)
