@@ -135,8 +135,7 @@ class RecordingDSnoT(DSnoT):
 @pytest.mark.parametrize("method, pattern", [("wanda", None), ("sparsegpt", None), ("wanda", "2:4")])
 def test_tiny_llama_layers_never_get_a_larger_error(method: str, pattern: str | None) -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
     model = AutoModelForCausalLM.from_config(config).eval()
     generator = torch.Generator().manual_seed(1)
     data = [{"input_ids": torch.randint(0, 64, (2, 16), generator=generator)} for _ in range(2)]
@@ -152,21 +151,23 @@ def test_tiny_llama_layers_never_get_a_larger_error(method: str, pattern: str | 
 
 def test_refine_by_name_with_options_through_prune_oneshot() -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
     model = AutoModelForCausalLM.from_config(config).eval()
     data = [{"input_ids": torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))}]
     report = prune_oneshot(model, data, method="magnitude", sparsity=0.6, refine="dsnot", refine_options={"max_cycle_time": 5}, progress=False)
     assert report.global_sparsity == pytest.approx(0.6, abs=1e-3)
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"max_cycle_time": 0}, "`max_cycle_time`"),
-    ({"update_threshold": -1.0}, "`update_threshold`"),
-    ({"pow_of_var_regrowing": float("nan")}, "`pow_of_var_regrowing`"),
-    ({"without_same_sign": "yes"}, "`without_same_sign`"),
-    ({"pow_of_var_pruning": 1.0}, "does not take"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"max_cycle_time": 0}, "`max_cycle_time`"),
+        ({"update_threshold": -1.0}, "`update_threshold`"),
+        ({"pow_of_var_regrowing": float("nan")}, "`pow_of_var_regrowing`"),
+        ({"without_same_sign": "yes"}, "`without_same_sign`"),
+        ({"pow_of_var_pruning": 1.0}, "does not take"),
+    ],
+)
 def test_bad_options_raise(options: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         MASK_REFINERS.create("dsnot", **options)

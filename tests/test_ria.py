@@ -63,8 +63,7 @@ def test_bad_options_raise(options: dict, match: str) -> None:
 @pytest.mark.parametrize("pattern", [None, "2:4"])
 def test_prune_oneshot_with_ria_on_a_tiny_llama(pattern: str | None) -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
     model = AutoModelForCausalLM.from_config(config).eval()
     generator = torch.Generator().manual_seed(1)
     data = [{"input_ids": torch.randint(0, 64, (2, 16), generator=generator)} for _ in range(2)]

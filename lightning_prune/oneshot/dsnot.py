@@ -162,6 +162,13 @@ class DSnoT(MaskRefiner):
 
     def refine(self, dense: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor, stats: LayerStats, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         return dsnot_refine(
-            dense, pruned, keep, statistic(stats, FeatureNormStats), pattern,
-            self.max_cycle_time, self.update_threshold, self.pow_of_var_regrowing, self.without_same_sign,
+            dense,
+            pruned,
+            keep,
+            statistic(stats, FeatureNormStats),
+            pattern,
+            self.max_cycle_time,
+            self.update_threshold,
+            self.pow_of_var_regrowing,
+            self.without_same_sign,
         )
