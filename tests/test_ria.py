@@ -75,3 +75,17 @@ def test_prune_oneshot_with_ria_on_a_tiny_llama(pattern: str | None) -> None:
         assert (~mask).sum() == mask.numel() // 2
         if pattern:
             assert mask.reshape(mask.shape[0], -1, 4).sum(-1).eq(2).all()
+
+
+def test_pruning_ria_yaml_composes_and_builds_the_callback() -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from lightning_prune.cli import CONFIG_DIR
+    from lightning_prune.oneshot import DSnoT
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["recipe=wanda_2of4", "pruning=ria", "pruning.refine=dsnot", "pruning.method_options.a=1.0"])
+    callback = instantiate(cfg.pruning)
+    assert isinstance(callback.solver, Ria) and callback.solver.a == 1.0 and callback.solver.scope == "layer"
+    assert isinstance(callback.refiner, DSnoT) and callback.pattern == "2:4"

@@ -12,11 +12,20 @@ reference code does (`zyxxmu/DSnoT`, `prune_DSnoT`):
 - rows stop for good when |ε_i| ≤ `update_threshold` or a swap is refused; at most
   `max_cycle_time` swaps per row. Each weight moves at most once (candidates are ranked once).
 
-Beyond the reference, a swap is accepted only if |ε_i| strictly shrinks (the reference's default
-`without_same_sign` accepts a swap that overshoots zero to a larger error), so the refined mask's
-error never exceeds the starting one. A regrown weight gets its dense value (in the reference,
-weights are never updated, so after SparseGPT's updates this is the one consistent choice: it is
-the value the error ε is measured against); kept weights keep the method's values.
+A regrown weight gets its dense value (the reference never updates weights; after SparseGPT's
+updates the dense value is the one the error ε is measured against); kept weights keep the
+method's values. Where we differ from the reference, and why:
+
+- a swap is accepted only if |ε_i| strictly shrinks (the reference's default `without_same_sign`
+  accepts a swap that overshoots zero to a larger error), so no row's error ever grows;
+- the N:M pruning candidate is the lowest Wanda importance in the group (the reference uses the
+  initial method's own score, which a refiner of any method does not have);
+- Var[X_j] is the pooled variance over all tokens (the reference averages per-sequence variances)
+  and E[X_j] is per token (the reference sums over each 2048-token sequence: its
+  `update_threshold` 0.1 is 0.1/2048 here);
+- the reference's `pow_of_var_pruning` is parsed but never used, so it is not an option here; its
+  default `skip_layer="mlp"` (refine only attention layers of Llama) is a choice of targets, not of
+  the algorithm: every targeted layer is refined here.
 """
 
 from __future__ import annotations
@@ -60,6 +69,13 @@ def _group_candidate(grown: torch.Tensor, importance: torch.Tensor, prunable: to
     return columns.gather(1, best).squeeze(1), torch.isfinite(scores.gather(1, best).squeeze(1))
 
 
+def _variance(stats: FeatureNormStats, device: torch.device) -> torch.Tensor:
+    """Var[X_j], floored where E[x²] − E[x]² is rounding noise (about eps·E[x²]) and kept > 0."""
+    second = stats.sum.to(device) / float(stats.count)
+    floor = second * torch.finfo(torch.float32).eps
+    return stats.variance().to(device).maximum(floor).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 @torch.no_grad()
 def dsnot_refine(
     dense: torch.Tensor,
@@ -82,12 +98,9 @@ def dsnot_refine(
     kept0 = keep.bool()
     current = pruned.detach().float().masked_fill(~kept0, 0.0)
     mean, norms = stats.mean().to(W.device), stats.feature_norms().to(W.device)
-    second = stats.sum.to(W.device) / float(stats.count)
-    # E[x²] − E[x]² loses about eps·E[x²] to rounding; below that the variance is noise.
-    variance = stats.variance().to(W.device).maximum(second * torch.finfo(torch.float32).eps).clamp_min(torch.finfo(torch.float32).tiny)
     grow_effect = W * mean  # ε falls by this when the weight is regrown
     prune_effect = current * mean  # ε rises by this when the weight is pruned
-    grow_key = grow_effect / variance.pow(pow_of_var_regrowing)
+    grow_key = grow_effect / _variance(stats, W.device).pow(pow_of_var_regrowing)
     importance = current.abs() * norms  # Wanda's |W|·‖X‖ of the kept weights
     m = parse_pattern(pattern)[1] if pattern is not None else 0
     depth = max_cycle_time

@@ -1,6 +1,6 @@
 """RIA (Zhang et al., ICLR 2024, "Plug-and-Play"): relative importance times activations; no update.
 
-Score (paper, equation 2)::
+Score (the paper's relative importance times activations)::
 
     RIA_ij = (|W_ij| / Σ_k |W_ik|  +  |W_ij| / Σ_k |W_kj|) · (‖X_j‖₂)^a
 
