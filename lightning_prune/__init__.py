@@ -16,10 +16,12 @@ from lightning_prune.masking import (
     update_masks,
 )
 from lightning_prune.oneshot import (
+    DSnoT,
     FeatureNormStats,
     HessianStats,
     MaskRefiner,
     OneShotMethod,
+    Ria,
     calibrate_sequentially,
     find_blocks,
     magnitude_mask,
@@ -50,6 +52,7 @@ __all__ = [
     "MASK_REFINERS",
     "ONESHOT_METHODS",
     "STRUCTURED_SCORES",
+    "DSnoT",
     "FeatureNormStats",
     "GradualPruning",
     "HessianStats",
@@ -60,6 +63,7 @@ __all__ = [
     "OneShotPruning",
     "PruneTarget",
     "Registry",
+    "Ria",
     "SparseExport",
     "SparsityReport",
     "apply_masks_",

@@ -1,13 +1,16 @@
 """One-shot pruning on calibration data: sequential driver, registered methods, OWL.
 
-Importing this package registers the built-in methods (one file each): magnitude, wanda, sparsegpt.
+Importing this package registers the built-in methods (one file each): magnitude, wanda, sparsegpt,
+ria; and the mask refinement dsnot.
 """
 
 from lightning_prune.oneshot.api import needs_calibration, prune_oneshot, resolve_method, resolve_refiner
 from lightning_prune.oneshot.driver import calibrate_sequentially, find_blocks
+from lightning_prune.oneshot.dsnot import DSnoT, dsnot_refine, expected_error
 from lightning_prune.oneshot.magnitude import MagnitudeMethod, magnitude_mask
 from lightning_prune.oneshot.method import LayerStats, MaskRefiner, OneShotMethod
 from lightning_prune.oneshot.owl import outlier_ratio, owl_sparsities
+from lightning_prune.oneshot.ria import Ria, ria_mask, ria_scores
 from lightning_prune.oneshot.sparsegpt import SparseGPT, inverse_hessian_factor, sparsegpt_prune
 from lightning_prune.oneshot.stats import FeatureNormStats, HessianStats, TokenStatistic
 from lightning_prune.oneshot.wanda import Wanda, wanda_mask, wanda_scores
@@ -19,16 +22,20 @@ __all__ = [
     "MASK_REFINERS",
     "METHODS",
     "ONESHOT_METHODS",
+    "DSnoT",
     "FeatureNormStats",
     "HessianStats",
     "LayerStats",
     "MagnitudeMethod",
     "MaskRefiner",
     "OneShotMethod",
+    "Ria",
     "SparseGPT",
     "TokenStatistic",
     "Wanda",
     "calibrate_sequentially",
+    "dsnot_refine",
+    "expected_error",
     "find_blocks",
     "inverse_hessian_factor",
     "magnitude_mask",
@@ -38,6 +45,8 @@ __all__ = [
     "prune_oneshot",
     "resolve_method",
     "resolve_refiner",
+    "ria_mask",
+    "ria_scores",
     "sparsegpt_prune",
     "wanda_mask",
     "wanda_scores",

@@ -44,19 +44,40 @@ class TokenStatistic:
 
 
 class FeatureNormStats(TokenStatistic):
-    """Wanda's statistic: Σ over tokens of x_j² for every input feature j, and the token count."""
+    """Per input feature j: Σ x_j² (Wanda's statistic, `sum`), Σ x_j (`first`) and the token count.
+
+    The first moment gives DSnoT its mean and variance of each input feature; both sums are in
+    `tensors()`, so summing them over ranks still gives the statistic of all ranks' batches.
+    """
 
     def __init__(self, name: str, in_features: int, device: torch.device | str | None = None) -> None:
         super().__init__(name, torch.zeros(in_features, dtype=torch.float32, device=device))
+        self.first = torch.zeros(in_features, dtype=torch.float32, device=device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors to sum across ranks (in place), in a fixed order."""
+        return [self.sum, self.first, self.count]
 
     def add(self, inputs: torch.Tensor) -> None:
         """Accumulate a batch of layer inputs `(..., in_features)`."""
-        self.sum += self._rows(inputs).square().sum(0)
+        rows = self._rows(inputs)
+        self.sum += rows.square().sum(0)
+        self.first += rows.sum(0)
 
     def feature_norms(self) -> torch.Tensor:
         """‖X_j‖₂ over all calibration tokens (Wanda's activation norm)."""
         self.check_count()
         return self.sum.sqrt()
+
+    def mean(self) -> torch.Tensor:
+        """E[X_j] over all calibration tokens."""
+        self.check_count()
+        return self.first / float(self.count)
+
+    def variance(self) -> torch.Tensor:
+        """Var[X_j] = E[X_j²] − E[X_j]² over all calibration tokens (population variance, ≥ 0)."""
+        mean = self.mean()
+        return (self.sum / float(self.count) - mean.square()).clamp_min(0.0)
 
 
 class HessianStats(TokenStatistic):
