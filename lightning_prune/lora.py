@@ -117,11 +117,7 @@ def _ensure_masks(model: nn.Module, names: Sequence[str]) -> None:
         module = model.get_submodule(name)
         if get_mask(module) is not None:
             continue
-        weight = module.weight
-        frozen = not weight.requires_grad
-        weight.requires_grad_(True)  # set_mask registers a gradient hook, which needs requires_grad
-        set_mask(module, weight.detach() != 0)
-        weight.requires_grad_(not frozen)
+        set_mask(module, module.weight.detach() != 0)
         object.__setattr__(module, _DERIVED, True)
 
 
