@@ -103,9 +103,10 @@ def _hook_gradient(module: nn.Module, param_name: str) -> None:
 
 
 def _unhook_gradient(module: nn.Module, param_name: str) -> None:
-    handle = _GRADIENT_HOOKS.pop(getattr(module, param_name), None)
-    if handle is not None:
-        handle.remove()
+    param = getattr(module, param_name)
+    if param in _GRADIENT_HOOKS:
+        _GRADIENT_HOOKS[param].remove()
+        del _GRADIENT_HOOKS[param]
 
 
 def _reapply_after_load(module: nn.Module, incompatible: object) -> None:
