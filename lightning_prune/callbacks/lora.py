@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_prune.callbacks.base import refuse_sharded_strategy
 from lightning_prune.lora import adapter_parameters, attach_lora, check_lora_arguments, merge_lora, unwrapped_state_dict
+from lightning_prune.validation import check_number
 
 
 def wrapped_network(pl_module: pl.LightningModule) -> nn.Module:
@@ -66,8 +67,8 @@ class LoRARecovery(Callback):
         masked_delta: bool = True,
     ) -> None:
         check_lora_arguments(r, alpha, dropout)
-        if lr is not None and lr <= 0:
-            raise ValueError(f"`lr` must be > 0 or None, got {lr!r}")
+        if lr is not None:
+            check_number(lr, "lr", low=0.0, low_open=True)
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules = target_modules
         self.merge, self.lr, self.masked_delta = merge, lr, masked_delta
