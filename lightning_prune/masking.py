@@ -227,6 +227,12 @@ def update_masks(
     matrices, pruned = {}, {}
     for target in targets:
         matrices[target.name] = target.as_matrix(scores[target.name])
+        if bool(torch.isnan(matrices[target.name]).any()):
+            bad = int(torch.isnan(target.weight).sum())
+            raise ValueError(
+                f"the scores of {target.name!r} contain NaN ({bad} of its {target.weight.numel()} weights are NaN); "
+                "the model diverged before this prune step: lower the learning rate or check the inputs"
+            )
         current = get_mask(target.module, target.param_name)
         if monotone and current is not None:
             pruned[target.name] = ~target.as_matrix(current)

@@ -265,3 +265,12 @@ def test_pickled_model_keeps_masks_and_reapplies_them_after_loading() -> None:
         assert restored.get_parameter(name)[~mask].eq(0).all()
     restored(torch.randn(4, 8)).square().sum().backward()
     assert _masked_gradients_are_zero(restored)
+
+
+def test_nan_weights_under_magnitude_selection_name_the_layer() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight[1, 2] = float("nan")
+    targets = find_targets(model, ignore_output_head=False)
+    with pytest.raises(ValueError, match=r"the scores of '0.weight' contain NaN \(1 of its 16 weights are NaN\)"):
+        update_masks(targets, {t.name: t.weight.detach().abs() for t in targets}, 0.5)
