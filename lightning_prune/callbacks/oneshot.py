@@ -12,8 +12,8 @@ from torch.utils.data import DistributedSampler
 
 from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.distributed import all_reduce_sum_, is_distributed
-from lightning_prune.oneshot.driver import call_model
 from lightning_prune.oneshot.api import check_num_samples, check_oneshot_arguments, needs_calibration, prune_oneshot, resolve_method, resolve_refiner, take_samples
+from lightning_prune.oneshot.driver import call_model
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
 from lightning_prune.report import SparsityReport
 
