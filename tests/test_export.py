@@ -338,3 +338,38 @@ def test_a_damaged_manifest_is_named(tmp_path, damage, message):
     manifest_path.write_text(json.dumps(damage(json.loads(manifest_path.read_text()))))
     with pytest.raises(ValueError, match=message):
         load_sparse(path, model=nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 1)))
+
+
+def test_export_mistakes_are_refused_before_training(tmp_path):
+    module = CausalLMModule(config={"model_type": "llama", **TINY_LLAMA})
+    with pytest.raises(ValueError, match=r"`attribute`='nope' names no nn.Module of CausalLMModule"):
+        SparseExport(tmp_path / "e", attribute="nope").preflight(module)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="non-empty directory that save_sparse did not write"):
+        SparseExport(tmp_path / "mine").preflight(module)
+    odd = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"`format`='sparse-24-bitmask' can never hold '0.weight': its input dimension 6"):
+        SparseExport(tmp_path / "e", format="sparse-24-bitmask").preflight(odd)
+    SparseExport(tmp_path / "e", format="sparse-24-bitmask").preflight(module)
+
+
+def test_a_2_4_export_without_a_2_4_pruning_callback_fails_at_fit_start(tmp_path):
+    torch.manual_seed(0)
+    module = CausalLMModule(config={"model_type": "llama", **TINY_LLAMA})
+    data = torch.utils.data.DataLoader([{"input_ids": torch.randint(0, 48, (8,))} for _ in range(4)], batch_size=2)
+    export = SparseExport(tmp_path / "export", format="sparse-24-bitmask")
+    seen = []
+
+    class CountSteps(pl.Callback):
+        def on_train_batch_start(self, *args) -> None:
+            seen.append(1)
+
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", max_steps=2, callbacks=[GradualPruning(0.5, frequency=1), export, CountSteps()])
+    with pytest.raises(ValueError, match=r"no pruning callback of this Trainer prunes \['model.layers.0.self_attn.q_proj.weight'"):
+        trainer.fit(module, train_dataloaders=data)
+    assert seen == []  # refused before the first step
+    export.check_two_four_source([GradualPruning(0.5, pattern="2:4")], module)  # a 2:4 pruning callback is enough
+    prune_2_4(module.model)
+    export.check_two_four_source([], module)  # weights that already are 2:4 are enough

@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_prune.callbacks.base import refuse_sharded_strategy
 from lightning_prune.lora import adapter_parameters, attach_lora, check_lora_arguments, merge_lora, unwrapped_state_dict
+from lightning_prune.targets import find_targets
 from lightning_prune.validation import check_number
 
 
@@ -83,7 +84,14 @@ class LoRARecovery(Callback):
         return self._generate_state_key(r=self.r, target_modules=str(self.target_modules))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.preflight(pl_module)
         self.attach(trainer, pl_module)
+
+    def preflight(self, pl_module: nn.Module) -> None:
+        """Raise before training when `target_modules` match no layer (None is resolved at fit start:
+        the layers pruned by then)."""
+        if self.target_modules is not None:
+            find_targets(wrapped_network(pl_module), include=self.target_modules, ignore_output_head=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.merge and self.peft_model is not None:

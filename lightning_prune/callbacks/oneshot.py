@@ -12,10 +12,11 @@ from torch.utils.data import DistributedSampler
 
 from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.distributed import all_reduce_sum_, is_distributed
-from lightning_prune.oneshot.api import check_num_samples, check_oneshot_arguments, needs_calibration, prune_oneshot, resolve_method, resolve_refiner, take_samples
-from lightning_prune.oneshot.driver import call_model
+from lightning_prune.oneshot.api import block_targets, check_num_samples, check_oneshot_arguments, needs_calibration, prune_oneshot, resolve_method, resolve_refiner, take_samples
+from lightning_prune.oneshot.driver import call_model, find_blocks
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
 from lightning_prune.report import SparsityReport
+from lightning_prune.targets import PruneTarget
 
 
 def resolve_forward(forward: Callable[[torch.nn.Module, Any], Any] | str | None) -> Callable[[torch.nn.Module, Any], Any]:
@@ -123,6 +124,12 @@ class OneShotPruning(MaskingCallback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self.log_sparsity(pl_module, layers=batch_idx == 0)
 
+    def resolve_targets(self, model: torch.nn.Module) -> list[PruneTarget]:
+        """The Linear/Conv1D layers inside the model's blocks that `targets`/`ignore` select (as `prune_oneshot`)."""
+        blocks_name, block_list = find_blocks(model, self.blocks)
+        per_block = block_targets(model, blocks_name, len(block_list), self.target_patterns, self.ignore)
+        return [target for targets in per_block for target in targets]
+
     def calibration_batches(self, trainer: pl.Trainer) -> list[Any]:
         """This rank's calibration batches: the first `num_samples` sequences over all ranks.
 
@@ -180,6 +187,7 @@ class OneShotPruning(MaskingCallback):
         )
         self.layer_sparsity = {layer.name: layer.sparsity for layer in self.report.layers}
         self.current_sparsity = self.report.global_sparsity
+        self.reached_sparsity = self.sparsity
         self.pruned = True
         return self.report
 

@@ -141,8 +141,9 @@ def _write_hf_config(model: nn.Module, directory: Path, sparsity_config: dict[st
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _check_destination(destination: Path) -> None:
+def check_destination(destination: Path) -> None:
     """Only an empty directory or an earlier export may be replaced: never delete someone's files."""
+    recover_directory(destination)
     if not destination.exists():
         return
     if not destination.is_dir():
@@ -177,8 +178,7 @@ def save_sparse(
     """
     check_format(format)
     destination = Path(path)
-    recover_directory(destination)
-    _check_destination(destination)
+    check_destination(destination)
     chosen = find_targets(model, include=targets, ignore=ignore)
     state = export_state_dict(model, chosen)
     _refuse_non_finite(state)
