@@ -34,6 +34,7 @@ from lightning_prune.targets import PruneTarget
 
 _MASKED = "_lightning_prune_masked"  # module attribute: [param_name, ...] of its masked parameters
 _LOAD_HOOK = "_lightning_prune_load_hook"  # module attribute: the load_state_dict post hook's handle
+_FINALIZED = "_lightning_prune_finalized"  # module attribute kept by finalize: [param_name, ...] it baked in
 # Gradient hooks by parameter object, outside the module: a deepcopy, a pickle round trip or
 # `load_state_dict(assign=True)` makes new parameters, which are not in here and get their own hook
 # (`ensure_gradient_masking`), while the original's hooks stay the original's.
@@ -152,6 +153,16 @@ def masked_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
             yield (f"{module_name}.{param_name}" if module_name else param_name), module, param_name
 
 
+def finalized_parameters(model: nn.Module) -> list[str]:
+    """Qualified names of the parameters whose masks `finalize` baked in (plain attributes: they
+    survive deepcopy and pickling, not a fresh instance loaded from a state dict)."""
+    return [
+        f"{module_name}.{param_name}" if module_name else param_name
+        for module_name, module in model.named_modules()
+        for param_name in getattr(module, _FINALIZED, ())
+    ]
+
+
 def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """All keep-masks of `model` by qualified parameter name (the tensors themselves, not copies)."""
     return {name: getattr(module, _mask_name(p)) for name, module, p in masked_parameters(model)}
@@ -201,9 +212,12 @@ def remove_masks(model: nn.Module) -> None:
 def finalize(model: nn.Module) -> nn.Module:
     """Bake the masks in as exact +0.0, remove every mask and hook, and return the plain model.
 
-    Afterwards `model.state_dict()` has exactly the dense model's keys.
+    Afterwards `model.state_dict()` has exactly the dense model's keys. Each module keeps the names
+    of its parameters that were pruned (`finalized_parameters`), so reports count the same layers.
     """
     for _, module, param_name in masked_parameters(model):
+        finalized = getattr(module, _FINALIZED, [])
+        object.__setattr__(module, _FINALIZED, [*finalized, *([] if param_name in finalized else [param_name])])
         weight = getattr(module, param_name)
         keep = getattr(module, _mask_name(param_name)) & (weight != 0)  # also turns -0.0 into +0.0
         weight.masked_fill_(~keep, 0.0)
