@@ -132,7 +132,8 @@ class MaskingCallback(Callback):
             return
         for hook in self._hooks:
             hook.remove()
-        self._hooks = [keep_masks_applied(optimizer, self._pl_module) for optimizer in trainer.optimizers]
+        module = trainer.lightning_module
+        self._hooks = [keep_masks_applied(optimizer, module) for optimizer in trainer.optimizers]
         self._hooked_optimizers = list(trainer.optimizers)
 
     def detach(self, pl_module: pl.LightningModule) -> None:

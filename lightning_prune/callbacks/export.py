@@ -113,7 +113,7 @@ class SparseExport(Callback):
             self.export(pl_module)
         trainer.strategy.barrier("lightning_prune.SparseExport")
 
-    def model_to_export(self, pl_module: pl.LightningModule) -> nn.Module:
+    def model_to_export(self, pl_module: nn.Module) -> nn.Module:
         """The module `export` writes (see `attribute`)."""
         if self.attribute is not None:
             model = getattr(pl_module, self.attribute, None)

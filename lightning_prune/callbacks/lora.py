@@ -18,7 +18,7 @@ from lightning_prune.targets import find_targets
 from lightning_prune.validation import check_number
 
 
-def wrapped_network(pl_module: pl.LightningModule) -> nn.Module:
+def wrapped_network(pl_module: nn.Module) -> nn.Module:
     """The network LoRA wraps: `pl_module.model` when it is a module (the demos' convention), else `pl_module`."""
     network = getattr(pl_module, "model", None)
     return network if isinstance(network, nn.Module) else pl_module

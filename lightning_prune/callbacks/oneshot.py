@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -34,7 +34,7 @@ def resolve_forward(forward: Callable[[torch.nn.Module, Any], Any] | str | None)
         raise ValueError(f"`forward`={forward!r} cannot be imported: {error}") from error
     if not callable(resolved):
         raise ValueError(f"`forward`={forward!r} names a {type(resolved).__name__}, not a callable (model, batch) -> output")
-    return resolved
+    return cast(Callable[[torch.nn.Module, Any], Any], resolved)
 
 
 def fit_train_dataloader(trainer: pl.Trainer) -> Iterable[Any]:
@@ -50,7 +50,7 @@ def fit_train_dataloader(trainer: pl.Trainer) -> Iterable[Any]:
         raise ValueError("OneShotPruning found no training dataloader to calibrate on; pass `calibration=` batches")
     if isinstance(source, (list, tuple, dict)):
         raise ValueError(f"OneShotPruning cannot choose among {len(source)} training dataloaders; pass `calibration=` batches")
-    return source
+    return cast(Iterable[Any], source)
 
 
 class OneShotPruning(MaskingCallback):
