@@ -153,7 +153,7 @@ def test_callbacks_use_no_private_lightning_attributes() -> None:
 
 
 def test_preflight_refuses_targets_and_patterns_that_cannot_work() -> None:
-    with pytest.raises(ValueError, match=r"no Linear/Conv1D layers matched `targets`='nomatch'"):
+    with pytest.raises(ValueError, match=r"no prunable weights matched `targets`='nomatch'"):
         OneShotPruning("wanda", 0.5, targets="nomatch").preflight(module())
     with pytest.raises(ValueError, match=r"`pattern`='2:16' needs every target's input dimension to divide by 16, got 8 for 'blocks.0.0.weight'"):
         OneShotPruning("wanda", 0.875, pattern="2:16").preflight(TupleBatchModule())

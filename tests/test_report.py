@@ -79,7 +79,7 @@ def test_the_report_is_the_same_with_masks_after_finalize_and_after_loading() ->
     with torch.no_grad():
         module.net[4].weight[0, 0] = 0.0  # one exact zero in the dense head must not pull it in
     masked = sparsity_report(module)
-    assert [l.name for l in masked.layers] == ["net.0.weight", "net.2.weight"]
+    assert [layer.name for layer in masked.layers] == ["net.0.weight", "net.2.weight"]
     finalized = copy.deepcopy(module)
     lp.finalize(finalized)
     assert sparsity_report(finalized).as_dict() == masked.as_dict()
