@@ -6,7 +6,9 @@ from lightning_prune.export import load_sparse, load_sparse_state_dict, save_spa
 from lightning_prune.lora import attach_lora, load_lora, merge_lora
 from lightning_prune.masking import (
     apply_masks_,
+    ensure_gradient_masking,
     finalize,
+    finalized_parameters,
     get_mask,
     get_masks,
     keep_masks_applied,
@@ -69,7 +71,9 @@ __all__ = [
     "apply_masks_",
     "attach_lora",
     "calibrate_sequentially",
+    "ensure_gradient_masking",
     "finalize",
+    "finalized_parameters",
     "find_blocks",
     "find_targets",
     "get_mask",

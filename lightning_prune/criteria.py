@@ -38,6 +38,10 @@ class Criterion:
     def reset(self) -> None:
         """Forget the accumulated statistics (after they were used to prune)."""
 
+    def seen(self) -> set[str]:
+        """Names of the weights with accumulated gradients (empty for criteria without any)."""
+        return set()
+
     def state_dict(self) -> dict[str, Any]:
         """Accumulated statistics, for checkpoints."""
         return {}
@@ -103,10 +107,13 @@ class _GradientCriterion(Criterion):
         """The summed statistic of `name`; an error if no gradient was seen for it."""
         if name not in self.sums:
             raise RuntimeError(
-                f"{type(self).__name__.lower()} criterion has no gradients accumulated for {name!r}; "
-                "prune after at least one training step"
+                f"{type(self).__name__.lower()} criterion has no gradients accumulated for {name!r}: either no training "
+                "step ran before this prune, or the loss does not reach it (leave it out with `ignore`)"
             )
         return self.sums[name]
+
+    def seen(self) -> set[str]:
+        return set(self.sums)
 
     def reset(self) -> None:
         self.sums.clear()

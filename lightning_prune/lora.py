@@ -37,6 +37,7 @@ from torch import nn
 
 from lightning_prune.masking import get_mask, keep_only_, masked_parameters, remove_masks, set_mask
 from lightning_prune.targets import find_targets
+from lightning_prune.validation import check_integer, check_number
 
 _DERIVED = "_lightning_prune_lora_derived_mask"  # base-layer flag: mask derived from zeros by attach_lora
 
@@ -121,22 +122,15 @@ def _ensure_masks(model: nn.Module, names: Sequence[str]) -> None:
         module = model.get_submodule(name)
         if get_mask(module) is not None:
             continue
-        weight = module.get_parameter("weight")
-        frozen = not weight.requires_grad
-        weight.requires_grad_(True)  # set_mask registers a gradient hook, which needs requires_grad
-        set_mask(module, weight.detach() != 0)
-        weight.requires_grad_(not frozen)
+        set_mask(module, module.get_parameter("weight").detach() != 0)
         object.__setattr__(module, _DERIVED, True)
 
 
 def check_lora_arguments(r: int, alpha: float, dropout: float) -> None:
     """Validate LoRA's rank, scaling numerator and dropout; the error names the argument and value."""
-    if not isinstance(r, int) or r < 1:
-        raise ValueError(f"`r` must be an integer >= 1, got {r!r}")
-    if alpha <= 0:
-        raise ValueError(f"`alpha` must be > 0, got {alpha!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}")
+    check_integer(r, "r", low=1)
+    check_number(alpha, "alpha", low=0.0, low_open=True)
+    check_number(dropout, "dropout", low=0.0, high=1.0, high_open=True)
 
 
 def attach_lora(

@@ -6,7 +6,10 @@ element, outside `state_dict`, so checkpoints keep the dense model's keys); a gr
 zeroes the pruned entries' gradients, and `apply_masks_` re-zeroes the pruned weights after every
 optimizer step (`keep_masks_applied` registers it as an optimizer step hook), so no optimizer
 state — momentum, weight decay — can move a pruned value into the forward pass. Loading a state
-dict into a masked module re-applies its masks too.
+dict into a masked module re-applies its masks too. Everything on the module (mask buffers, the
+list of masked names, the load hook) survives `copy.deepcopy` and pickling; gradient hooks live
+with the parameter objects and are re-made for new ones (`ensure_gradient_masking`, run by
+`keep_masks_applied`, `apply_masks_` and every load, also with `assign=True`).
 
 Lifecycle::
 
@@ -24,11 +27,18 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_prune.selection import select_masks
 from lightning_prune.targets import PruneTarget
 
-_HANDLES = "_lightning_prune_handles"  # module attribute: {param_name: [RemovableHandle, ...]}
+_MASKED = "_lightning_prune_masked"  # module attribute: [param_name, ...] of its masked parameters
+_LOAD_HOOK = "_lightning_prune_load_hook"  # module attribute: the load_state_dict post hook's handle
+_FINALIZED = "_lightning_prune_finalized"  # module attribute kept by finalize: [param_name, ...] it baked in
+# Gradient hooks by parameter object, outside the module: a deepcopy, a pickle round trip or
+# `load_state_dict(assign=True)` makes new parameters, which are not in here and get their own hook
+# (`ensure_gradient_masking`), while the original's hooks stay the original's.
+_GRADIENT_HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _mask_name(param_name: str) -> str:
@@ -37,7 +47,7 @@ def _mask_name(param_name: str) -> str:
 
 def get_mask(module: nn.Module, param_name: str = "weight") -> torch.Tensor | None:
     """The keep-mask attached to `module.<param_name>`, or None."""
-    if param_name not in getattr(module, _HANDLES, {}):
+    if param_name not in getattr(module, _MASKED, ()):
         return None
     mask: torch.Tensor = getattr(module, _mask_name(param_name))
     return mask
@@ -70,44 +80,93 @@ def _zero_pruned(module: nn.Module, param_name: str) -> None:
     keep_only_(getattr(module, param_name), getattr(module, _mask_name(param_name)))
 
 
+class _MaskGradient:
+    """Post-accumulate-grad hook: zero the pruned entries of `param.grad` in place.
+
+    After accumulation and in place: a hook returning `grad * mask` allocates a new gradient every
+    backward, and on CPU that allocation (fresh pages) cost ~10x the multiply itself
+    (benchmarks/mask_overhead.py). It runs inside the accumulation node, before DDP's reducer reads
+    the gradient, so every rank reduces masked gradients.
+    """
+
+    def __init__(self, module: nn.Module, param_name: str) -> None:
+        self.module, self.param_name = module, param_name
+
+    def __call__(self, param: torch.Tensor) -> None:
+        if param.grad is not None and self.param_name in getattr(self.module, _MASKED, ()):
+            keep_only_(param.grad, getattr(self.module, _mask_name(self.param_name)))
+
+
+def _hook_gradient(module: nn.Module, param_name: str) -> None:
+    """Give the current `module.<param_name>` its gradient hook, once; frozen weights get it later.
+
+    A weight with `requires_grad=False` gets no gradient to mask; it is hooked by the next
+    `ensure_gradient_masking` (every `apply_masks_`, `keep_masks_applied` and load) after it is unfrozen.
+    """
+    param = getattr(module, param_name)
+    if param in _GRADIENT_HOOKS or not param.requires_grad or param.grad_fn is not None:
+        return
+    _GRADIENT_HOOKS[param] = param.register_post_accumulate_grad_hook(_MaskGradient(module, param_name))
+
+
+def _unhook_gradient(module: nn.Module, param_name: str) -> None:
+    param = getattr(module, param_name)
+    if param in _GRADIENT_HOOKS:
+        _GRADIENT_HOOKS[param].remove()
+        del _GRADIENT_HOOKS[param]
+
+
+def _reapply_after_load(module: nn.Module, incompatible: object) -> None:
+    """load_state_dict post hook: re-zero pruned weights, hook parameters `assign=True` replaced."""
+    for param_name in getattr(module, _MASKED, ()):
+        _hook_gradient(module, param_name)
+        _zero_pruned(module, param_name)
+
+
+def ensure_gradient_masking(model: nn.Module) -> None:
+    """Hook every masked parameter of `model` that has no gradient hook yet (copies, unfrozen weights)."""
+    for _, module, param_name in masked_parameters(model):
+        _hook_gradient(module, param_name)
+
+
 def set_mask(module: nn.Module, mask: torch.Tensor, param_name: str = "weight") -> None:
-    """Attach (or replace) the keep-mask of `module.<param_name>` and zero its pruned entries now."""
+    """Attach (or replace) the keep-mask of `module.<param_name>` and zero its pruned entries now.
+
+    Works on frozen weights too (their gradient is masked once they require grad again).
+    """
     weight = getattr(module, param_name)
     if mask.shape != weight.shape:
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit `{param_name}` of shape {tuple(weight.shape)}")
     mask = mask.to(device=weight.device, dtype=torch.bool)
-    handles = getattr(module, _HANDLES, None)
-    if handles is None:
-        handles = {}
-        object.__setattr__(module, _HANDLES, handles)
-    if param_name in handles:
+    masked = getattr(module, _MASKED, None)
+    if masked is None:
+        masked = []
+        object.__setattr__(module, _MASKED, masked)
+        object.__setattr__(module, _LOAD_HOOK, module.register_load_state_dict_post_hook(_reapply_after_load))  # type: ignore[no-untyped-call]  # unannotated in torch 2.13
+    if param_name in masked:
         getattr(module, _mask_name(param_name)).copy_(mask)
     else:
         module.register_buffer(_mask_name(param_name), mask.clone(), persistent=False)
-
-        def mask_grad_(param: torch.Tensor) -> None:
-            # After accumulation and in place: a hook returning `grad * mask` allocates a new
-            # gradient every backward, and on CPU that allocation (fresh pages) cost ~10x the
-            # multiply itself (benchmarks/mask_overhead.py). It runs inside the accumulation node,
-            # before DDP's reducer reads the gradient, so every rank reduces masked gradients.
-            if param.grad is not None:
-                keep_only_(param.grad, getattr(module, _mask_name(param_name)))
-
-        def reapply_after_load(mod: nn.Module, incompatible: object) -> None:
-            _zero_pruned(mod, param_name)
-
-        handles[param_name] = [
-            weight.register_post_accumulate_grad_hook(mask_grad_),
-            module.register_load_state_dict_post_hook(reapply_after_load),  # type: ignore[no-untyped-call]  # unannotated in torch 2.13
-        ]
+        masked.append(param_name)
+    _hook_gradient(module, param_name)
     _zero_pruned(module, param_name)
 
 
 def masked_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
     """(qualified parameter name, owning module, parameter name) of every masked parameter."""
     for module_name, module in model.named_modules():
-        for param_name in getattr(module, _HANDLES, {}):
+        for param_name in getattr(module, _MASKED, ()):
             yield (f"{module_name}.{param_name}" if module_name else param_name), module, param_name
+
+
+def finalized_parameters(model: nn.Module) -> list[str]:
+    """Qualified names of the parameters whose masks `finalize` baked in (plain attributes: they
+    survive deepcopy and pickling, not a fresh instance loaded from a state dict)."""
+    return [
+        f"{module_name}.{param_name}" if module_name else param_name
+        for module_name, module in model.named_modules()
+        for param_name in getattr(module, _FINALIZED, ())
+    ]
 
 
 def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -130,31 +189,41 @@ def load_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
 def apply_masks_(model: nn.Module) -> None:
     """Re-zero every pruned weight of `model` (call after each optimizer step in a plain loop)."""
     for _, module, param_name in masked_parameters(model):
+        _hook_gradient(module, param_name)
         _zero_pruned(module, param_name)
 
 
 def keep_masks_applied(optimizer: torch.optim.Optimizer, model: nn.Module) -> RemovableHandle:
-    """Re-apply `model`'s masks after every `optimizer.step()`; returns the hook's handle."""
+    """Re-apply `model`'s masks after every `optimizer.step()`; returns the hook's handle.
+
+    Also hooks the gradients of masked parameters that have no hook yet (a deepcopy, unfrozen weights).
+    """
+    ensure_gradient_masking(model)
     return optimizer.register_step_post_hook(lambda *_: apply_masks_(model))
 
 
 def remove_masks(model: nn.Module) -> None:
     """Detach every mask and hook without touching the weights."""
     for _, module, param_name in list(masked_parameters(model)):
-        for handle in getattr(module, _HANDLES).pop(param_name):
-            handle.remove()
+        _unhook_gradient(module, param_name)
+        getattr(module, _MASKED).remove(param_name)
         delattr(module, _mask_name(param_name))
-        if not getattr(module, _HANDLES):
-            object.__delattr__(module, _HANDLES)
+        if not getattr(module, _MASKED):
+            getattr(module, _LOAD_HOOK).remove()
+            object.__delattr__(module, _MASKED)
+            object.__delattr__(module, _LOAD_HOOK)
 
 
 @torch.no_grad()
 def finalize(model: nn.Module) -> nn.Module:
     """Bake the masks in as exact +0.0, remove every mask and hook, and return the plain model.
 
-    Afterwards `model.state_dict()` has exactly the dense model's keys.
+    Afterwards `model.state_dict()` has exactly the dense model's keys. Each module keeps the names
+    of its parameters that were pruned (`finalized_parameters`), so reports count the same layers.
     """
     for _, module, param_name in masked_parameters(model):
+        finalized = getattr(module, _FINALIZED, [])
+        object.__setattr__(module, _FINALIZED, [*finalized, *([] if param_name in finalized else [param_name])])
         weight = getattr(module, param_name)
         keep_only_(weight, getattr(module, _mask_name(param_name)) & (weight != 0))  # also turns -0.0 into +0.0
     remove_masks(model)
@@ -177,6 +246,12 @@ def update_masks(
     matrices, pruned = {}, {}
     for target in targets:
         matrices[target.name] = target.as_matrix(scores[target.name])
+        if bool(torch.isnan(matrices[target.name]).any()):
+            bad = int(torch.isnan(target.weight).sum())
+            raise ValueError(
+                f"the scores of {target.name!r} contain NaN ({bad} of its {target.weight.numel()} weights are NaN); "
+                "the model diverged before this prune step: lower the learning rate or check the inputs"
+            )
         current = get_mask(target.module, target.param_name)
         if monotone and current is not None:
             pruned[target.name] = ~target.as_matrix(current)

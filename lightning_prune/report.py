@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from lightning_prune.masking import masked_parameters
+from lightning_prune.masking import finalized_parameters, masked_parameters
 from lightning_prune.selection import group_counts
 from lightning_prune.targets import PruneTarget, find_targets
 
@@ -104,13 +104,26 @@ def _pattern_of(matrix: torch.Tensor) -> str:
     return "unstructured"
 
 
+def pruned_targets(model: nn.Module) -> list[PruneTarget]:
+    """The layers a report counts: the pruned ones, by one rule whether masks are attached or not.
+
+    The masked weights and those `finalize` baked in; for a model without either (e.g. loaded from
+    a checkpoint into a fresh instance) the prunable layers holding exact zeros, which a trained
+    dense layer does not; for a model without zeros, every prunable layer.
+    """
+    every = find_targets(model, ignore_output_head=False)
+    pruned = {name for name, _, _ in masked_parameters(model)} | set(finalized_parameters(model))
+    chosen = [t for t in every if t.name in pruned]
+    if not chosen:
+        chosen = [t for t in every if bool((t.weight == 0).any())]
+    return chosen or every
+
+
 @torch.no_grad()
 def sparsity_report(model: nn.Module, targets: Sequence[PruneTarget] | None = None) -> SparsityReport:
-    """Measure exact zeros of the masked weights (or of `targets`, or of every prunable layer)."""
+    """Measure exact zeros of `targets`, by default of the pruned layers (see `pruned_targets`)."""
     if targets is None:
-        masked = {name for name, _, _ in masked_parameters(model)}
-        every = find_targets(model, ignore_output_head=False)
-        targets = [t for t in every if t.name in masked] or every
+        targets = pruned_targets(model)
     layers = []
     for target in targets:
         matrix = target.as_matrix(target.weight.detach())

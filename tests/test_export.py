@@ -258,3 +258,116 @@ def test_semi_structured_linear_matches_dense(tmp_path, dtype):
     x = torch.randn(64, 256, dtype=dtype, device="cuda")
     expected = finalize(model).cuda()(x)
     torch.testing.assert_close(sparse(x), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_load_into_a_wrong_model_checks_everything_before_copying(tmp_path):
+    torch.manual_seed(0)
+    path = save_sparse(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3)), tmp_path / "m")
+    wrong = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 5))  # first layer fits, the second does not
+    before = {k: v.clone() for k, v in wrong.state_dict().items()}
+    with pytest.raises(ValueError, match=r"do not fit the model's shapes: \['1.bias: checkpoint \(3,\), model \(5,\)', '1.weight: checkpoint \(3, 8\), model \(5, 8\)'\]"):
+        load_sparse(path, model=wrong)
+    assert_bitwise_equal(wrong.state_dict(), before)  # nothing was overwritten
+    extra = nn.Sequential(nn.Linear(4, 8))
+    before = {k: v.clone() for k, v in extra.state_dict().items()}
+    with pytest.raises(ValueError, match=r"checkpoint has tensors the model does not: \['1.bias', '1.weight'\]"):
+        load_sparse(path, model=extra)
+    assert_bitwise_equal(extra.state_dict(), before)
+    with pytest.raises(ValueError, match=r"checkpoint lacks tensors the model needs: \['2.weight', '2.bias'\]"):
+        load_sparse(path, model=nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(3, 3)))
+
+
+def test_a_kill_between_the_renames_leaves_the_old_export_and_stale_directories_go(tmp_path, monkeypatch):
+    import os
+
+    import lightning_prune.export.atomic as atomic
+
+    model = nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 1))
+    path = save_sparse(model, tmp_path / "m")
+    before = (path / "model.safetensors").read_bytes()
+    old_weight = model[0].weight.detach().clone()
+    renames = []
+
+    def killed_on_second_rename(source, destination):
+        renames.append(destination)
+        if len(renames) == 2:
+            raise KeyboardInterrupt  # the process dies between the two renames
+        os.replace(source, destination)
+
+    monkeypatch.setattr(atomic.os, "replace", killed_on_second_rename)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        save_sparse(model, path)
+    monkeypatch.undo()
+    assert (path / "model.safetensors").read_bytes() == before  # undone in-process
+    # A hard kill (no handler ran): only the backup and a half-written temporary directory are left.
+    os.replace(path, tmp_path / ".m.old")
+    (tmp_path / ".m.tmp-dead").mkdir()
+    state, _ = load_sparse_state_dict(path)  # the path is recovered before it is read
+    assert torch.equal(state["0.weight"], old_weight)
+    assert (path / "model.safetensors").read_bytes() == before
+    (tmp_path / ".m.tmp-dead").mkdir()
+    save_sparse(model, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert load_sparse_state_dict(path)[0]["0.weight"].eq(1.0).all()
+
+
+def test_non_finite_weights_are_refused_by_name(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+        model[0].bias[1] = float("inf")
+    with pytest.raises(ValueError, match=r"'0.bias' holds 1 NaN or Inf value\(s\) of 2"):
+        save_sparse(model, tmp_path / "m")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda m: [m], "holds a JSON list, not an object"),
+    (lambda m: {k: v for k, v in m.items() if k != "files"}, "`files` must be a JSON dict, found missing"),
+    (lambda m: {**m, "format": "csr"}, "`format` must be one of .* found 'csr'"),
+    (lambda m: {**m, "target_params": "0.weight"}, "`target_params` must be a JSON list, found a str"),
+    (lambda m: {**m, "files": {"model.safetensors": 3}}, r"`files`\['model.safetensors'\] must hold"),
+])
+def test_a_damaged_manifest_is_named(tmp_path, damage, message):
+    path = save_sparse(nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 1)), tmp_path / "m")
+    manifest_path = path / "lightning_prune_export.json"
+    manifest_path.write_text(json.dumps(damage(json.loads(manifest_path.read_text()))))
+    with pytest.raises(ValueError, match=message):
+        load_sparse(path, model=nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 1)))
+
+
+def test_export_mistakes_are_refused_before_training(tmp_path):
+    module = CausalLMModule(config={"model_type": "llama", **TINY_LLAMA})
+    with pytest.raises(ValueError, match=r"`attribute`='nope' names no nn.Module of CausalLMModule"):
+        SparseExport(tmp_path / "e", attribute="nope").preflight(module)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="non-empty directory that save_sparse did not write"):
+        SparseExport(tmp_path / "mine").preflight(module)
+    odd = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"`format`='sparse-24-bitmask' can never hold '0.weight': its input dimension 6"):
+        SparseExport(tmp_path / "e", format="sparse-24-bitmask").preflight(odd)
+    SparseExport(tmp_path / "e", format="sparse-24-bitmask").preflight(module)
+
+
+def test_a_2_4_export_without_a_2_4_pruning_callback_fails_at_fit_start(tmp_path):
+    torch.manual_seed(0)
+    module = CausalLMModule(config={"model_type": "llama", **TINY_LLAMA})
+    data = torch.utils.data.DataLoader([{"input_ids": torch.randint(0, 48, (8,))} for _ in range(4)], batch_size=2)
+    export = SparseExport(tmp_path / "export", format="sparse-24-bitmask")
+    seen = []
+
+    class CountSteps(pl.Callback):
+        def on_train_batch_start(self, *args) -> None:
+            seen.append(1)
+
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", max_steps=2, callbacks=[GradualPruning(0.5, frequency=1), export, CountSteps()])
+    with pytest.raises(ValueError, match=r"no pruning callback of this Trainer prunes \['model.layers.0.self_attn.q_proj.weight'"):
+        trainer.fit(module, train_dataloaders=data)
+    assert seen == []  # refused before the first step
+    export.check_two_four_source([GradualPruning(0.5, pattern="2:4")], module)  # a 2:4 pruning callback is enough
+    prune_2_4(module.model)
+    export.check_two_four_source([], module)  # weights that already are 2:4 are enough

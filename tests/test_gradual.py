@@ -152,3 +152,79 @@ def test_finalize_after_fit_loads_strict_into_the_plain_module() -> None:
     fresh = TinyRegressor(seed=1)
     fresh.load_state_dict(module.state_dict(), strict=True)
     assert fresh.net[0].weight.eq(0).float().mean() == 0.5
+
+
+class TwoOptimizers(TinyRegressor):
+    """Manual optimization with two optimizers: each batch moves `global_step` by 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        first, second = self.optimizers()
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        second.step()
+
+    def configure_optimizers(self):
+        head = list(self.net[2].parameters()) + list(self.net[4].parameters())
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.01), torch.optim.SGD(head, lr=0.01)]
+
+
+@pytest.mark.parametrize("length", [dict(max_epochs=2), dict(max_steps=16)])
+def test_schedule_reaches_its_target_when_two_optimizers_step_per_batch(length: dict) -> None:
+    module = TwoOptimizers()
+    pruning = GradualPruning(0.8, frequency=2, schedule="linear")
+    make_trainer(callbacks=[pruning], **length).fit(module)  # 8 batches either way, global_step ends at 16
+    assert pruning.resolved_end_step == 7 and pruning.step == 8 and pruning.global_steps_per_step == 2
+    assert pruning.current_sparsity == (prune_count(256, 0.8) + prune_count(1024, 0.8)) / 1280
+    assert module.zeros_seen[-1] == zero_fractions(0.8)
+    assert pruning.warnings_recorded == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "achieved"),
+    [(dict(start_step=2, end_step=20), 0.8 * 7 / 18), (dict(start_step=12, end_step=20), 0.0)],
+)
+def test_a_schedule_past_the_end_of_training_warns_before_and_after(kwargs: dict, achieved: float) -> None:
+    pruning = GradualPruning(0.8, frequency=1, schedule="linear", **kwargs)
+    with pytest.warns(UserWarning) as caught:
+        make_trainer(max_steps=10, callbacks=[pruning]).fit(TinyRegressor())
+    messages = [str(w.message) for w in caught if "GradualPruning" in str(w.message)]
+    assert "cannot finish" in messages[0] and "estimated 10 optimizer steps" in messages[0]
+    assert f"ended at sparsity {pruning.current_sparsity:.4f}, below its target 0.8" in messages[1]
+    kinds = [(w["kind"], w["target"]) for w in pruning.warnings_recorded]
+    assert kinds == [("schedule_too_long", 0.8), ("sparsity_shortfall", 0.8)]
+    assert pruning.warnings_recorded[1]["achieved"] == pytest.approx(achieved, abs=2e-3)
+
+
+class PoolerUnused(TinyRegressor):
+    """`net.2` (a middle layer) is skipped by the forward: it never gets a gradient, like BERT's pooler."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net[4](torch.relu(self.net[0](inputs)))
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "fisher"])
+def test_gradient_criterion_names_targets_without_gradients_before_any_pruning(criterion: str) -> None:
+    module = PoolerUnused()
+    pruning = GradualPruning(0.5, start_step=3, end_step=6, frequency=1, criterion=criterion)
+    with pytest.raises(ValueError, match=rf"`criterion`='{criterion}' .* \['net.2.weight'\] got no gradient in the first training step.*ignore=\['net.2'\]"):
+        make_trainer(max_steps=8, callbacks=[pruning]).fit(module)
+    assert module.training_steps == 1 and module.net[0].weight.ne(0).all()  # stopped after one step, nothing pruned
+    ignored = GradualPruning(0.5, start_step=3, end_step=6, frequency=1, criterion=criterion, ignore="net.2")
+    make_trainer(max_steps=8, callbacks=[ignored]).fit(PoolerUnused())
+    assert ignored.current_sparsity == pytest.approx(0.5, abs=1e-3)
+
+
+def test_preflight_refuses_unmatched_targets_and_unfit_patterns_without_a_trainer() -> None:
+    module = TinyRegressor()
+    with pytest.raises(ValueError, match=r"no prunable weights matched `targets`='nomatch'"):
+        GradualPruning(0.5, targets="nomatch").preflight(module)
+    with pytest.raises(ValueError, match=r"`pattern`='2:8' needs every target's input dimension to divide by 8, got 12 for '0.weight'"):
+        GradualPruning(0.75, pattern="2:8", targets="0").preflight(torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.Linear(8, 2)))
+    GradualPruning(0.5).preflight(module)

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -22,6 +23,20 @@ def target_weights(module: TinyRegressor) -> dict[str, torch.Tensor]:
     return {f"net.{i}.weight": module.net[i].weight.detach().clone() for i in (0, 2)}
 
 
+class AfterLastRewind(pl.Callback):
+    """Copies the targets' weights and the optimizer state when epoch `epoch` starts (right after a rewind)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.weights: dict[str, torch.Tensor] = {}
+        self.optimizer_state: dict | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            self.weights = target_weights(pl_module)
+            self.optimizer_state = dict(trainer.optimizers[0].state)
+
+
 def test_cycles_reach_the_target_with_a_constant_fraction_per_cycle() -> None:
     module = TinyRegressor()
     pruning = IterativePruning(0.875, cycles=3, epochs_per_cycle=1)
@@ -39,14 +54,15 @@ def test_rewind_init_restores_survivors_and_resets_the_optimizer() -> None:
     initial = target_weights(module)
     head_before = module.net[4].weight.detach().clone()
     pruning = IterativePruning(0.75, cycles=2, epochs_per_cycle=1, rewind="init")
-    trainer = make_trainer(max_epochs=2, callbacks=[pruning])
+    probe = AfterLastRewind(epoch=2)  # the final ticket trains in epoch 2; look at it before it does
+    trainer = make_trainer(max_epochs=3, callbacks=[pruning, probe])
     trainer.fit(module)
-    for name, weight in target_weights(module).items():
+    for name, weight in probe.weights.items():
         keep = get_mask(module.get_submodule(name.rsplit(".", 1)[0]))
         assert torch.equal(weight, torch.where(keep, initial[name], 0.0)), name
         assert int((~keep).sum()) == prune_count(weight.numel(), 0.75)
     assert not torch.equal(module.net[4].weight, head_before)  # only targets are rewound
-    assert trainer.optimizers[0].state == {}
+    assert probe.optimizer_state == {}
 
 
 def test_optimizer_state_restarts_after_each_rewind() -> None:
@@ -64,8 +80,9 @@ def test_rewind_to_step_uses_the_weights_at_that_step() -> None:
     at_step_2 = target_weights(reference)
     module = TinyRegressor()
     pruning = IterativePruning(0.5, cycles=1, epochs_per_cycle=1, rewind=2)
-    make_trainer(max_epochs=1, callbacks=[pruning]).fit(module)
-    for name, weight in target_weights(module).items():
+    probe = AfterLastRewind(epoch=1)
+    make_trainer(max_epochs=2, callbacks=[pruning, probe]).fit(module)
+    for name, weight in probe.weights.items():
         keep = get_mask(module.get_submodule(name.rsplit(".", 1)[0]))
         assert torch.equal(weight, torch.where(keep, at_step_2[name], 0.0)), name
 
@@ -73,7 +90,7 @@ def test_rewind_to_step_uses_the_weights_at_that_step() -> None:
 def test_state_dict_holds_tensors_only_and_no_module_copies() -> None:
     module = TinyRegressor()
     pruning = IterativePruning(0.5, cycles=2, epochs_per_cycle=1, rewind="init")
-    make_trainer(max_epochs=2, callbacks=[pruning]).fit(module)
+    make_trainer(max_epochs=3, callbacks=[pruning]).fit(module)
     state = pruning.state_dict()
 
     def leaves(value: object) -> list:
@@ -132,3 +149,27 @@ def test_resume_between_cycles_is_bitwise_equal(tmp_path: Path) -> None:
     assert resumed_cb.cycles_done == straight_cb.cycles_done == 2
     assert all(torch.equal(straight_cb.snapshot[k], resumed_cb.snapshot[k]) for k in straight_cb.snapshot)
     assert resumed.zeros_seen == straight.zeros_seen[4:]
+
+
+def test_rewind_without_epochs_for_the_final_ticket_is_refused_before_training() -> None:
+    module = TinyRegressor()
+    pruning = IterativePruning(0.5, cycles=2, epochs_per_cycle=2, rewind="init")
+    trainer = make_trainer(max_epochs=4, callbacks=[pruning])
+    message = r"`rewind`='init' .* `cycles`=2 .* `epochs_per_cycle`=2 more epochs .* Trainer\(max_epochs>=6\), got max_epochs=4"
+    with pytest.raises(ValueError, match=message):
+        pruning.preflight(module, trainer)  # what a pipeline calls before its dense phase
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(module)
+    assert module.training_steps == 0
+    IterativePruning(0.5, cycles=2, epochs_per_cycle=2).preflight(module, trainer)  # no rewind: 4 epochs suffice
+
+
+def test_early_end_warns_and_records_the_shortfall() -> None:
+    class StopAfterFirstEpoch(pl.Callback):  # what EarlyStopping does when its metric stalls
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            trainer.should_stop = True
+
+    pruning = IterativePruning(0.75, cycles=2, epochs_per_cycle=1)
+    with pytest.warns(UserWarning, match=r"IterativePruning ended at sparsity 0.5000, below its target 0.75"):
+        make_trainer(max_epochs=3, callbacks=[pruning, StopAfterFirstEpoch()]).fit(TinyRegressor())
+    assert [(w["kind"], w["target"], w["achieved"]) for w in pruning.warnings_recorded] == [("sparsity_shortfall", 0.75, 0.5)]

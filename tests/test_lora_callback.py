@@ -134,3 +134,27 @@ def test_resume_restores_adapters_and_optimizer_exactly(tmp_path):
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoRARecovery(**kwargs)
+
+
+class OptimizerProbe(pl.Callback):
+    """Records, at each batch, whether the pruning callback's mask hooks sit on the Trainer's optimizers."""
+
+    def __init__(self, pruning: OneShotPruning) -> None:
+        self.pruning = pruning
+        self.hooked_current: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        hooked = self.pruning._hooked_optimizers
+        self.hooked_current.append(len(hooked) == 1 and hooked[0] is trainer.optimizers[0])
+
+
+def test_mask_hooks_follow_the_adapter_optimizer_and_targets_are_checked_first():
+    module = tiny_pruned()
+    pruning = OneShotPruning(method="magnitude", sparsity=0.5, pattern="2:4", progress=False)
+    probe = OptimizerProbe(pruning)
+    batches = [{"input_ids": torch.randint(0, 300, (4, 16))} for _ in range(2)]
+    trainer = pl.Trainer(max_steps=2, limit_val_batches=0, callbacks=[pruning, LoRARecovery(r=2, merge=False), probe], **QUIET)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    assert probe.hooked_current == [True, True]  # not the optimizer LoRARecovery replaced
+    with pytest.raises(ValueError, match=r"no prunable weights matched `targets`='nomatch'"):
+        LoRARecovery(target_modules="nomatch").preflight(tiny_pruned())

@@ -195,3 +195,81 @@ def test_re_zeroing_writes_positive_zeros_over_negatives_nan_and_inf_in_every_dt
     pruned = layer.weight[~keep]
     assert pruned.eq(0).all() and not torch.signbit(pruned).any()
     assert torch.equal(layer.weight[keep], kept)  # kept values bit for bit
+
+
+def test_set_mask_on_a_frozen_weight_masks_its_gradient_once_unfrozen() -> None:
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    keep = torch.rand(16, 8, generator=torch.Generator().manual_seed(0)) > 0.5
+    set_mask(model[0], keep)  # torch refuses gradient hooks on frozen tensors: must not raise
+    assert torch.equal(model[0].weight == 0, ~keep)
+    model[0].weight.requires_grad_(True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    keep_masks_applied(optimizer, model)
+    model(torch.randn(4, 8)).square().sum().backward()
+    assert model[0].weight.grad[~keep].eq(0).all() and model[0].weight.grad[keep].ne(0).any()
+
+
+def test_load_state_dict_with_assign_keeps_the_gradient_masking() -> None:
+    model = mlp()
+    targets = half_pruned(model)
+    state = {k: v.clone() + 1.0 for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)  # new Parameter objects replace the hooked ones
+    model(torch.randn(4, 8)).square().sum().backward()
+    for target in targets:
+        pruned = ~get_mask(target.module)
+        assert target.weight[pruned].eq(0).all()
+        assert target.weight.grad[pruned].eq(0).all() and target.weight.grad[~pruned].ne(0).any()
+
+
+def _masked_gradients_are_zero(model: nn.Module) -> bool:
+    return all(p.grad[~m].eq(0).all() for p, m in ((model.get_parameter(n), m) for n, m in get_masks(model).items()))
+
+
+def test_deepcopy_gets_its_own_masks_and_hooks_and_leaves_the_original_alone() -> None:
+    import copy
+
+    model = mlp()
+    half_pruned(model)
+    clone = copy.deepcopy(model)
+    assert sorted(get_masks(clone)) == sorted(get_masks(model))
+    assert all(get_masks(clone)[n] is not get_masks(model)[n] for n in get_masks(model))
+    with torch.no_grad():
+        for param in clone.parameters():
+            param.fill_(1.0)  # pruned slots of the copy now hold 1.0
+    optimizer = torch.optim.SGD(clone.parameters(), lr=0.1)
+    keep_masks_applied(optimizer, clone)
+    clone(torch.randn(4, 8)).square().sum().backward()
+    assert _masked_gradients_are_zero(clone)
+    optimizer.step()
+    for name, mask in get_masks(clone).items():
+        assert clone.get_parameter(name)[~mask].eq(0).all()  # the copy's masks act on the copy's weights
+    finalize(clone)
+    model(torch.randn(4, 8)).square().sum().backward()  # the original keeps its own gradient hooks
+    assert get_masks(model) and _masked_gradients_are_zero(model)
+
+
+def test_pickled_model_keeps_masks_and_reapplies_them_after_loading() -> None:
+    import io
+
+    model = mlp()
+    half_pruned(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    assert all(torch.equal(restored.get_buffer(f"{n}_mask"), m) for n, m in get_masks(model).items())
+    restored.load_state_dict({k: torch.ones_like(v) for k, v in restored.state_dict().items()})
+    for name, mask in get_masks(restored).items():
+        assert restored.get_parameter(name)[~mask].eq(0).all()
+    restored(torch.randn(4, 8)).square().sum().backward()
+    assert _masked_gradients_are_zero(restored)
+
+
+def test_nan_weights_under_magnitude_selection_name_the_layer() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight[1, 2] = float("nan")
+    targets = find_targets(model, ignore_output_head=False)
+    with pytest.raises(ValueError, match=r"the scores of '0.weight' contain NaN \(1 of its 16 weights are NaN\)"):
+        update_masks(targets, {t.name: t.weight.detach().abs() for t in targets}, 0.5)

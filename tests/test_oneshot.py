@@ -306,3 +306,26 @@ def test_explicit_blocks_name_works_on_a_plain_module() -> None:
     net = Net()
     report = prune_oneshot(net, [torch.randn(4, 8)], method="wanda", pattern="2:4", blocks="stages", progress=False)
     assert [layer.name for layer in report.layers] == ["stages.0.weight", "stages.1.weight"]
+
+
+@pytest.mark.parametrize("num_samples", [-3, 0, 2.5, "8", True])
+def test_prune_oneshot_refuses_bad_num_samples(num_samples) -> None:
+    with pytest.raises(ValueError, match=r"`num_samples` must be None or an integer >= 1, got"):
+        prune_oneshot(tiny_llama(), [torch.zeros(1, 4, dtype=torch.long)], num_samples=num_samples, progress=False)
+
+
+def test_mismatched_calibration_shapes_name_the_batch() -> None:
+    class Blocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    batches = [torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 9)]
+    with pytest.raises(ValueError, match=r"calibration batch 2 \(hidden states \(2, 9\)\) failed in block layers.0: .*"):
+        prune_oneshot(Blocks(), batches, method="wanda", progress=False)
+

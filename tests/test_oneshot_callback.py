@@ -78,3 +78,83 @@ def test_checkpoint_resume_restores_masks_and_does_not_prune_again(tmp_path: Pat
     for name, mask in get_masks(model).items():
         assert torch.equal(get_masks(resumed_model)[name], mask), name
         assert (dict(resumed_model.named_parameters())[name][~mask] == 0).all()
+
+
+class TupleBatchModule(pl.LightningModule):
+    """A module whose forward takes (ids, mask) and whose loader yields (ids, mask, labels) tuples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(16, 8)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()) for _ in range(2))
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(ids) * mask.unsqueeze(-1)
+        for block in self.blocks:
+            hidden = block(hidden)
+        return self.head(hidden.mean(1))
+
+    def training_step(self, batch, batch_idx):
+        ids, mask, labels = batch
+        return torch.nn.functional.cross_entropy(self(ids, mask), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def call_ids_and_mask(model: torch.nn.Module, batch) -> torch.Tensor:
+    return model(batch[0], batch[1])
+
+
+def tuple_loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(0, 16, (8, 5), generator=generator), torch.randint(0, 2, (8,), generator=generator)
+    mask = torch.ones(8, 5)
+    return DataLoader(list(zip(ids, mask, labels)), batch_size=4)
+
+
+@pytest.mark.parametrize("forward", [call_ids_and_mask, "tests.test_oneshot_callback.call_ids_and_mask"])
+def test_forward_option_calibrates_a_tuple_batch_loader(forward) -> None:
+    model, expected = TupleBatchModule(), TupleBatchModule()
+    prune_oneshot(expected, list(tuple_loader()), method="wanda", sparsity=0.5, forward=call_ids_and_mask, progress=False)
+    callback = OneShotPruning("wanda", 0.5, num_samples=None, forward=forward, progress=False)
+    trainer(callback, max_epochs=0).fit(model, tuple_loader())
+    assert sorted(get_masks(model)) == ["blocks.0.0.weight", "blocks.1.0.weight"]
+    for name, mask in get_masks(expected).items():
+        assert torch.equal(get_masks(model)[name], mask), name
+
+
+def test_default_forward_on_a_tuple_batch_names_the_batch() -> None:
+    callback = OneShotPruning("wanda", 0.5, num_samples=None, progress=False)
+    with pytest.raises(ValueError, match=r"calibration batch 0 \(\(tensor \(4, 5\), tensor \(4, 5\), tensor \(4,\)\)\) failed before the first block"):
+        trainer(callback, max_epochs=0).fit(TupleBatchModule(), tuple_loader())
+
+
+@pytest.mark.parametrize(("forward", "message"), [
+    ("call_ids_and_mask", "must be None, a callable"),
+    ("tests.test_oneshot_callback.nope", "cannot be imported"),
+    ("tests.test_oneshot_callback.LLAMA", "names a dict, not a callable"),
+    (3, "must be None, a callable"),
+])
+def test_bad_forward_is_refused_when_the_callback_is_made(forward, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        OneShotPruning("wanda", 0.5, forward=forward)
+
+
+def test_callbacks_use_no_private_lightning_attributes() -> None:
+    import re
+
+    folder = Path(__file__).parents[1] / "lightning_prune" / "callbacks"
+    for path in folder.glob("*.py"):
+        found = re.findall(r"(?:trainer|fit_loop|strategy)\.(?:\w+\.)*_\w+", path.read_text())
+        assert not found, f"{path.name} uses private Lightning attributes {found}"
+
+
+def test_preflight_refuses_targets_and_patterns_that_cannot_work() -> None:
+    with pytest.raises(ValueError, match=r"no prunable weights matched `targets`='nomatch'"):
+        OneShotPruning("wanda", 0.5, targets="nomatch").preflight(module())
+    with pytest.raises(ValueError, match=r"`pattern`='2:16' needs every target's input dimension to divide by 16, got 8 for 'blocks.0.0.weight'"):
+        OneShotPruning("wanda", 0.875, pattern="2:16").preflight(TupleBatchModule())
+    OneShotPruning("wanda", 0.5, pattern="2:4").preflight(module())

@@ -1,5 +1,6 @@
 """report.py: exact per-layer and global numbers, N:M pattern detection, Markdown and CSV."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -65,3 +66,26 @@ def test_max_nonzeros_per_group() -> None:
     assert max_nonzeros_per_group(matrix, 4) == 3
     assert max_nonzeros_per_group(matrix, 8) == 5
     assert max_nonzeros_per_group(torch.ones(1, 6), 4) == 4  # 4 does not divide 6: no valid groups
+
+
+def test_the_report_is_the_same_with_masks_after_finalize_and_after_loading() -> None:
+    import copy
+
+    import lightning_prune as lp
+    from tests.conftest import TinyRegressor, make_trainer
+
+    module = TinyRegressor()
+    make_trainer(max_steps=4, callbacks=[lp.GradualPruning(0.8, end_step=2, frequency=1)]).fit(module)
+    with torch.no_grad():
+        module.net[4].weight[0, 0] = 0.0  # one exact zero in the dense head must not pull it in
+    masked = sparsity_report(module)
+    assert [layer.name for layer in masked.layers] == ["net.0.weight", "net.2.weight"]
+    finalized = copy.deepcopy(module)
+    lp.finalize(finalized)
+    assert sparsity_report(finalized).as_dict() == masked.as_dict()
+    fresh = TinyRegressor(seed=1)  # what load_from_checkpoint builds: no masks, no record
+    fresh.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        fresh.net[4].weight[0, 0] = 0.5
+    assert sparsity_report(fresh).as_dict() == masked.as_dict()
+    assert masked.global_sparsity == pytest.approx(0.8, abs=1e-3)

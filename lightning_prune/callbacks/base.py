@@ -5,12 +5,14 @@ The callbacks decide *when* to prune; the math is in `criteria`, `selection` and
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 from lightning_prune.criteria import Criterion, make_criterion
 from lightning_prune.distributed import broadcast_masks_
@@ -23,10 +25,13 @@ from lightning_prune.targets import PruneTarget, find_targets
 class MaskingCallback(Callback):
     """Base of the pruning callbacks: resolves targets, keeps masks applied, saves and restores them.
 
-    Lifecycle: `on_fit_start` finds the targets, re-attaches masks restored from a checkpoint and
-    registers a post-step hook on every optimizer that re-zeroes pruned weights;
-    `on_before_optimizer_step` feeds gradient-based criteria; `on_fit_end` removes the hooks and,
-    with `finalize_on_end`, bakes the masks in.
+    Lifecycle: `preflight(model)` raises for every mistake knowable before training (also run by
+    `on_fit_start`); `on_fit_start` finds the targets, re-attaches masks restored from a checkpoint
+    and registers a post-step hook on every optimizer that re-zeroes pruned weights (`on_train_start`
+    moves the hooks to optimizers another callback swapped in); `on_before_optimizer_step` feeds
+    gradient-based criteria, and the first batch that stepped checks that every target got a
+    gradient; `on_fit_end` warns when the final sparsity is not the target (recorded in
+    `warnings_recorded`), removes the hooks and, with `finalize_on_end`, bakes the masks in.
     """
 
     def __init__(
@@ -57,7 +62,11 @@ class MaskingCallback(Callback):
         self._targets: list[PruneTarget] = []
         self._restored_masks: dict[str, torch.Tensor] = {}
         self._hooks: list[Any] = []
+        self._hooked_optimizers: list[torch.optim.Optimizer] = []
         self._pl_module: pl.LightningModule | None = None
+        self.reached_sparsity = 0.0  # the target of the last mask update
+        self.warnings_recorded: list[dict[str, Any]] = []
+        self._gradients_checked = False
 
     @property
     def state_key(self) -> str:
@@ -71,31 +80,97 @@ class MaskingCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.attach(trainer, pl_module)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.hook_optimizers(trainer)
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if self.criterion.needs_gradients:
             self.accumulate_gradients()
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.criterion.needs_gradients and not self._gradients_checked and self.criterion.seen():
+            self.check_every_target_has_gradients()
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.warn_if_target_missed()
         self.detach(pl_module)
 
+    def resolve_targets(self, model: nn.Module) -> list[PruneTarget]:
+        """The weights this callback prunes in `model` (a ValueError naming the model's layers if none)."""
+        return find_targets(model, include=self.target_patterns, ignore=self.ignore)
+
+    def preflight(self, pl_module: nn.Module, trainer: pl.Trainer | None = None) -> None:
+        """Raise a ValueError for every mistake knowable before training: targets that match nothing,
+        an N:M `pattern` that does not divide a target's input dimension (and, given the Trainer
+        that will run this callback, schedules it cannot run: see the subclasses)."""
+        targets = self.resolve_targets(pl_module)
+        if self.pattern is not None:
+            check_pattern_fits(targets, self.pattern)
+
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Resolve targets, restore saved masks, and keep masks applied after every optimizer step."""
+        """Check, resolve targets, restore saved masks, and keep masks applied after every optimizer step."""
         refuse_sharded_strategy(trainer.strategy)
+        self.preflight(pl_module, trainer)
         self._pl_module = pl_module
-        self._targets = find_targets(pl_module, include=self.target_patterns, ignore=self.ignore)
-        check_pattern_fits(self._targets, self.pattern)
+        self._targets = self.resolve_targets(pl_module)
+        self.warnings_recorded = []
+        self._gradients_checked = False
         if self._restored_masks:
             load_masks(pl_module, self._restored_masks)
             self._restored_masks = {}
-        self._hooks = [keep_masks_applied(optimizer, pl_module) for optimizer in trainer.optimizers]
+        self.hook_optimizers(trainer)
+
+    def hook_optimizers(self, trainer: pl.Trainer) -> None:
+        """Keep masks applied after every step of the Trainer's current optimizers (once each).
+
+        A callback that replaces the optimizers in its `on_fit_start` (`LoRARecovery`) leaves hooks
+        on optimizers that never step again; they are removed and the new ones hooked.
+        """
+        if [id(o) for o in trainer.optimizers] == [id(o) for o in self._hooked_optimizers]:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        module = trainer.lightning_module
+        self._hooks = [keep_masks_applied(optimizer, module) for optimizer in trainer.optimizers]
+        self._hooked_optimizers = list(trainer.optimizers)
 
     def detach(self, pl_module: pl.LightningModule) -> None:
         """Remove the optimizer hooks; bake the masks in when `finalize_on_end`."""
         for hook in self._hooks:
             hook.remove()
-        self._hooks = []
+        self._hooks, self._hooked_optimizers = [], []
         if self.finalize_on_end:
             finalize(pl_module)
+
+    def record_warning(self, kind: str, message: str, **details: Any) -> None:
+        """Warn (UserWarning) and keep the warning in `warnings_recorded` for the run's results."""
+        warnings.warn(message, UserWarning, stacklevel=2)
+        self.warnings_recorded.append({"kind": kind, "message": message, **details})
+
+    def warn_if_target_missed(self) -> None:
+        """At fit end: a final sparsity below the target is said and recorded, never silent."""
+        if self.reached_sparsity < self.sparsity - 1e-9:
+            self.record_warning(
+                "sparsity_shortfall",
+                f"{type(self).__name__} ended at sparsity {self.current_sparsity:.4f}, below its target {self.sparsity} "
+                f"(the last mask update aimed at {self.reached_sparsity:.4f}); the fit ended before the schedule did "
+                "(early stopping, max_steps/max_epochs shorter than the schedule, or a start/end step past the end)",
+                target=self.sparsity,
+                achieved=self.current_sparsity,
+            )
+
+    def check_every_target_has_gradients(self) -> None:
+        """After the first batch that stepped: a target the loss does not reach cannot be scored by
+        gradients (e.g. BERT's pooler when the head reads `last_hidden_state`); name it, before any pruning."""
+        seen = self.criterion.seen()
+        missing = [t.name for t in self._targets if t.name not in seen]
+        self._gradients_checked = True
+        if missing:
+            raise ValueError(
+                f"`criterion`={self.criterion.name!r} scores from gradients, but {missing} got no gradient in the first "
+                "training step (the loss does not depend on them); leave them out with `ignore` "
+                f"(e.g. ignore={[name.rsplit('.', 1)[0] for name in missing]}) or use criterion='magnitude'"
+            )
 
     def accumulate_gradients(self) -> None:
         """Feed this step's (already reduced) gradients to the criterion."""
@@ -110,6 +185,7 @@ class MaskingCallback(Callback):
         scores = {t.name: self.criterion.score(t.name, t.weight) for t in self._targets}
         update_masks(self._targets, scores, sparsity, scope=self.scope, pattern=self.pattern)
         self.criterion.reset()
+        self.reached_sparsity = sparsity
         masks = self.masks()
         broadcast_masks_(masks)  # every rank computed them from the same weights; rank 0's win ties
         apply_masks_(self._pl_module)
@@ -136,6 +212,7 @@ class MaskingCallback(Callback):
             "masks": masks or dict(self._restored_masks),
             "criterion": self.criterion.state_dict(),
             "current_sparsity": self.current_sparsity,
+            "reached_sparsity": self.reached_sparsity,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -145,6 +222,7 @@ class MaskingCallback(Callback):
             self._restored_masks = {}
         self.criterion.load_state_dict(state_dict.get("criterion", {}))
         self.current_sparsity = float(state_dict.get("current_sparsity", 0.0))
+        self.reached_sparsity = float(state_dict.get("reached_sparsity", self.current_sparsity))
 
 
 def refuse_sharded_strategy(strategy: object) -> None:

@@ -11,8 +11,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_prune.export.config import check_format
-from lightning_prune.export.save import save_sparse
+from lightning_prune.callbacks.base import MaskingCallback
+from lightning_prune.export.bitmask import is_2_4
+from lightning_prune.export.config import TWO_FOUR_FORMATS, check_format
+from lightning_prune.export.save import check_destination, save_sparse
+from lightning_prune.selection import parse_pattern
+from lightning_prune.targets import find_targets
 
 
 class SparseExport(Callback):
@@ -21,7 +25,12 @@ class SparseExport(Callback):
     Masks still attached are baked in on the way out (the model itself is not modified), so it can
     follow a pruning callback with or without `finalize_on_end`. Only global rank 0 writes.
 
-    Lifecycle: `on_fit_end` → `export(pl_module)` → `save_sparse(model, dirpath, format, ...)`.
+    Lifecycle: `preflight(pl_module)` (also run by `on_fit_start`) checks before training what
+    can be known then: the `attribute`, the targets, the destination (a file or a non-empty
+    directory save_sparse did not write is refused) and, for a 2:4 format, that every target's
+    input dimension divides by 4; `on_fit_start` also checks that a pruning callback of the same
+    Trainer prunes the targets 2:4 (or that they already are); `on_fit_end` → `export(pl_module)` →
+    `save_sparse(model, dirpath, format, ...)`.
 
     Example (YAML)::
 
@@ -62,12 +71,49 @@ class SparseExport(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(dirpath=str(self.dirpath), format=self.format)
 
+    def preflight(self, pl_module: nn.Module) -> None:
+        """Raise a ValueError for every export mistake knowable before training."""
+        model = self.model_to_export(pl_module)
+        check_destination(self.dirpath)
+        targets = find_targets(model, include=self.targets, ignore=self.ignore)
+        if self.format in TWO_FOUR_FORMATS:
+            for target in targets:
+                columns = target.as_matrix(target.weight).shape[1]
+                if columns % 4:
+                    raise ValueError(
+                        f"`format`={self.format!r} can never hold {target.name!r}: its input dimension {columns} does not "
+                        "divide by 4; leave it out with `ignore` or use format='dense' or 'sparse-bitmask'"
+                    )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.preflight(pl_module)
+        if self.format in TWO_FOUR_FORMATS:
+            self.check_two_four_source(trainer.callbacks, pl_module)  # type: ignore[attr-defined]  # public Trainer.callbacks, set by its connector (lightning 2.6.6)
+
+    def check_two_four_source(self, callbacks: Sequence[Any], pl_module: nn.Module) -> None:
+        """Raise unless every export target is already 2:4 or pruned 2:4 by one of `callbacks`."""
+        model = self.model_to_export(pl_module)
+        pruned_2_4: set[int] = set()
+        for callback in callbacks:
+            if isinstance(callback, MaskingCallback) and callback.pattern is not None and parse_pattern(callback.pattern) == (2, 4):
+                pruned_2_4.update(id(t.module) for t in callback.resolve_targets(pl_module))
+        never = [
+            t.name for t in find_targets(model, include=self.targets, ignore=self.ignore)
+            if id(t.module) not in pruned_2_4 and not is_2_4(t.as_matrix(t.weight.detach()))
+        ]
+        if never:
+            raise ValueError(
+                f"`format`={self.format!r} needs every exported target to be 2:4, but no pruning callback of this Trainer "
+                f"prunes {never[:5]}{' ...' if len(never) > 5 else ''} with pattern '2:4' and they are not 2:4 now; add "
+                "pattern='2:4' to the pruning callback, narrow the export with `targets`/`ignore`, or use format='dense'"
+            )
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             self.export(pl_module)
         trainer.strategy.barrier("lightning_prune.SparseExport")
 
-    def model_to_export(self, pl_module: pl.LightningModule) -> nn.Module:
+    def model_to_export(self, pl_module: nn.Module) -> nn.Module:
         """The module `export` writes (see `attribute`)."""
         if self.attribute is not None:
             model = getattr(pl_module, self.attribute, None)

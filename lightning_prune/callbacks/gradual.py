@@ -17,12 +17,19 @@ from lightning_prune.selection import check_sparsity
 class GradualPruning(MaskingCallback):
     """Raise sparsity from `initial_sparsity` to `sparsity` between `start_step` and `end_step`.
 
-    Every `frequency` optimizer steps (and at `end_step`) the masks are recomputed from the
-    criterion's scores of the surviving weights at the schedule's sparsity; in between, the masks
-    stay applied. `end_step=None` means the last step of training as the Trainer estimates it.
+    Every `frequency` steps (and at `end_step`) the masks are recomputed from the criterion's
+    scores of the surviving weights at the schedule's sparsity; in between, the masks stay applied.
+    `end_step=None` means the last step of training as the Trainer estimates it.
 
-    Lifecycle: `on_fit_start` resolves targets and the schedule; `on_train_batch_start` prunes on
-    schedule and logs `prune/sparsity`; `on_fit_end` removes hooks (and finalizes if asked).
+    Steps are the callback's own count of training batches that ran an optimizer step (`step`,
+    saved in checkpoints): `trainer.global_step` with one optimizer, but also right when manual
+    optimization steps several optimizers per batch (each advances `global_step`), so the schedule
+    reaches its target at `end_step` however many optimizers there are.
+
+    Lifecycle: `on_fit_start` resolves targets and the schedule, and warns (recorded in
+    `warnings_recorded`) when the Trainer's estimated length ends before the ramp does;
+    `on_train_batch_start` prunes on schedule and logs `prune/sparsity`; `on_train_batch_end`
+    counts the step; `on_fit_end` warns if the target was missed, removes hooks (and finalizes if asked).
 
     Example YAML (`conf/pruning/gmp.yaml`)::
 
@@ -70,22 +77,67 @@ class GradualPruning(MaskingCallback):
         self.schedule = schedule
         self.sparsity_at: Callable[[int], float] = lambda step: self.sparsity
         self.last_update_step = -1
+        self.step = 0  # training batches that ran an optimizer step, this callback's schedule clock
+        self.global_steps_per_step = 0  # measured on the first such batch (manual optimization: one per optimizer)
+        self._global_step_at_batch_start = 0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.resolve_schedule(trainer)
         self.attach(trainer, pl_module)
+        self.warn_if_schedule_cannot_finish(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        updated = self.is_update_step(trainer.global_step)
+        self._global_step_at_batch_start = trainer.global_step
+        updated = self.is_update_step(self.step)
         if updated:
-            self.update(trainer.global_step)
+            self.update(self.step)
         self.log_sparsity(pl_module, layers=updated)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        advanced = trainer.global_step - self._global_step_at_batch_start
+        if advanced > 0:
+            self.count_step(trainer, advanced)
+
+    def count_step(self, trainer: pl.Trainer, advanced: int) -> None:
+        """One more optimizer-step batch; the first one tells how far each moves `global_step`."""
+        self.step += 1
+        if self.global_steps_per_step == 0:
+            self.global_steps_per_step = advanced
+            if advanced > 1 and self.end_step is None:
+                self.resolve_schedule(trainer)
+
+    def estimated_steps(self, trainer: pl.Trainer) -> float:
+        """Optimizer-step batches this fit will run, from the Trainer's estimate (inf when unbounded).
+
+        `estimated_stepping_batches` counts batches, capped by `max_steps`, which counts `global_step`:
+        with k optimizers stepping per batch, `max_steps` ends the fit after ceil(max_steps / k) batches.
+        """
+        total = trainer.estimated_stepping_batches
+        per_step = max(self.global_steps_per_step, 1)
+        if per_step > 1 and trainer.max_steps != -1:
+            total = min(total, math.ceil(trainer.max_steps / per_step))
+        return total
+
+    def warn_if_schedule_cannot_finish(self, trainer: pl.Trainer) -> None:
+        """Warn and record when the Trainer ends before `start_step` or `end_step` (the target would be missed)."""
+        total = self.estimated_steps(trainer)
+        if not math.isfinite(total) or self.resolved_end_step < total:
+            return
+        self.record_warning(
+            "schedule_too_long",
+            f"GradualPruning's ramp from step {self.start_step} to `end_step`={self.resolved_end_step} cannot finish: "
+            f"the Trainer runs an estimated {int(total)} optimizer steps (last step {int(total) - 1}); the sparsity "
+            f"will stay below the target {self.sparsity}. Shorten the schedule or train longer",
+            target=self.sparsity,
+            estimated_steps=int(total),
+        )
 
     def resolve_schedule(self, trainer: pl.Trainer) -> None:
         """Fix `end_step` (from the Trainer when None) and build `sparsity_at(step)`."""
         end = self.end_step
         if end is None:
-            total = trainer.estimated_stepping_batches
+            total = self.estimated_steps(trainer)
             if not math.isfinite(total):
                 raise ValueError("`end_step`=None needs a Trainer with a finite length (max_steps or max_epochs)")
             end = max(int(total) - 1, self.start_step + 1)
@@ -109,8 +161,16 @@ class GradualPruning(MaskingCallback):
         self.last_update_step = step
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "last_update_step": self.last_update_step}
+        return {
+            **super().state_dict(),
+            "last_update_step": self.last_update_step,
+            "step": self.step,
+            "global_steps_per_step": self.global_steps_per_step,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.last_update_step = int(state_dict.get("last_update_step", -1))
+        # Checkpoints from before the step count: one optimizer, so the step is the update step's clock.
+        self.step = int(state_dict.get("step", max(self.last_update_step, 0)))
+        self.global_steps_per_step = int(state_dict.get("global_steps_per_step", 0))

@@ -22,7 +22,9 @@ class IterativePruning(MaskingCallback):
     and the optimizer state is cleared after every pruning: the lottery-ticket procedure of
     Frankle & Carbin (2019). The snapshot holds the target tensors only. Learning-rate schedulers
     are not rewound. The Trainer needs at least `cycles · epochs_per_cycle` epochs; more epochs
-    fine-tune the final sparse model.
+    fine-tune the final sparse model. With `rewind` the last cycle's rewind leaves an untrained
+    ticket, so the Trainer needs `(cycles + 1) · epochs_per_cycle` epochs: the final ticket trains
+    as long as every cycle did. `preflight` (and `on_fit_start`) refuses shorter Trainers.
 
     Example YAML (`conf/pruning/iterative.yaml`)::
 
@@ -63,16 +65,32 @@ class IterativePruning(MaskingCallback):
         """Target sparsity after `cycle` prunings (0 before the first)."""
         return 1.0 - (1.0 - self.sparsity) ** (cycle / self.cycles)
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def preflight(self, pl_module: torch.nn.Module, trainer: pl.Trainer | None = None) -> None:
+        """Targets and pattern (see `MaskingCallback.preflight`), and with a Trainer its `max_epochs`."""
+        super().preflight(pl_module, trainer)
+        if trainer is not None:
+            self.check_epochs(trainer.max_epochs)
+
+    def check_epochs(self, max_epochs: int | None) -> None:
+        """Raise unless `max_epochs` runs every cycle (and, with `rewind`, trains the final ticket)."""
         needed = self.cycles * self.epochs_per_cycle
-        if trainer.max_epochs is None or 0 <= trainer.max_epochs < needed:
+        if max_epochs is None or 0 <= max_epochs < needed:
             raise ValueError(
                 f"`cycles`={self.cycles} × `epochs_per_cycle`={self.epochs_per_cycle} needs Trainer(max_epochs>={needed}), "
-                f"got max_epochs={trainer.max_epochs}"
+                f"got max_epochs={max_epochs}"
             )
+        if self.rewind is not None and 0 <= max_epochs < needed + self.epochs_per_cycle:
+            raise ValueError(
+                f"`rewind`={self.rewind!r} rewinds after the last of `cycles`={self.cycles} prunings, so the final ticket "
+                f"needs `epochs_per_cycle`={self.epochs_per_cycle} more epochs of training: Trainer(max_epochs>="
+                f"{needed + self.epochs_per_cycle}), got max_epochs={max_epochs} (the model would end untrained at its rewind point)"
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.attach(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         if self.rewind == "init" and not self.snapshot:
             self.take_snapshot()
 

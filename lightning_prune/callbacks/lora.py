@@ -14,9 +14,11 @@ from torch import nn
 
 from lightning_prune.callbacks.base import refuse_sharded_strategy
 from lightning_prune.lora import adapter_parameters, attach_lora, check_lora_arguments, merge_lora, unwrapped_state_dict
+from lightning_prune.targets import find_targets
+from lightning_prune.validation import check_number
 
 
-def wrapped_network(pl_module: pl.LightningModule) -> nn.Module:
+def wrapped_network(pl_module: nn.Module) -> nn.Module:
     """The network LoRA wraps: `pl_module.model` when it is a module (the demos' convention), else `pl_module`."""
     network = getattr(pl_module, "model", None)
     return network if isinstance(network, nn.Module) else pl_module
@@ -66,8 +68,8 @@ class LoRARecovery(Callback):
         masked_delta: bool = True,
     ) -> None:
         check_lora_arguments(r, alpha, dropout)
-        if lr is not None and lr <= 0:
-            raise ValueError(f"`lr` must be > 0 or None, got {lr!r}")
+        if lr is not None:
+            check_number(lr, "lr", low=0.0, low_open=True)
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules = target_modules
         self.merge, self.lr, self.masked_delta = merge, lr, masked_delta
@@ -82,7 +84,14 @@ class LoRARecovery(Callback):
         return self._generate_state_key(r=self.r, target_modules=str(self.target_modules))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.preflight(pl_module)
         self.attach(trainer, pl_module)
+
+    def preflight(self, pl_module: nn.Module) -> None:
+        """Raise before training when `target_modules` match no layer (None is resolved at fit start:
+        the layers pruned by then)."""
+        if self.target_modules is not None:
+            find_targets(wrapped_network(pl_module), include=self.target_modules, ignore_output_head=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.merge and self.peft_model is not None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+import importlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -11,9 +12,45 @@ from torch.utils.data import DistributedSampler
 
 from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.distributed import all_reduce_sum_, is_distributed
-from lightning_prune.oneshot.api import check_oneshot_arguments, needs_calibration, prune_oneshot, resolve_method, resolve_refiner, take_samples
+from lightning_prune.oneshot.api import block_targets, check_num_samples, check_oneshot_arguments, needs_calibration, prune_oneshot, resolve_method, resolve_refiner, take_samples
+from lightning_prune.oneshot.driver import call_model, find_blocks
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
 from lightning_prune.report import SparsityReport
+from lightning_prune.targets import PruneTarget
+
+
+def resolve_forward(forward: Callable[[torch.nn.Module, Any], Any] | str | None) -> Callable[[torch.nn.Module, Any], Any]:
+    """The calibration forward `(model, batch) -> output`: a callable, a dotted path to one, or None (`call_model`)."""
+    if forward is None:
+        return call_model
+    if callable(forward):
+        return forward
+    if not isinstance(forward, str) or "." not in forward:
+        raise ValueError(f"`forward` must be None, a callable (model, batch) -> output or a dotted path 'package.module.function', got {forward!r}")
+    module_name, _, attribute = forward.rpartition(".")
+    try:
+        resolved = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"`forward`={forward!r} cannot be imported: {error}") from error
+    if not callable(resolved):
+        raise ValueError(f"`forward`={forward!r} names a {type(resolved).__name__}, not a callable (model, batch) -> output")
+    return cast(Callable[[torch.nn.Module, Any], Any], resolved)
+
+
+def fit_train_dataloader(trainer: pl.Trainer) -> Iterable[Any]:
+    """The fit's training dataloader, available already in `on_fit_start`.
+
+    `trainer.train_dataloader` is set once the fit loop has set up its data, which it does after
+    `on_fit_start`; `fit_loop.setup_data()` (public, lightning 2.6.6) does it now, and the loop's
+    own call then returns early without rebuilding the loader.
+    """
+    trainer.fit_loop.setup_data()
+    source = trainer.train_dataloader
+    if source is None:
+        raise ValueError("OneShotPruning found no training dataloader to calibrate on; pass `calibration=` batches")
+    if isinstance(source, (list, tuple, dict)):
+        raise ValueError(f"OneShotPruning cannot choose among {len(source)} training dataloaders; pass `calibration=` batches")
+    return cast(Iterable[Any], source)
 
 
 class OneShotPruning(MaskingCallback):
@@ -35,6 +72,12 @@ class OneShotPruning(MaskingCallback):
         sparsity: 0.5       # fraction of zeros per layer ((M-N)/M with a pattern)
         pattern: "2:4"      # N:M, or null for unstructured
         num_samples: 128    # calibration sequences
+        forward: null       # dotted path of a function (model, batch) -> output; null: dicts as keywords,
+                            # (inputs, targets) tuples by their first element
+
+    `forward` is how a calibration batch runs through the module, as in `prune_oneshot`: e.g.
+    `lambda model, batch: model(batch[0], batch[1])` for an `(ids, mask, labels)` loader whose
+    module takes `forward(ids, mask)`.
     """
 
     def __init__(
@@ -54,13 +97,13 @@ class OneShotPruning(MaskingCallback):
         sparsity_profile: str = "uniform",
         finalize_on_end: bool = False,
         progress: bool = True,
+        forward: Callable[[torch.nn.Module, Any], Any] | str | None = None,
     ) -> None:
         check_oneshot_arguments(sparsity, pattern, sparsity_profile)
         # Built here so that a bad name or option fails when the callback is made, before any fit.
         self.solver = resolve_method(method, method_options)
         self.refiner = resolve_refiner(refine, refine_options)
-        if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
-            raise ValueError(f"`num_samples` must be None or an integer >= 1, got {num_samples!r}")
+        check_num_samples(num_samples)
         super().__init__(sparsity, "magnitude", "layer", pattern, targets, ignore, finalize_on_end)
         self.method = method
         self.calibration = calibration
@@ -69,6 +112,7 @@ class OneShotPruning(MaskingCallback):
         self.offload = offload
         self.sparsity_profile = sparsity_profile
         self.progress = progress
+        self.forward = resolve_forward(forward)
         self.pruned = False
         self.report: SparsityReport | None = None
 
@@ -79,6 +123,12 @@ class OneShotPruning(MaskingCallback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self.log_sparsity(pl_module, layers=batch_idx == 0)
+
+    def resolve_targets(self, model: torch.nn.Module) -> list[PruneTarget]:
+        """The Linear/Conv1D layers inside the model's blocks that `targets`/`ignore` select (as `prune_oneshot`)."""
+        blocks_name, block_list = find_blocks(model, self.blocks)
+        per_block = block_targets(model, blocks_name, len(block_list), self.target_patterns, self.ignore)
+        return [target for targets in per_block for target in targets]
 
     def calibration_batches(self, trainer: pl.Trainer) -> list[Any]:
         """This rank's calibration batches: the first `num_samples` sequences over all ranks.
@@ -94,7 +144,7 @@ class OneShotPruning(MaskingCallback):
         elif (datamodule := getattr(trainer, "datamodule", None)) is not None:
             source = datamodule.train_dataloader()
         else:
-            source = trainer.fit_loop._data_source.dataloader()
+            source = fit_train_dataloader(trainer)
         world, rank = trainer.world_size, trainer.global_rank
         if isinstance(getattr(source, "sampler", None), DistributedSampler):
             share = None if self.num_samples is None else self.num_samples // world + int(rank < self.num_samples % world)
@@ -135,9 +185,11 @@ class OneShotPruning(MaskingCallback):
             # Summed statistics over all ranks: the masks of one process that saw every batch.
             reduce_stats=lambda stats: all_reduce_sum_([t for stat in stats for t in stat.tensors()]),
             progress=self.progress,
+            forward=self.forward,
         )
         self.layer_sparsity = {layer.name: layer.sparsity for layer in self.report.layers}
         self.current_sparsity = self.report.global_sparsity
+        self.reached_sparsity = self.sparsity
         self.pruned = True
         return self.report
 

@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from lightning_prune.export.atomic import recover_directory
 from lightning_prune.export.bitmask import decompress_24, decompress_bitmask, is_2_4
 from lightning_prune.export.config import PARAM_NAMES, module_name_of
 from lightning_prune.export.manifest import read_manifest
@@ -59,6 +60,7 @@ def load_sparse_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torc
         ValueError: naming the file or tensor that is missing, truncated, modified or inconsistent.
     """
     directory = Path(path)
+    recover_directory(directory)
     manifest = read_manifest(directory)
     tensors = _read_tensors(directory, manifest)
     format = manifest["format"]
@@ -83,19 +85,32 @@ def _build_huggingface(directory: Path, manifest: dict[str, Any]) -> nn.Module:
     return getattr(transformers, config.architectures[0])._from_config(config)
 
 
+def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Raise before anything is copied when `state` does not fit `model` name for name, shape for shape.
+
+    A key the checkpoint lacks passes only when the model ties it to a key the checkpoint has.
+    """
+    current = model.state_dict()
+    unexpected = sorted(set(state) - set(current))
+    if unexpected:
+        raise ValueError(f"checkpoint has tensors the model does not: {unexpected[:10]}; is `model` the exported model's class and config?")
+    shapes = [f"{key}: checkpoint {tuple(state[key].shape)}, model {tuple(current[key].shape)}"
+              for key in state if tuple(state[key].shape) != tuple(current[key].shape)]
+    if shapes:
+        raise ValueError(f"checkpoint tensors do not fit the model's shapes: {shapes[:10]}")
+    present = {current[key].data_ptr() for key in state}
+    missing = [key for key in current if key not in state and current[key].data_ptr() not in present]
+    if missing:
+        raise ValueError(f"checkpoint lacks tensors the model needs: {missing[:10]}")
+
+
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Assign the tensors (keeping their dtypes bit for bit); keys missing only through weight tying pass."""
-    result = model.load_state_dict(state, strict=False, assign=True)
+    """Assign the tensors (keeping their dtypes bit for bit) after checking that all of them fit."""
+    check_state_fits(model, state)
+    model.load_state_dict(state, strict=False, assign=True)
     tie_weights = getattr(model, "tie_weights", None)
     if callable(tie_weights):
         tie_weights()
-    if result.unexpected_keys:
-        raise ValueError(f"checkpoint has tensors the model does not: {result.unexpected_keys[:10]}")
-    loaded = {tensor.data_ptr() for tensor in state.values()}
-    current = model.state_dict()
-    missing = [key for key in result.missing_keys if current[key].data_ptr() not in loaded]
-    if missing:
-        raise ValueError(f"checkpoint lacks tensors the model needs: {missing[:10]}")
 
 
 def to_semi_structured_(model: nn.Module, params: list[str]) -> list[str]:

@@ -12,9 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning_prune.export.config import MANIFEST_NAME, MANIFEST_VERSION
+from lightning_prune.export.config import FORMATS, MANIFEST_NAME, MANIFEST_VERSION
 
 _CHUNK = 1 << 20
+# Every key `save_sparse` writes, with the JSON type `load_sparse` relies on.
+_FIELDS: dict[str, type] = {
+    "files": dict, "format": str, "huggingface": bool, "model_class": str, "sparsity_config": dict,
+    "target_params": list, "layout": dict, "aliases": dict,
+}
 
 
 def sha256_of(path: Path) -> str:
@@ -38,6 +43,23 @@ def write_manifest(directory: Path, content: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
+def check_manifest(manifest: Any, path: Path) -> None:
+    """Raise a ValueError naming the first field of a damaged manifest (wrong type, missing, unknown value)."""
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} holds a JSON {type(manifest).__name__}, not an object: not a save_sparse manifest (damaged?)")
+    if manifest.get("manifest_version") != MANIFEST_VERSION:
+        raise ValueError(f"{path} has manifest_version {manifest.get('manifest_version')!r}; this version reads {MANIFEST_VERSION}")
+    for key, kind in _FIELDS.items():
+        if not isinstance(manifest.get(key), kind):
+            found = "missing" if key not in manifest else f"a {type(manifest[key]).__name__}"
+            raise ValueError(f"{path} is damaged: `{key}` must be a JSON {kind.__name__}, found {found}")
+    if manifest["format"] not in FORMATS:
+        raise ValueError(f"{path} is damaged: `format` must be one of {FORMATS}, found {manifest['format']!r}")
+    for name, entry in manifest["files"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
+            raise ValueError(f"{path} is damaged: `files`[{name!r}] must hold `bytes` (int) and `sha256` (str), found {entry!r}")
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
     """Load the manifest and check every listed file's presence, size and sha256.
 
@@ -52,8 +74,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON (truncated or modified?): {error}") from error
-    if manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise ValueError(f"{path} has manifest_version {manifest.get('manifest_version')!r}; this version reads {MANIFEST_VERSION}")
+    check_manifest(manifest, path)
     for name, expected in manifest["files"].items():
         file = directory / name
         if not file.is_file():

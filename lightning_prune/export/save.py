@@ -1,7 +1,7 @@
 """`save_sparse`: write a pruned model as a dense HF directory or a legacy compressed-tensors layout.
 
-The directory is built in a temporary sibling and renamed into place, so a crash never leaves a
-half-written checkpoint under `path`. Pruned weights are written as +0.0 (negative zeros broke
+The directory is built in a temporary sibling and renamed into place (`export/atomic.py`), so a
+crash never leaves a half-written checkpoint under `path`, nor no checkpoint at all. Pruned weights are written as +0.0 (negative zeros broke
 vLLM's 2:4 kernels, vLLM #13198), and a 2:4 format refuses any targeted weight that is not 2:4.
 """
 
@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from lightning_prune.export.atomic import recover_directory, replace_directory, temporary_prefix
 from lightning_prune.export.bitmask import compress_24, compress_bitmask, is_2_4, measured_pattern
 from lightning_prune.export.config import (
     CONFIG_NAME,
@@ -60,6 +61,17 @@ def _refuse_non_2_4(targets: Sequence[PruneTarget], matrices: Sequence[torch.Ten
                 f"`format`={format!r} needs every targeted weight to be 2:4 along its input dimension, but "
                 f"{target.name!r} (matrix {tuple(matrix.shape)}) measures {measured_pattern(matrix)}; prune it 2:4, "
                 "leave it out with `ignore`, or use format='dense' or 'sparse-bitmask' (values are never dropped)"
+            )
+
+
+def _refuse_non_finite(state: dict[str, torch.Tensor]) -> None:
+    """A NaN or Inf weight would be written silently and load as a broken model: name it instead."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"{name!r} holds {bad} NaN or Inf value(s) of {tensor.numel()}; save_sparse refuses to write a "
+                "non-finite model (check the training run that produced it)"
             )
 
 
@@ -130,25 +142,15 @@ def _write_hf_config(model: PreTrainedModel, directory: Path, sparsity_config: d
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _check_destination(destination: Path) -> None:
+def check_destination(destination: Path) -> None:
     """Only an empty directory or an earlier export may be replaced: never delete someone's files."""
+    recover_directory(destination)
     if not destination.exists():
         return
     if not destination.is_dir():
         raise ValueError(f"`path`={str(destination)!r} is an existing file, not a directory")
     if any(destination.iterdir()) and not (destination / MANIFEST_NAME).is_file():
         raise ValueError(f"`path`={str(destination)!r} is a non-empty directory that save_sparse did not write; choose a new path")
-
-
-def _replace_directory(source: Path, destination: Path) -> None:
-    """Move the finished `source` to `destination`, replacing an older export only after success."""
-    if destination.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
-        os.replace(destination, backup / destination.name)
-        os.replace(source, destination)
-        shutil.rmtree(backup)
-    else:
-        os.replace(source, destination)
 
 
 def save_sparse(
@@ -173,13 +175,14 @@ def save_sparse(
     Raises:
         ValueError: bad `format`; `path` is a file or a non-empty directory not written by
             save_sparse; for a 2:4 format, a targeted weight that is not 2:4 (names the first one
-            and its measured pattern).
+            and its measured pattern); a NaN or Inf in any floating tensor (names it).
     """
     check_format(format)
     destination = Path(path)
-    _check_destination(destination)
+    check_destination(destination)
     chosen = find_targets(model, include=targets, ignore=ignore)
     state = export_state_dict(model, chosen)
+    _refuse_non_finite(state)
     matrices = [target.as_matrix(state[target.name]) for target in chosen]
     if format in TWO_FOUR_FORMATS:
         _refuse_non_2_4(chosen, matrices, format)
@@ -188,7 +191,7 @@ def save_sparse(
     sparsity_config = build_sparsity_config(format, chosen, matrices, ignored)
     huggingface = isinstance(model, PreTrainedModel)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    work = Path(tempfile.mkdtemp(prefix=temporary_prefix(destination), dir=destination.parent))
     try:
         aliases, layout = _write_weights(model, work, state, list(zip(chosen, matrices)), format)
         if isinstance(model, PreTrainedModel):
@@ -204,7 +207,7 @@ def save_sparse(
             "layout": layout,
             "aliases": aliases,
         })
-        _replace_directory(work, destination)
+        replace_directory(work, destination)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -31,6 +31,7 @@ def take_samples(batches: Iterable[Batch], num_samples: int | None) -> list[Batc
     """The first `num_samples` sequences of `batches` (the last batch cut), as a list of batches."""
     if num_samples is None:
         return list(batches)
+    check_num_samples(num_samples)
     taken, count = [], 0
     for batch in batches:
         size = _batch_size(batch)
@@ -42,6 +43,12 @@ def take_samples(batches: Iterable[Batch], num_samples: int | None) -> list[Batc
         if count >= num_samples:
             break
     return taken
+
+
+def check_num_samples(num_samples: int | None) -> None:
+    """`num_samples` is None (all batches) or an integer >= 1."""
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+        raise ValueError(f"`num_samples` must be None or an integer >= 1, got {num_samples!r}")
 
 
 def _batch_size(batch: Batch) -> int:
@@ -216,6 +223,7 @@ def prune_oneshot(
         the per-layer sparsity report of the pruned layers.
     """
     sparsity = check_oneshot_arguments(sparsity, pattern, sparsity_profile)
+    check_num_samples(num_samples)
     solver = resolve_method(method, method_options)
     refiner = resolve_refiner(refine, refine_options)
     blocks_name, block_list = find_blocks(model, blocks)

@@ -9,7 +9,6 @@ model's maximum context. With `offload=True` only the current block sits on the 
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -86,6 +85,17 @@ def call_model(model: nn.Module, batch: Batch) -> Any:
     return model(batch)
 
 
+def describe_batch(batch: Batch) -> str:
+    """Shapes of a batch's tensors, for error messages."""
+    if isinstance(batch, torch.Tensor):
+        return f"tensor {tuple(batch.shape)}"
+    if isinstance(batch, dict):
+        return "{" + ", ".join(f"{k!r}: {describe_batch(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return "(" + ", ".join(describe_batch(v) for v in batch) + ")"
+    return type(batch).__name__
+
+
 def _drop_caches(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Key/value caches would grow on every re-run of a block: calibration runs without them."""
     out = {}
@@ -112,9 +122,13 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, calibration: 
 
     handle = first_block.register_forward_pre_hook(stop, with_kwargs=True)
     try:
-        for batch in calibration:
-            with contextlib.suppress(_ReachedFirstBlock):
+        for index, batch in enumerate(calibration):
+            try:
                 forward(model, to_device(batch, device))
+            except _ReachedFirstBlock:
+                pass
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(f"calibration batch {index} ({describe_batch(batch)}) failed before the first block: {error}") from error
     finally:
         handle.remove()
     if not captured:
@@ -179,9 +193,13 @@ def calibrate_sequentially(
             if offload:
                 block.to(device)
 
-            def run_block(block: nn.Module = block) -> None:
-                for args, kwargs in inputs:
-                    block(*args, **kwargs)
+            def run_block(block: nn.Module = block, name: str = f"{blocks_name}.{index}") -> None:
+                for position, (args, kwargs) in enumerate(inputs):
+                    try:
+                        block(*args, **kwargs)
+                    except RuntimeError as error:
+                        shape = tuple(_hidden(args, kwargs).shape)
+                        raise ValueError(f"calibration batch {position} (hidden states {shape}) failed in block {name}: {error}") from error
 
             process_block(index, f"{blocks_name}.{index}", block, run_block)
             if index + 1 < len(block_list):  # the last block's outputs feed nothing

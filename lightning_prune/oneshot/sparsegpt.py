@@ -13,6 +13,7 @@ from lightning_prune.oneshot.method import LayerStats, OneShotMethod, statistic
 from lightning_prune.oneshot.stats import HessianStats
 from lightning_prune.registry import register_method
 from lightning_prune.selection import check_scores, lowest_in_groups, lowest_k, parse_pattern, prune_count
+from lightning_prune.validation import check_integer, check_number
 
 MAX_DAMPING_ATTEMPTS = 6  # percdamp × 10^k for k < 6, then raise
 
@@ -113,12 +114,8 @@ class SparseGPT(OneShotMethod):
     updates_weights = True
 
     def __init__(self, blocksize: int = 128, percdamp: float = 0.01) -> None:
-        if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
-            raise ValueError(f"`blocksize` must be an integer >= 1, got {blocksize!r}")
-        if not isinstance(percdamp, (int, float)) or isinstance(percdamp, bool) or not 0 < percdamp < float("inf"):
-            raise ValueError(f"`percdamp` must be a finite number > 0, got {percdamp!r}")
-        self.blocksize = blocksize
-        self.percdamp = float(percdamp)
+        self.blocksize = check_integer(blocksize, "blocksize", low=1)
+        self.percdamp = check_number(percdamp, "percdamp", low=0.0, low_open=True)
 
     def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         hessian = statistic(stats, HessianStats).hessian()
