@@ -76,6 +76,7 @@ def sweep_job(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console script `lightning-prune`."""
+    SWEEP.jobs.clear()  # one sweep per call (tests and notebooks call main() more than once)
     hydra_main()
     failed = SWEEP.failed()
     if failed:
