@@ -93,7 +93,7 @@ def check_types(node: Any, key: str) -> None:
     if target is not None:
         _check_target(node, key, target)
     for name, child in node.items_ex(resolve=False):
-        check_types(child, f"{key}.{name}")
+        check_types(child, f"{key}.{name!s}")
 
 
 def _check_target(node: DictConfig, key: str, target: str) -> None:
@@ -107,7 +107,8 @@ def _check_target(node: DictConfig, key: str, target: str) -> None:
     except NameError:  # annotations that name types imported only for type checkers: check names only
         hints = {}
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(function).parameters.values())
-    for name, value in node.items():
+    for raw_name, value in node.items():
+        name = str(raw_name)
         if name.startswith("_"):
             continue
         if name not in inspect.signature(function).parameters and not accepts_any:

@@ -87,7 +87,8 @@ def make_trainer(cfg: DictConfig, out: Path, phase: str, callbacks: list[Callbac
     callbacks = list(callbacks)
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(ProgressBar())
-    return build(cfg.trainer, "trainer", callbacks=callbacks, logger=make_loggers(cfg, out, phase), **overrides)
+    trainer: pl.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=make_loggers(cfg, out, phase), **overrides)
+    return trainer
 
 
 def evaluate(trainer: pl.Trainer, module: pl.LightningModule, data: pl.LightningDataModule) -> dict[str, float]:
