@@ -5,6 +5,7 @@ and plain containers for library objects."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -215,6 +216,12 @@ def test_library_objects_get_plain_containers(tmp_path: Path) -> None:
         "+callbacks.plain.options={a: 1}",
     )
     assert run(cfg)["status"] == "completed"
+
+
+def test_run_uses_public_lightning_apis_only() -> None:
+    source = "\n".join(path.read_text() for path in (Path(lightning_prune.__file__).parent / "run").glob("*.py"))
+    assert re.search(r"trainer\._\w", source) is None and "_logger_connector" not in source
+    assert "num_sanity_val_steps" not in source  # the user's setting is kept; evaluate_pruned validates a copy
 
 
 # ---- item 2: a sweep with the default sweep directory survives a failing job -----------------------

@@ -24,6 +24,7 @@ from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.run.checks import ConfigError, build, check_run_settings, check_types
 from lightning_prune.run.outputs import (
     History,
+    TrainStartSnapshot,
     plot_layer_sparsity,
     plot_schedule,
     save_model,
@@ -97,6 +98,16 @@ def evaluate(trainer: pl.Trainer, module: pl.LightningModule, data: pl.Lightning
     return {name: float(value) for name, value in metrics.items()}
 
 
+def evaluate_pruned(cfg: DictConfig, out: Path, snapshot: TrainStartSnapshot, trainer: pl.Trainer, module: pl.LightningModule, data: Any) -> dict[str, float]:
+    """Validation metrics of the model as the pruning phase's training started (a plain Trainer,
+    none of the phase's callbacks); with no training step at all, the model after the phase is that model."""
+    if snapshot.module is None:
+        if trainer.global_step > 0:
+            raise RuntimeError("the pruning phase trained but its start was not recorded: `evaluate_pruned` has no model to validate")
+        return evaluate(make_trainer(cfg, out, "pruned", []), module, data)
+    return evaluate(make_trainer(cfg, out, "pruned", []), snapshot.module, data)
+
+
 def preflight(callbacks: list[Callback], module: pl.LightningModule) -> None:
     """Every check a callback can make before training (`callback.preflight(module)`), before any phase trains."""
     for callback in callbacks:
@@ -143,10 +154,11 @@ def run_phases(cfg: DictConfig, out: Path, record: RunRecord, parts: dict[str, A
     results["metric"] = history.metric
     record.phase = "preflight"
     preflight(callbacks, module)
-    # evaluate_pruned: a full-length sanity check runs after every callback's `on_fit_start`
-    # (one-shot pruning done, adapters attached) and before the first training step.
-    overrides = {"num_sanity_val_steps": -1} if cfg.evaluate_pruned else {}
-    trainer = make_trainer(cfg, out, "prune", [*callbacks, history], **overrides)  # built before the dense phase trains
+    # evaluate_pruned: the model as training starts (every callback's `on_fit_start` acted) is
+    # copied, and validated once the phase is over.
+    snapshot = TrainStartSnapshot()
+    extra: list[Callback] = [snapshot] if cfg.evaluate_pruned else []
+    trainer = make_trainer(cfg, out, "prune", [*callbacks, history, *extra])  # built before the dense phase trains
     steps = 0
     if cfg.dense_epochs > 0:
         record.phase = "dense"
@@ -160,7 +172,8 @@ def run_phases(cfg: DictConfig, out: Path, record: RunRecord, parts: dict[str, A
     history.start_phase("prune", steps)
     trainer.fit(module, datamodule=data)
     if cfg.evaluate_pruned:
-        results["pruned"] = history.metrics_at_start("prune")
+        record.phase = "evaluate_pruned"
+        results["pruned"] = evaluate_pruned(cfg, out, snapshot, trainer, module, data)
     if cfg.evaluate_after:
         record.phase = "evaluate_after"
         results["after"] = evaluate(trainer, module, data)
