@@ -92,9 +92,13 @@ class SparsityReport:
         return table
 
     def __str__(self) -> str:
-        rows = [self._HEADER, *self._rows()]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(self._HEADER))]
-        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+        """The rich table as plain text (box drawing, no colour codes): what `print(report)` shows."""
+        from rich.console import Console
+
+        # Wide enough that no layer name is wrapped; the table itself takes only the width it needs.
+        console = Console(file=io.StringIO(), width=400, record=True, color_system=None)
+        console.print(self)
+        return console.export_text(styles=False).rstrip("\n")
 
 
 def _pattern_of(matrix: torch.Tensor) -> str:

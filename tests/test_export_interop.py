@@ -1,10 +1,14 @@
-"""Interop with compressed-tensors' own (de)compressors, when a version that has them is installed.
+"""Interop with compressed-tensors' own (de)compressors (version 0.14, the last with sparse support).
 
-compressed-tensors 0.14 pins `transformers<5`, so it is not a test dependency; to run these,
-install it without its dependencies (`pip install --no-deps compressed-tensors==0.14.0 loguru`).
+compressed-tensors 0.14 pins `transformers<5`, which its compressors do not need, so CI (`.ci/run`)
+installs it with `pip install --no-deps "compressed-tensors==0.14.*"`; its other dependencies
+(pydantic, loguru) are in the `test` extra. CI sets `LIGHTNING_PRUNE_REQUIRE_INTEROP=1`, which turns
+a missing compressed-tensors into a failure instead of a skip.
 """
 
 import copy
+import importlib
+import os
 
 import pytest
 import torch
@@ -15,10 +19,26 @@ from lightning_prune import finalize, find_targets, update_masks
 from lightning_prune.export import save_sparse
 from tests.conftest import tiny_llama
 
-pytest.importorskip("compressed_tensors")
-compressors = pytest.importorskip("compressed_tensors.compressors")
-if not hasattr(compressors, "Sparse24BitMaskCompressor"):
-    pytest.skip("this compressed-tensors has no sparse-24-bitmask compressor", allow_module_level=True)
+REQUIRED = os.environ.get("LIGHTNING_PRUNE_REQUIRE_INTEROP") == "1"
+
+
+def _compressors():
+    """compressed_tensors.compressors with the sparse-24-bitmask compressor, or a skip (a failure in CI)."""
+    try:
+        module = importlib.import_module("compressed_tensors.compressors")
+    except ImportError as error:
+        if REQUIRED:
+            raise
+        pytest.skip(f"compressed-tensors is not installed ({error}); CI installs it", allow_module_level=True)
+    if not hasattr(module, "Sparse24BitMaskCompressor"):
+        message = f"compressed-tensors {importlib.import_module('compressed_tensors').__version__} has no sparse-24-bitmask compressor (0.14 has)"
+        if REQUIRED:
+            raise ImportError(message)
+        pytest.skip(message, allow_module_level=True)
+    return module
+
+
+compressors = _compressors()
 
 
 def pruned_llama() -> torch.nn.Module:

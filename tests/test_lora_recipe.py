@@ -31,10 +31,13 @@ def test_wanda_2of4_lora_reports_every_stage_and_exports_2of4(tmp_path: Path) ->
     assert (tmp_path / "plots" / "stage_metrics.png").read_bytes()[:4] == b"\x89PNG"
     exported, manifest = load_sparse_state_dict(tmp_path / "export")
     assert manifest["format"] == "sparse-24-bitmask"
-    for name, weight in exported.items():
-        if ("mlp" in name or "self_attn" in name) and name.endswith("weight"):
-            assert max_nonzeros_per_group(weight, 4) <= 2, name
-            assert not torch.signbit(weight[weight == 0]).any(), name
+    projections = [name for name in exported if ("mlp" in name or "self_attn" in name) and name.endswith("weight")]
+    # 7 projections (q, k, v, o, gate, up, down) in each of the tiny Llama's blocks.
+    assert len(projections) == 7 * cfg.model.config.num_hidden_layers
+    for name in projections:
+        weight = exported[name]
+        assert max_nonzeros_per_group(weight, 4) <= 2, name
+        assert not torch.signbit(weight[weight == 0]).any(), name
 
 
 def test_evaluate_pruned_is_validated(tmp_path: Path) -> None:

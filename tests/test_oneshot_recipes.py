@@ -27,7 +27,10 @@ def test_wanda_2of4_recipe_saves_an_exact_2_of_4_model(tmp_path: Path) -> None:
     assert cfg.pruning.method == "wanda" and cfg.pruning.pattern == "2:4"
     results = run(cfg)
     assert results["global_sparsity"] == pytest.approx(0.5, abs=1e-6)
-    assert results["after"]["val/ppl"] > 1.0 and results["before"]["val/ppl"] > 1.0
+    # Better than uniform guessing over the 300 tokens after the dense phase; Wanda 2:4 followed by a
+    # fine-tuning epoch as long as the dense one costs at most 5% of that perplexity.
+    assert results["before"]["val/ppl"] < 300
+    assert results["after"]["val/ppl"] <= 1.05 * results["before"]["val/ppl"]
     weight = _saved_projection(tmp_path)
     assert max_nonzeros_per_group(weight, 4) <= 2
     assert not torch.signbit(weight[weight == 0]).any()
@@ -38,6 +41,8 @@ def test_sparsegpt_50_recipe_prunes_one_shot_without_training(tmp_path: Path) ->
     assert cfg.pruning.method == "sparsegpt" and cfg.trainer.max_epochs == 0
     results = run(cfg)
     assert results["global_sparsity"] == pytest.approx(0.5, abs=1e-6)
-    # One-shot pruning costs perplexity; it stays finite and the model is saved with exact zeros.
-    assert 1.0 < results["after"]["val/ppl"] < float("inf")
+    # One-shot SparseGPT at 50% keeps the model better than uniform guessing over the 300 tokens and
+    # within 25% of its dense perplexity; the model is saved with exact zeros.
+    assert results["before"]["val/ppl"] < 300
+    assert results["after"]["val/ppl"] <= 1.25 * results["before"]["val/ppl"]
     assert float((_saved_projection(tmp_path) == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)

@@ -50,7 +50,17 @@ def test_markdown_and_csv() -> None:
         "1.weight,4×2,8,1,0.1250,unstructured",
         "global,,24,9,0.3750,",
     ]
-    assert str(report).splitlines()[0].split() == ["layer", "shape", "params", "zeros", "sparsity", "pattern"]
+
+
+
+def test_str_is_the_rich_table() -> None:
+    text = str(sparsity_report(two_layer_model()))
+    lines = text.splitlines()
+    assert "Sparsity report (global 37.50%)" in lines[0]
+    assert lines[1].startswith("┏") and lines[-1].startswith("└")
+    assert [cell.strip() for cell in lines[2].strip("┃").split("┃")] == ["layer", "shape", "params", "zeros", "sparsity", "pattern"]
+    assert [cell.strip() for cell in lines[-2].strip("│").split("│")] == ["global", "", "24", "9", "0.3750", ""]
+    assert "\x1b[" not in text  # plain text, no terminal colour codes
 
 
 def test_rich_renders_a_table() -> None:

@@ -67,9 +67,11 @@ def test_channel_prunes_whole_rows_by_l2_norm() -> None:
 
 def test_global_uses_one_threshold_across_layers() -> None:
     masks = select_global({"a": torch.tensor([[1.0, 2.0]]), "b": torch.tensor([[3.0, 4.0, 5.0, 6.0]])}, 0.5)
-    assert as_ints(masks["a"]) == [[0, 0]] or as_ints(masks["a"]) == [[0, 1]]
     assert as_ints(masks["a"]) == [[0, 1]]  # each layer keeps its best weight
     assert as_ints(masks["b"]) == [[0, 0, 1, 1]]
+    # One threshold (4) over both layers: 75% of `a` and 25% of `b` go.
+    masks = select_global({"a": torch.tensor([[1.0, 2.0, 3.0, 8.0]]), "b": torch.tensor([[4.0, 5.0, 6.0, 7.0]])}, 0.5)
+    assert as_ints(masks["a"]) == [[0, 0, 0, 1]] and as_ints(masks["b"]) == [[0, 1, 1, 1]]
 
 
 def test_global_never_empties_a_layer_and_refuses_when_it_must() -> None:

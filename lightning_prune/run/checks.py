@@ -123,10 +123,12 @@ def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
     """`hydra.utils.instantiate(node)(**kwargs)`, with errors naming `key` (and the argument when known).
 
     `kwargs` (live objects such as callbacks) go to the target directly, not through OmegaConf.
+    Every config value reaches the target as a plain `dict`/`list` (`_convert_="all"`), never as an
+    OmegaConf container.
     """
     check_types(node, key)
     try:
-        factory = instantiate(node, _partial_=True)
+        factory = instantiate(node, _partial_=True, _convert_="all")
         return factory(**kwargs)
     except InstantiationException as error:
         cause = error.__cause__ or error

@@ -5,6 +5,7 @@ All writes are atomic (a temporary file, then a rename) so an interrupted run le
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -47,7 +48,6 @@ class History(Callback):
         self.step_offset = 0
         self.sparsity: list[tuple[str, int, float]] = []
         self.validation: list[tuple[str, int, float]] = []
-        self.start_metrics: dict[str, dict[str, float]] = {}  # phase -> metrics of its sanity-check validation
 
     def start_phase(self, phase: str, steps_before: int) -> None:
         """Name the next phase; its step 0 is `steps_before` on the run's axis."""
@@ -58,20 +58,9 @@ class History(Callback):
         self.sparsity.append((self.phase, self.step_offset + trainer.global_step, float(value) if value is not None else 0.0))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            # Lightning keeps sanity-check results out of `callback_metrics`; they are held here until reset.
-            epoch_metrics = trainer._logger_connector.metrics["callback"]
-            self.start_metrics[self.phase] = {name: float(value) for name, value in epoch_metrics.items()}
-            return
         value = trainer.callback_metrics.get(self.metric)
-        if trainer.state.fn == "fit" and value is not None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and value is not None:
             self.validation.append((self.phase, self.step_offset + trainer.global_step, float(value)))
-
-    def metrics_at_start(self, phase: str) -> dict[str, float]:
-        """Validation metrics of `phase`'s sanity check (run after every `on_fit_start`, before training)."""
-        if phase not in self.start_metrics:
-            raise ValueError(f"no validation ran at the start of phase {phase!r}: `evaluate_pruned` needs validation batches")
-        return self.start_metrics[phase]
 
     def to_csv(self) -> str:
         """Rows `phase,step,series,value` (series: sparsity or the metric name)."""
@@ -81,6 +70,21 @@ class History(Callback):
         writer.writerows((p, s, "sparsity", v) for p, s, v in self.sparsity)
         writer.writerows((p, s, self.metric, v) for p, s, v in self.validation)
         return buffer.getvalue()
+
+
+class TrainStartSnapshot(Callback):
+    """A CPU copy of the LightningModule when training starts: after every callback's `on_fit_start`
+    acted (one-shot pruning done, adapters attached), before the first training step.
+
+    The run validates it after the phase (`evaluate_pruned`) with a plain `Trainer.validate`; the
+    copy costs one model's size in host memory while the phase trains.
+    """
+
+    def __init__(self) -> None:
+        self.module: pl.LightningModule | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.module = copy.deepcopy(pl_module).cpu()  # LightningModule pickles without its Trainer
 
 
 def _save_figure(figure: Any, path: Path) -> None:
