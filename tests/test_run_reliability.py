@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, ListConfig
 
 import lightning_prune
-from lightning_prune import GradualPruning, cli
+from lightning_prune import cli
 from lightning_prune.cli import CONFIG_DIR
 from lightning_prune.run import ConfigError, run
 from lightning_prune.run.record import RunRecord
@@ -146,7 +146,6 @@ def test_preflight_runs_before_the_dense_phase(tmp_path: Path) -> None:
     assert "match no module" in results["error"]["message"]
 
 
-@pytest.mark.skipif(not hasattr(GradualPruning, "preflight"), reason="callbacks' preflight comes with the library side of issue 14")
 def test_targets_that_match_nothing_fail_before_the_dense_phase(tmp_path: Path) -> None:
     cfg = compose_config(tmp_path, "recipe=quickstart", "dense_epochs=2", *DIGITS_TINY, "pruning.targets=[nomatch]")
     with pytest.raises(ValueError, match="nomatch"):
