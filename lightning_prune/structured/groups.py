@@ -27,11 +27,12 @@ from lightning_prune.targets import HFConv1D
 
 KINDS = ("neuron", "head", "filter")
 # (producer names, consumer name, config key) of the MLP layouts we know; producers' rows are the neurons.
-MLP_LAYOUTS: tuple[tuple[tuple[str, ...], str, str], ...] = (
-    (("gate_proj", "up_proj"), "down_proj", "intermediate_size"),  # Llama, Mistral, Qwen2/3, Gemma
-    (("c_fc",), "c_proj", "n_inner"),  # GPT-2 (Conv1D, stored (in, out))
-    (("fc1",), "fc2", "ffn_dim"),  # OPT
-    (("intermediate.dense",), "output.dense", "intermediate_size"),  # BERT family, ViT
+# The config key is the first of the candidates the model's config has.
+MLP_LAYOUTS: tuple[tuple[tuple[str, ...], str, tuple[str, ...]], ...] = (
+    (("gate_proj", "up_proj"), "down_proj", ("intermediate_size",)),  # Llama, Mistral, Qwen2/3, Gemma
+    (("c_fc",), "c_proj", ("n_inner",)),  # GPT-2 (Conv1D, stored (in, out))
+    (("fc1",), "fc2", ("ffn_dim", "intermediate_size")),  # OPT; ViT (transformers 5: `mlp.fc1`/`mlp.fc2`)
+    (("intermediate.dense",), "output.dense", ("intermediate_size",)),  # BERT family
 )
 HEAD_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Modules a channel passes through unchanged, one channel at a time.
@@ -132,9 +133,10 @@ def _out_features(module: nn.Module) -> int:
     return int(module.weight.shape[_output_dim(module)])
 
 
-def _mlp_group(block_name: str, block: nn.Module, index: int) -> GroupSet | None:
+def _mlp_group(block_name: str, block: nn.Module, index: int, config: object) -> GroupSet | None:
     modules = dict(block.named_modules())
-    for producers, consumer, key in MLP_LAYOUTS:
+    for producers, consumer, keys in MLP_LAYOUTS:
+        key = next((k for k in keys if hasattr(config, k)), None)
         for name in modules:
             if name != consumer and not name.endswith("." + consumer):
                 continue
@@ -186,7 +188,7 @@ def find_block_groups(model: nn.Module, kind: str, blocks: str | None = None) ->
     found = []
     for index, block in enumerate(block_list):
         name = f"{blocks_name}.{index}"
-        group = _mlp_group(name, block, index) if kind == "neuron" else _head_group(name, block, index, config)
+        group = _mlp_group(name, block, index, config) if kind == "neuron" else _head_group(name, block, index, config)
         if group is None:
             children = ", ".join(n for n, _ in block.named_children())
             if kind == "head":
