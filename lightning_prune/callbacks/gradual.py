@@ -46,8 +46,10 @@ class GradualPruning(MaskingCallback):
         targets: str | Sequence[str] | None = None,
         ignore: str | Sequence[str] | None = None,
         finalize_on_end: bool = False,
+        structure: str | None = None,
+        compact_on_end: bool = False,
     ) -> None:
-        super().__init__(sparsity, criterion, scope, pattern, targets, ignore, finalize_on_end)
+        super().__init__(sparsity, criterion, scope, pattern, targets, ignore, finalize_on_end, structure=structure, compact_on_end=compact_on_end)
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
         if self.initial_sparsity > self.sparsity:
             raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must not exceed `sparsity` ({sparsity})")

@@ -45,8 +45,10 @@ class IterativePruning(MaskingCallback):
         targets: str | Sequence[str] | None = None,
         ignore: str | Sequence[str] | None = None,
         finalize_on_end: bool = False,
+        structure: str | None = None,
+        compact_on_end: bool = False,
     ) -> None:
-        super().__init__(sparsity, criterion, scope, pattern, targets, ignore, finalize_on_end)
+        super().__init__(sparsity, criterion, scope, pattern, targets, ignore, finalize_on_end, structure=structure, compact_on_end=compact_on_end)
         if not isinstance(cycles, int) or cycles < 1:
             raise ValueError(f"`cycles` must be an integer >= 1, got {cycles!r}")
         if not isinstance(epochs_per_cycle, int) or epochs_per_cycle < 1:

@@ -19,7 +19,7 @@ from lightning_prune.oneshot.api import collect_statistics
 from lightning_prune.oneshot.driver import Batch, calibrate_sequentially, call_model, find_blocks
 from lightning_prune.registry import STRUCTURED_SCORES
 from lightning_prune.selection import check_sparsity
-from lightning_prune.structured.groups import GroupSet, find_block_groups
+from lightning_prune.structured.groups import GroupSet, find_block_groups, model_config
 from lightning_prune.structured.report import StructuredReport, structured_report
 from lightning_prune.structured.scores import BlockInfluence, StructuredScore
 from lightning_prune.structured.select import mask_block, prune_group, units_to_remove
@@ -63,7 +63,7 @@ def _find(model: nn.Module, blocks: str | None, mlp_sparsity: float, head_sparsi
 def _check_droppable(model: nn.Module, drop_layers: int, n_blocks: int) -> None:
     if isinstance(drop_layers, bool) or not isinstance(drop_layers, int) or not 0 <= drop_layers < n_blocks:
         raise ValueError(f"`drop_layers` must be an integer in [0, {n_blocks}) (the model has {n_blocks} blocks), got {drop_layers!r}")
-    config = getattr(model, "config", None)
+    config = model_config(model)
     post_norm = getattr(config, "model_type", None) in POST_NORM_TYPES or getattr(config, "do_layer_norm_before", True) is False
     if drop_layers and post_norm:
         raise ValueError(f"`drop_layers`={drop_layers}: {getattr(config, 'model_type', '?')} normalises after the residual sum, so a block cannot be removed without changing the model; prune MLP neurons (`mlp_sparsity`) instead")
@@ -89,7 +89,7 @@ def _add_compensation_biases(groups: Sequence[GroupSet], model: nn.Module) -> No
         if all(getattr(p.module, "bias", None) is not None for p in group.consumers()):
             continue
         flag = "mlp_bias" if group.kind == "neuron" else "attention_bias"
-        setattr(model.config, flag, True)
+        setattr(model_config(model), flag, True)
         for layer in model.get_submodule(group.name).modules():
             if isinstance(layer, nn.Linear) and layer.bias is None:
                 layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device))
@@ -132,7 +132,7 @@ def prune_structured(
         raise ValueError("nothing to prune: give `mlp_sparsity` > 0, `head_sparsity` > 0 or `drop_layers` > 0")
     for group in groups:
         score.check(group)
-    _check_flap_bias(score, groups, getattr(model, "config", None))
+    _check_flap_bias(score, groups, model_config(model))
     batches = list(calibration) if calibration is not None else []
     if (score.statistics or score.needs_gradients or drop_layers) and not batches:
         raise ValueError(f"`calibration` has no batches; method {score.name!r}{' and drop_layers' if drop_layers else ''} need calibration data")

@@ -176,6 +176,11 @@ def _head_group(block_name: str, block: nn.Module, index: int, config: object) -
     return None
 
 
+def model_config(model: nn.Module) -> object | None:
+    """The Hugging Face config of the model or of the first transformers model inside it (a LightningModule's)."""
+    return next((m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")), None)
+
+
 def find_block_groups(model: nn.Module, kind: str, blocks: str | None = None) -> list[GroupSet]:
     """The neuron or head group sets of every transformer block, in block order.
 
@@ -184,7 +189,7 @@ def find_block_groups(model: nn.Module, kind: str, blocks: str | None = None) ->
     ViT derive the head size from `hidden_size`).
     """
     blocks_name, block_list = find_blocks(model, blocks)
-    config = getattr(model, "config", None)
+    config = model_config(model)
     found = []
     for index, block in enumerate(block_list):
         name = f"{blocks_name}.{index}"
