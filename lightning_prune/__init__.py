@@ -42,6 +42,8 @@ from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.schedules import make_schedule
 from lightning_prune.selection import select_masks
 from lightning_prune.targets import PruneTarget, find_targets
+from lightning_prune.callbacks.structured import StructuredPruning
+from lightning_prune.structured import StructuredReport, StructuredScore, compact, prune_structured
 
 __version__ = "0.1.0"
 
@@ -92,4 +94,10 @@ __all__ = [
     "sparsity_report",
     "update_masks",
     "wanda_mask",
+    # structured pruning
+    "StructuredPruning",
+    "StructuredReport",
+    "StructuredScore",
+    "compact",
+    "prune_structured",
 ]

@@ -171,3 +171,13 @@ def _bert(layers: int) -> nn.Module:
 
     torch.manual_seed(0)
     return BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2, vocab_size=48))
+
+
+def test_head_counts_the_config_rejects_are_refused_before_pruning() -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, vocab_size=48))
+    with pytest.raises(ValueError, match=r"keeps 3 of 4 .*accepts: \[0.5, 0.75\]"):
+        prune_structured(model, None, head_sparsity=0.25)
+    assert get_mask(model.model.layers[0].self_attn.q_proj) is None

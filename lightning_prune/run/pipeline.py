@@ -126,6 +126,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["pruned"] = history.metrics_at_start("prune")
     if cfg.evaluate_after:
         results["after"] = evaluate(trainer, module, data)
+    for callback in callbacks:  # structured pruning: parameters and forward time before/after compaction
+        if callable(getattr(callback, "results", None)):
+            results.update(callback.results())
+        elif getattr(callback, "compaction", None):
+            results["compaction"] = dict(callback.compaction)
     write_stages(results, history.metric, out, plots=cfg.plots)
     results.update(write_outputs(cfg, out, module, data, history))
     write_results(results, out / "results.json")

@@ -16,6 +16,11 @@ import torch
 from torch import nn
 
 from lightning_prune.oneshot.api import collect_statistics
+
+try:  # what transformers' strict configs raise on an invalid architecture (huggingface_hub 1.x)
+    from huggingface_hub.errors import StrictDataclassClassValidationError as ConfigValidationError
+except ImportError:  # pragma: no cover - older huggingface_hub raise ValueError
+    ConfigValidationError = ValueError  # type: ignore[misc,assignment]
 from lightning_prune.oneshot.driver import Batch, calibrate_sequentially, call_model, find_blocks
 from lightning_prune.registry import STRUCTURED_SCORES
 from lightning_prune.selection import check_sparsity
@@ -67,6 +72,30 @@ def _check_droppable(model: nn.Module, drop_layers: int, n_blocks: int) -> None:
     post_norm = getattr(config, "model_type", None) in POST_NORM_TYPES or getattr(config, "do_layer_norm_before", True) is False
     if drop_layers and post_norm:
         raise ValueError(f"`drop_layers`={drop_layers}: {getattr(config, 'model_type', '?')} normalises after the residual sum, so a block cannot be removed without changing the model; prune MLP neurons (`mlp_sparsity`) instead")
+
+
+def _check_config_accepts_heads(model: nn.Module, groups: Sequence[GroupSet], head_sparsity: float) -> None:
+    """Refuse before pruning a head count the config class rejects (Llama: hidden_size % num_attention_heads)."""
+    heads = [g for g in groups if g.kind == "head"]
+    config = model_config(model)
+    if not heads or config is None:
+        return
+    count = heads[0].count
+    per_kv = heads[0].parts[0].width // heads[0].parts[2 if heads[0].parts[1].name == "bias" else 1].width
+
+    def rejection(kept: int) -> str | None:
+        values = {**config.to_dict(), "num_key_value_heads": kept, "num_attention_heads": kept * per_kv, "head_dim": getattr(config, "head_dim", None)}
+        try:
+            type(config).from_dict(values)
+        except (ValueError, TypeError, ConfigValidationError) as error:
+            return str(error).strip().splitlines()[-1].strip()
+        return None
+
+    kept = count - units_to_remove(count, head_sparsity)
+    reason = rejection(kept)
+    if reason is not None:
+        valid = sorted(round(1 - k / count, 4) for k in range(1, count) if rejection(k) is None)
+        raise ValueError(f"`head_sparsity`={head_sparsity} keeps {kept} of {count} key/value heads, which {type(config).__name__} rejects ({reason}); head sparsities it accepts: {valid}")
 
 
 def _check_flap_bias(score: StructuredScore, groups: Sequence[GroupSet], config: Any) -> None:
@@ -132,6 +161,7 @@ def prune_structured(
         raise ValueError("nothing to prune: give `mlp_sparsity` > 0, `head_sparsity` > 0 or `drop_layers` > 0")
     for group in groups:
         score.check(group)
+    _check_config_accepts_heads(model, groups, head_sparsity)
     _check_flap_bias(score, groups, model_config(model))
     batches = list(calibration) if calibration is not None else []
     if (score.statistics or score.needs_gradients or drop_layers) and not batches:
