@@ -155,9 +155,15 @@ def _cnn(batchnorm: bool) -> nn.Module:
     if not batchnorm:
         return build_digits_net("cnn", hidden=32).eval()
     layers = [
-        ("conv1", nn.Conv2d(3, 8, 3, padding=1)), ("bn1", nn.BatchNorm2d(8)), ("act1", nn.ReLU()),
-        ("conv2", nn.Conv2d(8, 16, 3, padding=1)), ("bn2", nn.BatchNorm2d(16)), ("act2", nn.ReLU()),
-        ("pool", nn.AdaptiveAvgPool2d(2)), ("flatten", nn.Flatten()), ("fc", nn.Linear(64, 10)),
+        ("conv1", nn.Conv2d(3, 8, 3, padding=1)),
+        ("bn1", nn.BatchNorm2d(8)),
+        ("act1", nn.ReLU()),
+        ("conv2", nn.Conv2d(8, 16, 3, padding=1)),
+        ("bn2", nn.BatchNorm2d(16)),
+        ("act2", nn.ReLU()),
+        ("pool", nn.AdaptiveAvgPool2d(2)),
+        ("flatten", nn.Flatten()),
+        ("fc", nn.Linear(64, 10)),
     ]
     net = nn.Sequential(OrderedDict(layers))
     for bn in (net.bn1, net.bn2):  # non-trivial statistics, as after training

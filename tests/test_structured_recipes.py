@@ -24,8 +24,14 @@ def test_structured_llama_recipe_saves_a_smaller_model_that_loads_stock(tmp_path
     from transformers import AutoModelForCausalLM
 
     cfg = compose_config(
-        "structured_llama", tmp_path, "dense_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
-        "data.seq_len=16", "data.vocab_size=300", "pruning.num_samples=16",
+        "structured_llama",
+        tmp_path,
+        "dense_epochs=1",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=2",
+        "data.seq_len=16",
+        "data.vocab_size=300",
+        "pruning.num_samples=16",
     )
     results = run(cfg)
     compaction = results["compaction"]

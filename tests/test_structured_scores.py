@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_prune.masking import get_mask
+from lightning_prune.oneshot.stats import FeatureNormStats
 from lightning_prune.registry import STRUCTURED_SCORES
 from lightning_prune.structured import (
     BlockInfluence,
@@ -21,7 +22,6 @@ from lightning_prune.structured import (
     find_groups,
     prune_structured,
 )
-from lightning_prune.oneshot.stats import FeatureNormStats
 from tests.conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 
@@ -107,9 +107,9 @@ def test_prune_structured_masks_exact_counts_and_keeps_gradients_out() -> None:
 
 
 def test_refusals_name_what_can_be_pruned_instead() -> None:
-    with pytest.raises(ValueError, match="heads.*mlp_sparsity"):
+    with pytest.raises(ValueError, match=r"heads.*mlp_sparsity"):
         prune_structured(tiny_bert_classifier(), None, head_sparsity=0.5)
-    with pytest.raises(ValueError, match="heads.*mlp_sparsity"):
+    with pytest.raises(ValueError, match=r"heads.*mlp_sparsity"):
         prune_structured(tiny_gpt2(), None, head_sparsity=0.5)
     with pytest.raises(ValueError, match="normalises after the residual"):
         prune_structured(_bert(2), [{"input_ids": torch.zeros(1, 4, dtype=torch.long)}], drop_layers=1)

@@ -80,9 +80,7 @@ class StructuredPruning(MaskingCallback):
         """Run `prune_structured` on the module with this rank's calibration batches."""
         source = self.calibration if self.calibration is not None else trainer.datamodule.train_dataloader()
         batches = take_samples(source, self.num_samples)
-        self.report = prune_structured(
-            pl_module, batches, targets=self.target_patterns, ignore=self.ignore, blocks=self.blocks, device=pl_module.device, progress=self.progress, **self.options
-        )
+        self.report = prune_structured(pl_module, batches, targets=self.target_patterns, ignore=self.ignore, blocks=self.blocks, device=pl_module.device, progress=self.progress, **self.options)
         self.current_sparsity = 1.0 - self.report.parameter_ratio
         self.pruned = True
         return self.report

@@ -71,7 +71,9 @@ def _check_droppable(model: nn.Module, drop_layers: int, n_blocks: int) -> None:
     config = model_config(model)
     post_norm = getattr(config, "model_type", None) in POST_NORM_TYPES or getattr(config, "do_layer_norm_before", True) is False
     if drop_layers and post_norm:
-        raise ValueError(f"`drop_layers`={drop_layers}: {getattr(config, 'model_type', '?')} normalises after the residual sum, so a block cannot be removed without changing the model; prune MLP neurons (`mlp_sparsity`) instead")
+        raise ValueError(
+            f"`drop_layers`={drop_layers}: {getattr(config, 'model_type', '?')} normalises after the residual sum, so a block cannot be removed without changing the model; prune MLP neurons (`mlp_sparsity`) instead"
+        )
 
 
 def _check_config_accepts_heads(model: nn.Module, groups: Sequence[GroupSet], head_sparsity: float) -> None:
@@ -153,7 +155,7 @@ def prune_structured(
     """
     mlp_sparsity = check_sparsity(mlp_sparsity, "mlp_sparsity")
     head_sparsity = check_sparsity(head_sparsity, "head_sparsity")
-    blocks_name, block_list = find_blocks(model, blocks)
+    _, block_list = find_blocks(model, blocks)
     _check_droppable(model, drop_layers, len(block_list))
     score = resolve_score(method, method_options)
     groups = _find(model, blocks, mlp_sparsity, head_sparsity, targets, ignore)

@@ -37,8 +37,22 @@ MLP_LAYOUTS: tuple[tuple[tuple[str, ...], str, tuple[str, ...]], ...] = (
 HEAD_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Modules a channel passes through unchanged, one channel at a time.
 CHANNELWISE = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardswish,
-    nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
 )
 
 

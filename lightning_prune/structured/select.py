@@ -15,7 +15,7 @@ from lightning_prune.structured.scores import StructuredScore
 
 def units_to_remove(count: int, sparsity: float) -> int:
     """Exactly round(sparsity · count) units (DESIGN, "Exact sparsity")."""
-    return int(round(sparsity * count))
+    return round(sparsity * count)
 
 
 def choose_removed(scores: torch.Tensor, remove: int, already: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,6 +87,4 @@ def block_is_dropped(block: nn.Module) -> bool:
     from lightning_prune.targets import DEFAULT_TYPES
 
     layers = [m for m in block.modules() if isinstance(m, DEFAULT_TYPES)]
-    return bool(layers) and all(
-        not bool(getattr(m, n).any()) for m in layers for n in ("weight", "bias") if getattr(m, n, None) is not None
-    )
+    return bool(layers) and all(not bool(getattr(m, n).any()) for m in layers for n in ("weight", "bias") if getattr(m, n, None) is not None)
