@@ -188,3 +188,16 @@ def test_cnn_filters_compact_equals_masked(batchnorm: bool) -> None:
     convs = [m for m in small.modules() if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == ([16, 32] if not batchnorm else [4, 8])
     assert [c.weight.shape[0] for c in convs] == [c.out_channels for c in convs]
+
+
+@pytest.mark.parametrize("method", ["flap", "taylor", "magnitude"])
+def test_every_score_compacts_exactly_on_llama(method: str) -> None:
+    model = _llama_like("LlamaConfig")
+    prune_structured(model, _calibration(model), mlp_sparsity=0.5, head_sparsity=0.5, method=method)
+    inputs = _inputs(model)
+    masked = _output(model, inputs)
+    small = compact(model)
+    assert (masked - _output(small, inputs)).abs().max() <= 1e-6
+    if method == "flap":  # the compensation biases are part of the config the result states
+        assert small.config.mlp_bias and small.config.attention_bias
+        assert small.model.layers[0].mlp.down_proj.bias is not None
