@@ -60,7 +60,7 @@ class StructuredPruning(MaskingCallback):
             raise ValueError(f"`num_samples` must be None or an integer >= 1, got {num_samples!r}")
         super().__init__(check_sparsity(mlp_sparsity, "mlp_sparsity"), "magnitude", "layer", None, targets, ignore)
         self.compact_on_end = compact_on_end
-        self.options = dict(mlp_sparsity=mlp_sparsity, head_sparsity=head_sparsity, drop_layers=drop_layers, method=method, method_options=method_options)
+        self.options: dict[str, Any] = dict(mlp_sparsity=mlp_sparsity, head_sparsity=head_sparsity, drop_layers=drop_layers, method=method, method_options=method_options)
         self.calibration = calibration
         self.num_samples = num_samples
         self.blocks = blocks
@@ -78,7 +78,12 @@ class StructuredPruning(MaskingCallback):
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> StructuredReport:
         """Run `prune_structured` on the module with this rank's calibration batches."""
-        source = self.calibration if self.calibration is not None else trainer.datamodule.train_dataloader()
+        source = self.calibration
+        if source is None:
+            datamodule = getattr(trainer, "datamodule", None)
+            if datamodule is None:
+                raise ValueError("`calibration`=None needs a fit with a datamodule (its train_dataloader gives the batches); pass `calibration`")
+            source = datamodule.train_dataloader()
         batches = take_samples(source, self.num_samples)
         self.report = prune_structured(pl_module, batches, targets=self.target_patterns, ignore=self.ignore, blocks=self.blocks, device=pl_module.device, progress=self.progress, **self.options)
         self.current_sparsity = 1.0 - self.report.parameter_ratio

@@ -79,7 +79,7 @@ def _check_droppable(model: nn.Module, drop_layers: int, n_blocks: int) -> None:
 def _check_config_accepts_heads(model: nn.Module, groups: Sequence[GroupSet], head_sparsity: float) -> None:
     """Refuse before pruning a head count the config class rejects (Llama: hidden_size % num_attention_heads)."""
     heads = [g for g in groups if g.kind == "head"]
-    config = model_config(model)
+    config: Any = model_config(model)
     if not heads or config is None:
         return
     count = heads[0].count

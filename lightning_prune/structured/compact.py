@@ -26,7 +26,7 @@ from lightning_prune.structured.select import block_is_dropped
 try:
     from transformers import PreTrainedModel
 except ImportError:  # pragma: no cover - transformers is a runtime dependency
-    PreTrainedModel = None
+    PreTrainedModel = None  # type: ignore[misc,assignment]
 
 
 def _is_hf(module: nn.Module) -> bool:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lightning_prune.oneshot.driver import find_blocks
-from lightning_prune.targets import HFConv1D
+from lightning_prune.targets import HFConv1D  # type: ignore[attr-defined]
 
 KINDS = ("neuron", "head", "filter")
 # (producer names, consumer name, config key) of the MLP layouts we know; producers' rows are the neurons.
@@ -70,7 +70,8 @@ class Part:
     @property
     def tensor(self) -> torch.Tensor:
         """The tensor itself (parameter or buffer)."""
-        return getattr(self.module, self.name)
+        value: torch.Tensor = getattr(self.module, self.name)
+        return value
 
     @property
     def qualified_name(self) -> str:
@@ -144,7 +145,8 @@ def _layer_parts(name: str, module: nn.Module, role: str, width: int = 1) -> lis
 
 
 def _out_features(module: nn.Module) -> int:
-    return int(module.weight.shape[_output_dim(module)])
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]
+    return int(weight.shape[_output_dim(module)])
 
 
 def _mlp_group(block_name: str, block: nn.Module, index: int, config: object) -> GroupSet | None:

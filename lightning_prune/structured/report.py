@@ -64,7 +64,7 @@ def parameters_after_compaction(model: nn.Module, groups: Sequence[GroupSet], dr
         keep = ~removed_units(group)
         for part in group.parts:
             kept_along.setdefault(part.qualified_name, {})[part.dim] = int(keep.sum()) * part.width
-    dropped_prefixes = ()
+    dropped_prefixes: tuple[str, ...] = ()
     if dropped:
         blocks_name, _ = find_blocks(model)
         dropped_prefixes = tuple(f"{blocks_name}.{i}." for i in dropped)

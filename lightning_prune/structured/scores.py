@@ -153,7 +153,8 @@ class GroupFluctuation(StructuredScore):
             weight = part.tensor.detach().float()
             matrix = weight.t() if _input_dim(part.module) == 0 else weight
             shift = matrix @ (mean * drop)
-            part.module.bias.add_(shift.to(part.module.bias.dtype))
+            bias: torch.Tensor = part.module.bias  # type: ignore[assignment]
+            bias.add_(shift.to(bias.dtype))
 
 
 class _Accumulator:
@@ -180,10 +181,15 @@ class GroupTaylor(StructuredScore):
     @torch.no_grad()
     def accumulate(self, groups: Sequence[GroupSet]) -> None:
         for group in groups:
-            parts = [p for p in _weight_parts(group) if p.tensor.grad is not None]
-            if parts:
-                first_order = sum(p.per_unit(p.tensor.detach().float() * p.tensor.grad.float()) for p in parts)
-                self.accumulated.add(group.name, torch.as_tensor(first_order).square())
+            first_order = torch.zeros(group.count, device=group.parts[0].tensor.device)
+            seen = False
+            for part in _weight_parts(group):
+                grad = part.tensor.grad
+                if grad is not None:
+                    first_order += part.per_unit(part.tensor.detach().float() * grad.float())
+                    seen = True
+            if seen:
+                self.accumulated.add(group.name, first_order.square())
 
     def score(self, group: GroupSet, stats: Mapping[str, TokenStatistic]) -> torch.Tensor:
         if group.name not in self.accumulated.sums:

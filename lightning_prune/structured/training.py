@@ -29,9 +29,11 @@ STRUCTURES = KINDS
 class StructuredSelection:
     """Groups of one `structure` in a model, scored by a registered structured score, masked uniformly."""
 
-    def __init__(self, structure: str, score: str | StructuredScore = "magnitude", targets: Any = None, ignore: Any = None) -> None:
+    def __init__(self, structure: str, score: object = "magnitude", targets: Any = None, ignore: Any = None) -> None:
         if structure not in STRUCTURES:
             raise ValueError(f"`structure` must be None or one of {STRUCTURES}, got {structure!r}")
+        if not isinstance(score, (str, StructuredScore)):
+            raise ValueError(f"`criterion` must be a registered structured score name or a StructuredScore with `structure`, got {score!r}")
         if isinstance(score, str) and score not in STRUCTURED_SCORES:
             raise ValueError(f"`criterion`={score!r} has no structured score; with `structure` use one of {[n for n in STRUCTURED_SCORES if n != 'block_influence']}")
         self.score: StructuredScore = STRUCTURED_SCORES.create(score)
