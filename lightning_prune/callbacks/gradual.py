@@ -21,6 +21,11 @@ class GradualPruning(MaskingCallback):
     criterion's scores of the surviving weights at the schedule's sparsity; in between, the masks
     stay applied. `end_step=None` means the last step of training as the Trainer estimates it.
 
+    With `structure` ("neuron", "head" or "filter") the sparsity is the fraction of whole units
+    (coupled groups, `lightning_prune.structured`) removed from every group set, scored by the
+    criterion's structured score ("magnitude" or "taylor"); `compact_on_end` makes the model
+    physically smaller at fit end and records parameters and forward time in `compaction`.
+
     Lifecycle: `on_fit_start` resolves targets and the schedule; `on_train_batch_start` prunes on
     schedule and logs `prune/sparsity`; `on_fit_end` removes hooks (and finalizes if asked).
 

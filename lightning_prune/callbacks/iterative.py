@@ -22,7 +22,8 @@ class IterativePruning(MaskingCallback):
     and the optimizer state is cleared after every pruning: the lottery-ticket procedure of
     Frankle & Carbin (2019). The snapshot holds the target tensors only. Learning-rate schedulers
     are not rewound. The Trainer needs at least `cycles · epochs_per_cycle` epochs; more epochs
-    fine-tune the final sparse model.
+    fine-tune the final sparse model. With `structure` ("neuron", "head", "filter") whole units are
+    pruned instead (see `GradualPruning`), and `compact_on_end` removes them at fit end.
 
     Example YAML (`conf/pruning/iterative.yaml`)::
 
