@@ -1,6 +1,7 @@
 """lightning_prune: training-time, iterative and one-shot pruning for PyTorch Lightning."""
 
 from lightning_prune.callbacks import GradualPruning, IterativePruning, LoRARecovery, OneShotPruning, SparseExport
+from lightning_prune.callbacks.structured import StructuredPruning
 from lightning_prune.criteria import make_criterion
 from lightning_prune.export import load_sparse, load_sparse_state_dict, save_sparse
 from lightning_prune.lora import attach_lora, load_lora, merge_lora
@@ -45,6 +46,7 @@ from lightning_prune.registry import (
 from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.schedules import make_schedule
 from lightning_prune.selection import select_masks
+from lightning_prune.structured import StructuredReport, StructuredScore, compact, prune_structured
 from lightning_prune.targets import PruneTarget, find_targets
 
 __version__ = "0.1.0"
@@ -68,9 +70,13 @@ __all__ = [
     "Ria",
     "SparseExport",
     "SparsityReport",
+    "StructuredPruning",
+    "StructuredReport",
+    "StructuredScore",
     "apply_masks_",
     "attach_lora",
     "calibrate_sequentially",
+    "compact",
     "ensure_gradient_masking",
     "finalize",
     "finalized_parameters",
@@ -88,6 +94,7 @@ __all__ = [
     "make_schedule",
     "merge_lora",
     "prune_oneshot",
+    "prune_structured",
     "register_criterion",
     "register_method",
     "register_refiner",

@@ -6,6 +6,7 @@ from lightning_prune.callbacks.gradual import GradualPruning
 from lightning_prune.callbacks.iterative import IterativePruning
 from lightning_prune.callbacks.lora import LoRARecovery
 from lightning_prune.callbacks.oneshot import OneShotPruning
+from lightning_prune.callbacks.structured import StructuredPruning
 
 __all__ = [
     "GradualPruning",
@@ -14,4 +15,5 @@ __all__ = [
     "MaskingCallback",
     "OneShotPruning",
     "SparseExport",
+    "StructuredPruning",
 ]

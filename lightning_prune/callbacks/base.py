@@ -16,9 +16,10 @@ from torch import nn
 
 from lightning_prune.criteria import Criterion, make_criterion
 from lightning_prune.distributed import broadcast_masks_
-from lightning_prune.masking import apply_masks_, finalize, get_mask, keep_masks_applied, load_masks, update_masks
+from lightning_prune.masking import apply_masks_, finalize, get_mask, get_masks, keep_masks_applied, load_masks, update_masks
 from lightning_prune.registry import CRITERIA
 from lightning_prune.selection import SCOPES, check_pattern_fits, check_pattern_sparsity, check_sparsity
+from lightning_prune.structured.training import StructuredSelection, check_structure_arguments, compact_and_measure, describe, first_batch, sample_forward
 from lightning_prune.targets import PruneTarget, find_targets
 
 
@@ -44,8 +45,15 @@ class MaskingCallback(Callback):
         ignore: str | Sequence[str] | None = None,
         finalize_on_end: bool = False,
         seed: int = 0,
+        structure: str | None = None,
+        compact_on_end: bool = False,
     ) -> None:
         self.sparsity = check_sparsity(sparsity)
+        check_structure_arguments(structure, pattern, scope, compact_on_end)
+        # Structured pruning (neurons/heads/filters) lives in lightning_prune.structured; the callback only calls it.
+        self.structured = StructuredSelection(structure, criterion, targets, ignore) if structure is not None else None
+        self.compact_on_end = compact_on_end
+        self.compaction: dict[str, float] = {}
         if not isinstance(criterion, Criterion) and criterion not in CRITERIA:
             raise ValueError(f"`criterion` must be one of {CRITERIA} or a Criterion, got {criterion!r}")
         if scope not in SCOPES:
@@ -84,7 +92,9 @@ class MaskingCallback(Callback):
         self.hook_optimizers(trainer)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        if self.criterion.needs_gradients:
+        if self.structured is not None and self.structured.needs_gradients:
+            self.structured.accumulate()
+        elif self.criterion.needs_gradients:
             self.accumulate_gradients()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -93,7 +103,7 @@ class MaskingCallback(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.warn_if_target_missed()
-        self.detach(pl_module)
+        self.detach(pl_module, first_batch(trainer) if self.compact_on_end else None)
 
     def resolve_targets(self, model: nn.Module) -> list[PruneTarget]:
         """The weights this callback prunes in `model` (a ValueError naming the model's layers if none)."""
@@ -118,6 +128,8 @@ class MaskingCallback(Callback):
         if self._restored_masks:
             load_masks(pl_module, self._restored_masks)
             self._restored_masks = {}
+        if self.structured is not None:
+            self.structured.attach(pl_module)
         self.hook_optimizers(trainer)
 
     def hook_optimizers(self, trainer: pl.Trainer) -> None:
@@ -134,13 +146,18 @@ class MaskingCallback(Callback):
         self._hooks = [keep_masks_applied(optimizer, module) for optimizer in trainer.optimizers]
         self._hooked_optimizers = list(trainer.optimizers)
 
-    def detach(self, pl_module: pl.LightningModule) -> None:
-        """Remove the optimizer hooks; bake the masks in when `finalize_on_end`."""
+    def detach(self, pl_module: pl.LightningModule, sample_batch: Any = None) -> None:
+        """Remove the optimizer hooks; bake the masks in when `finalize_on_end`; compact when `compact_on_end`.
+
+        Compaction records parameters (and, given a `sample_batch`, forward time) before and after in `compaction`.
+        """
         for hook in self._hooks:
             hook.remove()
         self._hooks, self._hooked_optimizers = [], []
         if self.finalize_on_end:
             finalize(pl_module)
+        if self.compact_on_end:
+            self.compaction = compact_and_measure(pl_module, sample_forward(sample_batch) if sample_batch is not None else None)[1]
 
     def record_warning(self, kind: str, message: str, **details: Any) -> None:
         """Warn (UserWarning) and keep the warning in `warnings_recorded` for the run's results."""
@@ -182,6 +199,12 @@ class MaskingCallback(Callback):
         """Recompute masks at `sparsity` from the criterion's scores (monotone: pruned stays pruned)."""
         if self._pl_module is None:
             raise RuntimeError("prune_to needs the targets that `attach` (on_fit_start) finds; call it during fit")
+        if self.structured is not None:
+            self.current_sparsity = self.structured.prune_to(sparsity)
+            self.reached_sparsity = sparsity
+            apply_masks_(self._pl_module)
+            self.layer_sparsity = describe(self.structured.groups)
+            return self.masks()
         scores = {t.name: self.criterion.score(t.name, t.weight) for t in self._targets}
         update_masks(self._targets, scores, sparsity, scope=self.scope, pattern=self.pattern)
         self.criterion.reset()
@@ -203,6 +226,8 @@ class MaskingCallback(Callback):
 
     def masks(self) -> dict[str, torch.Tensor]:
         """This callback's current keep-masks by qualified parameter name."""
+        if self.structured is not None and self._pl_module is not None:
+            return get_masks(self._pl_module)  # a group's masks cover biases and BatchNorm entries too
         found = {t.name: get_mask(t.module, t.param_name) for t in self._targets}
         return {name: mask for name, mask in found.items() if mask is not None}
 

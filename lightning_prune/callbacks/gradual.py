@@ -21,6 +21,11 @@ class GradualPruning(MaskingCallback):
     scores of the surviving weights at the schedule's sparsity; in between, the masks stay applied.
     `end_step=None` means the last step of training as the Trainer estimates it.
 
+    With `structure` ("neuron", "head" or "filter") the sparsity is the fraction of whole units
+    (coupled groups, `lightning_prune.structured`) removed from every group set, scored by the
+    criterion's structured score ("magnitude" or "taylor"); `compact_on_end` makes the model
+    physically smaller at fit end and records parameters and forward time in `compaction`.
+
     Steps are the callback's own count of training batches that ran an optimizer step (`step`,
     saved in checkpoints): `trainer.global_step` with one optimizer, but also right when manual
     optimization steps several optimizers per batch (each advances `global_step`), so the schedule
@@ -53,8 +58,10 @@ class GradualPruning(MaskingCallback):
         targets: str | Sequence[str] | None = None,
         ignore: str | Sequence[str] | None = None,
         finalize_on_end: bool = False,
+        structure: str | None = None,
+        compact_on_end: bool = False,
     ) -> None:
-        super().__init__(sparsity, criterion, scope, pattern, targets, ignore, finalize_on_end)
+        super().__init__(sparsity, criterion, scope, pattern, targets, ignore, finalize_on_end, structure=structure, compact_on_end=compact_on_end)
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
         if self.initial_sparsity > self.sparsity:
             raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must not exceed `sparsity` ({sparsity})")

@@ -24,7 +24,8 @@ class IterativePruning(MaskingCallback):
     are not rewound. The Trainer needs at least `cycles · epochs_per_cycle` epochs; more epochs
     fine-tune the final sparse model. With `rewind` the last cycle's rewind leaves an untrained
     ticket, so the Trainer needs `(cycles + 1) · epochs_per_cycle` epochs: the final ticket trains
-    as long as every cycle did. `preflight` (and `on_fit_start`) refuses shorter Trainers.
+    as long as every cycle did. `preflight` (and `on_fit_start`) refuses shorter Trainers. With `structure` ("neuron", "head",
+    "filter") whole units are pruned instead (see `GradualPruning`), and `compact_on_end` removes them at fit end.
 
     Example YAML (`conf/pruning/iterative.yaml`)::
 
@@ -47,8 +48,10 @@ class IterativePruning(MaskingCallback):
         targets: str | Sequence[str] | None = None,
         ignore: str | Sequence[str] | None = None,
         finalize_on_end: bool = False,
+        structure: str | None = None,
+        compact_on_end: bool = False,
     ) -> None:
-        super().__init__(sparsity, criterion, scope, pattern, targets, ignore, finalize_on_end)
+        super().__init__(sparsity, criterion, scope, pattern, targets, ignore, finalize_on_end, structure=structure, compact_on_end=compact_on_end)
         if not isinstance(cycles, int) or cycles < 1:
             raise ValueError(f"`cycles` must be an integer >= 1, got {cycles!r}")
         if not isinstance(epochs_per_cycle, int) or epochs_per_cycle < 1:

@@ -177,6 +177,12 @@ def run_phases(cfg: DictConfig, out: Path, record: RunRecord, parts: dict[str, A
     if cfg.evaluate_after:
         record.phase = "evaluate_after"
         results["after"] = evaluate(trainer, module, data)
+    for callback in callbacks:  # structured pruning: parameters and forward time before/after compaction
+        callback_results, compaction = getattr(callback, "results", None), getattr(callback, "compaction", None)
+        if callable(callback_results):
+            results.update(callback_results())
+        elif compaction:
+            results["compaction"] = dict(compaction)
     record.phase = "outputs"
     write_stages(results, history.metric, out, plots=cfg.plots)
     results.update(write_outputs(cfg, out, module, data, history, callbacks))

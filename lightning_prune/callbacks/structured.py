@@ -1,0 +1,105 @@
+"""One-shot structured pruning (neurons, heads, blocks) at the start of `fit`, compacted at its end."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_prune.callbacks.base import MaskingCallback
+from lightning_prune.masking import get_masks
+from lightning_prune.oneshot.api import take_samples
+from lightning_prune.selection import check_sparsity
+from lightning_prune.structured.api import prune_structured, resolve_score
+from lightning_prune.structured.report import StructuredReport
+
+
+class StructuredPruning(MaskingCallback):
+    """Run `prune_structured` on calibration batches when `fit` starts; keep the masks while recovering.
+
+    Calibration batches come from `calibration`, else the fit's training dataloader (first
+    `num_samples` sequences). With `compact_on_end` the module's model is replaced at fit end by
+    the physically smaller one (`compact`), and `compaction` records parameters and forward time
+    before and after; `report` holds the pruning's `StructuredReport`. A resumed run restores the
+    masks and does not prune again.
+
+    Lifecycle: `on_fit_start` attaches optimizer hooks, restores saved masks and (once) prunes;
+    `on_train_batch_start` logs `prune/sparsity`; `on_fit_end` removes hooks and compacts.
+
+    Example YAML (`conf/pruning/structured.yaml`)::
+
+        _target_: lightning_prune.StructuredPruning
+        mlp_sparsity: 0.5     # fraction of MLP neurons removed in every block
+        head_sparsity: 0.25   # fraction of key/value heads (with their query heads) removed
+        drop_layers: 0        # whole blocks removed (lowest ShortGPT block influence)
+        method: wanda         # magnitude | wanda | flap | taylor | yours
+    """
+
+    def __init__(
+        self,
+        mlp_sparsity: float = 0.0,
+        head_sparsity: float = 0.0,
+        drop_layers: int = 0,
+        method: str = "magnitude",
+        method_options: dict[str, Any] | None = None,
+        calibration: Iterable[Any] | None = None,
+        num_samples: int | None = 128,
+        targets: str | Sequence[str] | None = None,
+        ignore: str | Sequence[str] | None = None,
+        blocks: str | None = None,
+        compact_on_end: bool = True,
+        progress: bool = False,
+    ) -> None:
+        check_sparsity(head_sparsity, "head_sparsity")
+        resolve_score(method, method_options)  # a bad name or option fails here, before any fit
+        if isinstance(drop_layers, bool) or not isinstance(drop_layers, int) or drop_layers < 0:
+            raise ValueError(f"`drop_layers` must be an integer >= 0, got {drop_layers!r}")
+        if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+            raise ValueError(f"`num_samples` must be None or an integer >= 1, got {num_samples!r}")
+        super().__init__(check_sparsity(mlp_sparsity, "mlp_sparsity"), "magnitude", "layer", None, targets, ignore)
+        self.compact_on_end = compact_on_end
+        self.options: dict[str, Any] = dict(mlp_sparsity=mlp_sparsity, head_sparsity=head_sparsity, drop_layers=drop_layers, method=method, method_options=method_options)
+        self.calibration = calibration
+        self.num_samples = num_samples
+        self.blocks = blocks
+        self.progress = progress
+        self.pruned = False
+        self.report: StructuredReport | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attach(trainer, pl_module)
+        if not self.pruned:
+            self.prune(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.log_sparsity(pl_module, layers=False)
+
+    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> StructuredReport:
+        """Run `prune_structured` on the module with this rank's calibration batches."""
+        source = self.calibration
+        if source is None:
+            datamodule = getattr(trainer, "datamodule", None)
+            if datamodule is None:
+                raise ValueError("`calibration`=None needs a fit with a datamodule (its train_dataloader gives the batches); pass `calibration`")
+            source = datamodule.train_dataloader()
+        batches = take_samples(source, self.num_samples)
+        self.report = prune_structured(pl_module, batches, targets=self.target_patterns, ignore=self.ignore, blocks=self.blocks, device=pl_module.device, progress=self.progress, **self.options)
+        self.current_sparsity = 1.0 - self.report.parameter_ratio
+        self.pruned = True
+        return self.report
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return get_masks(self._pl_module) if self._pl_module is not None else {}
+
+    def results(self) -> dict[str, Any]:
+        """What the run records: the pruning report and the compaction's parameters and forward times."""
+        return {"structured": self.report.as_dict() if self.report else {}, "compaction": dict(self.compaction)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "pruned": self.pruned}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.pruned = bool(state_dict.get("pruned", False))

@@ -1,0 +1,37 @@
+"""Structured pruning: coupled groups, group scores, one-shot selection and `compact` (physical removal)."""
+
+from lightning_prune.structured.api import prune_structured, resolve_score
+from lightning_prune.structured.compact import compact
+from lightning_prune.structured.groups import GroupSet, Part, find_groups, removed_units
+from lightning_prune.structured.report import StructuredReport
+from lightning_prune.structured.scores import (
+    BlockInfluence,
+    FeatureMomentStats,
+    GroupFluctuation,
+    GroupMagnitude,
+    GroupTaylor,
+    GroupWanda,
+    StructuredScore,
+)
+from lightning_prune.structured.select import choose_removed, mask_units, prune_group
+
+__all__ = [
+    "BlockInfluence",
+    "FeatureMomentStats",
+    "GroupFluctuation",
+    "GroupMagnitude",
+    "GroupSet",
+    "GroupTaylor",
+    "GroupWanda",
+    "Part",
+    "StructuredReport",
+    "StructuredScore",
+    "choose_removed",
+    "compact",
+    "find_groups",
+    "mask_units",
+    "prune_group",
+    "prune_structured",
+    "removed_units",
+    "resolve_score",
+]

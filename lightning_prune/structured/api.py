@@ -1,0 +1,257 @@
+"""`prune_structured`: one-shot removal of MLP neurons, attention heads and whole blocks (as masks).
+
+Lifecycle::
+
+    report = prune_structured(model, batches, mlp_sparsity=0.5, head_sparsity=0.25, drop_layers=2, method="wanda")
+    small = compact(model)                      # physically smaller; save_pretrained loads anywhere
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_prune.oneshot.api import collect_statistics
+
+try:  # what transformers' strict configs raise on an invalid architecture (huggingface_hub 1.x)
+    from huggingface_hub.errors import StrictDataclassClassValidationError as ConfigValidationError
+except ImportError:  # pragma: no cover - older huggingface_hub raise ValueError
+    ConfigValidationError = ValueError  # type: ignore[misc,assignment]
+from lightning_prune.oneshot.driver import Batch, calibrate_sequentially, call_model, find_blocks
+from lightning_prune.registry import STRUCTURED_SCORES
+from lightning_prune.selection import check_sparsity
+from lightning_prune.structured.groups import GroupSet, find_block_groups, model_config
+from lightning_prune.structured.report import StructuredReport, structured_report
+from lightning_prune.structured.scores import BlockInfluence, StructuredScore
+from lightning_prune.structured.select import mask_block, prune_group, units_to_remove
+from lightning_prune.targets import PruneTarget
+
+# Post-norm families: the residual sum goes through a LayerNorm, so a zeroed block is no identity.
+POST_NORM_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "camembert", "mpnet", "deberta", "deberta-v2")
+
+
+def resolve_score(method: str | StructuredScore, options: Mapping[str, Any] | None = None, unit: str = "group") -> StructuredScore:
+    """A registered structured score by name with its options, or the given instance."""
+    score: StructuredScore = STRUCTURED_SCORES.create(method, **dict(options or {}))
+    if not isinstance(score, StructuredScore) or score.unit != unit:
+        names = [n for n in STRUCTURED_SCORES if getattr(STRUCTURED_SCORES.get(n), "unit", "group") == unit]
+        raise ValueError(f"`method` must be a registered {unit} score {names} or a StructuredScore, got {method!r}")
+    return score
+
+
+def _select(groups: list[GroupSet], targets: Any, ignore: Any) -> list[GroupSet]:
+    def matches(patterns: Any, name: str) -> bool:
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        return any(re.search(p, name) for p in patterns)
+
+    chosen = [g for g in groups if (targets is None or matches(targets, g.name)) and (ignore is None or not matches(ignore, g.name))]
+    if len(chosen) != len(groups) and getattr(groups[0] if groups else None, "config_key", None):
+        left = sorted({g.name for g in groups} - {g.name for g in chosen})
+        raise ValueError(
+            f"`targets`={targets!r} / `ignore`={ignore!r} leave {left} at full width: a stock config states one width for every layer, "
+            "so structured pruning of transformers blocks covers all of them (prune fewer with a smaller sparsity instead)"
+        )
+    return chosen
+
+
+def _find(model: nn.Module, blocks: str | None, mlp_sparsity: float, head_sparsity: float, targets: Any, ignore: Any) -> list[GroupSet]:
+    return [
+        *(_select(find_block_groups(model, "neuron", blocks), targets, ignore) if mlp_sparsity > 0 else []),
+        *(_select(find_block_groups(model, "head", blocks), targets, ignore) if head_sparsity > 0 else []),
+    ]
+
+
+def _check_droppable(model: nn.Module, drop_layers: int, n_blocks: int) -> None:
+    if isinstance(drop_layers, bool) or not isinstance(drop_layers, int) or not 0 <= drop_layers < n_blocks:
+        raise ValueError(f"`drop_layers` must be an integer in [0, {n_blocks}) (the model has {n_blocks} blocks), got {drop_layers!r}")
+    config = model_config(model)
+    post_norm = getattr(config, "model_type", None) in POST_NORM_TYPES or getattr(config, "do_layer_norm_before", True) is False
+    if drop_layers and post_norm:
+        raise ValueError(
+            f"`drop_layers`={drop_layers}: {getattr(config, 'model_type', '?')} normalises after the residual sum, so a block cannot be removed without changing the model; prune MLP neurons (`mlp_sparsity`) instead"
+        )
+
+
+def _check_config_accepts_heads(model: nn.Module, groups: Sequence[GroupSet], head_sparsity: float) -> None:
+    """Refuse before pruning a head count the config class rejects (Llama: hidden_size % num_attention_heads)."""
+    heads = [g for g in groups if g.kind == "head"]
+    config: Any = model_config(model)
+    if not heads or config is None:
+        return
+    count = heads[0].count
+    per_kv = heads[0].parts[0].width // heads[0].parts[2 if heads[0].parts[1].name == "bias" else 1].width
+
+    def rejection(kept: int) -> str | None:
+        values = {**config.to_dict(), "num_key_value_heads": kept, "num_attention_heads": kept * per_kv, "head_dim": getattr(config, "head_dim", None)}
+        try:
+            type(config).from_dict(values)
+        except (ValueError, TypeError, ConfigValidationError) as error:
+            return str(error).strip().splitlines()[-1].strip()
+        return None
+
+    kept = count - units_to_remove(count, head_sparsity)
+    reason = rejection(kept)
+    if reason is not None:
+        valid = sorted(round(1 - k / count, 4) for k in range(1, count) if rejection(k) is None)
+        raise ValueError(f"`head_sparsity`={head_sparsity} keeps {kept} of {count} key/value heads, which {type(config).__name__} rejects ({reason}); head sparsities it accepts: {valid}")
+
+
+def _check_flap_bias(score: StructuredScore, groups: Sequence[GroupSet], config: Any) -> None:
+    """FLAP's compensation needs a consumer bias; where missing, the config must be able to add one."""
+    if not getattr(score, "compensate_bias", False):
+        return
+    for group in groups:
+        for part in group.consumers():
+            if getattr(part.module, "bias", None) is None and not hasattr(config, "mlp_bias" if group.kind == "neuron" else "attention_bias"):
+                raise ValueError(
+                    f"`method`='flap' moves the removed {group.kind}s' mean output into the bias of {part.module_name}, which has none and "
+                    f"whose config ({type(config).__name__}) cannot add one; use method_options={{'compensate': False}} or method='wanda'"
+                )
+
+
+@torch.no_grad()
+def _add_compensation_biases(groups: Sequence[GroupSet], model: nn.Module) -> None:
+    """Give every layer the config flag covers a zero bias, and set the flag (FLAP on Llama-style models)."""
+    for group in groups:
+        if all(getattr(p.module, "bias", None) is not None for p in group.consumers()):
+            continue
+        flag = "mlp_bias" if group.kind == "neuron" else "attention_bias"
+        setattr(model_config(model), flag, True)
+        for layer in model.get_submodule(group.name).modules():
+            if isinstance(layer, nn.Linear) and layer.bias is None:
+                layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device))
+
+
+def prune_structured(
+    model: nn.Module,
+    calibration: Iterable[Batch] | None,
+    *,
+    mlp_sparsity: float = 0.0,
+    head_sparsity: float = 0.0,
+    drop_layers: int = 0,
+    method: str | StructuredScore = "magnitude",
+    method_options: Mapping[str, Any] | None = None,
+    targets: str | Sequence[str] | None = None,
+    ignore: str | Sequence[str] | None = None,
+    blocks: str | None = None,
+    device: torch.device | str | None = None,
+    forward: Callable[[nn.Module, Batch], Any] = call_model,
+    progress: bool = False,
+) -> StructuredReport:
+    """Mask the lowest-scored MLP neurons and attention heads of every block, and the least influential blocks.
+
+    Every block keeps the same number of neurons (round((1 − mlp_sparsity)·width)) and key/value
+    heads, so the stock config describes the compacted model. Blocks are ranked by ShortGPT's block
+    influence on `calibration` and the `drop_layers` lowest are masked whole (`compact` removes
+    them). Activation-aware scores ("wanda", "flap") collect their statistics block by block with
+    the one-shot driver, on the pruned model's own activations; "taylor" backpropagates the
+    calibration batches' loss. Everything is checked before the first weight changes.
+
+    Returns the report: parameters before and after compaction, kept widths, dropped blocks.
+    """
+    mlp_sparsity = check_sparsity(mlp_sparsity, "mlp_sparsity")
+    head_sparsity = check_sparsity(head_sparsity, "head_sparsity")
+    _, block_list = find_blocks(model, blocks)
+    _check_droppable(model, drop_layers, len(block_list))
+    score = resolve_score(method, method_options)
+    groups = _find(model, blocks, mlp_sparsity, head_sparsity, targets, ignore)
+    if not groups and not drop_layers:
+        raise ValueError("nothing to prune: give `mlp_sparsity` > 0, `head_sparsity` > 0 or `drop_layers` > 0")
+    for group in groups:
+        score.check(group)
+    _check_config_accepts_heads(model, groups, head_sparsity)
+    _check_flap_bias(score, groups, model_config(model))
+    batches = list(calibration) if calibration is not None else []
+    if (score.statistics or score.needs_gradients or drop_layers) and not batches:
+        raise ValueError(f"`calibration` has no batches; method {score.name!r}{' and drop_layers' if drop_layers else ''} need calibration data")
+    notes = _rounding_notes(groups, {"neuron": mlp_sparsity, "head": head_sparsity})
+    before = structured_report(model, [], [], score.name, [])
+    if getattr(score, "compensate_bias", False):
+        _add_compensation_biases(groups, model)
+        groups = _find(model, blocks, mlp_sparsity, head_sparsity, targets, ignore)  # with the new bias parts
+    if score.needs_gradients:
+        _accumulate_gradients(model, batches, groups, score, forward)
+    sparsity = {"neuron": mlp_sparsity, "head": head_sparsity}
+    per_block: list[list[GroupSet]] = [[g for g in groups if g.block == i] for i in range(len(block_list))]
+    influence = torch.zeros(len(block_list), 2)
+    if score.statistics or drop_layers:
+
+        def process(index: int, name: str, block: nn.Module, run_block: Callable[[], None]) -> None:
+            stats = _collect(per_block[index], score, block, influence[index] if drop_layers else None, run_block)
+            for group in per_block[index]:
+                prune_group(group, score, sparsity[group.kind], stats)
+
+        calibrate_sequentially(model, batches, process, blocks=block_list, device=device, forward=forward, progress=progress)
+    else:
+        for group in groups:
+            prune_group(group, score, sparsity[group.kind])
+    block_scores = (influence[:, 0] / influence[:, 1].clamp_min(1)).tolist()
+    dropped = sorted(torch.sort(torch.tensor(block_scores), stable=True).indices[:drop_layers].tolist()) if drop_layers else []
+    for index in dropped:
+        mask_block(block_list[index])
+    return structured_report(model, groups, dropped, score.name, notes, parameters_before=before.parameters_before, block_influence=block_scores if drop_layers else [])
+
+
+def _rounding_notes(groups: Sequence[GroupSet], sparsity: Mapping[str, float]) -> list[str]:
+    """Warn (and record) where round(s·count) units differ from the asked fraction by more than one unit's share."""
+    import warnings
+
+    notes = []
+    for kind in ("neuron", "head"):
+        sized = [g for g in groups if g.kind == kind]
+        if sized and sparsity[kind] > 0:
+            count = sized[0].count
+            removed = units_to_remove(count, sparsity[kind])
+            if removed == 0 or abs(removed / count - sparsity[kind]) > 1e-9:
+                note = f"{kind}s: asked {sparsity[kind]:.4f} of {count} per layer, removing {removed} ({removed / count:.4f})"
+                notes.append(note)
+                warnings.warn(note, stacklevel=3)
+    return notes
+
+
+def _collect(groups: Sequence[GroupSet], score: StructuredScore, block: nn.Module, influence: torch.Tensor | None, run_block: Callable[[], None]) -> dict[str, Any]:
+    """Run the block once: the score's statistics on its groups' layers, and (optionally) its influence."""
+    handle = None
+    if influence is not None:
+
+        def measure(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            out = output if isinstance(output, torch.Tensor) else output[0]
+            influence.add_(BlockInfluence.token_influence(hidden, out).cpu())
+
+        handle = block.register_forward_hook(measure, with_kwargs=True)
+    layers = {p.module_name: p.module for g in groups for p in g.parts if p.is_weight}
+    try:
+        if score.statistics and layers:
+            targets = [PruneTarget(name, module) for name, module in layers.items()]
+            found = collect_statistics(targets, score.statistics, run_block)
+            return {t.module_name: found[t.name][score.statistics[0]] for t in targets}
+        run_block()
+        return {}
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _accumulate_gradients(model: nn.Module, batches: Sequence[Batch], groups: Sequence[GroupSet], score: StructuredScore, forward: Callable[[nn.Module, Batch], Any]) -> None:
+    """Backpropagate each calibration batch's loss and feed the gradients to a gradient-based score."""
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            if isinstance(batch, dict) and "input_ids" in batch and "labels" not in batch:
+                batch = {**batch, "labels": batch["input_ids"]}  # a causal LM's own next-token loss
+            with torch.enable_grad():
+                loss = getattr(forward(model, batch), "loss", None)
+                if loss is None:
+                    raise ValueError(f"`method`={score.name!r} needs a loss from the calibration batches: give batches with labels (e.g. input_ids and labels)")
+                loss.backward()
+            score.accumulate(groups)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)

@@ -1,0 +1,213 @@
+"""Group scores: how much each unit of a `GroupSet` matters (higher = keep). Registered by name.
+
+Built-ins (DESIGN, "Structured groups"):
+- "magnitude": the group's L1 (default, Li et al. 2016) or L2 norm over its weight entries.
+- "wanda": Σ over the group's weights of Wanda's |W_ij|·‖X_j‖₂ (rows of the producers with their
+  inputs' norms, columns of the consumer with the unit's own activation norm).
+- "flap": FLAP's fluctuation Σ_j Var(X_j)·‖W_:,j‖² over the unit's consumer columns; with
+  `compensate` the removed columns' mean contribution W_:,j·E[X_j] moves into the consumer's bias.
+- "taylor": first-order Taylor of the group, (Σ_s w_s·g_s)² averaged over steps (Molchanov et
+  al. 2019), accumulated during training or over calibration batches.
+- "block_influence": 1 − cos(x_in, x_out) of a whole block over calibration tokens (ShortGPT).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from lightning_prune.oneshot.stats import FeatureNormStats, TokenStatistic
+from lightning_prune.registry import register_structured_score
+from lightning_prune.structured.groups import GroupSet, Part, _input_dim
+
+
+class FeatureMomentStats(TokenStatistic):
+    """FLAP's statistic: Σx_j and Σx_j² over tokens for every input feature j (fp32), and the count."""
+
+    def __init__(self, name: str, in_features: int, device: torch.device | str | None = None) -> None:
+        super().__init__(name, torch.zeros(2, in_features, dtype=torch.float32, device=device))
+
+    def add(self, inputs: torch.Tensor) -> None:
+        """Accumulate a batch of layer inputs `(..., in_features)`."""
+        rows = self._rows(inputs)
+        self.sum[0] += rows.sum(0)
+        self.sum[1] += rows.square().sum(0)
+
+    def mean(self) -> torch.Tensor:
+        """E[X_j] over the calibration tokens."""
+        self.check_count()
+        return self.sum[0] / float(self.count)
+
+    def variance(self) -> torch.Tensor:
+        """Var(X_j) over the calibration tokens (population variance, clamped at 0)."""
+        mean = self.mean()
+        return (self.sum[1] / float(self.count) - mean.square()).clamp_min(0.0)
+
+
+class StructuredScore:
+    """Base of the group scores: `score(group, stats)` → (count,), higher = more important.
+
+    `statistics` names the calibration statistic collected on the inputs of every layer of a group
+    (keyed by module name in `stats`); `needs_gradients` scores accumulate through `accumulate`.
+    `unit` is "group" for neuron/head/filter scores and "block" for whole-block scores.
+    """
+
+    name: str = ""
+    statistics: tuple[type[TokenStatistic], ...] = ()
+    needs_gradients: bool = False
+    unit: str = "group"
+
+    def score(self, group: GroupSet, stats: Mapping[str, TokenStatistic]) -> torch.Tensor:
+        """Importance of each of the group's `count` units."""
+        raise NotImplementedError(f"{type(self).__name__} does not score groups")
+
+    def check(self, group: GroupSet) -> None:
+        """Raise a `ValueError` before pruning when this score cannot handle `group`."""
+        if self.statistics:
+            for part in group.parts:
+                if part.is_weight and isinstance(part.module, nn.Conv2d):
+                    raise ValueError(f"`method`={self.name!r} scores linear layers from their input activations; {part.module_name} is a Conv2d: use 'magnitude' or 'taylor' for filters")
+
+    def compensate(self, group: GroupSet, removed: torch.Tensor, stats: Mapping[str, TokenStatistic]) -> None:
+        """Adjust the remaining weights for the removed units (no-op unless the method does)."""
+
+    def accumulate(self, groups: Sequence[GroupSet]) -> None:
+        """Feed one step's gradients (no-op unless the score needs them)."""
+
+    def reset(self) -> None:
+        """Forget accumulated state after a pruning step."""
+
+
+def _weight_parts(group: GroupSet) -> list[Part]:
+    return [p for p in group.parts if p.is_weight]
+
+
+def _along_inputs(part: Part, values: torch.Tensor) -> torch.Tensor:
+    """`values` (one per input feature) broadcast over the part's weight storage."""
+    shape = [1] * part.tensor.dim()
+    shape[_input_dim(part.module)] = -1
+    return values.reshape(shape)
+
+
+@register_structured_score("magnitude")
+class GroupMagnitude(StructuredScore):
+    """Group Lp norm of the weight entries of each unit (p = 1: Li et al. 2016's filter L1)."""
+
+    def __init__(self, p: int = 1) -> None:
+        if p not in (1, 2):
+            raise ValueError(f"`p` must be 1 or 2, got {p!r}")
+        self.p = p
+
+    @torch.no_grad()
+    def score(self, group: GroupSet, stats: Mapping[str, TokenStatistic]) -> torch.Tensor:
+        total = sum(p.per_unit(p.tensor.detach().float().abs() ** self.p) for p in _weight_parts(group))
+        return torch.as_tensor(total) ** (1.0 / self.p)
+
+
+@register_structured_score("wanda")
+class GroupWanda(StructuredScore):
+    """Σ over the unit's weights of |W_ij|·‖X_j‖₂, X_j the j-th input feature of W's layer."""
+
+    statistics = (FeatureNormStats,)
+
+    @torch.no_grad()
+    def score(self, group: GroupSet, stats: Mapping[str, TokenStatistic]) -> torch.Tensor:
+        total = torch.zeros(group.count, device=group.parts[0].tensor.device)
+        for part in _weight_parts(group):
+            norms = stats[part.module_name].feature_norms()  # type: ignore[attr-defined]
+            total += part.per_unit(part.tensor.detach().float().abs() * _along_inputs(part, norms))
+        return total
+
+
+@register_structured_score("flap")
+class GroupFluctuation(StructuredScore):
+    """FLAP (An et al. 2024): Σ over the unit's consumer columns of Var(X_j)·‖W_:,j‖².
+
+    With `compensate` (the paper's bias compensation), pruning unit u adds Σ_j∈u W_:,j·E[X_j] to the
+    consumer's bias, so that the removed channels' mean output is kept. Where the consumer has no
+    bias the config must be able to add one (`mlp_bias` / `attention_bias`), checked before pruning.
+    """
+
+    statistics = (FeatureMomentStats,)
+
+    def __init__(self, compensate: bool = True) -> None:
+        self.compensate_bias = bool(compensate)
+
+    @torch.no_grad()
+    def score(self, group: GroupSet, stats: Mapping[str, TokenStatistic]) -> torch.Tensor:
+        total = torch.zeros(group.count, device=group.parts[0].tensor.device)
+        for part in group.consumers():
+            variance = stats[part.module_name].variance()  # type: ignore[attr-defined]
+            total += part.per_unit(part.tensor.detach().float().square() * _along_inputs(part, variance))
+        return total
+
+    @torch.no_grad()
+    def compensate(self, group: GroupSet, removed: torch.Tensor, stats: Mapping[str, TokenStatistic]) -> None:
+        if not self.compensate_bias or not bool(removed.any()):
+            return
+        for part in group.consumers():
+            mean = stats[part.module_name].mean()  # type: ignore[attr-defined]
+            drop = removed.repeat_interleave(part.width).float()
+            weight = part.tensor.detach().float()
+            matrix = weight.t() if _input_dim(part.module) == 0 else weight
+            shift = matrix @ (mean * drop)
+            bias: torch.Tensor = part.module.bias  # type: ignore[assignment]
+            bias.add_(shift.to(bias.dtype))
+
+
+class _Accumulator:
+    """Per-group running sums kept by name (shared by the gradient-based scores)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps: dict[str, int] = {}
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.steps[name] = self.steps.get(name, 0) + 1
+
+
+@register_structured_score("taylor")
+class GroupTaylor(StructuredScore):
+    """First-order Taylor of removing a unit: (Σ_s w_s·g_s)² over its weights, averaged over steps."""
+
+    needs_gradients = True
+
+    def __init__(self) -> None:
+        self.accumulated = _Accumulator()
+
+    @torch.no_grad()
+    def accumulate(self, groups: Sequence[GroupSet]) -> None:
+        for group in groups:
+            first_order = torch.zeros(group.count, device=group.parts[0].tensor.device)
+            seen = False
+            for part in _weight_parts(group):
+                grad = part.tensor.grad
+                if grad is not None:
+                    first_order += part.per_unit(part.tensor.detach().float() * grad.float())
+                    seen = True
+            if seen:
+                self.accumulated.add(group.name, first_order.square())
+
+    def score(self, group: GroupSet, stats: Mapping[str, TokenStatistic]) -> torch.Tensor:
+        if group.name not in self.accumulated.sums:
+            raise ValueError(f"`method`='taylor' has no gradients for {group.name}: it needs training steps (or calibration batches with labels) before pruning")
+        return self.accumulated.sums[group.name] / self.accumulated.steps[group.name]
+
+    def reset(self) -> None:
+        self.accumulated = _Accumulator()
+
+
+@register_structured_score("block_influence")
+class BlockInfluence(StructuredScore):
+    """ShortGPT's block influence 1 − cos(x_in, x_out), averaged over calibration tokens."""
+
+    unit = "block"
+
+    @staticmethod
+    def token_influence(block_input: torch.Tensor, block_output: torch.Tensor) -> torch.Tensor:
+        """Σ over tokens of 1 − cos(x_in, x_out), and the token count, as a (2,) tensor."""
+        cos = nn.functional.cosine_similarity(block_input.float().flatten(0, -2), block_output.float().flatten(0, -2), dim=-1)
+        return torch.stack([(1.0 - cos).sum(), torch.tensor(float(cos.numel()), device=cos.device)])

@@ -1,0 +1,53 @@
+"""The structured recipes in-process (Hydra compose API) with tiny settings: compacted models saved and measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from lightning_prune.cli import CONFIG_DIR
+from lightning_prune.run import run
+
+QUIET = ["trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "tensorboard=false", "plots=false"]
+
+
+def compose_config(recipe: str, output: Path, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=[f"recipe={recipe}", f"output_dir={output}", *QUIET, *overrides])
+
+
+def test_structured_llama_recipe_saves_a_smaller_model_that_loads_stock(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = compose_config(
+        "structured_llama",
+        tmp_path,
+        "dense_epochs=1",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=2",
+        "data.seq_len=16",
+        "data.vocab_size=300",
+        "pruning.num_samples=16",
+    )
+    results = run(cfg)
+    compaction = results["compaction"]
+    assert compaction["parameters_after"] < compaction["parameters_before"]
+    assert compaction["forward_seconds_before"] > 0 and compaction["forward_seconds_after"] > 0
+    assert results["structured"]["parameters_after"] == compaction["parameters_after"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert (model.config.intermediate_size, model.config.num_attention_heads, model.config.num_key_value_heads) == (88, 2, 2)
+    assert model.model.layers[0].mlp.down_proj.weight.shape == (64, 88)
+    assert 1.0 < results["after"]["val/ppl"] < float("inf")
+
+
+@pytest.mark.slow
+def test_filters_cnn_recipe_compacts_the_convolutions(tmp_path: Path) -> None:
+    cfg = compose_config("filters_cnn", tmp_path, "dense_epochs=1", "trainer.max_epochs=2", "pruning.epochs_per_cycle=1", "trainer.limit_train_batches=4")
+    results = run(cfg)
+    assert results["compaction"]["parameters_after"] < results["compaction"]["parameters_before"]
+    state = torch.load(tmp_path / "model" / "model.pt")
+    assert state["conv1.weight"].shape[0] == 16 and state["conv2.weight"].shape[0] == 32
