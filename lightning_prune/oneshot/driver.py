@@ -19,9 +19,29 @@ from tqdm.auto import tqdm
 
 Batch = Any
 BlockInputs = list[tuple[tuple[Any, ...], dict[str, Any]]]
-# process_block(index, block_name, block, run_block): run_block() forwards every captured batch
-# through `block` (outputs discarded) so that the caller's hooks see its layers' inputs.
-BlockProcessor = Callable[[int, str, nn.Module, Callable[[], None]], None]
+
+
+class BlockRunner:
+    """The `run_block` a BlockProcessor gets: `run_block()` forwards every captured batch through
+    the block so that the caller's hooks see its layers' inputs; `run_block(keep_outputs=True)` also
+    returns the block's outputs, and `run_block.inputs` are the captured (args, kwargs) themselves
+    (what block reconstruction tunes on)."""
+
+    def __init__(self, block: nn.Module, inputs: BlockInputs) -> None:
+        self.block = block
+        self.inputs = inputs
+
+    def __call__(self, keep_outputs: bool = False) -> list[torch.Tensor]:
+        outputs = []
+        for args, kwargs in self.inputs:
+            output = self.block(*args, **kwargs)
+            if keep_outputs:
+                outputs.append(_block_output(output))
+        return outputs
+
+
+# process_block(index, block_name, block, run_block), run_block a BlockRunner.
+BlockProcessor = Callable[[int, str, nn.Module, BlockRunner], None]
 
 
 class _ReachedFirstBlock(Exception):
@@ -178,12 +198,7 @@ def calibrate_sequentially(
             bar.set_postfix_str(f"{blocks_name}.{index}")
             if offload:
                 block.to(device)
-
-            def run_block(block: nn.Module = block) -> None:
-                for args, kwargs in inputs:
-                    block(*args, **kwargs)
-
-            process_block(index, f"{blocks_name}.{index}", block, run_block)
+            process_block(index, f"{blocks_name}.{index}", block, BlockRunner(block, inputs))
             if index + 1 < len(block_list):  # the last block's outputs feed nothing
                 for position, (args, kwargs) in enumerate(inputs):
                     hidden = _block_output(block(*args, **kwargs))
