@@ -1,6 +1,6 @@
 """lightning_prune: training-time, iterative and one-shot pruning for PyTorch Lightning."""
 
-from lightning_prune.callbacks import GradualPruning, IterativePruning, LoRARecovery, OneShotPruning, SparseExport
+from lightning_prune.callbacks import GradualPruning, IterativePruning, KnowledgeDistillation, LoRARecovery, OneShotPruning, SparseExport
 from lightning_prune.criteria import make_criterion
 from lightning_prune.export import load_sparse, load_sparse_state_dict, save_sparse
 from lightning_prune.lora import attach_lora, load_lora, merge_lora
@@ -27,6 +27,7 @@ from lightning_prune.oneshot import (
     sparsegpt_prune,
     wanda_mask,
 )
+from lightning_prune.recovery import distill_loss, reconstruct_block
 from lightning_prune.registry import (
     CRITERIA,
     MASK_REFINERS,
@@ -61,6 +62,7 @@ __all__ = [
     "register_structured_score",
     "GradualPruning",
     "IterativePruning",
+    "KnowledgeDistillation",
     "LoRARecovery",
     "OneShotPruning",
     "PruneTarget",
@@ -69,6 +71,7 @@ __all__ = [
     "apply_masks_",
     "attach_lora",
     "calibrate_sequentially",
+    "distill_loss",
     "finalize",
     "find_blocks",
     "find_targets",
@@ -84,6 +87,7 @@ __all__ = [
     "make_schedule",
     "merge_lora",
     "prune_oneshot",
+    "reconstruct_block",
     "remove_masks",
     "save_sparse",
     "select_masks",

@@ -142,6 +142,23 @@ def remove_masks(model: nn.Module) -> None:
             object.__delattr__(module, _HANDLES)
 
 
+def forget_copied_masks(model: nn.Module) -> None:
+    """Drop the masks that `copy.deepcopy` carried into a copy of a masked model (weights untouched).
+
+    The copy's handles still point at the *original's* hook tables, so `remove_masks` on the copy
+    would unhook the original; this removes the copy's own load hooks by id instead (torch 2.13:
+    `Module._load_state_dict_post_hooks`; a deep-copied Parameter carries no gradient hooks).
+    """
+    for module in model.modules():
+        handles = module.__dict__.get(_HANDLES, {})
+        for param_name, param_handles in handles.items():
+            for handle in param_handles:
+                module._load_state_dict_post_hooks.pop(handle.id, None)
+            delattr(module, _mask_name(param_name))
+        if handles:
+            object.__delattr__(module, _HANDLES)
+
+
 @torch.no_grad()
 def finalize(model: nn.Module) -> nn.Module:
     """Bake the masks in as exact +0.0, remove every mask and hook, and return the plain model.
