@@ -122,3 +122,19 @@ def test_prune_oneshot_with_reconstruction_keeps_masks_exact_and_gets_closer_to_
     _check_zeros(tuned, pattern_m=4 if pattern else None)
     assert _logit_error(tuned, dense, batches) < _logit_error(plain, dense, batches)
     assert get_mask(tuned.model.layers[1].mlp.up_proj) is not None
+
+
+def test_oneshot_callback_reconstructs_before_fine_tuning() -> None:
+    from lightning_prune import OneShotPruning
+    from lightning_prune.models import CausalLMModule
+    from tests.conftest import make_trainer
+
+    with pytest.raises(ValueError, match="reconstruct_steps"):
+        OneShotPruning("wanda", 0.5, reconstruct=True, reconstruct_steps=0)
+    torch.manual_seed(0)
+    module = CausalLMModule(config={"model_type": "llama", **TINY_LLAMA_CONFIG, "num_hidden_layers": 2}, lr=1e-3)
+    pruning = OneShotPruning("wanda", 0.5, "2:4", reconstruct=True, reconstruct_steps=10, reconstruct_lr=1e-3, progress=False)
+    loader = torch.utils.data.DataLoader([{"input_ids": b["input_ids"][0]} for b in _batches()], batch_size=2)
+    make_trainer(max_steps=2, callbacks=[pruning]).fit(module, loader)
+    assert pruning.report is not None and pruning.report.global_sparsity == pytest.approx(0.5) and pruning.report.notes == ()
+    _check_zeros(module.model, pattern_m=4)
