@@ -162,3 +162,22 @@ def test_a_copy_of_an_already_pruned_model_drops_the_copied_masks_and_leaves_the
         layer.weight.fill_(1.0)
     model.load_state_dict({"model.layers.0.mlp.up_proj.weight": torch.ones_like(layer.weight)}, strict=False)
     assert torch.equal(layer.weight == 0, ~get_masks(model)["model.layers.0.mlp.up_proj.weight"])  # the student's load hook still re-zeroes
+
+
+def test_llama_gmp_distill_recipe_reaches_70_percent_with_a_dense_teacher(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from lightning_prune.cli import CONFIG_DIR
+    from lightning_prune.run import run
+
+    overrides = [
+        "recipe=llama_gmp_distill", f"output_dir={tmp_path}", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+        "tensorboard=false", "plots=false", "dense_epochs=1", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=2", "data.seq_len=16", "data.vocab_size=300", "pruning.frequency=1",
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    assert cfg.callbacks.distill.alpha == 0.5 and cfg.pruning.sparsity == 0.7
+    results = run(cfg)
+    assert results["global_sparsity"] == pytest.approx(0.7, abs=1e-3)
+    assert 1.0 < results["after"]["val/ppl"] < float("inf")
