@@ -1,6 +1,6 @@
 """lightning_prune: training-time, iterative and one-shot pruning for PyTorch Lightning."""
 
-from lightning_prune.callbacks import GradualPruning, IterativePruning, LoRARecovery, OneShotPruning, SparseExport
+from lightning_prune.callbacks import GradualPruning, IterativePruning, KnowledgeDistillation, LoRARecovery, OneShotPruning, SparseExport
 from lightning_prune.callbacks.structured import StructuredPruning
 from lightning_prune.criteria import make_criterion
 from lightning_prune.export import load_sparse, load_sparse_state_dict, save_sparse
@@ -32,6 +32,7 @@ from lightning_prune.oneshot import (
     sparsegpt_prune,
     wanda_mask,
 )
+from lightning_prune.recovery import distill_loss, reconstruct_block
 from lightning_prune.registry import (
     CRITERIA,
     MASK_REFINERS,
@@ -61,6 +62,7 @@ __all__ = [
     "GradualPruning",
     "HessianStats",
     "IterativePruning",
+    "KnowledgeDistillation",
     "LoRARecovery",
     "MaskRefiner",
     "OneShotMethod",
@@ -77,6 +79,7 @@ __all__ = [
     "attach_lora",
     "calibrate_sequentially",
     "compact",
+    "distill_loss",
     "ensure_gradient_masking",
     "finalize",
     "finalized_parameters",
@@ -95,6 +98,7 @@ __all__ = [
     "merge_lora",
     "prune_oneshot",
     "prune_structured",
+    "reconstruct_block",
     "register_criterion",
     "register_method",
     "register_refiner",

@@ -43,6 +43,7 @@ class SparsityReport:
     """Per-layer and global sparsity; prints as a table, exports Markdown and CSV."""
 
     layers: list[LayerSparsity] = field(default_factory=list)
+    notes: tuple[str, ...] = ()  # results that differ from what was asked (e.g. a block left unreconstructed)
 
     @property
     def numel(self) -> int:

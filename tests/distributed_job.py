@@ -16,7 +16,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lightning_prune import GradualPruning, IterativePruning, get_masks
+from lightning_prune import GradualPruning, IterativePruning, KnowledgeDistillation, get_masks
 from lightning_prune.callbacks.oneshot import OneShotPruning
 from lightning_prune.models import CausalLMModule
 
@@ -161,6 +161,10 @@ def main() -> None:
         batch["input_ids"] = batch["input_ids"] % 32 + 32 * (index % 2)
     sparsegpt = OneShotPruning("sparsegpt", 0.5, calibration=calibration, num_samples=None, progress=False)
     dump(fit(sparsegpt, args, epochs=0, llama=True), "sparsegpt", args.out)
+
+    # Distillation beside gradual pruning: every rank copies its own teacher; masks must still agree.
+    distill = KnowledgeDistillation(alpha=0.5, temperature=2.0)
+    dump(fit(GradualPruning(0.5, start_step=0, end_step=4, frequency=2), args, epochs=2, llama=True, probe=distill), "distill", args.out)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def assert_same_masks(a: dict, b: dict) -> None:
         assert torch.equal(a["masks"][name], b["masks"][name]), name
 
 
-@pytest.mark.parametrize("phase", ["gradual", "resumed", "iterative"])
+@pytest.mark.parametrize("phase", ["gradual", "resumed", "iterative", "distill"])
 def test_ranks_hold_identical_masks_and_weights(runs: dict[str, Path], phase: str) -> None:
     rank0, rank1 = load(runs["ddp"], phase, 0), load(runs["ddp"], phase, 1)
     assert_same_masks(rank0, rank1)

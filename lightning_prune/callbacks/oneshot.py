@@ -15,6 +15,7 @@ from lightning_prune.distributed import all_reduce_sum_, is_distributed
 from lightning_prune.oneshot.api import block_targets, check_num_samples, check_oneshot_arguments, needs_calibration, prune_oneshot, resolve_method, resolve_refiner, take_samples
 from lightning_prune.oneshot.driver import call_model, find_blocks
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
+from lightning_prune.recovery.reconstruct import check_reconstruct_arguments
 from lightning_prune.report import SparsityReport
 from lightning_prune.targets import PruneTarget
 
@@ -78,6 +79,9 @@ class OneShotPruning(MaskingCallback):
     `forward` is how a calibration batch runs through the module, as in `prune_oneshot`: e.g.
     `lambda model, batch: model(batch[0], batch[1])` for an `(ids, mask, labels)` loader whose
     module takes `forward(ids, mask)`.
+        reconstruct: false  # tune each pruned block to reproduce the dense block's outputs (masks fixed)
+        reconstruct_steps: 100  # Adam steps per block
+        reconstruct_lr: 0.0001  # Adam learning rate of the reconstruction
     """
 
     def __init__(
@@ -98,8 +102,13 @@ class OneShotPruning(MaskingCallback):
         finalize_on_end: bool = False,
         progress: bool = True,
         forward: Callable[[torch.nn.Module, Any], Any] | str | None = None,
+        reconstruct: bool = False,
+        reconstruct_steps: int = 100,
+        reconstruct_lr: float = 1e-4,
     ) -> None:
         check_oneshot_arguments(sparsity, pattern, sparsity_profile)
+        if reconstruct:
+            check_reconstruct_arguments(reconstruct_steps, reconstruct_lr)
         # Built here so that a bad name or option fails when the callback is made, before any fit.
         self.solver = resolve_method(method, method_options)
         self.refiner = resolve_refiner(refine, refine_options)
@@ -113,6 +122,7 @@ class OneShotPruning(MaskingCallback):
         self.sparsity_profile = sparsity_profile
         self.progress = progress
         self.forward = resolve_forward(forward)
+        self.reconstruct, self.reconstruct_steps, self.reconstruct_lr = reconstruct, reconstruct_steps, reconstruct_lr
         self.pruned = False
         self.report: SparsityReport | None = None
 
@@ -165,7 +175,10 @@ class OneShotPruning(MaskingCallback):
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SparsityReport:
         """Run `prune_oneshot` on the module and record the resulting sparsities."""
-        needs_data = needs_calibration(self.solver, self.refiner, self.sparsity_profile)
+        if self.reconstruct and trainer.world_size > 1:
+            # Each rank would tune its blocks on its own batches and the weights would diverge.
+            raise ValueError(f"`reconstruct`=True runs in one process; got world_size={trainer.world_size} (prune one-shot before DDP)")
+        needs_data = needs_calibration(self.solver, self.refiner, self.sparsity_profile) or self.reconstruct
         batches = self.calibration_batches(trainer) if needs_data else None
         if batches is not None and is_distributed():
             self._check_every_rank_has_batches(trainer, batches)
@@ -186,6 +199,9 @@ class OneShotPruning(MaskingCallback):
             reduce_stats=lambda stats: all_reduce_sum_([t for stat in stats for t in stat.tensors()]),
             progress=self.progress,
             forward=self.forward,
+            reconstruct=self.reconstruct,
+            reconstruct_steps=self.reconstruct_steps,
+            reconstruct_lr=self.reconstruct_lr,
         )
         self.layer_sparsity = {layer.name: layer.sparsity for layer in self.report.layers}
         self.current_sparsity = self.report.global_sparsity

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
@@ -11,11 +13,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_prune.masking import set_mask
-from lightning_prune.oneshot.driver import Batch, calibrate_sequentially, call_model, find_blocks
+from lightning_prune.oneshot.driver import Batch, BlockRunner, calibrate_sequentially, call_model, find_blocks
 from lightning_prune.oneshot.method import LayerStats, MaskRefiner, OneShotMethod, statistic
 from lightning_prune.oneshot.owl import outlier_ratio, owl_sparsities
 from lightning_prune.oneshot.stats import FeatureNormStats, TokenStatistic
 from lightning_prune.oneshot.wanda import wanda_scores
+from lightning_prune.recovery.reconstruct import check_reconstruct_arguments, reconstruct_block
 from lightning_prune.registry import MASK_REFINERS, ONESHOT_METHODS
 from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.selection import check_pattern_fits, check_pattern_sparsity, check_sparsity
@@ -119,7 +122,7 @@ def block_targets(model: nn.Module, blocks_name: str, n_blocks: int, targets: An
     return per_block
 
 
-def collect_statistics(targets: Sequence[PruneTarget], kinds: Sequence[type[Statistic]], run_block: Callable[[], None]) -> dict[str, dict[type[Statistic], Statistic]]:
+def collect_statistics(targets: Sequence[PruneTarget], kinds: Sequence[type[Statistic]], run_block: Callable[[], object]) -> dict[str, dict[type[Statistic], Statistic]]:
     """Run the block once with forward hooks that add each target's fp32 input statistics."""
     stats: dict[str, dict[type[Statistic], Statistic]] = {}
     handles = []
@@ -162,7 +165,7 @@ def owl_block_sparsities(model: nn.Module, batches: list[Batch], per_block: Sequ
     """A dense calibration pass that measures each block's Wanda outlier ratio, then OWL sparsities."""
     ratios: list[float] = [0.0] * len(per_block)
 
-    def measure(index: int, name: str, block: nn.Module, run_block: Callable[[], None]) -> None:
+    def measure(index: int, name: str, block: nn.Module, run_block: BlockRunner) -> None:
         if not per_block[index]:
             return
         stats = collect_statistics(per_block[index], (FeatureNormStats,), run_block)
@@ -201,6 +204,9 @@ def prune_oneshot(
     reduce_stats: Callable[[list[Statistic]], None] | None = None,
     forward: Callable[[nn.Module, Batch], Any] = call_model,
     progress: bool = True,
+    reconstruct: bool = False,
+    reconstruct_steps: int = 100,
+    reconstruct_lr: float = 1e-4,
 ) -> SparsityReport:
     """Prune the Linear/Conv1D layers inside `model`'s blocks one-shot, in place; masks attached.
 
@@ -219,11 +225,19 @@ def prune_oneshot(
         sparsity_profile: "uniform", or "owl" (Yin et al., 2023) per-block sparsities with mean `sparsity`.
         reduce_stats: called with each block's statistics (`.sum`, `.count`, `.tensors()`) before
             pruning, e.g. to all-reduce them across ranks; default: nothing.
+        reconstruct: after pruning each block, tune its surviving weights (masks fixed) with
+            `reconstruct_steps` Adam steps at `reconstruct_lr` so that it reproduces the dense
+            block's outputs on the calibration inputs (`recovery.reconstruct_block`); the
+            reconstructed block's outputs feed the next block. Needs calibration batches. Under
+            DDP each rank tunes on its own batches: reconstruct on one process.
     Returns:
-        the per-layer sparsity report of the pruned layers.
+        the per-layer sparsity report of the pruned layers; `notes` lists blocks whose
+        reconstruction did not lower the output error (their pruned weights were kept).
     """
     sparsity = check_oneshot_arguments(sparsity, pattern, sparsity_profile)
     check_num_samples(num_samples)
+    if reconstruct:
+        check_reconstruct_arguments(reconstruct_steps, reconstruct_lr)
     solver = resolve_method(method, method_options)
     refiner = resolve_refiner(refine, refine_options)
     blocks_name, block_list = find_blocks(model, blocks)
@@ -231,7 +245,7 @@ def prune_oneshot(
     check_pattern_fits(itertools.chain.from_iterable(per_block), pattern)
     reduce_stats = reduce_stats or _identity
     driver: dict[str, Any] = dict(blocks=block_list, device=device, offload=offload, forward=forward, progress=progress)
-    needs_data = needs_calibration(solver, refiner, sparsity_profile)
+    needs_data = needs_calibration(solver, refiner, sparsity_profile) or reconstruct
     batches = take_samples(calibration, num_samples) if calibration is not None else []
     if needs_data and not batches:
         raise ValueError(f"`calibration` has no batches; method {solver.name!r} needs calibration data")
@@ -240,15 +254,37 @@ def prune_oneshot(
         block_sparsity = owl_block_sparsities(model, batches, per_block, sparsity, reduce_stats, owl_threshold, owl_lambda, **driver)
     kinds = tuple(dict.fromkeys(solver.statistics + (refiner.statistics if refiner else ())))
 
-    def prune_block(index: int, name: str, block: nn.Module, run_block: Callable[[], None]) -> None:
-        stats = collect_statistics(per_block[index], kinds, run_block) if kinds and per_block[index] else {}
+    notes: list[str] = []
+
+    def prune_block(index: int, name: str, block: nn.Module, run_block: BlockRunner) -> None:
+        dense_outputs: list[torch.Tensor] = []
+
+        def run_dense() -> None:  # the statistics pass also keeps the dense block's outputs when reconstructing
+            dense_outputs.extend(run_block(keep_outputs=reconstruct))
+
+        stats = collect_statistics(per_block[index], kinds, run_dense) if kinds and per_block[index] else {}
+        if reconstruct and per_block[index] and not dense_outputs:
+            run_dense()
         reduce_stats([stat for per_kind in stats.values() for stat in per_kind.values()])
         for target in per_block[index]:
             prune_target(target, solver, refiner, stats.get(target.name, {}), block_sparsity[index], pattern)
+        if dense_outputs:
+            notes.extend(_reconstruct(name, block, run_block, dense_outputs, reconstruct_steps, reconstruct_lr))
 
     if needs_data:
         calibrate_sequentially(model, batches, prune_block, **driver)
     else:
         for index in range(len(block_list)):
-            prune_block(index, f"{blocks_name}.{index}", block_list[index], lambda: None)
-    return sparsity_report(model, [t for targets_ in per_block for t in targets_])
+            prune_block(index, f"{blocks_name}.{index}", block_list[index], BlockRunner(block_list[index], []))
+    report = sparsity_report(model, [t for targets_ in per_block for t in targets_])
+    return dataclasses.replace(report, notes=tuple(notes)) if notes else report
+
+
+def _reconstruct(name: str, block: nn.Module, run_block: BlockRunner, dense_outputs: list[torch.Tensor], steps: int, lr: float) -> list[str]:
+    """Reconstruct one pruned block; a note (and a warning) when tuning did not lower its error."""
+    result = reconstruct_block(block, run_block.inputs, dense_outputs, steps, lr)
+    if result.kept:
+        return []
+    note = f"reconstruction of block {name} did not lower its output error ({result.error_before:.3g}) with reconstruct_lr={lr}; its pruned weights were kept"
+    warnings.warn(note, stacklevel=3)
+    return [note]

@@ -19,9 +19,34 @@ from tqdm.auto import tqdm
 
 Batch = Any
 BlockInputs = list[tuple[tuple[Any, ...], dict[str, Any]]]
-# process_block(index, block_name, block, run_block): run_block() forwards every captured batch
-# through `block` (outputs discarded) so that the caller's hooks see its layers' inputs.
-BlockProcessor = Callable[[int, str, nn.Module, Callable[[], None]], None]
+
+
+class BlockRunner:
+    """The `run_block` a BlockProcessor gets: `run_block()` forwards every captured batch through
+    the block so that the caller's hooks see its layers' inputs; `run_block(keep_outputs=True)` also
+    returns the block's outputs, and `run_block.inputs` are the captured (args, kwargs) themselves
+    (what block reconstruction tunes on)."""
+
+    def __init__(self, block: nn.Module, inputs: BlockInputs, name: str = "block") -> None:
+        self.block = block
+        self.inputs = inputs
+        self.name = name
+
+    def __call__(self, keep_outputs: bool = False) -> list[torch.Tensor]:
+        outputs = []
+        for position, (args, kwargs) in enumerate(self.inputs):
+            try:
+                output = self.block(*args, **kwargs)
+            except RuntimeError as error:
+                shape = tuple(_hidden(args, kwargs).shape)
+                raise ValueError(f"calibration batch {position} (hidden states {shape}) failed in block {self.name}: {error}") from error
+            if keep_outputs:
+                outputs.append(_block_output(output))
+        return outputs
+
+
+# process_block(index, block_name, block, run_block), run_block a BlockRunner.
+BlockProcessor = Callable[[int, str, nn.Module, BlockRunner], None]
 
 
 class _ReachedFirstBlock(Exception):
@@ -192,16 +217,7 @@ def calibrate_sequentially(
             bar.set_postfix_str(f"{blocks_name}.{index}")
             if offload:
                 block.to(device)
-
-            def run_block(block: nn.Module = block, name: str = f"{blocks_name}.{index}") -> None:
-                for position, (args, kwargs) in enumerate(inputs):
-                    try:
-                        block(*args, **kwargs)
-                    except RuntimeError as error:
-                        shape = tuple(_hidden(args, kwargs).shape)
-                        raise ValueError(f"calibration batch {position} (hidden states {shape}) failed in block {name}: {error}") from error
-
-            process_block(index, f"{blocks_name}.{index}", block, run_block)
+            process_block(index, f"{blocks_name}.{index}", block, BlockRunner(block, inputs, f"{blocks_name}.{index}"))
             if index + 1 < len(block_list):  # the last block's outputs feed nothing
                 for position, (args, kwargs) in enumerate(inputs):
                     inputs[position] = _with_hidden(args, kwargs, _block_output(block(*args, **kwargs)))

@@ -180,7 +180,7 @@ def prune_structured(
     influence = torch.zeros(len(block_list), 2)
     if score.statistics or drop_layers:
 
-        def process(index: int, name: str, block: nn.Module, run_block: Callable[[], None]) -> None:
+        def process(index: int, name: str, block: nn.Module, run_block: Callable[[], Any]) -> None:
             stats = _collect(per_block[index], score, block, influence[index] if drop_layers else None, run_block)
             for group in per_block[index]:
                 prune_group(group, score, sparsity[group.kind], stats)
