@@ -132,14 +132,19 @@ def keep_masks_applied(optimizer: torch.optim.Optimizer, model: nn.Module) -> Re
     return optimizer.register_step_post_hook(lambda *_: apply_masks_(model))
 
 
+def remove_mask(module: nn.Module, param_name: str = "weight") -> None:
+    """Detach the mask of `module.<param_name>` and its hooks without touching the weight."""
+    for handle in getattr(module, _HANDLES).pop(param_name):
+        handle.remove()
+    delattr(module, _mask_name(param_name))
+    if not getattr(module, _HANDLES):
+        object.__delattr__(module, _HANDLES)
+
+
 def remove_masks(model: nn.Module) -> None:
     """Detach every mask and hook without touching the weights."""
     for _, module, param_name in list(masked_parameters(model)):
-        for handle in getattr(module, _HANDLES).pop(param_name):
-            handle.remove()
-        delattr(module, _mask_name(param_name))
-        if not getattr(module, _HANDLES):
-            object.__delattr__(module, _HANDLES)
+        remove_mask(module, param_name)
 
 
 @torch.no_grad()
@@ -166,21 +171,22 @@ def update_masks(
 ) -> dict[str, torch.Tensor]:
     """Select keep-masks from per-target scores (in weight shape) and attach them.
 
+    Each expert of a fused experts weight is selected as one matrix (`PruneTarget.matrices`).
     Entries already pruned stay pruned when `monotone` (they are scored lowest and kept out).
     Returns the new masks by target name.
     """
     matrices, pruned = {}, {}
     for target in targets:
-        matrices[target.name] = target.as_matrix(scores[target.name])
         current = get_mask(target.module, target.param_name)
+        names = target.matrix_names()
+        matrices.update(zip(names, target.matrices(scores[target.name])))
         if monotone and current is not None:
-            pruned[target.name] = ~target.as_matrix(current)
+            pruned.update(zip(names, (~m for m in target.matrices(current))))
     selected = select_masks(matrices, sparsity, scope=scope, pattern=pattern, pruned=pruned)
     masks = {}
     for target in targets:
-        mask = target.from_matrix(selected[target.name])
-        if target.name in pruned:
-            mask = mask & ~target.from_matrix(pruned[target.name])
+        names = target.matrix_names()
+        mask = target.from_matrices([selected[n] & ~pruned[n] if n in pruned else selected[n] for n in names])
         set_mask(target.module, mask, target.param_name)
         masks[target.name] = mask
     return masks

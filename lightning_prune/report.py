@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +42,9 @@ class SparsityReport:
     """Per-layer and global sparsity; prints as a table, exports Markdown and CSV."""
 
     layers: list[LayerSparsity] = field(default_factory=list)
+    # Weights (or experts) asked for but left as they were, with the reason (e.g. an expert that
+    # received too few calibration tokens).
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -104,15 +107,17 @@ def _pattern_of(matrix: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def sparsity_report(model: nn.Module, targets: Sequence[PruneTarget] | None = None) -> SparsityReport:
-    """Measure exact zeros of the masked weights (or of `targets`, or of every prunable layer)."""
+def sparsity_report(model: nn.Module, targets: Sequence[PruneTarget] | None = None, skipped: Mapping[str, str] | None = None) -> SparsityReport:
+    """Measure exact zeros of the masked weights (or of `targets`, or of every prunable layer);
+    one row per matrix (per expert for fused experts weights). `skipped` is recorded as given."""
     if targets is None:
         masked = {name for name, _, _ in masked_parameters(model)}
         every = find_targets(model, ignore_output_head=False)
         targets = [t for t in every if t.name in masked] or every
     layers = []
     for target in targets:
-        matrix = target.as_matrix(target.weight.detach())
-        zeros = int((matrix == 0).sum())
-        layers.append(LayerSparsity(target.name, tuple(target.weight.shape), matrix.numel(), zeros, _pattern_of(matrix)))
-    return SparsityReport(layers)
+        for name, matrix in zip(target.matrix_names(), target.matrices(target.weight.detach())):
+            shape = tuple(matrix.shape) if target.experts else tuple(target.weight.shape)
+            zeros = int((matrix == 0).sum())
+            layers.append(LayerSparsity(name, shape, matrix.numel(), zeros, _pattern_of(matrix)))
+    return SparsityReport(layers, dict(skipped or {}))
