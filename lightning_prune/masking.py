@@ -147,16 +147,29 @@ def remove_masks(model: nn.Module) -> None:
         remove_mask(module, param_name)
 
 
+# Module attribute written by `finalize`: the names of the module's parameters that were pruned.
+PRUNED_ATTRIBUTE = "_lightning_prune_pruned"
+
+
+def pruned_parameters(model: nn.Module) -> list[str]:
+    """Qualified names of the parameters `finalize` baked masks into (exports default to them)."""
+    return [f"{name}.{p}" if name else p for name, module in model.named_modules() for p in getattr(module, PRUNED_ATTRIBUTE, ())]
+
+
 @torch.no_grad()
 def finalize(model: nn.Module) -> nn.Module:
     """Bake the masks in as exact +0.0, remove every mask and hook, and return the plain model.
 
-    Afterwards `model.state_dict()` has exactly the dense model's keys.
+    Afterwards `model.state_dict()` has exactly the dense model's keys. Each module that owned a
+    mask keeps the names of its pruned parameters in the plain attribute `_lightning_prune_pruned`
+    (outside the state dict; see `pruned_parameters`), so that an export knows what was pruned.
     """
     for _, module, param_name in masked_parameters(model):
         weight = getattr(module, param_name)
         keep = getattr(module, _mask_name(param_name)) & (weight != 0)  # also turns -0.0 into +0.0
         weight.masked_fill_(~keep, 0.0)
+        recorded = getattr(module, PRUNED_ATTRIBUTE, ())
+        object.__setattr__(module, PRUNED_ATTRIBUTE, tuple(dict.fromkeys((*recorded, param_name))))
     remove_masks(model)
     return model
 
