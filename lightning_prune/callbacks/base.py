@@ -152,7 +152,7 @@ def check_pattern_fits(targets: Sequence[PruneTarget], pattern: str) -> None:
     """Raise before training when an N:M `pattern` does not divide a target's input dimension."""
     _, m = parse_pattern(pattern)
     for target in targets:
-        columns = target.as_matrix(target.weight).shape[1]
+        columns = target.as_matrix(target.weight).shape[-1]
         if columns % m:
             raise ValueError(
                 f"`pattern`={pattern!r} needs every target's input dimension to divide by {m}, "

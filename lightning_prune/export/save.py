@@ -108,8 +108,7 @@ def _compressed_tensors(
         prefix = module_name_of(target.name)
         if format == "sparse-24-bitmask":
             # Packed along the input dimension: GPT-2 Conv1D and conv kernels are stored as (out, in) matrices.
-            # Fused experts (E, out, in) are packed as one (E·out, in) matrix.
-            flat = matrix.reshape(-1, matrix.shape[-1]).contiguous()
+            flat = matrix.contiguous()
             compressed, bitmask = compress_24(flat)
             packed = {"shape": torch.tensor(list(flat.shape)).reshape(-1, 1), "compressed": compressed, "bitmask": bitmask}
             if tuple(flat.shape) != tuple(weight.shape) or target.transposed:
@@ -205,7 +204,8 @@ def save_sparse(
     _check_destination(destination)
     chosen = export_targets(model, targets, ignore)
     state = export_state_dict(model, chosen)
-    matrices = [target.as_matrix(state[target.name]) for target in chosen]
+    # Fused experts (E, out, in) are measured and packed as one (E·out, in) matrix.
+    matrices = [target.as_matrix(state[target.name]).flatten(0, -2) for target in chosen]
     if format in TWO_FOUR_FORMATS:
         _refuse_non_2_4(chosen, matrices, format)
     target_modules = {t.module_name for t in chosen if not t.experts}
