@@ -12,13 +12,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from architectures import CASES, Case
 from conftest import make_trainer
 from torch import nn
 
-import lightning.pytorch as pl
 from lightning_prune import GradualPruning, finalize, get_masks, prune_oneshot
 from lightning_prune.export import load_sparse, save_sparse
 from lightning_prune.oneshot.api import ONESHOT_TYPES, block_targets
@@ -39,8 +39,7 @@ def _no_cache(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, tor
 
 def _own_block_outputs(model: nn.Module, data: list[dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
     outputs: dict[str, list[torch.Tensor]] = {}
-    handles = [block.register_forward_hook(lambda m, a, o, k=f"{name}.{i}": outputs.setdefault(k, []).append(block_output(o)))
-               for name, blocks in find_blocks(model) for i, block in enumerate(blocks)]
+    handles = [block.register_forward_hook(lambda m, a, o, k=f"{name}.{i}": outputs.setdefault(k, []).append(block_output(o))) for name, blocks in find_blocks(model) for i, block in enumerate(blocks)]
     with torch.no_grad():
         for batch in data:
             model(**_no_cache(model, batch))
@@ -73,8 +72,7 @@ def _block_matrices(model: nn.Module) -> dict[str, int]:
     embeddings = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
     routers = {f"{n}.weight" for n in router_names(model)}
     prefixes = tuple(f"{name}." for name, _ in find_blocks(model))
-    return {n: p.numel() for n, p in model.named_parameters()
-            if n.startswith(prefixes) and p.dim() >= 2 and not n.endswith("bias") and n not in embeddings | routers}
+    return {n: p.numel() for n, p in model.named_parameters() if n.startswith(prefixes) and p.dim() >= 2 and not n.endswith("bias") and n not in embeddings | routers}
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
@@ -100,6 +98,7 @@ def _prune_with_the_models_own_forward(model: nn.Module, data: list[dict[str, to
     stacks = find_blocks(model)
     per_block = block_targets(model, stacks, None, None)
     for name, targets in per_block.items():
+
         def run() -> None:
             with torch.no_grad():
                 for batch in data:
