@@ -1,6 +1,7 @@
 """The architecture table: tiny Hugging Face models from configs (random weights, no download).
 
-Each case builds (model, calibration batches). Hidden sizes 16–32, 2 layers (per stack), vocab 64,
+Each case builds (model, calibration batches); `slow` marks the half of the table the quick test
+run skips (`-m "not slow"`), chosen so that every family keeps at least one quick case. Hidden sizes 16–32, 2 layers (per stack), vocab 64,
 sequences of 16 tokens; every block weight's input dimension divides by 4 (2:4 fits everywhere).
 Shared by tests/test_architectures.py and benchmarks/architectures.py.
 """
@@ -40,8 +41,8 @@ class Case:
         model = getattr(transformers, self.auto).from_config(config, attn_implementation="eager")
         return model.float().eval()
 
-    def batches(self, count: int = 2, seed: int = 1) -> list[dict[str, torch.Tensor]]:
-        """`count` calibration batches of BATCH sequences."""
+    def batches(self, count: int = 2, seed: int = 1, length: int = LENGTH) -> list[dict[str, torch.Tensor]]:
+        """`count` calibration batches of BATCH sequences of `length` tokens (decoders: half)."""
         generator = torch.Generator().manual_seed(seed)
         out = []
         for _ in range(count):
@@ -57,12 +58,12 @@ class Case:
                     }
                 )
                 continue
-            ids = torch.randint(3, VOCAB, (BATCH, LENGTH), generator=generator)
+            ids = torch.randint(3, VOCAB, (BATCH, length), generator=generator)
             mask = torch.ones_like(ids)
             mask[0, -3:] = 0  # padding reaches the blocks through their masks
             batch = {"input_ids": ids, "attention_mask": mask}
             if self.inputs == "seq2seq":
-                batch["decoder_input_ids"] = torch.randint(3, VOCAB, (BATCH, 8), generator=generator)
+                batch["decoder_input_ids"] = torch.randint(3, VOCAB, (BATCH, length // 2), generator=generator)
             out.append(batch)
         return out
 
@@ -91,21 +92,21 @@ _BART = dict(
 
 CASES: list[Case] = [
     Case("llama", "LlamaConfig", ATTENTION),
-    Case("mistral", "MistralConfig", {**ATTENTION, "sliding_window": 8}),
-    Case("qwen2", "Qwen2Config", ATTENTION),
-    Case("qwen3", "Qwen3Config", {**ATTENTION, "head_dim": 8}),
-    Case("gemma", "GemmaConfig", {**ATTENTION, "head_dim": 8}),
+    Case("mistral", "MistralConfig", {**ATTENTION, "sliding_window": 8}, slow=True),
+    Case("qwen2", "Qwen2Config", ATTENTION, slow=True),
+    Case("qwen3", "Qwen3Config", {**ATTENTION, "head_dim": 8}, slow=True),
+    Case("gemma", "GemmaConfig", {**ATTENTION, "head_dim": 8}, slow=True),
     Case("gemma2", "Gemma2Config", {**ATTENTION, "head_dim": 8, "sliding_window": 4}),
     Case("gemma3_text", "Gemma3TextConfig", {**ATTENTION, "head_dim": 8, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]}),
-    Case("phi3", "Phi3Config", {**ATTENTION, "pad_token_id": 0}),
-    Case("olmo2", "Olmo2Config", ATTENTION),
-    Case("granite", "GraniteConfig", ATTENTION),
+    Case("phi3", "Phi3Config", {**ATTENTION, "pad_token_id": 0}, slow=True),
+    Case("olmo2", "Olmo2Config", ATTENTION, slow=True),
+    Case("granite", "GraniteConfig", ATTENTION, slow=True),
     Case("gpt2", "GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0)),
-    Case("gpt_neox", "GPTNeoXConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64)),
-    Case("falcon", "FalconConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, new_decoder_architecture=True, num_kv_heads=2)),
-    Case("opt", "OPTConfig", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=32)),
+    Case("gpt_neox", "GPTNeoXConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64), slow=True),
+    Case("falcon", "FalconConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, new_decoder_architecture=True, num_kv_heads=2), slow=True),
+    Case("opt", "OPTConfig", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=32), slow=True),
     Case("mixtral", "MixtralConfig", _moe(num_local_experts=4, num_experts_per_tok=2), experts=True),
-    Case("qwen2_moe", "Qwen2MoeConfig", _moe(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32), experts=True),
+    Case("qwen2_moe", "Qwen2MoeConfig", _moe(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32), experts=True, slow=True),
     Case("qwen3_moe", "Qwen3MoeConfig", _moe(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8), experts=True),
     Case(
         "deepseek_v3",
@@ -126,6 +127,7 @@ CASES: list[Case] = [
             qk_nope_head_dim=8,
         ),
         experts=True,
+        slow=True,
     ),
     Case("gpt_oss", "GptOssConfig", _moe(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"]), experts=True),
     Case("llama4_text", "Llama4TextConfig", _moe(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=64, head_dim=8, interleave_moe_layer_step=1, attention_chunk_size=8), experts=True),
@@ -155,8 +157,8 @@ CASES: list[Case] = [
         inputs="audio",
     ),
     Case("bert", "BertConfig", _ENC, auto="AutoModelForSequenceClassification"),
-    Case("roberta", "RobertaConfig", {**_ENC, "pad_token_id": 1}, auto="AutoModelForMaskedLM"),
-    Case("distilbert", "DistilBertConfig", dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=VOCAB, max_position_embeddings=64), auto="AutoModelForSequenceClassification"),
+    Case("roberta", "RobertaConfig", {**_ENC, "pad_token_id": 1}, auto="AutoModelForMaskedLM", slow=True),
+    Case("distilbert", "DistilBertConfig", dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=VOCAB, max_position_embeddings=64), auto="AutoModelForSequenceClassification", slow=True),
     Case(
         "vit", "ViTConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4), auto="AutoModelForImageClassification", inputs="pixels"
     ),
