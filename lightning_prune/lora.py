@@ -110,10 +110,11 @@ def unwrapped_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 def pruned_module_names(model: nn.Module) -> list[str]:
     """Default LoRA targets: modules with an attached mask, else prunable layers holding exact zeros."""
-    masked = [name.rpartition(".")[0] for name, _, _ in masked_parameters(model)]
+    # Fused experts weights (not `weight` of a layer) get no adapter here; their masks stay applied.
+    masked = [name.rpartition(".")[0] for name, _, param in masked_parameters(model) if param == "weight"]
     if masked:
         return masked
-    return [t.module_name for t in find_targets(model) if bool((t.weight == 0).any())]
+    return [t.module_name for t in find_targets(model, experts=False) if bool((t.weight == 0).any())]
 
 
 def _ensure_masks(model: nn.Module, names: Sequence[str]) -> None:
@@ -160,7 +161,7 @@ def attach_lora(
         if not names:
             raise ValueError("`target_modules`=None found no pruned layer (no masks, no exact zeros); prune first or name the targets")
     else:
-        names = [t.module_name for t in find_targets(model, include=target_modules, ignore_output_head=False)]
+        names = [t.module_name for t in find_targets(model, include=target_modules, ignore_output_head=False, experts=False)]
     _ensure_masks(model, names)
     # peft annotates lora_alpha as int but only divides it by r (peft 0.21.2): a fractional alpha works.
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(names), bias="none")  # type: ignore[arg-type]

@@ -202,16 +202,21 @@ def keep_masks_applied(optimizer: torch.optim.Optimizer, model: nn.Module) -> Re
     return optimizer.register_step_post_hook(lambda *_: apply_masks_(model))
 
 
+def remove_mask(module: nn.Module, param_name: str = "weight") -> None:
+    """Detach the mask of `module.<param_name>` and its hooks without touching the weight."""
+    _unhook_gradient(module, param_name)
+    getattr(module, _MASKED).remove(param_name)
+    delattr(module, _mask_name(param_name))
+    if not getattr(module, _MASKED):
+        getattr(module, _LOAD_HOOK).remove()
+        object.__delattr__(module, _MASKED)
+        object.__delattr__(module, _LOAD_HOOK)
+
+
 def remove_masks(model: nn.Module) -> None:
     """Detach every mask and hook without touching the weights."""
     for _, module, param_name in list(masked_parameters(model)):
-        _unhook_gradient(module, param_name)
-        getattr(module, _MASKED).remove(param_name)
-        delattr(module, _mask_name(param_name))
-        if not getattr(module, _MASKED):
-            getattr(module, _LOAD_HOOK).remove()
-            object.__delattr__(module, _MASKED)
-            object.__delattr__(module, _LOAD_HOOK)
+        remove_mask(module, param_name)
 
 
 @torch.no_grad()
@@ -240,27 +245,29 @@ def update_masks(
 ) -> dict[str, torch.Tensor]:
     """Select keep-masks from per-target scores (in weight shape) and attach them.
 
+    Each expert of a fused experts weight is selected as one matrix (`PruneTarget.matrices`).
     Entries already pruned stay pruned when `monotone` (they are scored lowest and kept out).
     Returns the new masks by target name.
     """
-    matrices, pruned = {}, {}
+    matrices: dict[str, torch.Tensor] = {}
+    pruned: dict[str, torch.Tensor] = {}
     for target in targets:
-        matrices[target.name] = target.as_matrix(scores[target.name])
-        if bool(torch.isnan(matrices[target.name]).any()):
+        if bool(torch.isnan(scores[target.name]).any()):
             bad = int(torch.isnan(target.weight).sum())
             raise ValueError(
                 f"the scores of {target.name!r} contain NaN ({bad} of its {target.weight.numel()} weights are NaN); "
                 "the model diverged before this prune step: lower the learning rate or check the inputs"
             )
         current = get_mask(target.module, target.param_name)
+        names = target.matrix_names()
+        matrices.update(zip(names, target.matrices(scores[target.name])))
         if monotone and current is not None:
-            pruned[target.name] = ~target.as_matrix(current)
+            pruned.update(zip(names, (~m for m in target.matrices(current))))
     selected = select_masks(matrices, sparsity, scope=scope, pattern=pattern, pruned=pruned)
     masks = {}
     for target in targets:
-        mask = target.from_matrix(selected[target.name])
-        if target.name in pruned:
-            mask = mask & ~target.from_matrix(pruned[target.name])
+        names = target.matrix_names()
+        mask = target.from_matrices([selected[n] & ~pruned[n] if n in pruned else selected[n] for n in names])
         set_mask(target.module, mask, target.param_name)
         masks[target.name] = mask
     return masks

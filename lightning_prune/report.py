@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -44,6 +44,9 @@ class SparsityReport:
 
     layers: list[LayerSparsity] = field(default_factory=list)
     notes: tuple[str, ...] = ()  # results that differ from what was asked (e.g. a block left unreconstructed)
+    # Weights (or experts) asked for but left as they were, with the reason (e.g. an expert that
+    # received too few calibration tokens).
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -125,13 +128,15 @@ def pruned_targets(model: nn.Module) -> list[PruneTarget]:
 
 
 @torch.no_grad()
-def sparsity_report(model: nn.Module, targets: Sequence[PruneTarget] | None = None) -> SparsityReport:
-    """Measure exact zeros of `targets`, by default of the pruned layers (see `pruned_targets`)."""
+def sparsity_report(model: nn.Module, targets: Sequence[PruneTarget] | None = None, skipped: Mapping[str, str] | None = None) -> SparsityReport:
+    """Measure exact zeros of `targets`, by default of the pruned layers (see `pruned_targets`);
+    one row per matrix (per expert for fused experts weights). `skipped` is recorded as given."""
     if targets is None:
         targets = pruned_targets(model)
     layers = []
     for target in targets:
-        matrix = target.as_matrix(target.weight.detach())
-        zeros = int((matrix == 0).sum())
-        layers.append(LayerSparsity(target.name, tuple(target.weight.shape), matrix.numel(), zeros, _pattern_of(matrix)))
-    return SparsityReport(layers)
+        for name, matrix in zip(target.matrix_names(), target.matrices(target.weight.detach())):
+            shape = tuple(matrix.shape) if target.experts else tuple(target.weight.shape)
+            zeros = int((matrix == 0).sum())
+            layers.append(LayerSparsity(name, shape, matrix.numel(), zeros, _pattern_of(matrix)))
+    return SparsityReport(layers, skipped=dict(skipped or {}))

@@ -56,7 +56,7 @@ def check_pattern_fits(targets: Iterable[PruneTarget], pattern: str | None) -> N
         return
     _, m = parse_pattern(pattern)
     for target in targets:
-        columns = target.as_matrix(target.weight).shape[1]
+        columns = target.as_matrix(target.weight).shape[-1]  # the input dimension (experts: (E, out, in))
         if columns % m:
             raise ValueError(
                 f"`pattern`={pattern!r} needs every target's input dimension to divide by {m}, "

@@ -53,7 +53,7 @@ def batches(count: int = 3, size: int = 2, length: int = 16, seed: int = 1) -> l
 
 
 def block_targets(model: nn.Module) -> list:
-    name, _ = find_blocks(model)
+    (name, _), = find_blocks(model)
     return [t for t in find_targets(model, types=ONESHOT_TYPES) if t.module_name.startswith(name + ".")]
 
 
@@ -161,7 +161,7 @@ def test_report_and_unstructured_counts_per_row() -> None:
 
 def _prune_by_hand(model: nn.Module, data: list[dict[str, torch.Tensor]], method: str) -> None:
     """Block by block: run the whole model (earlier blocks already pruned), collect, prune."""
-    _, blocks = find_blocks(model)
+    (_, blocks), = find_blocks(model)
     for block in blocks:
         targets = find_targets(block, types=ONESHOT_TYPES, ignore_output_head=False)
         stats = {t.name: (HessianStats if method == "sparsegpt" else FeatureNormStats)(t.name, t.weight.shape[1]) for t in targets}
@@ -290,23 +290,33 @@ def test_bad_inputs_raise_value_errors() -> None:
         OneShotPruning(num_samples=0)
 
 
+class _Stages(nn.Module):
+    def __init__(self, between: bool) -> None:
+        super().__init__()
+        self.between = between
+        self.stages = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(2))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x) * 2 if self.between else stage(x)
+        return self.head(x)
+
+
 def test_explicit_blocks_name_works_on_a_plain_module() -> None:
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stages = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
-            self.head = nn.Linear(8, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for stage in self.stages:
-                x = torch.relu(stage(x))
-            return self.head(x)
-
     torch.manual_seed(0)
-    net = Net()
-    report = prune_oneshot(net, [torch.randn(4, 8)], method="wanda", pattern="2:4", blocks="stages", progress=False)
-    assert [layer.name for layer in report.layers] == ["stages.0.weight", "stages.1.weight"]
+    report = prune_oneshot(_Stages(between=False), [torch.randn(4, 8)], method="wanda", pattern="2:4", blocks="stages", progress=False)
+    assert [layer.name for layer in report.layers] == ["stages.0.0.weight", "stages.1.0.weight"]
 
+
+def test_blocks_with_computation_between_them_are_refused_and_left_unchanged() -> None:
+    torch.manual_seed(0)
+    net = _Stages(between=True)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"does not take the output of stages\.0"):
+        prune_oneshot(net, [torch.randn(4, 8)], method="wanda", blocks="stages", progress=False)
+    assert not get_masks(net)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
 @pytest.mark.parametrize("num_samples", [-3, 0, 2.5, "8", True])
 def test_prune_oneshot_refuses_bad_num_samples(num_samples) -> None:
@@ -326,6 +336,6 @@ def test_mismatched_calibration_shapes_name_the_batch() -> None:
             return x
 
     batches = [torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 9)]
-    with pytest.raises(ValueError, match=r"calibration batch 2 \(hidden states \(2, 9\)\) failed in block layers.0: .*"):
+    with pytest.raises(ValueError, match=r"calibration batch 2 \(tensor \(2, 9\)\) failed in the model's forward: .*"):
         prune_oneshot(Blocks(), batches, method="wanda", progress=False)
 

@@ -136,9 +136,8 @@ class OneShotPruning(MaskingCallback):
 
     def resolve_targets(self, model: torch.nn.Module) -> list[PruneTarget]:
         """The Linear/Conv1D layers inside the model's blocks that `targets`/`ignore` select (as `prune_oneshot`)."""
-        blocks_name, block_list = find_blocks(model, self.blocks)
-        per_block = block_targets(model, blocks_name, len(block_list), self.target_patterns, self.ignore)
-        return [target for targets in per_block for target in targets]
+        per_block = block_targets(model, find_blocks(model, self.blocks), self.target_patterns, self.ignore)
+        return [target for targets in per_block.values() for target in targets]
 
     def calibration_batches(self, trainer: pl.Trainer) -> list[Any]:
         """This rank's calibration batches: the first `num_samples` sequences over all ranks.

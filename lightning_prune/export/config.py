@@ -59,7 +59,8 @@ def build_sparsity_config(
 ) -> dict[str, object]:
     """The `sparsity_config` block: format, structure, global sparsity, targeted and ignored layers.
 
-    `targets` lists module names (compressed-tensors and vLLM match layer names or "re:" patterns);
+    `targets` lists module names (compressed-tensors and vLLM match layer names or "re:" patterns),
+    and the parameter names of fused experts weights (`...experts.gate_up_proj`);
     `global_sparsity` is the fraction of exact zeros over the targeted weights.
     """
     numel = sum(m.numel() for m in matrices)
@@ -69,7 +70,7 @@ def build_sparsity_config(
         "global_sparsity": zeros / numel if numel else 0.0,
         "ignore": list(ignore),
         "sparsity_structure": sparsity_structure(matrices),
-        "targets": [t.module_name for t in targets],
+        "targets": [t.name if t.experts else t.module_name for t in targets],
     }
 
 

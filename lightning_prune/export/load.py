@@ -48,7 +48,10 @@ def _unpack(tensors: dict[str, torch.Tensor], param: str, format: str, layout: d
                 raise ValueError("row_offsets do not match the bitmask's row counts")
     except ValueError as error:
         raise ValueError(f"packed weight {param!r} is inconsistent: {error}") from error
-    if layout is not None:
+    if layout is not None and layout.get("experts"):  # fused experts packed as (E·out, in)
+        dense = dense.reshape(int(layout["experts"]), -1, dense.shape[-1])
+        dense = (dense.transpose(1, 2) if layout["transposed"] else dense).reshape(layout["shape"]).contiguous()
+    elif layout is not None:
         dense = (dense.t() if layout["transposed"] else dense).reshape(layout["shape"]).contiguous()
     return dense
 

@@ -33,7 +33,7 @@ from lightning_prune.export.config import (
     quantization_config,
 )
 from lightning_prune.export.manifest import write_manifest
-from lightning_prune.masking import get_masks, keep_only_
+from lightning_prune.masking import finalized_parameters, get_masks, keep_only_
 from lightning_prune.targets import DEFAULT_TYPES, PruneTarget, find_targets
 
 
@@ -52,6 +52,28 @@ def export_state_dict(model: nn.Module, targets: Sequence[PruneTarget]) -> dict[
             keep &= masks[name].cpu()
         state[name] = keep_only_(weight.clone(), keep)  # a copy: on CPU `state` shares the model's storage
     return state
+
+
+def export_targets(model: nn.Module, targets: str | Sequence[str] | None, ignore: str | Sequence[str] | None) -> list[PruneTarget]:
+    """The weights an export writes as sparse: `targets` if given, else the pruned ones.
+
+    Pruned means carrying a mask, or recorded by `finalize`; a model with neither (pruned by other
+    means) falls back to the prunable layers that hold exact zeros.
+    """
+    if targets is not None:
+        return find_targets(model, include=targets, ignore=ignore)
+    pruned = set(get_masks(model)) | set(finalized_parameters(model))
+    candidates = _all_targets(model, ignore)
+    if pruned:
+        return [t for t in candidates if t.name in pruned]
+    return [t for t in candidates if bool((t.weight == 0).any())]
+
+
+def _all_targets(model: nn.Module, ignore: str | Sequence[str] | None) -> list[PruneTarget]:
+    try:
+        return find_targets(model, ignore=ignore, ignore_output_head=False)
+    except ValueError:  # nothing prunable at all: nothing to write sparse
+        return []
 
 
 def _refuse_non_2_4(targets: Sequence[PruneTarget], matrices: Sequence[torch.Tensor], format: str) -> None:
@@ -99,10 +121,11 @@ def _compressed_tensors(
         prefix = module_name_of(target.name)
         if format == "sparse-24-bitmask":
             # Packed along the input dimension: GPT-2 Conv1D and conv kernels are stored as (out, in) matrices.
-            compressed, bitmask = compress_24(matrix.contiguous())
-            packed = {"shape": torch.tensor(list(matrix.shape)).reshape(-1, 1), "compressed": compressed, "bitmask": bitmask}
-            if tuple(matrix.shape) != tuple(weight.shape) or target.transposed:
-                layout[target.name] = {"shape": list(weight.shape), "transposed": target.transposed}
+            flat = matrix.contiguous()
+            compressed, bitmask = compress_24(flat)
+            packed = {"shape": torch.tensor(list(flat.shape)).reshape(-1, 1), "compressed": compressed, "bitmask": bitmask}
+            if tuple(flat.shape) != tuple(weight.shape) or target.transposed:
+                layout[target.name] = {"shape": list(weight.shape), "transposed": target.transposed, "experts": target.experts}
         else:
             values, bitmask, row_offsets = compress_bitmask(weight)
             packed = {"shape": torch.tensor(list(weight.shape)), "compressed": values, "bitmask": bitmask, "row_offsets": row_offsets}
@@ -170,7 +193,9 @@ def save_sparse(
             compressed-tensors 2:4 layout) or "sparse-bitmask" (values + bitmask, any sparsity).
         tokenizer: saved beside the model when given (`save_pretrained`).
         targets, ignore: regular expressions over module names, as in `find_targets`; default:
-            every prunable layer but the output head.
+            the weights that were pruned — those carrying masks, or after `finalize` those it
+            recorded (`finalized_parameters`) — all other layers are written dense and are not
+            listed in `sparsity_config.targets`.
 
     Raises:
         ValueError: bad `format`; `path` is a file or a non-empty directory not written by
@@ -180,13 +205,14 @@ def save_sparse(
     check_format(format)
     destination = Path(path)
     check_destination(destination)
-    chosen = find_targets(model, include=targets, ignore=ignore)
+    chosen = export_targets(model, targets, ignore)
     state = export_state_dict(model, chosen)
     _refuse_non_finite(state)
-    matrices = [target.as_matrix(state[target.name]) for target in chosen]
+    # Fused experts (E, out, in) are measured and packed as one (E·out, in) matrix.
+    matrices = [target.as_matrix(state[target.name]).flatten(0, -2) for target in chosen]
     if format in TWO_FOUR_FORMATS:
         _refuse_non_2_4(chosen, matrices, format)
-    target_modules = {t.module_name for t in chosen}
+    target_modules = {t.module_name for t in chosen if not t.experts}
     ignored = [name for name, module in model.named_modules() if isinstance(module, DEFAULT_TYPES) and name not in target_modules]
     sparsity_config = build_sparsity_config(format, chosen, matrices, ignored)
     huggingface = isinstance(model, PreTrainedModel)

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_prune.masking import set_mask
+from lightning_prune.oneshot.collect import Snapshot, collect_statistics, prune_target, too_few_tokens, warn_dense_experts
 from lightning_prune.oneshot.driver import Batch, BlockRunner, calibrate_sequentially, call_model, find_blocks
-from lightning_prune.oneshot.method import LayerStats, MaskRefiner, OneShotMethod, statistic
+from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
 from lightning_prune.oneshot.owl import outlier_ratio, owl_sparsities
 from lightning_prune.oneshot.stats import FeatureNormStats, TokenStatistic
 from lightning_prune.oneshot.wanda import wanda_scores
@@ -27,14 +26,12 @@ from lightning_prune.targets import PruneTarget, find_targets
 PROFILES = ("uniform", "owl")
 ONESHOT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 Statistic = TokenStatistic
-StatisticFactory = Callable[[str, int, torch.device], TokenStatistic]
 
 
 def take_samples(batches: Iterable[Batch], num_samples: int | None) -> list[Batch]:
     """The first `num_samples` sequences of `batches` (the last batch cut), as a list of batches."""
     if num_samples is None:
         return list(batches)
-    check_num_samples(num_samples)
     taken, count = [], 0
     for batch in batches:
         size = _batch_size(batch)
@@ -103,83 +100,45 @@ def check_oneshot_arguments(sparsity: float, pattern: str | None, sparsity_profi
     return sparsity
 
 
-def block_targets(model: nn.Module, blocks_name: str, n_blocks: int, targets: Any, ignore: Any) -> list[list[PruneTarget]]:
-    """The targets of each block; explicitly requested targets outside the blocks are an error."""
+def block_targets(model: nn.Module, stacks: Sequence[tuple[str, nn.ModuleList]], targets: Any, ignore: Any) -> dict[str, list[PruneTarget]]:
+    """The targets of each block by block name ("<stack>.<index>"), over every stack in `stacks`;
+    explicitly requested targets outside the blocks are an error."""
     found = find_targets(model, types=ONESHOT_TYPES, include=targets, ignore=ignore)
-    per_block: list[list[PruneTarget]] = [[] for _ in range(n_blocks)]
+    per_block: dict[str, list[PruneTarget]] = {f"{name}.{i}": [] for name, blocks in stacks for i in range(len(blocks))}
     outside = []
     for target in found:
-        rest = target.module_name[len(blocks_name) + 1 :] if target.module_name.startswith(blocks_name + ".") else ""
-        index = rest.split(".", 1)[0]
-        if index.isdigit():
-            per_block[int(index)].append(target)
-        else:
+        block = next((b for b in per_block if target.module_name == b or target.module_name.startswith(b + ".")), None)
+        if block is None:
             outside.append(target.name)
+        else:
+            per_block[block].append(target)
+    names = [name for name, _ in stacks]
     if outside and targets is not None:
-        raise ValueError(f"`targets`={targets!r} matches layers outside the blocks `{blocks_name}`, which one-shot pruning cannot calibrate: {outside}")
-    if not any(per_block):
-        raise ValueError(f"no Linear/Conv1D layers matched `targets`={targets!r} (`ignore`={ignore!r}) inside the blocks `{blocks_name}`")
+        raise ValueError(f"`targets`={targets!r} matches layers outside the blocks {names}, which one-shot pruning cannot calibrate: {outside}")
+    if not any(per_block.values()):
+        raise ValueError(f"no Linear/Conv1D layers matched `targets`={targets!r} (`ignore`={ignore!r}) inside the blocks {names}")
     return per_block
-
-
-def collect_statistics(targets: Sequence[PruneTarget], kinds: Sequence[type[Statistic]], run_block: Callable[[], object]) -> dict[str, dict[type[Statistic], Statistic]]:
-    """Run the block once with forward hooks that add each target's fp32 input statistics."""
-    stats: dict[str, dict[type[Statistic], Statistic]] = {}
-    handles = []
-    for target in targets:
-        columns = target.as_matrix(target.weight).shape[1]
-        # Every statistic kind is built as (name, in_features, device); the base class takes the sum itself.
-        per_kind = stats[target.name] = {kind: cast(StatisticFactory, kind)(target.name, columns, target.weight.device) for kind in kinds}
-
-        def add(module: nn.Module, args: tuple[Any, ...], output: Any, per_kind: dict[type[Statistic], Statistic] = per_kind) -> None:
-            for stat in per_kind.values():
-                stat.add(args[0])
-
-        handles.append(target.module.register_forward_hook(add))
-    try:
-        run_block()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return stats
-
-
-@torch.no_grad()
-def prune_target(target: PruneTarget, method: OneShotMethod, refiner: MaskRefiner | None, stats: LayerStats, sparsity: float, pattern: str | None) -> None:
-    """Prune one weight in place with `method` (then `refiner`) and attach its keep-mask."""
-    matrix = target.as_matrix(target.weight.data)
-    dense = matrix.clone() if refiner is not None else matrix
-    new_weight, keep = method.prune(matrix, stats, sparsity, pattern)
-    if refiner is not None:
-        new_weight, keep = refiner.refine(dense, new_weight, keep, stats, pattern)
-    if new_weight is not matrix:
-        matrix.copy_(new_weight.to(matrix.dtype))
-    set_mask(target.module, target.from_matrix(keep), target.param_name)
 
 
 def _identity(stats: list[Statistic]) -> None:
     """Default `reduce_stats`: one process, nothing to combine."""
 
 
-def owl_block_sparsities(model: nn.Module, batches: list[Batch], per_block: Sequence[Sequence[PruneTarget]], sparsity: float, reduce_stats: Callable[[list[Statistic]], None], threshold: float, lam: float, **driver: Any) -> list[float]:
+def owl_block_sparsities(model: nn.Module, batches: list[Batch], per_block: Mapping[str, Sequence[PruneTarget]], sparsity: float, reduce_stats: Callable[[list[Statistic]], None], threshold: float, lam: float, **driver: Any) -> dict[str, float]:
     """A dense calibration pass that measures each block's Wanda outlier ratio, then OWL sparsities."""
-    ratios: list[float] = [0.0] * len(per_block)
+    ratios: dict[str, float] = {}
 
     def measure(index: int, name: str, block: nn.Module, run_block: BlockRunner) -> None:
-        if not per_block[index]:
+        if not per_block[name]:
             return
-        stats = collect_statistics(per_block[index], (FeatureNormStats,), run_block)
+        stats = collect_statistics(per_block[name], (FeatureNormStats,), run_block)
         reduce_stats([stat for per_kind in stats.values() for stat in per_kind.values()])
-        scores = [wanda_scores(t.as_matrix(t.weight), statistic(stats[t.name], FeatureNormStats).feature_norms()) for t in per_block[index]]
-        ratios[index] = outlier_ratio(scores, threshold)
+        scores = [wanda_scores(m, stats[n][FeatureNormStats].feature_norms()) for t in per_block[name] for n, m in zip(t.matrix_names(), t.matrices(t.weight)) if int(stats[n][FeatureNormStats].count)]
+        ratios[name] = outlier_ratio(scores, threshold)
 
     calibrate_sequentially(model, batches, measure, **driver)
-    active = [i for i, targets in enumerate(per_block) if targets]
-    spread = owl_sparsities([ratios[i] for i in active], sparsity, lam)
-    result = [sparsity] * len(per_block)
-    for i, value in zip(active, spread):
-        result[i] = value
-    return result
+    spread = owl_sparsities(list(ratios.values()), sparsity, lam)
+    return {**dict.fromkeys(per_block, sparsity), **dict(zip(ratios, spread))}
 
 
 def prune_oneshot(
@@ -196,8 +155,9 @@ def prune_oneshot(
     ignore: str | Sequence[str] | None = None,
     offload: bool = False,
     device: torch.device | str | None = None,
-    blocks: str | nn.ModuleList | None = None,
+    blocks: str | nn.ModuleList | Sequence[str | nn.ModuleList] | None = None,
     num_samples: int | None = None,
+    min_expert_tokens: int = 8,
     sparsity_profile: str = "uniform",
     owl_threshold: float = 5.0,
     owl_lambda: float = 0.08,
@@ -211,7 +171,8 @@ def prune_oneshot(
     """Prune the Linear/Conv1D layers inside `model`'s blocks one-shot, in place; masks attached.
 
     Args:
-        model: any model with an nn.ModuleList of blocks (`blocks` names it if not found).
+        model: any model with nn.ModuleLists of blocks (`blocks` names them if not found); every
+            stack the forward runs (an encoder, then its decoder) is pruned, in execution order.
         calibration: batches (dicts of tensors, tensors, or (inputs, targets) tuples) that
             `forward(model, batch)` runs; magnitude needs none unless `sparsity_profile="owl"`.
         method: a registered method name (`ONESHOT_METHODS`: "wanda" (Sun et al., 2023),
@@ -222,6 +183,8 @@ def prune_oneshot(
         targets / ignore: regexes of module names (see `find_targets`); the output head stays dense.
         offload: keep the blocks where they are and bring one at a time to `device`.
         num_samples: use only the first `num_samples` sequences of `calibration`.
+        min_expert_tokens: an expert of a fused experts weight that received fewer calibration
+            tokens is left dense, named in a warning and in the report's `skipped`.
         sparsity_profile: "uniform", or "owl" (Yin et al., 2023) per-block sparsities with mean `sparsity`.
         reduce_stats: called with each block's statistics (`.sum`, `.count`, `.tensors()`) before
             pruning, e.g. to all-reduce them across ranks; default: nothing.
@@ -231,52 +194,68 @@ def prune_oneshot(
             reconstructed block's outputs feed the next block. Needs calibration batches. Under
             DDP each rank tunes on its own batches: reconstruct on one process.
     Returns:
-        the per-layer sparsity report of the pruned layers; `notes` lists blocks whose
+        the per-layer (per-expert) sparsity report of the pruned layers; `notes` lists blocks whose
         reconstruction did not lower the output error (their pruned weights were kept).
+    Raises:
+        ValueError: on bad arguments, or when pruning cannot finish (statistics that never arrive,
+            a failed factorisation, NaN activations); the error names the layer, and the model's
+            weights and masks are then exactly as before the call.
     """
     sparsity = check_oneshot_arguments(sparsity, pattern, sparsity_profile)
     check_num_samples(num_samples)
     if reconstruct:
         check_reconstruct_arguments(reconstruct_steps, reconstruct_lr)
+    if not isinstance(min_expert_tokens, int) or isinstance(min_expert_tokens, bool) or min_expert_tokens < 1:
+        raise ValueError(f"`min_expert_tokens` must be an integer >= 1, got {min_expert_tokens!r}")
     solver = resolve_method(method, method_options)
     refiner = resolve_refiner(refine, refine_options)
-    blocks_name, block_list = find_blocks(model, blocks)
-    per_block = block_targets(model, blocks_name, len(block_list), targets, ignore)
-    check_pattern_fits(itertools.chain.from_iterable(per_block), pattern)
+    stacks = find_blocks(model, blocks)
+    per_block = block_targets(model, stacks, targets, ignore)
+    every = [t for targets_ in per_block.values() for t in targets_]
+    check_pattern_fits(every, pattern)
     reduce_stats = reduce_stats or _identity
-    driver: dict[str, Any] = dict(blocks=block_list, device=device, offload=offload, forward=forward, progress=progress)
+    driver: dict[str, Any] = dict(blocks=[b for _, b in stacks], device=device, offload=offload, forward=forward, progress=progress)
     needs_data = needs_calibration(solver, refiner, sparsity_profile) or reconstruct
     batches = take_samples(calibration, num_samples) if calibration is not None else []
     if needs_data and not batches:
         raise ValueError(f"`calibration` has no batches; method {solver.name!r} needs calibration data")
-    block_sparsity = [sparsity] * len(block_list)
-    if sparsity_profile == "owl":
-        block_sparsity = owl_block_sparsities(model, batches, per_block, sparsity, reduce_stats, owl_threshold, owl_lambda, **driver)
     kinds = tuple(dict.fromkeys(solver.statistics + (refiner.statistics if refiner else ())))
+    few_tokens: dict[str, int] = {}
+    snapshot = Snapshot(every)
+    try:
+        block_sparsity = dict.fromkeys(per_block, sparsity)
+        if sparsity_profile == "owl":
+            block_sparsity = owl_block_sparsities(model, batches, per_block, sparsity, reduce_stats, owl_threshold, owl_lambda, **driver)
 
-    notes: list[str] = []
+        def prune_block(index: int, name: str, block: nn.Module, run_block: BlockRunner) -> None:
+            dense_outputs: list[torch.Tensor] = []
 
-    def prune_block(index: int, name: str, block: nn.Module, run_block: BlockRunner) -> None:
-        dense_outputs: list[torch.Tensor] = []
+            def run_dense() -> None:  # the statistics pass also keeps the dense block's outputs when reconstructing
+                dense_outputs.extend(run_block(keep_outputs=reconstruct))
 
-        def run_dense() -> None:  # the statistics pass also keeps the dense block's outputs when reconstructing
-            dense_outputs.extend(run_block(keep_outputs=reconstruct))
+            stats = collect_statistics(per_block[name], kinds, run_dense) if kinds and per_block[name] else {}
+            if reconstruct and per_block[name] and not dense_outputs:
+                run_dense()
+            reduce_stats([stat for per_kind in stats.values() for stat in per_kind.values()])
+            few = too_few_tokens(stats, per_block[name], min_expert_tokens)
+            few_tokens.update(few)
+            for target in per_block[name]:
+                prune_target(target, solver, refiner, stats, block_sparsity[name], pattern, dense=few)
+            if dense_outputs:
+                notes.extend(_reconstruct(name, block, run_block, dense_outputs, reconstruct_steps, reconstruct_lr))
 
-        stats = collect_statistics(per_block[index], kinds, run_dense) if kinds and per_block[index] else {}
-        if reconstruct and per_block[index] and not dense_outputs:
-            run_dense()
-        reduce_stats([stat for per_kind in stats.values() for stat in per_kind.values()])
-        for target in per_block[index]:
-            prune_target(target, solver, refiner, stats.get(target.name, {}), block_sparsity[index], pattern)
-        if dense_outputs:
-            notes.extend(_reconstruct(name, block, run_block, dense_outputs, reconstruct_steps, reconstruct_lr))
-
-    if needs_data:
-        calibrate_sequentially(model, batches, prune_block, **driver)
-    else:
-        for index in range(len(block_list)):
-            prune_block(index, f"{blocks_name}.{index}", block_list[index], BlockRunner(block_list[index], []))
-    report = sparsity_report(model, [t for targets_ in per_block for t in targets_])
+        notes: list[str] = []
+        if needs_data:
+            calibrate_sequentially(model, batches, prune_block, **driver)
+        else:
+            for index, (name, block) in enumerate((f"{n}.{i}", b) for n, blocks_ in stacks for i, b in enumerate(blocks_)):
+                prune_block(index, name, block, BlockRunner(block, [], name))
+    except BaseException:
+        snapshot.restore()
+        raise
+    warn_dense_experts(few_tokens, min_expert_tokens)
+    skipped = {n: f"left dense: {count} calibration tokens < min_expert_tokens={min_expert_tokens}" for n, count in few_tokens.items()}
+    report = sparsity_report(model, every, skipped=skipped)
     return dataclasses.replace(report, notes=tuple(notes)) if notes else report
 
 

@@ -1,31 +1,39 @@
-"""Sequential calibration, block by block, for any model with a `ModuleList` of blocks.
+"""Sequential calibration, block by block, over every stack of blocks the model's forward runs.
 
-Both papers' drivers, generic (DESIGN, "Sequential calibration"): run the calibration batches up
-to the first block and capture its positional and keyword arguments; then for each block, let the
-caller collect statistics and prune (`process_block`), and run the pruned block again so that its
-outputs feed the next block. Buffers are the captured batches themselves: nothing is sized by the
-model's maximum context. With `offload=True` only the current block sits on the compute device.
+Both papers' drivers, generic (DESIGN, "Sequential calibration" and "Architectures"): for each block
+stack in execution order (an encoder, then its decoder; a vision tower, then the language model),
+run the model's own forward on the calibration batches once and record the positional and keyword
+arguments *every* block of the stack receives — per-layer masks, sliding windows, position
+embeddings, position bias, cross-attention states — then stop after the stack's last block. Then for
+each block, let the caller collect statistics and prune (`process_block`), and run the pruned block
+on its own recorded arguments, with the hidden states of the pruned block before it, to feed the
+next block. Later stacks are captured after the earlier ones are pruned, so a decoder attends over
+the pruned encoder's outputs. What is kept grows with the calibration batches, never with the
+model's maximum context; key/value caches are dropped wherever they are passed.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lightning_prune.oneshot.capture import BlockInputs, capture_stack, hidden_of, move_outside, to_device, with_hidden
+
 Batch = Any
-BlockInputs = list[tuple[tuple[Any, ...], dict[str, Any]]]
+Stack = tuple[str, nn.ModuleList]
 
 
 class BlockRunner:
     """The `run_block` a BlockProcessor gets: `run_block()` forwards every captured batch through
     the block so that the caller's hooks see its layers' inputs; `run_block(keep_outputs=True)` also
-    returns the block's outputs, and `run_block.inputs` are the captured (args, kwargs) themselves
-    (what block reconstruction tunes on)."""
+    returns the block's outputs, and `run_block.inputs` are the (args, kwargs) themselves (what
+    block reconstruction tunes on). A batch the block cannot run is named in the error."""
 
     def __init__(self, block: nn.Module, inputs: BlockInputs, name: str = "block") -> None:
         self.block = block
@@ -38,28 +46,26 @@ class BlockRunner:
             try:
                 output = self.block(*args, **kwargs)
             except RuntimeError as error:
-                shape = tuple(_hidden(args, kwargs).shape)
+                shape = tuple(hidden_of(args, kwargs).shape)
                 raise ValueError(f"calibration batch {position} (hidden states {shape}) failed in block {self.name}: {error}") from error
             if keep_outputs:
-                outputs.append(_block_output(output))
+                outputs.append(block_output(output))
         return outputs
 
 
-# process_block(index, block_name, block, run_block), run_block a BlockRunner.
+# process_block(index, block_name, block, run_block), run_block a BlockRunner. `index` counts
+# blocks over all stacks, in execution order.
 BlockProcessor = Callable[[int, str, nn.Module, BlockRunner], None]
 
-
-class _ReachedFirstBlock(Exception):
-    """Raised by the capture hook to stop the forward pass at the first block."""
+__all__ = ["Batch", "BlockInputs", "BlockProcessor", "BlockRunner", "calibrate_sequentially", "call_model", "find_block_stack", "find_blocks", "to_device"]
 
 
-def find_blocks(model: nn.Module, blocks: str | nn.ModuleList | None = None) -> tuple[str, nn.ModuleList]:
-    """The model's list of transformer blocks, as (qualified name, ModuleList).
+def _is_block_list(module: nn.Module) -> bool:
+    """A non-empty ModuleList of composite modules (blocks have layers of their own)."""
+    return isinstance(module, nn.ModuleList) and len(module) > 0 and all(len(list(c.children())) > 0 for c in module)
 
-    `blocks` names it explicitly (e.g. "model.layers"); by default the `ModuleList` of same-class
-    children holding the most parameters (Llama/Mistral/Qwen2 `model.layers`, OPT
-    `model.decoder.layers`, GPT-2 `transformer.h`, BERT `encoder.layer`, ...).
-    """
+
+def _named_stack(model: nn.Module, blocks: str | nn.ModuleList) -> Stack:
     if isinstance(blocks, nn.ModuleList):
         name = next((n for n, m in model.named_modules() if m is blocks), None)
         if name is None:
@@ -70,32 +76,47 @@ def find_blocks(model: nn.Module, blocks: str | nn.ModuleList | None = None) -> 
         if not isinstance(found, nn.ModuleList) or len(found) == 0:
             raise ValueError(f"`blocks`={blocks!r} must name a non-empty nn.ModuleList of the model, got {type(found).__name__}")
         return blocks, found
+    raise ValueError(f"`blocks` must be None, a module name, an nn.ModuleList or a list of them, got {blocks!r}")
+
+
+def find_blocks(model: nn.Module, blocks: str | nn.ModuleList | Sequence[str | nn.ModuleList] | None = None) -> list[Stack]:
+    """Every stack of transformer blocks of `model`, as (qualified name, ModuleList), in module order.
+
+    `blocks` names them explicitly (a name such as "model.layers", a ModuleList, or a list of
+    them); by default every `ModuleList` of composite modules that is not inside another such list
+    (Llama `model.layers`; T5 `encoder.block` and `decoder.block`; Whisper's `encoder.layers` and
+    `decoder.layers`; a vision tower's layers and the language model's). The driver runs them in
+    the order the model's forward reaches them.
+    """
     if blocks is not None:
-        raise ValueError(f"`blocks` must be None, a module name or an nn.ModuleList, got {blocks!r}")
-    candidates = [
-        (sum(p.numel() for p in m.parameters()), -name.count("."), name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1
-    ]
-    if not candidates:
+        names = [blocks] if isinstance(blocks, (str, nn.ModuleList)) else list(blocks)
+        if not names:
+            raise ValueError("`blocks` must name at least one ModuleList, got an empty list")
+        named = [_named_stack(model, b) for b in names]
+        if len({name for name, _ in named}) != len(named):
+            raise ValueError(f"`blocks` names the same ModuleList twice: {[name for name, _ in named]}")
+        return named
+    stacks: list[Stack] = []
+    for name, module in model.named_modules():
+        if _is_block_list(module) and not any(name.startswith(outer + ".") for outer, _ in stacks):
+            stacks.append((name, module))
+    if not stacks:
         raise ValueError(
-            f"found no nn.ModuleList of transformer blocks in {type(model).__name__}; name the list of blocks "
-            "with `blocks=` (e.g. blocks='model.layers'), or wrap your blocks in an nn.ModuleList"
+            f"found no nn.ModuleList of transformer blocks in {type(model).__name__}; name the list of blocks with `blocks=` (e.g. blocks='model.layers'), or wrap your blocks in an nn.ModuleList"
         )
-    _, _, name, found = max(candidates, key=lambda c: (c[0], c[1]))
-    return name, found
+    return stacks
 
 
-def to_device(value: Any, device: torch.device) -> Any:
-    """Move every tensor inside nested tuples/lists/dicts to `device`."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device) for v in value)
-    return value
 
+def find_block_stack(model: nn.Module, blocks: str | nn.ModuleList | None = None) -> Stack:
+    """The one block stack of `model` (structured pruning and layer indices need exactly one).
+
+    A model with several stacks (an encoder and a decoder) is an error naming them: pass `blocks=`.
+    """
+    stacks = find_blocks(model, blocks)
+    if len(stacks) != 1:
+        raise ValueError(f"{type(model).__name__} has {len(stacks)} block stacks {[name for name, _ in stacks]}; name the one to use with `blocks=`")
+    return stacks[0]
 
 def call_model(model: nn.Module, batch: Batch) -> Any:
     """Default forward of a calibration batch: dicts as keyword arguments (only the ones `forward`
@@ -110,79 +131,36 @@ def call_model(model: nn.Module, batch: Batch) -> Any:
     return model(batch)
 
 
-def describe_batch(batch: Batch) -> str:
-    """Shapes of a batch's tensors, for error messages."""
-    if isinstance(batch, torch.Tensor):
-        return f"tensor {tuple(batch.shape)}"
-    if isinstance(batch, dict):
-        return "{" + ", ".join(f"{k!r}: {describe_batch(v)}" for k, v in batch.items()) + "}"
-    if isinstance(batch, (tuple, list)):
-        return "(" + ", ".join(describe_batch(v) for v in batch) + ")"
-    return type(batch).__name__
+def check_finite(hiddens: list[torch.Tensor], where: str) -> None:
+    """Raise when calibration activations hold NaN or Inf (nothing can be calibrated on them).
 
-
-def _drop_caches(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Key/value caches would grow on every re-run of a block: calibration runs without them."""
-    out = {}
-    for key, value in kwargs.items():
-        is_cache = type(value).__name__.endswith("Cache") or key in ("past_key_value", "past_key_values", "layer_past")
-        out[key] = None if is_cache else (False if key == "use_cache" else value)
-    return out
-
-
-def _check_finite(hiddens: list[torch.Tensor], where: str) -> None:
-    """One host sync for all batches (a check per batch would stall the device after each one)."""
-    finite = torch.stack([torch.isfinite(h).all().to(hiddens[0].device) for h in hiddens]).all()
-    if not finite:
+    One host sync for all batches (a check per batch would stall the device after each one).
+    """
+    if hiddens and not torch.stack([torch.isfinite(h).all().to(hiddens[0].device) for h in hiddens]).all():
         raise ValueError(f"calibration activations {where} contain NaN or Inf; check the model's weights and the batches")
 
 
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, calibration: Iterable[Batch], device: torch.device, forward: Callable[[nn.Module, Batch], Any] = call_model) -> BlockInputs:
-    """Run each batch up to `first_block` and keep the (args, kwargs) it would have received."""
-    captured: BlockInputs = []
-
-    def stop(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append((tuple(args), _drop_caches(dict(kwargs))))
-        raise _ReachedFirstBlock
-
-    handle = first_block.register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        for index, batch in enumerate(calibration):
-            try:
-                forward(model, to_device(batch, device))
-            except _ReachedFirstBlock:
-                pass
-            except (RuntimeError, TypeError) as error:
-                raise ValueError(f"calibration batch {index} ({describe_batch(batch)}) failed before the first block: {error}") from error
-    finally:
-        handle.remove()
-    if not captured:
-        raise ValueError("`calibration` yielded no batches that reached the first block; give at least one calibration batch")
-    _check_finite([_hidden(args, kwargs) for args, kwargs in captured], "entering the first block")
-    return captured
-
-
-def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-def _block_output(output: Any) -> torch.Tensor:
+def block_output(output: Any) -> torch.Tensor:
     """The hidden states a block returns (a tensor, or the first element of a tuple/ModelOutput)."""
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """Move every parameter and buffer that is not inside `blocks` to `device`."""
-    inside = {id(m) for m in blocks.modules()}
-    for module in model.modules():
-        if id(module) not in inside:
-            module._apply(lambda t: t.to(device), recurse=False)
+def _run_stack(stack: Stack, inputs: list[BlockInputs], start: int, process_block: BlockProcessor, bar: Any, device: torch.device, home: torch.device, offload: bool) -> None:
+    """Process the blocks of one captured stack in order; `inputs[j]` are block j's (args, kwargs)."""
+    name, block_list = stack
+    hidden = [hidden_of(args, kwargs) for args, kwargs in inputs[0]]
+    for index, block in enumerate(block_list):
+        bar.set_postfix_str(f"{name}.{index}")
+        if offload:
+            block.to(device)
+        runner = BlockRunner(block, [with_hidden(args, kwargs, h) for (args, kwargs), h in zip(inputs[index], hidden)], f"{name}.{index}")
+        process_block(start + index, f"{name}.{index}", block, runner)
+        if index + 1 < len(block_list):  # the last block's outputs feed nothing we keep
+            hidden = runner(keep_outputs=True)
+            check_finite(hidden, f"leaving block {name}.{index}")
+        if offload:
+            block.to(home)
+        bar.update(1)
 
 
 @torch.no_grad()
@@ -190,43 +168,55 @@ def calibrate_sequentially(
     model: nn.Module,
     calibration: Iterable[Batch],
     process_block: BlockProcessor,
-    blocks: str | nn.ModuleList | None = None,
+    blocks: str | nn.ModuleList | Sequence[str | nn.ModuleList] | None = None,
     device: torch.device | str | None = None,
     offload: bool = False,
     forward: Callable[[nn.Module, Batch], Any] = call_model,
     progress: bool = True,
-) -> None:
-    """Capture the first block's inputs, then for each block: `process_block`, then re-run it.
+) -> list[str]:
+    """For each block stack in execution order: capture every block's inputs, then for each block
+    `process_block` and re-run it. Returns the names of the stacks calibrated, in that order.
 
     `device` is where blocks compute (default: where the model's first parameter is). With
-    `offload`, the blocks stay where they are and each one visits `device` only while processed.
+    `offload`, the blocks stay where they are and each one visits `device` only while it runs.
+    A stack the forward never reaches is left alone with a warning (an error when named in `blocks`).
     """
-    blocks_name, block_list = find_blocks(model, blocks)
+    stacks = find_blocks(model, blocks)
+    batches = list(calibration)
+    if not batches:
+        raise ValueError("`calibration` yielded no batches; give at least one calibration batch")
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     was_training = model.training
     model.eval()
+    all_blocks = [block for _, block_list in stacks for block in block_list]
     if offload:
-        _move_outside_blocks(model, block_list, device)
+        move_outside(model, all_blocks, device)
     else:
         model.to(device)
+    done: list[str] = []
+    bar = tqdm(total=len(all_blocks), desc="one-shot pruning", unit="block", disable=not progress)
     try:
-        inputs = capture_block_inputs(model, block_list[0], calibration, device, forward)
-        bar = tqdm(total=len(block_list), desc="one-shot pruning", unit="block", disable=not progress)
-        for index, block in enumerate(block_list):
-            bar.set_postfix_str(f"{blocks_name}.{index}")
-            if offload:
-                block.to(device)
-            process_block(index, f"{blocks_name}.{index}", block, BlockRunner(block, inputs, f"{blocks_name}.{index}"))
-            if index + 1 < len(block_list):  # the last block's outputs feed nothing
-                for position, (args, kwargs) in enumerate(inputs):
-                    inputs[position] = _with_hidden(args, kwargs, _block_output(block(*args, **kwargs)))
-                _check_finite([_hidden(*pair) for pair in inputs], f"leaving block {blocks_name}.{index}")
-            if offload:
-                block.to(home)
-            bar.update(1)
-        bar.close()
+        remaining = list(stacks)
+        start = 0
+        while remaining:
+            found = capture_stack(model, remaining, batches, device, forward, offload, home)
+            if found is None:
+                break
+            position, inputs = found
+            stack = remaining.pop(position)
+            check_finite([hidden_of(a, k) for a, k in inputs[0]], f"entering the first block of {stack[0]}")
+            _run_stack(stack, inputs, start, process_block, bar, device, home, offload)
+            start += len(stack[1])
+            done.append(stack[0])
+        if remaining:
+            names = [name for name, _ in remaining]
+            if blocks is not None:
+                raise ValueError(f"`blocks`={blocks!r}: the model's forward never ran {names} on the calibration batches")
+            warnings.warn(f"the model's forward never ran the block stacks {names} on the calibration batches; they are left as they are", stacklevel=2)
     finally:
+        bar.close()
         if offload:
-            _move_outside_blocks(model, block_list, home)
+            move_outside(model, all_blocks, home)
         model.train(was_training)
+    return done

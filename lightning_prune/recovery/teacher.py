@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.masking import remove_masks
-from lightning_prune.oneshot.driver import find_blocks, to_device
+from lightning_prune.oneshot.driver import find_block_stack, to_device
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -30,14 +30,14 @@ def frozen_copy(module: nn.Module, share: Iterable[object] = ()) -> nn.Module:
 
 
 def resolve_layers(model: nn.Module, layers: Sequence[int | str] | None) -> list[str]:
-    """Module names of the layers to distill: integers index the model's blocks (`find_blocks`; -1 is the last)."""
+    """Module names of the layers to distill: integers index the model's blocks (`find_block_stack`; -1 is the last)."""
     if layers is None:
         return []
     modules = dict(model.named_modules())
     names = []
     for layer in layers:
         if isinstance(layer, int) and not isinstance(layer, bool):
-            blocks_name, blocks = find_blocks(model)
+            blocks_name, blocks = find_block_stack(model)
             if not -len(blocks) <= layer < len(blocks):
                 raise ValueError(f"`layers` entry {layer} is out of range for the {len(blocks)} blocks of `{blocks_name}`")
             names.append(f"{blocks_name}.{layer % len(blocks)}")

@@ -21,7 +21,7 @@ try:  # what transformers' strict configs raise on an invalid architecture (hugg
     from huggingface_hub.errors import StrictDataclassClassValidationError as ConfigValidationError
 except ImportError:  # pragma: no cover - older huggingface_hub raise ValueError
     ConfigValidationError = ValueError  # type: ignore[misc,assignment]
-from lightning_prune.oneshot.driver import Batch, calibrate_sequentially, call_model, find_blocks
+from lightning_prune.oneshot.driver import Batch, calibrate_sequentially, call_model, find_block_stack
 from lightning_prune.registry import STRUCTURED_SCORES
 from lightning_prune.selection import check_sparsity
 from lightning_prune.structured.groups import GroupSet, find_block_groups, model_config
@@ -155,7 +155,7 @@ def prune_structured(
     """
     mlp_sparsity = check_sparsity(mlp_sparsity, "mlp_sparsity")
     head_sparsity = check_sparsity(head_sparsity, "head_sparsity")
-    _, block_list = find_blocks(model, blocks)
+    _, block_list = find_block_stack(model, blocks)
     _check_droppable(model, drop_layers, len(block_list))
     score = resolve_score(method, method_options)
     groups = _find(model, blocks, mlp_sparsity, head_sparsity, targets, ignore)

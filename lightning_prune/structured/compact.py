@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lightning_prune.masking import finalize
-from lightning_prune.oneshot.driver import find_blocks
+from lightning_prune.oneshot.driver import find_block_stack
 from lightning_prune.structured.groups import GroupSet, _sequential_groups, find_block_groups, removed_units
 from lightning_prune.structured.select import block_is_dropped
 
@@ -92,7 +92,7 @@ def _rewrite_config(config: Any, neurons: int | None, neuron_key: str | None, he
 
 
 def _compact_transformers(model: nn.Module) -> nn.Module:
-    blocks_name, blocks = find_blocks(model)
+    blocks_name, blocks = find_block_stack(model)
     dropped = {i for i, block in enumerate(blocks) if block_is_dropped(block)}
     kept_blocks = [i for i in range(len(blocks)) if i not in dropped]
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}

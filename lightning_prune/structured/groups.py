@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_prune.oneshot.driver import find_blocks
+from lightning_prune.oneshot.driver import find_block_stack
 from lightning_prune.targets import HFConv1D  # type: ignore[attr-defined]
 
 KINDS = ("neuron", "head", "filter")
@@ -204,7 +204,7 @@ def find_block_groups(model: nn.Module, kind: str, blocks: str | None = None) ->
     where the model's config cannot state a head count with a fixed head size (BERT, GPT-2, OPT,
     ViT derive the head size from `hidden_size`).
     """
-    blocks_name, block_list = find_blocks(model, blocks)
+    blocks_name, block_list = find_block_stack(model, blocks)
     config = model_config(model)
     found = []
     for index, block in enumerate(block_list):
@@ -278,7 +278,7 @@ def find_groups(model: nn.Module, kind: str, blocks: str | None = None) -> list[
     if kind == "filter":
         return find_sequential_groups(model, kind)
     try:
-        find_blocks(model, blocks)
+        find_block_stack(model, blocks)
     except ValueError:
         if kind == "head":
             raise

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_prune.oneshot.driver import find_blocks
+from lightning_prune.oneshot.driver import find_block_stack
 from lightning_prune.structured.groups import GroupSet, removed_units
 
 
@@ -66,7 +66,7 @@ def parameters_after_compaction(model: nn.Module, groups: Sequence[GroupSet], dr
             kept_along.setdefault(part.qualified_name, {})[part.dim] = int(keep.sum()) * part.width
     dropped_prefixes: tuple[str, ...] = ()
     if dropped:
-        blocks_name, _ = find_blocks(model)
+        blocks_name, _ = find_block_stack(model)
         dropped_prefixes = tuple(f"{blocks_name}.{i}." for i in dropped)
     total = 0
     for name, parameter in model.named_parameters():

@@ -1,0 +1,134 @@
+"""One block's statistics (per weight, per expert), one weight's pruning, and the all-or-nothing undo.
+
+Statistics are keyed by matrix name (`PruneTarget.matrix_names`): a Linear's own name, or
+`<parameter>[e]` for expert e of a fused experts weight, whose statistics come from the tokens
+routed to that expert (`experts.routed_tokens`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_prune.masking import get_mask, remove_mask, set_mask
+from lightning_prune.oneshot.experts import expert_inputs, routed_tokens
+from lightning_prune.oneshot.method import LayerStats, MaskRefiner, OneShotMethod
+from lightning_prune.targets import PruneTarget
+
+Statistic = Any  # a TokenStatistic subclass with `add(inputs)`
+BlockStats = dict[str, dict[type[Statistic], Statistic]]
+
+
+def _new_stats(target: PruneTarget, kinds: Sequence[type[Statistic]]) -> list[dict[type[Statistic], Statistic]]:
+    columns = target.as_matrix(target.weight).shape[-1]
+    return [{kind: kind(name, columns, target.weight.device) for kind in kinds} for name in target.matrix_names()]
+
+
+def _add_linear(per_kind: dict[type[Statistic], Statistic]) -> Callable[..., None]:
+    def add(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        for stat in per_kind.values():
+            stat.add(args[0])
+
+    return add
+
+
+def _add_experts(targets: list[tuple[PruneTarget, list[dict[type[Statistic], Statistic]]]]) -> Callable[..., None]:
+    def add(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        tokens = routed_tokens(module, args, kwargs)
+        for target, per_expert in targets:
+            for rows, per_kind in zip(expert_inputs(target, tokens), per_expert):
+                if rows.shape[0]:
+                    for stat in per_kind.values():
+                        stat.add(rows)
+
+    return add
+
+
+def collect_statistics(targets: Sequence[PruneTarget], kinds: Sequence[type[Statistic]], run_block: Callable[[], object]) -> BlockStats:
+    """Run the block once with forward hooks that add each weight's (each expert's) fp32 input statistics."""
+    stats: BlockStats = {}
+    handles = []
+    by_experts: dict[int, tuple[nn.Module, list[tuple[PruneTarget, list[dict[type[Statistic], Statistic]]]]]] = {}
+    for target in targets:
+        per_matrix = _new_stats(target, kinds)
+        stats.update(zip(target.matrix_names(), per_matrix))
+        if target.experts:
+            by_experts.setdefault(id(target.module), (target.module, []))[1].append((target, per_matrix))
+        else:
+            handles.append(target.module.register_forward_hook(_add_linear(per_matrix[0])))
+    for module, pairs in by_experts.values():
+        handles.append(module.register_forward_hook(_add_experts(pairs), with_kwargs=True))
+    try:
+        run_block()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def too_few_tokens(stats: BlockStats, targets: Sequence[PruneTarget], min_tokens: int) -> dict[str, int]:
+    """{expert matrix name: tokens} of the experts that saw fewer than `min_tokens` calibration tokens."""
+    few = {}
+    for target in targets:
+        for name in target.matrix_names() if target.experts else []:
+            counts = [int(stat.count) for stat in stats.get(name, {}).values()]
+            if counts and counts[0] < min_tokens:
+                few[name] = counts[0]
+    return few
+
+
+@torch.no_grad()
+def prune_target(target: PruneTarget, method: OneShotMethod, refiner: MaskRefiner | None, stats: Mapping[str, LayerStats], sparsity: float, pattern: str | None, dense: Collection[str] = ()) -> None:
+    """Prune one weight (each of its experts) in place with `method` (then `refiner`) and attach
+    its keep-mask; the matrices named in `dense` keep every weight."""
+    keeps = []
+    for name, matrix in zip(target.matrix_names(), target.matrices(target.weight.data)):
+        if name in dense:
+            keeps.append(torch.ones_like(matrix, dtype=torch.bool))
+            continue
+        dense_matrix = matrix.clone() if refiner is not None else matrix
+        try:
+            new_weight, keep = method.prune(matrix, stats.get(name, {}), sparsity, pattern)
+            if refiner is not None:
+                new_weight, keep = refiner.refine(dense_matrix, new_weight, keep, stats.get(name, {}), pattern)
+        except ValueError as error:
+            raise ValueError(f"one-shot pruning of {name!r} failed: {error}. Nothing was changed; leave it dense with `ignore=`") from error
+        if new_weight is not matrix:
+            matrix.copy_(new_weight.to(matrix.dtype))
+        keeps.append(keep)
+    set_mask(target.module, target.from_matrices(keeps), target.param_name)
+
+
+def warn_dense_experts(few: dict[str, int], min_tokens: int) -> None:
+    """Say which experts stay dense for lack of calibration tokens."""
+    if few:
+        listed = ", ".join(f"{name} ({count} tokens)" for name, count in few.items())
+        warnings.warn(f"left dense: experts that received fewer than `min_expert_tokens`={min_tokens} calibration tokens: {listed}", stacklevel=3)
+
+
+class Snapshot:
+    """The targets' weights and masks before a one-shot call, to put back if the call fails.
+
+    Only the targets are copied (to CPU), so the cost is one copy of the pruned weights.
+    """
+
+    def __init__(self, targets: Sequence[PruneTarget]) -> None:
+        self.saved = []
+        for target in targets:
+            mask = get_mask(target.module, target.param_name)
+            self.saved.append((target, target.weight.detach().to("cpu", copy=True), None if mask is None else mask.to("cpu", copy=True)))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every saved weight and mask back, bit for bit; remove masks that did not exist."""
+        for target, weight, mask in self.saved:
+            if mask is None:
+                if get_mask(target.module, target.param_name) is not None:
+                    remove_mask(target.module, target.param_name)
+            else:
+                set_mask(target.module, mask, target.param_name)
+            target.weight.data.copy_(weight)
