@@ -133,11 +133,9 @@ def gpu_rows(dtype_name: str, backend: str, batches: list[int], repeats: int, it
                 for name, fn in variants.items():
                     measured[name].append(time_cuda(fn, iters))
             us = {name: statistics.median(times) * 1e3 for name, times in measured.items()}
-            graph = (f"{us['dense graph']:.1f} | {us['sparse graph']:.1f} | {us['dense graph'] / us['sparse graph']:.2f}×"
-                     if "sparse graph" in us else "n/a | n/a | n/a")
+            graph = f"{us['dense graph']:.1f} | {us['sparse graph']:.1f} | {us['dense graph'] / us['sparse graph']:.2f}×" if "sparse graph" in us else "n/a | n/a | n/a"
             tflops = 2 * batch * in_features * out_features / (us["dense"] * 1e-6) / 1e12
-            rows.append(f"| {dtype_name} | {backend} | {out_features}×{in_features} | {batch} | {us['dense']:.1f} | "
-                        f"{us['sparse']:.1f} | {us['dense'] / us['sparse']:.2f}× | {graph} | {tflops:.0f} |")
+            rows.append(f"| {dtype_name} | {backend} | {out_features}×{in_features} | {batch} | {us['dense']:.1f} | {us['sparse']:.1f} | {us['dense'] / us['sparse']:.2f}× | {graph} | {tflops:.0f} |")
     return rows
 
 

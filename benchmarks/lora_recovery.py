@@ -170,19 +170,29 @@ def main() -> None:
     data = TextDataModule(seq_len=64, batch_size=16, vocab_size=1024 if args.quick else 2048)
     data.setup("fit")
     val = list(data.val_dataloader())[: args.val_batches]
-    config = {"model_type": "llama", "hidden_size": args.hidden, "intermediate_size": args.hidden * 11 // 4,
-              "num_hidden_layers": args.layers, "num_attention_heads": 4, "num_key_value_heads": 4,
-              "vocab_size": len(data.tokenizer), "max_position_embeddings": 64, "tie_word_embeddings": False}
+    config = {
+        "model_type": "llama",
+        "hidden_size": args.hidden,
+        "intermediate_size": args.hidden * 11 // 4,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": len(data.tokenizer),
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+    }
     torch.manual_seed(args.seed)
     dense = load_causal_lm(config=config)
     train(dense, make_adamw(dense.parameters(), 2e-3), training_batches(data, args.dense_steps, args.seed), decay=True)
     dense_ppl = perplexity(dense, val)
     calibration = training_batches(data, 8, args.seed + 1)  # 128 sequences
     recovery_batches = training_batches(data, args.recovery_steps, args.seed + 2)
-    print(f"Llama hidden {args.hidden} × {args.layers} blocks, {sum(p.numel() for p in dense.parameters()) / 1e6:.2f} M "
-          f"parameters, {args.dense_steps} dense steps (lr 2e-3 decayed linearly to 0); recovery {args.recovery_steps} steps (batch 16 × 64 tokens), "
-          f"LoRA r={args.rank} alpha={2 * args.rank} lr={args.lora_lr}, full lr={args.full_lr}; "
-          f"perplexity on {len(val)} validation batches; torch threads {torch.get_num_threads()}\n")
+    print(
+        f"Llama hidden {args.hidden} × {args.layers} blocks, {sum(p.numel() for p in dense.parameters()) / 1e6:.2f} M "
+        f"parameters, {args.dense_steps} dense steps (lr 2e-3 decayed linearly to 0); recovery {args.recovery_steps} steps (batch 16 × 64 tokens), "
+        f"LoRA r={args.rank} alpha={2 * args.rank} lr={args.lora_lr}, full lr={args.full_lr}; "
+        f"perplexity on {len(val)} validation batches; torch threads {torch.get_num_threads()}\n"
+    )
     print("| pruning | recovery | trainable params | ppl dense | ppl pruned | ppl recovered, unmerged | ppl recovered, merged | sparsity |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     timed = None
@@ -193,8 +203,10 @@ def main() -> None:
         total = sum(p.numel() for p in pruned.parameters())
         for name, row in recover(pruned, pattern, recovery_batches, val, args).items():
             unmerged = f"{row['unmerged']:.2f}" if row["unmerged"] is not None else "—"
-            print(f"| {label} | {name} | {row['trainable']:,} ({row['trainable'] / total:.1%}) | {dense_ppl:.2f} | {pruned_ppl:.2f} | {unmerged} | "
-                  f"{row['merged']:.2f} | {sparsity_report(pruned).global_sparsity:.1%} |")
+            print(
+                f"| {label} | {name} | {row['trainable']:,} ({row['trainable'] / total:.1%}) | {dense_ppl:.2f} | {pruned_ppl:.2f} | {unmerged} | "
+                f"{row['merged']:.2f} | {sparsity_report(pruned).global_sparsity:.1%} |"
+            )
         timed = timed or pruned
     times = step_times(timed, recovery_batches, args)
     reference = times["full fine-tuning (masks kept)"]

@@ -145,8 +145,7 @@ def benchmark(title: str, base: nn.Module, loss_fn: Callable[[nn.Module], torch.
     dense = variants[0]
     dense_step = statistics.median(dense.step_times)
     lines = [
-        f"### {title}: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, {prunable / 1e6:.1f}M prunable, "
-        f"{rounds} rounds × {steps} steps, {torch.get_num_threads()} threads",
+        f"### {title}: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, {prunable / 1e6:.1f}M prunable, {rounds} rounds × {steps} steps, {torch.get_num_threads()} threads",
         "",
         "| variant | step (ms, median) | × dense | optimizer step (ms) | optimizer share | extra bytes / prunable element |",
         "|---|---|---|---|---|---|",
@@ -164,9 +163,13 @@ def llama_case(hidden: int, layers: int, vocab: int, batch: int, tokens: int) ->
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=int(hidden * 2.6875) // 32 * 32, num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
-        vocab_size=vocab, max_position_embeddings=tokens,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.6875) // 32 * 32,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 64),
+        vocab_size=vocab,
+        max_position_embeddings=tokens,
     )
     model = AutoModelForCausalLM.from_config(config)
     ids = torch.randint(0, vocab, (batch, tokens))

@@ -61,10 +61,18 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
 
 # --- models ---------------------------------------------------------------------------------------
 
+
 def llama_config(hidden: int, layers: int, vocab: int, seq_len: int) -> dict:
-    return dict(model_type="llama", hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 16 * 16,
-                num_hidden_layers=layers, num_attention_heads=max(hidden // 32, 2), vocab_size=vocab,
-                max_position_embeddings=seq_len, tie_word_embeddings=False)
+    return dict(
+        model_type="llama",
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3) // 16 * 16,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 32, 2),
+        vocab_size=vocab,
+        max_position_embeddings=seq_len,
+        tie_word_embeddings=False,
+    )
 
 
 def trained_llama(args: argparse.Namespace) -> tuple[nn.Module, list[dict], list[dict]]:
@@ -125,8 +133,10 @@ def embed(model: nn.Module, tokenizer: object, sentences: list[str]) -> torch.Te
 
 # --- sections -------------------------------------------------------------------------------------
 
-def quality(name: str, model: nn.Module, calibration: list[dict], score: Callable[[nn.Module], float], dense: str,
-            variants: list[Variant] = BASELINES, columns: list[tuple[str, float, str | None]] = COLUMNS) -> str:
+
+def quality(
+    name: str, model: nn.Module, calibration: list[dict], score: Callable[[nn.Module], float], dense: str, variants: list[Variant] = BASELINES, columns: list[tuple[str, float, str | None]] = COLUMNS
+) -> str:
     rows = [["dense", *[dense] * len(columns)]]
     for label, method, refine in variants:
         row = [label]
@@ -190,8 +200,7 @@ def solver_speed(sizes: list[tuple[int, int]], repeats: int, device: str) -> str
                 ref.append(median_time(lambda W=W, H=H, n=n, m=m: reference_sparsegpt(W, H, 0.5, m - n if m else 0, m), 1))
             a, b = statistics.median(ours), statistics.median(ref)
             rows.append([f"{out_features}×{in_features}", pattern or "50%", f"{a * 1e3:.1f}", f"{b * 1e3:.1f}", f"{a / b:.2f}"])
-    return f"### SparseGPT solve vs the reference math ({device}, median of {repeats})\n\n" + table(
-        ["layer (out×in)", "sparsity", "ours ms", "reference ms", "ours / reference"], rows)
+    return f"### SparseGPT solve vs the reference math ({device}, median of {repeats})\n\n" + table(["layer (out×in)", "sparsity", "ours ms", "reference ms", "ours / reference"], rows)
 
 
 def memory_child(depth: int, hidden: int) -> dict:
@@ -217,12 +226,10 @@ def memory_child(depth: int, hidden: int) -> dict:
 def memory(depths: list[int], hidden: int) -> str:
     rows = []
     for depth in depths:
-        out = subprocess.run([sys.executable, __file__, "--memory-child", str(depth), "--hidden", str(hidden)],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(depth), "--hidden", str(hidden)], check=True, capture_output=True, text=True).stdout
         result = json.loads(out.strip().splitlines()[-1])
         rows.append([str(depth), f"{result['weights'] / 2**20:.1f}", f"{result['peak'] / 2**20:.1f}"])
-    return f"### Peak memory vs depth (SparseGPT, hidden {hidden}; {result['where']})\n\n" + table(
-        ["blocks", "model weights MiB", "peak MiB"], rows)
+    return f"### Peak memory vs depth (SparseGPT, hidden {hidden}; {result['where']})\n\n" + table(["blocks", "model weights MiB", "peak MiB"], rows)
 
 
 def main() -> None:
@@ -252,16 +259,29 @@ def main() -> None:
     sections = set(args.sections.split(","))
     if "llama" in sections:
         model, calibration, validation = trained_llama(args)
-        print(quality(f"Tiny Llama ({args.layers}×{args.hidden}, {args.steps} steps): validation perplexity", model, calibration,
-                      lambda m: perplexity(m, validation), f"{perplexity(model, validation):.4g}") + "\n")
+        print(
+            quality(
+                f"Tiny Llama ({args.layers}×{args.hidden}, {args.steps} steps): validation perplexity", model, calibration, lambda m: perplexity(m, validation), f"{perplexity(model, validation):.4g}"
+            )
+            + "\n"
+        )
         print(timing(f"Tiny Llama, {args.samples} × {args.seq_len} tokens", model, calibration, repeats) + "\n")
     if "minilm" in sections:
         encoder, tokenizer, windows, sentences = minilm(16 if quick else 128)
         sentences = sentences[: 64 if quick else 256]
         dense = embed(encoder, tokenizer, sentences)
-        print(quality(f"all-MiniLM-L6-v2: mean cosine to dense embeddings ({len(sentences)} held-out sentences)", encoder, windows,
-                      lambda m: float(nn.functional.cosine_similarity(dense, embed(m, tokenizer, sentences)).mean()), "1",
-                      EXTENDED, SPARSITY_COLUMNS) + "\n")
+        print(
+            quality(
+                f"all-MiniLM-L6-v2: mean cosine to dense embeddings ({len(sentences)} held-out sentences)",
+                encoder,
+                windows,
+                lambda m: float(nn.functional.cosine_similarity(dense, embed(m, tokenizer, sentences)).mean()),
+                "1",
+                EXTENDED,
+                SPARSITY_COLUMNS,
+            )
+            + "\n"
+        )
         print(timing(f"all-MiniLM-L6-v2, {len(windows) * 16} × 64 tokens", encoder, windows, repeats, EXTENDED[1:]) + "\n")
 
     sizes = [(384, 384), (1536, 384), (384, 1536)] if quick else [(384, 384), (1536, 384), (384, 1536), (1024, 1024), (2816, 1024), (1024, 2816)]

@@ -162,11 +162,7 @@ def masked_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
 def finalized_parameters(model: nn.Module) -> list[str]:
     """Qualified names of the parameters whose masks `finalize` baked in (plain attributes: they
     survive deepcopy and pickling, not a fresh instance loaded from a state dict)."""
-    return [
-        f"{module_name}.{param_name}" if module_name else param_name
-        for module_name, module in model.named_modules()
-        for param_name in getattr(module, _FINALIZED, ())
-    ]
+    return [f"{module_name}.{param_name}" if module_name else param_name for module_name, module in model.named_modules() for param_name in getattr(module, _FINALIZED, ())]
 
 
 def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:

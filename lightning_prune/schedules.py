@@ -94,9 +94,7 @@ class Steps:
 
     def __post_init__(self) -> None:
         if len(self.milestones) != len(self.values) or not self.milestones:
-            raise ValueError(
-                f"`milestones` and `values` must be non-empty and of equal length, got {list(self.milestones)} and {list(self.values)}"
-            )
+            raise ValueError(f"`milestones` and `values` must be non-empty and of equal length, got {list(self.milestones)} and {list(self.values)}")
         if list(self.milestones) != sorted(set(self.milestones)):
             raise ValueError(f"`milestones` must be strictly increasing, got {list(self.milestones)}")
         for value in self.values:

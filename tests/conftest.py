@@ -16,8 +16,14 @@ from torch import nn
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 TINY_LLAMA_CONFIG = dict(
-    model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-    num_key_value_heads=2, vocab_size=48, max_position_embeddings=32,
+    model_type="llama",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    vocab_size=48,
+    max_position_embeddings=32,
 )
 
 
@@ -41,8 +47,7 @@ def compose_config(recipe: str, output: Path, *overrides: str) -> DictConfig:
 
 def make_trainer(**kwargs: Any) -> pl.Trainer:
     """A CPU Trainer without logger, checkpoints, progress bar or summary (override by keyword)."""
-    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
+    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
     return pl.Trainer(**{**defaults, **kwargs})
 
 
@@ -73,8 +78,7 @@ def tiny_bert_classifier() -> nn.Module:
     from transformers import AutoModelForSequenceClassification, BertConfig
 
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                        vocab_size=48, max_position_embeddings=32, num_labels=3)
+    config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=48, max_position_embeddings=32, num_labels=3)
     return AutoModelForSequenceClassification.from_config(config)
 
 

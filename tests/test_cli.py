@@ -92,8 +92,16 @@ def test_quickstart_writes_every_output(quickstart: tuple[Path, dict]) -> None:
 
 
 def test_gmp_finetune_tiny(tmp_path: Path) -> None:
-    tiny = ["dense_epochs=1", "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
-            "trainer.val_check_interval=1.0", "data.seq_len=16", "data.vocab_size=300", "pruning.frequency=1"]
+    tiny = [
+        "dense_epochs=1",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=2",
+        "trainer.val_check_interval=1.0",
+        "data.seq_len=16",
+        "data.vocab_size=300",
+        "pruning.frequency=1",
+    ]
     results = run(compose_config("gmp_finetune", tmp_path, *tiny))
     assert results["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
     # The dense phase beats uniform guessing over the 300 tokens, and pruning to 50% while
@@ -108,8 +116,7 @@ def test_gmp_finetune_tiny(tmp_path: Path) -> None:
 
 
 def test_iterative_lottery_tiny(tmp_path: Path) -> None:
-    tiny = ["pruning.cycles=2", "pruning.epochs_per_cycle=1", "trainer.max_epochs=3", "trainer.limit_train_batches=3",
-            "trainer.limit_val_batches=1", "plots=false", "save_model=false"]
+    tiny = ["pruning.cycles=2", "pruning.epochs_per_cycle=1", "trainer.max_epochs=3", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "plots=false", "save_model=false"]
     results = run(compose_config("iterative_lottery", tmp_path, *tiny))
     assert results["global_sparsity"] == pytest.approx(0.8, abs=1e-4)
     assert "before" not in results and "val/acc" in results["after"]
@@ -117,8 +124,14 @@ def test_iterative_lottery_tiny(tmp_path: Path) -> None:
 
 
 def test_extra_callbacks_and_dense_baseline_from_yaml_only(tmp_path: Path) -> None:
-    overrides = ["pruning=none", "dense_epochs=0", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-                 "+callbacks.lr_monitor._target_=lightning.pytorch.callbacks.LearningRateMonitor", "plots=false"]
+    overrides = [
+        "pruning=none",
+        "dense_epochs=0",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "+callbacks.lr_monitor._target_=lightning.pytorch.callbacks.LearningRateMonitor",
+        "plots=false",
+    ]
     results = run(compose_config("quickstart", tmp_path, *overrides))
     assert results["global_sparsity"] == 0.0
     assert "lr-AdamW" in (tmp_path / "logs" / "prune" / "metrics.csv").read_text()
@@ -143,5 +156,4 @@ def test_missing_model_path_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"required value `model.model_path` is not set"):
         run(compose_config("gmp_finetune", tmp_path, "model=causal_lm"))
     with pytest.raises(ConfigError, match=r"`model.model_path`='/no/such/dir' .*not a local model directory"):
-        run(compose_config("gmp_finetune", tmp_path, "model=causal_lm", "model.model_path=/no/such/dir",
-                           "data.vocab_size=300"))
+        run(compose_config("gmp_finetune", tmp_path, "model=causal_lm", "model.model_path=/no/such/dir", "data.vocab_size=300"))

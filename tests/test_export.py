@@ -115,8 +115,7 @@ def test_bitmask_layout_on_weights_1_to_8(tmp_path):
     assert tensors["0.compressed"].dtype == torch.float16 and tensors["0.compressed"].tolist() == [[3, 4, 7, 8]]
     assert tensors["0.bitmask"].dtype == torch.uint8 and tensors["0.bitmask"].tolist() == [[0b11001100]]
     manifest = json.loads((path / "lightning_prune_export.json").read_text())
-    assert manifest["sparsity_config"] == {"format": "sparse-24-bitmask", "global_sparsity": 0.5, "ignore": [],
-                                           "sparsity_structure": "2:4", "targets": ["0"]}
+    assert manifest["sparsity_config"] == {"format": "sparse-24-bitmask", "global_sparsity": 0.5, "ignore": [], "sparsity_structure": "2:4", "targets": ["0"]}
 
 
 @pytest.mark.parametrize(("dtype", "limit"), [(torch.float16, 0.5625), (torch.bfloat16, 0.5625), (torch.float32, 0.53125)])
@@ -190,11 +189,14 @@ def test_negative_zeros_are_written_as_positive(tmp_path):
     assert torch.signbit(model[0].weight[0, 0])  # the model itself is left alone
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    (lambda p: p.write_bytes(p.read_bytes()[:-7]), "'model.safetensors' .* truncated"),
-    (lambda p: p.write_bytes(p.read_bytes()[:-1] + b"\x00"), "'model.safetensors' .* was modified"),
-    (lambda p: p.unlink(), "'model.safetensors' listed in .* is missing"),
-])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:-7]), "'model.safetensors' .* truncated"),
+        (lambda p: p.write_bytes(p.read_bytes()[:-1] + b"\x00"), "'model.safetensors' .* was modified"),
+        (lambda p: p.unlink(), "'model.safetensors' listed in .* is missing"),
+    ],
+)
 def test_damaged_files_are_reported_by_name(tmp_path, damage, message):
     path = save_sparse(pruned_llama(torch.float16), tmp_path / "m", format="sparse-24-bitmask")
     damage(path / "model.safetensors")
@@ -225,8 +227,15 @@ def test_sparse_export_callback_writes_at_fit_end(tmp_path):
     module = CausalLMModule(config=TINY_LLAMA)
     data = torch.utils.data.DataLoader([{"input_ids": torch.randint(0, 48, (8,))} for _ in range(4)], batch_size=2)
     export = SparseExport(tmp_path / "export", format="sparse-24-bitmask")
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         accelerator="cpu", max_steps=2, callbacks=[GradualPruning(0.5, pattern="2:4", frequency=1), export])
+    trainer = pl.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=2,
+        callbacks=[GradualPruning(0.5, pattern="2:4", frequency=1), export],
+    )
     trainer.fit(module, train_dataloaders=data)
     assert export.last_export == tmp_path / "export"
     loaded = load_sparse(export.last_export)
@@ -323,13 +332,16 @@ def test_non_finite_weights_are_refused_by_name(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    (lambda m: [m], "holds a JSON list, not an object"),
-    (lambda m: {k: v for k, v in m.items() if k != "files"}, "`files` must be a JSON dict, found missing"),
-    (lambda m: {**m, "format": "csr"}, "`format` must be one of .* found 'csr'"),
-    (lambda m: {**m, "target_params": "0.weight"}, "`target_params` must be a JSON list, found a str"),
-    (lambda m: {**m, "files": {"model.safetensors": 3}}, r"`files`\['model.safetensors'\] must hold"),
-])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda m: [m], "holds a JSON list, not an object"),
+        (lambda m: {k: v for k, v in m.items() if k != "files"}, "`files` must be a JSON dict, found missing"),
+        (lambda m: {**m, "format": "csr"}, "`format` must be one of .* found 'csr'"),
+        (lambda m: {**m, "target_params": "0.weight"}, "`target_params` must be a JSON list, found a str"),
+        (lambda m: {**m, "files": {"model.safetensors": 3}}, r"`files`\['model.safetensors'\] must hold"),
+    ],
+)
 def test_a_damaged_manifest_is_named(tmp_path, damage, message):
     path = save_sparse(nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 1)), tmp_path / "m")
     manifest_path = path / "lightning_prune_export.json"
@@ -363,8 +375,15 @@ def test_a_2_4_export_without_a_2_4_pruning_callback_fails_at_fit_start(tmp_path
         def on_train_batch_start(self, *args) -> None:
             seen.append(1)
 
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         accelerator="cpu", max_steps=2, callbacks=[GradualPruning(0.5, frequency=1), export, CountSteps()])
+    trainer = pl.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=2,
+        callbacks=[GradualPruning(0.5, frequency=1), export, CountSteps()],
+    )
     with pytest.raises(ValueError, match=r"no pruning callback of this Trainer prunes \['model.layers.0.self_attn.q_proj.weight'"):
         trainer.fit(module, train_dataloaders=data)
     assert seen == []  # refused before the first step

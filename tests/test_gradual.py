@@ -103,6 +103,7 @@ def test_pattern_that_does_not_divide_a_layer_raises_before_training() -> None:
         make_trainer(max_steps=6, callbacks=[pruning]).fit(module)
     assert module.training_steps == 0
 
+
 def test_2_4_on_a_tiny_llama_is_exact_and_finalizes_to_plain_keys() -> None:
     model = tiny_llama()
     pruning = GradualPruning(0.5, pattern="2:4", start_step=1, end_step=3, frequency=1, finalize_on_end=True)

@@ -20,8 +20,7 @@ from lightning_prune.report import max_nonzeros_per_group
 from lightning_prune.targets import find_targets
 from tests.conftest import tiny_llama_config
 
-QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
-         "accelerator": "cpu"}
+QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False, "accelerator": "cpu"}
 LLAMA = tiny_llama_config(num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
 
 

@@ -13,8 +13,7 @@ from lightning_prune.report import max_nonzeros_per_group
 from lightning_prune.run import ConfigError, run
 from tests.conftest import compose_config
 
-TINY = ["dense_epochs=1", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2", "data.seq_len=16",
-        "data.vocab_size=300", "pruning.num_samples=16", "pruning.progress=false"]
+TINY = ["dense_epochs=1", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2", "data.seq_len=16", "data.vocab_size=300", "pruning.num_samples=16", "pruning.progress=false"]
 
 
 def test_wanda_2of4_lora_reports_every_stage_and_exports_2of4(tmp_path: Path) -> None:

@@ -12,8 +12,7 @@ TINY_LLAMA = tiny_llama_config(vocab_size=50, max_position_embeddings=16)
 
 
 def trainer(**kwargs) -> pl.Trainer:
-    return pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, accelerator="cpu", **kwargs)
+    return pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **kwargs)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])

@@ -42,8 +42,7 @@ def tiny_gpt2() -> nn.Module:
 
 def tiny_bert() -> nn.Module:
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB,
-                        max_position_embeddings=32)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=32)
     return BertModel(config).eval()
 
 
@@ -53,11 +52,12 @@ def batches(count: int = 3, size: int = 2, length: int = 16, seed: int = 1) -> l
 
 
 def block_targets(model: nn.Module) -> list:
-    (name, _), = find_blocks(model)
+    ((name, _),) = find_blocks(model)
     return [t for t in find_targets(model, types=ONESHOT_TYPES) if t.module_name.startswith(name + ".")]
 
 
 # --- solvers on hand-computable inputs ---------------------------------------------------------
+
 
 def test_wanda_compares_within_rows_and_magnitude_across_the_layer() -> None:
     weight = torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
@@ -133,6 +133,7 @@ def test_owl_sparsities_by_hand() -> None:
 
 # --- prune_oneshot on Hugging Face models -------------------------------------------------------
 
+
 @pytest.mark.parametrize("build", [llama, tiny_gpt2, tiny_bert], ids=["llama", "gpt2", "bert"])
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_exact_2_of_4_on_every_targeted_weight(build, method: str) -> None:
@@ -161,7 +162,7 @@ def test_report_and_unstructured_counts_per_row() -> None:
 
 def _prune_by_hand(model: nn.Module, data: list[dict[str, torch.Tensor]], method: str) -> None:
     """Block by block: run the whole model (earlier blocks already pruned), collect, prune."""
-    (_, blocks), = find_blocks(model)
+    ((_, blocks),) = find_blocks(model)
     for block in blocks:
         targets = find_targets(block, types=ONESHOT_TYPES, ignore_output_head=False)
         stats = {t.name: (HessianStats if method == "sparsegpt" else FeatureNormStats)(t.name, t.weight.shape[1]) for t in targets}
@@ -233,8 +234,7 @@ def test_offload_to_cuda_keeps_one_block_on_the_device() -> None:
     on, off = llama(layers=4), llama(layers=4)
     peak_blocks = []
     data = batches()
-    calibrate_sequentially(on, data, lambda i, n, b, run: peak_blocks.append(
-        sum(p.is_cuda for p in on.parameters() if p.dim() > 1)), device="cuda", offload=True, progress=False)
+    calibrate_sequentially(on, data, lambda i, n, b, run: peak_blocks.append(sum(p.is_cuda for p in on.parameters() if p.dim() > 1)), device="cuda", offload=True, progress=False)
     per_block = sum(p.dim() > 1 for p in on.model.layers[0].parameters())
     outside = sum(p.dim() > 1 for n, p in on.named_parameters() if ".layers." not in n)
     assert peak_blocks == [per_block + outside] * 4
@@ -318,6 +318,7 @@ def test_blocks_with_computation_between_them_are_refused_and_left_unchanged() -
     assert not get_masks(net)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
+
 @pytest.mark.parametrize("num_samples", [-3, 0, 2.5, "8", True])
 def test_prune_oneshot_refuses_bad_num_samples(num_samples) -> None:
     with pytest.raises(ValueError, match=r"`num_samples` must be None or an integer >= 1, got"):
@@ -338,4 +339,3 @@ def test_mismatched_calibration_shapes_name_the_batch() -> None:
     batches = [torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 9)]
     with pytest.raises(ValueError, match=r"calibration batch 2 \(tensor \(2, 9\)\) failed in the model's forward: .*"):
         prune_oneshot(Blocks(), batches, method="wanda", progress=False)
-

@@ -30,8 +30,7 @@ def loader() -> DataLoader:
 
 
 def trainer(callback: OneShotPruning, tmp_path: Path | None = None, **kwargs) -> pl.Trainer:
-    return pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      accelerator="cpu", callbacks=[callback], default_root_dir=tmp_path, **kwargs)
+    return pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", callbacks=[callback], default_root_dir=tmp_path, **kwargs)
 
 
 def test_prunes_at_fit_start_on_training_batches_and_keeps_masks_fixed() -> None:
@@ -132,12 +131,15 @@ def test_default_forward_on_a_tuple_batch_names_the_batch() -> None:
         trainer(callback, max_epochs=0).fit(TupleBatchModule(), tuple_loader())
 
 
-@pytest.mark.parametrize(("forward", "message"), [
-    ("call_ids_and_mask", "must be None, a callable"),
-    ("tests.test_oneshot_callback.nope", "cannot be imported"),
-    ("tests.test_oneshot_callback.LLAMA", "names a dict, not a callable"),
-    (3, "must be None, a callable"),
-])
+@pytest.mark.parametrize(
+    ("forward", "message"),
+    [
+        ("call_ids_and_mask", "must be None, a callable"),
+        ("tests.test_oneshot_callback.nope", "cannot be imported"),
+        ("tests.test_oneshot_callback.LLAMA", "names a dict, not a callable"),
+        (3, "must be None, a callable"),
+    ],
+)
 def test_bad_forward_is_refused_when_the_callback_is_made(forward, message) -> None:
     with pytest.raises(ValueError, match=message):
         OneShotPruning("wanda", 0.5, forward=forward)

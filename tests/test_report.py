@@ -52,7 +52,6 @@ def test_markdown_and_csv() -> None:
     ]
 
 
-
 def test_str_is_the_rich_table() -> None:
     text = str(sparsity_report(two_layer_model()))
     lines = text.splitlines()

@@ -259,8 +259,7 @@ def refuse_sharded_strategy(strategy: object) -> None:
     name = type(strategy).__name__
     if any(key in name for key in ("FSDP", "DeepSpeed", "ModelParallel")):
         raise ValueError(
-            f"`strategy`={name} shards parameters, which lightning_prune's masks do not support; "
-            "use strategy='ddp' (masks are identical on every rank), or prune one-shot before wrapping the model"
+            f"`strategy`={name} shards parameters, which lightning_prune's masks do not support; use strategy='ddp' (masks are identical on every rank), or prune one-shot before wrapping the model"
         )
 
 

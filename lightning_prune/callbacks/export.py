@@ -97,10 +97,7 @@ class SparseExport(Callback):
         for callback in callbacks:
             if isinstance(callback, MaskingCallback) and callback.pattern is not None and parse_pattern(callback.pattern) == (2, 4):
                 pruned_2_4.update(id(t.module) for t in callback.resolve_targets(pl_module))
-        never = [
-            t.name for t in find_targets(model, include=self.targets, ignore=self.ignore)
-            if id(t.module) not in pruned_2_4 and not is_2_4(t.as_matrix(t.weight.detach()))
-        ]
+        never = [t.name for t in find_targets(model, include=self.targets, ignore=self.ignore) if id(t.module) not in pruned_2_4 and not is_2_4(t.as_matrix(t.weight.detach()))]
         if never:
             raise ValueError(
                 f"`format`={self.format!r} needs every exported target to be 2:4, but no pruning callback of this Trainer "

@@ -78,10 +78,7 @@ class IterativePruning(MaskingCallback):
         """Raise unless `max_epochs` runs every cycle (and, with `rewind`, trains the final ticket)."""
         needed = self.cycles * self.epochs_per_cycle
         if max_epochs is None or 0 <= max_epochs < needed:
-            raise ValueError(
-                f"`cycles`={self.cycles} × `epochs_per_cycle`={self.epochs_per_cycle} needs Trainer(max_epochs>={needed}), "
-                f"got max_epochs={max_epochs}"
-            )
+            raise ValueError(f"`cycles`={self.cycles} × `epochs_per_cycle`={self.epochs_per_cycle} needs Trainer(max_epochs>={needed}), got max_epochs={max_epochs}")
         if self.rewind is not None and 0 <= max_epochs < needed + self.epochs_per_cycle:
             raise ValueError(
                 f"`rewind`={self.rewind!r} rewinds after the last of `cycles`={self.cycles} prunings, so the final ticket "

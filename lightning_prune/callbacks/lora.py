@@ -110,8 +110,12 @@ class LoRARecovery(Callback):
         self._pl_module = pl_module
         self._requires_grad = {name: p.requires_grad for name, p in pl_module.named_parameters()}
         self.peft_model = attach_lora(
-            wrapped_network(pl_module), r=self.r, alpha=self.alpha, dropout=self.dropout,
-            target_modules=self.target_modules, masked_delta=self.masked_delta,
+            wrapped_network(pl_module),
+            r=self.r,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            target_modules=self.target_modules,
+            masked_delta=self.masked_delta,
         )
         adapters = adapter_parameters(pl_module)
         if self._restored_adapters:

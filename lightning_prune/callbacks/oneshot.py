@@ -168,8 +168,7 @@ class OneShotPruning(MaskingCallback):
         empty = (counts == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(
-                f"`num_samples`={self.num_samples} leaves ranks {empty} of {trainer.world_size} without calibration "
-                f"batches (batches per rank: {counts.tolist()}); give at least one batch per rank"
+                f"`num_samples`={self.num_samples} leaves ranks {empty} of {trainer.world_size} without calibration batches (batches per rank: {counts.tolist()}); give at least one batch per rank"
             )
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SparsityReport:

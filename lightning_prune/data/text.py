@@ -72,9 +72,7 @@ class TextDataModule(pl.LightningDataModule):
         self.vocab_size = vocab_size
         self.num_workers = num_workers
         self.documents = read_documents(self.files)
-        self.tokenizer: PreTrainedTokenizerBase = (
-            load_tokenizer(tokenizer) if tokenizer else train_bpe_tokenizer(self.documents, vocab_size)
-        )
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(tokenizer) if tokenizer else train_bpe_tokenizer(self.documents, vocab_size)
         self.train_set: BlockDataset | None = None
         self.val_set: BlockDataset | None = None
 
@@ -87,8 +85,7 @@ class TextDataModule(pl.LightningDataModule):
         train, val = to_blocks(ids[:split], self.seq_len), to_blocks(ids[split:], self.seq_len)
         if len(train) == 0 or len(val) == 0:
             raise ValueError(
-                f"the corpus has {len(ids)} tokens: too few for `seq_len`={self.seq_len} blocks in both splits "
-                f"(`val_fraction`={self.val_fraction}); give more text in `files` or a smaller `seq_len`"
+                f"the corpus has {len(ids)} tokens: too few for `seq_len`={self.seq_len} blocks in both splits (`val_fraction`={self.val_fraction}); give more text in `files` or a smaller `seq_len`"
             )
         self.train_set, self.val_set = BlockDataset(train), BlockDataset(val)
 

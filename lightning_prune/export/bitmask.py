@@ -44,19 +44,16 @@ def unpack_bitmask(packed: torch.Tensor, shape: tuple[int, ...] | list[int] | to
     shape = tuple(int(s) for s in shape)
     expected = (*shape[:-1], (shape[-1] + 7) // 8)
     if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
-        raise ValueError(
-            f"bitmask must be uint8 of shape {expected} for a weight of shape {shape}, "
-            f"got {packed.dtype} of shape {tuple(packed.shape)}"
-        )
+        raise ValueError(f"bitmask must be uint8 of shape {expected} for a weight of shape {shape}, got {packed.dtype} of shape {tuple(packed.shape)}")
     bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS.to(packed.device)) != 0
     bits = bits.reshape(*shape[:-1], -1)
-    if bits[..., shape[-1]:].any():
+    if bits[..., shape[-1] :].any():
         raise ValueError(f"bitmask for shape {shape} has bits set past the last column")
     return bits[..., : shape[-1]].contiguous()
 
 
 def measured_pattern(matrix: torch.Tensor, m: int = 4) -> str:
-    """"k:m" where k is the most non-zeros in any group of `m` consecutive columns of a row."""
+    """ "k:m" where k is the most non-zeros in any group of `m` consecutive columns of a row."""
     cols = matrix.shape[1]
     if cols % m:
         return f"unstructured ({cols} columns do not split into groups of {m})"

@@ -47,7 +47,7 @@ def module_name_of(param_name: str) -> str:
 
 
 def sparsity_structure(matrices: Sequence[torch.Tensor]) -> str:
-    """"2:4" when every matrix is 2:4 along its input dimension, else "unstructured"."""
+    """ "2:4" when every matrix is 2:4 along its input dimension, else "unstructured"."""
     return "2:4" if matrices and all(is_2_4(m) for m in matrices) else "unstructured"
 
 

@@ -97,8 +97,7 @@ def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     unexpected = sorted(set(state) - set(current))
     if unexpected:
         raise ValueError(f"checkpoint has tensors the model does not: {unexpected[:10]}; is `model` the exported model's class and config?")
-    shapes = [f"{key}: checkpoint {tuple(state[key].shape)}, model {tuple(current[key].shape)}"
-              for key in state if tuple(state[key].shape) != tuple(current[key].shape)]
+    shapes = [f"{key}: checkpoint {tuple(state[key].shape)}, model {tuple(current[key].shape)}" for key in state if tuple(state[key].shape) != tuple(current[key].shape)]
     if shapes:
         raise ValueError(f"checkpoint tensors do not fit the model's shapes: {shapes[:10]}")
     present = {current[key].data_ptr() for key in state}

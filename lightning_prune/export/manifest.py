@@ -17,8 +17,14 @@ from lightning_prune.export.config import FORMATS, MANIFEST_NAME, MANIFEST_VERSI
 _CHUNK = 1 << 20
 # Every key `save_sparse` writes, with the JSON type `load_sparse` relies on.
 _FIELDS: dict[str, type] = {
-    "files": dict, "format": str, "huggingface": bool, "model_class": str, "sparsity_config": dict,
-    "target_params": list, "layout": dict, "aliases": dict,
+    "files": dict,
+    "format": str,
+    "huggingface": bool,
+    "model_class": str,
+    "sparsity_config": dict,
+    "target_params": list,
+    "layout": dict,
+    "aliases": dict,
 }
 
 

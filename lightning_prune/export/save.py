@@ -91,10 +91,7 @@ def _refuse_non_finite(state: dict[str, torch.Tensor]) -> None:
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(
-                f"{name!r} holds {bad} NaN or Inf value(s) of {tensor.numel()}; save_sparse refuses to write a "
-                "non-finite model (check the training run that produced it)"
-            )
+            raise ValueError(f"{name!r} holds {bad} NaN or Inf value(s) of {tensor.numel()}; save_sparse refuses to write a non-finite model (check the training run that produced it)")
 
 
 def _aliases(state: dict[str, torch.Tensor], prefer: set[str]) -> dict[str, str]:
@@ -110,9 +107,7 @@ def _aliases(state: dict[str, torch.Tensor], prefer: set[str]) -> dict[str, str]
     return aliases
 
 
-def _compressed_tensors(
-    state: dict[str, torch.Tensor], pairs: Sequence[tuple[PruneTarget, torch.Tensor]], format: str
-) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+def _compressed_tensors(state: dict[str, torch.Tensor], pairs: Sequence[tuple[PruneTarget, torch.Tensor]], format: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """Replace each targeted weight by its packed tensors; returns (tensors, layout of reshaped weights)."""
     tensors = dict(state)
     layout = {}
@@ -134,7 +129,10 @@ def _compressed_tensors(
 
 
 def _write_weights(
-    model: nn.Module, work: Path, state: dict[str, torch.Tensor], pairs: list[tuple[PruneTarget, torch.Tensor]],
+    model: nn.Module,
+    work: Path,
+    state: dict[str, torch.Tensor],
+    pairs: list[tuple[PruneTarget, torch.Tensor]],
     format: str,
 ) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
     """Write the weights file(s); returns (tied-weight aliases, layout of reshaped packed weights)."""
@@ -224,15 +222,18 @@ def save_sparse(
             _write_hf_config(model, work, sparsity_config, compressed=format != "dense")
         if tokenizer is not None:
             tokenizer.save_pretrained(work)
-        write_manifest(work, {
-            "format": format,
-            "huggingface": huggingface,
-            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-            "sparsity_config": sparsity_config,
-            "target_params": [t.name for t in chosen],
-            "layout": layout,
-            "aliases": aliases,
-        })
+        write_manifest(
+            work,
+            {
+                "format": format,
+                "huggingface": huggingface,
+                "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+                "sparsity_config": sparsity_config,
+                "target_params": [t.name for t in chosen],
+                "layout": layout,
+                "aliases": aliases,
+            },
+        )
         replace_directory(work, destination)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

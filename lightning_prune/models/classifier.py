@@ -18,16 +18,22 @@ def build_digits_net(arch: str = "mlp", hidden: int = 256, num_classes: int = 10
     """A small MLP or CNN for flat 8×8 digit images (64 features); the last layer is `classifier`."""
     if arch == "mlp":
         layers = [
-            ("fc1", nn.Linear(64, hidden)), ("act1", nn.ReLU()),
-            ("fc2", nn.Linear(hidden, hidden)), ("act2", nn.ReLU()),
+            ("fc1", nn.Linear(64, hidden)),
+            ("act1", nn.ReLU()),
+            ("fc2", nn.Linear(hidden, hidden)),
+            ("act2", nn.ReLU()),
         ]
     elif arch == "cnn":
         layers = [
             ("unflatten", nn.Unflatten(1, (1, 8, 8))),
-            ("conv1", nn.Conv2d(1, 32, 3, padding=1)), ("act1", nn.ReLU()),
-            ("conv2", nn.Conv2d(32, 64, 3, padding=1)), ("act2", nn.ReLU()),
-            ("pool", nn.MaxPool2d(2)), ("flatten", nn.Flatten()),
-            ("fc1", nn.Linear(64 * 4 * 4, hidden)), ("act3", nn.ReLU()),
+            ("conv1", nn.Conv2d(1, 32, 3, padding=1)),
+            ("act1", nn.ReLU()),
+            ("conv2", nn.Conv2d(32, 64, 3, padding=1)),
+            ("act2", nn.ReLU()),
+            ("pool", nn.MaxPool2d(2)),
+            ("flatten", nn.Flatten()),
+            ("fc1", nn.Linear(64 * 4 * 4, hidden)),
+            ("act3", nn.ReLU()),
         ]
     else:
         raise ValueError(f"`arch` must be one of {ARCHITECTURES}, got {arch!r}")

@@ -124,7 +124,16 @@ def _identity(stats: list[Statistic]) -> None:
     """Default `reduce_stats`: one process, nothing to combine."""
 
 
-def owl_block_sparsities(model: nn.Module, batches: list[Batch], per_block: Mapping[str, Sequence[PruneTarget]], sparsity: float, reduce_stats: Callable[[list[Statistic]], None], threshold: float, lam: float, **driver: Any) -> dict[str, float]:
+def owl_block_sparsities(
+    model: nn.Module,
+    batches: list[Batch],
+    per_block: Mapping[str, Sequence[PruneTarget]],
+    sparsity: float,
+    reduce_stats: Callable[[list[Statistic]], None],
+    threshold: float,
+    lam: float,
+    **driver: Any,
+) -> dict[str, float]:
     """A dense calibration pass that measures each block's Wanda outlier ratio, then OWL sparsities."""
     ratios: dict[str, float] = {}
 

@@ -107,7 +107,6 @@ def find_blocks(model: nn.Module, blocks: str | nn.ModuleList | Sequence[str | n
     return stacks
 
 
-
 def find_block_stack(model: nn.Module, blocks: str | nn.ModuleList | None = None) -> Stack:
     """The one block stack of `model` (structured pruning and layer indices need exactly one).
 
@@ -117,6 +116,7 @@ def find_block_stack(model: nn.Module, blocks: str | nn.ModuleList | None = None
     if len(stacks) != 1:
         raise ValueError(f"{type(model).__name__} has {len(stacks)} block stacks {[name for name, _ in stacks]}; name the one to use with `blocks=`")
     return stacks[0]
+
 
 def call_model(model: nn.Module, batch: Batch) -> Any:
     """Default forward of a calibration batch: dicts as keyword arguments (only the ones `forward`

@@ -34,10 +34,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01, attemp
             if bool((info == 0) & torch.isfinite(upper).all()):  # one host sync for both checks
                 return upper
         damp *= 10.0
-    raise ValueError(
-        f"SparseGPT: the Hessian is not positive definite even with damping {damp / 10:g}·mean(diag H) "
-        f"(from `percdamp`={percdamp}); use more calibration samples or a larger `percdamp`"
-    )
+    raise ValueError(f"SparseGPT: the Hessian is not positive definite even with damping {damp / 10:g}·mean(diag H) (from `percdamp`={percdamp}); use more calibration samples or a larger `percdamp`")
 
 
 @torch.no_grad()
