@@ -200,10 +200,58 @@ def export_standins(pretrained: dict[str, Path]) -> dict[str, Any]:
     return {"model": model, "tokenizer": AutoTokenizer.from_pretrained(pretrained["model"])}
 
 
+def reconstruct_standins(pretrained: dict[str, Path]) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from lightning_prune import prune_oneshot
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 250, (2, 16), generator=generator)} for _ in range(2)]
+    return {"model": AutoModelForCausalLM.from_pretrained(pretrained["model"]), "batches": batches, "prune_oneshot": prune_oneshot}
+
+
+def check_reconstructed(namespace: dict[str, Any], directory: Path) -> None:
+    check_two_of_four(namespace, directory)
+    assert namespace["report"].global_sparsity == pytest.approx(0.5)
+
+
+def distill_standins(pretrained: dict[str, Path]) -> dict[str, Any]:
+    import lightning.pytorch as pl
+
+    from lightning_prune import KnowledgeDistillation, OneShotPruning
+
+    return {**callbacks_standins(pretrained), "pl": pl, "OneShotPruning": OneShotPruning, "KnowledgeDistillation": KnowledgeDistillation}
+
+
+def check_distilled(namespace: dict[str, Any], directory: Path) -> None:
+    distill = namespace["callbacks"][1]
+    assert distill.teacher is not None and not any(p.requires_grad for p in distill.teacher.parameters())
+    weight = namespace["module"].model.model.layers[0].mlp.up_proj.weight
+    assert max_nonzeros_per_group(weight.detach(), 4) == 2
+
+
+def structured_standins(pretrained: dict[str, Path]) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    # 4 key/value heads (of 8 query heads), so 25% of the heads is one whole GQA group.
+    config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, vocab_size=64, max_position_embeddings=32)
+    generator = torch.Generator().manual_seed(0)
+    return {"model": AutoModelForCausalLM.from_config(config), "batches": [{"input_ids": torch.randint(0, 64, (2, 16), generator=generator)} for _ in range(2)]}
+
+
+def check_compacted(namespace: dict[str, Any], directory: Path) -> None:
+    config = namespace["small"].config
+    assert (config.num_hidden_layers, config.intermediate_size, config.num_attention_heads, config.num_key_value_heads) == (2, 48, 6, 3)
+
+
 # A distinctive line of each Python block -> (stand-ins, check after it ran).
 PYTHON_BLOCKS: dict[str, tuple[Callable[[dict[str, Path]], dict[str, Any]], Callable[[dict[str, Any], Path], None]]] = {
     "pruning = GradualPruning(": (digits_standins, check_one_callback),
-    "report = prune_oneshot(model, batches": (oneshot_standins, check_two_of_four),
+    "peft_model = attach_lora(model, r=8, alpha=16)": (oneshot_standins, check_two_of_four),
+    "reconstruct=True, reconstruct_steps=100": (reconstruct_standins, check_reconstructed),
+    'KnowledgeDistillation(alpha=0.0, loss="cosine")': (distill_standins, check_distilled),
+    "small = compact(model)": (structured_standins, check_compacted),
     "LoRARecovery(r=8, alpha=16, lr=2e-3)": (callbacks_standins, check_export),
     'model = load_sparse("export/")': (export_standins, check_two_of_four),
 }
@@ -213,7 +261,7 @@ def test_every_python_block_is_run_below() -> None:
     assert [sum(key in block for key in PYTHON_BLOCKS) for block in PYTHON] == [1] * len(PYTHON)
 
 
-@pytest.mark.parametrize("key", [slow_if("LoRA" in key, key) for key in PYTHON_BLOCKS])
+@pytest.mark.parametrize("key", [slow_if("LoRA" in key or "Distillation" in key, key) for key in PYTHON_BLOCKS])
 def test_python_block_runs(key: str, pretrained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     (block,) = [block for block in PYTHON if key in block]
     monkeypatch.chdir(tmp_path)
