@@ -231,6 +231,17 @@ def finalize(model: nn.Module) -> nn.Module:
     return model
 
 
+def _name_nan_scores(targets: Sequence[PruneTarget], scores: Mapping[str, torch.Tensor], error: ValueError) -> None:
+    """After a failed selection: raise a ValueError naming the first target whose scores hold NaN."""
+    for target in targets:
+        if bool(torch.isnan(scores[target.name]).any()):
+            bad = int(torch.isnan(target.weight).sum())
+            raise ValueError(
+                f"the scores of {target.name!r} contain NaN ({bad} of its {target.weight.numel()} weights are NaN); "
+                "the model diverged before this prune step: lower the learning rate or check the inputs"
+            ) from error
+
+
 def update_masks(
     targets: Sequence[PruneTarget],
     scores: Mapping[str, torch.Tensor],
@@ -248,18 +259,16 @@ def update_masks(
     matrices: dict[str, torch.Tensor] = {}
     pruned: dict[str, torch.Tensor] = {}
     for target in targets:
-        if bool(torch.isnan(scores[target.name]).any()):
-            bad = int(torch.isnan(target.weight).sum())
-            raise ValueError(
-                f"the scores of {target.name!r} contain NaN ({bad} of its {target.weight.numel()} weights are NaN); "
-                "the model diverged before this prune step: lower the learning rate or check the inputs"
-            )
         current = get_mask(target.module, target.param_name)
         names = target.matrix_names()
         matrices.update(zip(names, target.matrices(scores[target.name])))
         if monotone and current is not None:
             pruned.update(zip(names, (~m for m in target.matrices(current))))
-    selected = select_masks(matrices, sparsity, scope=scope, pattern=pattern, pruned=pruned)
+    try:  # selection checks every layer's scores for NaN once (one host sync per layer)
+        selected = select_masks(matrices, sparsity, scope=scope, pattern=pattern, pruned=pruned)
+    except ValueError as error:
+        _name_nan_scores(targets, scores, error)
+        raise
     masks = {}
     for target in targets:
         names = target.matrix_names()
