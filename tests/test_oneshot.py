@@ -338,4 +338,4 @@ def test_mismatched_calibration_shapes_name_the_batch() -> None:
 
     batches = [torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 9)]
     with pytest.raises(ValueError, match=r"calibration batch 2 \(tensor \(2, 9\)\) failed in the model's forward: .*"):
-        prune_oneshot(Blocks(), batches, method="wanda", progress=False)
+        prune_oneshot(Blocks(), batches, method="wanda", blocks="layers", progress=False)

@@ -178,7 +178,7 @@ def test_missed_target_is_warned_and_recorded(tmp_path: Path) -> None:
     assert results["target_sparsity"] == 0.9 and results["global_sparsity"] < 0.9
     stored = json.loads((tmp_path / "results.json").read_text())
     kinds = [entry["kind"] for entry in stored["warnings"]]
-    assert kinds == ["probe", "sparsity_below_target"]
+    assert kinds == ["sparsity_shortfall", "probe", "sparsity_below_target"]  # GradualPruning's, the probe's, the run's
 
 
 def test_package_warnings_are_recorded_and_still_shown() -> None:
