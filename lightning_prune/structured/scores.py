@@ -61,7 +61,7 @@ class StructuredScore:
 
     def score(self, group: GroupSet, stats: Mapping[str, TokenStatistic]) -> torch.Tensor:
         """Importance of each of the group's `count` units."""
-        raise NotImplementedError(f"{type(self).__name__} does not score groups")
+        raise TypeError(f"{type(self).__name__} must define `score` (it does not score groups)")
 
     def check(self, group: GroupSet) -> None:
         """Raise a `ValueError` before pruning when this score cannot handle `group`."""
