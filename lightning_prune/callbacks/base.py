@@ -224,6 +224,12 @@ class MaskingCallback(Callback):
             metrics.update({f"prune/layer/{name}": value for name, value in self.layer_sparsity.items()})
         pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
 
+    @property
+    def prunes_units(self) -> bool:
+        """True when `sparsity` is a fraction of whole units (neurons, heads, filters), not of
+        weights: the model's zero fraction then says nothing about the target."""
+        return self.structured is not None
+
     def masks(self) -> dict[str, torch.Tensor]:
         """This callback's current keep-masks by qualified parameter name."""
         if self.structured is not None and self._pl_module is not None:

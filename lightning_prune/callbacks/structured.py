@@ -87,8 +87,14 @@ class StructuredPruning(MaskingCallback):
         batches = take_samples(source, self.num_samples)
         self.report = prune_structured(pl_module, batches, targets=self.target_patterns, ignore=self.ignore, blocks=self.blocks, device=pl_module.device, progress=self.progress, **self.options)
         self.current_sparsity = 1.0 - self.report.parameter_ratio
+        self.reached_sparsity = self.sparsity  # the unit fractions were met (rounding is in the report's notes)
         self.pruned = True
         return self.report
+
+    @property
+    def prunes_units(self) -> bool:
+        """Always: `sparsity` (`mlp_sparsity`) is a fraction of whole units."""
+        return True
 
     def masks(self) -> dict[str, torch.Tensor]:
         return get_masks(self._pl_module) if self._pl_module is not None else {}

@@ -77,8 +77,11 @@ class RunRecord:
 
 
 def target_sparsity(callbacks: Iterable[Any]) -> float | None:
-    """The final sparsity the pruning-phase callbacks were asked for (the first one that has one)."""
+    """The final weight sparsity the pruning-phase callbacks were asked for (the first one that has
+    one); structured callbacks, whose sparsity counts whole units, compare no zero fraction."""
     for callback in callbacks:
+        if getattr(callback, "prunes_units", False):
+            continue
         value = getattr(callback, "sparsity", None)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
