@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_prune.callbacks.base import MaskingCallback
+from lightning_prune.callbacks.oneshot import fit_train_dataloader
 from lightning_prune.masking import get_masks
 from lightning_prune.oneshot.api import take_samples
 from lightning_prune.selection import check_sparsity
@@ -78,12 +79,7 @@ class StructuredPruning(MaskingCallback):
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> StructuredReport:
         """Run `prune_structured` on the module with this rank's calibration batches."""
-        source = self.calibration
-        if source is None:
-            datamodule = getattr(trainer, "datamodule", None)
-            if datamodule is None:
-                raise ValueError("`calibration`=None needs a fit with a datamodule (its train_dataloader gives the batches); pass `calibration`")
-            source = datamodule.train_dataloader()
+        source = self.calibration if self.calibration is not None else fit_train_dataloader(trainer)
         batches = take_samples(source, self.num_samples)
         self.report = prune_structured(pl_module, batches, targets=self.target_patterns, ignore=self.ignore, blocks=self.blocks, device=pl_module.device, progress=self.progress, **self.options)
         self.current_sparsity = 1.0 - self.report.parameter_ratio

@@ -42,11 +42,15 @@ def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     return per_row.mean() * temperature**2
 
 
+def _valid_pair(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The valid tokens' (student, teacher) feature rows in fp32, after checking the shapes match."""
+    _check_pair(student_hidden, teacher_hidden)
+    return _valid_rows(student_hidden, attention_mask).float(), _valid_rows(teacher_hidden, attention_mask).float()
+
+
 def hidden_mse_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error over the valid tokens' features (fp32)."""
-    _check_pair(student_hidden, teacher_hidden)
-    student = _valid_rows(student_hidden, attention_mask).float()
-    teacher = _valid_rows(teacher_hidden, attention_mask).float()
+    student, teacher = _valid_pair(student_hidden, teacher_hidden, attention_mask)
     if student.shape[0] == 0:
         return student_hidden.sum() * 0.0
     return F.mse_loss(student, teacher)
@@ -54,9 +58,7 @@ def hidden_mse_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, 
 
 def hidden_cosine_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the valid tokens of 1 − cos(student, teacher) along the feature dimension (fp32)."""
-    _check_pair(student_hidden, teacher_hidden)
-    student = _valid_rows(student_hidden, attention_mask).float()
-    teacher = _valid_rows(teacher_hidden, attention_mask).float()
+    student, teacher = _valid_pair(student_hidden, teacher_hidden, attention_mask)
     if student.shape[0] == 0:
         return student_hidden.sum() * 0.0
     return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
