@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,11 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_prune.callbacks.lora import wrapped_network
+from lightning_prune.masking import get_masks
+from lightning_prune.recovery.compat import check_teacher_fits, resolve_layers
 from lightning_prune.recovery.losses import DISTILL_LOSSES, distill_loss, mix_losses
-from lightning_prune.recovery.teacher import Call, OutputCapture, freeze, frozen_copy, main_output, resolve_layers, run_teacher
-
-TEACHER_DTYPES = (None, "float32", "bfloat16", "float16")
+from lightning_prune.recovery.teacher import Call, OutputCapture, freeze, frozen_copy, main_output, place_teacher, resolve_teacher_device, resolve_teacher_dtype, run_teacher
+from lightning_prune.validation import check_number
 
 
 class KnowledgeDistillation(Callback):
@@ -31,12 +33,25 @@ class KnowledgeDistillation(Callback):
 
     The student is `pl_module.<student_attr>` (default: `pl_module.model` when it is a module, else
     `pl_module`). Hooks on it capture the inputs and outputs of every call that `training_step`
-    makes; the teacher runs on the same inputs (inside the same autocast, so AMP applies to both)
-    and the KD loss is mixed into what `training_step` returns. KD is `loss="kl"` on logits with
-    `temperature`, or `"mse"` / `"cosine"` on hidden states: the last hidden state (or logits) when
-    `layers` is None, else the outputs of `layers` (block indices of the model's block list, or
-    module names). Padding positions (attention_mask == 0) are ignored. With `alpha=0` the task
-    loss is ignored, so `training_step` may return None (no labels needed).
+    makes; the teacher runs on the same inputs and the KD loss is mixed into what `training_step`
+    returns (automatic optimization only). KD is `loss="kl"` on logits with `temperature`, or
+    `"mse"` / `"cosine"` on hidden states: the last hidden state (or logits) when `layers` is None,
+    else the outputs of `layers` (block indices of the model's block list, or module names).
+    Padding positions (attention_mask == 0) are ignored. With `alpha=0` the task loss is ignored,
+    so `training_step` may return None (no labels needed).
+
+    Precision and placement: on the student's device the teacher runs inside the step's autocast
+    (AMP applies to both; "16-mixed" on CPU is bf16 in Lightning 2.6). `teacher_device="cpu"`
+    keeps it off the accelerator: it then runs in its own dtype, its inputs are moved to it and
+    its outputs back. `teacher_dtype` ("bfloat16", or the torch dtype) halves its memory. The
+    losses compute in fp32 whatever the two dtypes are.
+
+    Checks before training (`preflight`, and again in `setup`): `layers` name modules of the
+    student (the error lists the valid names), a given teacher shares no parameter with the
+    student and has its `vocab_size` (and `hidden_size` for hidden-state losses). A student
+    compacted by structured pruning still distills logits and block outputs (hidden size
+    unchanged); a named layer whose width changed raises on the first step, and `layers` are
+    refused when blocks were dropped (an index no longer means the same block).
 
     How the loss is changed: Lightning 2.6 has no public hook that replaces the training loss, so
     on `on_train_start` this callback sets an instance attribute `pl_module.training_step` that
@@ -45,7 +60,11 @@ class KnowledgeDistillation(Callback):
 
     Checkpoints: `alpha`, `temperature`, `loss` and the teacher's weights (when it is a copy or a
     given module; a teacher given as a path is reloaded from the path), so a resumed fit distills
-    from the same dense teacher even after the model was pruned.
+    from the same dense teacher even after the model was pruned (Lightning calls `setup`, which
+    copies the model as passed to fit, before it loads the checkpoint; the saved teacher then
+    replaces that copy). A checkpoint without this callback's state leaves that copy as the
+    teacher, and a copy of a model that already has masks is a pruned teacher: both are warned
+    about and kept in `warnings_recorded`.
 
     Example YAML (`conf/distill/kd.yaml`)::
 
@@ -56,7 +75,7 @@ class KnowledgeDistillation(Callback):
         layers: null          # null = logits / last hidden state; or block indices / module names
         teacher: null         # null = frozen copy of the model at setup; or a local model directory
         teacher_device: null  # null = the student's device; "cpu" saves accelerator memory
-        teacher_dtype: null   # null = as loaded; "bfloat16" halves the teacher's memory
+        teacher_dtype: null   # null = as loaded; bfloat16 | float16 | float32 ("bfloat16" halves the memory)
         student_attr: null    # attribute of the LightningModule that is the student; null = `model` or the module
     """
 
@@ -67,30 +86,29 @@ class KnowledgeDistillation(Callback):
         loss: str = "kl",
         layers: Sequence[int | str] | None = None,
         teacher: nn.Module | str | None = None,
-        teacher_device: str | None = None,
-        teacher_dtype: str | None = None,
+        teacher_device: str | torch.device | None = None,
+        teacher_dtype: str | torch.dtype | None = None,
         student_attr: str | None = None,
     ) -> None:
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"`alpha` must be in [0, 1], got {alpha}")
-        if temperature <= 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature}")
+        self.alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
+        self.temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
         if loss not in DISTILL_LOSSES:
             raise ValueError(f"`loss` must be one of {DISTILL_LOSSES}, got {loss!r}")
         if loss == "kl" and layers is not None:
             raise ValueError(f"`loss`='kl' compares logits; `layers`={layers!r} needs loss='mse' or 'cosine'")
         if teacher is not None and not isinstance(teacher, (nn.Module, str, Path)):
             raise ValueError(f"`teacher` must be None, an nn.Module or a model directory, got {type(teacher).__name__}")
-        if teacher_dtype not in TEACHER_DTYPES:
-            raise ValueError(f"`teacher_dtype` must be one of {TEACHER_DTYPES}, got {teacher_dtype!r}")
-        self.alpha, self.temperature, self.loss = float(alpha), float(temperature), loss
+        self.loss = loss
         self.layers = list(layers) if layers is not None else None
         self.teacher_source = teacher
-        self.teacher_device = torch.device(teacher_device) if teacher_device else None
-        self.teacher_dtype = getattr(torch, teacher_dtype) if teacher_dtype else None
+        self.teacher_device = resolve_teacher_device(teacher_device)
+        self.teacher_dtype = resolve_teacher_dtype(teacher_dtype)
         self.student_attr = student_attr
         self.teacher: nn.Module | None = None
+        self.warnings_recorded: list[dict[str, Any]] = []
         self._restored_teacher: dict[str, torch.Tensor] = {}
+        self._copied_from: str | None = None  # set when this fit copied the student: "dense" or "pruned"
+        self._restored = False
         self._capture: OutputCapture | None = None
         self._layer_names: list[str] = []
         self._pl_module: pl.LightningModule | None = None
@@ -100,10 +118,11 @@ class KnowledgeDistillation(Callback):
         return self._generate_state_key(loss=self.loss, layers=str(self.layers))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.teacher is None:
-            self.take_teacher(trainer, pl_module)
+        if stage == "fit":
+            self.prepare(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.warn_about_the_copy(resuming=trainer.ckpt_path is not None)
         self.attach(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -119,40 +138,81 @@ class KnowledgeDistillation(Callback):
             raise ValueError(f"`student_attr`={self.student_attr!r} names no nn.Module of {type(pl_module).__name__}")
         return found
 
+    def preflight(self, pl_module: nn.Module, trainer: pl.Trainer | None = None) -> None:
+        """Before any training: the student exists, `layers` name its modules, and a given teacher fits it."""
+        student = self.student(pl_module)  # type: ignore[arg-type]
+        self._layer_names = resolve_layers(student, self.layers)
+        if isinstance(self.teacher_source, nn.Module):
+            check_teacher_fits(student, self.teacher_source, self.loss, self._layer_names)
+        elif self.teacher_source is not None and not (Path(self.teacher_source) / "config.json").is_file():
+            raise ValueError(f"`teacher`={str(self.teacher_source)!r} must be a local model directory with config.json (from save_pretrained)")
+
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Preflight, the teacher (taken once: a later fit with this callback keeps it), and its fit to the student."""
+        self.preflight(pl_module)
+        self._copied_from, self._restored = None, False
+        if self.teacher is None:
+            self.take_teacher(trainer, pl_module)
+        assert self.teacher is not None
+        check_teacher_fits(self.student(pl_module), self.teacher, self.loss, self._layer_names)
+
     def take_teacher(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the frozen teacher: a copy of the student now, the given module, or one loaded from a path."""
         student = self.student(pl_module)
         if self.teacher_source is None:
-            self.teacher = frozen_copy(student, share=(trainer,))
+            self._copied_from = "pruned" if get_masks(student) else "dense"
+            teacher = frozen_copy(student, share=(trainer,))
         elif isinstance(self.teacher_source, nn.Module):
-            self.teacher = freeze(self.teacher_source)
+            teacher = freeze(self.teacher_source)
         else:
-            self.teacher = freeze(self._load_teacher(student, Path(self.teacher_source)))
+            teacher = freeze(self._load_teacher(student, Path(self.teacher_source)))
         if self._restored_teacher:
-            self.teacher.load_state_dict(self._restored_teacher)
-            self._restored_teacher = {}
-        if self.teacher_dtype is not None:
-            self.teacher.to(self.teacher_dtype)
+            teacher.load_state_dict(self._restored_teacher)
+            self._restored_teacher, self._restored = {}, True
+        self.teacher = place_teacher(teacher, self.teacher_device, self.teacher_dtype)
 
     @staticmethod
     def _load_teacher(student: nn.Module, path: Path) -> nn.Module:
         loader = getattr(type(student), "from_pretrained", None)
-        if loader is None or not (path / "config.json").is_file():
-            raise ValueError(f"`teacher`={str(path)!r} must be a local model directory (with config.json) for {type(student).__name__}.from_pretrained")
+        if loader is None:
+            raise ValueError(f"`teacher`={str(path)!r} is a path, but the student {type(student).__name__} has no `from_pretrained` to load it; pass the module")
         teacher: nn.Module = loader(str(path), local_files_only=True)
         return teacher
+
+    def warn_about_the_copy(self, resuming: bool) -> None:
+        """Say (and record) when the copied teacher is not the dense model the run expects."""
+        if self._copied_from is None or self._restored:
+            return
+        if resuming:
+            self.record_warning(
+                "teacher_not_in_checkpoint",
+                "KnowledgeDistillation: the checkpoint holds no teacher for this callback, so the teacher is a copy of the "
+                "model as passed to fit, before the checkpoint's weights were loaded; pass `teacher=` to choose it",
+            )
+        elif self._copied_from == "pruned":
+            self.record_warning(
+                "pruned_teacher",
+                "KnowledgeDistillation: the model already had pruning masks at fit start, so the teacher is a copy of the "
+                "pruned model, not of the dense one; pass `teacher=` the dense model (or its directory)",
+            )
+
+    def record_warning(self, kind: str, message: str) -> None:
+        """Warn (UserWarning) and keep the warning in `warnings_recorded` for the run's results."""
+        warnings.warn(message, UserWarning, stacklevel=2)
+        self.warnings_recorded.append({"kind": kind, "message": message})
 
     def attach(self, pl_module: pl.LightningModule) -> None:
         """Hook the student, move the teacher to its device, and wrap `pl_module.training_step`."""
         if self.teacher is None:
             raise ValueError("KnowledgeDistillation has no teacher: it is taken in `setup(stage='fit')`; run it inside Trainer.fit")
-        student = self.student(pl_module)
-        self._layer_names = resolve_layers(student, self.layers)
-        missing = [name for name in self._layer_names if name not in dict(self.teacher.named_modules())]
-        if missing:
-            raise ValueError(f"`layers` {missing} exist in the student but not in the teacher {type(self.teacher).__name__}")
-        self.teacher.to(self.teacher_device or pl_module.device)
-        self._capture = OutputCapture(student, self._layer_names).attach()
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                f"KnowledgeDistillation adds its loss to what training_step returns, but {type(pl_module).__name__} uses manual "
+                "optimization (automatic_optimization=False), which ignores it; call `recovery.distill_loss` in your training_step instead"
+            )
+        if self.teacher_device is None:
+            self.teacher.to(pl_module.device)
+        self._capture = OutputCapture(self.student(pl_module), self._layer_names).attach()
         self._pl_module = pl_module
         original = type(pl_module).training_step.__get__(pl_module)
         pl_module.training_step = functools.wraps(original)(functools.partial(self._distilled_step, original))  # type: ignore[method-assign]
@@ -194,8 +254,18 @@ class KnowledgeDistillation(Callback):
         taught = run_teacher(self.teacher, call, self._layer_names, device, self.teacher_dtype)
         mask = call.kwargs.get("attention_mask")
         prefer = ("logits",) if self.loss == "kl" else ("last_hidden_state", "logits")
-        pairs = [(call.layers[name], taught.layers[name]) for name in self._layer_names] or [(main_output(call.output, prefer), main_output(taught.output, prefer))]
-        losses = [distill_loss(self.loss, s, t.to(s.device), self.temperature, mask) for s, t in pairs]
+        pairs = [(f"`{name}`", call.layers[name], taught.layers[name]) for name in self._layer_names]
+        pairs = pairs or [("output", main_output(call.output, prefer), main_output(taught.output, prefer))]
+        losses = []
+        for what, student, teacher in pairs:
+            if student.shape != teacher.shape:
+                raise ValueError(
+                    f"the student's {what} has shape {tuple(student.shape)} and the `teacher`'s {tuple(teacher.shape)}: `loss`={self.loss!r} "
+                    "compares equal shapes (a compacted student's narrower layers have no counterpart; use `layers` whose width "
+                    "did not change, such as block outputs, or loss='kl' on logits)"
+                )
+            # Both sides go to the student's device; the losses compute in fp32 whatever the two dtypes are.
+            losses.append(distill_loss(self.loss, student, teacher.to(student.device), self.temperature, mask))
         return torch.stack(losses).mean()
 
     def state_dict(self) -> dict[str, Any]:
@@ -207,6 +277,7 @@ class KnowledgeDistillation(Callback):
         self.alpha = float(state_dict.get("alpha", self.alpha))
         self.temperature = float(state_dict.get("temperature", self.temperature))
         saved = dict(state_dict.get("teacher", {}))
+        self._restored = bool(state_dict.get("teacher_taken", False))
         if saved and self.teacher is not None:  # restored after `setup`: the usual order
             self.teacher.load_state_dict(saved)
         else:

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.masking import remove_masks
-from lightning_prune.oneshot.driver import find_block_stack, to_device
+from lightning_prune.oneshot.driver import to_device
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -29,23 +29,41 @@ def frozen_copy(module: nn.Module, share: Iterable[object] = ()) -> nn.Module:
     return freeze(teacher)
 
 
-def resolve_layers(model: nn.Module, layers: Sequence[int | str] | None) -> list[str]:
-    """Module names of the layers to distill: integers index the model's blocks (`find_block_stack`; -1 is the last)."""
-    if layers is None:
-        return []
-    modules = dict(model.named_modules())
-    names = []
-    for layer in layers:
-        if isinstance(layer, int) and not isinstance(layer, bool):
-            blocks_name, blocks = find_block_stack(model)
-            if not -len(blocks) <= layer < len(blocks):
-                raise ValueError(f"`layers` entry {layer} is out of range for the {len(blocks)} blocks of `{blocks_name}`")
-            names.append(f"{blocks_name}.{layer % len(blocks)}")
-        elif isinstance(layer, str) and layer in modules:
-            names.append(layer)
-        else:
-            raise ValueError(f"`layers` entries must be block indices or module names of the model, got {layer!r}")
-    return names
+TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_teacher_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """`teacher_dtype` as a torch dtype: None, a name from Hydra ("bfloat16") or the dtype itself."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype) and value in TEACHER_DTYPES.values():
+        return value
+    if isinstance(value, str) and value in TEACHER_DTYPES:
+        return TEACHER_DTYPES[value]
+    raise ValueError(f"`teacher_dtype` must be None, one of {list(TEACHER_DTYPES)} or that torch dtype, got {value!r}")
+
+
+def resolve_teacher_device(value: str | torch.device | None) -> torch.device | None:
+    """`teacher_device` as a torch device (None: the student's device, known at train start)."""
+    if value is None:
+        return None
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"`teacher_device` must be None or a torch device such as 'cpu' or 'cuda:0', got {value!r}") from error
+
+
+def place_teacher(teacher: nn.Module, device: torch.device | None, dtype: torch.dtype | None) -> nn.Module:
+    """`teacher` cast to `dtype` and moved to `device` (each when given); a device that cannot be used is a
+    ValueError naming `teacher_device`."""
+    if dtype is not None:
+        teacher.to(dtype)
+    if device is not None:
+        try:
+            teacher.to(device)
+        except (RuntimeError, AssertionError) as error:  # torch raises AssertionError for CUDA in a CPU-only build
+            raise ValueError(f"`teacher_device`={str(device)!r} cannot hold the teacher: {error}") from error
+    return teacher
 
 
 def first_tensor(output: Any) -> torch.Tensor:
