@@ -208,3 +208,22 @@ def test_kd_loss_on_a_pruned_student_matches_the_hand_computed_loss() -> None:
     recorder = StepRecorder()
     make_trainer(max_steps=1, callbacks=[KnowledgeDistillation(alpha=0.0, teacher=teacher), recorder]).fit(module)
     assert float(expected) > 0.01 and recorder.losses[0] == pytest.approx(float(expected), rel=1e-5)
+
+
+class ManualLM(TinyCausalLM):
+    """Manual optimization: Lightning ignores what training_step returns."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.model(input_ids=batch, labels=batch).loss
+        self.manual_backward(loss)
+        self.optimizers().step()  # type: ignore[union-attr]
+        return loss
+
+
+def test_manual_optimization_is_refused_since_the_distillation_loss_would_be_ignored() -> None:
+    with pytest.raises(ValueError, match="manual optimization"):
+        make_trainer(max_steps=1, callbacks=[KnowledgeDistillation(alpha=0.5)]).fit(ManualLM(tiny_llama()))
