@@ -38,9 +38,10 @@ def valid_layer_names(model: nn.Module) -> list[str]:
 def _unknown_layer(model: nn.Module, layer: object) -> ValueError:
     valid = valid_layer_names(model)
     close = difflib.get_close_matches(str(layer), [name for name, _ in model.named_modules() if name], n=3, cutoff=0.6)
-    stacks = ", ".join(f"0..{count - 1} (or negative) of `{name}`" for name, count in block_stacks(model)) or "none (no block stack)"
+    stacks = ", ".join(f"0..{count - 1} (or negative) of `{name}`" for name, count in block_stacks(model))
+    indices = f"block indices {stacks} (`<i>` below), or " if stacks else "(no block stack, so no block indices) "
     hint = f" Did you mean {close}?" if close else ""
-    return ValueError(f"`layers` entry {layer!r} is not a module of {type(model).__name__}.{hint} Valid: block indices {stacks}, or module names {valid}")
+    return ValueError(f"`layers` entry {layer!r} is not a module of {type(model).__name__}.{hint} Valid: {indices}module names {valid}")
 
 
 def resolve_layers(model: nn.Module, layers: Sequence[int | str] | None) -> list[str]:
