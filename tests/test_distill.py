@@ -181,3 +181,16 @@ def test_llama_gmp_distill_recipe_reaches_70_percent_with_a_dense_teacher(tmp_pa
     results = run(cfg)
     assert results["global_sparsity"] == pytest.approx(0.7, abs=1e-3)
     assert 1.0 < results["after"]["val/ppl"] < float("inf")
+
+
+def test_a_recipe_with_unknown_distillation_layers_fails_at_preflight_before_the_dense_phase(tmp_path: Path) -> None:
+    import json
+
+    from lightning_prune.run import run
+    from tests.conftest import compose_config
+
+    cfg = compose_config("llama_gmp_distill", tmp_path, "callbacks.distill.loss=mse", "callbacks.distill.layers=[model.layers.0.mlp.up_prj]", "plots=false", "data.seq_len=16", "data.vocab_size=300")
+    with pytest.raises(ValueError, match=r"`layers` entry 'model.layers.0.mlp.up_prj'.*Did you mean \['model.layers.0.mlp.up_proj'"):
+        run(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "failed" and results["failed_phase"] == "preflight"

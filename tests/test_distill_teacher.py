@@ -104,6 +104,13 @@ def test_a_cpu_teacher_distills_a_cuda_student(precision: str) -> None:
         assert torch.all(module.model.get_parameter(name)[~mask] == 0), name
 
 
+@CUDA
+def test_a_teacher_that_follows_the_student_leaves_the_accelerator_with_it() -> None:
+    module, distill = TinyCausalLM(tiny_llama()), KnowledgeDistillation(alpha=0.5)
+    make_trainer(max_steps=1, accelerator="gpu", devices=1, callbacks=[distill]).fit(module)
+    assert next(module.parameters()).device.type == "cpu" and {p.device.type for p in distill.teacher.parameters()} == {"cpu"}
+
+
 def test_bad_teacher_devices_and_dtypes_are_named() -> None:
     with pytest.raises(ValueError, match="`teacher_device`"):
         KnowledgeDistillation(teacher_device="gpu:x")

@@ -211,18 +211,21 @@ class KnowledgeDistillation(Callback):
                 "optimization (automatic_optimization=False), which ignores it; call `recovery.distill_loss` in your training_step instead"
             )
         if self.teacher_device is None:
-            self.teacher.to(pl_module.device)
+            self.teacher.to(torch.device("cpu"))
         self._capture = OutputCapture(self.student(pl_module), self._layer_names).attach()
         self._pl_module = pl_module
         original = type(pl_module).training_step.__get__(pl_module)
         pl_module.training_step = functools.wraps(original)(functools.partial(self._distilled_step, original))  # type: ignore[method-assign]
 
     def detach(self, pl_module: pl.LightningModule) -> None:
-        """Remove the hooks and the `training_step` wrapper."""
+        """Remove the hooks and the `training_step` wrapper; a teacher that follows the student goes to the
+        CPU, as Lightning's strategies move the module there at teardown (the next fit moves it back)."""
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
         pl_module.__dict__.pop("training_step", None)
+        if self.teacher is not None and self.teacher_device is None:
+            self.teacher.to(torch.device("cpu"))
 
     def _distilled_step(self, original: Any, *args: Any, **kwargs: Any) -> Any:
         assert self._capture is not None and self._pl_module is not None
