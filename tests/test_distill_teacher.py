@@ -163,6 +163,12 @@ def test_a_teacher_of_other_sizes_is_named_before_any_pruning(teacher_settings: 
     assert get_masks(module.model) == {}
 
 
+def test_a_teacher_directory_of_another_vocabulary_is_named_at_preflight_from_its_config(tmp_path: Path) -> None:
+    tiny_llama(vocab_size=64).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"`teacher` .* has vocab_size=64 but the student LlamaForCausalLM has vocab_size=48"):
+        KnowledgeDistillation(teacher=str(tmp_path)).preflight(TinyCausalLM(tiny_llama()))
+
+
 def test_a_wider_teacher_distills_logits() -> None:
     module, losses = TinyCausalLM(tiny_llama()), Losses()
     make_trainer(max_steps=2, callbacks=[KnowledgeDistillation(loss="kl", teacher=tiny_llama(hidden_size=48, intermediate_size=96)), losses]).fit(module)

@@ -12,10 +12,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
+from transformers import AutoConfig
 
 from lightning_prune.callbacks.lora import wrapped_network
 from lightning_prune.masking import get_masks
-from lightning_prune.recovery.compat import check_teacher_fits, resolve_layers
+from lightning_prune.recovery.compat import check_sizes, check_teacher_fits, resolve_layers
 from lightning_prune.recovery.losses import DISTILL_LOSSES, distill_loss, mix_losses
 from lightning_prune.recovery.teacher import Call, OutputCapture, freeze, frozen_copy, main_output, place_teacher, resolve_teacher_device, resolve_teacher_dtype, run_teacher
 from lightning_prune.validation import check_number
@@ -144,8 +145,11 @@ class KnowledgeDistillation(Callback):
         self._layer_names = resolve_layers(student, self.layers)
         if isinstance(self.teacher_source, nn.Module):
             check_teacher_fits(student, self.teacher_source, self.loss, self._layer_names)
-        elif self.teacher_source is not None and not (Path(self.teacher_source) / "config.json").is_file():
-            raise ValueError(f"`teacher`={str(self.teacher_source)!r} must be a local model directory with config.json (from save_pretrained)")
+        elif self.teacher_source is not None:
+            path = Path(self.teacher_source)
+            if not (path / "config.json").is_file():
+                raise ValueError(f"`teacher`={str(path)!r} must be a local model directory with config.json (from save_pretrained)")
+            check_sizes(student, AutoConfig.from_pretrained(str(path), local_files_only=True), str(path), self.loss)  # the config only: cheap
 
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Preflight, the teacher (taken once: a later fit with this callback keeps it), and its fit to the student."""

@@ -63,6 +63,16 @@ def resolve_layers(model: nn.Module, layers: Sequence[int | str] | None) -> list
     return names
 
 
+def check_sizes(student: nn.Module, teacher_config: object, teacher_name: str, loss: str) -> None:
+    """Raise when the teacher's config has another `vocab_size` (or, for "mse"/"cosine", `hidden_size`)
+    than the student's config; sizes either config lacks are not compared."""
+    keys = ("vocab_size", "hidden_size") if loss in ("mse", "cosine") else ("vocab_size",)
+    for key in keys:
+        ours, theirs = getattr(getattr(student, "config", None), key, None), getattr(teacher_config, key, None)
+        if isinstance(ours, int) and isinstance(theirs, int) and ours != theirs:
+            raise ValueError(f"`teacher` {teacher_name} has {key}={theirs} but the student {type(student).__name__} has {key}={ours}; `loss`={loss!r} needs them equal")
+
+
 def check_teacher_fits(student: nn.Module, teacher: nn.Module, loss: str, layer_names: Sequence[str]) -> None:
     """Raise a ValueError naming `teacher` (or `layers`) when the teacher cannot be compared with the student.
 
@@ -76,11 +86,7 @@ def check_teacher_fits(student: nn.Module, teacher: nn.Module, loss: str, layer_
     shared = {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
     if shared:
         raise ValueError(f"`teacher` shares {len(shared)} parameters with the student {type(student).__name__}: it would be pruned and trained with it; pass a separate copy")
-    keys = ("vocab_size", "hidden_size") if loss in ("mse", "cosine") else ("vocab_size",)
-    for key in keys:
-        ours, theirs = getattr(getattr(student, "config", None), key, None), getattr(getattr(teacher, "config", None), key, None)
-        if isinstance(ours, int) and isinstance(theirs, int) and ours != theirs:
-            raise ValueError(f"`teacher` {type(teacher).__name__} has {key}={theirs} but the student {type(student).__name__} has {key}={ours}; `loss`={loss!r} needs them equal")
+    check_sizes(student, getattr(teacher, "config", None), type(teacher).__name__, loss)
     if not layer_names:
         return
     missing = [name for name in layer_names if name not in dict(teacher.named_modules())]
