@@ -104,6 +104,22 @@ def test_a_cpu_teacher_distills_a_cuda_student(precision: str) -> None:
         assert torch.all(module.model.get_parameter(name)[~mask] == 0), name
 
 
+def test_a_teacher_without_teacher_device_follows_the_students_device_and_goes_to_the_cpu_after_fit() -> None:
+    module, distill = TinyCausalLM(tiny_llama()), KnowledgeDistillation(teacher=tiny_llama())
+    distill.prepare(make_trainer(), module)
+    module._device = torch.device("meta")  # where the strategy put the student (a device the CPU test can tell apart)
+    distill.attach(module)
+    assert {p.device.type for p in distill.teacher.parameters()} == {"meta"}
+    moves: list[Any] = []
+    distill.teacher.to = lambda *args, **kwargs: moves.append(args)  # type: ignore[method-assign]  # meta tensors cannot be copied back
+    distill.detach(module)
+    assert moves == [(torch.device("cpu"),)] and "training_step" not in module.__dict__
+    placed = KnowledgeDistillation(teacher=tiny_llama(), teacher_device="cpu")
+    placed.prepare(make_trainer(), module)
+    placed.attach(module)
+    assert {p.device.type for p in placed.teacher.parameters()} == {"cpu"}  # an explicit device is kept
+
+
 @CUDA
 def test_a_teacher_that_follows_the_student_leaves_the_accelerator_with_it() -> None:
     module, distill = TinyCausalLM(tiny_llama()), KnowledgeDistillation(alpha=0.5)

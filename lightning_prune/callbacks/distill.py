@@ -215,7 +215,7 @@ class KnowledgeDistillation(Callback):
                 "optimization (automatic_optimization=False), which ignores it; call `recovery.distill_loss` in your training_step instead"
             )
         if self.teacher_device is None:
-            self.teacher.to(torch.device("cpu"))
+            self.teacher.to(pl_module.device)
         self._capture = OutputCapture(self.student(pl_module), self._layer_names).attach()
         self._pl_module = pl_module
         original = type(pl_module).training_step.__get__(pl_module)
