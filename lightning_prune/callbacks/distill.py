@@ -51,8 +51,8 @@ class KnowledgeDistillation(Callback):
     student (the error lists the valid names), a given teacher shares no parameter with the
     student and has its `vocab_size` (and `hidden_size` for hidden-state losses). A student
     compacted by structured pruning still distills logits and block outputs (hidden size
-    unchanged); a named layer whose width changed raises on the first step, and `layers` are
-    refused when blocks were dropped (an index no longer means the same block).
+    unchanged); a named layer whose width changed raises on the first step, and `layers` inside
+    the blocks are refused once blocks were dropped (an index no longer means the same block).
 
     How the loss is changed: Lightning 2.6 has no public hook that replaces the training loss, so
     on `on_train_start` this callback sets an instance attribute `pl_module.training_step` that

@@ -80,7 +80,8 @@ def check_teacher_fits(student: nn.Module, teacher: nn.Module, loss: str, layer_
     it); it reads the student's token ids, so `vocab_size` must agree, and hidden-state losses
     ("mse", "cosine") compare `hidden_size` features; `layers` must exist in the teacher, and when
     the block counts differ (blocks removed by structured pruning) a block index or name no longer
-    means the same block, so `layers` is refused. Widths of other named layers are compared on the
+    means the same block, so `layers` inside the blocks are refused (outside them, e.g. the final
+    norm, they still compare). Widths of other named layers are compared on the
     first step (only the outputs show them).
     """
     shared = {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
@@ -93,10 +94,11 @@ def check_teacher_fits(student: nn.Module, teacher: nn.Module, loss: str, layer_
     if missing:
         raise ValueError(f"`layers` {missing} exist in the student but not in the `teacher` {type(teacher).__name__}")
     ours, theirs = block_stacks(student), block_stacks(teacher)
-    if ours != theirs:
+    in_blocks = [name for name in layer_names if any(name.startswith(stack + ".") for stack, _ in ours + theirs)]
+    if ours != theirs and in_blocks:
         described = [", ".join(f"{count} blocks in `{name}`" for name, count in stacks) for stacks in (ours, theirs)]
         raise ValueError(
-            f"`layers`={list(layer_names)} compare the student's and the teacher's blocks by position, but the student has "
+            f"`layers`={in_blocks} compare the student's and the teacher's blocks by position, but the student has "
             f"{described[0]} and the `teacher` {described[1]} (blocks removed, e.g. by StructuredPruning(drop_layers=...)): the same index is no "
-            "longer the same block; use loss='kl' or layers=None (the model's output)"
+            "longer the same block; use loss='kl', layers=None (the model's output) or layers outside the blocks"
         )
