@@ -225,3 +225,10 @@ def test_a_checkpoint_without_a_teacher_and_a_pruned_copy_are_warned_and_recorde
     with pytest.warns(UserWarning, match="copy of the pruned model"):
         make_trainer(max_steps=1, callbacks=[later]).fit(fresh)
     assert [w["kind"] for w in later.warnings_recorded] == ["pruned_teacher"] and get_masks(later.teacher) == {}
+
+
+def test_a_teacher_loaded_in_bf16_gets_the_students_float_inputs_in_its_dtype() -> None:
+    module, losses = TinyRegressor(), Losses()
+    teacher = copy.deepcopy(module).to(torch.bfloat16)  # as `from_pretrained` gives a model saved in bf16: no `teacher_dtype`
+    make_trainer(max_steps=2, callbacks=[KnowledgeDistillation(alpha=0.0, loss="mse", teacher=teacher), losses]).fit(module)
+    assert len(losses.values) == 2 and 0.0 < losses.values[0] < 1e-3  # only bf16 rounding separates the two

@@ -156,8 +156,10 @@ def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
 
 @torch.no_grad()
 def run_teacher(teacher: nn.Module, call: Call, layer_names: Sequence[str], device: torch.device, dtype: torch.dtype | None = None) -> Call:
-    """Run `teacher` on the inputs of a captured student call (moved to `device`, floats cast to `dtype`)."""
+    """Run `teacher` on the inputs of a captured student call, moved to `device` with float inputs cast to
+    `dtype` (default: the teacher's parameter dtype, so a bf16 teacher takes an fp32 student's inputs)."""
     args, kwargs = to_device((call.args, call.kwargs), device)
+    dtype = dtype or next((p.dtype for p in teacher.parameters() if p.is_floating_point()), None)
     if dtype is not None:
         args, kwargs = _cast_floats((args, kwargs), dtype)
     capture = OutputCapture(teacher, layer_names).attach()
