@@ -134,6 +134,14 @@ def test_bad_teacher_devices_and_dtypes_are_named() -> None:
         KnowledgeDistillation(teacher_dtype=torch.int8)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_teacher_device_without_cuda_fails_at_setup_naming_teacher_device() -> None:
+    module = TinyCausalLM(tiny_llama())
+    with pytest.raises(ValueError, match="`teacher_device`='cuda' cannot hold the teacher"):
+        make_trainer(max_steps=1, callbacks=[OneShotPruning("magnitude", 0.5, progress=False), KnowledgeDistillation(teacher_device="cuda")]).fit(module)
+    assert get_masks(module.model) == {}  # before OneShotPruning acted
+
+
 def test_a_teacher_from_a_model_directory_is_loaded_and_reloaded_on_resume(tmp_path: Path) -> None:
     saved = _perturbed(tiny_llama())
     saved.save_pretrained(tmp_path / "teacher")
