@@ -175,7 +175,7 @@ def stage_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, float], str
     rows: list[tuple[str, dict[str, float], str]] = []
     entries = results.get("stages", [])
     for entry in entries:
-        name, used = entry["name"], ", ".join(entry.get("callbacks", [])) or "no callbacks"
+        name, used = entry["name"], ", ".join(entry.get("callbacks", [])) or "training only"
         if entry["status"] == "skipped":
             rows.append((name, {}, "skipped: no callbacks and no epoch to train"))
         if "before_metrics" in entry:

@@ -104,7 +104,7 @@ def _stage_trainer(cfg: DictConfig, node: DictConfig, where: str) -> dict[str, A
     if owned:
         raise ConfigError(f"`{where}.trainer.{owned[0]}` is set by the run: give a stage its callbacks with `use` and `callbacks`")
     values = OmegaConf.to_container(settings, resolve=True)
-    check_types(OmegaConf.create({"_target_": cfg.trainer._target_, **values}), f"{where}.trainer")
+    check_types(OmegaConf.create({"_target_": cfg.trainer["_target_"], **values}), f"{where}.trainer")
     merged: dict[str, Any] = {**OmegaConf.to_container(cfg.trainer, resolve=True), **values}  # type: ignore[dict-item]
     return merged
 
