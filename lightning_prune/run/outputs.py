@@ -57,8 +57,8 @@ class History(Callback):
         return {"sparsity": list(self.sparsity), "validation": list(self.validation)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.sparsity = [tuple(row) for row in state_dict.get("sparsity", [])]  # type: ignore[misc]
-        self.validation = [tuple(row) for row in state_dict.get("validation", [])]  # type: ignore[misc]
+        self.sparsity = [tuple(row) for row in state_dict.get("sparsity", [])]
+        self.validation = [tuple(row) for row in state_dict.get("validation", [])]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         value = trainer.callback_metrics.get(SPARSITY_KEY)

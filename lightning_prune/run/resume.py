@@ -125,7 +125,6 @@ def restore_module(module: pl.LightningModule, checkpoint: dict[str, Any], path:
         module.load_state_dict(checkpoint["state_dict"], strict=True)
     except RuntimeError as error:
         raise ValueError(
-            f"`resume`=True: the weights in {path} do not fit the model built from the config (a stage that compacted "
-            f"the model, `compact_on_end`, cannot be resumed after): {error}"
+            f"`resume`=True: the weights in {path} do not fit the model built from the config (a stage that compacted the model, `compact_on_end`, cannot be resumed after): {error}"
         ) from error
     load_masks(module, checkpoint[PAYLOAD_KEY]["masks"])

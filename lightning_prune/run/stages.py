@@ -89,11 +89,13 @@ def _own_keys(node: DictConfig, where: str) -> list[str]:
     own = node.get("callbacks", DictConfig({}))
     if not isinstance(own, DictConfig):
         raise ConfigError(f"`{where}.callbacks`={own!r} is invalid: must be a mapping {{name: {{_target_: ...}}}}")
-    for name, child in own.items():
+    names = [str(name) for name in own]
+    for name in names:
+        child = own[name]
         if not _is_callback_node(child):
             shown = OmegaConf.to_container(child) if isinstance(child, (DictConfig, ListConfig)) else child
             raise ConfigError(f"`{where}.callbacks.{name}` needs a `_target_` (a Lightning Callback class), got {shown!r}")
-    return [f"{where}.callbacks.{name}" for name in own]
+    return [f"{where}.callbacks.{name}" for name in names]
 
 
 def _stage_trainer(cfg: DictConfig, node: DictConfig, where: str) -> dict[str, Any]:
@@ -103,10 +105,10 @@ def _stage_trainer(cfg: DictConfig, node: DictConfig, where: str) -> dict[str, A
     owned = [key for key in RUN_OWNED_TRAINER_KEYS if key in settings]
     if owned:
         raise ConfigError(f"`{where}.trainer.{owned[0]}` is set by the run: give a stage its callbacks with `use` and `callbacks`")
-    values = OmegaConf.to_container(settings, resolve=True)
-    check_types(OmegaConf.create({"_target_": cfg.trainer["_target_"], **values}), f"{where}.trainer")
-    merged: dict[str, Any] = {**OmegaConf.to_container(cfg.trainer, resolve=True), **values}  # type: ignore[dict-item]
-    return merged
+    values: dict[str, Any] = OmegaConf.to_container(settings, resolve=True)  # type: ignore[assignment]  # a DictConfig gives a dict
+    base: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    check_types(OmegaConf.create({"_target_": base["_target_"], **values}), f"{where}.trainer")
+    return {**base, **values}
 
 
 def parse_stages(cfg: DictConfig) -> list[Stage]:
