@@ -13,7 +13,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_prune.masking import update_masks
 from lightning_prune.run import ConfigError, run
+from lightning_prune.targets import find_targets
 from tests.conftest import compose_config
 
 PROBE = "test_stages"  # this module, as Hydra imports it (pytest puts tests/ on sys.path)
@@ -38,6 +40,14 @@ class FailOnce(Callback):
         if trainer.global_step == self.step and not self.marker.exists():
             self.marker.touch()
             raise RuntimeError("probe: the stage was interrupted")
+
+
+class PruneAtFitStart(Callback):
+    """Prunes half of every hidden layer by magnitude in `on_fit_start`, as a one-shot callback does."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        targets = find_targets(pl_module)
+        update_masks(targets, {t.name: t.weight.abs() for t in targets}, 0.5)
 
 
 def stage_checkpoint(out: Path, index: int, name: str) -> dict[str, Any]:
@@ -135,3 +145,13 @@ def test_bad_stages_name_the_key_the_value_and_what_is_valid(tmp_path: Path, ove
     with pytest.raises(ConfigError, match=match):
         run(compose_config("quickstart", tmp_path, *overrides))
     assert not (tmp_path / "logs").exists()
+
+
+def test_evaluate_start_measures_the_one_shot_pruned_model_before_training(tmp_path: Path) -> None:
+    overrides = ["dense_epochs=1", "pruning=none", f"+callbacks.cut._target_={PROBE}.PruneAtFitStart", "evaluate_pruned=true", "trainer.max_epochs=1"]
+    results = run(compose_config("quickstart", tmp_path, *overrides, *DIGITS_TINY))
+    dense, prune = results["stages"]
+    assert results["pruned"] == prune["start_metrics"] != dense["metrics"] and results["after"] == prune["metrics"]
+    assert results["global_sparsity"] == pytest.approx(0.5, abs=1e-4)  # the masks stayed applied through the training steps
+    rows = [row.split("|")[1].strip() for row in (tmp_path / "stages.md").read_text().splitlines()[2:]]
+    assert rows == ["dense", "prune (start)", "prune"]
