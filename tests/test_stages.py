@@ -139,6 +139,8 @@ def test_empty_dense_stage_is_skipped_and_a_fresh_baseline_measured(tmp_path: Pa
         (["stages.1.evaluate=maybe"], r"`stages.1.evaluate`='maybe' is invalid: must be true or false"),
         (["stages=[]"], r"`stages` must be a non-empty list of stages"),
         (["resume=maybe"], r"`resume`='maybe' is invalid: must be true or false"),
+        (["stages=[{name: only, use: [pruning]}]", "dense_epochs=2"], r"`dense_epochs`=2 has no effect: no stage of `stages` refers to it"),
+        (["recipe=wanda_2of4_lora", "evaluate_pruned=true"], r"`evaluate_pruned`=True has no effect"),
     ],
 )
 def test_bad_stages_name_the_key_the_value_and_what_is_valid(tmp_path: Path, overrides: list[str], match: str) -> None:

@@ -111,6 +111,18 @@ def _stage_trainer(cfg: DictConfig, node: DictConfig, where: str) -> dict[str, A
     return {**base, **values}
 
 
+def check_stage_settings_used(cfg: DictConfig) -> None:
+    """`dense_epochs` > 0 and `evaluate_pruned` act only through a stage that refers to them (the
+    default list does); set with a stage list that does not, they would be ignored: an error."""
+    raw = str(OmegaConf.to_container(cfg.stages, resolve=False))
+    for key, active in (("dense_epochs", cfg.get("dense_epochs", 0) > 0), ("evaluate_pruned", cfg.get("evaluate_pruned") is True)):
+        if active and f"${{{key}}}" not in raw:
+            raise ConfigError(
+                f"`{key}`={cfg.get(key)!r} has no effect: no stage of `stages` refers to it (the recipe's stages set their own "
+                f"settings; set the stage's value instead, e.g. `stages.0.trainer.max_epochs=...` or `stages.1.evaluate_start=true`)"
+            )
+
+
 def parse_stages(cfg: DictConfig) -> list[Stage]:
     """Check `cfg.stages` and return the stages in order; errors name the key, the value and what is valid."""
     nodes = cfg.get("stages")
@@ -137,6 +149,7 @@ def parse_stages(cfg: DictConfig) -> list[Stage]:
         keys = _used_keys(cfg, node, where) + _own_keys(node, where)
         trainer = _stage_trainer(cfg, node, where)
         stages.append(Stage(index, name, tuple(keys), trainer, _bool(node, "evaluate", where, True), _bool(node, "evaluate_start", where, False)))
+    check_stage_settings_used(cfg)
     return stages
 
 
