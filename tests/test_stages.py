@@ -83,8 +83,9 @@ def test_gmp_chain_runs_its_stages_in_order_and_reports_each(tmp_path: Path) -> 
         assert torch.equal(weight == 0, ~masks[2][name]) and not torch.signbit(weight[weight == 0]).any()
 
 
+@pytest.mark.slow  # three short runs (~8 s); run by default
 def test_resume_after_a_failed_stage_equals_the_uninterrupted_run(tmp_path: Path) -> None:
-    overrides = ["recipe=quickstart", "dense_epochs=1", "trainer.max_epochs=2", "pruning.frequency=2", *DIGITS_TINY, "plots=true"]
+    overrides = ["recipe=quickstart", "dense_epochs=1", "trainer.max_epochs=1", "pruning.frequency=1", *DIGITS_TINY]
     probe = [f"+callbacks.fail._target_={PROBE}.FailOnce", "+callbacks.fail.marker=${output_dir}/interrupted"]
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
     whole.mkdir()
@@ -96,6 +97,7 @@ def test_resume_after_a_failed_stage_equals_the_uninterrupted_run(tmp_path: Path
     assert failed["failed_phase"] == "prune" and [e["name"] for e in failed["stages"]] == ["dense"]
     assert (interrupted / "checkpoints" / "stage-0-dense.ckpt").is_file() and not (interrupted / "checkpoints" / "stage-1-prune.ckpt").exists()
     resumed = run(compose_config("quickstart", interrupted, *overrides, *probe, "resume=true"))
+    assert sorted(path.name for path in (interrupted / "checkpoints").iterdir()) == ["stage-0-dense.ckpt", "stage-1-prune.ckpt"]
     assert resumed.pop("resumed_after") == "dense"
     for results in (expected, resumed):
         results.pop("output_dir"), results.pop("model_path")
@@ -107,10 +109,11 @@ def test_resume_after_a_failed_stage_equals_the_uninterrupted_run(tmp_path: Path
 
 
 def test_resume_refuses_a_changed_configuration_and_warns_when_nothing_finished(tmp_path: Path) -> None:
-    tiny = ["recipe=quickstart", "dense_epochs=1", "trainer.max_epochs=1", "pruning=none", "save_model=false", *DIGITS_TINY]
+    tiny = ["recipe=quickstart", "dense_epochs=1", "trainer.max_epochs=1", "pruning=none", "save_model=false", "stage_checkpoints=last", *DIGITS_TINY]
     with pytest.warns(UserWarning, match=r"`resume`=True but .* holds no finished stage"):
         results = run(compose_config("quickstart", tmp_path, *tiny, "resume=true"))
     assert results["resumed_after"] is None and [e["status"] for e in results["stages"]] == ["completed", "completed"]
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["stage-1-prune.ckpt"]  # stage_checkpoints=last
     with pytest.raises(ConfigError, match=r"`resume`=True: `data.seed`=1 differs from the interrupted run.s 0 \(.*stage-1-prune.ckpt\)"):
         run(compose_config("quickstart", tmp_path, *tiny, "resume=true", "seed=1"))
 

@@ -207,7 +207,7 @@ def run_stage(cfg: DictConfig, out: Path, record: RunRecord, parts: dict[str, An
     entry["checkpoint"] = str(path.relative_to(out))
     results["stages"].append(entry)
     state.progress = {"stage": stage.name, "config": run_config(cfg), "results": copy.deepcopy(results), "warnings": record.close_stage(callbacks)}
-    save_stage_checkpoint(trainer, path)
+    save_stage_checkpoint(trainer, path, keep_earlier=cfg.stage_checkpoints == "all")
 
 
 def finish(cfg: DictConfig, out: Path, record: RunRecord, parts: dict[str, Any], stages: list[Stage], built: list[list[Callback]], trainers: list[pl.Trainer]) -> None:
