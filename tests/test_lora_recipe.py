@@ -18,15 +18,17 @@ TINY = ["dense_epochs=1", "trainer.limit_train_batches=6", "trainer.limit_val_ba
 
 def test_wanda_2of4_lora_reports_every_stage_and_exports_2of4(tmp_path: Path) -> None:
     cfg = compose_config("wanda_2of4_lora", tmp_path, *TINY)
-    assert cfg.lora._target_.endswith("LoRARecovery") and cfg.pruning.pattern == "2:4" and cfg.evaluate_pruned
+    assert cfg.lora._target_.endswith("LoRARecovery") and cfg.pruning.pattern == "2:4"
     results = run(cfg)
-    assert {"before", "pruned", "after"} <= set(results)
-    assert results["pruned"]["val/ppl"] != results["before"]["val/ppl"]  # measured after Wanda acted
+    stages = results["stages"]
+    assert [(e["name"], e["callbacks"]) for e in stages] == [("dense", []), ("wanda", ["OneShotPruning"]), ("recover", ["LoRARecovery", "SparseExport"])]
+    assert stages[1]["steps"] == 0 and stages[1]["metrics"]["val/ppl"] != stages[0]["metrics"]["val/ppl"]  # measured after Wanda acted
+    assert results["before"] == stages[0]["metrics"] and results["after"] == stages[2]["metrics"]
     assert results["global_sparsity"] == pytest.approx(0.5, abs=1e-6)
-    assert json.loads((tmp_path / "results.json").read_text())["pruned"] == results["pruned"]
+    assert json.loads((tmp_path / "results.json").read_text())["stages"] == stages
     table = (tmp_path / "stages.md").read_text().splitlines()
-    assert [row.split("|")[1].strip() for row in table[2:]] == ["before", "pruned", "after"]
-    assert f"{results['pruned']['val/ppl']:.4f}" in table[3]
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["dense", "wanda", "recover"]
+    assert f"{stages[1]['metrics']['val/ppl']:.4f}" in table[3]
     assert (tmp_path / "plots" / "stage_metrics.png").read_bytes()[:4] == b"\x89PNG"
     exported, manifest = load_sparse_state_dict(tmp_path / "export")
     assert manifest["format"] == "sparse-24-bitmask"

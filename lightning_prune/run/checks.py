@@ -31,6 +31,8 @@ RUN_SETTINGS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "plots": (bool, lambda v: True, "true or false"),
     "tensorboard": (bool, lambda v: True, "true or false"),
     "output_dir": ((str, type(None)), lambda v: True, "a directory path or null"),
+    "resume": (bool, lambda v: True, "true or false"),
+    "stage_checkpoints": (str, lambda v: v in ("all", "last"), "'all' or 'last'"),
 }
 
 

@@ -40,7 +40,7 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 class History(Callback):
     """Records the logged `prune/sparsity` after every training batch and the validation metric
-    after every validation, on one step axis across the run's phases."""
+    after every validation, on one step axis across the run's stages (kept in stage checkpoints)."""
 
     def __init__(self, metric: str = "val/loss") -> None:
         self.metric = metric
@@ -52,6 +52,13 @@ class History(Callback):
     def start_phase(self, phase: str, steps_before: int) -> None:
         """Name the next phase; its step 0 is `steps_before` on the run's axis."""
         self.phase, self.step_offset = phase, steps_before
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sparsity": list(self.sparsity), "validation": list(self.validation)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sparsity = [tuple(row) for row in state_dict.get("sparsity", [])]
+        self.validation = [tuple(row) for row in state_dict.get("validation", [])]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         value = trainer.callback_metrics.get(SPARSITY_KEY)
@@ -127,9 +134,12 @@ def plot_schedule(history: History, path: Path) -> None:
     right = left.twinx()
     right.plot([s for _, s, _ in history.validation], [v for _, _, v in history.validation], "o-", color="tab:orange", label=history.metric)
     right.set_ylabel(history.metric, color="tab:orange")
-    starts = sorted({step for phase, step, _ in history.sparsity if phase != "dense"})
-    if starts and any(phase == "dense" for phase, _, _ in history.sparsity):
-        left.axvline(starts[0], color="grey", linestyle=":", label="pruning phase starts")
+    starts: dict[str, int] = {}
+    for phase, step, _ in history.sparsity:
+        starts.setdefault(phase, step)
+    for phase, step in list(starts.items())[1:]:  # a dotted line where each later stage starts
+        left.axvline(step, color="grey", linestyle=":")
+        left.text(step, 0.98, f" {phase}", rotation=90, va="top", fontsize=8, color="grey")
     figure.legend(loc="upper center", ncol=3)
     _save_figure(figure, path)
     plt.close(figure)
@@ -160,47 +170,61 @@ def write_results(results: dict[str, Any], path: Path) -> None:
     write_text(path, json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
 
 
-# Results keys of the stage metrics, in run order, with what each measured.
-STAGES = {
-    "before": "before the pruning phase (after dense training)",
-    "pruned": "after the pruning-phase callbacks acted at fit start, before training",
-    "after": "after the pruning phase (fine-tuning, recovery)",
-}
+def stage_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, float], str]]:
+    """(row label, metrics, what was measured) for every evaluation of `results["stages"]`, in run order."""
+    rows: list[tuple[str, dict[str, float], str]] = []
+    entries = results.get("stages", [])
+    for entry in entries:
+        name, used = entry["name"], ", ".join(entry.get("callbacks", [])) or "training only"
+        if entry["status"] == "skipped":
+            rows.append((name, {}, "skipped: no callbacks and no epoch to train"))
+        if "before_metrics" in entry:
+            rows.append(("before", entry["before_metrics"], f"before stage `{name}`, the first with callbacks"))
+        if "start_metrics" in entry:
+            rows.append((f"{name} (start)", entry["start_metrics"], f"once {used} acted at fit start, before training"))
+        if "metrics" in entry:
+            rows.append((name, entry["metrics"], f"after the stage ({used})"))
+    ran = [entry for entry in entries if entry["status"] == "completed"]
+    if "after" in results and ran and "metrics" not in ran[-1]:
+        rows.append(("after", results["after"], "after the last stage"))
+    return rows
 
 
 def stage_table(results: dict[str, Any]) -> str:
-    """Markdown table of every stage's validation metrics (a column per metric)."""
-    stages = [key for key in STAGES if key in results]
-    names = sorted({name for key in stages for name in results[key]})
+    """Markdown table of the metrics after every stage (a column per metric), in run order."""
+    rows = stage_rows(results)
+    names = sorted({name for _, metrics, _ in rows for name in metrics})
     lines = ["| stage | " + " | ".join(names) + " | measured |", "|---|" + "---:|" * len(names) + "---|"]
-    for key in stages:
-        values = " | ".join(f"{results[key][name]:.4f}" if name in results[key] else "" for name in names)
-        lines.append(f"| {key} | {values} | {STAGES[key]} |")
+    for label, metrics, measured in rows:
+        values = " | ".join(f"{metrics[name]:.4f}" if name in metrics else "" for name in names)
+        lines.append(f"| {label} | {values} | {measured} |")
     return "\n".join(lines) + "\n"
 
 
 def plot_stages(results: dict[str, Any], metric: str, path: Path) -> None:
-    """Bars: `metric` at each evaluated stage (before, pruned, after)."""
+    """Bars: `metric` after every evaluated stage, in run order."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = [key for key in STAGES if metric in results.get(key, {})]
-    values = [results[key][metric] for key in stages]
-    figure, axes = plt.subplots(figsize=(1.5 + 1.4 * len(stages), 3.5))
-    bars = axes.bar(stages, values, color=["tab:blue", "tab:red", "tab:green"][: len(stages)])
+    rows = [(label, metrics[metric]) for label, metrics, _ in stage_rows(results) if metric in metrics]
+    figure, axes = plt.subplots(figsize=(1.5 + 1.4 * len(rows), 3.5))
+    colors = [plt.get_cmap("tab10")(index % 10) for index in range(len(rows))]
+    bars = axes.bar([label for label, _ in rows], [value for _, value in rows], color=colors)
     axes.bar_label(bars, fmt="%.4g")
     axes.set_ylabel(metric)
     axes.set_title(f"{metric} by stage")
+    axes.tick_params(axis="x", labelrotation=30 if len(rows) > 4 else 0)
     _save_figure(figure, path)
     plt.close(figure)
 
 
 def write_stages(results: dict[str, Any], metric: str, out: Path, plots: bool = True) -> None:
     """`stages.md` (every stage's metrics) and `plots/stage_metrics.png`, when any stage was evaluated."""
-    if not any(key in results for key in STAGES):
+    rows = stage_rows(results)
+    if not any(metrics for _, metrics, _ in rows):
         return
     write_text(out / "stages.md", stage_table(results))
-    if plots and any(metric in results.get(key, {}) for key in STAGES):
+    if plots and any(metric in metrics for _, metrics, _ in rows):
         plot_stages(results, metric, out / "plots" / "stage_metrics.png")

@@ -1,15 +1,20 @@
 """`run(cfg)`: the plain-Python job behind `lightning-prune` — the only code that reads a config.
 
-Phases: optional dense training (`dense_epochs`), evaluation, the pruning phase (a fit with the
-`pruning`, `lora`, `callbacks.*` and `export` callbacks; with `evaluate_pruned`, a validation once
-they acted at fit start), evaluation, then the per-stage metrics, report, plots and the finalized
-model written into the output directory.
+The run is the config's `stages:` in order (run/stages.py), each a `Trainer.fit` with its own
+callbacks and Trainer settings; the default list is an optional `dense` stage (`dense_epochs`) and a
+`prune` stage with the `pruning`, `lora`, `callbacks.*` and `export` callbacks. Before the first
+stage with callbacks the model is validated (`evaluate_before`); each stage is validated after it
+(`evaluate`) and, with `evaluate_start`, once its callbacks acted at fit start. Each finished stage
+leaves a checkpoint; `resume=true` continues after the last one (run/resume.py). Then the per-stage
+metrics, report, plots and the finalized model are written into the output directory.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +24,10 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.masking import finalize as finalize_masks
 from lightning_prune.report import SparsityReport, sparsity_report
-from lightning_prune.run.checks import ConfigError, build, check_run_settings, check_types
+from lightning_prune.run.checks import build, check_run_settings, check_types
 from lightning_prune.run.outputs import (
     History,
     TrainStartSnapshot,
@@ -34,36 +40,13 @@ from lightning_prune.run.outputs import (
 )
 from lightning_prune.run.pairing import check_vocabulary, use_model_tokenizer
 from lightning_prune.run.record import RunRecord, check_final_sparsity, target_sparsity
-
-# Config groups whose entry is one callback of the pruning phase, in the order they run.
-PHASE_CALLBACK_GROUPS = ("pruning", "lora")
+from lightning_prune.run.resume import StageState, checkpoint_path, load_last_checkpoint, restore_module, run_config, save_stage_checkpoint
+from lightning_prune.run.stages import GROUPS, Stage, build_callbacks, parse_stages
 
 
 def output_dir(cfg: DictConfig) -> Path:
     """`cfg.output_dir` (Hydra's run directory by default), else the current directory."""
     return Path(cfg.output_dir) if cfg.get("output_dir") else Path.cwd()
-
-
-def _is_set(node: Any) -> bool:
-    return isinstance(node, DictConfig) and "_target_" in node
-
-
-def phase_callbacks(cfg: DictConfig) -> list[Callback]:
-    """`pruning`, `lora`, every `callbacks.<name>`, then `export`: instantiated, all Lightning callbacks."""
-    entries = [(key, cfg.get(key)) for key in PHASE_CALLBACK_GROUPS]
-    entries += [(f"callbacks.{name}", node) for name, node in (cfg.get("callbacks") or {}).items()]
-    entries.append(("export", cfg.get("export")))
-    callbacks = []
-    for key, node in entries:
-        if not _is_set(node):
-            if node and key.startswith("callbacks."):
-                raise ConfigError(f"`{key}` needs a `_target_` (a Lightning Callback class), got {OmegaConf.to_container(node)!r}")
-            continue
-        callback = build(node, key)
-        if not isinstance(callback, Callback):
-            raise ConfigError(f"`{key}._target_`={node._target_!r} is not a Lightning Callback")
-        callbacks.append(callback)
-    return callbacks
 
 
 class ProgressBar(RichProgressBar):
@@ -83,12 +66,14 @@ def make_loggers(cfg: DictConfig, out: Path, phase: str) -> list[Logger]:
     return loggers
 
 
-def make_trainer(cfg: DictConfig, out: Path, phase: str, callbacks: list[Callback], **overrides: Any) -> pl.Trainer:
-    """The configured Trainer with the phase's callbacks, loggers and (when enabled) rich progress bar."""
+def make_trainer(cfg: DictConfig, out: Path, phase: str, callbacks: list[Callback], settings: dict[str, Any] | None = None) -> pl.Trainer:
+    """The configured Trainer (or the stage's `settings`) with the phase's callbacks, loggers and
+    (when enabled) rich progress bar."""
+    node = cfg.trainer if settings is None else OmegaConf.create(settings)
     callbacks = list(callbacks)
-    if cfg.trainer.get("enable_progress_bar", True):
+    if node.get("enable_progress_bar", True):
         callbacks.append(ProgressBar())
-    trainer: pl.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=make_loggers(cfg, out, phase), **overrides)
+    trainer: pl.Trainer = build(node, "trainer", callbacks=callbacks, logger=make_loggers(cfg, out, phase))
     return trainer
 
 
@@ -98,14 +83,15 @@ def evaluate(trainer: pl.Trainer, module: pl.LightningModule, data: pl.Lightning
     return {name: float(value) for name, value in metrics.items()}
 
 
-def evaluate_pruned(cfg: DictConfig, out: Path, snapshot: TrainStartSnapshot, trainer: pl.Trainer, module: pl.LightningModule, data: Any) -> dict[str, float]:
-    """Validation metrics of the model as the pruning phase's training started (a plain Trainer,
-    none of the phase's callbacks); with no training step at all, the model after the phase is that model."""
+def evaluate_start(cfg: DictConfig, out: Path, stage: Stage, snapshot: TrainStartSnapshot, trainer: pl.Trainer, module: pl.LightningModule, data: Any) -> dict[str, float]:
+    """Validation metrics of the model as the stage's training started (a plain Trainer, none of the
+    stage's callbacks); with no training step at all, the model after the stage is that model."""
+    plain = make_trainer(cfg, out, f"{stage.name}-start", [], stage.trainer)
     if snapshot.module is None:
         if trainer.global_step > 0:
-            raise RuntimeError("the pruning phase trained but its start was not recorded: `evaluate_pruned` has no model to validate")
-        return evaluate(make_trainer(cfg, out, "pruned", []), module, data)
-    return evaluate(make_trainer(cfg, out, "pruned", []), snapshot.module, data)
+            raise RuntimeError(f"stage `{stage.name}` trained but its start was not recorded: `evaluate_start` has no model to validate")
+        return evaluate(plain, module, data)
+    return evaluate(plain, snapshot.module, data)
 
 
 def preflight(callbacks: list[Callback], module: pl.LightningModule) -> None:
@@ -119,12 +105,14 @@ def preflight(callbacks: list[Callback], module: pl.LightningModule) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment from a composed config; returns the results also saved as `results.json`.
 
-    `results.json` is written even when a phase fails: `status` "failed", `failed_phase`, `error`,
-    the warnings so far, and whatever report, history and plots exist; the error is then re-raised.
+    `results.json` is written even when a stage fails: `status` "failed", `failed_phase` (the
+    stage's name, or setup, preflight, evaluate_before, evaluate_after, outputs), `error`, the
+    warnings so far, and whatever report, history and plots exist; the error is then re-raised.
     """
     check_run_settings(cfg)
-    for key in ("trainer", "data", "model", *PHASE_CALLBACK_GROUPS, "callbacks", "export"):
+    for key in ("trainer", "data", "model", *GROUPS):
         check_types(cfg.get(key), key)
+    stages = parse_stages(cfg)
     use_model_tokenizer(cfg)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +122,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     parts: dict[str, Any] = {"callbacks": []}
     with record.capture():
         try:
-            run_phases(cfg, out, record, parts)
+            run_stages(cfg, stages, out, record, parts)
         except Exception as error:
             record.fail(error)
             record.collect_warnings(parts["callbacks"])
@@ -143,55 +131,114 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return record.results
 
 
-def run_phases(cfg: DictConfig, out: Path, record: RunRecord, parts: dict[str, Any]) -> None:
-    """Setup and preflight, the dense phase, the pruning phase with its evaluations, then the outputs."""
+def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecord, parts: dict[str, Any]) -> None:
+    """Setup and preflight of every stage, the stages (after the last finished one with `resume`), then the outputs."""
     results = record.results
-    callbacks = parts["callbacks"] = phase_callbacks(cfg)  # cheap, and where most argument errors are: before data and model
+    built = [build_callbacks(cfg, stage) for stage in stages]  # cheap, and where most argument errors are: before data and model
+    parts["ordered"] = [callback for callbacks in reversed(built) for callback in callbacks]  # the last stage's target first
     data = parts["data"] = build(cfg.data, "data")
     module = parts["module"] = build(cfg.model, "model")
     check_vocabulary(data, module)
     history = parts["history"] = History(metric=getattr(module, "val_metric", "val/loss"))
     results["metric"] = history.metric
+    results["stages"] = []
     record.phase = "preflight"
-    preflight(callbacks, module)
-    # evaluate_pruned: the model as training starts (every callback's `on_fit_start` acted) is
-    # copied, and validated once the phase is over.
-    snapshot = TrainStartSnapshot()
-    extra: list[Callback] = [snapshot] if cfg.evaluate_pruned else []
-    trainer = make_trainer(cfg, out, "prune", [*callbacks, history, *extra])  # built before the dense phase trains
-    steps = 0
-    if cfg.dense_epochs > 0:
-        record.phase = "dense"
-        dense = make_trainer(cfg, out, "dense", [history], max_epochs=cfg.dense_epochs)
-        dense.fit(module, datamodule=data)
-        steps = dense.global_step
-    if cfg.evaluate_before:
+    preflight([callback for callbacks in built for callback in callbacks], module)
+    start = resume(cfg, stages, out, record, module, history) if cfg.resume else 0
+    # Every stage's Trainer is built before any stage trains (its settings are checked there).
+    states = [StageState(keep_masks=not any(isinstance(c, MaskingCallback) for c in callbacks)) for callbacks in built]
+    snapshots = [TrainStartSnapshot() if stage.evaluate_start else None for stage in stages]
+    trainers = [
+        make_trainer(cfg, out, stage.name, [*callbacks, history, state, *([snapshot] if snapshot else [])], stage.trainer)
+        for stage, callbacks, state, snapshot in zip(stages, built, states, snapshots)
+    ]
+    for stage in stages[start:]:
+        parts["callbacks"] = built[stage.index]
+        run_stage(cfg, out, record, parts, stage, trainers[stage.index], states[stage.index], snapshots[stage.index])
+    finish(cfg, out, record, parts, stages, built, trainers)
+
+
+def resume(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecord, module: pl.LightningModule, history: History) -> int:
+    """Restore the model, masks, history, results and warnings of the last finished stage; returns the next stage's index."""
+    found = load_last_checkpoint(out, stages, cfg)
+    if found is None:
+        warnings.warn(f"`resume`=True but {out / 'checkpoints'} holds no finished stage of this run: every stage runs", UserWarning, stacklevel=2)
+        record.results["resumed_after"] = None
+        return 0
+    stage, checkpoint = found
+    restore_module(module, checkpoint, checkpoint_path(out, stage))
+    history.load_state_dict(checkpoint["callbacks"][history.state_key])
+    progress = checkpoint["lightning_prune_stage"]
+    record.results.update(progress["results"])
+    record.carried = list(progress["warnings"])
+    record.results["resumed_after"] = stage.name
+    return stage.index + 1
+
+
+def run_stage(cfg: DictConfig, out: Path, record: RunRecord, parts: dict[str, Any], stage: Stage, trainer: pl.Trainer, state: StageState, snapshot: TrainStartSnapshot | None) -> None:
+    """One stage: (the dense baseline before the first stage with callbacks), the fit, its evaluations, its checkpoint."""
+    results, module, data, callbacks = record.results, parts["module"], parts["data"], parts["callbacks"]
+    entry: dict[str, Any] = {"name": stage.name, "status": "skipped", "callbacks": [type(c).__name__ for c in callbacks]}
+    if stage.is_empty:
+        results["stages"].append(entry)
+        return
+    if cfg.evaluate_before and callbacks and "before" not in results:
         record.phase = "evaluate_before"
-        results["before"] = evaluate(trainer, module, data)
-    record.phase = "prune"
-    history.start_phase("prune", steps)
+        ran = [e for e in results["stages"] if e["status"] == "completed"]
+        results["before"] = ran[-1]["metrics"] if ran and "metrics" in ran[-1] else entry.setdefault("before_metrics", evaluate(trainer, module, data))
+    record.phase = stage.name
+    parts["history"].start_phase(stage.name, sum(e.get("steps", 0) for e in results["stages"]))
+    pl.seed_everything(cfg.seed + stage.index, workers=True, verbose=False)  # a resumed stage draws the same numbers
     trainer.fit(module, datamodule=data)
-    if cfg.evaluate_pruned:
-        record.phase = "evaluate_pruned"
-        results["pruned"] = evaluate_pruned(cfg, out, snapshot, trainer, module, data)
-    if cfg.evaluate_after:
-        record.phase = "evaluate_after"
-        results["after"] = evaluate(trainer, module, data)
+    entry.update(status="completed", steps=trainer.global_step)
+    if snapshot is not None:
+        entry["start_metrics"] = evaluate_start(cfg, out, stage, snapshot, trainer, module, data)
+        snapshot.module = None
+        results.setdefault("pruned", entry["start_metrics"])
+    if stage.evaluate:
+        entry["metrics"] = evaluate(trainer, module, data)
     for callback in callbacks:  # structured pruning: parameters and forward time before/after compaction
         callback_results, compaction = getattr(callback, "results", None), getattr(callback, "compaction", None)
         if callable(callback_results):
             results.update(callback_results())
         elif compaction:
             results["compaction"] = dict(compaction)
+    path = checkpoint_path(out, stage)
+    entry["checkpoint"] = str(path.relative_to(out))
+    results["stages"].append(entry)
+    state.progress = {"stage": stage.name, "config": run_config(cfg), "results": copy.deepcopy(results), "warnings": record.close_stage(callbacks)}
+    save_stage_checkpoint(trainer, path, keep_earlier=cfg.stage_checkpoints == "all")
+
+
+def finish(cfg: DictConfig, out: Path, record: RunRecord, parts: dict[str, Any], stages: list[Stage], built: list[list[Callback]], trainers: list[pl.Trainer]) -> None:
+    """`after` (the last stage's metrics, or a validation), then the report, plots, model and results."""
+    results, module, history = record.results, parts["module"], parts["history"]
+    parts["callbacks"] = []
+    ran = [entry for entry in results["stages"] if entry["status"] == "completed"]
+    if cfg.evaluate_after and ran:
+        record.phase = "evaluate_after"
+        last = trainers[[stage.name for stage in stages].index(ran[-1]["name"])]
+        results["after"] = ran[-1]["metrics"] if "metrics" in ran[-1] else evaluate(last, module, parts["data"])
     record.phase = "outputs"
     write_stages(results, history.metric, out, plots=cfg.plots)
-    results.update(write_outputs(cfg, out, module, data, history, callbacks))
-    record.collect_warnings(callbacks)
-    sparsity_warning = check_final_sparsity(results["target_sparsity"], results["global_sparsity"])
+    results.update(write_outputs(cfg, out, module, parts["data"], history, parts["ordered"]))
+    record.collect_warnings([])
+    target, key = final_target(stages, built)
+    sparsity_warning = check_final_sparsity(target, results["global_sparsity"], key)
     if sparsity_warning is not None:
         results["warnings"].append(sparsity_warning)
     results["status"] = "completed"
     write_results(results, out / "results.json")
+
+
+def final_target(stages: list[Stage], built: list[list[Callback]]) -> tuple[float | None, str]:
+    """The weight sparsity the last stage that sets one asked for, and its config key."""
+    for stage, callbacks in zip(reversed(stages), reversed(built)):
+        for key, callback in zip(stage.callback_keys, callbacks):
+            value = target_sparsity([callback])
+            if value is not None:
+                return value, f"{key}.sparsity"
+    return None, "pruning.sparsity"
 
 
 def write_partial_outputs(cfg: DictConfig, out: Path, results: dict[str, Any], parts: dict[str, Any]) -> None:
@@ -203,7 +250,7 @@ def write_partial_outputs(cfg: DictConfig, out: Path, results: dict[str, Any], p
     report = sparsity_report(module)
     write_report(out, report, history, plots=cfg.plots)
     write_stages(results, history.metric, out, plots=cfg.plots)
-    results.update(sparsity_results(report, parts["callbacks"]))
+    results.update(sparsity_results(report, parts.get("ordered", [])))
     write_results(results, out / "results.json")
 
 

@@ -37,6 +37,8 @@ class RunRecord:
         self.results = results
         self.phase = "setup"
         self.caught: list[warnings.WarningMessage] = []
+        self.carried: list[dict[str, str]] = []  # warnings of the finished stages (restored on resume)
+        self._stage_start = 0  # index into `caught` where the current stage's Python warnings begin
 
     @contextmanager
     def capture(self) -> Iterator[None]:
@@ -50,14 +52,21 @@ class RunRecord:
             for item in self.caught:
                 warnings.warn_explicit(item.message, item.category, item.filename, item.lineno, source=item.source)
 
+    def close_stage(self, callbacks: Iterable[Any]) -> list[dict[str, str]]:
+        """A stage finished: its warnings join `carried` (so a resumed run lists them in the same order)."""
+        self.carried = self.collect_warnings(callbacks)
+        self._stage_start = len(self.caught)
+        return self.carried
+
     def collect_warnings(self, callbacks: Iterable[Any]) -> list[dict[str, str]]:
-        """Callbacks' `warnings_recorded` plus lightning_prune's Python warnings, each message once."""
-        recorded: list[dict[str, str]] = []
+        """The finished stages' warnings, then the current stage's callbacks' `warnings_recorded` and
+        lightning_prune's Python warnings since it started, each message once."""
+        recorded: list[dict[str, str]] = list(self.carried)
         for callback in callbacks:
             for item in getattr(callback, "warnings_recorded", []):
                 entry = item if isinstance(item, dict) else {"message": str(item)}
                 recorded.append({"kind": str(entry.get("kind", "warning")), "message": str(entry.get("message", "")), "source": type(callback).__name__})
-        for item in self.caught:
+        for item in self.caught[self._stage_start :]:
             if is_ours(item):
                 recorded.append({"kind": item.category.__name__, "message": str(item.message), "source": "python"})
         seen: set[str] = set()
