@@ -81,6 +81,27 @@ def test_gmp_chain_runs_its_stages_in_order_and_reports_each(tmp_path: Path) -> 
         assert 1 - masks[3][name].float().mean() == pytest.approx(0.7, abs=1e-4)
         weight = stage_checkpoint(tmp_path, 2, "finetune")["state_dict"][name]
         assert torch.equal(weight == 0, ~masks[2][name]) and not torch.signbit(weight[weight == 0]).any()
+    assert_teacher_is_the_dense_stage(tmp_path)
+
+
+def assert_teacher_is_the_dense_stage(out: Path) -> None:
+    """The last stage distilled from the model the dense stage left, not from the pruned model it started from."""
+    last = stage_checkpoint(out, 3, "gmp70_distill")
+    (teacher,) = [state["teacher"] for key, state in last["callbacks"].items() if key.startswith("KnowledgeDistillation")]
+    dense = stage_checkpoint(out, 0, "dense")["state_dict"]
+    assert teacher.keys() and all(torch.equal(tensor, dense[f"model.{name}"]) for name, tensor in teacher.items())
+
+
+def test_a_later_distillation_stage_resumed_rebuilds_its_dense_teacher(tmp_path: Path) -> None:
+    probe = [f"+stages.3.callbacks.fail._target_={PROBE}.FailOnce", "+stages.3.callbacks.fail.marker=${output_dir}/interrupted", "stage_checkpoints=last"]
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(compose_config("gmp_chain", tmp_path, *CHAIN_TINY, *probe))
+    # stage_checkpoints=last keeps the dense stage's checkpoint too: the teacher is rebuilt from it.
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["stage-0-dense.ckpt", "stage-2-finetune.ckpt"]
+    results = run(compose_config("gmp_chain", tmp_path, *CHAIN_TINY, *probe, "resume=true"))
+    assert results["resumed_after"] == "finetune" and results["warnings"] == []
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["stage-0-dense.ckpt", "stage-3-gmp70_distill.ckpt"]
+    assert_teacher_is_the_dense_stage(tmp_path)
 
 
 @pytest.mark.slow  # three short runs (~8 s); run by default

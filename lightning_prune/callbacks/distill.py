@@ -30,7 +30,9 @@ class KnowledgeDistillation(Callback):
     or LoRARecovery change the model, whatever the order of the callbacks. It can also be a module
     or a local `from_pretrained` directory. It is a plain attribute of this callback, outside the
     LightningModule's module tree: pruning callbacks never see it, the optimizer never updates it,
-    it has no masks, and under DDP every rank holds its own copy.
+    it has no masks, and under DDP every rank holds its own copy. In a staged run, a stage after
+    the first pruning stage gets the dense copy the run took as that stage started
+    (`lightning_prune/run/dense_teacher.py`).
 
     The student is `pl_module.<student_attr>` (default: `pl_module.model` when it is a module, else
     `pl_module`). Hooks on it capture the inputs and outputs of every call that `training_step`

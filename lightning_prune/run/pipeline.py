@@ -28,6 +28,7 @@ from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.masking import finalize as finalize_masks
 from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.run.checks import build, check_run_settings, check_types
+from lightning_prune.run.dense_teacher import DenseTeacher
 from lightning_prune.run.outputs import (
     History,
     TrainStartSnapshot,
@@ -144,7 +145,14 @@ def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecor
     results["stages"] = []
     record.phase = "preflight"
     preflight([callback for callbacks in built for callback in callbacks], module)
+    dense = DenseTeacher(built)
+    source = dense.source_stage(stages)
+    dense_path = None if source is None else checkpoint_path(out, source)
+    as_built = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()} if cfg.resume and dense.needed and source is None else None
     start = resume(cfg, stages, out, record, module, history) if cfg.resume else 0
+    if dense.first_pruning is not None and start > dense.first_pruning:
+        dense.rebuild(module, start, dense_path or as_built or {})
+    parts["keep_checkpoint"] = dense_path
     # Every stage's Trainer is built before any stage trains (its settings are checked there).
     states = [StageState(keep_masks=not any(isinstance(c, MaskingCallback) for c in callbacks)) for callbacks in built]
     snapshots = [TrainStartSnapshot() if stage.evaluate_start else None for stage in stages]
@@ -154,6 +162,8 @@ def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecor
     ]
     for stage in stages[start:]:
         parts["callbacks"] = built[stage.index]
+        if stage.index == dense.first_pruning and not stage.is_empty:
+            dense.take(module, start)  # the dense student, for later stages' distillation (no copy when none needs it)
         run_stage(cfg, out, record, parts, stage, trainers[stage.index], states[stage.index], snapshots[stage.index])
     finish(cfg, out, record, parts, stages, built, trainers)
 
@@ -207,7 +217,7 @@ def run_stage(cfg: DictConfig, out: Path, record: RunRecord, parts: dict[str, An
     entry["checkpoint"] = str(path.relative_to(out))
     results["stages"].append(entry)
     state.progress = {"stage": stage.name, "config": run_config(cfg), "results": copy.deepcopy(results), "warnings": record.close_stage(callbacks)}
-    save_stage_checkpoint(trainer, path, keep_earlier=cfg.stage_checkpoints == "all")
+    save_stage_checkpoint(trainer, path, keep_earlier=cfg.stage_checkpoints == "all", keep=parts.get("keep_checkpoint"))
 
 
 def finish(cfg: DictConfig, out: Path, record: RunRecord, parts: dict[str, Any], stages: list[Stage], built: list[list[Callback]], trainers: list[pl.Trainer]) -> None:

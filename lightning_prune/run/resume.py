@@ -74,16 +74,17 @@ class StageState(Callback):
         checkpoint[PAYLOAD_KEY] = {**self.progress, "masks": masks}
 
 
-def save_stage_checkpoint(trainer: pl.Trainer, path: Path, keep_earlier: bool = True) -> None:
+def save_stage_checkpoint(trainer: pl.Trainer, path: Path, keep_earlier: bool = True, keep: Path | None = None) -> None:
     """`trainer.save_checkpoint` into a temporary file, renamed into place (rank 0 renames); without
-    `keep_earlier`, the earlier stages' checkpoints are then removed (resume needs only the last)."""
+    `keep_earlier`, the earlier stages' checkpoints are then removed (resume needs only the last),
+    except `keep` (the dense weights a later distillation stage's teacher is rebuilt from)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     trainer.save_checkpoint(temporary)
     if trainer.is_global_zero:
         os.replace(temporary, path)
         for earlier in [] if keep_earlier else sorted(path.parent.glob("stage-*.ckpt")):
-            if earlier != path:
+            if earlier not in (path, keep):
                 earlier.unlink()
     trainer.strategy.barrier("lightning_prune_stage_checkpoint")
 

@@ -1,0 +1,89 @@
+"""The dense model as the teacher of a later stage's `KnowledgeDistillation`.
+
+In one fit, `KnowledgeDistillation` copies the student in `setup`, before any pruning callback acts:
+the teacher is the dense model. In a staged run a distillation stage that comes after the first
+pruning stage would copy an already pruned model. For every such callback left at its default
+(`teacher=None`) the run takes one frozen copy of the student as the first pruning stage starts and
+gives it to them as their `teacher`. On `resume`, that copy is rebuilt from the model as built (the
+first pruning stage is the first stage) or from the checkpoint of the stage before it, which is
+kept for that purpose even with `stage_checkpoints=last`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_prune.callbacks.base import MaskingCallback
+from lightning_prune.callbacks.distill import KnowledgeDistillation
+from lightning_prune.masking import get_masks, load_masks, remove_masks
+from lightning_prune.recovery.teacher import frozen_copy
+from lightning_prune.run.checks import ConfigError
+from lightning_prune.run.stages import Stage
+
+
+class DenseTeacher:
+    """Which stage is the first to prune, which later distillation callbacks need the dense model,
+    and the frozen copy once taken (`take`) or rebuilt (`rebuild`)."""
+
+    def __init__(self, built: list[list[Callback]]) -> None:
+        pruning = [index for index, callbacks in enumerate(built) if any(isinstance(c, MaskingCallback) for c in callbacks)]
+        self.first_pruning: int | None = pruning[0] if pruning else None
+        self.waiting: list[tuple[int, KnowledgeDistillation]] = [
+            (index, callback)
+            for index, callbacks in enumerate(built)
+            if self.first_pruning is not None and index > self.first_pruning
+            for callback in callbacks
+            if isinstance(callback, KnowledgeDistillation) and callback.teacher_source is None
+        ]
+
+    @property
+    def needed(self) -> bool:
+        """True when a later stage distills with the default teacher."""
+        return bool(self.waiting)
+
+    def source_stage(self, stages: list[Stage]) -> Stage | None:
+        """The last stage that runs before the first pruning stage: its checkpoint holds the dense
+        weights a resumed run rebuilds the teacher from (None: the model as built is dense)."""
+        if not self.needed or not self.first_pruning:
+            return None
+        before = [stage for stage in stages[: self.first_pruning] if not stage.is_empty]
+        return before[-1] if before else None
+
+    def take(self, module: pl.LightningModule, start: int) -> None:
+        """At the first pruning stage's start: copy the (dense) student for the callbacks of stages from `start` on."""
+        copies: dict[int, torch.nn.Module] = {}  # callbacks distilling the same student share one copy
+        for index, callback in self.waiting:
+            if index >= start:
+                student = callback.student(module)
+                if id(student) not in copies:
+                    copies[id(student)] = frozen_copy(student)
+                callback.teacher_source = copies[id(student)]
+
+    def rebuild(self, module: pl.LightningModule, start: int, dense_state: dict[str, torch.Tensor] | Path) -> None:
+        """On resume after the first pruning stage: the dense student from `dense_state` (the model's
+        weights as built, or the checkpoint of the stage before the first pruning one), for the
+        callbacks still to run; the module's own weights are put back afterwards."""
+        if not any(index >= start for index, _ in self.waiting):
+            return
+        if isinstance(dense_state, Path):
+            if not dense_state.is_file():
+                raise ConfigError(
+                    f"`resume`=True: a later stage distills from the dense model, whose weights are in {dense_state}, "
+                    "but that file is gone; pass the distillation's `teacher=` a model directory, or start a new output_dir"
+                )
+            # Our own stage checkpoint (a full Lightning checkpoint needs the unrestricted loader).
+            dense_state = torch.load(dense_state, map_location="cpu", weights_only=False)["state_dict"]
+        assert not isinstance(dense_state, Path)
+        current = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+        masks = {name: mask.clone() for name, mask in get_masks(module).items()}
+        remove_masks(module)  # a masked module re-zeros its pruned weights after every load_state_dict
+        module.load_state_dict(dense_state, strict=True)
+        try:
+            self.take(module, start)
+        finally:
+            module.load_state_dict(current, strict=True)
+            load_masks(module, masks)
