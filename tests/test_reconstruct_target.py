@@ -71,7 +71,7 @@ def test_both_targets_tune_the_first_block_alike(monkeypatch: pytest.MonkeyPatch
 
 
 def test_bad_target() -> None:
-    with pytest.raises(ValueError, match="reconstruct_target.*'layer'"):
+    with pytest.raises(ValueError, match=r"reconstruct_target.*'layer'"):
         prune_oneshot(tiny_llama(), _batches(), reconstruct=True, reconstruct_target="layer", progress=False)
     from lightning_prune import OneShotPruning
 
