@@ -171,27 +171,29 @@ def main() -> None:
     def score(model: nn.Module) -> float:
         return float(nn.functional.cosine_similarity(reference, embed(model, tokenizer, paragraphs)).mean())
 
-    rows = []
+    rows: list[tuple[str, str, str, float, float]] = []
+
+    def add(pattern_name: str, method: str, step: str, model: nn.Module, seconds: float) -> None:
+        rows.append((pattern_name, method, step, score(model), seconds / unit))
+        print(f"{pattern_name} {method} {step}: {rows[-1][3]:.4f} ({rows[-1][4]:.1f}x)", flush=True)
+
     for pattern_name in args.patterns.split(","):
         pattern = "2:4" if pattern_name == "2:4" else None
         for method in args.methods.split(","):
             options: dict[str, Any] = dict(method=method, sparsity=0.5, pattern=pattern, progress=False)
             plain = copy.deepcopy(dense)
-            seconds = timed(prune_oneshot, plain, calibration, **options)
-            rows.append((pattern_name, method, "one-shot", score(plain), seconds / unit))
+            add(pattern_name, method, "one-shot", plain, timed(prune_oneshot, plain, calibration, **options))
             tuned = copy.deepcopy(dense)
             recon = dict(reconstruct=True, reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr, reconstruct_target=args.reconstruct_target)
-            seconds = timed(prune_oneshot, tuned, calibration, **options, **recon)
-            rows.append((pattern_name, method, "+ reconstruction", score(tuned), seconds / unit))
+            add(pattern_name, method, f"+ reconstruction ({args.reconstruct_target})", tuned, timed(prune_oneshot, tuned, calibration, **options, **recon))
             full = masked_copy(dense, tuned)
             seconds = timed(distill, full, teacher, training, args.distill_steps, args.distill_lr, None)
             check_pattern(full, pattern)
-            rows.append((pattern_name, method, "+ reconstruction + distillation (masked full FT)", score(full), seconds / unit))
+            add(pattern_name, method, "+ reconstruction + distillation (masked full FT)", full, seconds)
             if not args.no_lora:
                 seconds = timed(distill, tuned, teacher, training, args.distill_steps, args.lora_lr, args.rank)
                 check_pattern(tuned, pattern)
-                rows.append((pattern_name, method, f"+ reconstruction + distillation (LoRA r={args.rank}, merged)", score(tuned), seconds / unit))
-            print(*(f"{r[0]} {r[1]} {r[2]}: {r[3]:.4f} ({r[4]:.1f}x)" for r in rows[-4:]), sep="\n", flush=True)
+                add(pattern_name, method, f"+ reconstruction + distillation (LoRA r={args.rank}, merged)", tuned, seconds)
 
     tokens = sum(int(b["attention_mask"].sum()) for b in calibration)
     print(f"\nall-MiniLM-L6-v2, {len(paragraphs)} held-out paragraphs; {args.calibration} calibration paragraphs ({tokens} tokens); time unit = one dense forward over them ({unit:.2f} s)\n")
