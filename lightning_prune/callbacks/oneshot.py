@@ -12,7 +12,7 @@ from torch.utils.data import DistributedSampler
 
 from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.distributed import all_reduce_sum_, is_distributed
-from lightning_prune.oneshot.api import block_targets, check_num_samples, check_oneshot_arguments, needs_calibration, prune_oneshot, resolve_method, resolve_refiner, take_samples
+from lightning_prune.oneshot.api import RECONSTRUCT_TARGETS, block_targets, check_num_samples, check_oneshot_arguments, needs_calibration, prune_oneshot, resolve_method, resolve_refiner, take_samples
 from lightning_prune.oneshot.driver import call_model, find_blocks
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
 from lightning_prune.recovery.reconstruct import check_reconstruct_arguments
@@ -82,6 +82,7 @@ class OneShotPruning(MaskingCallback):
         reconstruct: false  # tune each pruned block to reproduce the dense block's outputs (masks fixed)
         reconstruct_steps: 100  # Adam steps per block
         reconstruct_lr: 0.0001  # Adam learning rate of the reconstruction
+        reconstruct_target: block  # block: the dense block's outputs on the pruned inputs; model: the dense model's hidden states
     """
 
     def __init__(
@@ -105,10 +106,13 @@ class OneShotPruning(MaskingCallback):
         reconstruct: bool = False,
         reconstruct_steps: int = 100,
         reconstruct_lr: float = 1e-4,
+        reconstruct_target: str = "block",
     ) -> None:
         check_oneshot_arguments(sparsity, pattern, sparsity_profile)
         if reconstruct:
             check_reconstruct_arguments(reconstruct_steps, reconstruct_lr)
+        if reconstruct_target not in RECONSTRUCT_TARGETS:
+            raise ValueError(f"`reconstruct_target` must be one of {RECONSTRUCT_TARGETS}, got {reconstruct_target!r}")
         # Built here so that a bad name or option fails when the callback is made, before any fit.
         self.solver = resolve_method(method, method_options)
         self.refiner = resolve_refiner(refine, refine_options)
@@ -123,6 +127,7 @@ class OneShotPruning(MaskingCallback):
         self.progress = progress
         self.forward = resolve_forward(forward)
         self.reconstruct, self.reconstruct_steps, self.reconstruct_lr = reconstruct, reconstruct_steps, reconstruct_lr
+        self.reconstruct_target = reconstruct_target
         self.pruned = False
         self.report: SparsityReport | None = None
 
@@ -200,6 +205,7 @@ class OneShotPruning(MaskingCallback):
             reconstruct=self.reconstruct,
             reconstruct_steps=self.reconstruct_steps,
             reconstruct_lr=self.reconstruct_lr,
+            reconstruct_target=self.reconstruct_target,
         )
         self.layer_sparsity = {layer.name: layer.sparsity for layer in self.report.layers}
         self.current_sparsity = self.report.global_sparsity

@@ -1,7 +1,19 @@
-"""Demo LightningModules: a classifier and a Hugging Face causal LM (examples of users' model code)."""
+"""Demo LightningModules: a classifier, a Hugging Face causal LM and a sentence encoder (examples of users' model code)."""
 
 from lightning_prune.models.causal_lm import CausalLMModule, load_causal_lm
 from lightning_prune.models.classifier import ClassifierModule, build_digits_net
 from lightning_prune.models.optim import make_adamw
+from lightning_prune.models.pretrained import pretrained_minilm_path
+from lightning_prune.models.sentence import SentenceEncoder, load_encoder, mean_pool
 
-__all__ = ["CausalLMModule", "ClassifierModule", "build_digits_net", "load_causal_lm", "make_adamw"]
+__all__ = [
+    "CausalLMModule",
+    "ClassifierModule",
+    "SentenceEncoder",
+    "build_digits_net",
+    "load_causal_lm",
+    "load_encoder",
+    "make_adamw",
+    "mean_pool",
+    "pretrained_minilm_path",
+]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lightning_prune.oneshot.capture import hidden_of, with_hidden
 from lightning_prune.oneshot.collect import Snapshot, collect_statistics, prune_target, too_few_tokens, warn_dense_experts
 from lightning_prune.oneshot.driver import Batch, BlockRunner, calibrate_sequentially, call_model, find_blocks
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
@@ -24,6 +25,7 @@ from lightning_prune.selection import check_pattern_fits, check_pattern_sparsity
 from lightning_prune.targets import PruneTarget, find_targets
 
 PROFILES = ("uniform", "owl")
+RECONSTRUCT_TARGETS = ("block", "model")
 ONESHOT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 Statistic = TokenStatistic
 
@@ -176,6 +178,7 @@ def prune_oneshot(
     reconstruct: bool = False,
     reconstruct_steps: int = 100,
     reconstruct_lr: float = 1e-4,
+    reconstruct_target: str = "block",
 ) -> SparsityReport:
     """Prune the Linear/Conv1D layers inside `model`'s blocks one-shot, in place; masks attached.
 
@@ -202,6 +205,10 @@ def prune_oneshot(
             block's outputs on the calibration inputs (`recovery.reconstruct_block`); the
             reconstructed block's outputs feed the next block. Needs calibration batches. Under
             DDP each rank tunes on its own batches: reconstruct on one process.
+        reconstruct_target: what the pruned block learns to reproduce: "block", the dense block's
+            outputs on the inputs the pruned model gives it (Wanda++); or "model", the unpruned
+            model's own hidden states after that block (from a dense pass run alongside), so that
+            each block also corrects the error its pruned predecessors left.
     Returns:
         the per-layer (per-expert) sparsity report of the pruned layers; `notes` lists blocks whose
         reconstruction did not lower the output error (their pruned weights were kept).
@@ -214,6 +221,8 @@ def prune_oneshot(
     check_num_samples(num_samples)
     if reconstruct:
         check_reconstruct_arguments(reconstruct_steps, reconstruct_lr)
+    if reconstruct_target not in RECONSTRUCT_TARGETS:
+        raise ValueError(f"`reconstruct_target` must be one of {RECONSTRUCT_TARGETS}, got {reconstruct_target!r}")
     if not isinstance(min_expert_tokens, int) or isinstance(min_expert_tokens, bool) or min_expert_tokens < 1:
         raise ValueError(f"`min_expert_tokens` must be an integer >= 1, got {min_expert_tokens!r}")
     solver = resolve_method(method, method_options)
@@ -230,6 +239,8 @@ def prune_oneshot(
         raise ValueError(f"`calibration` has no batches; method {solver.name!r} needs calibration data")
     kinds = tuple(dict.fromkeys(solver.statistics + (refiner.statistics if refiner else ())))
     few_tokens: dict[str, int] = {}
+    first_blocks = {f"{n}.0" for n, _ in stacks}
+    dense_stream = DenseStream() if reconstruct and reconstruct_target == "model" else None
     snapshot = Snapshot(every)
     try:
         block_sparsity = dict.fromkeys(per_block, sparsity)
@@ -245,6 +256,9 @@ def prune_oneshot(
             stats = collect_statistics(per_block[name], kinds, run_dense) if kinds and per_block[name] else {}
             if reconstruct and per_block[name] and not dense_outputs:
                 run_dense()
+            if dense_stream is not None:  # before pruning: the block is still dense here
+                model_outputs = dense_stream.advance(run_block, restart=name in first_blocks)
+                dense_outputs[:] = model_outputs if per_block[name] else []
             reduce_stats([stat for per_kind in stats.values() for stat in per_kind.values()])
             few = too_few_tokens(stats, per_block[name], min_expert_tokens)
             few_tokens.update(few)
@@ -266,6 +280,22 @@ def prune_oneshot(
     skipped = {n: f"left dense: {count} calibration tokens < min_expert_tokens={min_expert_tokens}" for n, count in few_tokens.items()}
     report = sparsity_report(model, every, skipped=skipped)
     return dataclasses.replace(report, notes=tuple(notes)) if notes else report
+
+
+class DenseStream:
+    """The unpruned model's hidden states between blocks, carried alongside the pruned ones
+    (`reconstruct_target="model"`). A stack's first block starts it from its own inputs."""
+
+    def __init__(self) -> None:
+        self.hidden: list[torch.Tensor] = []
+
+    def advance(self, run_block: BlockRunner, restart: bool) -> list[torch.Tensor]:
+        """Run the (still dense) block on the dense hidden states; its outputs are the next inputs."""
+        if restart or not self.hidden:
+            self.hidden = [hidden_of(args, kwargs) for args, kwargs in run_block.inputs]
+        calls = [with_hidden(args, kwargs, h) for (args, kwargs), h in zip(run_block.inputs, self.hidden)]
+        self.hidden = BlockRunner(run_block.block, calls, run_block.name)(keep_outputs=True)
+        return self.hidden
 
 
 def _reconstruct(name: str, block: nn.Module, run_block: BlockRunner, dense_outputs: list[torch.Tensor], steps: int, lr: float) -> list[str]:
