@@ -390,3 +390,15 @@ def test_a_2_4_export_without_a_2_4_pruning_callback_fails_at_fit_start(tmp_path
     export.check_two_four_source([GradualPruning(0.5, pattern="2:4")], module)  # a 2:4 pruning callback is enough
     prune_2_4(module.model)
     export.check_two_four_source([], module)  # weights that already are 2:4 are enough
+
+
+def test_a_2_4_export_after_an_earlier_stage_checks_only_the_layers_that_stage_masked(tmp_path):
+    """A staged run: one stage masked some layers 2:4, the export stage has no pruning callback; the
+    export writes only the masked layers sparse, so the others are not refused at fit start."""
+    module = CausalLMModule(config={"model_type": "llama", **TINY_LLAMA})
+    first = [t for t in find_targets(module) if ".self_attn." in t.name]
+    update_masks(first, {t.name: t.weight.abs() for t in first}, 0.5, pattern="2:4")
+    export = SparseExport(tmp_path / "export", format="sparse-24-bitmask")
+    export.check_two_four_source([], module)
+    with pytest.raises(ValueError, match=r"prunes \['model.layers.0.mlp.gate_proj.weight'"):
+        export.check_two_four_source([GradualPruning(0.5, targets=r"mlp")], module)  # the MLP will be masked, not 2:4

@@ -94,9 +94,9 @@ def test_sparsegpt_2of4_with_distillation_runs_end_to_end(tmp_path: Path) -> Non
         "pruning.num_samples=8",
         "pruning.targets=[encoder.layer.0.]",  # one block: SparseGPT on all 36 layers takes ~20 s here
         "pruning.progress=false",
-        "+pruning.reconstruct=true",
-        "+pruning.reconstruct_steps=2",
-        "+pruning.reconstruct_target=model",
+        "pruning.reconstruct=true",
+        "pruning.reconstruct_steps=2",
+        "pruning.reconstruct_target=model",
         "dense_epochs=0",
         "trainer.max_epochs=1",
         "+trainer.max_steps=2",

@@ -14,7 +14,7 @@ from torch import nn
 from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.export.bitmask import is_2_4
 from lightning_prune.export.config import TWO_FOUR_FORMATS, check_format
-from lightning_prune.export.save import check_destination, save_sparse
+from lightning_prune.export.save import check_destination, export_targets, save_sparse
 from lightning_prune.selection import parse_pattern
 from lightning_prune.targets import find_targets
 
@@ -91,13 +91,19 @@ class SparseExport(Callback):
             self.check_two_four_source(trainer.callbacks, pl_module)  # type: ignore[attr-defined]  # public Trainer.callbacks, set by its connector (lightning 2.6.6)
 
     def check_two_four_source(self, callbacks: Sequence[Any], pl_module: nn.Module) -> None:
-        """Raise unless every export target is already 2:4 or pruned 2:4 by one of `callbacks`."""
+        """Raise unless every layer the export will write sparse (`targets`, else the pruned ones:
+        masked now, as after an earlier stage, or masked by one of `callbacks`) is already 2:4 or
+        pruned 2:4 by one of `callbacks`."""
         model = self.model_to_export(pl_module)
-        pruned_2_4: set[int] = set()
+        pruned, pruned_2_4 = set[int](), set[int]()
         for callback in callbacks:
-            if isinstance(callback, MaskingCallback) and callback.pattern is not None and parse_pattern(callback.pattern) == (2, 4):
-                pruned_2_4.update(id(t.module) for t in callback.resolve_targets(pl_module))
-        never = [t.name for t in find_targets(model, include=self.targets, ignore=self.ignore) if id(t.module) not in pruned_2_4 and not is_2_4(t.as_matrix(t.weight.detach()))]
+            if isinstance(callback, MaskingCallback):
+                modules = {id(t.module) for t in callback.resolve_targets(pl_module)}
+                pruned |= modules
+                if callback.pattern is not None and parse_pattern(callback.pattern) == (2, 4):
+                    pruned_2_4 |= modules
+        exported = export_targets(model, self.targets, self.ignore, will_prune=pruned)
+        never = [t.name for t in exported if id(t.module) not in pruned_2_4 and not is_2_4(t.as_matrix(t.weight.detach()))]
         if never:
             raise ValueError(
                 f"`format`={self.format!r} needs every exported target to be 2:4, but no pruning callback of this Trainer "

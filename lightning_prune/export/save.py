@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,18 +54,19 @@ def export_state_dict(model: nn.Module, targets: Sequence[PruneTarget]) -> dict[
     return state
 
 
-def export_targets(model: nn.Module, targets: str | Sequence[str] | None, ignore: str | Sequence[str] | None) -> list[PruneTarget]:
+def export_targets(model: nn.Module, targets: str | Sequence[str] | None, ignore: str | Sequence[str] | None, will_prune: Collection[int] = ()) -> list[PruneTarget]:
     """The weights an export writes as sparse: `targets` if given, else the pruned ones.
 
-    Pruned means carrying a mask, or recorded by `finalize`; a model with neither (pruned by other
-    means) falls back to the prunable layers that hold exact zeros.
+    Pruned means carrying a mask, or recorded by `finalize`, or (for a check made before training)
+    held by a module whose `id` is in `will_prune` (a pruning callback will mask it first); a model
+    with none of these (pruned by other means) falls back to the prunable layers that hold exact zeros.
     """
     if targets is not None:
         return find_targets(model, include=targets, ignore=ignore)
     pruned = set(get_masks(model)) | set(finalized_parameters(model))
     candidates = _all_targets(model, ignore)
-    if pruned:
-        return [t for t in candidates if t.name in pruned]
+    if pruned or will_prune:
+        return [t for t in candidates if t.name in pruned or id(t.module) in will_prune]
     return [t for t in candidates if bool((t.weight == 0).any())]
 
 
