@@ -40,10 +40,7 @@ def shard_group(tensor: DTensor, name: str) -> dist.ProcessGroup | None:
     """
     shard_dims = [dim for dim, placement in enumerate(tensor.placements) if isinstance(placement, Shard)]
     if any(tensor.placements[dim] != Shard(0) for dim in shard_dims) or len(shard_dims) > 1:
-        raise ValueError(
-            f"{name!r} is placed as {tensor.placements}; pruning supports parameters sharded by rows only "
-            "(FSDP2's Shard(0), optionally replicated: HSDP), not tensor parallelism"
-        )
+        raise ValueError(f"{name!r} is placed as {tensor.placements}; pruning supports parameters sharded by rows only (FSDP2's Shard(0), optionally replicated: HSDP), not tensor parallelism")
     if not shard_dims or tensor.device_mesh.size(shard_dims[0]) == 1:
         return None
     return tensor.device_mesh.get_group(shard_dims[0])
@@ -157,9 +154,7 @@ def all_gather_floats(values: Iterable[float], group: dist.ProcessGroup | None) 
     return [g.cpu().tolist() for g in gathered]
 
 
-def _layer_problems(
-    flats: dict[str, torch.Tensor], ks: dict[str, int], group: dist.ProcessGroup | None
-) -> dict[str, torch.Tensor]:
+def _layer_problems(flats: dict[str, torch.Tensor], ks: dict[str, int], group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
     """One k-lowest problem per layer (flat local blocks), all answered in the same collectives."""
     names = sorted(flats)
     dropped = sharded_lowest_k([flats[n] for n in names], [[i] for i in range(len(names))], [ks[n] for n in names], group)

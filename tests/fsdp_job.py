@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lightning_prune import GradualPruning, IterativePruning, get_masks
+from lightning_prune import GradualPruning, IterativePruning, KnowledgeDistillation, get_masks
 from lightning_prune.sharded import local_tensor, sharded_lowest_k
 
 SAMPLES = 256
@@ -77,8 +77,8 @@ class Probe(pl.Callback):
                 self.largest = max(self.largest, float(grad[~mask].abs().max()))
 
 
-def fit(callback: pl.Callback, args: argparse.Namespace, epochs: int, ckpt_in: str | None = None) -> tuple[pl.Trainer, Probe]:
-    """Fit a freshly seeded model with `callback` then a probe; returns the trainer and the probe."""
+def fit(callback: pl.Callback, args: argparse.Namespace, epochs: int, ckpt_in: str | None = None, *others: pl.Callback) -> tuple[pl.Trainer, Probe]:
+    """Fit a freshly seeded model with `callback`, `others`, then a probe; returns the trainer and the probe."""
     pl.seed_everything(0, verbose=False)
     probe = Probe()
     trainer = pl.Trainer(
@@ -86,7 +86,7 @@ def fit(callback: pl.Callback, args: argparse.Namespace, epochs: int, ckpt_in: s
         devices=args.devices,
         strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
         max_epochs=epochs,
-        callbacks=[callback, probe],
+        callbacks=[callback, *others, probe],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -157,6 +157,10 @@ def main() -> None:
         dump(*fit(gradual("layer"), args, epochs=3, ckpt_in=args.resume_from), "resharded", args.out)
 
     dump(*fit(IterativePruning(0.75, cycles=2, epochs_per_cycle=1, rewind="init"), args, epochs=3), "iterative", args.out)
+
+    # Distillation from the dense model beside GMP: the teacher is copied before FSDP2 shards the student.
+    distill = KnowledgeDistillation(alpha=0.5, temperature=2.0, student_attr="net")
+    dump(*fit(gradual("row"), args, 2, None, distill), "distill", args.out)
 
 
 if __name__ == "__main__":
