@@ -54,8 +54,8 @@ def _sortable_keys(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _transport(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    backend = dist.get_backend(group)
-    return tensor.cuda() if backend == "nccl" else tensor.cpu()
+    """Where a collective over `group` needs the tensor: NCCL takes CUDA tensors, gloo (and no group) CPU ones."""
+    return tensor.cuda() if group is not None and dist.get_backend(group) == "nccl" else tensor.cpu()
 
 
 def _digits(keys: torch.Tensor, shift: int, width: int) -> torch.Tensor:
@@ -89,6 +89,8 @@ def sharded_lowest_k(
     the lower index of that vector. Every rank calls this with the same problems and `ks`, in the
     same order. Returns one mask per segment (local shape).
     """
+    if sorted(s for segment_ids in problems for s in segment_ids) != list(range(len(segments))) or len(ks) != len(problems):
+        raise ValueError(f"`problems` must use every segment exactly once and `ks` give one k per problem, got {list(problems)} for {len(segments)} segments and ks={list(ks)}")
     dtype = torch.float64 if any(segment.dtype == torch.float64 for segment in segments) else torch.float32
     keys = [_sortable_keys(segment.to(dtype)) for segment in segments]
     width = 8 * dtype.itemsize
