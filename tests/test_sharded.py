@@ -60,3 +60,26 @@ def test_strategies() -> None:
         check_strategy(FSDPStrategy(), sharded_ok=True)
     with pytest.raises(ValueError, match=r"ModelParallelStrategy.*prune before sharding.*`offload`"):
         check_strategy(ModelParallelStrategy(), sharded_ok=False)
+
+
+@pytest.mark.parametrize("callback", ["oneshot", "structured", "gradual"])
+def test_callbacks_that_need_whole_weights_refuse_fsdp2_at_fit_start(callback: str) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch import nn
+
+    from lightning_prune import GradualPruning, OneShotPruning
+
+    made = {
+        "oneshot": lambda: OneShotPruning("wanda", 0.5, calibration=[torch.zeros(1, 4)]),
+        "structured": lambda: GradualPruning(0.5, structure="neuron"),
+        "gradual": lambda: GradualPruning(0.5, end_step=4, frequency=2),
+    }[callback]()
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy(), optimizers=[], lightning_module=None)
+    if callback == "gradual":
+        made.attach(trainer, nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))  # type: ignore[arg-type]
+        assert made._sharded
+    else:
+        with pytest.raises(ValueError, match=r"ModelParallelStrategy.*prune before sharding"):
+            made.attach(trainer, nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))  # type: ignore[arg-type]

@@ -41,6 +41,8 @@ class MaskingCallback(ShardedState, Callback):
     distributed checkpoint (`callbacks.sharding.ShardedState`).
     """
 
+    sharded_ok = True  # runs under FSDP2 (ModelParallelStrategy); subclasses that need whole weights say False
+
     def __init__(
         self,
         sparsity: float,
@@ -127,7 +129,7 @@ class MaskingCallback(ShardedState, Callback):
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check, resolve targets, restore saved masks, and keep masks applied after every optimizer step."""
-        self._sharded = check_strategy(trainer.strategy, sharded_ok=self.structured is None)
+        self._sharded = check_strategy(trainer.strategy, sharded_ok=self.sharded_ok and self.structured is None)
         self.preflight(pl_module, trainer)
         self._pl_module = pl_module
         self._targets = self.resolve_targets(pl_module)

@@ -84,6 +84,8 @@ class OneShotPruning(MaskingCallback):
         reconstruct_lr: 0.0001  # Adam learning rate of the reconstruction
     """
 
+    sharded_ok = False  # calibration needs whole weights: prune before FSDP2 shards the model
+
     def __init__(
         self,
         method: str | OneShotMethod = "wanda",
