@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_prune.selection import select_masks
-from lightning_prune.sharded import is_sharded, local_tensor, select_masks_sharded, shard_group
+from lightning_prune.sharded import is_sharded, local_tensor, select_target_masks_sharded
 from lightning_prune.targets import PruneTarget
 
 _MASKED = "_lightning_prune_masked"  # module attribute: [param_name, ...] of its masked parameters
@@ -259,29 +259,6 @@ def _name_nan_scores(targets: Sequence[PruneTarget], scores: Mapping[str, torch.
             ) from error
 
 
-def _select_sharded(
-    targets: Sequence[PruneTarget],
-    matrices: dict[str, torch.Tensor],
-    sparsity: float,
-    scope: str,
-    pattern: str | None,
-    pruned: dict[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """Selection over FSDP2 row blocks: every target must be a DTensor sharded by output rows."""
-    groups = []
-    for target in targets:
-        if not is_sharded(target.weight) or target.experts or target.transposed:
-            raise ValueError(
-                f"target {target.name!r} cannot be pruned beside FSDP2-sharded weights: every target must be a "
-                "row-sharded (out, in) weight (fused experts and transposed Conv1D weights are not supported); leave it out with `ignore`"
-            )
-        groups.append(shard_group(target.weight, target.name))  # type: ignore[arg-type]  # a DTensor, checked above
-    if any(group is not groups[0] for group in groups):
-        raise ValueError("every sharded target must be sharded over the same ranks (one FSDP2 mesh)")
-    rows = {target.name: target.weight.shape[0] for target in targets}
-    return select_masks_sharded(matrices, rows, sparsity, scope=scope, pattern=pattern, pruned=pruned, group=groups[0])
-
-
 def update_masks(
     targets: Sequence[PruneTarget],
     scores: Mapping[str, torch.Tensor],
@@ -306,7 +283,7 @@ def update_masks(
             pruned.update(zip(names, (~m for m in target.matrices(current))))
     try:  # selection checks every layer's scores for NaN once (one host sync per layer)
         if any(is_sharded(target.weight) for target in targets):
-            selected = _select_sharded(targets, matrices, sparsity, scope, pattern, pruned)
+            selected = select_target_masks_sharded(targets, matrices, sparsity, scope, pattern, pruned)
         else:
             selected = select_masks(matrices, sparsity, scope=scope, pattern=pattern, pruned=pruned)
     except ValueError as error:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
 from lightning_prune.selection import SCOPES, _monotone, _with_pruned, n_m_candidates, parse_pattern, prune_count, select_row_wise
+from lightning_prune.targets import PruneTarget
 
 _KEY_DTYPE = {4: torch.int32, 8: torch.int64}
 
@@ -225,3 +226,26 @@ def sum_over_shards(values: Sequence[int], group: dist.ProcessGroup | None) -> l
         local = _transport(local, group)
         dist.all_reduce(local, group=group)
     return [int(v) for v in local.cpu().tolist()]
+
+
+def select_target_masks_sharded(
+    targets: Sequence[PruneTarget],
+    matrices: dict[str, torch.Tensor],
+    sparsity: float,
+    scope: str,
+    pattern: str | None,
+    pruned: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """`select_masks_sharded` for `update_masks`: every target must be a DTensor sharded by output rows."""
+    groups = []
+    for target in targets:
+        if not is_sharded(target.weight) or target.experts or target.transposed:
+            raise ValueError(
+                f"target {target.name!r} cannot be pruned beside FSDP2-sharded weights: every target must be a "
+                "row-sharded (out, in) weight (fused experts and transposed Conv1D weights are not supported); leave it out with `ignore`"
+            )
+        groups.append(shard_group(target.weight, target.name))  # type: ignore[arg-type]  # a DTensor, checked above
+    if any(group is not groups[0] for group in groups):
+        raise ValueError("every sharded target must be sharded over the same ranks (one FSDP2 mesh)")
+    rows = {target.name: target.weight.shape[0] for target in targets}
+    return select_masks_sharded(matrices, rows, sparsity, scope=scope, pattern=pattern, pruned=pruned, group=groups[0])
