@@ -135,7 +135,7 @@ def gradual(scope: str) -> GradualPruning:
 
 
 def main() -> None:
-    """Run every phase (GMP per scope, resume, iterative rewind) on `--devices` ranks."""
+    """Run every phase (GMP per scope, distillation, resume, iterative rewind) on `--devices` ranks."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--global-batch", type=int, default=32)
@@ -144,9 +144,10 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    for scope in SCOPES:
+    for scope in SCOPES:  # row-wise GMP also distills from the dense model (the teacher is copied before FSDP2 shards the student)
         callback = gradual(scope)
-        trainer, probe = fit(callback, args, epochs=3)
+        others = [KnowledgeDistillation(alpha=0.5, temperature=2.0, student_attr="net")] if scope == "row" else []
+        trainer, probe = fit(callback, args, 3, None, *others)
         dump(trainer, probe, scope, args.out, sparsity=callback.current_sparsity)
     uneven_selection(args.out)
 
@@ -158,10 +159,6 @@ def main() -> None:
 
     iterative = IterativePruning(0.5, cycles=2, epochs_per_cycle=1, rewind="init", scope="channel")  # whole rows, across ranks
     dump(*fit(iterative, args, epochs=3), "iterative", args.out)
-
-    # Distillation from the dense model beside GMP: the teacher is copied before FSDP2 shards the student.
-    distill = KnowledgeDistillation(alpha=0.5, temperature=2.0, student_attr="net")
-    dump(*fit(gradual("row"), args, 2, None, distill), "distill", args.out)
 
 
 if __name__ == "__main__":
