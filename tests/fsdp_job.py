@@ -129,6 +129,22 @@ SCOPES = {  # phase → GradualPruning arguments: every scope, a gradient criter
 }
 
 
+def iterative() -> IterativePruning:
+    """Two cycles of whole-row pruning (a threshold across ranks) with a rewind to initialisation."""
+    return IterativePruning(0.5, cycles=2, epochs_per_cycle=1, rewind="init", scope="channel")
+
+
+class SaveAfterEpoch(pl.Callback):
+    """Write a checkpoint at the end of one epoch (after the callbacks before it in the list)."""
+
+    def __init__(self, epoch: int, path: str) -> None:
+        self.epoch, self.path = epoch, path
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.save_checkpoint(self.path)
+
+
 def gradual(scope: str) -> GradualPruning:
     """Ramp over the first 20 of 24 steps (two epochs of 8 steps then a third)."""
     return GradualPruning(**{"end_step": 20, "frequency": 4, **SCOPES[scope]})
@@ -141,6 +157,7 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume-from", default=None, help="a distributed checkpoint written by another world size")
+    parser.add_argument("--resume-iterative", default=None, help="IterativePruning's checkpoint written by another world size")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -157,8 +174,9 @@ def main() -> None:
     if args.resume_from:
         dump(*fit(gradual("layer"), args, epochs=3, ckpt_in=args.resume_from), "resharded", args.out)
 
-    iterative = IterativePruning(0.5, cycles=2, epochs_per_cycle=1, rewind="init", scope="channel")  # whole rows, across ranks
-    dump(*fit(iterative, args, epochs=3), "iterative", args.out)
+    saver = SaveAfterEpoch(0, str(args.out / f"cycle1-{args.devices}"))  # after the first prune + rewind
+    dump(*fit(iterative(), args, 3, None, saver), "iterative", args.out)
+    dump(*fit(iterative(), args, 3, args.resume_iterative or saver.path), "iterative-resumed", args.out)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One FSDP2 run on 2 ranks and one on 1 rank with the same global batch."""
     two, one = tmp_path_factory.mktemp("fsdp2"), tmp_path_factory.mktemp("fsdp1")
     run_job(two, 2)
-    run_job(one, 1, "--resume-from", str(two / "half-2"))
+    run_job(one, 1, "--resume-from", str(two / "half-2"), "--resume-iterative", str(two / "cycle1-2"))
     return {"two": two, "one": one}
 
 
@@ -113,3 +113,17 @@ def test_exact_k_lowest_over_uneven_blocks_with_ties(runs: dict[str, Path]) -> N
     expected = [lowest_k(f, k) for f, k in zip(full, [3, 1, 0, 20])] + list(lowest_k(torch.cat(full), 9).split([7, 1, 0, 11]))
     for index, mask in enumerate(expected):
         assert torch.equal(torch.cat([rank0["dropped"][index], rank1["dropped"][index]]), mask), index
+
+
+@pytest.mark.parametrize("run", ["two", "one"])
+def test_iterative_rewind_resumes_from_between_cycles(runs: dict[str, Path], run: str) -> None:
+    """Resumed after cycle 1 (masks and the sharded rewind snapshot from the 2-rank checkpoint): the
+    uninterrupted masks, bitwise weights on the same ranks."""
+    uninterrupted, resumed = load(runs[run], "iterative"), load(runs[run], "iterative-resumed")
+    for name, mask in uninterrupted["masks"].items():
+        assert torch.equal(mask, resumed["masks"][name]), name
+    for name, value in uninterrupted["weights"].items():
+        if run == "one":  # resharded: the first cycle's gradients were reduced over 2 ranks
+            torch.testing.assert_close(value, resumed["weights"][name], rtol=1e-4, atol=1e-6)
+        else:
+            assert torch.equal(value, resumed["weights"][name]), name
