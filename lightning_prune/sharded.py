@@ -228,6 +228,24 @@ def sum_over_shards(values: Sequence[int], group: dist.ProcessGroup | None) -> l
     return [int(v) for v in local.cpu().tolist()]
 
 
+def targets_shard_group(targets: Sequence[PruneTarget]) -> dist.ProcessGroup | None:
+    """The one process group over which every target is sharded by rows (None: one block each).
+
+    Raises a ValueError naming the first target that is not an FSDP2 row-sharded (out, in) weight.
+    """
+    groups = []
+    for target in targets:
+        if not is_sharded(target.weight) or target.experts or target.transposed:
+            raise ValueError(
+                f"target {target.name!r} cannot be pruned beside FSDP2-sharded weights: every target must be a "
+                "row-sharded (out, in) weight (`fully_shard` it; fused experts and transposed Conv1D weights are not supported); leave it out with `ignore`"
+            )
+        groups.append(shard_group(target.weight, target.name))  # type: ignore[arg-type]  # a DTensor, checked above
+    if any(group is not groups[0] for group in groups):
+        raise ValueError("every sharded target must be sharded over the same ranks (one FSDP2 mesh)")
+    return groups[0] if groups else None
+
+
 def select_target_masks_sharded(
     targets: Sequence[PruneTarget],
     matrices: dict[str, torch.Tensor],
@@ -237,15 +255,6 @@ def select_target_masks_sharded(
     pruned: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """`select_masks_sharded` for `update_masks`: every target must be a DTensor sharded by output rows."""
-    groups = []
-    for target in targets:
-        if not is_sharded(target.weight) or target.experts or target.transposed:
-            raise ValueError(
-                f"target {target.name!r} cannot be pruned beside FSDP2-sharded weights: every target must be a "
-                "row-sharded (out, in) weight (fused experts and transposed Conv1D weights are not supported); leave it out with `ignore`"
-            )
-        groups.append(shard_group(target.weight, target.name))  # type: ignore[arg-type]  # a DTensor, checked above
-    if any(group is not groups[0] for group in groups):
-        raise ValueError("every sharded target must be sharded over the same ranks (one FSDP2 mesh)")
+    group = targets_shard_group(targets)
     rows = {target.name: target.weight.shape[0] for target in targets}
-    return select_masks_sharded(matrices, rows, sparsity, scope=scope, pattern=pattern, pruned=pruned, group=groups[0])
+    return select_masks_sharded(matrices, rows, sparsity, scope=scope, pattern=pattern, pruned=pruned, group=group)

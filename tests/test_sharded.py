@@ -77,8 +77,9 @@ def test_callbacks_that_need_whole_weights_refuse_fsdp2_at_fit_start(callback: s
         "gradual": lambda: GradualPruning(0.5, end_step=4, frequency=2),
     }[callback]()
     trainer = SimpleNamespace(strategy=ModelParallelStrategy(), optimizers=[], lightning_module=None)
-    if callback == "gradual":
-        made.attach(trainer, nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))  # type: ignore[arg-type]
+    if callback == "gradual":  # accepted, but every target must be sharded by FSDP2 (checked before training)
+        with pytest.raises(ValueError, match=r"target '0.weight' cannot be pruned beside FSDP2-sharded weights.*`fully_shard` it"):
+            made.attach(trainer, nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))  # type: ignore[arg-type]
         assert made._sharded
     else:
         with pytest.raises(ValueError, match=r"ModelParallelStrategy.*prune before sharding"):

@@ -20,7 +20,7 @@ from lightning_prune.distributed import broadcast_masks_
 from lightning_prune.masking import apply_masks_, finalize, get_mask, get_masks, keep_masks_applied, load_masks, mask_sharded_gradients_, update_masks
 from lightning_prune.registry import CRITERIA
 from lightning_prune.selection import SCOPES, check_pattern_fits, check_pattern_sparsity, check_sparsity
-from lightning_prune.sharded import local_tensor, shard_group, sum_over_shards
+from lightning_prune.sharded import local_tensor, sum_over_shards, targets_shard_group
 from lightning_prune.structured.training import StructuredSelection, check_structure_arguments, compact_and_measure, describe, first_batch, sample_forward
 from lightning_prune.targets import PruneTarget, find_targets
 
@@ -135,6 +135,7 @@ class MaskingCallback(ShardedState, Callback):
         self._targets = self.resolve_targets(pl_module)
         self.warnings_recorded = []
         self._gradients_checked = False
+        self._shard_group = targets_shard_group(self._targets) if self._sharded else None  # refuses what FSDP2 pruning cannot do
         if self._restored_masks:
             load_masks(pl_module, self._restored_masks)
             self._restored_masks = {}
@@ -225,8 +226,7 @@ class MaskingCallback(ShardedState, Callback):
         apply_masks_(self._pl_module)
         kept, sizes = _kept_counts(masks), {name: mask.numel() for name, mask in masks.items()}
         if self._sharded:  # blocks: count over the ranks that hold them
-            group = shard_group(self._targets[0].weight, self._targets[0].name)  # type: ignore[arg-type]  # DTensor under FSDP2
-            kept = dict(zip(kept, sum_over_shards(list(kept.values()), group)))
+            kept = dict(zip(kept, sum_over_shards(list(kept.values()), self._shard_group)))
             sizes = {name: self._pl_module.get_parameter(name).numel() for name in masks}
         self.layer_sparsity = {name: 1.0 - kept[name] / sizes[name] for name in masks}
         self.current_sparsity = 1.0 - sum(kept.values()) / sum(sizes.values())

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
 
@@ -73,6 +74,7 @@ class ShardedState:
     """
 
     _sharded = False
+    _shard_group: dist.ProcessGroup | None = None  # the process group of the targets' row blocks (attach)
     _checkpoint_path: str | None = None
 
     def sharded_tensors(self) -> dict[str, DTensor]:
