@@ -190,6 +190,9 @@ def select_masks_sharded(
     """`selection.select_masks` for row blocks: `scores` are each rank's (local rows, in) blocks,
     `rows` the unsharded row counts; the masks are exactly the unsharded masks' blocks."""
     pruned = pruned or {}
+    nan_layers = sum(bool(torch.isnan(s).any()) for s in scores.values())  # every rank must raise, or the others wait forever
+    if sum_over_shards([nan_layers], group)[0]:
+        raise ValueError("scores contain NaN on some rank's block; check the model's weights and calibration activations")
     masked = {name: _with_pruned(s, pruned.get(name)) for name, s in scores.items()}
     numel = {name: rows[name] * s.shape[1] for name, s in scores.items()}
     if pattern is not None:

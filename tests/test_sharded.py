@@ -46,6 +46,12 @@ def test_sharded_selection_in_one_process_is_select_masks(scope: str, pattern: s
         assert torch.equal(masks[name], expected[name]), name
 
 
+def test_nan_scores_raise() -> None:
+    scores = {"a": torch.tensor([[1.0, float("nan")], [0.5, 2.0]])}
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        select_masks_sharded(scores, {"a": 2}, 0.5, scope="row")
+
+
 def test_every_segment_belongs_to_one_problem() -> None:
     with pytest.raises(ValueError, match="`problems` must use every segment exactly once"):
         sharded_lowest_k([torch.ones(2), torch.ones(2)], [[0], [0, 1]], [1, 1], None)
