@@ -14,6 +14,7 @@ from lightning_prune.masking import (
     get_masks,
     keep_masks_applied,
     load_masks,
+    mask_sharded_gradients_,
     remove_masks,
     set_mask,
     update_masks,
@@ -47,6 +48,7 @@ from lightning_prune.registry import (
 from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.schedules import make_schedule
 from lightning_prune.selection import select_masks
+from lightning_prune.sharded import select_masks_sharded, sharded_lowest_k
 from lightning_prune.structured import StructuredReport, StructuredScore, compact, prune_structured
 from lightning_prune.targets import PruneTarget, find_targets
 
@@ -95,6 +97,7 @@ __all__ = [
     "magnitude_mask",
     "make_criterion",
     "make_schedule",
+    "mask_sharded_gradients_",
     "merge_lora",
     "prune_oneshot",
     "prune_structured",
@@ -106,7 +109,9 @@ __all__ = [
     "remove_masks",
     "save_sparse",
     "select_masks",
+    "select_masks_sharded",
     "set_mask",
+    "sharded_lowest_k",
     "sparsegpt_prune",
     "sparsity_report",
     "update_masks",

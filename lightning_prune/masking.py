@@ -30,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_prune.selection import select_masks
+from lightning_prune.sharded import is_sharded, local_tensor, select_target_masks_sharded
 from lightning_prune.targets import PruneTarget
 
 _MASKED = "_lightning_prune_masked"  # module attribute: [param_name, ...] of its masked parameters
@@ -77,7 +78,7 @@ def keep_only_(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def _zero_pruned(module: nn.Module, param_name: str) -> None:
-    keep_only_(getattr(module, param_name), getattr(module, _mask_name(param_name)))
+    keep_only_(local_tensor(getattr(module, param_name)), getattr(module, _mask_name(param_name)))
 
 
 class _MaskGradient:
@@ -102,9 +103,11 @@ def _hook_gradient(module: nn.Module, param_name: str) -> None:
 
     A weight with `requires_grad=False` gets no gradient to mask; it is hooked by the next
     `ensure_gradient_masking` (every `apply_masks_`, `keep_masks_applied` and load) after it is unfrozen.
+    FSDP2's sharded parameters get no hook: their gradient is assigned after the reduce-scatter, not
+    accumulated, so `mask_sharded_gradients_` masks it before the optimizer step.
     """
     param = getattr(module, param_name)
-    if param in _GRADIENT_HOOKS or not param.requires_grad or param.grad_fn is not None:
+    if param in _GRADIENT_HOOKS or not param.requires_grad or param.grad_fn is not None or is_sharded(param):
         return
     _GRADIENT_HOOKS[param] = param.register_post_accumulate_grad_hook(_MaskGradient(module, param_name))
 
@@ -132,9 +135,10 @@ def ensure_gradient_masking(model: nn.Module) -> None:
 def set_mask(module: nn.Module, mask: torch.Tensor, param_name: str = "weight") -> None:
     """Attach (or replace) the keep-mask of `module.<param_name>` and zero its pruned entries now.
 
-    Works on frozen weights too (their gradient is masked once they require grad again).
+    Works on frozen weights too (their gradient is masked once they require grad again). For an
+    FSDP2-sharded weight (a DTensor), `mask` covers the rank's own block (`weight.to_local()`).
     """
-    weight = getattr(module, param_name)
+    weight = local_tensor(getattr(module, param_name))
     if mask.shape != weight.shape:
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit `{param_name}` of shape {tuple(weight.shape)}")
     mask = mask.to(device=weight.device, dtype=torch.bool)
@@ -182,6 +186,19 @@ def load_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
 
 
 @torch.no_grad()
+def mask_sharded_gradients_(model: nn.Module) -> None:
+    """Zero the pruned entries of FSDP2-sharded parameters' gradients (each rank its own block).
+
+    Call after backward, before the optimizer step (the callbacks do it in `on_before_optimizer_step`):
+    FSDP2 assigns the reduce-scattered gradient, which no accumulation hook sees.
+    """
+    for _, module, param_name in masked_parameters(model):
+        grad = getattr(module, param_name).grad
+        if grad is not None and is_sharded(grad):
+            keep_only_(local_tensor(grad), getattr(module, _mask_name(param_name)))
+
+
+@torch.no_grad()
 def apply_masks_(model: nn.Module) -> None:
     """Re-zero every pruned weight of `model` (call after each optimizer step in a plain loop)."""
     for _, module, param_name in masked_parameters(model):
@@ -225,7 +242,7 @@ def finalize(model: nn.Module) -> nn.Module:
     for _, module, param_name in masked_parameters(model):
         finalized = getattr(module, _FINALIZED, [])
         object.__setattr__(module, _FINALIZED, [*finalized, *([] if param_name in finalized else [param_name])])
-        weight = getattr(module, param_name)
+        weight = local_tensor(getattr(module, param_name))
         keep_only_(weight, getattr(module, _mask_name(param_name)) & (weight != 0))  # also turns -0.0 into +0.0
     remove_masks(model)
     return model
@@ -265,7 +282,10 @@ def update_masks(
         if monotone and current is not None:
             pruned.update(zip(names, (~m for m in target.matrices(current))))
     try:  # selection checks every layer's scores for NaN once (one host sync per layer)
-        selected = select_masks(matrices, sparsity, scope=scope, pattern=pattern, pruned=pruned)
+        if any(is_sharded(target.weight) for target in targets):
+            selected = select_target_masks_sharded(targets, matrices, sparsity, scope, pattern, pruned)
+        else:
+            selected = select_masks(matrices, sparsity, scope=scope, pattern=pattern, pruned=pruned)
     except ValueError as error:
         _name_nan_scores(targets, scores, error)
         raise

@@ -69,7 +69,7 @@ class PruneTarget:
             return matrix.transpose(1, 2) if self.expert_transposed else matrix
         if self.transposed:
             return matrix.t()
-        return matrix.reshape(self.weight.shape)
+        return matrix.reshape(matrix.shape[0], *self.weight.shape[1:])  # rows: FSDP2 holds a block of them
 
     def matrix_names(self) -> list[str]:
         """The names of the matrices this weight holds: its own, or `<name>[e]` per expert."""

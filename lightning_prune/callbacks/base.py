@@ -14,16 +14,18 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from lightning_prune.callbacks.sharding import ShardedState, check_strategy
 from lightning_prune.criteria import Criterion, make_criterion
 from lightning_prune.distributed import broadcast_masks_
-from lightning_prune.masking import apply_masks_, finalize, get_mask, get_masks, keep_masks_applied, load_masks, update_masks
+from lightning_prune.masking import apply_masks_, finalize, get_mask, get_masks, keep_masks_applied, load_masks, mask_sharded_gradients_, update_masks
 from lightning_prune.registry import CRITERIA
 from lightning_prune.selection import SCOPES, check_pattern_fits, check_pattern_sparsity, check_sparsity
+from lightning_prune.sharded import local_tensor, sum_over_shards, targets_shard_group
 from lightning_prune.structured.training import StructuredSelection, check_structure_arguments, compact_and_measure, describe, first_batch, sample_forward
 from lightning_prune.targets import PruneTarget, find_targets
 
 
-class MaskingCallback(Callback):
+class MaskingCallback(ShardedState, Callback):
     """Base of the pruning callbacks: resolves targets, keeps masks applied, saves and restores them.
 
     Lifecycle: `preflight(model)` raises for every mistake knowable before training (also run by
@@ -33,7 +35,13 @@ class MaskingCallback(Callback):
     gradient-based criteria, and the first batch that stepped checks that every target got a
     gradient; `on_fit_end` warns when the final sparsity is not the target (recorded in
     `warnings_recorded`), removes the hooks and, with `finalize_on_end`, bakes the masks in.
+
+    Under FSDP2 (`ModelParallelStrategy`) each rank masks its own row block of every weight, selection
+    agrees exactly with one process (`lightning_prune.sharded`), and mask blocks travel through the
+    distributed checkpoint (`callbacks.sharding.ShardedState`).
     """
+
+    sharded_ok = True  # runs under FSDP2 (ModelParallelStrategy); subclasses that need whole weights say False
 
     def __init__(
         self,
@@ -92,6 +100,8 @@ class MaskingCallback(Callback):
         self.hook_optimizers(trainer)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        if self._sharded:
+            mask_sharded_gradients_(pl_module)
         if self.structured is not None and self.structured.needs_gradients:
             self.structured.accumulate()
         elif self.criterion.needs_gradients:
@@ -119,12 +129,13 @@ class MaskingCallback(Callback):
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check, resolve targets, restore saved masks, and keep masks applied after every optimizer step."""
-        refuse_sharded_strategy(trainer.strategy)
+        self._sharded = check_strategy(trainer.strategy, sharded_ok=self.sharded_ok and self.structured is None)
         self.preflight(pl_module, trainer)
         self._pl_module = pl_module
         self._targets = self.resolve_targets(pl_module)
         self.warnings_recorded = []
         self._gradients_checked = False
+        self._shard_group = targets_shard_group(self._targets) if self._sharded else None  # refuses what FSDP2 pruning cannot do
         if self._restored_masks:
             load_masks(pl_module, self._restored_masks)
             self._restored_masks = {}
@@ -193,7 +204,7 @@ class MaskingCallback(Callback):
         """Feed this step's (already reduced) gradients to the criterion."""
         for target in self._targets:
             if target.weight.grad is not None:
-                self.criterion.accumulate(target.name, target.weight, target.weight.grad)
+                self.criterion.accumulate(target.name, local_tensor(target.weight), local_tensor(target.weight.grad))
 
     def prune_to(self, sparsity: float) -> dict[str, torch.Tensor]:
         """Recompute masks at `sparsity` from the criterion's scores (monotone: pruned stays pruned)."""
@@ -205,16 +216,20 @@ class MaskingCallback(Callback):
             apply_masks_(self._pl_module)
             self.layer_sparsity = describe(self.structured.groups)
             return self.masks()
-        scores = {t.name: self.criterion.score(t.name, t.weight) for t in self._targets}
+        scores = {t.name: self.criterion.score(t.name, local_tensor(t.weight)) for t in self._targets}
         update_masks(self._targets, scores, sparsity, scope=self.scope, pattern=self.pattern)
         self.criterion.reset()
         self.reached_sparsity = sparsity
         masks = self.masks()
-        broadcast_masks_(masks)  # every rank computed them from the same weights; rank 0's win ties
+        if not self._sharded:
+            broadcast_masks_(masks)  # every rank computed them from the same weights; rank 0's win ties
         apply_masks_(self._pl_module)
-        kept = _kept_counts(masks)
-        self.layer_sparsity = {name: 1.0 - kept[name] / masks[name].numel() for name in masks}
-        self.current_sparsity = 1.0 - sum(kept.values()) / sum(mask.numel() for mask in masks.values())
+        kept, sizes = _kept_counts(masks), {name: mask.numel() for name, mask in masks.items()}
+        if self._sharded:  # blocks: count over the ranks that hold them
+            kept = dict(zip(kept, sum_over_shards(list(kept.values()), self._shard_group)))
+            sizes = {name: self._pl_module.get_parameter(name).numel() for name in masks}
+        self.layer_sparsity = {name: 1.0 - kept[name] / sizes[name] for name in masks}
+        self.current_sparsity = 1.0 - sum(kept.values()) / sum(sizes.values())
         return masks
 
     def log_sparsity(self, pl_module: pl.LightningModule, layers: bool = False, on_step: bool = True) -> None:
@@ -238,35 +253,44 @@ class MaskingCallback(Callback):
         return {name: mask for name, mask in found.items() if mask is not None}
 
     def state_dict(self) -> dict[str, Any]:
-        masks = {name: mask.detach().cpu().clone() for name, mask in self.masks().items()}
+        masks = {} if self._sharded else {name: mask.detach().cpu().clone() for name, mask in self.masks().items()}
+        criterion = self.criterion.state_dict()
         return {
             "masks": masks or dict(self._restored_masks),
-            "criterion": self.criterion.state_dict(),
+            "sharded": sorted(self.sharded_tensors()) if self._sharded else [],  # blocks in the distributed checkpoint
+            "criterion": {**criterion, "sums": {}} if self._sharded and "sums" in criterion else criterion,
             "current_sparsity": self.current_sparsity,
             "reached_sparsity": self.reached_sparsity,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored_masks = dict(state_dict.get("masks", {}))
+        criterion_state = dict(state_dict.get("criterion", {}))
+        if state_dict.get("sharded"):  # FSDP2 restores after `on_fit_start`: the targets are known
+            self._restored_sums: dict[str, torch.Tensor] = {}
+            self.load_sharded(list(state_dict["sharded"]))
+            criterion_state["sums"] = {**criterion_state.get("sums", {}), **self._restored_sums}
         if self._pl_module is not None and self._targets and self._restored_masks:  # strategies that restore after `on_fit_start`
             load_masks(self._pl_module, self._restored_masks)
             self._restored_masks = {}
-        self.criterion.load_state_dict(state_dict.get("criterion", {}))
+        self.criterion.load_state_dict(criterion_state)
         self.current_sparsity = float(state_dict.get("current_sparsity", 0.0))
         self.reached_sparsity = float(state_dict.get("reached_sparsity", self.current_sparsity))
 
+    def restore_sharded(self, name: str, tensor: torch.Tensor) -> None:
+        """Take one tensor read back from a distributed checkpoint (`ShardedState.load_sharded`)."""
+        kind, _, param_name = name.partition("/")
+        if kind == "sums":
+            self._restored_sums[param_name] = tensor.clone()
+        elif kind == "mask":
+            load_masks(self._pl_module, {param_name: tensor})  # type: ignore[arg-type]  # set by attach
+        else:
+            raise ValueError(f"{type(self).__name__} saved no sharded {kind!r} state, got {name!r}")
+
 
 def refuse_sharded_strategy(strategy: object) -> None:
-    """Raise for strategies that shard parameters (FSDP, DeepSpeed, model parallel).
-
-    Masks live beside whole weights; a sharded weight would need a sharded mask and a global
-    selection across shards, which these callbacks do not do.
-    """
-    name = type(strategy).__name__
-    if any(key in name for key in ("FSDP", "DeepSpeed", "ModelParallel")):
-        raise ValueError(
-            f"`strategy`={name} shards parameters, which lightning_prune's masks do not support; use strategy='ddp' (masks are identical on every rank), or prune one-shot before wrapping the model"
-        )
+    """Raise for every strategy that shards parameters (for callbacks that need whole weights)."""
+    check_strategy(strategy, sharded_ok=False)
 
 
 def _kept_counts(masks: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -116,20 +116,50 @@ class IterativePruning(MaskingCallback):
 
     @torch.no_grad()
     def rewind_weights(self, trainer: pl.Trainer) -> None:
-        """Surviving weights back to the snapshot; optimizer state cleared (momenta belong to old weights)."""
+        """Surviving weights back to the snapshot; optimizer state cleared (momenta belong to old weights; zeroed under FSDP2)."""
         if not self.snapshot:
             raise RuntimeError(f"`rewind`={self.rewind!r}: no snapshot was taken before the first pruning")
         for target in self.targets:
             target.weight.copy_(self.snapshot[target.name].to(target.weight.device))
         apply_masks_(trainer.lightning_module)
         for optimizer in trainer.optimizers:
-            optimizer.state.clear()
+            if self._sharded:
+                _zero_state_(optimizer)
+            else:
+                optimizer.state.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        snapshot = {name: value.cpu().clone() for name, value in self.snapshot.items()}
+        # Under FSDP2 the snapshot holds DTensors: their blocks go through the distributed checkpoint (`sharded_tensors`).
+        snapshot = {} if self._sharded else {name: value.cpu().clone() for name, value in self.snapshot.items()}
         return {**super().state_dict(), "cycles_done": self.cycles_done, "snapshot": snapshot}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.snapshot = dict(state_dict.get("snapshot", {}))  # before the base class reads sharded blocks into it
         super().load_state_dict(state_dict)
         self.cycles_done = int(state_dict.get("cycles_done", 0))
-        self.snapshot = dict(state_dict.get("snapshot", {}))
+
+    def sharded_tensors(self) -> dict[str, Any]:
+        """The base class's blocks and the rewind snapshot's (`snapshot/<name>`, DTensors already)."""
+        return {**super().sharded_tensors(), **{f"snapshot/{name}": value for name, value in self.snapshot.items()}}
+
+    def restore_sharded(self, name: str, tensor: torch.Tensor) -> None:
+        """Take a snapshot tensor (a DTensor laid out like its parameter) or hand the rest to the base class."""
+        if name.startswith("snapshot/"):
+            self.snapshot[name.partition("/")[2]] = tensor
+        else:
+            super().restore_sharded(name, tensor)
+
+
+@torch.no_grad()
+def _zero_state_(optimizer: torch.optim.Optimizer) -> None:
+    """Every state tensor (moments, step counts) back to zero, in place.
+
+    Under FSDP2 instead of `state.clear()`: a distributed checkpoint of an optimizer without state
+    cannot be loaded (torch.distributed.checkpoint builds the template with state for every
+    parameter and finds no keys; torch 2.13, lightning 2.6.6). For Adam/AdamW zeros are exactly a
+    fresh state; for SGD with momentum too unless `dampening` > 0.
+    """
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                value.zero_()

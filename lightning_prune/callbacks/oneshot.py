@@ -85,6 +85,8 @@ class OneShotPruning(MaskingCallback):
         reconstruct_target: block  # block: the dense block's outputs on the pruned inputs; model: the dense model's hidden states
     """
 
+    sharded_ok = False  # calibration needs whole weights: prune before FSDP2 shards the model
+
     def __init__(
         self,
         method: str | OneShotMethod = "wanda",
