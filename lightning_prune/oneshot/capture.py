@@ -5,11 +5,20 @@ positional and keyword arguments (with_kwargs); the forward is stopped after the
 The hidden states of every block but the first are not kept (the driver feeds its own); every other
 argument is kept by reference, so arguments the model shares between blocks (one mask per layer
 type, the rotary embeddings, T5's position bias) are stored once. Caches are dropped.
+
+Replay: the driver re-runs every block itself, so the capture pass needs from blocks 1.. only the
+arguments the model gives them, which in transformers' stacks never depend on what those blocks
+compute (masks and position embeddings are made before the loop; T5 hands block 0's position bias
+on unchanged). Batch 0 runs for real, then once more with blocks 1.. returning the output object of
+the block before them instead of computing; when every block's arguments are equal in both runs,
+the other batches are captured that way (one block per batch instead of the whole stack); otherwise
+every batch runs for real. The result is the same either way; only the time differs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -97,6 +106,8 @@ class _Recorder:
         self.first: int | None = None
         self.batch = 0
         self.previous: torch.Tensor | None = None
+        self.last_output: Any = None
+        self.replaying = False
 
     def before(self, s: int, j: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -132,16 +143,54 @@ class _Recorder:
                     f"block {name}.{j} does not take the output of {name}.{j - 1} as its hidden states, so its blocks cannot be calibrated one after the other; name another ModuleList with `blocks=`"
                 )
             record.append(with_hidden(args, kwargs, None))
-        if self.offload:
+        if self.offload and not (self.replaying and j):
             module.to(self.device)
 
     def leave(self, s: int, j: int, module: nn.Module, output: Any) -> None:
-        if self.offload:
+        if self.offload and not (self.replaying and j):
             module.to(self.home)
-        self.previous = _output_hidden(output)
+        self.previous, self.last_output = _output_hidden(output), output
         if j == len(self.stacks[s][1]) - 1:
-            self.previous = None
+            self.previous = self.last_output = None
             raise _StackDone
+
+    def replayed_output(self, *args: Any, **kwargs: Any) -> Any:
+        """A replayed block's forward: the output object of the block before it."""
+        return self.last_output
+
+
+@contextmanager
+def _replaying(recorder: _Recorder, blocks: nn.ModuleList) -> Iterator[None]:
+    """Blocks 1.. of `blocks` compute nothing: their forward returns the previous block's output."""
+    # An instance `forward` (accelerate's hooks put one there) is put back afterwards.
+    saved = [block.__dict__.get("forward") for block in blocks]
+    recorder.replaying = True
+    try:
+        for block in list(blocks)[1:]:
+            block.forward = recorder.replayed_output
+        yield
+    finally:
+        recorder.replaying = False
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = forward
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal arguments: the same object, equal tensors (shape, dtype, values), or equal containers/values."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if a is None or b is None:
+        return False
+    return type(a) is type(b) and isinstance(a, (bool, int, float, str)) and a == b  # other objects: not known equal
 
 
 def capture_stack(
@@ -164,18 +213,13 @@ def capture_stack(
         for j, block in enumerate(blocks):
             handles.append(block.register_forward_pre_hook(recorder.before(s, j), with_kwargs=True))
             handles.append(block.register_forward_hook(recorder.after(s, j)))
+    replay = False
     try:
         for batch_index, batch in enumerate(batches):
-            recorder.batch, recorder.active = batch_index, None
-            try:
-                forward(model, to_device(batch, device))
-            except _StackDone:
-                continue
-            except (RuntimeError, TypeError) as error:
-                raise ValueError(f"calibration batch {batch_index} ({describe_batch(batch)}) failed in the model's forward: {error}") from error
-            if recorder.first is not None or recorder.active is not None:
-                raise ValueError(f"calibration batch {batch_index} did not run the block stack {stacks[recorder.first or 0][0]} that batch 0 ran")
-            return None
+            if not _capture_batch(recorder, model, forward, batch, batch_index, replay):
+                return None
+            if batch_index == 0 and len(batches) > 1:
+                replay = _replay_matches(recorder, model, forward, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -184,3 +228,39 @@ def capture_stack(
                 blocks.to(home)
     assert recorder.first is not None
     return recorder.first, recorder.records[recorder.first]
+
+
+def _capture_batch(recorder: _Recorder, model: nn.Module, forward: Callable[[nn.Module, Any], Any], batch: Any, batch_index: int, replay: bool) -> bool:
+    """Record one batch (blocks 1.. of the captured stack replayed when `replay`); False when the forward entered no stack."""
+    recorder.batch, recorder.active = batch_index, None
+    try:
+        if replay:
+            assert recorder.first is not None
+            with _replaying(recorder, recorder.stacks[recorder.first][1]):
+                forward(model, to_device(batch, recorder.device))
+        else:
+            forward(model, to_device(batch, recorder.device))
+    except _StackDone:
+        return True
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"calibration batch {batch_index} ({describe_batch(batch)}) failed in the model's forward: {error}") from error
+    if recorder.first is not None or recorder.active is not None:
+        raise ValueError(f"calibration batch {batch_index} did not run the block stack {recorder.stacks[recorder.first or 0][0]} that batch 0 ran")
+    return False
+
+
+def _replay_matches(recorder: _Recorder, model: nn.Module, forward: Callable[[nn.Module, Any], Any], batch: Any) -> bool:
+    """Capture batch 0 again with blocks 1.. replayed; True when every block got the same arguments."""
+    assert recorder.first is not None
+    real = recorder.records[recorder.first]
+    recorder.records[recorder.first] = [[] for _ in real]
+    try:
+        _capture_batch(recorder, model, forward, batch, 0, replay=True)
+        replayed = recorder.records[recorder.first]
+        return all(len(r) == 1 and _same(r[0], p[0]) for r, p in zip(real, replayed))
+    except ValueError:
+        # The model's loop needs what its blocks compute (it failed without it); batch 0 was
+        # captured for real, and so will every other batch be: same result, only slower.
+        return False
+    finally:
+        recorder.records[recorder.first] = real
