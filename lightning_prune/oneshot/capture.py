@@ -1,18 +1,15 @@
 """Recording what the model's own forward gives every block of a stack (the driver's capture pass).
 
-One forward of the model per calibration batch, with a pre-hook on each block that records its
-positional and keyword arguments (with_kwargs); the forward is stopped after the stack's last block.
-The hidden states of every block but the first are not kept (the driver feeds its own); every other
-argument is kept by reference, so arguments the model shares between blocks (one mask per layer
-type, the rotary embeddings, T5's position bias) are stored once. Caches are dropped.
+A pre-hook on each block records its positional and keyword arguments (with_kwargs); the forward
+is stopped after the stack's last block. The hidden states of every block but the first are not
+kept (the driver feeds its own); every other argument is kept by reference, so arguments the model
+shares between blocks (one mask per layer type, the rotary embeddings, T5's position bias) are
+stored once. Caches are dropped.
 
-Replay: the driver re-runs every block itself, so the capture pass needs from blocks 1.. only the
-arguments the model gives them, which in transformers' stacks never depend on what those blocks
-compute (masks and position embeddings are made before the loop; T5 hands block 0's position bias
-on unchanged). Batch 0 runs for real, then once more with blocks 1.. returning the output object of
-the block before them instead of computing; when every block's arguments are equal in both runs,
-the other batches are captured that way (one block per batch instead of the whole stack); otherwise
-every batch runs for real. The result is the same either way; only the time differs.
+Staged (several batches and blocks): batch 0 runs the whole stack for real; the other batches stop
+after block 0's arguments are recorded; blocks 1.. are recorded once block 0 is pruned, without
+computing them when that is exact (`replay.py`). The arguments are the same as from running every
+batch through the stack; only the time differs (one block per batch instead of the whole stack).
 """
 
 from __future__ import annotations
@@ -23,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_prune.oneshot.replay import replacing, same
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 BlockInputs = list[Call]  # one (args, kwargs) per calibration batch
@@ -107,7 +106,7 @@ class _Recorder:
         self.batch = 0
         self.previous: torch.Tensor | None = None
         self.last_output: Any = None
-        self.replaying = False
+        self.mode = "real"  # "real", "first" (stop after recording block 0), "rest" (see `replay.py`)
 
     def before(self, s: int, j: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -129,6 +128,8 @@ class _Recorder:
             self.active = self.first = s
         elif self.active != s:
             raise ValueError(f"the model's forward ran {name}.{j} inside the block stack {self.stacks[self.active][0]}; stacks must run one after the other (name them with `blocks=`)")
+        if self.mode == "rest" and j == 0:
+            return  # block 0 replays its pruned outputs; its arguments are already recorded
         record = self.records[s][j]
         if len(record) > self.batch:
             raise ValueError(f"the model's forward ran block {name}.{j} twice in one pass (shared blocks); name another ModuleList with `blocks=`")
@@ -136,6 +137,8 @@ class _Recorder:
         hidden = hidden_of(args, kwargs)
         if j == 0:
             record.append(with_hidden(args, kwargs, hidden.clone()))
+            if self.mode == "first":
+                raise _StackDone
         else:
             previous = self.previous
             if previous is None or not (hidden is previous or (hidden.shape == previous.shape and torch.equal(hidden, previous))):
@@ -143,11 +146,11 @@ class _Recorder:
                     f"block {name}.{j} does not take the output of {name}.{j - 1} as its hidden states, so its blocks cannot be calibrated one after the other; name another ModuleList with `blocks=`"
                 )
             record.append(with_hidden(args, kwargs, None))
-        if self.offload and not (self.replaying and j):
+        if self.offload and self.mode == "real":
             module.to(self.device)
 
     def leave(self, s: int, j: int, module: nn.Module, output: Any) -> None:
-        if self.offload and not (self.replaying and j):
+        if self.offload and self.mode == "real":
             module.to(self.home)
         self.previous, self.last_output = _output_hidden(output), output
         if j == len(self.stacks[s][1]) - 1:
@@ -159,38 +162,100 @@ class _Recorder:
         return self.last_output
 
 
-@contextmanager
-def _replaying(recorder: _Recorder, blocks: nn.ModuleList) -> Iterator[None]:
-    """Blocks 1.. of `blocks` compute nothing: their forward returns the previous block's output."""
-    # An instance `forward` (accelerate's hooks put one there) is put back afterwards.
-    saved = [block.__dict__.get("forward") for block in blocks]
-    recorder.replaying = True
-    try:
-        for block in list(blocks)[1:]:
-            block.forward = recorder.replayed_output
-        yield
-    finally:
-        recorder.replaying = False
-        for block, forward in zip(blocks, saved):
-            if forward is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = forward
+Forward = Callable[[nn.Module, Any], Any]
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equal arguments: the same object, equal tensors (shape, dtype, values), or equal containers/values."""
-    if a is b:
-        return True
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and a.device == b.device and torch.equal(a, b)
-    if isinstance(a, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if a is None or b is None:
+class Capture:
+    """One capture of the first of `stacks` the model's forward enters (see the module docstring).
+
+    `run()` records batch 0 for real and, from the other batches, block 0's arguments only (the
+    forward stops there); `rest(outputs)` records blocks 1.. once block 0 is pruned.
+    """
+
+    def __init__(self, model: nn.Module, stacks: Sequence[tuple[str, nn.ModuleList]], batches: Sequence[Any], device: torch.device, forward: Forward, offload: bool, home: torch.device) -> None:
+        self.model, self.batches, self.forward = model, batches, forward
+        self.recorder = _Recorder(list(stacks), device, home, offload)  # the driver pops from `stacks`
+
+    @contextmanager
+    def hooked(self) -> Iterator[_Recorder]:
+        """The recorder's hooks on every block of every stack, removed afterwards (blocks sent home)."""
+        recorder, handles = self.recorder, []
+        for s, (_, blocks) in enumerate(recorder.stacks):
+            for j, block in enumerate(blocks):
+                handles.append(block.register_forward_pre_hook(recorder.before(s, j), with_kwargs=True))
+                handles.append(block.register_forward_hook(recorder.after(s, j)))
+        try:
+            yield recorder
+        finally:
+            for handle in handles:
+                handle.remove()
+            if recorder.offload:
+                for _, blocks in recorder.stacks:
+                    blocks.to(recorder.home)
+
+    def batch(self, batch_index: int, mode: str, replaced: dict[int, Callable[..., Any]] | None = None) -> bool:
+        """Record one batch in `mode`, with the blocks in `replaced` computing nothing; False when the forward entered no stack."""
+        recorder = self.recorder
+        recorder.batch, recorder.active, recorder.mode = batch_index, None, mode
+        batch = self.batches[batch_index]
+        try:
+            with replacing(recorder.stacks[recorder.first][1] if recorder.first is not None else nn.ModuleList(), replaced or {}):
+                self.forward(self.model, to_device(batch, recorder.device))
+        except _StackDone:
+            return True
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"calibration batch {batch_index} ({describe_batch(batch)}) failed in the model's forward: {error}") from error
+        finally:
+            recorder.mode = "real"
+        if recorder.first is not None or recorder.active is not None:
+            raise ValueError(f"calibration batch {batch_index} did not run the block stack {recorder.stacks[recorder.first or 0][0]} that batch 0 ran")
         return False
-    return type(a) is type(b) and isinstance(a, (bool, int, float, str)) and a == b  # other objects: not known equal
+
+    def run(self) -> tuple[int, list[BlockInputs]] | None:
+        """(the captured stack's position, its inputs), or None when the forward enters no stack.
+
+        Blocks 1.. hold batch 0 only when `complete` is False: `rest` records the other batches.
+        """
+        with self.hooked() as recorder:
+            if not self.batch(0, "real"):
+                return None
+            assert recorder.first is not None
+            for batch_index in range(1, len(self.batches)):
+                self.batch(batch_index, "first" if self.staged else "real")
+        return recorder.first, recorder.records[recorder.first]
+
+    @property
+    def staged(self) -> bool:
+        """Whether blocks 1.. are recorded after block 0 is pruned (several batches and blocks)."""
+        first = self.recorder.first
+        return first is not None and len(self.batches) > 1 and len(self.recorder.stacks[first][1]) > 1
+
+    def rest(self, outputs: Sequence[Any]) -> list[BlockInputs]:
+        """The inputs of blocks 1.. for every batch, given block 0's (pruned) output objects.
+
+        Replayed (see the module docstring) when batch 0's replayed arguments equal its real ones;
+        otherwise every batch runs for real through the pruned block 0.
+        """
+        recorder = self.recorder
+        assert recorder.first is not None
+        s = recorder.first
+        reference = recorder.records[s]
+        blocks = recorder.stacks[s][1]
+        recorder.records[s] = [reference[0]] + [[] for _ in reference[1:]]
+        replaced: dict[int, Callable[..., Any]] = {0: lambda *a, **k: outputs[recorder.batch]}
+        replaced.update(dict.fromkeys(range(1, len(blocks)), recorder.replayed_output))
+        with self.hooked():
+            try:
+                for batch_index in range(len(self.batches)):
+                    self.batch(batch_index, "rest", replaced)
+                if all(same(real[0], replayed[0]) for real, replayed in zip(reference[1:], recorder.records[s][1:])):
+                    return recorder.records[s][1:]
+            except ValueError:
+                pass  # the model's loop needs what its blocks compute: run every batch for real below
+            recorder.records[s] = [[] for _ in reference]
+            for batch_index in range(len(self.batches)):
+                self.batch(batch_index, "real")
+        return recorder.records[s][1:]
 
 
 def capture_stack(
@@ -198,69 +263,16 @@ def capture_stack(
     stacks: Sequence[tuple[str, nn.ModuleList]],
     batches: Sequence[Any],
     device: torch.device,
-    forward: Callable[[nn.Module, Any], Any],
+    forward: Forward,
     offload: bool,
     home: torch.device,
-) -> tuple[int, list[BlockInputs]] | None:
-    """Run the model on every batch up to the end of the first of `stacks` its forward enters.
+) -> tuple[int, list[BlockInputs], Capture] | None:
+    """Run the model on every batch up to the first of `stacks` its forward enters.
 
     Returns (that stack's position in `stacks`, its inputs: per block, one (args, kwargs) per batch,
-    the hidden states kept only for block 0), or None when the forward enters none of them.
+    the hidden states kept only for block 0, the capture), or None when the forward enters none of
+    them. When `capture.staged`, blocks 1.. hold batch 0 only until `capture.rest(...)`.
     """
-    recorder = _Recorder(stacks, device, home, offload)
-    handles = []
-    for s, (_, blocks) in enumerate(stacks):
-        for j, block in enumerate(blocks):
-            handles.append(block.register_forward_pre_hook(recorder.before(s, j), with_kwargs=True))
-            handles.append(block.register_forward_hook(recorder.after(s, j)))
-    replay = False
-    try:
-        for batch_index, batch in enumerate(batches):
-            if not _capture_batch(recorder, model, forward, batch, batch_index, replay):
-                return None
-            if batch_index == 0 and len(batches) > 1:
-                replay = _replay_matches(recorder, model, forward, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        if offload:
-            for _, blocks in stacks:
-                blocks.to(home)
-    assert recorder.first is not None
-    return recorder.first, recorder.records[recorder.first]
-
-
-def _capture_batch(recorder: _Recorder, model: nn.Module, forward: Callable[[nn.Module, Any], Any], batch: Any, batch_index: int, replay: bool) -> bool:
-    """Record one batch (blocks 1.. of the captured stack replayed when `replay`); False when the forward entered no stack."""
-    recorder.batch, recorder.active = batch_index, None
-    try:
-        if replay:
-            assert recorder.first is not None
-            with _replaying(recorder, recorder.stacks[recorder.first][1]):
-                forward(model, to_device(batch, recorder.device))
-        else:
-            forward(model, to_device(batch, recorder.device))
-    except _StackDone:
-        return True
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"calibration batch {batch_index} ({describe_batch(batch)}) failed in the model's forward: {error}") from error
-    if recorder.first is not None or recorder.active is not None:
-        raise ValueError(f"calibration batch {batch_index} did not run the block stack {recorder.stacks[recorder.first or 0][0]} that batch 0 ran")
-    return False
-
-
-def _replay_matches(recorder: _Recorder, model: nn.Module, forward: Callable[[nn.Module, Any], Any], batch: Any) -> bool:
-    """Capture batch 0 again with blocks 1.. replayed; True when every block got the same arguments."""
-    assert recorder.first is not None
-    real = recorder.records[recorder.first]
-    recorder.records[recorder.first] = [[] for _ in real]
-    try:
-        _capture_batch(recorder, model, forward, batch, 0, replay=True)
-        replayed = recorder.records[recorder.first]
-        return all(len(r) == 1 and _same(r[0], p[0]) for r, p in zip(real, replayed))
-    except ValueError:
-        # The model's loop needs what its blocks compute (it failed without it); batch 0 was
-        # captured for real, and so will every other batch be: same result, only slower.
-        return False
-    finally:
-        recorder.records[recorder.first] = real
+    capture = Capture(model, stacks, batches, device, forward, offload, home)
+    found = capture.run()
+    return None if found is None else (*found, capture)
