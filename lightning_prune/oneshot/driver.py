@@ -9,7 +9,10 @@ each block, let the caller collect statistics and prune (`process_block`), and r
 on its own recorded arguments, with the hidden states of the pruned block before it, to feed the
 next block. Later stacks are captured after the earlier ones are pruned, so a decoder attends over
 the pruned encoder's outputs. What is kept grows with the calibration batches, never with the
-model's maximum context; key/value caches are dropped wherever they are passed.
+model's maximum context; key/value caches are dropped wherever they are passed. The capture is
+staged (`capture.py`): only batch 0 runs the whole stack; the arguments of blocks 1.. are
+recorded after block 0 is pruned without computing the blocks where that gives the same
+arguments, so the capture costs about one batch's forward instead of one forward per batch.
 """
 
 from __future__ import annotations
