@@ -172,8 +172,10 @@ class Capture:
     forward stops there); `rest(outputs)` records blocks 1.. once block 0 is pruned.
     """
 
-    def __init__(self, model: nn.Module, stacks: Sequence[tuple[str, nn.ModuleList]], batches: Sequence[Any], device: torch.device, forward: Forward, offload: bool, home: torch.device) -> None:
-        self.model, self.batches, self.forward = model, batches, forward
+    def __init__(
+        self, model: nn.Module, stacks: Sequence[tuple[str, nn.ModuleList]], batches: Sequence[Any], device: torch.device, forward: Forward, offload: bool, home: torch.device, stage: bool = True
+    ) -> None:
+        self.model, self.batches, self.forward, self.stage = model, batches, forward, stage
         self.recorder = _Recorder(list(stacks), device, home, offload)  # the driver pops from `stacks`
 
     @contextmanager
@@ -226,9 +228,9 @@ class Capture:
 
     @property
     def staged(self) -> bool:
-        """Whether blocks 1.. are recorded after block 0 is pruned (several batches and blocks)."""
+        """Whether blocks 1.. are recorded after block 0 is pruned (allowed, several batches and blocks)."""
         first = self.recorder.first
-        return first is not None and len(self.batches) > 1 and len(self.recorder.stacks[first][1]) > 1
+        return self.stage and first is not None and len(self.batches) > 1 and len(self.recorder.stacks[first][1]) > 1
 
     def rest(self, outputs: Sequence[Any]) -> list[BlockInputs]:
         """The inputs of blocks 1.. for every batch, given block 0's (pruned) output objects.
@@ -266,13 +268,16 @@ def capture_stack(
     forward: Forward,
     offload: bool,
     home: torch.device,
+    stage: bool = True,
 ) -> tuple[int, list[BlockInputs], Capture] | None:
     """Run the model on every batch up to the first of `stacks` its forward enters.
 
     Returns (that stack's position in `stacks`, its inputs: per block, one (args, kwargs) per batch,
     the hidden states kept only for block 0, the capture), or None when the forward enters none of
-    them. When `capture.staged`, blocks 1.. hold batch 0 only until `capture.rest(...)`.
+    them. When `capture.staged`, blocks 1.. hold batch 0 only until `capture.rest(...)`. Without
+    `stage` every batch runs the whole stack: the driver asks for that when earlier (already pruned)
+    stacks run before this one, since staging would run them twice per batch.
     """
-    capture = Capture(model, stacks, batches, device, forward, offload, home)
+    capture = Capture(model, stacks, batches, device, forward, offload, home, stage)
     found = capture.run()
     return None if found is None else (*found, capture)

@@ -210,7 +210,7 @@ def calibrate_sequentially(
         remaining = list(stacks)
         start = 0
         while remaining:
-            found = capture_stack(model, remaining, batches, device, forward, offload, home)
+            found = capture_stack(model, remaining, batches, device, forward, offload, home, stage=not done)
             if found is None:
                 break
             position, inputs, capture = found
