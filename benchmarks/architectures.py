@@ -46,11 +46,12 @@ WIDTHS = (
     "shared_expert_intermediate_size",
     "intermediate_size_mlp",
     "word_embed_proj_dim",
+    "max_position_embeddings",  # room for --length (RoBERTa's positions start after its padding index)
 )
 
 
 def widened(case: Case, width: int) -> Case:
-    """The case with every width in WIDTHS multiplied by `width` (heads and head sizes unchanged)."""
+    """The case with every width in WIDTHS (and the position table) multiplied by `width` (heads and head sizes unchanged)."""
     kwargs = {k: v * width if k in WIDTHS else v for k, v in case.kwargs.items()}
     return Case(case.name, case.config, kwargs, case.auto, case.inputs, case.experts)
 
