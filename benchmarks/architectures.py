@@ -46,11 +46,12 @@ WIDTHS = (
     "shared_expert_intermediate_size",
     "intermediate_size_mlp",
     "word_embed_proj_dim",
+    "max_position_embeddings",  # room for --length (RoBERTa's positions start after its padding index)
 )
 
 
 def widened(case: Case, width: int) -> Case:
-    """The case with every width in WIDTHS multiplied by `width` (heads and head sizes unchanged)."""
+    """The case with every width in WIDTHS (and the position table) multiplied by `width` (heads and head sizes unchanged)."""
     kwargs = {k: v * width if k in WIDTHS else v for k, v in case.kwargs.items()}
     return Case(case.name, case.config, kwargs, case.auto, case.inputs, case.experts)
 
@@ -86,33 +87,44 @@ def driver_difference(model: nn.Module, data: list[dict[str, torch.Tensor]]) -> 
     return worst
 
 
-def seconds(function: Any, repeats: int) -> float:
-    """Best wall time of `repeats` calls."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
-    return best
+def seconds(function: Any) -> float:
+    """Wall time of one call."""
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
 
 
-def row(case: Case, batches: int, length: int) -> list[str]:
-    """One table row for `case`."""
-    model = case.build()
-    data = case.batches(count=batches, length=length)
-    stacks = [name for name, _ in find_blocks(model)]
-    difference = driver_difference(model, data)
+def oneshot_ratio(model: nn.Module, data: list[dict[str, torch.Tensor]], rounds: int) -> float:
+    """Best one-shot time over best forward time, the two interleaved over `rounds` rounds.
+
+    Each round prunes a fresh copy of the model made before its clock starts.
+    """
 
     def forward() -> None:
         with torch.no_grad():
             for batch in data:
                 model(**batch)
 
-    forward_time = seconds(forward, 3)
+    forward()  # warm-up
+    forward_times, oneshot_times = [], []
+    for _ in range(rounds):
+        forward_times.append(seconds(forward))
+        copied = copy.deepcopy(model)
+        oneshot_times.append(seconds(lambda copied=copied: prune_oneshot(copied, data, method="wanda", pattern="2:4", min_expert_tokens=1, progress=False)))
+    return min(oneshot_times) / min(forward_times)
+
+
+def row(case: Case, batches: int, length: int, rounds: int) -> list[str]:
+    """One table row for `case`."""
+    model = case.build()
+    data = case.batches(count=batches, length=length)
+    stacks = [name for name, _ in find_blocks(model)]
+    difference = driver_difference(model, data)
+
     pruned = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        oneshot_time = seconds(lambda: prune_oneshot(copy.deepcopy(model), data, method="wanda", pattern="2:4", min_expert_tokens=1, progress=False), 2)
+        ratio = oneshot_ratio(model, data, rounds)
         prune_oneshot(pruned, data, method="wanda", pattern="2:4", min_expert_tokens=1, progress=False)
     masks, matrices = get_masks(pruned), block_matrices(pruned)
     share = {}
@@ -120,7 +132,7 @@ def row(case: Case, batches: int, length: int) -> list[str]:
         chosen = {n: p for n, p in matrices.items() if (p.dim() == 3) == experts}
         total = sum(p.numel() for p in chosen.values())
         share[experts] = f"{100 * sum(p.numel() for n, p in chosen.items() if n in masks) / total:.0f}%" if total else "–"
-    return [case.name, " → ".join(stacks), share[False], share[True], f"{difference:.1e}" if difference else "0", f"{oneshot_time / forward_time:.2f}×"]
+    return [case.name, " → ".join(stacks), share[False], share[True], f"{difference:.1e}" if difference else "0", f"{ratio:.2f}×"]
 
 
 def main() -> None:
@@ -130,6 +142,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="calibration batches (of 2 sequences)")
     parser.add_argument("--length", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--only", nargs="*", default=None, help="architecture names to run (default: all)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved forward / one-shot timing rounds (best of each)")
     args = parser.parse_args()
     torch.manual_seed(0)
     header = ["architecture", "block stacks (execution order)", "block matrices pruned", "expert matrices pruned", "max |driver − model|", "Wanda 2:4 / forward"]
@@ -138,7 +151,7 @@ def main() -> None:
     for case in CASES:
         if args.only and case.name not in args.only:
             continue
-        print("| " + " | ".join(row(widened(case, args.width), args.batches, args.length)) + " |", flush=True)
+        print("| " + " | ".join(row(widened(case, args.width), args.batches, args.length, args.rounds)) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ Lifecycle::
     model = merge_lora(peft_model)        # same zero set as before; masks attached as before
     # or keep it unmerged: peft_model.save_pretrained(dir), later load_lora(sparse_base, dir)
 
+Fused mixture-of-experts parameters (`experts.gate_up_proj`, (E, out, in) or (E, in, out)) get one
+adapter per expert through peft's `target_parameters` (`lora_experts.MaskedParamWrapper`); the same
+two modes and the same merge apply to every expert slice.
+
 Module names under peft gain `base_model.model.` and `.base_layer` (e.g.
 `base_model.model.model.layers.0.mlp.up_proj.base_layer.weight`); `base_name` maps them back.
 """
@@ -35,11 +39,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
-from lightning_prune.masking import get_mask, keep_only_, masked_parameters, remove_masks, set_mask
+from lightning_prune.lora_experts import adapted_parameter, expert_parameter_names, fused_expert_names, install_masked_experts, keep_mask
+from lightning_prune.masking import get_mask, keep_only_, masked_parameters, remove_mask, set_mask
 from lightning_prune.targets import find_targets
 from lightning_prune.validation import check_integer, check_number
 
-_DERIVED = "_lightning_prune_lora_derived_mask"  # base-layer flag: mask derived from zeros by attach_lora
+_DERIVED = "_lightning_prune_lora_derived_masks"  # base-layer attribute: [param_name, ...] whose masks attach_lora derived from zeros
 
 
 class MaskedDelta(LoraVariant):
@@ -83,18 +88,12 @@ def masked_delta_weight(module: LoraLayer, adapter_name: str) -> torch.Tensor:
     """
     # Every concrete peft LoRA layer (Linear, Conv, Embedding) defines get_delta_weight; the LoraLayer base does not (peft 0.21.2).
     delta: torch.Tensor = module.get_delta_weight(adapter_name)  # type: ignore[attr-defined]
-    return torch.where(keep_mask(module.get_base_layer()), delta, 0.0)  # one pass, no ~mask
+    return torch.where(keep_mask(module.get_base_layer(), adapted_parameter(module)), delta, 0.0)  # one pass, no ~mask
 
 
 def _masked_sum(module: LoraLayer, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """`weight + delta` with the pruned entries rewritten as +0.0 (no -0.0 can survive)."""
     return keep_only_(weight + delta.detach().to(weight.dtype), keep_mask(module.get_base_layer()))
-
-
-def keep_mask(module: nn.Module) -> torch.Tensor:
-    """The module's attached keep-mask, else its non-zeros (a base finalized under the wrapper)."""
-    mask = get_mask(module)
-    return mask if mask is not None else module.get_parameter("weight").detach() != 0
 
 
 def base_name(name: str) -> str:
@@ -104,34 +103,60 @@ def base_name(name: str) -> str:
 
 
 def unwrapped_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A LoRA-injected model's state dict under the plain model's keys: adapters dropped, `base_layer` unwrapped."""
-    return {key.replace(".base_layer.", "."): value for key, value in state.items() if ".lora_" not in key}
+    """A LoRA-injected model's state dict under the plain model's keys: adapters dropped, `base_layer` unwrapped
+    (nested for several adapted parameters of one module)."""
+    return {re.sub(r"(\.base_layer)+\.", ".", key): value for key, value in state.items() if ".lora_" not in key}
 
 
 def pruned_module_names(model: nn.Module) -> list[str]:
-    """Default LoRA targets: modules with an attached mask, else prunable layers holding exact zeros."""
-    # Fused experts weights (not `weight` of a layer) get no adapter here; their masks stay applied.
-    masked = [name.rpartition(".")[0] for name, _, param in masked_parameters(model) if param == "weight"]
+    """Default LoRA `target_modules`: modules with an attached mask, else prunable layers holding exact zeros."""
+    masked = list(masked_parameters(model))
     if masked:
-        return masked
+        return [name.rpartition(".")[0] for name, _, param in masked if param == "weight"]
     return [t.module_name for t in find_targets(model, experts=False) if bool((t.weight == 0).any())]
 
 
-def _ensure_masks(model: nn.Module, names: Sequence[str]) -> None:
-    """Attach a mask `W != 0` to every target without one (a finalized model), flagged for removal."""
-    for name in names:
-        module = model.get_submodule(name)
-        if get_mask(module) is not None:
+def pruned_expert_names(model: nn.Module) -> list[str]:
+    """Default LoRA `target_parameters`: fused expert parameters with an attached mask, else holding exact zeros."""
+    fused = fused_expert_names(model)
+    masked = {name for name, _, _ in masked_parameters(model)}
+    if masked:
+        return [name for name in fused if name in masked]
+    return [name for name in fused if bool((model.get_parameter(name) == 0).any())]
+
+
+def _ensure_masks(model: nn.Module) -> None:
+    """Attach a mask `W != 0` to every adapted parameter without one (a finalized model), flagged for removal."""
+    for _, layer in lora_layers(model):
+        base, param_name = layer.get_base_layer(), adapted_parameter(layer)
+        if get_mask(base, param_name) is not None:
             continue
-        set_mask(module, module.get_parameter("weight").detach() != 0)
-        object.__setattr__(module, _DERIVED, True)
+        set_mask(base, base.get_parameter(param_name).detach() != 0, param_name)
+        object.__setattr__(base, _DERIVED, [*getattr(base, _DERIVED, []), param_name])
 
 
-def check_lora_arguments(r: int, alpha: float, dropout: float) -> None:
-    """Validate LoRA's rank, scaling numerator and dropout; the error names the argument and value."""
+def check_lora_arguments(r: int, alpha: float, dropout: float, target_parameters: str | Sequence[str] | None = None) -> None:
+    """Validate LoRA's rank, scaling numerator and dropout; the error names the argument and value.
+
+    Fused expert parameters take no dropout (peft's `ParamWrapper` cannot factor it out of `B·A·x`).
+    """
     check_integer(r, "r", low=1)
     check_number(alpha, "alpha", low=0.0, low_open=True)
     check_number(dropout, "dropout", low=0.0, high=1.0, high_open=True)
+    if dropout and target_parameters:
+        raise ValueError(f"`dropout`={dropout} cannot apply to `target_parameters`={target_parameters!r} (fused experts take no LoRA dropout); use dropout=0")
+
+
+def lora_target_names(model: nn.Module, target_modules: str | Sequence[str] | None, target_parameters: str | Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """(module names, expert parameter names) that `attach_lora` adapts; see its arguments."""
+    if target_modules is None:
+        names = pruned_module_names(model)
+        parameters = pruned_expert_names(model) if target_parameters is None else expert_parameter_names(model, target_parameters)
+        if not names and not parameters:
+            raise ValueError("`target_modules`=None found no pruned layer (no masks, no exact zeros); prune first or name the targets")
+        return names, parameters
+    names = [t.module_name for t in find_targets(model, include=target_modules, ignore_output_head=False, experts=False)]
+    return names, [] if target_parameters is None else expert_parameter_names(model, target_parameters)
 
 
 def attach_lora(
@@ -142,8 +167,9 @@ def attach_lora(
     target_modules: str | Sequence[str] | None = None,
     masked_delta: bool = True,
     adapter_name: str = "default",
+    target_parameters: str | Sequence[str] | None = None,
 ) -> PeftModel:
-    """Wrap a pruned `model` (in place) with LoRA adapters; only adapter parameters stay trainable.
+    r"""Wrap a pruned `model` (in place) with LoRA adapters; only adapter parameters stay trainable.
 
     Args:
         model: a model with masks attached (`set_mask`) or with pruned entries already exact zeros.
@@ -152,29 +178,29 @@ def attach_lora(
             None = the pruned layers (`pruned_module_names`).
         masked_delta: multiply the delta by the mask in the forward pass (see the module docstring).
         adapter_name: peft adapter name.
+        target_parameters: regular expressions over qualified names of fused expert parameters
+            (`re.search`, e.g. `r"experts\.down_proj"`); one rank-r adapter per expert. None = the
+            pruned ones when `target_modules` is None too, else none. Needs `dropout=0`.
 
     Returns the `PeftModel`; `model` itself now holds the LoRA layers (peft injects in place).
     """
-    check_lora_arguments(r, alpha, dropout)
-    if target_modules is None:
-        names = pruned_module_names(model)
-        if not names:
-            raise ValueError("`target_modules`=None found no pruned layer (no masks, no exact zeros); prune first or name the targets")
-    else:
-        names = [t.module_name for t in find_targets(model, include=target_modules, ignore_output_head=False, experts=False)]
-    _ensure_masks(model, names)
+    check_lora_arguments(r, alpha, dropout, target_parameters)
+    names, parameters = lora_target_names(model, target_modules, target_parameters)
+    check_lora_arguments(r, alpha, dropout, parameters)
     # peft annotates lora_alpha as int but only divides it by r (peft 0.21.2): a fractional alpha works.
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(names), bias="none")  # type: ignore[arg-type]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, target_parameters=parameters, bias="none")  # type: ignore[arg-type]
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    _ensure_masks(peft_model)
     if masked_delta:
         install_masked_delta(peft_model, adapter_name)
     return peft_model
 
 
 def install_masked_delta(model: nn.Module, adapter_name: str = "default") -> None:
-    """Switch every LoRA layer's `adapter_name` to the `MaskedDelta` forward."""
+    """Switch every LoRA layer's `adapter_name` to the `MaskedDelta` forward (`MaskedParamWrapper` for experts)."""
+    install_masked_experts(model, adapter_name)
     for _, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
+        if adapter_name in layer.lora_A and adapted_parameter(layer) == "weight":
             layer.lora_variant[adapter_name] = MaskedDelta()
 
 
@@ -196,18 +222,18 @@ def merge_lora(peft_model: PeftModel) -> nn.Module:
     stay attached; masks it derived from zeros are removed again, leaving a plain model.
     """
     for _, layer in lora_layers(peft_model):
-        base = layer.get_base_layer()
-        weight = base.get_parameter("weight")
-        mask = keep_mask(base)
+        base, param_name = layer.get_base_layer(), adapted_parameter(layer)
+        weight = base.get_parameter(param_name)
+        mask = keep_mask(base, param_name)
         for adapter in layer.active_adapters:
             if adapter in layer.lora_A:
                 delta = masked_delta_weight(layer, adapter)
                 weight.add_(delta.to(weight.dtype))
         # Guard: pruned entries were +0.0 and received +0.0; rewrite them so no -0.0 can survive.
         keep_only_(weight, mask)
-        if getattr(base, _DERIVED, False):
-            remove_masks(base)
-            object.__delattr__(base, _DERIVED)
+        if param_name in getattr(base, _DERIVED, ()):
+            remove_mask(base, param_name)
+            getattr(base, _DERIVED).remove(param_name)
     return peft_model.unload()
 
 
@@ -217,7 +243,7 @@ def load_lora(model: nn.Module, directory: str, masked_delta: bool = True, adapt
     Use the `masked_delta` the adapters were trained with: it changes the forward pass.
     """
     loaded = PeftModel.from_pretrained(model, directory, adapter_name=adapter_name, is_trainable=False)
-    _ensure_masks(loaded, [f"{name}.base_layer" for name, _ in lora_layers(loaded)])
+    _ensure_masks(loaded)
     if masked_delta:
         install_masked_delta(loaded, adapter_name)
     return loaded

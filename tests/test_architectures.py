@@ -4,10 +4,16 @@ Per architecture: the driver's block outputs equal the model's own (bitwise, CPU
 SparseGPT 2:4 are exact on every targeted weight, experts included; every block weight matrix is a
 target; masks through the driver equal masks from pruning block by block with the model's own
 forward; a 2:4 export round-trips; GradualPruning to 50%, finalize, strict reload.
+
+Per architecture (module-scoped fixtures, so the tests of one architecture run together): the
+model is built and its calibration batches made once (`built`; tests that change it work on a
+deep copy), and one Wanda 2:4 pruning (`wanda_2_4`) serves the exactness, export and
+driver-versus-own-forward checks.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -27,10 +33,32 @@ from lightning_prune.oneshot.collect import collect_statistics, prune_target
 from lightning_prune.oneshot.driver import block_output, calibrate_sequentially, find_blocks
 from lightning_prune.oneshot.stats import FeatureNormStats
 from lightning_prune.oneshot.wanda import Wanda
-from lightning_prune.report import max_nonzeros_per_group
+from lightning_prune.report import SparsityReport, max_nonzeros_per_group
 from lightning_prune.targets import find_targets, router_names
 
 PARAMS = [pytest.param(case, id=case.name, marks=[pytest.mark.slow] if case.slow else []) for case in CASES]
+Data = list[dict[str, torch.Tensor]]
+
+
+@pytest.fixture(scope="module", params=PARAMS)
+def case(request: pytest.FixtureRequest) -> Case:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def built(case: Case) -> tuple[nn.Module, Data]:
+    """The unpruned model and its calibration batches; tests that change the model copy it."""
+    return case.build(), case.batches()
+
+
+@pytest.fixture(scope="module")
+def wanda_2_4(built: tuple[nn.Module, Data]) -> tuple[nn.Module, SparsityReport]:
+    """A copy pruned once with Wanda 2:4 (no expert left dense, no stack left out: warnings are errors)."""
+    model, data = copy.deepcopy(built[0]), built[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = prune_oneshot(model, data, method="wanda", pattern="2:4", min_expert_tokens=1, progress=False)
+    return model, report
 
 
 def _no_cache(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -49,9 +77,8 @@ def _own_block_outputs(model: nn.Module, data: list[dict[str, torch.Tensor]]) ->
     return outputs
 
 
-@pytest.mark.parametrize("case", PARAMS)
-def test_driver_block_outputs_equal_the_models_own_bitwise(case: Case) -> None:
-    model, data = case.build(), case.batches()
+def test_driver_block_outputs_equal_the_models_own_bitwise(built: tuple[nn.Module, Data]) -> None:
+    model, data = built  # calibrate_sequentially without pruning leaves it as it was
     expected = _own_block_outputs(model, data)
     got: dict[str, list[torch.Tensor]] = {}
 
@@ -76,13 +103,7 @@ def _block_matrices(model: nn.Module) -> dict[str, int]:
     return {n: p.numel() for n, p in model.named_parameters() if n.startswith(prefixes) and p.dim() >= 2 and not n.endswith("bias") and n not in embeddings | routers}
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-@pytest.mark.parametrize("case", PARAMS)
-def test_2_4_is_exact_on_every_block_weight_experts_included(case: Case, method: str) -> None:
-    model, data = case.build(), case.batches()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no expert left dense, no stack left out
-        report = prune_oneshot(model, data, method=method, pattern="2:4", min_expert_tokens=1, progress=False)
+def _check_2_4_on_every_block_weight(case: Case, model: nn.Module, report: SparsityReport) -> None:
     assert not report.skipped
     masks = get_masks(model)
     assert set(masks) == set(_block_matrices(model))  # 100% of the block's weight matrices
@@ -94,7 +115,19 @@ def test_2_4_is_exact_on_every_block_weight_experts_included(case: Case, method:
     assert report.global_sparsity == pytest.approx(0.5, abs=0.01)
 
 
-def _prune_with_the_models_own_forward(model: nn.Module, data: list[dict[str, torch.Tensor]]) -> None:
+def test_wanda_2_4_is_exact_on_every_block_weight_experts_included(case: Case, wanda_2_4: tuple[nn.Module, SparsityReport]) -> None:
+    _check_2_4_on_every_block_weight(case, *wanda_2_4)
+
+
+def test_sparsegpt_2_4_is_exact_on_every_block_weight_experts_included(case: Case, built: tuple[nn.Module, Data]) -> None:
+    model, data = copy.deepcopy(built[0]), built[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no expert left dense, no stack left out
+        report = prune_oneshot(model, data, method="sparsegpt", pattern="2:4", min_expert_tokens=1, progress=False)
+    _check_2_4_on_every_block_weight(case, model, report)
+
+
+def _prune_with_the_models_own_forward(model: nn.Module, data: Data) -> None:
     """Block by block, stack by stack: run the whole model (earlier blocks pruned), collect, prune."""
     stacks = find_blocks(model)
     per_block = block_targets(model, stacks, None, None)
@@ -107,13 +140,11 @@ def _prune_with_the_models_own_forward(model: nn.Module, data: list[dict[str, to
 
         stats = collect_statistics(targets, (FeatureNormStats,), run)
         for target in targets:
-            prune_target(target, Wanda(), None, stats, 0.5, None)
+            prune_target(target, Wanda(), None, stats, 0.5, "2:4")
 
 
-@pytest.mark.parametrize("case", PARAMS)
-def test_driver_masks_equal_masks_from_the_models_own_forward(case: Case) -> None:
-    driven, by_hand, data = case.build(), case.build(), case.batches()
-    prune_oneshot(driven, data, method="wanda", sparsity=0.5, min_expert_tokens=1, progress=False)
+def test_driver_masks_equal_masks_from_the_models_own_forward(built: tuple[nn.Module, Data], wanda_2_4: tuple[nn.Module, SparsityReport]) -> None:
+    driven, by_hand, data = wanda_2_4[0], copy.deepcopy(built[0]), built[1]
     _prune_with_the_models_own_forward(by_hand, data)
     expected = get_masks(by_hand)
     assert get_masks(driven).keys() == expected.keys()
@@ -121,10 +152,8 @@ def test_driver_masks_equal_masks_from_the_models_own_forward(case: Case) -> Non
         assert torch.equal(mask, expected[name]), name
 
 
-@pytest.mark.parametrize("case", PARAMS)
-def test_2_4_export_round_trips(case: Case, tmp_path: Path) -> None:
-    model, data = case.build(), case.batches()
-    prune_oneshot(model, data, method="wanda", pattern="2:4", min_expert_tokens=1, progress=False)
+def test_2_4_export_round_trips(wanda_2_4: tuple[nn.Module, SparsityReport], tmp_path: Path) -> None:
+    model = copy.deepcopy(wanda_2_4[0])  # finalized below
     pruned = set(get_masks(model))
     save_sparse(model, tmp_path / "out", format="sparse-24-bitmask")
     loaded = load_sparse(tmp_path / "out")
@@ -138,7 +167,7 @@ def test_2_4_export_round_trips(case: Case, tmp_path: Path) -> None:
 
 
 class _Wrapper(pl.LightningModule):
-    def __init__(self, model: nn.Module, data: list[dict[str, torch.Tensor]]) -> None:
+    def __init__(self, model: nn.Module, data: Data) -> None:
         super().__init__()
         self.model, self.data = model, data
 
@@ -154,16 +183,15 @@ class _Wrapper(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
-@pytest.mark.parametrize("case", PARAMS)
-def test_gradual_pruning_to_half_then_finalize_reloads_strictly(case: Case) -> None:
-    model, data = case.build(), case.batches()
+def test_gradual_pruning_to_half_then_finalize_reloads_strictly(built: tuple[nn.Module, Data]) -> None:
+    model, data = copy.deepcopy(built[0]), built[1]
     callback = GradualPruning(sparsity=0.5, start_step=0, end_step=1, frequency=1)
     make_trainer(max_steps=2, callbacks=[callback]).fit(_Wrapper(model, data))
     assert callback.current_sparsity == pytest.approx(0.5, abs=0.01)
     expert_names = [t.name for t in find_targets(model) if t.experts]
     assert all(name in get_masks(model) for name in expert_names)
     finalize(model)
-    fresh = case.build(seed=1)
+    fresh = copy.deepcopy(built[0])  # a fresh, unpruned instance
     fresh.load_state_dict(model.state_dict(), strict=True)
     for name in expert_names:
         weight = dict(fresh.named_parameters())[name]

@@ -337,5 +337,6 @@ def test_mismatched_calibration_shapes_name_the_batch() -> None:
             return x
 
     batches = [torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 9)]
-    with pytest.raises(ValueError, match=r"calibration batch 2 \(tensor \(2, 9\)\) failed in the model's forward: .*"):
+    # Batches after the first stop at block 0's arguments in the capture pass, so block 0 meets it.
+    with pytest.raises(ValueError, match=r"calibration batch 2 \(hidden states \(2, 9\)\) failed in block layers\.0: .*"):
         prune_oneshot(Blocks(), batches, method="wanda", blocks="layers", progress=False)

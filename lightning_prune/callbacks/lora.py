@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_prune.callbacks.base import refuse_sharded_strategy
 from lightning_prune.lora import adapter_parameters, attach_lora, check_lora_arguments, merge_lora, unwrapped_state_dict
+from lightning_prune.lora_experts import expert_parameter_names
 from lightning_prune.targets import find_targets
 from lightning_prune.validation import check_number
 
@@ -27,8 +28,8 @@ def wrapped_network(pl_module: nn.Module) -> nn.Module:
 class LoRARecovery(Callback):
     """Recover a pruned model with LoRA: only adapters train, base masks stay, merge keeps the zeros.
 
-    Lifecycle: `on_fit_start` wraps the pruned layers of `pl_module.model` (or `pl_module`) with peft
-    LoRA adapters (`lightning_prune.lora.attach_lora`), freezes every other parameter and replaces the
+    Lifecycle: `on_fit_start` wraps the pruned layers (and fused expert parameters, one adapter per
+    expert) of `pl_module.model` (or `pl_module`) with peft LoRA adapters (`lightning_prune.lora.attach_lora`), freezes every other parameter and replaces the
     Trainer's optimizer with one of the same class and settings over the adapter parameters only
     (learning rate `lr`, or the original one when None). `on_fit_end` merges `W + M ⊙ (s·B·A)`
     (`merge_lora`) when `merge`, restoring the original `requires_grad` flags; with `merge=False`
@@ -52,6 +53,7 @@ class LoRARecovery(Callback):
         alpha: 16            # scaling numerator: s = alpha / r
         dropout: 0.0         # dropout on the adapter input
         target_modules: null # regexes of module names; null = the pruned layers
+        target_parameters: null # regexes of fused expert parameter names; null = the pruned ones if target_modules is null
         merge: true          # merge into the sparse weights at the end of fit
         lr: null             # adapter learning rate; null = the model's optimizer's
         masked_delta: true   # mask the delta in the forward pass: merged model == trained model
@@ -66,12 +68,13 @@ class LoRARecovery(Callback):
         merge: bool = True,
         lr: float | None = None,
         masked_delta: bool = True,
+        target_parameters: str | Sequence[str] | None = None,
     ) -> None:
-        check_lora_arguments(r, alpha, dropout)
+        check_lora_arguments(r, alpha, dropout, target_parameters)
         if lr is not None:
             check_number(lr, "lr", low=0.0, low_open=True)
         self.r, self.alpha, self.dropout = r, alpha, dropout
-        self.target_modules = target_modules
+        self.target_modules, self.target_parameters = target_modules, target_parameters
         self.merge, self.lr, self.masked_delta = merge, lr, masked_delta
         self.peft_model: PeftModel | None = None
         self.merged = False
@@ -88,10 +91,12 @@ class LoRARecovery(Callback):
         self.attach(trainer, pl_module)
 
     def preflight(self, pl_module: nn.Module) -> None:
-        """Raise before training when `target_modules` match no layer (None is resolved at fit start:
-        the layers pruned by then)."""
+        """Raise before training when `target_modules` or `target_parameters` match nothing (None is
+        resolved at fit start: what is pruned by then)."""
         if self.target_modules is not None:
-            find_targets(wrapped_network(pl_module), include=self.target_modules, ignore_output_head=False)
+            find_targets(wrapped_network(pl_module), include=self.target_modules, ignore_output_head=False, experts=False)
+        if self.target_parameters is not None:
+            expert_parameter_names(wrapped_network(pl_module), self.target_parameters)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.merge and self.peft_model is not None:
@@ -116,6 +121,7 @@ class LoRARecovery(Callback):
             dropout=self.dropout,
             target_modules=self.target_modules,
             masked_delta=self.masked_delta,
+            target_parameters=self.target_parameters,
         )
         adapters = adapter_parameters(pl_module)
         if self._restored_adapters:

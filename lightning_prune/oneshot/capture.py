@@ -1,19 +1,27 @@
 """Recording what the model's own forward gives every block of a stack (the driver's capture pass).
 
-One forward of the model per calibration batch, with a pre-hook on each block that records its
-positional and keyword arguments (with_kwargs); the forward is stopped after the stack's last block.
-The hidden states of every block but the first are not kept (the driver feeds its own); every other
-argument is kept by reference, so arguments the model shares between blocks (one mask per layer
-type, the rotary embeddings, T5's position bias) are stored once. Caches are dropped.
+A pre-hook on each block records its positional and keyword arguments (with_kwargs); the forward
+is stopped after the stack's last block. The hidden states of every block but the first are not
+kept (the driver feeds its own); every other argument is kept by reference, so arguments the model
+shares between blocks (one mask per layer type, the rotary embeddings, T5's position bias) are
+stored once. Caches are dropped.
+
+Staged (several batches and blocks): batch 0 runs the whole stack for real; the other batches stop
+after block 0's arguments are recorded; blocks 1.. are recorded once block 0 is pruned, without
+computing them when that is exact (`replay.py`). The arguments are the same as from running every
+batch through the stack; only the time differs (one block per batch instead of the whole stack).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_prune.oneshot.replay import replacing, same
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 BlockInputs = list[Call]  # one (args, kwargs) per calibration batch
@@ -97,6 +105,8 @@ class _Recorder:
         self.first: int | None = None
         self.batch = 0
         self.previous: torch.Tensor | None = None
+        self.last_output: Any = None
+        self.mode = "real"  # "real", "first" (stop after recording block 0), "rest" (see `replay.py`)
 
     def before(self, s: int, j: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -118,6 +128,8 @@ class _Recorder:
             self.active = self.first = s
         elif self.active != s:
             raise ValueError(f"the model's forward ran {name}.{j} inside the block stack {self.stacks[self.active][0]}; stacks must run one after the other (name them with `blocks=`)")
+        if self.mode == "rest" and j == 0:
+            return  # block 0 replays its pruned outputs; its arguments are already recorded
         record = self.records[s][j]
         if len(record) > self.batch:
             raise ValueError(f"the model's forward ran block {name}.{j} twice in one pass (shared blocks); name another ModuleList with `blocks=`")
@@ -125,6 +137,8 @@ class _Recorder:
         hidden = hidden_of(args, kwargs)
         if j == 0:
             record.append(with_hidden(args, kwargs, hidden.clone()))
+            if self.mode == "first":
+                raise _StackDone
         else:
             previous = self.previous
             if previous is None or not (hidden is previous or (hidden.shape == previous.shape and torch.equal(hidden, previous))):
@@ -132,16 +146,118 @@ class _Recorder:
                     f"block {name}.{j} does not take the output of {name}.{j - 1} as its hidden states, so its blocks cannot be calibrated one after the other; name another ModuleList with `blocks=`"
                 )
             record.append(with_hidden(args, kwargs, None))
-        if self.offload:
+        if self.offload and self.mode == "real":
             module.to(self.device)
 
     def leave(self, s: int, j: int, module: nn.Module, output: Any) -> None:
-        if self.offload:
+        if self.offload and self.mode == "real":
             module.to(self.home)
-        self.previous = _output_hidden(output)
+        self.previous, self.last_output = _output_hidden(output), output
         if j == len(self.stacks[s][1]) - 1:
-            self.previous = None
+            self.previous = self.last_output = None
             raise _StackDone
+
+    def replayed_output(self, *args: Any, **kwargs: Any) -> Any:
+        """A replayed block's forward: the output object of the block before it."""
+        return self.last_output
+
+
+Forward = Callable[[nn.Module, Any], Any]
+
+
+class Capture:
+    """One capture of the first of `stacks` the model's forward enters (see the module docstring).
+
+    `run()` records batch 0 for real and, from the other batches, block 0's arguments only (the
+    forward stops there); `rest(outputs)` records blocks 1.. once block 0 is pruned.
+    """
+
+    def __init__(
+        self, model: nn.Module, stacks: Sequence[tuple[str, nn.ModuleList]], batches: Sequence[Any], device: torch.device, forward: Forward, offload: bool, home: torch.device, stage: bool = True
+    ) -> None:
+        self.model, self.batches, self.forward, self.stage = model, batches, forward, stage
+        self.recorder = _Recorder(list(stacks), device, home, offload)  # the driver pops from `stacks`
+
+    @contextmanager
+    def hooked(self) -> Iterator[_Recorder]:
+        """The recorder's hooks on every block of every stack, removed afterwards (blocks sent home)."""
+        recorder, handles = self.recorder, []
+        for s, (_, blocks) in enumerate(recorder.stacks):
+            for j, block in enumerate(blocks):
+                handles.append(block.register_forward_pre_hook(recorder.before(s, j), with_kwargs=True))
+                handles.append(block.register_forward_hook(recorder.after(s, j)))
+        try:
+            yield recorder
+        finally:
+            for handle in handles:
+                handle.remove()
+            if recorder.offload:
+                for _, blocks in recorder.stacks:
+                    blocks.to(recorder.home)
+
+    def batch(self, batch_index: int, mode: str, replaced: dict[int, Callable[..., Any]] | None = None) -> bool:
+        """Record one batch in `mode`, with the blocks in `replaced` computing nothing; False when the forward entered no stack."""
+        recorder = self.recorder
+        recorder.batch, recorder.active, recorder.mode = batch_index, None, mode
+        batch = self.batches[batch_index]
+        try:
+            with replacing(recorder.stacks[recorder.first][1] if recorder.first is not None else nn.ModuleList(), replaced or {}):
+                self.forward(self.model, to_device(batch, recorder.device))
+        except _StackDone:
+            return True
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"calibration batch {batch_index} ({describe_batch(batch)}) failed in the model's forward: {error}") from error
+        finally:
+            recorder.mode = "real"
+        if recorder.first is not None or recorder.active is not None:
+            raise ValueError(f"calibration batch {batch_index} did not run the block stack {recorder.stacks[recorder.first or 0][0]} that batch 0 ran")
+        return False
+
+    def run(self) -> tuple[int, list[BlockInputs]] | None:
+        """(the captured stack's position, its inputs), or None when the forward enters no stack.
+
+        Blocks 1.. hold batch 0 only when `complete` is False: `rest` records the other batches.
+        """
+        with self.hooked() as recorder:
+            if not self.batch(0, "real"):
+                return None
+            assert recorder.first is not None
+            for batch_index in range(1, len(self.batches)):
+                self.batch(batch_index, "first" if self.staged else "real")
+        return recorder.first, recorder.records[recorder.first]
+
+    @property
+    def staged(self) -> bool:
+        """Whether blocks 1.. are recorded after block 0 is pruned (allowed, several batches and blocks)."""
+        first = self.recorder.first
+        return self.stage and first is not None and len(self.batches) > 1 and len(self.recorder.stacks[first][1]) > 1
+
+    def rest(self, outputs: Sequence[Any]) -> list[BlockInputs]:
+        """The inputs of blocks 1.. for every batch, given block 0's (pruned) output objects.
+
+        Replayed (see the module docstring) when batch 0's replayed arguments equal its real ones;
+        otherwise every batch runs for real through the pruned block 0.
+        """
+        recorder = self.recorder
+        assert recorder.first is not None
+        s = recorder.first
+        reference = recorder.records[s]
+        blocks = recorder.stacks[s][1]
+        recorder.records[s] = [reference[0]] + [[] for _ in reference[1:]]
+        replaced: dict[int, Callable[..., Any]] = {0: lambda *a, **k: outputs[recorder.batch]}
+        replaced.update(dict.fromkeys(range(1, len(blocks)), recorder.replayed_output))
+        with self.hooked():
+            try:
+                for batch_index in range(len(self.batches)):
+                    self.batch(batch_index, "rest", replaced)
+                if all(same(real[0], replayed[0]) for real, replayed in zip(reference[1:], recorder.records[s][1:])):
+                    return recorder.records[s][1:]
+            except ValueError:
+                pass  # the model's loop needs what its blocks compute: run every batch for real below
+            recorder.records[s] = [[] for _ in reference]
+            for batch_index in range(len(self.batches)):
+                self.batch(batch_index, "real")
+        return recorder.records[s][1:]
 
 
 def capture_stack(
@@ -149,38 +265,19 @@ def capture_stack(
     stacks: Sequence[tuple[str, nn.ModuleList]],
     batches: Sequence[Any],
     device: torch.device,
-    forward: Callable[[nn.Module, Any], Any],
+    forward: Forward,
     offload: bool,
     home: torch.device,
-) -> tuple[int, list[BlockInputs]] | None:
-    """Run the model on every batch up to the end of the first of `stacks` its forward enters.
+    stage: bool = True,
+) -> tuple[int, list[BlockInputs], Capture] | None:
+    """Run the model on every batch up to the first of `stacks` its forward enters.
 
     Returns (that stack's position in `stacks`, its inputs: per block, one (args, kwargs) per batch,
-    the hidden states kept only for block 0), or None when the forward enters none of them.
+    the hidden states kept only for block 0, the capture), or None when the forward enters none of
+    them. When `capture.staged`, blocks 1.. hold batch 0 only until `capture.rest(...)`. Without
+    `stage` every batch runs the whole stack: the driver asks for that when earlier (already pruned)
+    stacks run before this one, since staging would run them twice per batch.
     """
-    recorder = _Recorder(stacks, device, home, offload)
-    handles = []
-    for s, (_, blocks) in enumerate(stacks):
-        for j, block in enumerate(blocks):
-            handles.append(block.register_forward_pre_hook(recorder.before(s, j), with_kwargs=True))
-            handles.append(block.register_forward_hook(recorder.after(s, j)))
-    try:
-        for batch_index, batch in enumerate(batches):
-            recorder.batch, recorder.active = batch_index, None
-            try:
-                forward(model, to_device(batch, device))
-            except _StackDone:
-                continue
-            except (RuntimeError, TypeError) as error:
-                raise ValueError(f"calibration batch {batch_index} ({describe_batch(batch)}) failed in the model's forward: {error}") from error
-            if recorder.first is not None or recorder.active is not None:
-                raise ValueError(f"calibration batch {batch_index} did not run the block stack {stacks[recorder.first or 0][0]} that batch 0 ran")
-            return None
-    finally:
-        for handle in handles:
-            handle.remove()
-        if offload:
-            for _, blocks in stacks:
-                blocks.to(home)
-    assert recorder.first is not None
-    return recorder.first, recorder.records[recorder.first]
+    capture = Capture(model, stacks, batches, device, forward, offload, home, stage)
+    found = capture.run()
+    return None if found is None else (*found, capture)

@@ -9,7 +9,10 @@ each block, let the caller collect statistics and prune (`process_block`), and r
 on its own recorded arguments, with the hidden states of the pruned block before it, to feed the
 next block. Later stacks are captured after the earlier ones are pruned, so a decoder attends over
 the pruned encoder's outputs. What is kept grows with the calibration batches, never with the
-model's maximum context; key/value caches are dropped wherever they are passed.
+model's maximum context; key/value caches are dropped wherever they are passed. The capture is
+staged (`capture.py`): only batch 0 runs the whole stack; the arguments of blocks 1.. are
+recorded after block 0 is pruned without computing the blocks where that gives the same
+arguments, so the capture costs about one batch's forward instead of one forward per batch.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lightning_prune.oneshot.capture import BlockInputs, capture_stack, hidden_of, move_outside, to_device, with_hidden
+from lightning_prune.oneshot.capture import BlockInputs, Capture, capture_stack, hidden_of, move_outside, to_device, with_hidden
 
 Batch = Any
 Stack = tuple[str, nn.ModuleList]
@@ -40,7 +43,8 @@ class BlockRunner:
         self.inputs = inputs
         self.name = name
 
-    def __call__(self, keep_outputs: bool = False) -> list[torch.Tensor]:
+    def __call__(self, keep_outputs: bool = False, whole: bool = False) -> list[Any]:
+        """Run every batch; with `keep_outputs` return the hidden states (with `whole`, the output objects)."""
         outputs = []
         for position, (args, kwargs) in enumerate(self.inputs):
             try:
@@ -49,7 +53,7 @@ class BlockRunner:
                 shape = tuple(hidden_of(args, kwargs).shape)
                 raise ValueError(f"calibration batch {position} (hidden states {shape}) failed in block {self.name}: {error}") from error
             if keep_outputs:
-                outputs.append(block_output(output))
+                outputs.append(output if whole else block_output(output))
         return outputs
 
 
@@ -145,8 +149,9 @@ def block_output(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-def _run_stack(stack: Stack, inputs: list[BlockInputs], start: int, process_block: BlockProcessor, bar: Any, device: torch.device, home: torch.device, offload: bool) -> None:
-    """Process the blocks of one captured stack in order; `inputs[j]` are block j's (args, kwargs)."""
+def _run_stack(stack: Stack, inputs: list[BlockInputs], capture: Capture, start: int, process_block: BlockProcessor, bar: Any, device: torch.device, home: torch.device, offload: bool) -> None:
+    """Process the blocks of one captured stack in order; `inputs[j]` are block j's (args, kwargs),
+    blocks 1.. recorded after block 0 when the capture is staged."""
     name, block_list = stack
     hidden = [hidden_of(args, kwargs) for args, kwargs in inputs[0]]
     for index, block in enumerate(block_list):
@@ -155,7 +160,12 @@ def _run_stack(stack: Stack, inputs: list[BlockInputs], start: int, process_bloc
             block.to(device)
         runner = BlockRunner(block, [with_hidden(args, kwargs, h) for (args, kwargs), h in zip(inputs[index], hidden)], f"{name}.{index}")
         process_block(start + index, f"{name}.{index}", block, runner)
-        if index + 1 < len(block_list):  # the last block's outputs feed nothing we keep
+        if index == 0 and capture.staged:
+            outputs = runner(keep_outputs=True, whole=True)
+            hidden = [block_output(output) for output in outputs]
+            check_finite(hidden, f"leaving block {name}.{index}")
+            inputs = [inputs[0], *capture.rest(outputs)]
+        elif index + 1 < len(block_list):  # the last block's outputs feed nothing we keep
             hidden = runner(keep_outputs=True)
             check_finite(hidden, f"leaving block {name}.{index}")
         if offload:
@@ -200,13 +210,13 @@ def calibrate_sequentially(
         remaining = list(stacks)
         start = 0
         while remaining:
-            found = capture_stack(model, remaining, batches, device, forward, offload, home)
+            found = capture_stack(model, remaining, batches, device, forward, offload, home, stage=not done)
             if found is None:
                 break
-            position, inputs = found
+            position, inputs, capture = found
             stack = remaining.pop(position)
             check_finite([hidden_of(a, k) for a, k in inputs[0]], f"entering the first block of {stack[0]}")
-            _run_stack(stack, inputs, start, process_block, bar, device, home, offload)
+            _run_stack(stack, inputs, capture, start, process_block, bar, device, home, offload)
             start += len(stack[1])
             done.append(stack[0])
         if remaining:
