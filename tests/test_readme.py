@@ -107,6 +107,7 @@ def small_overrides(arguments: list[str], corpus: Path) -> list[str]:
     if recipe == "gmp_chain":  # its later stages set their own epochs
         small += [f"stages.{index}.trainer.max_epochs=1" for index in (1, 2, 3)]
     if recipe == "minilm_2of4_distill":  # the real MiniLM: one block pruned, two distillation steps
+        small = [entry for entry in small if not entry.startswith("dense_epochs=")]  # its stages have no dense stage
         small += ["data.max_length=32", "data.batch_size=4", "pruning.num_samples=8", "pruning.targets=[encoder.layer.0.]", "pruning.reconstruct_steps=2", "+trainer.max_steps=2"]
     if recipe in TEXT_RECIPES:
         small += ["data.seq_len=16", "data.vocab_size=300", "data.batch_size=4", f"data.files=[{corpus}]"]
