@@ -45,6 +45,25 @@ def compose_config(recipe: str, output: Path, *overrides: str) -> DictConfig:
         return compose("config", overrides=[f"recipe={recipe}", f"output_dir={output}", *QUIET_RUN, *overrides])
 
 
+def digits_rank_loader(samples: int, global_batch: int, world: int, rank: int) -> torch.utils.data.DataLoader:
+    """The first `samples` digits in a fixed order; rank r of `world` takes samples r, r+world, ..."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    data = torch.utils.data.TensorDataset(torch.tensor(x[:samples], dtype=torch.float32) / 16.0, torch.tensor(y[:samples]))
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
+    return torch.utils.data.DataLoader(data, batch_size=global_batch // world, sampler=sampler)
+
+
+def perturbed(model: nn.Module) -> nn.Module:
+    """`model` with noise added: far enough from the student for the KD loss to matter."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
 def make_trainer(**kwargs: Any) -> pl.Trainer:
     """A CPU Trainer without logger, checkpoints, progress bar or summary (override by keyword)."""
     defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from conftest import tiny_llama_config  # tests/, beside this script (run as `python tests/distributed_job.py`)
-from sklearn.datasets import load_digits
+from conftest import digits_rank_loader, tiny_llama_config  # tests/, beside this script (run as `python tests/distributed_job.py`)
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_prune import GradualPruning, IterativePruning, KnowledgeDistillation, get_masks
 from lightning_prune.callbacks.oneshot import OneShotPruning
@@ -40,11 +39,7 @@ class DigitsMLP(pl.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         """The first SAMPLES digits in a fixed order; rank r of W takes samples r, r+W, ..."""
-        x, y = load_digits(return_X_y=True)
-        data = TensorDataset(torch.tensor(x[:SAMPLES], dtype=torch.float32) / 16.0, torch.tensor(y[:SAMPLES]))
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(data, batch_size=self.global_batch // world, sampler=sampler)
+        return digits_rank_loader(SAMPLES, self.global_batch, self.trainer.world_size, self.trainer.global_rank)
 
 
 LLAMA = tiny_llama_config(num_hidden_layers=2, vocab_size=64)

@@ -14,11 +14,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from conftest import digits_rank_loader  # tests/, beside this script (run as `python tests/fsdp_job.py`)
 from lightning.pytorch.strategies import ModelParallelStrategy
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.distributed.fsdp import fully_shard
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_prune import GradualPruning, IterativePruning, KnowledgeDistillation, get_masks
 from lightning_prune.sharded import local_tensor, sharded_lowest_k
@@ -50,11 +50,7 @@ class ShardedMLP(pl.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         """The first SAMPLES digits in a fixed order; rank r of W takes samples r, r+W, ..."""
-        x, y = load_digits(return_X_y=True)
-        data = TensorDataset(torch.tensor(x[:SAMPLES], dtype=torch.float32) / 16.0, torch.tensor(y[:SAMPLES]))
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(data, batch_size=self.global_batch // world, sampler=sampler)
+        return digits_rank_loader(SAMPLES, self.global_batch, self.trainer.world_size, self.trainer.global_rank)
 
 
 class Probe(pl.Callback):

@@ -11,7 +11,7 @@ import torch
 
 from lightning_prune import GradualPruning, IterativePruning, KnowledgeDistillation, LoRARecovery, OneShotPruning, StructuredPruning, get_masks
 from lightning_prune.recovery import kd_kl_loss
-from tests.conftest import TinyCausalLM, TinyRegressor, make_trainer, tiny_llama
+from tests.conftest import TinyCausalLM, TinyRegressor, make_trainer, perturbed, tiny_llama
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -22,15 +22,6 @@ def _equal(teacher: torch.nn.Module | None, dense: dict[str, torch.Tensor]) -> b
     assert teacher is not None
     state = teacher.state_dict()
     return state.keys() == dense.keys() and all(torch.equal(v, dense[k]) for k, v in state.items())
-
-
-def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` with noise added: far enough from the student for the KD loss to matter."""
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
-    return model
 
 
 class StepRecorder(pl.Callback):
@@ -199,7 +190,7 @@ def test_alpha_outside_0_1_is_refused(alpha: float) -> None:
 
 def test_kd_loss_on_a_pruned_student_matches_the_hand_computed_loss() -> None:
     module = TinyCausalLM(tiny_llama())
-    teacher = _perturbed(tiny_llama())
+    teacher = perturbed(tiny_llama())
     make_trainer(max_epochs=0, callbacks=[OneShotPruning("magnitude", 0.5, progress=False)]).fit(module)
     batch = module.tokens[:2]
     with torch.no_grad():

@@ -14,18 +14,9 @@ from hydra.utils import instantiate
 
 from lightning_prune import GradualPruning, KnowledgeDistillation, OneShotPruning, get_masks
 from lightning_prune.recovery import kd_kl_loss
-from tests.conftest import TinyCausalLM, TinyRegressor, make_trainer, tiny_llama
+from tests.conftest import TinyCausalLM, TinyRegressor, make_trainer, perturbed, tiny_llama
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` with noise added: far enough from the student for the KD loss to matter."""
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
-    return model
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -66,7 +57,7 @@ def _expected_loss(module: TinyCausalLM, teacher: torch.nn.Module, alpha: float)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16"])
 def test_a_bf16_teacher_from_a_dtype_or_a_hydra_string_gives_the_hand_computed_loss(dtype: Any) -> None:
     module = _frozen_student(TinyCausalLM(tiny_llama()))
-    teacher = _perturbed(tiny_llama())
+    teacher = perturbed(tiny_llama())
     expected = _expected_loss(module, copy.deepcopy(teacher).to(torch.bfloat16), alpha=0.5)
     if isinstance(dtype, str):  # as a YAML / command-line override gives it
         distill = instantiate({"_target_": "lightning_prune.KnowledgeDistillation", "teacher_dtype": dtype, "teacher_device": "cpu"}, teacher=teacher)
@@ -90,7 +81,7 @@ def test_teacher_device_cpu_keeps_the_teacher_there() -> None:
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_a_cpu_teacher_distills_a_cuda_student(precision: str) -> None:
     module = _frozen_student(TinyCausalLM(tiny_llama()))
-    teacher = _perturbed(tiny_llama())
+    teacher = perturbed(tiny_llama())
     expected = _expected_loss(copy.deepcopy(module), copy.deepcopy(teacher), alpha=0.5)
     distill, losses = KnowledgeDistillation(teacher=teacher, teacher_device="cpu"), Losses()
     pruning = GradualPruning(0.5, start_step=1, end_step=2, frequency=1)
@@ -143,7 +134,7 @@ def test_a_cuda_teacher_device_without_cuda_fails_at_setup_naming_teacher_device
 
 
 def test_a_teacher_from_a_model_directory_is_loaded_and_reloaded_on_resume(tmp_path: Path) -> None:
-    saved = _perturbed(tiny_llama())
+    saved = perturbed(tiny_llama())
     saved.save_pretrained(tmp_path / "teacher")
     expected = _state(saved)
     module = TinyCausalLM(tiny_llama())
@@ -206,7 +197,7 @@ def test_the_student_itself_is_refused_as_teacher() -> None:
 
 
 def test_a_given_module_teacher_and_a_bf16_teacher_resume_bitwise(tmp_path: Path) -> None:
-    given = _perturbed(tiny_llama())
+    given = perturbed(tiny_llama())
     expected = {k: v.to(torch.bfloat16) for k, v in _state(given).items()}
     first = KnowledgeDistillation(alpha=0.5, teacher=given, teacher_dtype="bfloat16")
     trainer = make_trainer(max_steps=2, callbacks=[GradualPruning(0.5, end_step=1, frequency=1), first])
