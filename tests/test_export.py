@@ -14,7 +14,7 @@ from lightning_prune import GradualPruning, finalize, find_targets, update_masks
 from lightning_prune.callbacks.export import SparseExport
 from lightning_prune.export import load_sparse, load_sparse_state_dict, save_sparse
 from lightning_prune.models import CausalLMModule
-from tests.conftest import tiny_llama, tiny_llama_config
+from tests.conftest import make_trainer, tiny_llama, tiny_llama_config
 
 FORMATS = ["dense", "sparse-24-bitmask", "sparse-bitmask"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -227,15 +227,7 @@ def test_sparse_export_callback_writes_at_fit_end(tmp_path):
     module = CausalLMModule(config=TINY_LLAMA)
     data = torch.utils.data.DataLoader([{"input_ids": torch.randint(0, 48, (8,))} for _ in range(4)], batch_size=2)
     export = SparseExport(tmp_path / "export", format="sparse-24-bitmask")
-    trainer = pl.Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        max_steps=2,
-        callbacks=[GradualPruning(0.5, pattern="2:4", frequency=1), export],
-    )
+    trainer = make_trainer(max_steps=2, callbacks=[GradualPruning(0.5, pattern="2:4", frequency=1), export])
     trainer.fit(module, train_dataloaders=data)
     assert export.last_export == tmp_path / "export"
     loaded = load_sparse(export.last_export)
@@ -375,15 +367,7 @@ def test_a_2_4_export_without_a_2_4_pruning_callback_fails_at_fit_start(tmp_path
         def on_train_batch_start(self, *args) -> None:
             seen.append(1)
 
-    trainer = pl.Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        max_steps=2,
-        callbacks=[GradualPruning(0.5, frequency=1), export, CountSteps()],
-    )
+    trainer = make_trainer(max_steps=2, callbacks=[GradualPruning(0.5, frequency=1), export, CountSteps()])
     with pytest.raises(ValueError, match=r"no pruning callback of this Trainer prunes \['model.layers.0.self_attn.q_proj.weight'"):
         trainer.fit(module, train_dataloaders=data)
     assert seen == []  # refused before the first step

@@ -150,8 +150,9 @@ def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecor
     dense_path = None if source is None else checkpoint_path(out, source)
     as_built = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()} if cfg.resume and dense.needed and source is None else None
     start = resume(cfg, stages, out, record, module, history) if cfg.resume else 0
-    if dense.first_pruning is not None and start > dense.first_pruning:
-        dense.rebuild(module, start, dense_path or as_built or {})
+    dense_state = dense_path if dense_path is not None else as_built  # None: no later stage distills from the dense model
+    if dense_state is not None and dense.first_pruning is not None and start > dense.first_pruning:
+        dense.rebuild(module, start, dense_state)
     parts["keep_checkpoint"] = dense_path
     # Every stage's Trainer is built before any stage trains (its settings are checked there).
     states = [StageState(keep_masks=not any(isinstance(c, MaskingCallback) for c in callbacks)) for callbacks in built]
@@ -162,7 +163,7 @@ def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecor
     ]
     for stage in stages[start:]:
         parts["callbacks"] = built[stage.index]
-        if stage.index == dense.first_pruning and not stage.is_empty:
+        if stage.index == dense.first_pruning:
             dense.take(module, start)  # the dense student, for later stages' distillation (no copy when none needs it)
         run_stage(cfg, out, record, parts, stage, trainers[stage.index], states[stage.index], snapshots[stage.index])
     finish(cfg, out, record, parts, stages, built, trainers)
