@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from transformers import AutoConfig
 
+from lightning_prune.callbacks.distill_sharded import ShardedTeacher, is_fsdp2
 from lightning_prune.callbacks.lora import wrapped_network
 from lightning_prune.masking import get_masks
 from lightning_prune.recovery.compat import check_sizes, check_teacher_fits, resolve_layers
@@ -22,7 +23,7 @@ from lightning_prune.recovery.teacher import Call, OutputCapture, freeze, frozen
 from lightning_prune.validation import check_number
 
 
-class KnowledgeDistillation(Callback):
+class KnowledgeDistillation(ShardedTeacher, Callback):
     """Train with `α·task + (1−α)·KD`, KD measured against a frozen teacher (Hinton et al., 2015).
 
     The teacher is, by default, a frozen copy of the student taken in `setup(stage="fit")`, which
@@ -30,7 +31,10 @@ class KnowledgeDistillation(Callback):
     or LoRARecovery change the model, whatever the order of the callbacks. It can also be a module
     or a local `from_pretrained` directory. It is a plain attribute of this callback, outside the
     LightningModule's module tree: pruning callbacks never see it, the optimizer never updates it,
-    it has no masks, and under DDP every rank holds its own copy. In a staged run, a stage after
+    it has no masks, and under DDP every rank holds its own copy. Under `ModelParallelStrategy`
+    (FSDP2) it is taken in `on_fit_start`, once `configure_model` sharded the student and the
+    strategy materialized it, and sharded like the student: each rank holds its blocks only
+    (`callbacks/distill_sharded.py`; `teacher_device` is refused there). In a staged run, a stage after
     the first pruning stage gets the dense copy the run took as that stage started
     (`lightning_prune/run/dense_teacher.py`).
 
@@ -65,7 +69,7 @@ class KnowledgeDistillation(Callback):
     given module; a teacher given as a path is reloaded from the path), so a resumed fit distills
     from the same dense teacher even after the model was pruned (Lightning calls `setup`, which
     copies the model as passed to fit, before it loads the checkpoint; the saved teacher then
-    replaces that copy). A checkpoint without this callback's state leaves that copy as the
+    replaces that copy; under FSDP2 its blocks are in the distributed checkpoint). A checkpoint without this callback's state leaves that copy as the
     teacher, and a copy of a model that already has masks is a pruned teacher: both are warned
     about and kept in `warnings_recorded`.
 
@@ -121,7 +125,12 @@ class KnowledgeDistillation(Callback):
         return self._generate_state_key(loss=self.loss, layers=str(self.layers))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
+        self._fsdp2 = is_fsdp2(trainer.strategy)
+        if stage == "fit" and not self._fsdp2:
+            self.prepare(trainer, pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fsdp2:  # sharded and materialized now; masking callbacks prune from the first batch on
             self.prepare(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -165,6 +174,9 @@ class KnowledgeDistillation(Callback):
     def take_teacher(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the frozen teacher: a copy of the student now, the given module, or one loaded from a path."""
         student = self.student(pl_module)
+        if self._fsdp2:  # restored after this from the distributed checkpoint (`load_state_dict`), if any
+            self.teacher = self.sharded_teacher(trainer, student)
+            return
         if self.teacher_source is None:
             self._copied_from = "pruned" if get_masks(student) else "dense"
             teacher = frozen_copy(student, share=(trainer,))
@@ -216,7 +228,7 @@ class KnowledgeDistillation(Callback):
                 f"KnowledgeDistillation adds its loss to what training_step returns, but {type(pl_module).__name__} uses manual "
                 "optimization (automatic_optimization=False), which ignores it; call `recovery.distill_loss` in your training_step instead"
             )
-        if self.teacher_device is None:
+        if self.teacher_device is None and not self._fsdp2:
             self.teacher.to(pl_module.device)
         self._capture = OutputCapture(self.student(pl_module), self._layer_names).attach()
         self._pl_module = pl_module
@@ -230,7 +242,7 @@ class KnowledgeDistillation(Callback):
             self._capture.remove()
             self._capture = None
         pl_module.__dict__.pop("training_step", None)
-        if self.teacher is not None and self.teacher_device is None:
+        if self.teacher is not None and self.teacher_device is None and not self._fsdp2:
             self.teacher.to(torch.device("cpu"))
 
     def _distilled_step(self, original: Any, *args: Any, **kwargs: Any) -> Any:
@@ -278,16 +290,18 @@ class KnowledgeDistillation(Callback):
         return torch.stack(losses).mean()
 
     def state_dict(self) -> dict[str, Any]:
-        from_path = isinstance(self.teacher_source, (str, Path))
-        teacher = {} if from_path or self.teacher is None else {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}
-        return {"alpha": self.alpha, "temperature": self.temperature, "loss": self.loss, "teacher_taken": self.teacher is not None, "teacher": teacher or dict(self._restored_teacher)}
+        teacher, sharded = self.teacher_state()  # sharded blocks go to the distributed checkpoint (on_save_checkpoint)
+        state = {"alpha": self.alpha, "temperature": self.temperature, "loss": self.loss, "teacher_taken": self.teacher is not None}
+        return {**state, "teacher": teacher or dict(self._restored_teacher), "sharded_teacher": sharded}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.alpha = float(state_dict.get("alpha", self.alpha))
         self.temperature = float(state_dict.get("temperature", self.temperature))
         saved = dict(state_dict.get("teacher", {}))
         self._restored = bool(state_dict.get("teacher_taken", False))
-        if saved and self.teacher is not None:  # restored after `setup`: the usual order
+        if self._fsdp2 or state_dict.get("sharded_teacher"):  # the teacher is taken (on_fit_start) before Lightning restores
+            self.restore_sharded_teacher(saved, list(state_dict.get("sharded_teacher", [])))
+        elif saved and self.teacher is not None:  # restored after `setup`: the usual order
             self.teacher.load_state_dict(saved)
         else:
             self._restored_teacher = saved
