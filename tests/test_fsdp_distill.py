@@ -1,0 +1,137 @@
+"""KnowledgeDistillation under FSDP2 (Lightning's ModelParallelStrategy): two gloo CPU processes against one.
+
+Both launches run every phase of tests/fsdp_distill_job.py; the one-process run also resumes from
+the two-process run's distributed checkpoint (a different number of ranks). The unit tests at the
+bottom need no launch.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_prune import KnowledgeDistillation
+
+JOB = Path(__file__).with_name("fsdp_distill_job.py")
+TEACHERS = ["copy", "empty-init", "given", "resumed"]  # every way the teacher is made: copied, copied after empty init, given, restored
+
+
+def run_job(out: Path, devices: int, *extra: str) -> None:
+    """Run tests/fsdp_distill_job.py; Lightning launches the second rank itself."""
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(JOB), "--devices", str(devices), "--out", str(out), *extra]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One FSDP2 run on 2 ranks and one on 1 rank with the same global batch."""
+    two, one = tmp_path_factory.mktemp("kd2"), tmp_path_factory.mktemp("kd1")
+    run_job(two, 2)
+    run_job(one, 1, "--resume-from", str(two / "kd-epoch1-2"))
+    return {"two": two, "one": one}
+
+
+def load(folder: Path, phase: str, rank: int = 0) -> dict:
+    return torch.load(folder / f"{phase}-rank{rank}.pt", weights_only=True)
+
+
+def joined(folder: Path, phase: str, key: str) -> dict[str, torch.Tensor]:
+    """The two ranks' row blocks of every tensor under `key`, stacked back into whole tensors."""
+    rank0, rank1 = load(folder, phase, 0)[key], load(folder, phase, 1)[key]
+    return {name: torch.cat([rank0[name], rank1[name]]) for name in rank0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", TEACHERS)
+def test_each_rank_holds_its_block_of_a_frozen_teacher(runs: dict[str, Path], phase: str) -> None:
+    whole = 4 * (64 * 48 + 48 + 48 * 48 + 48 + 48 * 10 + 10)  # fp32 bytes of the whole teacher
+    assert load(runs["one"], phase)["teacher_bytes"] == whole
+    for rank in (0, 1):
+        state = load(runs["two"], phase, rank)
+        assert state["teacher_full_bytes"] == whole
+        assert state["teacher_bytes"] == whole // 2  # 1/world: a dense copy per rank would hold `whole`
+        assert state["teacher_row_sharded"] and not state["teacher_trainable"]
+        assert [tuple(t.shape) for t in state["teacher"].values()] == [(24, 64), (24,), (24, 48), (24,), (5, 48), (5,)]
+        assert state["kd_warnings"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["copy", "empty-init"])
+def test_the_copied_teacher_is_the_student_as_training_starts(runs: dict[str, Path], phase: str) -> None:
+    """Also when the model was built on the meta device and materialized after sharding: a copy taken
+    in `setup` (before `configure_model`) would have no weights at all."""
+    for run, ranks in (("two", (0, 1)), ("one", (0,))):
+        for rank in ranks:
+            state = load(runs[run], phase, rank)
+            assert state["teacher"].keys() == state["at_fit_start"].keys()
+            for name, block in state["at_fit_start"].items():
+                assert torch.equal(state["teacher"][name], block), (run, rank, name)
+                assert block.isfinite().all() and block.abs().sum() > 0  # materialized, initialized weights
+            assert not torch.equal(state["teacher"]["0.weight"], state["weights"]["net.0.weight"])  # the student trained on; the teacher did not
+
+
+@pytest.mark.slow
+def test_a_given_teacher_is_sharded_as_passed(runs: dict[str, Path]) -> None:
+    whole = torch.load(runs["two"] / "given-whole.pt", weights_only=True)
+    for name, value in joined(runs["two"], "given", "teacher").items():
+        assert torch.equal(value, whole[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["copy", "given"])
+def test_two_ranks_distill_like_one_process(runs: dict[str, Path], phase: str) -> None:
+    """The same global batch: the KD loss of every step (mean of the two halves), masks bitwise, weights."""
+    rank0, rank1, single = load(runs["two"], phase, 0), load(runs["two"], phase, 1), load(runs["one"], phase)
+    two = torch.tensor(rank0["kd_losses"]).add(torch.tensor(rank1["kd_losses"])).div(2).double()
+    one = torch.tensor(single["kd_losses"]).double()
+    assert len(one) == (24 if phase == "copy" else 8) and one[1:].gt(1e-4).all()  # after the first step the student has moved off its teacher
+    torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-7)
+    for name, mask in joined(runs["two"], phase, "masks").items():
+        assert torch.equal(mask, single["masks"][name]), name
+    for name, value in joined(runs["two"], phase, "weights").items():
+        torch.testing.assert_close(value, single["weights"][name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("run", "phase"), [("two", "resumed"), ("one", "resumed"), ("one", "resharded")])
+def test_resume_distills_from_the_saved_dense_teacher(runs: dict[str, Path], run: str, phase: str) -> None:
+    """Resumed at step 16 of a ramp to step 20, from a freshly built model with another seed: the
+    teacher is the dense one from the distributed checkpoint (on 1 rank from the 2-rank one), and
+    the remaining steps are those of the uninterrupted run."""
+    source = "two" if phase == "resharded" else run  # whose uninterrupted run wrote the checkpoint
+    expected = joined(runs[source], "copy", "teacher") if source == "two" else load(runs[source], "copy")["teacher"]
+    restored = joined(runs[run], phase, "teacher") if run == "two" else load(runs[run], phase)["teacher"]
+    for name, value in expected.items():
+        assert torch.equal(restored[name], value), name
+    resumed = load(runs[run], phase)
+    assert not torch.equal(resumed["at_fit_start"]["0.weight"], load(runs[source], "copy")["at_fit_start"]["0.weight"])  # the copy was replaced
+    if phase == "resharded":
+        straight = torch.tensor(load(runs["one"], "copy")["kd_losses"][16:])
+        torch.testing.assert_close(torch.tensor(resumed["kd_losses"]), straight, rtol=1e-4, atol=1e-7)
+    else:
+        assert resumed["kd_losses"] == load(runs[run], "copy")["kd_losses"][16:]
+        for name, value in load(runs[run], "copy")["weights"].items():
+            assert torch.equal(resumed["weights"][name], value), name
+
+
+def test_fsdp2_refuses_a_teacher_device_and_an_unsharded_student() -> None:
+    with pytest.raises(ValueError, match="`teacher_device`='cpu'"):
+        KnowledgeDistillation(teacher_device="cpu").sharded_teacher(None, nn.Linear(4, 4))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no FSDP2-sharded parameter"):
+        KnowledgeDistillation().sharded_teacher(None, nn.Linear(4, 4))  # type: ignore[arg-type]
+
+
+def test_a_sharded_teacher_is_not_read_outside_fsdp2() -> None:
+    """A checkpoint whose teacher went to the distributed checkpoint, restored without it, raises instead of distilling from a copy."""
+    callback = KnowledgeDistillation()
+    callback.teacher = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="teacher is sharded"):
+        callback.load_state_dict({"alpha": 0.5, "teacher": {}, "teacher_taken": True, "sharded_teacher": ["weight"]})
