@@ -157,7 +157,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    for scope in SCOPES:  # row-wise GMP also distills from the dense model (the teacher is copied before FSDP2 shards the student)
+    for scope in SCOPES:  # row-wise GMP also distills from the dense model (a sharded copy taken in on_fit_start)
         callback = gradual(scope)
         others = [KnowledgeDistillation(alpha=0.5, temperature=2.0, student_attr="net")] if scope == "row" else []
         trainer, probe = fit(callback, args, 3, None, *others)
