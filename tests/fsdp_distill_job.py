@@ -45,7 +45,7 @@ class AtFitStart(pl.Callback):
         self.blocks: dict[str, torch.Tensor] = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.blocks = {name: local_tensor(p).detach().cpu().clone() for name, p in pl_module.net.named_parameters()}
+        self.blocks = {name: local_tensor(p).detach().cpu().clone() for name, p in pl_module.get_submodule("net").named_parameters()}
 
 
 def fit(args: argparse.Namespace, callbacks: list[pl.Callback], epochs: int, ckpt_in: str | None = None, seed: int = 0, empty_init: bool = False) -> tuple[pl.Trainer, Probe]:
@@ -90,8 +90,8 @@ def teacher_facts(trainer: pl.Trainer, kd: RecordingKD, start: AtFitStart) -> di
 
 def phase(args: argparse.Namespace, name: str, epochs: int, *extra: pl.Callback, **options: Any) -> None:
     """Fit with GradualPruning (layer scope, Taylor), a recording KD and `extra`; dump as `name`."""
-    teacher = options.pop("teacher", None)
-    kd, start = RecordingKD(**({} if teacher is None else {"teacher": teacher})), AtFitStart()
+    kd = RecordingKD(**{key: options.pop(key) for key in ("teacher", "teacher_dtype") if key in options})
+    start = AtFitStart()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         trainer, probe = fit(args, [gradual("layer"), kd, start, *extra], epochs, **options)
@@ -113,7 +113,7 @@ def main() -> None:
     phase(args, "resumed", 3, ckpt_in=checkpoint, seed=1)  # another seed: the copy taken at fit start is not the dense model
     if args.resume_from:
         phase(args, "resharded", 3, ckpt_in=args.resume_from, seed=1)
-    phase(args, "empty-init", 1, empty_init=True)
+    phase(args, "empty-init", 1, empty_init=True, teacher_dtype="bfloat16")
     torch.manual_seed(7)  # the same dense teacher on every rank, as from_pretrained would load it
     given = perturbed(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 10)))
     whole = {name: value.detach().clone() for name, value in given.state_dict().items()}

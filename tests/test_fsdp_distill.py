@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def joined(folder: Path, phase: str, key: str) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", TEACHERS)
 def test_each_rank_holds_its_block_of_a_frozen_teacher(runs: dict[str, Path], phase: str) -> None:
-    whole = 4 * (64 * 48 + 48 + 48 * 48 + 48 + 48 * 10 + 10)  # fp32 bytes of the whole teacher
+    whole = (2 if phase == "empty-init" else 4) * (64 * 48 + 48 + 48 * 48 + 48 + 48 * 10 + 10)  # bytes of the whole teacher (bf16 there)
     assert load(runs["one"], phase)["teacher_bytes"] == whole
     for rank in (0, 1):
         state = load(runs["two"], phase, rank)
@@ -66,16 +67,16 @@ def test_each_rank_holds_its_block_of_a_frozen_teacher(runs: dict[str, Path], ph
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["copy", "empty-init"])
 def test_the_copied_teacher_is_the_student_as_training_starts(runs: dict[str, Path], phase: str) -> None:
-    """Also when the model was built on the meta device and materialized after sharding: a copy taken
-    in `setup` (before `configure_model`) would have no weights at all."""
+    """Also when the model was built on the meta device and materialized after sharding (a copy taken
+    in `setup`, before `configure_model`, would have no weights at all), there in `teacher_dtype` bf16."""
     for run, ranks in (("two", (0, 1)), ("one", (0,))):
         for rank in ranks:
             state = load(runs[run], phase, rank)
             assert state["teacher"].keys() == state["at_fit_start"].keys()
             for name, block in state["at_fit_start"].items():
-                assert torch.equal(state["teacher"][name], block), (run, rank, name)
+                assert torch.equal(state["teacher"][name], block.to(state["teacher"][name].dtype)), (run, rank, name)
                 assert block.isfinite().all() and block.abs().sum() > 0  # materialized, initialized weights
-            assert not torch.equal(state["teacher"]["0.weight"], state["weights"]["net.0.weight"])  # the student trained on; the teacher did not
+            assert not torch.equal(state["teacher"]["0.weight"].float(), state["weights"]["net.0.weight"])  # the student trained on; the teacher did not
 
 
 @pytest.mark.slow
@@ -135,3 +136,29 @@ def test_a_sharded_teacher_is_not_read_outside_fsdp2() -> None:
     callback.teacher = nn.Linear(4, 4)
     with pytest.raises(ValueError, match="teacher is sharded"):
         callback.load_state_dict({"alpha": 0.5, "teacher": {}, "teacher_taken": True, "sharded_teacher": ["weight"]})
+
+
+def test_the_meta_skeleton_of_a_transformers_model_is_the_model_without_hooks_masks_or_memory() -> None:
+    """What the sharded copy is built from (here of an unsharded model: the same copier, minus FSDP2's class and state)."""
+    from conftest import tiny_llama
+
+    from lightning_prune.masking import get_masks, set_mask
+    from lightning_prune.recovery.sharded_teacher import meta_skeleton
+
+    model: Any = tiny_llama(tie_word_embeddings=True).eval()
+    layer = model.model.layers[0].mlp.up_proj
+    set_mask(layer, torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5)
+    calls: list[int] = []
+    layer.register_forward_hook(lambda *_: calls.append(1))
+    skeleton: Any = meta_skeleton(model, dtype=torch.bfloat16)
+    assert type(skeleton) is type(model) and skeleton.config.to_dict() == model.config.to_dict()
+    assert skeleton.state_dict().keys() == model.state_dict().keys() and not get_masks(skeleton) and get_masks(model)
+    assert all(t.is_meta and t.shape == model.get_parameter(n).shape and t.dtype == torch.bfloat16 for n, t in skeleton.named_parameters())
+    assert skeleton.lm_head.weight is skeleton.model.embed_tokens.weight  # tied as in the model
+    skeleton.to_empty(device="cpu").float()
+    skeleton.load_state_dict(model.state_dict())
+    for name, buffer in skeleton.named_buffers():  # non-persistent ones too (rotary frequencies), as the sharded copy does
+        buffer.copy_(model.get_buffer(name))
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(skeleton(ids).logits, model(ids).logits)
+    assert len(calls) == 1  # the model's own hook ran once (its forward), none was copied

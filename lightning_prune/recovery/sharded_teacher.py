@@ -74,6 +74,13 @@ def _skeleton(module: nn.Module, dtype: torch.dtype | None, memo: dict[int, Any]
     return copied
 
 
+def meta_skeleton(module: nn.Module, dtype: torch.dtype | None = None, share: Iterable[object] = ()) -> nn.Module:
+    """An unsharded copy of `module` (sharded by FSDP2 or not) with its parameters and buffers on the meta
+    device (full shapes; floating parameters in `dtype` when given), without FSDP2 state, hooks or masks.
+    Other attributes are deep-copied; objects in `share` are set to None instead. Ties are kept."""
+    return _skeleton(module, dtype, {id(obj): None for obj in share})
+
+
 def _mp_policy(module: nn.Module) -> MixedPrecisionPolicy:
     """The mixed-precision policy `fully_shard` was given for `module` (private state, checked with torch 2.13)."""
     return fully_shard.state(module)._mp_policy  # type: ignore[attr-defined]
@@ -122,7 +129,7 @@ def sharded_frozen_copy(student: nn.Module, mesh: DeviceMesh, dtype: torch.dtype
     are not copied but set to None; the mesh is shared."""
     device = next(local_tensor(p).device for p in student.parameters())
     memo: dict[int, Any] = {id(obj): None for obj in share} | {id(mesh): mesh}
-    teacher = freeze(_skeleton(student, dtype, memo))
+    teacher = freeze(_skeleton(student, dtype, memo))  # memo: the mesh and `share` are not copied
     shard_like(teacher, student, mesh)
     teacher.to_empty(device=device)
     copy_into_sharded(teacher, dict(student.named_parameters()) | dict(student.named_buffers()))
@@ -134,9 +141,9 @@ def shard_teacher(teacher: nn.Module, student: nn.Module, mesh: DeviceMesh, dtyp
     if get_masks(teacher):
         raise ValueError("`teacher` has pruning masks: it would be a pruned teacher; pass the dense model")
     sharded = student_mesh(teacher)
-    if sharded is not None and sharded != mesh:
-        raise ValueError("`teacher` is already sharded on another device mesh than the student; shard it on the student's mesh or pass it unsharded")
-    if dtype is not None:
+    if sharded is not None and (sharded != mesh or (dtype is not None and any(p.dtype != dtype for p in teacher.parameters() if p.is_floating_point()))):
+        raise ValueError("`teacher` is already sharded, on another device mesh than the student or in another dtype than `teacher_dtype`; pass it unsharded")
+    if dtype is not None and sharded is None:
         teacher.to(dtype)
     return shard_like(freeze(teacher), student, mesh)
 
