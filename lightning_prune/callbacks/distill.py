@@ -69,9 +69,9 @@ class KnowledgeDistillation(ShardedTeacher, Callback):
     given module; a teacher given as a path is reloaded from the path), so a resumed fit distills
     from the same dense teacher even after the model was pruned (Lightning calls `setup`, which
     copies the model as passed to fit, before it loads the checkpoint; the saved teacher then
-    replaces that copy; under FSDP2 its blocks are in the distributed checkpoint). A checkpoint without this callback's state leaves that copy as the
-    teacher, and a copy of a model that already has masks is a pruned teacher: both are warned
-    about and kept in `warnings_recorded`.
+    replaces that copy; under FSDP2 its blocks are in the distributed checkpoint). A checkpoint
+    without this callback's state leaves that copy as the teacher, and a copy of a model that
+    already has masks is a pruned teacher: both are warned about and kept in `warnings_recorded`.
 
     Example YAML (`conf/distill/kd.yaml`)::
 
