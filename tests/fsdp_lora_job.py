@@ -20,7 +20,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from fsdp_job import ShardedMLP, SaveAfterEpoch  # tests/, beside this script (run as `python tests/fsdp_lora_job.py`)
+from fsdp_job import SaveAfterEpoch, ShardedMLP  # tests/, beside this script (run as `python tests/fsdp_lora_job.py`)
 from lightning.pytorch.strategies import ModelParallelStrategy
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
