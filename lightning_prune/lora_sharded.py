@@ -18,6 +18,7 @@ keep-mask and of `lora_B` that are its own, and the rows of `lora_A` (r × in) t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -79,10 +80,10 @@ def check_after_sharding(model: nn.Module, masked_delta: bool) -> dist.ProcessGr
                 "forward: shard the LoRA layer or its parent instead (skip modules whose name contains 'lora_' or "
                 "'base_layer'), or use masked_delta=False"
             )
-        for parameter in (base.weight, *(m.weight for m in (*layer.lora_A.values(), *layer.lora_B.values()))):
+        for parameter in (part.get_parameter("weight") for part in parts):
             if not is_sharded(parameter):
                 raise ValueError(f"a parameter of the LoRA layer {name!r} is not sharded: `fully_shard` every module (e.g. the root) in `configure_model`")
-        groups.append(shard_group(base.weight, name))  # type: ignore[arg-type]  # a DTensor, checked above
+        groups.append(shard_group(base.get_parameter("weight"), name))  # type: ignore[arg-type]  # a DTensor, checked above
     if any(group is not groups[0] for group in groups):
         raise ValueError("every LoRA layer must be sharded over the same ranks (one FSDP2 mesh)")
     return groups[0] if groups else None
@@ -109,10 +110,10 @@ class NonzeroMask:
     """Forward keep-mask of a layer without kept exact zeros: the gathered weight's non-zeros."""
 
     def __call__(self, base: nn.Module) -> torch.Tensor:
-        weight = base.weight
+        weight = base.get_parameter("weight")
         if is_sharded(weight):
             raise ValueError("the masked-delta forward got a sharded base weight: an enclosing FSDP2 unit must gather it (see `check_after_sharding`)")
-        return weight != 0
+        return torch.ne(weight, 0)
 
 
 class GatheredMask:
@@ -134,11 +135,11 @@ def install_forward_masks(model: nn.Module, group: dist.ProcessGroup | None) -> 
     Every rank calls this with the same layers: one all-reduce counts each layer's kept exact zeros.
     """
     layers = lora_layers(model)
-    kept_zeros = [int((keep_mask(layer.get_base_layer()) & (local_tensor(layer.get_base_layer().weight) == 0)).sum()) for _, layer in layers]
+    kept_zeros = [int((keep_mask(layer.get_base_layer()) & (local_tensor(layer.get_base_layer().get_parameter("weight")) == 0)).sum()) for _, layer in layers]
     kinds = {}
     for (name, layer), count in zip(layers, sum_over_shards(kept_zeros, group)):
         base = layer.get_base_layer()
-        source = NonzeroMask() if count == 0 else GatheredMask(base.weight)
+        source = NonzeroMask() if count == 0 else GatheredMask(base.get_parameter("weight"))  # type: ignore[arg-type]  # a DTensor (check_after_sharding)
         object.__setattr__(base, FORWARD_MASK, source)
         kinds[name] = "nonzero" if count == 0 else "gathered"
     return kinds
@@ -169,7 +170,7 @@ class GatheredCheck:
 
 def guard_gathered_forward(model: nn.Module) -> list[RemovableHandle]:
     """Give every LoRA layer of `model` a `GatheredCheck` forward pre-hook; returns the handles."""
-    return [layer.register_forward_pre_hook(GatheredCheck(name)) for name, layer in lora_layers(model)]
+    return [cast(nn.Module, layer).register_forward_pre_hook(GatheredCheck(name)) for name, layer in lora_layers(model)]
 
 
 def reshard(model: nn.Module) -> None:
@@ -181,7 +182,7 @@ def reshard(model: nn.Module) -> None:
 
 def _local_delta(layer: LoraLayer, adapter: str, weight: DTensor) -> torch.Tensor:
     """`s·B·A` for the rows of `weight` this rank holds: B's row block (laid out like the weight) times the whole A."""
-    lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    lora_a, lora_b = layer.lora_A[adapter].get_parameter("weight"), layer.lora_B[adapter].get_parameter("weight")
     if not isinstance(lora_b, DTensor) or lora_b.placements != weight.placements or lora_b.device_mesh != weight.device_mesh:
         raise ValueError(f"lora_B of adapter {adapter!r} is not row-sharded like its base weight ({weight.placements}); shard both with one FSDP2 mesh")
     whole_a = lora_a.full_tensor() if isinstance(lora_a, DTensor) else lora_a  # r × in: small
@@ -198,7 +199,7 @@ def merge_lora_sharded(peft_model: PeftModel) -> nn.Module:
     reshard(peft_model)
     for name, layer in lora_layers(peft_model):
         base = layer.get_base_layer()
-        weight = base.weight
+        weight = base.get_parameter("weight")
         if not isinstance(weight, DTensor):
             raise ValueError(f"merge_lora_sharded needs FSDP2-sharded base weights; {name!r} is a plain tensor (use merge_lora)")
         rows = local_tensor(weight)
@@ -210,4 +211,3 @@ def merge_lora_sharded(peft_model: PeftModel) -> nn.Module:
             object.__delattr__(base, FORWARD_MASK)
         remove_derived_mask(base, "weight")
     return peft_model.unload()
-
