@@ -49,7 +49,7 @@ def wrapped_network(pl_module: nn.Module) -> nn.Module:
 class LoRARecovery(Callback):
     """Recover a pruned model with LoRA: only adapters train, base masks stay, merge keeps the zeros.
 
-    Lifecycle: `on_fit_start` wraps the pruned layers (and fused expert parameters, one adapter per
+    Lifecycle: `on_fit_start` (under FSDP2 `setup`, see below) wraps the pruned layers (and fused expert parameters, one adapter per
     expert) of `pl_module.model` (or `pl_module`) with peft LoRA adapters (`lightning_prune.lora.attach_lora`), freezes every other parameter and replaces the
     Trainer's optimizer with one of the same class and settings over the adapter parameters only
     (learning rate `lr`, or the original one when None). `on_fit_end` merges `W + M ⊙ (s·B·A)`
@@ -66,15 +66,17 @@ class LoRARecovery(Callback):
     module's `configure_model` (the user's `fully_shard`), the strategy's setup (materialization,
     `configure_optimizers`), `on_fit_start`, then restores a checkpoint. So the adapters are
     injected in `setup`, on the pruned model before sharding, and the user's `fully_shard` covers
-    them (a loop sharding `isinstance(m, nn.Linear)` children skips peft's LoRA layers, which are no
-    `nn.Linear`, and leaves them to the enclosing unit; one over `modules()` makes `lora_A`/`lora_B`
-    units of their own, which only `masked_delta=False` allows). `on_fit_start` cuts the masks to
+    them. A loop sharding `isinstance(m, nn.Linear)` children skips peft's LoRA layers (no
+    `nn.Linear`) and leaves them to the enclosing unit, which gathers them only if its forward runs
+    (Lightning calls `training_step`, not the root's forward; an ungathered LoRA forward raises with
+    the fix); one over `modules()` makes `lora_A`/`lora_B` units of their own, which only
+    `masked_delta=False` allows. Shard the LoRA layers or their blocks. `on_fit_start` cuts the masks to
     the rank's rows and swaps the optimizer; the merge adds each rank's rows
     (`lora_sharded.merge_lora_sharded`). Checkpoints keep the adapters in the model's distributed
     `state_dict` (injected before the restore, they load like any parameter). Needs the pruned
     weights loaded before `trainer.fit` (not meta-initialized) and `nn.Linear` targets only.
 
-    Checkpoints: while adapters are attached, the checkpoint's model `state_dict` is written with
+    Checkpoints (one process): while adapters are attached, the checkpoint's model `state_dict` is written with
     the unwrapped model's keys (no `base_layer`, no adapters) and the adapters go into this
     callback's state, so a resumed fit loads the base strictly, re-attaches, restores the adapters
     and then Lightning restores the adapter optimizer's state.
