@@ -9,6 +9,7 @@ adapters were laid out to `<out>/<phase>-rank<r>.pt`. Phases:
 - `resumed`: the same fit resumed from that checkpoint (`resharded`: from the other world size's).
 - `zeros`: a one-shot-pruned model (masks baked in as zeros), every nn.Linear its own FSDP2 unit
   (lora_A and lora_B too), plain LoRA forward (`masked_delta=False`), merged.
+- `llama`: a tiny Llama (2:4 masks on every projection) whose decoder layers and model FSDP2 shards.
 - `refused` (one rank only): the masked-delta forward with lora_A/lora_B sharded as their own units.
 """
 
@@ -20,11 +21,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from fsdp_job import SaveAfterEpoch, ShardedMLP  # tests/, beside this script (run as `python tests/fsdp_lora_job.py`)
+from conftest import tiny_llama  # tests/, beside this script (run as `python tests/fsdp_lora_job.py`)
+from fsdp_job import SaveAfterEpoch, ShardedMLP
 from lightning.pytorch.strategies import ModelParallelStrategy
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 from torch.distributed.fsdp import fully_shard
+from torch.utils.data import DataLoader
 
 from lightning_prune import LoRARecovery, finalize, get_masks, update_masks
 from lightning_prune.sharded import local_tensor
@@ -56,6 +59,35 @@ class PerLinearMLP(LoRAMLP):
         for module in [m for m in self.modules() if isinstance(m, nn.Linear)]:
             fully_shard(module, mesh=mesh)
         fully_shard(self, mesh=mesh)
+
+
+class LlamaLM(pl.LightningModule):
+    """A tiny Llama LM sharded as the README shows: each decoder layer (with its LoRA layers), then the model."""
+
+    def __init__(self, global_batch: int) -> None:
+        super().__init__()
+        self.global_batch = global_batch
+        self.model = tiny_llama(num_hidden_layers=2)
+        targets = find_targets(self.model)  # every projection; lm_head stays dense
+        update_masks(targets, {t.name: t.weight.abs() for t in targets}, 0.5, pattern="2:4")
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)  # its forward runs in `training_step`: it gathers the embeddings, norm and head
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self) -> DataLoader:
+        """32 fixed random sequences of 16 tokens; rank r of W takes sequences r, r+W, ..."""
+        tokens = torch.randint(0, 48, (32, 16), generator=torch.Generator().manual_seed(0))
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        return DataLoader(tokens[rank::world], batch_size=self.global_batch // world)
 
 
 def pruned(kind: str, global_batch: int, cls: type[LoRAMLP] | None = None) -> LoRAMLP:
@@ -101,7 +133,8 @@ class LoRAProbe(pl.Callback):
             "mask_shapes": {n: tuple(m.shape) for n, m in get_masks(pl_module).items()},
         }
         with torch.no_grad():
-            pl_module.net(self.batch)  # the trained adapters' forward, before the merge (`io`), as `training_step` calls it
+            if isinstance(pl_module, LoRAMLP):
+                pl_module.net(self.batch)  # the trained adapters' forward, before the merge (`io`), as `training_step` calls it
 
 
 def fit(module: LoRAMLP, recovery: LoRARecovery, args: argparse.Namespace, epochs: int, ckpt_in: str | None = None, *others: pl.Callback) -> tuple[pl.Trainer, LoRAProbe]:
@@ -146,7 +179,9 @@ def lora(**kwargs: Any) -> LoRARecovery:
 
 def run_phase(phase: str, args: argparse.Namespace, epochs: int, ckpt_in: str | None = None, **kwargs: Any) -> None:
     """Prune a fresh model before fit, recover it with LoRA under FSDP2, merge, and dump."""
-    module = pruned("zeros" if phase == "zeros" else "masked", args.global_batch)
+    if phase == "llama":
+        pl.seed_everything(0, verbose=False)
+    module = LlamaLM(args.global_batch // 2) if phase == "llama" else pruned("zeros" if phase == "zeros" else "masked", args.global_batch)
     before = {k: v.detach().clone() for k, v in module.state_dict().items()}
     recovery = lora(**kwargs)
     others = [SaveAfterEpoch(0, str(args.out / f"epoch1-{args.devices}"))] if phase == "masked" else []
@@ -179,6 +214,7 @@ def main() -> None:
     if args.resume_from:
         run_phase("resharded", args, 3, args.resume_from)
     run_phase("zeros", args, 2, masked_delta=False)
+    run_phase("llama", args, 2)
     if args.devices == 1:
         refused(args)
 

@@ -1,7 +1,8 @@
 """LoRARecovery under FSDP2 (Lightning's ModelParallelStrategy): two gloo CPU processes against one.
 
 Both launches run every phase of tests/fsdp_lora_job.py (2:4 masks attached before sharding and a
-masked-delta forward; a one-shot-pruned model with plain LoRA; resume); the one-process run also
+masked-delta forward; a one-shot-pruned model with plain LoRA; a tiny Llama sharded per decoder
+layer; resume); the one-process run also
 resumes from the two-process run's checkpoint and records the layouts that are refused. The tests
 below the launches need no process group: what is refused before sharding.
 """
@@ -19,6 +20,7 @@ import torch
 from architectures import BY_NAME
 from conftest import tiny_gpt2
 from fsdp_job import ShardedMLP
+from fsdp_lora_job import LlamaLM
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
@@ -59,18 +61,23 @@ def joined(runs: dict[str, Path], run: str, phase: str, key: str) -> dict[str, t
     return {name: torch.cat([rank0[name], rank1[name]]) for name in rank0}
 
 
+def plain_architecture(phase: str) -> nn.Module:
+    """A fresh unwrapped, unsharded instance of the phase's model (its state dict's keys)."""
+    return LlamaLM(16) if phase == "llama" else ShardedMLP(32)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", ["masked", "zeros"])
+@pytest.mark.parametrize("phase", ["masked", "zeros", "llama"])
 def test_two_sharded_ranks_merge_what_one_process_merges(runs: dict[str, Path], phase: str) -> None:
     masks, single = joined(runs, "two", phase, "masks"), load(runs["one"], phase)
-    assert sorted(masks) == (LORA if phase == "masked" else [])  # masks derived from zeros go with the merge
+    assert len(masks) == {"masked": 2, "zeros": 0, "llama": 14}[phase]  # masks derived from zeros go with the merge
     for name, mask in single["masks"].items():
         assert torch.equal(masks[name], mask), name
     weights = joined(runs, "two", phase, "weights")
     assert sorted(weights) == sorted(single["before"])  # the plain architecture's keys: no base_layer, no adapters
     for name, value in single["weights"].items():
         torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-6)
-    ShardedMLP(32).load_state_dict(weights, strict=True)
+    plain_architecture(phase).load_state_dict(weights, strict=True)
 
 
 @pytest.mark.slow
@@ -86,6 +93,10 @@ def test_merge_keeps_every_zero_and_every_2of4_group(runs: dict[str, Path], run:
         assert not torch.equal(merged[name], before[name])  # the adapters did change the kept weights
     kept_zero = masks["net.2.weight"] & (before["net.2.weight"] == 0)
     assert int(kept_zero.sum()) == 1 and bool(merged["net.2.weight"][kept_zero].ne(0).all())  # kept, so the delta reached it
+    llama_masks, llama = joined(runs, run, "llama", "masks"), joined(runs, run, "llama", "weights")
+    for name, mask in llama_masks.items():  # a Llama sharded per decoder layer: every projection stays 2:4
+        assert not llama[name][~mask].any() and not torch.signbit(llama[name][~mask]).any(), name
+        assert max_nonzeros_per_group(llama[name], 4) == 2
     zeros_before, zeros_merged = load(runs[run], "zeros")["before"], joined(runs, run, "zeros", "weights")
     for name in LORA:  # one-shot-pruned (no masks): exactly the zero set stays, as +0.0
         assert torch.equal(zeros_merged[name] == 0, zeros_before[name] == 0), name
@@ -99,10 +110,11 @@ def test_forward_sees_frozen_zeros_and_exactly_the_merged_model(runs: dict[str, 
     forward gives the merged model's outputs: no delta reached a pruned weight."""
     merged = joined(runs, run, "masked", "weights")
     for rank in ranks:
-        for phase in ("masked", "zeros"):
+        for phase in ("masked", "zeros", "llama"):
             state = load(runs[run], phase, rank)
-            for name in LORA:
-                assert torch.equal(state["base_seen"][name], state["before"][name]), (phase, name)
+            assert len(state["base_seen"]) == (14 if phase == "llama" else 2)
+            for name, seen in state["base_seen"].items():
+                assert torch.equal(seen, state["before"][name]), (phase, name)
         state = load(runs[run], "masked", rank)
         for name in LORA:
             x, y = state["io"][name]
