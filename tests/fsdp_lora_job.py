@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 from torch.distributed.fsdp import fully_shard
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import LoRARecovery, finalize, get_masks, update_masks
 from lightning_prune.sharded import local_tensor
@@ -38,6 +38,7 @@ class LoRAMLP(ShardedMLP):
     """ShardedMLP whose `configure_model` shards peft's LoRA layers (no nn.Linear) as units too."""
 
     def configure_model(self) -> None:
+        assert self.device_mesh is not None  # set by ModelParallelStrategy before configure_model
         mesh = self.device_mesh["data_parallel"]
         for layer in self.net:
             if isinstance(layer, (nn.Linear, LoraLayer)):
@@ -55,6 +56,7 @@ class PerLinearMLP(LoRAMLP):
     """Shards every nn.Linear among `modules()`: after injection, base_layer, lora_A and lora_B are units of their own."""
 
     def configure_model(self) -> None:
+        assert self.device_mesh is not None  # set by ModelParallelStrategy before configure_model
         mesh = self.device_mesh["data_parallel"]
         for module in [m for m in self.modules() if isinstance(m, nn.Linear)]:
             fully_shard(module, mesh=mesh)
@@ -72,13 +74,15 @@ class LlamaLM(pl.LightningModule):
         update_masks(targets, {t.name: t.weight.abs() for t in targets}, 0.5, pattern="2:4")
 
     def configure_model(self) -> None:
+        assert self.device_mesh is not None  # set by ModelParallelStrategy before configure_model
         mesh = self.device_mesh["data_parallel"]
-        for block in self.model.model.layers:
+        for block in self.model.get_submodule("model.layers").children():
             fully_shard(block, mesh=mesh)
         fully_shard(self.model, mesh=mesh)  # its forward runs in `training_step`: it gathers the embeddings, norm and head
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        return self.model(input_ids=batch, labels=batch).loss
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss: torch.Tensor = self.model(input_ids=batch[0], labels=batch[0]).loss
+        return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
@@ -87,7 +91,7 @@ class LlamaLM(pl.LightningModule):
         """32 fixed random sequences of 16 tokens; rank r of W takes sequences r, r+W, ..."""
         tokens = torch.randint(0, 48, (32, 16), generator=torch.Generator().manual_seed(0))
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        return DataLoader(tokens[rank::world], batch_size=self.global_batch // world)
+        return DataLoader(TensorDataset(tokens[rank::world]), batch_size=self.global_batch // world)
 
 
 def pruned(kind: str, global_batch: int, cls: type[LoRAMLP] | None = None) -> LoRAMLP:
@@ -98,7 +102,7 @@ def pruned(kind: str, global_batch: int, cls: type[LoRAMLP] | None = None) -> Lo
     update_masks(targets, {t.name: t.weight.abs() for t in targets}, 0.5, pattern="2:4" if kind == "masked" else None)
     with torch.no_grad():
         if kind == "masked":
-            weight, mask = module.net[2].weight, get_masks(module)["net.2.weight"]
+            weight, mask = module.get_parameter("net.2.weight"), get_masks(module)["net.2.weight"]
             weight[tuple(mask.nonzero()[5])] = 0.0  # a kept weight that is exactly zero
         else:
             finalize(module)
@@ -117,7 +121,7 @@ class LoRAProbe(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for name, module in pl_module.named_modules():
-            if isinstance(module, LoraLayer):  # registered after FSDP2's hooks: they see gathered weights
+            if isinstance(module, LoraLayer) and isinstance(module, nn.Module):  # registered after FSDP2's hooks: they see gathered weights
                 module.get_base_layer().register_forward_pre_hook(lambda m, args, name=name: self.base_seen.__setitem__(f"{name}.weight", local_tensor(m.weight).detach().clone()))
                 module.register_forward_hook(lambda m, args, out, name=name: self.io.__setitem__(f"{name}.weight", (args[0].detach().clone(), out.detach().clone())))
 
@@ -137,7 +141,7 @@ class LoRAProbe(pl.Callback):
                 pl_module.net(self.batch)  # the trained adapters' forward, before the merge (`io`), as `training_step` calls it
 
 
-def fit(module: LoRAMLP, recovery: LoRARecovery, args: argparse.Namespace, epochs: int, ckpt_in: str | None = None, *others: pl.Callback) -> tuple[pl.Trainer, LoRAProbe]:
+def fit(module: pl.LightningModule, recovery: LoRARecovery, args: argparse.Namespace, epochs: int, ckpt_in: str | None = None, *others: pl.Callback) -> tuple[pl.Trainer, LoRAProbe]:
     """Fit `module` with `recovery`, `others` and a probe under ModelParallelStrategy."""
     probe = LoRAProbe()
     trainer = pl.Trainer(
