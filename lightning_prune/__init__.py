@@ -5,6 +5,7 @@ from lightning_prune.callbacks.structured import StructuredPruning
 from lightning_prune.criteria import make_criterion
 from lightning_prune.export import load_sparse, load_sparse_state_dict, save_sparse
 from lightning_prune.lora import attach_lora, load_lora, merge_lora
+from lightning_prune.lora_sharded import merge_lora_sharded
 from lightning_prune.masking import (
     apply_masks_,
     ensure_gradient_masking,
@@ -99,6 +100,7 @@ __all__ = [
     "make_schedule",
     "mask_sharded_gradients_",
     "merge_lora",
+    "merge_lora_sharded",
     "prune_oneshot",
     "prune_structured",
     "reconstruct_block",

@@ -45,6 +45,8 @@ from lightning_prune.targets import find_targets
 from lightning_prune.validation import check_integer, check_number
 
 _DERIVED = "_lightning_prune_lora_derived_masks"  # base-layer attribute: [param_name, ...] whose masks attach_lora derived from zeros
+# Base-layer attribute under FSDP2: a callable giving the whole keep-mask in the forward, where the mask buffer is a row block (lora_sharded).
+FORWARD_MASK = "_lightning_prune_lora_forward_mask"
 
 
 class MaskedDelta(LoraVariant):
@@ -88,7 +90,10 @@ def masked_delta_weight(module: LoraLayer, adapter_name: str) -> torch.Tensor:
     """
     # Every concrete peft LoRA layer (Linear, Conv, Embedding) defines get_delta_weight; the LoraLayer base does not (peft 0.21.2).
     delta: torch.Tensor = module.get_delta_weight(adapter_name)  # type: ignore[attr-defined]
-    return torch.where(keep_mask(module.get_base_layer(), adapted_parameter(module)), delta, 0.0)  # one pass, no ~mask
+    base = module.get_base_layer()
+    forward_mask = getattr(base, FORWARD_MASK, None)
+    keep = forward_mask(base) if forward_mask is not None else keep_mask(base, adapted_parameter(module))
+    return torch.where(keep, delta, 0.0)  # one pass, no ~mask
 
 
 def _masked_sum(module: LoraLayer, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -231,10 +236,15 @@ def merge_lora(peft_model: PeftModel) -> nn.Module:
                 weight.add_(delta.to(weight.dtype))
         # Guard: pruned entries were +0.0 and received +0.0; rewrite them so no -0.0 can survive.
         keep_only_(weight, mask)
-        if param_name in getattr(base, _DERIVED, ()):
-            remove_mask(base, param_name)
-            getattr(base, _DERIVED).remove(param_name)
+        remove_derived_mask(base, param_name)
     return peft_model.unload()
+
+
+def remove_derived_mask(base: nn.Module, param_name: str) -> None:
+    """Remove the mask of `base.<param_name>` if `attach_lora` derived it from zeros (a merge leaves a plain model)."""
+    if param_name in getattr(base, _DERIVED, ()):
+        remove_mask(base, param_name)
+        getattr(base, _DERIVED).remove(param_name)
 
 
 def load_lora(model: nn.Module, directory: str, masked_delta: bool = True, adapter_name: str = "default") -> PeftModel:

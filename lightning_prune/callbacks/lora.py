@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,11 +13,31 @@ from lightning.pytorch.callbacks import Callback
 from peft import PeftModel
 from torch import nn
 
-from lightning_prune.callbacks.base import refuse_sharded_strategy
-from lightning_prune.lora import adapter_parameters, attach_lora, check_lora_arguments, merge_lora, unwrapped_state_dict
+from lightning_prune.callbacks.sharding import check_strategy
+from lightning_prune.lora import adapter_parameters, attach_lora, check_lora_arguments, lora_target_names, merge_lora, unwrapped_state_dict
 from lightning_prune.lora_experts import expert_parameter_names
+from lightning_prune.lora_sharded import check_after_sharding, check_before_sharding, guard_gathered_forward, install_forward_masks, merge_lora_sharded, shard_masks_
 from lightning_prune.targets import find_targets
 from lightning_prune.validation import check_number
+
+
+@contextmanager
+def device_mesh_hidden(network: nn.Module) -> Iterator[None]:
+    """Hide Lightning's device mesh from peft while it injects adapters into a LightningModule.
+
+    peft 0.21.2's LoRA injection takes a `_device_mesh` attribute for a transformers tensor-parallel
+    mesh (and then reads `model.config`); Lightning 2.6.6's ModelParallelStrategy stores its mesh in
+    the LightningModule's `_device_mesh` (before callbacks' `setup`). An FSDP2 mesh is no TP plan.
+    """
+    mesh = network.__dict__.get("_device_mesh")
+    if mesh is None:
+        yield
+        return
+    network.__dict__["_device_mesh"] = None
+    try:
+        yield
+    finally:
+        network.__dict__["_device_mesh"] = mesh
 
 
 def wrapped_network(pl_module: nn.Module) -> nn.Module:
@@ -28,7 +49,7 @@ def wrapped_network(pl_module: nn.Module) -> nn.Module:
 class LoRARecovery(Callback):
     """Recover a pruned model with LoRA: only adapters train, base masks stay, merge keeps the zeros.
 
-    Lifecycle: `on_fit_start` wraps the pruned layers (and fused expert parameters, one adapter per
+    Lifecycle: `on_fit_start` (under FSDP2 `setup`, see below) wraps the pruned layers (and fused expert parameters, one adapter per
     expert) of `pl_module.model` (or `pl_module`) with peft LoRA adapters (`lightning_prune.lora.attach_lora`), freezes every other parameter and replaces the
     Trainer's optimizer with one of the same class and settings over the adapter parameters only
     (learning rate `lr`, or the original one when None). `on_fit_end` merges `W + M ⊙ (s·B·A)`
@@ -38,10 +59,24 @@ class LoRARecovery(Callback):
     Order: Lightning runs callbacks' hooks in list order, so put a `OneShotPruning` callback *before*
     `LoRARecovery` in the same Trainer (the adapters target the layers pruned at that point); on an
     already pruned model it is the only callback needed. `configure_optimizers` must not return LR
-    schedulers (they would still point at the replaced optimizer). Single-process strategies only:
-    adapters created after DDP wrapped the model would not have their gradients synchronised.
+    schedulers (they would still point at the replaced optimizer). Under DDP it is refused: adapters
+    created after DDP wrapped the model would not have their gradients synchronised.
 
-    Checkpoints: while adapters are attached, the checkpoint's model `state_dict` is written with
+    FSDP2 (`ModelParallelStrategy`): Lightning 2.6.6 calls, in order, the callbacks' `setup`, the
+    module's `configure_model` (the user's `fully_shard`), the strategy's setup (materialization,
+    `configure_optimizers`), `on_fit_start`, then restores a checkpoint. So the adapters are
+    injected in `setup`, on the pruned model before sharding, and the user's `fully_shard` covers
+    them. A loop sharding `isinstance(m, nn.Linear)` children skips peft's LoRA layers (no
+    `nn.Linear`) and leaves them to the enclosing unit, which gathers them only if its forward runs
+    (Lightning calls `training_step`, not the root's forward; an ungathered LoRA forward raises with
+    the fix); one over `modules()` makes `lora_A`/`lora_B` units of their own, which only
+    `masked_delta=False` allows. Shard the LoRA layers or their blocks. `on_fit_start` cuts the masks to
+    the rank's rows and swaps the optimizer; the merge adds each rank's rows
+    (`lora_sharded.merge_lora_sharded`). Checkpoints keep the adapters in the model's distributed
+    `state_dict` (injected before the restore, they load like any parameter). Needs the pruned
+    weights loaded before `trainer.fit` (not meta-initialized) and `nn.Linear` targets only.
+
+    Checkpoints (one process): while adapters are attached, the checkpoint's model `state_dict` is written with
     the unwrapped model's keys (no `base_layer`, no adapters) and the adapters go into this
     callback's state, so a resumed fit loads the base strictly, re-attaches, restores the adapters
     and then Lightning restores the adapter optimizer's state.
@@ -81,12 +116,22 @@ class LoRARecovery(Callback):
         self._requires_grad: dict[str, bool] = {}
         self._restored_adapters: dict[str, torch.Tensor] = {}
         self._pl_module: pl.LightningModule | None = None
+        self._sharded = False  # injected in `setup` under ModelParallelStrategy (FSDP2)
+        self.forward_masks: dict[str, str] = {}  # under FSDP2: 'nonzero' or 'gathered' per LoRA layer (lora_sharded)
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(r=self.r, target_modules=str(self.target_modules))
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._sharded = stage == "fit" and check_strategy(trainer.strategy, sharded_ok=True)
+        if self._sharded:
+            self.inject_before_sharding(pl_module)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._sharded:
+            self.attach_sharded(trainer, pl_module)
+            return
         self.preflight(pl_module)
         self.attach(trainer, pl_module)
 
@@ -104,33 +149,53 @@ class LoRARecovery(Callback):
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Wrap the pruned layers, freeze the rest, and give the Trainer an adapter-only optimizer."""
-        refuse_sharded_strategy(trainer.strategy)
+        check_strategy(trainer.strategy, sharded_ok=False)
         if trainer.world_size > 1:
-            raise ValueError(f"LoRARecovery runs in one process; got a Trainer with world_size={trainer.world_size}")
-        if len(trainer.optimizers) != 1 or trainer.lr_scheduler_configs:
-            raise ValueError(
-                f"LoRARecovery replaces the one optimizer of `configure_optimizers`; got {len(trainer.optimizers)} "
-                f"optimizers and {len(trainer.lr_scheduler_configs)} LR schedulers (return one optimizer, no scheduler)"
-            )
-        self._pl_module = pl_module
-        self._requires_grad = {name: p.requires_grad for name, p in pl_module.named_parameters()}
-        self.peft_model = attach_lora(
-            wrapped_network(pl_module),
-            r=self.r,
-            alpha=self.alpha,
-            dropout=self.dropout,
-            target_modules=self.target_modules,
-            masked_delta=self.masked_delta,
-            target_parameters=self.target_parameters,
-        )
-        adapters = adapter_parameters(pl_module)
+            raise ValueError(f"LoRARecovery runs in one process or under ModelParallelStrategy (FSDP2); got a Trainer with world_size={trainer.world_size}")
+        check_one_optimizer(trainer)
+        adapters = self.inject(pl_module)
         if self._restored_adapters:
             self.restore_adapters(pl_module)
+        trainer.strategy.optimizers = [self.adapter_optimizer(trainer.optimizers[0], adapters)]
+        self.merged = False
+
+    def inject_before_sharding(self, pl_module: pl.LightningModule) -> None:
+        """FSDP2: wrap the pruned layers and freeze the rest before `configure_model` shards the model."""
+        self.preflight(pl_module)
+        network = wrapped_network(pl_module)
+        check_before_sharding(network, *lora_target_names(network, self.target_modules, self.target_parameters))
+        self.inject(pl_module)
+
+    def attach_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """FSDP2, after sharding: masks to row blocks, forward masks, and the adapter-only optimizer."""
+        check_one_optimizer(trainer)
+        group = check_after_sharding(pl_module, self.masked_delta)
+        shard_masks_(pl_module)
+        self.forward_masks = install_forward_masks(pl_module, group) if self.masked_delta else {}
+        guard_gathered_forward(pl_module)  # removed with the LoRA layers by the merge
+        trainer.strategy.optimizers = [self.adapter_optimizer(trainer.optimizers[0], adapter_parameters(pl_module))]
+        self.merged = False
+
+    def inject(self, pl_module: pl.LightningModule) -> list[nn.Parameter]:
+        """Wrap the pruned layers with adapters and freeze every other parameter; returns the adapters."""
+        self._pl_module = pl_module
+        self._requires_grad = {name: p.requires_grad for name, p in pl_module.named_parameters()}
+        network = wrapped_network(pl_module)
+        with device_mesh_hidden(network):
+            self.peft_model = attach_lora(
+                network,
+                r=self.r,
+                alpha=self.alpha,
+                dropout=self.dropout,
+                target_modules=self.target_modules,
+                masked_delta=self.masked_delta,
+                target_parameters=self.target_parameters,
+            )
+        adapters = adapter_parameters(pl_module)
         adapter_ids = {id(p) for p in adapters}
         for parameter in pl_module.parameters():
             parameter.requires_grad_(id(parameter) in adapter_ids)
-        trainer.strategy.optimizers = [self.adapter_optimizer(trainer.optimizers[0], adapters)]
-        self.merged = False
+        return adapters
 
     def adapter_optimizer(self, optimizer: torch.optim.Optimizer, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
         """An optimizer of `optimizer`'s class and settings over `parameters`, at `lr` when given."""
@@ -157,19 +222,19 @@ class LoRARecovery(Callback):
         """Merge `M ⊙ (s·B·A)` into the sparse weights, unwrap, and restore `requires_grad`."""
         if self.peft_model is None:
             raise RuntimeError("LoRARecovery.merge_adapters needs the adapters attached at fit start; none are attached")
-        merge_lora(self.peft_model)
+        (merge_lora_sharded if self._sharded else merge_lora)(self.peft_model)
         self.peft_model = None
         for name, parameter in pl_module.named_parameters():
             parameter.requires_grad_(self._requires_grad.get(name, True))
         self.merged = True
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.peft_model is not None:
+        if self.peft_model is not None and not self._sharded:  # under FSDP2 the adapters stay in the distributed state_dict
             checkpoint["state_dict"] = unwrapped_state_dict(checkpoint["state_dict"])
 
     def state_dict(self) -> dict[str, Any]:
         adapters = {}
-        if self.peft_model is not None:
+        if self.peft_model is not None and not self._sharded:
             adapters = {name: p.detach().cpu().clone() for name, p in self._pl_module_parameters() if "lora_" in name}
         return {"merged": self.merged, "adapters": adapters or dict(self._restored_adapters)}
 
@@ -179,3 +244,12 @@ class LoRARecovery(Callback):
 
     def _pl_module_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return list(self._pl_module.named_parameters()) if self._pl_module is not None else []
+
+
+def check_one_optimizer(trainer: pl.Trainer) -> None:
+    """Raise unless `configure_optimizers` gave one optimizer and no LR scheduler (LoRARecovery replaces it)."""
+    if len(trainer.optimizers) != 1 or trainer.lr_scheduler_configs:
+        raise ValueError(
+            f"LoRARecovery replaces the one optimizer of `configure_optimizers`; got {len(trainer.optimizers)} "
+            f"optimizers and {len(trainer.lr_scheduler_configs)} LR schedulers (return one optimizer, no scheduler)"
+        )

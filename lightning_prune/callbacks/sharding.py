@@ -28,7 +28,7 @@ PREFIX = "_lightning_prune"
 def check_strategy(strategy: object, sharded_ok: bool) -> bool:
     """Raise for strategies the masks cannot follow; return True under FSDP2 (`ModelParallelStrategy`).
 
-    `sharded_ok` is False for callbacks that need whole weights (structured pruning, LoRA).
+    `sharded_ok` is False for callbacks that need whole weights (structured pruning).
     """
     name = type(strategy).__name__
     if name == "ModelParallelStrategy" and sharded_ok:
@@ -37,7 +37,7 @@ def check_strategy(strategy: object, sharded_ok: bool) -> bool:
         fsdp2 = " and under ModelParallelStrategy (FSDP2: `fully_shard` in `configure_model`)" if sharded_ok else ""
         raise ValueError(
             f"`strategy`={name} shards parameters in a way this callback does not support; use strategy='ddp' "
-            f"(masks are identical on every rank){fsdp2}. One-shot, structured and LoRA pruning need whole weights: "
+            f"(masks are identical on every rank){fsdp2}. One-shot and structured pruning need whole weights: "
             "prune before sharding (one-shot runs block by block with `offload`), then train the pruned model sharded"
         )
     return False

@@ -1,0 +1,203 @@
+"""LoRARecovery under FSDP2 (Lightning's ModelParallelStrategy): two gloo CPU processes against one.
+
+Both launches run every phase of tests/fsdp_lora_job.py (2:4 masks attached before sharding and a
+masked-delta forward; a one-shot-pruned model with plain LoRA; a tiny Llama sharded per decoder
+layer; resume); the one-process run also
+resumes from the two-process run's checkpoint and records the layouts that are refused. The tests
+below the launches need no process group: what is refused before sharding.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from architectures import BY_NAME
+from conftest import tiny_gpt2
+from fsdp_job import ShardedMLP
+from fsdp_lora_job import LlamaLM
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from torch import nn
+
+from lightning_prune import LoRARecovery, update_masks
+from lightning_prune.report import max_nonzeros_per_group
+from lightning_prune.targets import find_targets
+
+JOB = Path(__file__).with_name("fsdp_lora_job.py")
+LORA = ["net.0.weight", "net.2.weight"]  # the pruned layers; the head stays dense
+
+
+def run_job(out: Path, devices: int, *extra: str) -> None:
+    """Run tests/fsdp_lora_job.py; Lightning launches the second rank itself."""
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(JOB), "--devices", str(devices), "--out", str(out), *extra]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One FSDP2 run on 2 ranks and one on 1 rank with the same global batch (~35 s and ~20 s)."""
+    two, one = tmp_path_factory.mktemp("lora2"), tmp_path_factory.mktemp("lora1")
+    run_job(two, 2)
+    run_job(one, 1, "--resume-from", str(two / "epoch1-2"))
+    return {"two": two, "one": one}
+
+
+def load(folder: Path, phase: str, rank: int = 0) -> dict:
+    return torch.load(folder / f"{phase}-rank{rank}.pt", weights_only=True)
+
+
+def joined(runs: dict[str, Path], run: str, phase: str, key: str) -> dict[str, torch.Tensor]:
+    """Whole tensors under `key`: the two ranks' row blocks stacked, or the one rank's."""
+    if run == "one":
+        return load(runs["one"], phase)[key]
+    rank0, rank1 = load(runs["two"], phase, 0)[key], load(runs["two"], phase, 1)[key]
+    return {name: torch.cat([rank0[name], rank1[name]]) for name in rank0}
+
+
+def plain_architecture(phase: str) -> nn.Module:
+    """A fresh unwrapped, unsharded instance of the phase's model (its state dict's keys)."""
+    return LlamaLM(16) if phase == "llama" else ShardedMLP(32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["masked", "zeros", "llama"])
+def test_two_sharded_ranks_merge_what_one_process_merges(runs: dict[str, Path], phase: str) -> None:
+    masks, single = joined(runs, "two", phase, "masks"), load(runs["one"], phase)
+    assert len(masks) == {"masked": 2, "zeros": 0, "llama": 14}[phase]  # masks derived from zeros go with the merge
+    for name, mask in single["masks"].items():
+        assert torch.equal(masks[name], mask), name
+    weights = joined(runs, "two", phase, "weights")
+    assert sorted(weights) == sorted(single["before"])  # the plain architecture's keys: no base_layer, no adapters
+    for name, value in single["weights"].items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-6)
+    plain_architecture(phase).load_state_dict(weights, strict=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["two", "one"])
+def test_merge_keeps_every_zero_and_every_2of4_group(runs: dict[str, Path], run: str) -> None:
+    before = load(runs[run], "masked")["before"]
+    masks, merged = joined(runs, run, "masked", "masks"), joined(runs, run, "masked", "weights")
+    for name in LORA:
+        pruned = ~masks[name]
+        assert torch.equal(before[name][pruned], torch.zeros(int(pruned.sum())))
+        assert not merged[name][pruned].any() and not torch.signbit(merged[name][pruned]).any(), name
+        assert max_nonzeros_per_group(merged[name], 4) == 2
+        assert not torch.equal(merged[name], before[name])  # the adapters did change the kept weights
+    kept_zero = masks["net.2.weight"] & (before["net.2.weight"] == 0)
+    assert int(kept_zero.sum()) == 1 and bool(merged["net.2.weight"][kept_zero].ne(0).all())  # kept, so the delta reached it
+    llama_masks, llama = joined(runs, run, "llama", "masks"), joined(runs, run, "llama", "weights")
+    for name, mask in llama_masks.items():  # a Llama sharded per decoder layer: every projection stays 2:4
+        assert not llama[name][~mask].any() and not torch.signbit(llama[name][~mask]).any(), name
+        assert max_nonzeros_per_group(llama[name], 4) == 2
+    zeros_before, zeros_merged = load(runs[run], "zeros")["before"], joined(runs, run, "zeros", "weights")
+    for name in LORA:  # one-shot-pruned (no masks): exactly the zero set stays, as +0.0
+        assert torch.equal(zeros_merged[name] == 0, zeros_before[name] == 0), name
+        assert not torch.signbit(zeros_merged[name][zeros_before[name] == 0]).any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("run", "ranks"), [("two", (0, 1)), ("one", (0,))])
+def test_forward_sees_frozen_zeros_and_exactly_the_merged_model(runs: dict[str, Path], run: str, ranks: tuple[int, ...]) -> None:
+    """Every forward's (gathered) base weight is the frozen pruned one, and the trained adapters'
+    forward gives the merged model's outputs: no delta reached a pruned weight."""
+    merged = joined(runs, run, "masked", "weights")
+    for rank in ranks:
+        for phase in ("masked", "zeros", "llama"):
+            state = load(runs[run], phase, rank)
+            assert len(state["base_seen"]) == (14 if phase == "llama" else 2)
+            for name, seen in state["base_seen"].items():
+                assert torch.equal(seen, state["before"][name]), (phase, name)
+        state = load(runs[run], "masked", rank)
+        for name in LORA:
+            x, y = state["io"][name]
+            bias = merged[name.replace("weight", "bias")]
+            torch.testing.assert_close(y, x @ merged[name].T + bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("run", "rows"), [("two", 24), ("one", 48)])
+def test_adapters_train_sharded_and_masks_stay_row_blocks(runs: dict[str, Path], run: str, rows: int) -> None:
+    for phase in ("masked", "zeros"):
+        state = load(runs[run], phase)
+        assert state["merged"] and not state["wrapped"]
+        assert state["trainable"] == sorted(state["adapters"])  # only the adapters train
+        a_rows = 4 * rows // 48  # lora_A is r × in, split by its r rows too
+        expected = {"net.0": ((a_rows, 64), (rows, 4)), "net.2": ((a_rows, 48), (rows, 4))}
+        for layer, (a_shape, b_shape) in expected.items():
+            assert state["adapters"][f"{layer}.lora_A.default.weight"] == ("DTensor", a_shape)
+            assert state["adapters"][f"{layer}.lora_B.default.weight"] == ("DTensor", b_shape)
+        assert state["mask_shapes"] == {"net.0.base_layer.weight": (rows, 64), "net.2.base_layer.weight": (rows, 48)}  # 1/world each
+    assert load(runs[run], "masked")["forward_masks"] == {"net.0": "nonzero", "net.2": "gathered"}  # net.2 keeps a zero weight
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("run", "phase"), [("two", "resumed"), ("one", "resumed"), ("one", "resharded")])
+def test_distributed_checkpoint_resumes_exactly(runs: dict[str, Path], run: str, phase: str) -> None:
+    """Resumed after epoch 1 of 3 (adapters in the model's distributed state dict, AdamW state):
+    bitwise the uninterrupted merge on the same ranks; from the 2-rank checkpoint on 1 rank, close."""
+    uninterrupted, resumed = load(runs[run], "masked"), load(runs[run], phase)
+    for name, mask in uninterrupted["masks"].items():
+        assert torch.equal(mask, resumed["masks"][name]), name
+    for name, value in uninterrupted["weights"].items():
+        if phase == "resharded":  # the first epoch's gradients were reduced over 2 ranks
+            torch.testing.assert_close(value, resumed["weights"][name], rtol=1e-4, atol=1e-6)
+        else:
+            assert torch.equal(value, resumed["weights"][name]), name
+    if run == "two":
+        assert torch.equal(load(runs[run], phase, 1)["weights"]["net.2.weight"], load(runs[run], "masked", 1)["weights"]["net.2.weight"])
+
+
+@pytest.mark.slow
+def test_layouts_the_masked_forward_cannot_run_are_refused_with_the_fix(runs: dict[str, Path]) -> None:
+    units = (runs["one"] / "refused-units.txt").read_text()
+    assert "applied `fully_shard` to a part of the LoRA layer 'net.0'" in units and "masked_delta=False" in units
+    root = (runs["one"] / "refused-root.txt").read_text()
+    assert "runs its forward with sharded weights" in root and "isinstance(m, nn.Linear)" in root
+
+
+def setup_under_fsdp2(model: nn.Module, **kwargs: object) -> None:
+    """LoRARecovery's `setup` as Lightning calls it under ModelParallelStrategy, before `configure_model`."""
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    LoRARecovery(**kwargs).setup(trainer, model, "fit")  # type: ignore[arg-type]
+
+
+def masked(model: nn.Module) -> nn.Module:
+    targets = find_targets(model)
+    update_masks(targets, {t.name: t.weight.abs() for t in targets}, 0.5, pattern="2:4")
+    return model
+
+
+def test_fused_experts_transposed_conv1d_and_meta_weights_are_refused_before_injection() -> None:
+    mixtral = masked(BY_NAME["mixtral"].build())
+    with pytest.raises(ValueError, match=r"fused expert parameters .* not supported under FSDP2"):
+        setup_under_fsdp2(mixtral)
+    assert not any(".lora_" in name for name, _ in mixtral.named_parameters())  # refused before peft touched it
+    with pytest.raises(ValueError, match=r"is a Conv1D; under FSDP2 LoRARecovery adapts \(out, in\) nn.Linear"):
+        setup_under_fsdp2(masked(tiny_gpt2()))
+    with torch.device("meta"):
+        meta = ShardedMLP(32)
+    with pytest.raises(ValueError, match=r"on the meta device when LoRARecovery injects"):
+        setup_under_fsdp2(meta, target_modules=r"net\.0")
+
+
+def test_under_fsdp2_adapters_are_injected_in_setup_before_sharding() -> None:
+    torch.manual_seed(0)
+    module = masked(ShardedMLP(32))
+    setup_under_fsdp2(module)
+    assert {name for name, p in module.named_parameters() if p.requires_grad} == {
+        f"net.{i}.lora_{ab}.default.weight" for i in (0, 2) for ab in "AB"
+    }  # injected and frozen before `configure_model`, so `fully_shard` covers the adapters
+
+
+def test_fsdp1_is_still_refused_and_the_message_points_to_fsdp2() -> None:
+    trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match=r"FSDPStrategy .* under ModelParallelStrategy \(FSDP2"):
+        LoRARecovery().setup(trainer, ShardedMLP(32), "fit")  # type: ignore[arg-type]
