@@ -157,3 +157,12 @@ def test_mask_hooks_follow_the_adapter_optimizer_and_targets_are_checked_first()
     assert probe.hooked_current == [True, True]  # not the optimizer LoRARecovery replaced
     with pytest.raises(ValueError, match=r"no prunable weights matched `targets`='nomatch'"):
         LoRARecovery(target_modules="nomatch").preflight(tiny_pruned())
+
+
+def test_state_key_tells_apart_callbacks_on_different_expert_parameters() -> None:
+    """Two LoRARecovery callbacks that differ only in `target_parameters` keep separate checkpoint states."""
+    from lightning_prune import LoRARecovery
+
+    gate, down = LoRARecovery(target_parameters="gate_up_proj"), LoRARecovery(target_parameters="down_proj")
+    assert gate.state_key != down.state_key
+    assert LoRARecovery(r=4).state_key == LoRARecovery(r=4, target_parameters=None).state_key

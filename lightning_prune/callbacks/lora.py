@@ -121,7 +121,10 @@ class LoRARecovery(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(r=self.r, target_modules=str(self.target_modules))
+        keys = {"r": self.r, "target_modules": str(self.target_modules)}
+        if self.target_parameters is not None:  # only then: earlier checkpoints keep their key
+            keys["target_parameters"] = str(self.target_parameters)
+        return self._generate_state_key(**keys)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._sharded = stage == "fit" and check_strategy(trainer.strategy, sharded_ok=True)
