@@ -25,6 +25,18 @@ from lightning_prune.sharded import local_tensor
 PREFIX = "_lightning_prune"
 
 
+# Why FSDP1 is refused (checked with torch 2.13, lightning 2.6.6, two gloo CPU processes, use_orig_params=True):
+# outside the forward pass each rank's parameters are 1-D views of its equal slice of the wrapped
+# module's flat buffer, cut at element offsets that split rows (and N:M groups), and its sharded
+# state dict re-chunks whole parameters by rows, a third layout. Lightning 2.6.6 also refuses
+# FSDPStrategy with accelerator="cpu", so none of it could be tested here.
+_FSDP1 = (
+    "FSDP1 (FullyShardedDataParallel) flattens each wrapped module's parameters into one 1-D buffer and gives every rank an "
+    "equal range of its elements, so a rank's parameters are 1-D views that cut rows and N:M groups at arbitrary offsets "
+    "(with use_orig_params=True too), and its sharded checkpoints lay the same parameters out by rows instead; "
+)
+
+
 def check_strategy(strategy: object, sharded_ok: bool) -> bool:
     """Raise for strategies the masks cannot follow; return True under FSDP2 (`ModelParallelStrategy`).
 
@@ -34,9 +46,15 @@ def check_strategy(strategy: object, sharded_ok: bool) -> bool:
     if name == "ModelParallelStrategy" and sharded_ok:
         return True
     if any(key in name for key in ("FSDP", "DeepSpeed", "ModelParallel")):
-        fsdp2 = " and under ModelParallelStrategy (FSDP2: `fully_shard` in `configure_model`)" if sharded_ok else ""
+        reason = _FSDP1 if "FSDP" in name else ""
+        fsdp2 = (
+            " or ModelParallelStrategy (FSDP2, which Lightning and PyTorch recommend over FSDPStrategy: `fully_shard` in "
+            "`configure_model`, parameters as row-sharded DTensors; HSDP: `fully_shard` on a 2-D (replicate, shard) mesh)"
+            if sharded_ok
+            else ""
+        )
         raise ValueError(
-            f"`strategy`={name} shards parameters in a way this callback does not support; use strategy='ddp' "
+            f"`strategy`={name} shards parameters in a way this callback does not support: {reason}use strategy='ddp' "
             f"(masks are identical on every rank){fsdp2}. One-shot, structured and LoRA pruning need whole weights: "
             "prune before sharding (one-shot runs block by block with `offload`), then train the pruned model sharded"
         )
