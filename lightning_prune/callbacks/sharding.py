@@ -48,8 +48,8 @@ def check_strategy(strategy: object, sharded_ok: bool) -> bool:
     if any(key in name for key in ("FSDP", "DeepSpeed", "ModelParallel")):
         reason = _FSDP1 if "FSDP" in name else ""
         fsdp2 = (
-            " or ModelParallelStrategy (FSDP2, which Lightning and PyTorch recommend over FSDPStrategy: `fully_shard` in "
-            "`configure_model`, parameters as row-sharded DTensors; HSDP: `fully_shard` on a 2-D (replicate, shard) mesh)"
+            " or ModelParallelStrategy (FSDP2, Lightning's strategy for `fully_shard`, which PyTorch recommends over FSDP1: "
+            "`fully_shard` in `configure_model`, parameters as row-sharded DTensors; HSDP: a 2-D (replicate, shard) mesh)"
             if sharded_ok
             else ""
         )
