@@ -3,23 +3,30 @@ mesh) under Lightning's ModelParallelStrategy, gloo, CPU.
 
 Run as a script with `--devices 2` (meshes 2x1: two replicas of one block each, and 1x2: one
 replica split into two row blocks) or `--devices 1` (mesh 1x1, the one-process reference). Each
-phase writes `<out>/<mesh>-<phase>-rank<r>.pt` like tests/fsdp_job.py's `dump`.
+phase writes `<out>/<mesh>-<phase>-rank<r>.pt` like tests/fsdp_job.py's `dump`. With
+`--mesh-selection` it forks 4 ranks (the imports are done once) that select masks on a 2x2 mesh
+(two replicas of two row blocks) without Lightning: `<out>/mesh-rank<r>.pt`.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from fsdp_job import SCOPES, Probe, ShardedMLP, dump, gradual  # tests/, beside this script
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from lightning_prune.sharded import targets_shard_group
+from lightning_prune import find_targets, get_masks, update_masks
+from lightning_prune.sharded import local_tensor, targets_shard_group
+
+SELECTIONS: dict[str, dict[str, Any]] = {"layer": {}, "row": {"scope": "row"}, "global": {"scope": "global"}, "nm": {"pattern": "2:4"}}
 
 
 class HSDPMLP(ShardedMLP):
@@ -70,6 +77,31 @@ def fit(callback: pl.Callback, args: argparse.Namespace, mesh: str, epochs: int,
     return trainer, probe, group_size.size
 
 
+def mesh_selection(rank: int, out: Path) -> None:
+    """Magnitude masks of every scope on a 2x2 (replicate, shard) mesh, from integer weights (many
+    ties): each replica's blocks must be the unsharded masks, with collectives over the shard group."""
+    store = dist.FileStore(str(out / "rendezvous"), 4)  # no port to pick (and race other jobs for)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=4)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 48), nn.Linear(48, 10))
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.copy_(torch.randint(-3, 4, parameter.shape, generator=torch.Generator().manual_seed(parameter.numel())))
+    whole = {name: value.clone() for name, value in net.state_dict().items()}
+    for layer in net:
+        fully_shard(layer, mesh=mesh)
+    targets = find_targets(net)
+    blocks = {t.name: local_tensor(t.weight).detach().clone() for t in targets}
+    masks = {}
+    for phase, options in SELECTIONS.items():
+        update_masks(targets, {name: block.abs() for name, block in blocks.items()}, 0.5, monotone=False, **options)
+        masks[phase] = {name: mask.clone() for name, mask in get_masks(net).items()}
+    state = {"whole": whole, "masks": masks, "coordinate": mesh.get_coordinate(), "group_size": dist.get_world_size(targets_shard_group(targets))}
+    torch.save(state, out / f"mesh-rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()
+
+
 def main() -> None:
     """GMP per scope on every mesh of `--devices` ranks, then checkpoint → resume (also onto another mesh)."""
     parser = argparse.ArgumentParser()
@@ -77,8 +109,12 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume-from", nargs="*", default=[], help="distributed checkpoints written on other meshes")
+    parser.add_argument("--mesh-selection", action="store_true", help="only the 2x2 mesh selection (4 ranks, torch.distributed.run)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.mesh_selection:
+        torch.multiprocessing.start_processes(mesh_selection, args=(args.out,), nprocs=4, start_method="fork")
+        return
     meshes = ["2x1", "1x2"] if args.devices == 2 else ["1x1"]
 
     for mesh in meshes:

@@ -2,7 +2,7 @@
 
 Two gloo CPU processes run tests/fsdp_hsdp_job.py on a 2x1 mesh (two replicas, each holding whole
 weights) and a 1x2 mesh (one replica in two row blocks); one process runs the 1x1 reference and
-resumes from the 2x1 run's distributed checkpoint.
+resumes from the 2x1 run's distributed checkpoint. Four forked ranks select masks on a 2x2 mesh.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 pytestmark = pytest.mark.slow  # two process launches, ~15-30 s each on 2 shared cores
 
@@ -101,3 +102,30 @@ def test_hsdp_checkpoint_resumes_on_any_mesh(runs: Path, mesh: str, phase: str) 
             torch.testing.assert_close(value, resumed[1][name], rtol=1e-4, atol=1e-6)
         else:
             assert torch.equal(value, resumed[1][name]), name
+
+
+@pytest.fixture(scope="module")
+def mesh_2x2(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Each of 4 ranks' masks on a 2x2 (replicate, shard) mesh, by rank."""
+    out = tmp_path_factory.mktemp("mesh")
+    run_job(out, 1, "--mesh-selection")
+    return [torch.load(out / f"mesh-rank{rank}.pt", weights_only=True) for rank in range(4)]
+
+
+@pytest.mark.parametrize("phase", ["layer", "row", "global", "nm"])
+def test_2x2_mesh_thresholds_count_each_score_once(mesh_2x2: list[dict], phase: str) -> None:
+    """Two replicas of two row blocks, integer weights (ties everywhere): the k-th lowest is found
+    over the shard group (size 2), not all 4 ranks, and both replicas hold the unsharded masks."""
+    from fsdp_hsdp_job import SELECTIONS
+
+    from lightning_prune import find_targets, get_masks, update_masks
+
+    net = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 48), nn.Linear(48, 10))
+    net.load_state_dict(mesh_2x2[0]["whole"])
+    targets = find_targets(net)
+    update_masks(targets, {t.name: t.weight.detach().abs() for t in targets}, 0.5, **SELECTIONS[phase])
+    assert [state["group_size"] for state in mesh_2x2] == [2, 2, 2, 2]
+    for replica in (0, 1):
+        blocks = sorted((s for s in mesh_2x2 if s["coordinate"][0] == replica), key=lambda s: s["coordinate"][1])
+        for name, mask in get_masks(net).items():
+            assert torch.equal(torch.cat([block["masks"][phase][name] for block in blocks]), mask), (replica, name)
