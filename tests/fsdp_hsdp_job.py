@@ -17,7 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from fsdp_job import SCOPES, Probe, ShardedMLP, dump, gradual  # tests/, beside this script
+from fsdp_job import SCOPES, Probe, SaveAfterEpoch, ShardedMLP, dump, gradual, iterative  # tests/, beside this script
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -56,8 +56,8 @@ class GroupSize(pl.Callback):
         self.size = 1 if group is None else torch.distributed.get_world_size(group)
 
 
-def fit(callback: pl.Callback, args: argparse.Namespace, mesh: str, epochs: int, ckpt_in: str | None = None) -> tuple[pl.Trainer, Probe, int]:
-    """Fit a freshly seeded HSDP model on `mesh` ("RxS") with `callback` and a probe."""
+def fit(callback: pl.Callback, args: argparse.Namespace, mesh: str, epochs: int, ckpt_in: str | None = None, *others: pl.Callback) -> tuple[pl.Trainer, Probe, int]:
+    """Fit a freshly seeded HSDP model on `mesh` ("RxS") with `callback`, `others` and a probe."""
     pl.seed_everything(0, verbose=False)
     probe, group_size = Probe(), GroupSize()
     trainer = pl.Trainer(
@@ -65,7 +65,7 @@ def fit(callback: pl.Callback, args: argparse.Namespace, mesh: str, epochs: int,
         devices=args.devices,
         strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
         max_epochs=epochs,
-        callbacks=[callback, probe, group_size],
+        callbacks=[callback, *others, probe, group_size],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -103,13 +103,15 @@ def mesh_selection(rank: int, out: Path) -> None:
 
 
 def main() -> None:
-    """GMP per scope on every mesh of `--devices` ranks, then checkpoint → resume (also onto another mesh)."""
+    """GMP per scope on every mesh of `--devices` ranks, checkpoint → resume (also onto another mesh),
+    and IterativePruning's rewind resumed between cycles on the other mesh."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume-from", nargs="*", default=[], help="distributed checkpoints written on other meshes")
-    parser.add_argument("--mesh-selection", action="store_true", help="only the 2x2 mesh selection (4 ranks, torch.distributed.run)")
+    parser.add_argument("--mesh-selection", action="store_true", help="only the 2x2 mesh selection (4 forked ranks)")
+    parser.add_argument("--resume-iterative", default=None, help="IterativePruning's checkpoint written on another mesh")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.mesh_selection:
@@ -131,6 +133,11 @@ def main() -> None:
     for index, path in enumerate(args.resume_from):
         trainer, probe, _ = fit(gradual("global"), args, meshes[0], 3, path)
         dump(trainer, probe, f"{meshes[0]}-resharded{index}", args.out)
+
+    saver = SaveAfterEpoch(0, str(args.out / f"cycle1-{meshes[0]}"))  # after the first prune + rewind (a sharded snapshot)
+    dump(*fit(iterative(), args, meshes[0], 3, None, saver)[:2], f"{meshes[0]}-iterative", args.out)
+    trainer, probe, _ = fit(iterative(), args, meshes[-1], 3, args.resume_iterative or saver.path)
+    dump(trainer, probe, f"{meshes[-1]}-iterative-resumed", args.out)
 
 
 if __name__ == "__main__":

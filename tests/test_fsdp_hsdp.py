@@ -35,7 +35,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Both 2-rank meshes and the 1-rank reference, written into one folder."""
     out = tmp_path_factory.mktemp("hsdp")
     run_job(out, 2)
-    run_job(out, 1, "--resume-from", str(out / "half-2x1"))
+    run_job(out, 1, "--resume-from", str(out / "half-2x1"), "--resume-iterative", str(out / "cycle1-2x1"))
     return out
 
 
@@ -102,6 +102,20 @@ def test_hsdp_checkpoint_resumes_on_any_mesh(runs: Path, mesh: str, phase: str) 
             torch.testing.assert_close(value, resumed[1][name], rtol=1e-4, atol=1e-6)
         else:
             assert torch.equal(value, resumed[1][name]), name
+
+
+@pytest.mark.parametrize(("mesh", "phase"), [("2x1", "iterative"), ("1x2", "iterative-resumed"), ("1x1", "iterative-resumed")])
+def test_hsdp_iterative_rewind(runs: Path, mesh: str, phase: str) -> None:
+    """Two cycles of channel pruning with a rewind to initialisation on 2x1, and resumed after cycle 1
+    (masks and the sharded rewind snapshot from the 2x1 checkpoint) on 1x2 and on one process: the
+    one-process run's masks and, up to the order of gradient sums, its weights."""
+    single = load(runs, "1x1-iterative")
+    masks, weights = whole(runs, mesh, phase, "masks"), whole(runs, mesh, phase, "weights")
+    for name, mask in single["masks"].items():
+        assert torch.equal(masks[name], mask), name
+        assert int((~mask).sum()) == mask.numel() // 2
+    for name, value in single["weights"].items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
