@@ -25,11 +25,12 @@ from lightning_prune.sharded import local_tensor
 PREFIX = "_lightning_prune"
 
 
-# Why FSDP1 is refused (checked with torch 2.13, lightning 2.6.6, two gloo CPU processes, use_orig_params=True):
-# outside the forward pass each rank's parameters are 1-D views of its equal slice of the wrapped
-# module's flat buffer, cut at element offsets that split rows (and N:M groups), and its sharded
-# state dict re-chunks whole parameters by rows, a third layout. Lightning 2.6.6 also refuses
-# FSDPStrategy with accelerator="cpu", so none of it could be tested here.
+# Why FSDP1 is refused (torch 2.13, lightning 2.6.6). Lightning refuses FSDPStrategy with
+# accelerator="cpu" (and passes FSDP1 no CPU device_id); in a CPU probe that bypassed both (a
+# subclass, modules wrapped in `configure_model` with device_id=cpu, use_orig_params=True, 2 gloo
+# ranks), outside the forward pass each rank's parameters and gradients were 1-D views of its equal
+# slice of the wrapped module's flat buffer, cut mid-row (rank 0: 1560 of a 48x64 weight's 3072
+# entries); its sharded state dict re-chunks whole parameters by rows, a third layout.
 _FSDP1 = (
     "FSDP1 (FullyShardedDataParallel) flattens each wrapped module's parameters into one 1-D buffer and gives every rank an "
     "equal range of its elements, so a rank's parameters are 1-D views that cut rows and N:M groups at arbitrary offsets "
