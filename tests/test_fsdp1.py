@@ -45,3 +45,11 @@ def test_lora_recovery_refuses_fsdp1_with_the_reason() -> None:
     trainer = SimpleNamespace(strategy=FSDPStrategy(), world_size=2, optimizers=[], lr_scheduler_configs=[])
     with pytest.raises(ValueError, match=rf"{REASON}.*need whole weights"):
         LoRARecovery().attach(trainer, nn.Linear(4, 4))  # type: ignore[arg-type]
+
+
+def test_lightning_runs_fsdp1_on_cuda_only() -> None:
+    """Why no FSDP1 run is tested on CPU: Lightning 2.6.6 refuses it (revisit the refusal if this changes)."""
+    from conftest import make_trainer
+
+    with pytest.raises(ValueError, match=r"strategy `fsdp` requires a GPU accelerator"):
+        make_trainer(strategy=FSDPStrategy(), devices=2)
