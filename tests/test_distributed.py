@@ -90,15 +90,6 @@ def test_ddp_checkpoint_resumes_on_two_ranks_and_on_one(runs: dict[str, Path]) -
         torch.testing.assert_close(value, resumed_single["weights"][name], rtol=1e-4, atol=1e-5)
 
 
-def test_sharded_strategies_are_refused() -> None:
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    from lightning_prune.callbacks.base import refuse_sharded_strategy
-
-    with pytest.raises(ValueError, match=r"FSDPStrategy.*strategy='ddp'"):
-        refuse_sharded_strategy(FSDPStrategy())
-
-
 @pytest.mark.parametrize("phase", ["wanda", "sparsegpt"])
 def test_oneshot_on_two_ranks_equals_one_rank_on_all_batches(runs: dict[str, Path], phase: str) -> None:
     """Each rank calibrates on half the batches; all-reduced statistics give one process's masks."""

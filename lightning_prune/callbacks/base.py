@@ -288,11 +288,6 @@ class MaskingCallback(ShardedState, Callback):
             raise ValueError(f"{type(self).__name__} saved no sharded {kind!r} state, got {name!r}")
 
 
-def refuse_sharded_strategy(strategy: object) -> None:
-    """Raise for every strategy that shards parameters (for callbacks that need whole weights)."""
-    check_strategy(strategy, sharded_ok=False)
-
-
 def _kept_counts(masks: dict[str, torch.Tensor]) -> dict[str, int]:
     """Kept weights per mask, read back in one host sync (not one per layer)."""
     if not masks:

@@ -127,7 +127,7 @@ class LoRARecovery(Callback):
         return self._generate_state_key(**keys)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._sharded = stage == "fit" and check_strategy(trainer.strategy, sharded_ok=True)
+        self._sharded = stage == "fit" and check_strategy(trainer.strategy, sharded_ok=True, ddp_ok=False)
         if self._sharded:
             self.inject_before_sharding(pl_module)
 
@@ -152,7 +152,7 @@ class LoRARecovery(Callback):
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Wrap the pruned layers, freeze the rest, and give the Trainer an adapter-only optimizer."""
-        check_strategy(trainer.strategy, sharded_ok=False)
+        check_strategy(trainer.strategy, sharded_ok=False, ddp_ok=False)
         if trainer.world_size > 1:
             raise ValueError(f"LoRARecovery runs in one process or under ModelParallelStrategy (FSDP2); got a Trainer with world_size={trainer.world_size}")
         check_one_optimizer(trainer)

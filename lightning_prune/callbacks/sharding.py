@@ -25,19 +25,39 @@ from lightning_prune.sharded import local_tensor
 PREFIX = "_lightning_prune"
 
 
-def check_strategy(strategy: object, sharded_ok: bool) -> bool:
+# Why FSDP1 is refused (torch 2.13, lightning 2.6.6). Lightning refuses FSDPStrategy with
+# accelerator="cpu" (and passes FSDP1 no CPU device_id); in a CPU probe that bypassed both (a
+# subclass, modules wrapped in `configure_model` with device_id=cpu, use_orig_params=True, 2 gloo
+# ranks), outside the forward pass each rank's parameters and gradients were 1-D views of its equal
+# slice of the wrapped module's flat buffer, cut mid-row (rank 0: 1560 of a 48x64 weight's 3072
+# entries); its sharded state dict re-chunks whole parameters by rows, a third layout.
+_FSDP1 = (
+    "FSDP1 (FullyShardedDataParallel) flattens each wrapped module's parameters into one 1-D buffer and gives every rank an "
+    "equal range of its elements, so a rank's parameters are 1-D views that cut rows and N:M groups at arbitrary offsets "
+    "(with use_orig_params=True too), and its sharded checkpoints lay the same parameters out by rows instead; "
+)
+
+
+def check_strategy(strategy: object, sharded_ok: bool, ddp_ok: bool = True) -> bool:
     """Raise for strategies the masks cannot follow; return True under FSDP2 (`ModelParallelStrategy`).
 
-    `sharded_ok` is False for callbacks that need whole weights (structured pruning).
+    `sharded_ok` is False for callbacks that need whole weights (structured pruning); `ddp_ok` is False
+    for callbacks that do not run under DDP either (LoRARecovery), so the message does not offer it.
     """
     name = type(strategy).__name__
     if name == "ModelParallelStrategy" and sharded_ok:
         return True
     if any(key in name for key in ("FSDP", "DeepSpeed", "ModelParallel")):
-        fsdp2 = " and under ModelParallelStrategy (FSDP2: `fully_shard` in `configure_model`)" if sharded_ok else ""
+        reason = _FSDP1 if "FSDP" in name else ""
+        fsdp2 = (
+            " or ModelParallelStrategy (FSDP2, Lightning's strategy for `fully_shard`, which PyTorch recommends over FSDP1: "
+            "`fully_shard` in `configure_model`, parameters as row-sharded DTensors; HSDP: a 2-D (replicate, shard) mesh)"
+            if sharded_ok
+            else ""
+        )
+        ddp = "strategy='ddp' (masks are identical on every rank)" if ddp_ok else "one process"
         raise ValueError(
-            f"`strategy`={name} shards parameters in a way this callback does not support; use strategy='ddp' "
-            f"(masks are identical on every rank){fsdp2}. One-shot and structured pruning need whole weights: "
+            f"`strategy`={name} shards parameters in a way this callback does not support: {reason}use {ddp}{fsdp2}. One-shot and structured pruning need whole weights: "
             "prune before sharding (one-shot runs block by block with `offload`), then train the pruned model sharded"
         )
     return False
