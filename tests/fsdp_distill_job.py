@@ -3,6 +3,9 @@
 Run as a script with `--devices 2` (Lightning re-launches it for rank 1) or `--devices 1`. Each rank
 writes, per phase, what tests/fsdp_job.py's `dump` writes plus the teacher's blocks, its bytes on
 the rank, the student's blocks as fit started and the KD loss of every step, to `<out>/<phase>-rank<r>.pt`.
+The one-process launch also runs the `gmp_chain` recipe through the run pipeline under
+ModelParallelStrategy (`<out>/staged`): its last stage distills from the dense stage's model, copied
+after earlier stages sharded it.
 """
 
 from __future__ import annotations
@@ -14,14 +17,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from conftest import perturbed  # tests/, beside this script (run as `python tests/fsdp_distill_job.py`)
+from conftest import compose_config, perturbed  # tests/, beside this script (run as `python tests/fsdp_distill_job.py`)
 from fsdp_job import Probe, SaveAfterEpoch, ShardedMLP, dump, gradual
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from lightning_prune import KnowledgeDistillation
+from lightning_prune.models import ClassifierModule
 from lightning_prune.recovery.sharded_teacher import local_bytes
+from lightning_prune.run import run
 from lightning_prune.sharded import local_tensor
 
 
@@ -46,6 +52,36 @@ class AtFitStart(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.blocks = {name: local_tensor(p).detach().cpu().clone() for name, p in pl_module.get_submodule("net").named_parameters()}
+
+
+class ShardedClassifier(ClassifierModule):
+    """The run pipeline's digits MLP, every Linear and the network sharded by FSDP2 (once: every stage's fit calls this)."""
+
+    def configure_model(self) -> None:
+        if isinstance(self.model, FSDPModule):
+            return
+        assert self.device_mesh is not None  # set by ModelParallelStrategy before configure_model
+        mesh = self.device_mesh["data_parallel"]
+        for module in self.model.modules():
+            if isinstance(module, nn.Linear):
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+
+STAGED = [  # gmp_chain, one short epoch per stage, the model above on ModelParallelStrategy
+    "dense_epochs=1",
+    *(f"stages.{index}.trainer.max_epochs=1" for index in (1, 2, 3)),
+    "stages.1.callbacks.gmp.frequency=2",
+    "stages.3.callbacks.gmp.frequency=2",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=1",
+    "plots=false",
+    "model._target_=fsdp_distill_job.ShardedClassifier",
+    "model.hidden=32",
+    "+trainer.strategy._target_=lightning.pytorch.strategies.ModelParallelStrategy",
+    "+trainer.strategy.data_parallel_size=1",
+    "+trainer.strategy.tensor_parallel_size=1",
+]
 
 
 def fit(args: argparse.Namespace, callbacks: list[pl.Callback], epochs: int, ckpt_in: str | None = None, seed: int = 0, empty_init: bool = False) -> tuple[pl.Trainer, Probe]:
@@ -119,6 +155,10 @@ def main() -> None:
     whole = {name: value.detach().clone() for name, value in given.state_dict().items()}
     phase(args, "given", 1, teacher=given)
     torch.save(whole, args.out / "given-whole.pt")
+    if args.devices == 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            run(compose_config("gmp_chain", args.out / "staged", *STAGED))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ bottom need no launch.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -162,3 +163,29 @@ def test_the_meta_skeleton_of_a_transformers_model_is_the_model_without_hooks_ma
     ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(skeleton(ids).logits, model(ids).logits)
     assert len(calls) == 1  # the model's own hook ran once (its forward), none was copied
+
+
+def distributed_checkpoint(path: Path, scratch: Path) -> dict[str, Any]:
+    """A Lightning distributed checkpoint (a folder) read whole in this process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(path, scratch)
+    state: dict[str, Any] = torch.load(scratch, weights_only=False)
+    return state
+
+
+@pytest.mark.slow
+def test_a_staged_run_under_fsdp2_distills_from_the_dense_stage(runs: dict[str, Path], tmp_path: Path) -> None:
+    """The run pipeline (gmp_chain) under ModelParallelStrategy: the dense stage's fit sharded the
+    model, so the copy taken as the first pruning stage starts is a sharded one (FSDP2 refuses
+    deepcopy), and the last stage's teacher is the dense stage's model."""
+    out = runs["one"] / "staged"
+    results = json.loads((out / "results.json").read_text())
+    assert [entry["status"] for entry in results["stages"]] == ["completed"] * 4 and results["global_sparsity"] == pytest.approx(0.7, abs=1e-3)
+    dense = distributed_checkpoint(out / "checkpoints" / "stage-0-dense.ckpt", tmp_path / "dense.pt")["state_dict"]
+    last = distributed_checkpoint(out / "checkpoints" / "stage-3-gmp70_distill.ckpt", tmp_path / "last.pt")["state_dict"]
+    teacher = {key.split(".", 2)[2]: value for key, value in last.items() if key.startswith("_lightning_prune.KnowledgeDistillation")}  # its blocks
+    assert sorted(teacher) == [f"{layer}.{kind}" for layer in ("classifier", "fc1", "fc2") for kind in ("bias", "weight")]
+    for name, value in teacher.items():
+        assert torch.equal(value, dense[f"model.{name}"]), name
+    assert not torch.equal(last["model.fc1.weight"], dense["model.fc1.weight"])  # the student was pruned and trained on

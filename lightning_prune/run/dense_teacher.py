@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.callbacks.distill import KnowledgeDistillation
 from lightning_prune.masking import get_masks, load_masks, remove_masks
+from lightning_prune.recovery.sharded_teacher import sharded_frozen_copy, student_mesh
 from lightning_prune.recovery.teacher import frozen_copy
 from lightning_prune.run.checks import ConfigError
 from lightning_prune.run.stages import Stage
@@ -59,8 +60,9 @@ class DenseTeacher:
         for index, callback in self.waiting:
             if index >= start:
                 student = callback.student(module)
-                if id(student) not in copies:
-                    copies[id(student)] = frozen_copy(student)
+                if id(student) not in copies:  # FSDP2 refuses deepcopy: a student sharded by an earlier stage is copied sharded
+                    mesh = student_mesh(student)
+                    copies[id(student)] = frozen_copy(student) if mesh is None else sharded_frozen_copy(student, mesh)
                 callback.teacher_source = copies[id(student)]
 
     def rebuild(self, module: pl.LightningModule, start: int, dense_state: dict[str, torch.Tensor] | Path) -> None:
