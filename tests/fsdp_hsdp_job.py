@@ -3,7 +3,9 @@ mesh) under Lightning's ModelParallelStrategy, gloo, CPU.
 
 Run as a script with `--devices 2` (meshes 2x1: two replicas of one block each, and 1x2: one
 replica split into two row blocks) or `--devices 1` (mesh 1x1, the one-process reference). Each
-phase writes `<out>/<mesh>-<phase>-rank<r>.pt` like tests/fsdp_job.py's `dump`. With
+phase writes `<out>/<mesh>-<phase>-rank<r>.pt` like tests/fsdp_job.py's `dump`; row-wise GMP also
+distills (the teacher's blocks, bytes and placements and the KD losses are added), and `lora` is
+tests/fsdp_lora_job.py's `masked` phase on the mesh (written by that job's `dump`). With
 `--mesh-selection` it forks 4 ranks (the imports are done once) that select masks on a 2x2 mesh
 (two replicas of two row blocks) without Lightning: `<out>/mesh-rank<r>.pt`.
 """
@@ -17,13 +19,18 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from fsdp_distill_job import RecordingKD
 from fsdp_job import SCOPES, Probe, SaveAfterEpoch, ShardedMLP, dump, gradual, iterative  # tests/, beside this script
+from fsdp_lora_job import LoRAProbe, lora, pruned
+from fsdp_lora_job import dump as dump_lora
 from lightning.pytorch.strategies import ModelParallelStrategy
+from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from lightning_prune import find_targets, get_masks, update_masks
+from lightning_prune.recovery.sharded_teacher import local_bytes
 from lightning_prune.sharded import local_tensor, targets_shard_group
 
 SELECTIONS: dict[str, dict[str, Any]] = {"layer": {}, "row": {"scope": "row"}, "global": {"scope": "global"}, "nm": {"pattern": "2:4"}}
@@ -44,6 +51,20 @@ class HSDPMLP(ShardedMLP):
         fully_shard(self, mesh=mesh)
 
 
+class HSDPLoRAMLP(HSDPMLP):
+    """`HSDPMLP` that shards peft's LoRA layers (no nn.Linear) as units too, as tests/fsdp_lora_job.py's LoRAMLP."""
+
+    def __init__(self, global_batch: int, mesh_shape: tuple[int, int] = (1, 1)) -> None:
+        super().__init__(global_batch, mesh_shape)
+
+    def configure_model(self) -> None:
+        mesh = init_device_mesh("cpu", self.mesh_shape, mesh_dim_names=("replicate", "shard"))
+        for layer in self.net:
+            if isinstance(layer, (nn.Linear, LoraLayer)):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
 class GroupSize(pl.Callback):
     """The size of the process group the pruning callbacks select over (1: no collective)."""
 
@@ -51,30 +72,66 @@ class GroupSize(pl.Callback):
         self.size = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pruning = next(c for c in trainer.callbacks if hasattr(c, "targets"))  # type: ignore[attr-defined]
+        pruning = next((c for c in trainer.callbacks if hasattr(c, "targets")), None)  # type: ignore[attr-defined]
+        if pruning is None:  # LoRARecovery alone
+            return
         group = targets_shard_group(pruning.targets)
         self.size = 1 if group is None else torch.distributed.get_world_size(group)
 
 
-def fit(callback: pl.Callback, args: argparse.Namespace, mesh: str, epochs: int, ckpt_in: str | None = None, *others: pl.Callback) -> tuple[pl.Trainer, Probe, int]:
-    """Fit a freshly seeded HSDP model on `mesh` ("RxS") with `callback`, `others` and a probe."""
-    pl.seed_everything(0, verbose=False)
-    probe, group_size = Probe(), GroupSize()
-    trainer = pl.Trainer(
+def trainer_for(args: argparse.Namespace, epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """A CPU Trainer on `--devices` ranks under ModelParallelStrategy (the module builds its HSDP mesh)."""
+    return pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
         strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
         max_epochs=epochs,
-        callbacks=[callback, *others, probe, group_size],
+        callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
+
+
+def mesh_shape(mesh: str) -> tuple[int, int]:
+    """The mesh name `RxS` as (replicas, shards)."""
     replicate, shard = (int(n) for n in mesh.split("x"))
-    trainer.fit(HSDPMLP(args.global_batch, (replicate, shard)), ckpt_path=ckpt_in)
+    return replicate, shard
+
+
+def fit(callback: pl.Callback, args: argparse.Namespace, mesh: str, epochs: int, ckpt_in: str | None = None, *others: pl.Callback) -> tuple[pl.Trainer, Probe, int]:
+    """Fit a freshly seeded HSDP model on `mesh` ("RxS") with `callback`, `others` and a probe."""
+    pl.seed_everything(0, verbose=False)
+    probe, group_size = Probe(), GroupSize()
+    trainer = trainer_for(args, epochs, [callback, *others, probe, group_size])
+    trainer.fit(HSDPMLP(args.global_batch, mesh_shape(mesh)), ckpt_path=ckpt_in)
     return trainer, probe, group_size.size
+
+
+def teacher_facts(kd: RecordingKD) -> dict[str, Any]:
+    """The HSDP teacher on this rank: its blocks, bytes and placements, and the KD loss of every step."""
+    assert kd.teacher is not None
+    return {
+        "teacher": {name: local_tensor(value).detach().cpu().clone() for name, value in kd.teacher.state_dict().items()},
+        "teacher_bytes": local_bytes(kd.teacher),
+        "teacher_placements": sorted({str(getattr(p, "placements", "whole")) for p in kd.teacher.parameters()}),
+        "teacher_trainable": any(p.requires_grad for p in kd.teacher.parameters()),
+        "kd_losses": kd.losses,
+    }
+
+
+def lora_phase(args: argparse.Namespace, mesh: str) -> None:
+    """tests/fsdp_lora_job.py's `masked` phase (2:4 masks, a kept exact zero in net.2, masked-delta
+    LoRA, merged) with every LoRA layer on the HSDP mesh; dumped as `<mesh>-lora`."""
+    module = pruned("masked", args.global_batch, HSDPLoRAMLP)
+    module.mesh_shape = mesh_shape(mesh)
+    before = {name: value.detach().clone() for name, value in module.state_dict().items()}
+    recovery, probe = lora(), LoRAProbe()
+    trainer = trainer_for(args, 2, [recovery, probe])
+    trainer.fit(module)
+    dump_lora(trainer, probe, recovery, f"{mesh}-lora", args, before)
 
 
 def mesh_selection(rank: int, out: Path) -> None:
@@ -120,10 +177,12 @@ def main() -> None:
     meshes = ["2x1", "1x2"] if args.devices == 2 else ["1x1"]
 
     for mesh in meshes:
-        for scope in SCOPES:
-            callback = gradual(scope)
-            trainer, probe, size = fit(callback, args, mesh, 3)
-            dump(trainer, probe, f"{mesh}-{scope}", args.out, sparsity=callback.current_sparsity, group_size=size)
+        for scope in SCOPES:  # row-wise GMP also distills from a teacher sharded like the student (HSDP)
+            callback, kd = gradual(scope), RecordingKD()
+            trainer, probe, size = fit(callback, args, mesh, 3, None, *([kd] if scope == "row" else []))
+            facts = teacher_facts(kd) if scope == "row" else {}
+            dump(trainer, probe, f"{mesh}-{scope}", args.out, sparsity=callback.current_sparsity, group_size=size, **facts)
+        lora_phase(args, mesh)
 
     half = str(args.out / f"half-{meshes[0]}")  # global scope: the Fisher sums travel through the checkpoint too
     fit(gradual("global"), args, meshes[0], 2)[0].save_checkpoint(half)

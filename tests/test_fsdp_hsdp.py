@@ -3,6 +3,7 @@
 Two gloo CPU processes run tests/fsdp_hsdp_job.py on a 2x1 mesh (two replicas, each holding whole
 weights) and a 1x2 mesh (one replica in two row blocks); one process runs the 1x1 reference and
 resumes from the 2x1 run's distributed checkpoint. Four forked ranks select masks on a 2x2 mesh.
+The same launches distill (row-wise GMP with KnowledgeDistillation) and recover with LoRARecovery.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+
+from lightning_prune.report import max_nonzeros_per_group
 
 pytestmark = pytest.mark.slow  # two process launches, ~15-30 s each on 2 shared cores
 
@@ -116,6 +119,50 @@ def test_hsdp_iterative_rewind(runs: Path, mesh: str, phase: str) -> None:
         assert int((~mask).sum()) == mask.numel() // 2
     for name, value in single["weights"].items():
         torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh", ["2x1", "1x2"])
+def test_hsdp_teacher_is_sharded_like_the_student_and_distills_like_one_process(runs: Path, mesh: str) -> None:
+    """The copied teacher lies on the student's (replicate, shard) mesh: 1/shards of it per rank,
+    the same on every replica; the KD loss of every step (mean of the ranks' halves of the global
+    batch) is the one process's (the masks: `test_hsdp_selects_the_masks_of_one_process`, row)."""
+    single, ranks = load(runs, "1x1-row"), [load(runs, f"{mesh}-row", rank) for rank in (0, 1)]
+    shards = int(mesh.split("x")[1])
+    for state in ranks:
+        assert state["teacher_placements"] == ["(Replicate(), Shard(dim=0))"] and not state["teacher_trainable"]
+        assert state["teacher_bytes"] == single["teacher_bytes"] // shards
+    for name, value in whole(runs, mesh, "row", "teacher").items():
+        assert torch.equal(value, single["teacher"][name]), name  # the student as fit started, on every replica
+        if mesh == "2x1":
+            assert torch.equal(ranks[1]["teacher"][name], value), name
+    two = torch.tensor(ranks[0]["kd_losses"]).add(torch.tensor(ranks[1]["kd_losses"])).div(2).double()
+    one = torch.tensor(single["kd_losses"]).double()
+    assert len(one) == 24 and one[1:].gt(1e-5).all()
+    torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("mesh", ["2x1", "1x2"])
+def test_hsdp_lora_merges_what_one_process_merges(runs: Path, mesh: str) -> None:
+    """Masked-delta LoRA on 2:4 masks (net.2 keeps an exact zero: its forward gathers mask blocks over
+    the shard group) on the HSDP mesh: masks bitwise, the merged weights of one process, every
+    pruned weight +0.0 and every 2:4 group kept, both replicas identical."""
+    single = load(runs, "1x1-lora")
+    masks, merged = whole(runs, mesh, "lora", "masks"), whole(runs, mesh, "lora", "weights")
+    assert sorted(masks) == ["net.0.weight", "net.2.weight"]
+    for name, mask in single["masks"].items():
+        assert torch.equal(masks[name], mask), name
+        assert not merged[name][~mask].any() and not torch.signbit(merged[name][~mask]).any(), name
+        assert max_nonzeros_per_group(merged[name], 4) == 2
+        assert not torch.equal(merged[name], single["before"][name])  # the adapters did change the kept weights
+    for name, value in single["weights"].items():
+        torch.testing.assert_close(merged[name], value, rtol=1e-4, atol=1e-6)
+    for rank in (0, 1):
+        state = load(runs, f"{mesh}-lora", rank)
+        assert state["merged"] and not state["wrapped"] and state["forward_masks"] == {"net.0": "nonzero", "net.2": "gathered"}
+        assert state["trainable"] == sorted(state["adapters"]) and all(kind == "DTensor" for kind, _ in state["adapters"].values())
+    if mesh == "2x1":
+        replica = load(runs, "2x1-lora", 1)["weights"]
+        assert all(torch.equal(replica[name], value) for name, value in load(runs, "2x1-lora", 0)["weights"].items())
 
 
 @pytest.fixture(scope="module")
