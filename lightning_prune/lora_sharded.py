@@ -10,6 +10,8 @@ keep-mask and of `lora_B` that are its own, and the rows of `lora_A` (r × in) t
   delta needs the whole mask. Where no kept weight is exactly zero (checked once, one all-reduce
   for all layers) the keep-mask is the gathered weight's non-zeros, at no cost; a layer with kept
   exact zeros gathers its mask blocks for each forward (`GatheredMask`) instead.
+- Unmerged (`merge=False`): `gathered_adapter_state` gathers the small adapter blocks into whole
+  tensors, so peft saves an adapter that one process loads (`LoRARecovery.save_adapter`).
 - Merge (`merge_lora_sharded`): each rank adds `s·B_rows·A` to its own rows (A is r × in and is
   gathered whole), then zeroes its pruned entries with its mask block: no weight leaves its rank,
   every zero and every N:M group stays, and the unwrapped model is a plain sharded model.
@@ -178,6 +180,21 @@ def reshard(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+@torch.no_grad()
+def gathered_adapter_state(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter entries (`lora_`) of `peft_model.state_dict()` as whole CPU tensors, keys unchanged.
+
+    Row-sharded adapters are gathered (A is r × in, B is out × r: small); the base weights stay where
+    they are. Every rank must call it, in the same order (one all-gather per adapter tensor).
+    """
+    reshard(peft_model)  # a unit left gathered by a forward without backward would hand out its whole plain tensors
+    state = {}
+    for name, value in peft_model.state_dict().items():
+        if "lora_" in name:
+            state[name] = (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu().clone()
+    return state
 
 
 def _local_delta(layer: LoraLayer, adapter: str, weight: DTensor) -> torch.Tensor:

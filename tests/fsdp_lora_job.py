@@ -10,6 +10,8 @@ adapters were laid out to `<out>/<phase>-rank<r>.pt`. Phases:
 - `zeros`: a one-shot-pruned model (masks baked in as zeros), every nn.Linear its own FSDP2 unit
   (lora_A and lora_B too), plain LoRA forward (`masked_delta=False`), merged.
 - `llama`: a tiny Llama (2:4 masks on every projection) whose decoder layers and model FSDP2 shards.
+- `unmerged`: the `masked` model with `merge=False`; `save_adapter` writes `<out>/adapter-<devices>`
+  and every rank records the sharded network's output on a fixed batch (`unmerged-rank<r>.pt`).
 - `refused` (one rank only): the masked-delta forward with lora_A/lora_B sharded as their own units.
 """
 
@@ -193,6 +195,20 @@ def run_phase(phase: str, args: argparse.Namespace, epochs: int, ckpt_in: str | 
     dump(trainer, probe, recovery, phase, args, before)
 
 
+def unmerged(args: argparse.Namespace) -> None:
+    """Masked-delta LoRA kept unmerged: the adapter saved with peft, and the trained sharded network's output."""
+    recovery = lora(merge=False)
+    trainer, _ = fit(pruned("masked", args.global_batch), recovery, args, 2)
+    recovery.save_adapter(args.out / f"adapter-{args.devices}")
+    batch = torch.rand(8, 64, generator=torch.Generator().manual_seed(5))
+    module = trainer.lightning_module
+    assert isinstance(module, LoRAMLP)
+    with torch.no_grad():  # every rank: the LoRA units all-gather their weights
+        output = module.net(batch)
+    state = {"batch": batch, "output": output, "wrapped": any(isinstance(m, LoraLayer) for m in module.modules())}
+    torch.save(state, args.out / f"unmerged-rank{trainer.global_rank}.pt")
+
+
 def refused(args: argparse.Namespace) -> None:
     """The masked-delta forward with lora_A/lora_B as FSDP2 units of their own, and LoRA layers left
     to a root unit that `training_step` never calls: each message, saved."""
@@ -219,6 +235,7 @@ def main() -> None:
         run_phase("resharded", args, 3, args.resume_from)
     run_phase("zeros", args, 2, masked_delta=False)
     run_phase("llama", args, 2)
+    unmerged(args)
     if args.devices == 1:
         refused(args)
 

@@ -20,11 +20,11 @@ import torch
 from architectures import BY_NAME
 from conftest import tiny_gpt2
 from fsdp_job import ShardedMLP
-from fsdp_lora_job import LlamaLM
+from fsdp_lora_job import LlamaLM, pruned
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
-from lightning_prune import LoRARecovery, update_masks
+from lightning_prune import LoRARecovery, load_lora, update_masks
 from lightning_prune.report import max_nonzeros_per_group
 from lightning_prune.targets import find_targets
 
@@ -156,6 +156,51 @@ def test_distributed_checkpoint_resumes_exactly(runs: dict[str, Path], run: str,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("run", "devices"), [("two", 2), ("one", 1)])
+def test_unmerged_adapters_saved_under_fsdp2_load_with_peft_on_one_process(runs: dict[str, Path], run: str, devices: int) -> None:
+    """`merge=False`: `save_adapter` gathers the sharded adapters; peft loads them (`load_lora`) into the
+    unsharded pruned model, which then computes what the sharded, still wrapped network computed."""
+    from safetensors.torch import load_file
+
+    directory = runs[run] / f"adapter-{devices}"
+    saved = load_file(str(directory / "adapter_model.safetensors"))
+    assert {name: tuple(value.shape) for name, value in saved.items()} == {
+        "base_model.model.net.0.lora_A.weight": (4, 64),
+        "base_model.model.net.0.lora_B.weight": (48, 4),
+        "base_model.model.net.2.lora_A.weight": (4, 48),
+        "base_model.model.net.2.lora_B.weight": (48, 4),
+    }  # whole tensors, not one rank's blocks
+    model = pruned("masked", 32)
+    with torch.no_grad():
+        plain = model.net(load(runs[run], "unmerged")["batch"])
+    loaded = load_lora(model, str(directory))
+    for rank in range(devices):
+        state = load(runs[run], "unmerged", rank)
+        assert state["wrapped"]
+        with torch.no_grad():
+            output = loaded.base_model.model.net(state["batch"])
+        torch.testing.assert_close(output, state["output"], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(output, plain, atol=1e-4)  # the trained adapters act
+
+
+def test_save_adapter_needs_attached_adapters_and_is_save_pretrained_on_one_process(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"no adapters are attached \(with merge=True they are merged"):
+        LoRARecovery().save_adapter(tmp_path)
+    torch.manual_seed(0)
+    module, recovery = masked(ShardedMLP(32)), LoRARecovery(r=4)
+    recovery.inject(module)  # type: ignore[arg-type]  # what `on_fit_start` does on one process
+    with torch.no_grad():
+        module.get_parameter("net.0.lora_B.default.weight").normal_()
+        x = torch.rand(3, 64, generator=torch.Generator().manual_seed(1))
+        expected = module.net(x)
+    recovery.save_adapter(tmp_path)
+    torch.manual_seed(0)
+    loaded = load_lora(masked(ShardedMLP(32)), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.base_model.model.net(x), expected)
+
+
+@pytest.mark.slow
 def test_layouts_the_masked_forward_cannot_run_are_refused_with_the_fix(runs: dict[str, Path]) -> None:
     units = (runs["one"] / "refused-units.txt").read_text()
     assert "applied `fully_shard` to a part of the LoRA layer 'net.0'" in units and "masked_delta=False" in units
@@ -199,5 +244,5 @@ def test_under_fsdp2_adapters_are_injected_in_setup_before_sharding() -> None:
 
 def test_fsdp1_is_still_refused_and_the_message_points_to_fsdp2() -> None:
     trainer = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(ValueError, match=r"FSDPStrategy .* under ModelParallelStrategy \(FSDP2"):
+    with pytest.raises(ValueError, match=r"FSDPStrategy .* use one process or ModelParallelStrategy \(FSDP2"):
         LoRARecovery().setup(trainer, ShardedMLP(32), "fit")  # type: ignore[arg-type]

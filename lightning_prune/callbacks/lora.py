@@ -5,10 +5,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from peft import PeftModel
 from torch import nn
@@ -16,7 +18,7 @@ from torch import nn
 from lightning_prune.callbacks.sharding import check_strategy
 from lightning_prune.lora import adapter_parameters, attach_lora, check_lora_arguments, lora_target_names, merge_lora, unwrapped_state_dict
 from lightning_prune.lora_experts import expert_parameter_names
-from lightning_prune.lora_sharded import check_after_sharding, check_before_sharding, guard_gathered_forward, install_forward_masks, merge_lora_sharded, shard_masks_
+from lightning_prune.lora_sharded import check_after_sharding, check_before_sharding, gathered_adapter_state, guard_gathered_forward, install_forward_masks, merge_lora_sharded, shard_masks_
 from lightning_prune.targets import find_targets
 from lightning_prune.validation import check_number
 
@@ -54,7 +56,8 @@ class LoRARecovery(Callback):
     Trainer's optimizer with one of the same class and settings over the adapter parameters only
     (learning rate `lr`, or the original one when None). `on_fit_end` merges `W + M ⊙ (s·B·A)`
     (`merge_lora`) when `merge`, restoring the original `requires_grad` flags; with `merge=False`
-    the adapters stay and `peft_model.save_pretrained(dir)` saves them beside the sparse base.
+    the adapters stay and `save_adapter(dir)` (peft's `save_pretrained`) saves them beside the
+    sparse base, for `load_lora(base, dir)`.
 
     Order: Lightning runs callbacks' hooks in list order, so put a `OneShotPruning` callback *before*
     `LoRARecovery` in the same Trainer (the adapters target the layers pruned at that point); on an
@@ -73,7 +76,10 @@ class LoRARecovery(Callback):
     `masked_delta=False` allows. Shard the LoRA layers or their blocks. `on_fit_start` cuts the masks to
     the rank's rows and swaps the optimizer; the merge adds each rank's rows
     (`lora_sharded.merge_lora_sharded`). Checkpoints keep the adapters in the model's distributed
-    `state_dict` (injected before the restore, they load like any parameter). Needs the pruned
+    `state_dict` (injected before the restore, they load like any parameter). With `merge=False`
+    call `save_adapter(dir)` on every rank after fit: it gathers the adapters (A is r × in, B is
+    out × r) and rank 0 writes whole tensors that peft loads on one process (peft 0.21.2's own
+    `save_pretrained` raises on FSDP2's DTensors: "invalid python storage"). Needs the pruned
     weights loaded before `trainer.fit` (not meta-initialized) and `nn.Linear` targets only.
 
     Checkpoints (one process): while adapters are attached, the checkpoint's model `state_dict` is written with
@@ -230,6 +236,21 @@ class LoRARecovery(Callback):
         for name, parameter in pl_module.named_parameters():
             parameter.requires_grad_(self._requires_grad.get(name, True))
         self.merged = True
+
+    def save_adapter(self, directory: str | Path) -> None:
+        """Save the attached adapters with peft's `save_pretrained` into `directory` (for `load_lora`).
+
+        Under FSDP2 every rank must call it: the adapters' row blocks are gathered into whole tensors
+        and rank 0 writes them (then all ranks wait for it), so the adapter loads on one process.
+        """
+        if self.peft_model is None:
+            raise ValueError("LoRARecovery.save_adapter: no adapters are attached (with merge=True they are merged at fit end; use merge=False and call it after trainer.fit)")
+        if not self._sharded:
+            self.peft_model.save_pretrained(str(directory))
+            return
+        state = gathered_adapter_state(self.peft_model)
+        self.peft_model.save_pretrained(str(directory), state_dict=state, is_main_process=dist.get_rank() == 0)
+        dist.barrier()
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.peft_model is not None and not self._sharded:  # under FSDP2 the adapters stay in the distributed state_dict
