@@ -9,9 +9,11 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lightning_prune.masking import finalized_parameters, masked_parameters
 from lightning_prune.selection import group_counts
+from lightning_prune.sharded import all_gather_floats, is_sharded, local_tensor, shard_group, sum_over_shards
 from lightning_prune.targets import PruneTarget, find_targets
 
 
@@ -112,6 +114,21 @@ def _pattern_of(matrix: torch.Tensor) -> str:
     return "unstructured"
 
 
+_PATTERNS = ("2:4", "4:8", "unstructured")  # `_pattern_of`'s answers, each implied by the one before
+
+
+def _sharded_layer(target: PruneTarget) -> LayerSparsity:
+    """The row of an FSDP2 row-sharded (out, in) weight: each rank counts its block's zeros (summed
+    over the shard group) and its pattern (rows stay whole, so N:M holds when it holds on every
+    block). Every rank of the group must call it, in the same order."""
+    block = local_tensor(target.weight.detach())
+    group = shard_group(target.weight, target.name)  # type: ignore[arg-type]  # a DTensor (is_sharded)
+    zeros = sum_over_shards([int((block == 0).sum())], group)[0]
+    local = _PATTERNS.index(_pattern_of(block)) if block.shape[0] else 0
+    pattern = _PATTERNS[int(max(values[0] for values in all_gather_floats([local], group)))]
+    return LayerSparsity(target.name, tuple(target.weight.shape), target.weight.numel(), zeros, pattern)
+
+
 def pruned_targets(model: nn.Module) -> list[PruneTarget]:
     """The layers a report counts: the pruned ones, by one rule whether masks are attached or not.
 
@@ -135,7 +152,12 @@ def sparsity_report(model: nn.Module, targets: Sequence[PruneTarget] | None = No
         targets = pruned_targets(model)
     layers = []
     for target in targets:
-        for name, matrix in zip(target.matrix_names(), target.matrices(target.weight.detach())):
+        if is_sharded(target.weight) and not (target.experts or target.transposed):
+            layers.append(_sharded_layer(target))
+            continue
+        weight = target.weight.detach()
+        weight = weight.full_tensor() if isinstance(weight, DTensor) else weight  # a fused or transposed weight: gathered, one at a time
+        for name, matrix in zip(target.matrix_names(), target.matrices(weight)):
             shape = tuple(matrix.shape) if target.experts else tuple(target.weight.shape)
             zeros = int((matrix == 0).sum())
             layers.append(LayerSparsity(name, shape, matrix.numel(), zeros, _pattern_of(matrix)))

@@ -3,8 +3,8 @@
 Run as a script with `--devices 2` (Lightning re-launches it for rank 1) or `--devices 1`. Each rank
 writes, per phase, what tests/fsdp_job.py's `dump` writes plus the teacher's blocks, its bytes on
 the rank, the student's blocks as fit started and the KD loss of every step, to `<out>/<phase>-rank<r>.pt`.
-The one-process launch also runs the `gmp_chain` recipe through the run pipeline under
-ModelParallelStrategy (`<out>/staged`): its last stage distills from the dense stage's model, copied
+Each launch also runs the `gmp_chain` recipe through the run pipeline under ModelParallelStrategy
+on its ranks (`<out>/staged`): its last stage distills from the dense stage's model, copied
 after earlier stages sharded it.
 """
 
@@ -76,10 +76,10 @@ STAGED = [  # gmp_chain, one short epoch per stage, the model above on ModelPara
     "trainer.limit_train_batches=4",
     "trainer.limit_val_batches=1",
     "plots=false",
+    "stage_checkpoints=last",  # keeps the dense stage's (the teacher's source) and the last stage's
     "model._target_=fsdp_distill_job.ShardedClassifier",
     "model.hidden=32",
     "+trainer.strategy._target_=lightning.pytorch.strategies.ModelParallelStrategy",
-    "+trainer.strategy.data_parallel_size=1",
     "+trainer.strategy.tensor_parallel_size=1",
 ]
 
@@ -155,10 +155,10 @@ def main() -> None:
     whole = {name: value.detach().clone() for name, value in given.state_dict().items()}
     phase(args, "given", 1, teacher=given)
     torch.save(whole, args.out / "given-whole.pt")
-    if args.devices == 1:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            run(compose_config("gmp_chain", args.out / "staged", *STAGED))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        sharded = [f"trainer.devices={args.devices}", f"+trainer.strategy.data_parallel_size={args.devices}"]
+        run(compose_config("gmp_chain", args.out / "staged", *STAGED, *sharded))
 
 
 if __name__ == "__main__":

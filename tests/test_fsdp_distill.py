@@ -175,17 +175,37 @@ def distributed_checkpoint(path: Path, scratch: Path) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_a_staged_run_under_fsdp2_distills_from_the_dense_stage(runs: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("run", ["two", "one"])
+def test_a_staged_run_under_fsdp2_distills_from_the_dense_stage(runs: dict[str, Path], tmp_path: Path, run: str) -> None:
     """The run pipeline (gmp_chain) under ModelParallelStrategy: the dense stage's fit sharded the
     model, so the copy taken as the first pruning stage starts is a sharded one (FSDP2 refuses
-    deepcopy), and the last stage's teacher is the dense stage's model."""
-    out = runs["one"] / "staged"
+    deepcopy), and the last stage's teacher is the dense stage's model; the report counts every
+    rank's zeros, and the saved model holds whole tensors, those of the last stage."""
+    out = runs[run] / "staged"
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["stage-0-dense.ckpt", "stage-3-gmp70_distill.ckpt"]  # folders; `last` removed the others
     results = json.loads((out / "results.json").read_text())
-    assert [entry["status"] for entry in results["stages"]] == ["completed"] * 4 and results["global_sparsity"] == pytest.approx(0.7, abs=1e-3)
+    assert [entry["status"] for entry in results["stages"]] == ["completed"] * 4 and results["warnings"] == []
+    assert results["global_sparsity"] == pytest.approx(0.7, abs=1e-3)
     dense = distributed_checkpoint(out / "checkpoints" / "stage-0-dense.ckpt", tmp_path / "dense.pt")["state_dict"]
     last = distributed_checkpoint(out / "checkpoints" / "stage-3-gmp70_distill.ckpt", tmp_path / "last.pt")["state_dict"]
     teacher = {key.split(".", 2)[2]: value for key, value in last.items() if key.startswith("_lightning_prune.KnowledgeDistillation")}  # its blocks
     assert sorted(teacher) == [f"{layer}.{kind}" for layer in ("classifier", "fc1", "fc2") for kind in ("bias", "weight")]
     for name, value in teacher.items():
         assert torch.equal(value, dense[f"model.{name}"]), name
-    assert not torch.equal(last["model.fc1.weight"], dense["model.fc1.weight"])  # the student was pruned and trained on
+    saved = torch.load(out / "model" / "model.pt", weights_only=True)
+    assert sorted(saved) == sorted(teacher) and all(type(value) is torch.Tensor for value in saved.values())
+    for name, value in saved.items():
+        assert torch.equal(value, last[f"model.{name}"]), name  # finalized: the masks were applied after every step
+    assert float((saved["fc1.weight"] == 0).float().mean()) == pytest.approx(0.7, abs=1e-3)
+    assert not torch.equal(saved["fc1.weight"], dense["model.fc1.weight"])  # the student was pruned and trained on
+
+
+def test_resume_of_a_staged_run_under_fsdp2_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    from conftest import compose_config
+    from fsdp_distill_job import STAGED
+
+    from lightning_prune.run import ConfigError, run
+
+    with pytest.raises(ConfigError, match=r"`resume`=True: stage `dense` runs under `trainer.strategy`=.*ModelParallelStrategy.*resume=false"):
+        run(compose_config("gmp_chain", tmp_path, *STAGED, "resume=true"))
+    assert not any(tmp_path.iterdir())  # before the output folder is written

@@ -17,7 +17,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from lightning_prune.report import SparsityReport
 
@@ -145,20 +148,31 @@ def plot_schedule(history: History, path: Path) -> None:
     plt.close(figure)
 
 
+def gathered_state_dict(model: torch.nn.Module) -> dict[str, Any] | None:
+    """The whole tensors of a model with FSDP2-sharded (DTensor) parameters, gathered on rank 0's CPU
+    one at a time (every rank must call it; the other ranks get None)."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if dist.get_rank() == 0 else None
+
+
 def save_model(model: torch.nn.Module, directory: Path, tokenizer: Any = None) -> Path:
     """Save a Hugging Face model with `save_pretrained` (and its tokenizer) into `directory`,
-    any other model as `directory/model.pt` (a `torch.save`d state dict); returns the path."""
+    any other model as `directory/model.pt` (a `torch.save`d state dict); returns the path.
+    Under FSDP2 every rank calls it and rank 0 writes the whole tensors (`gathered_state_dict`)."""
+    save_pretrained = getattr(model, "save_pretrained", None)
+    result = directory if callable(save_pretrained) else directory / "model.pt"
+    sharded = any(isinstance(parameter, DTensor) for parameter in model.parameters())
+    state = gathered_state_dict(model) if sharded else model.state_dict()
+    if state is None:
+        return result
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    save_pretrained = getattr(model, "save_pretrained", None)
     if callable(save_pretrained):
-        save_pretrained(staging)
+        save_pretrained(staging, **({"state_dict": state} if sharded else {}))
         if callable(getattr(tokenizer, "save_pretrained", None)):
             tokenizer.save_pretrained(staging)
-        result = directory
     else:
-        torch.save(model.state_dict(), staging / "model.pt")
-        result = directory / "model.pt"
+        torch.save(state, staging / "model.pt")
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(staging, directory)

@@ -41,7 +41,7 @@ from lightning_prune.run.outputs import (
 )
 from lightning_prune.run.pairing import check_vocabulary, use_model_tokenizer
 from lightning_prune.run.record import RunRecord, check_final_sparsity, target_sparsity
-from lightning_prune.run.resume import StageState, checkpoint_path, load_last_checkpoint, restore_module, run_config, save_stage_checkpoint
+from lightning_prune.run.resume import StageState, check_resumable, checkpoint_path, load_last_checkpoint, restore_module, run_config, save_stage_checkpoint
 from lightning_prune.run.stages import GROUPS, Stage, build_callbacks, parse_stages
 
 
@@ -114,6 +114,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for key in ("trainer", "data", "model", *GROUPS):
         check_types(cfg.get(key), key)
     stages = parse_stages(cfg)
+    check_resumable(cfg, stages)
     use_model_tokenizer(cfg)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)

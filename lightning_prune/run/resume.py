@@ -17,6 +17,7 @@ resolved configuration, the results and warnings so far and the model's masks. E
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,11 @@ def save_stage_checkpoint(trainer: pl.Trainer, path: Path, keep_earlier: bool = 
     if trainer.is_global_zero:
         os.replace(temporary, path)
         for earlier in [] if keep_earlier else sorted(path.parent.glob("stage-*.ckpt")):
-            if earlier not in (path, keep):
+            if earlier in (path, keep):
+                continue
+            if earlier.is_dir():  # a distributed checkpoint (ModelParallelStrategy)
+                shutil.rmtree(earlier)
+            else:
                 earlier.unlink()
     trainer.strategy.barrier("lightning_prune_stage_checkpoint")
 
@@ -103,6 +108,20 @@ def load_last_checkpoint(out: Path, stages: list[Stage], cfg: DictConfig) -> tup
             check_same_config(checkpoint[PAYLOAD_KEY]["config"], run_config(cfg), path)
             return stage, checkpoint
     return None
+
+
+def check_resumable(cfg: DictConfig, stages: list[Stage]) -> None:
+    """Refuse `resume` where a stage runs under ModelParallelStrategy (FSDP2): its stage checkpoint is a
+    distributed checkpoint (a folder of every rank's blocks, the masks in it rank 0's only), which
+    `load_last_checkpoint` cannot read into the unsharded model the run builds."""
+    for stage in stages:
+        strategy = stage.trainer.get("strategy")
+        target = strategy.get("_target_", "") if isinstance(strategy, dict) else str(strategy)
+        if cfg.resume and target.endswith("ModelParallelStrategy"):
+            raise ConfigError(
+                f"`resume`=True: stage `{stage.name}` runs under `trainer.strategy`={target}, whose stage checkpoints are distributed "
+                "checkpoints (folders) that resume cannot load; run from the start (resume=false), or resume under strategy 'ddp' or one process"
+            )
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
