@@ -198,7 +198,7 @@ def run_phase(phase: str, args: argparse.Namespace, epochs: int, ckpt_in: str | 
 def unmerged(args: argparse.Namespace) -> None:
     """Masked-delta LoRA kept unmerged: the adapter saved with peft, and the trained sharded network's output."""
     recovery = lora(merge=False)
-    trainer, _ = fit(pruned("masked", args.global_batch), recovery, args, 2)
+    trainer, _ = fit(pruned("masked", args.global_batch), recovery, args, 1)
     recovery.save_adapter(args.out / f"adapter-{args.devices}")
     batch = torch.rand(8, 64, generator=torch.Generator().manual_seed(5))
     module = trainer.lightning_module
