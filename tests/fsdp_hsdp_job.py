@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from fsdp_distill_job import RecordingKD
 from fsdp_job import SCOPES, Probe, SaveAfterEpoch, ShardedMLP, dump, gradual, iterative  # tests/, beside this script
-from fsdp_lora_job import LoRAProbe, lora, pruned
+from fsdp_lora_job import LoRAMLP, LoRAProbe, lora, pruned
 from fsdp_lora_job import dump as dump_lora
 from lightning.pytorch.strategies import ModelParallelStrategy
 from peft.tuners.lora.layer import LoraLayer
@@ -51,7 +51,7 @@ class HSDPMLP(ShardedMLP):
         fully_shard(self, mesh=mesh)
 
 
-class HSDPLoRAMLP(HSDPMLP):
+class HSDPLoRAMLP(HSDPMLP, LoRAMLP):
     """`HSDPMLP` that shards peft's LoRA layers (no nn.Linear) as units too, as tests/fsdp_lora_job.py's LoRAMLP."""
 
     def __init__(self, global_batch: int, mesh_shape: tuple[int, int] = (1, 1)) -> None:
@@ -126,6 +126,7 @@ def lora_phase(args: argparse.Namespace, mesh: str) -> None:
     """tests/fsdp_lora_job.py's `masked` phase (2:4 masks, a kept exact zero in net.2, masked-delta
     LoRA, merged) with every LoRA layer on the HSDP mesh; dumped as `<mesh>-lora`."""
     module = pruned("masked", args.global_batch, HSDPLoRAMLP)
+    assert isinstance(module, HSDPLoRAMLP)
     module.mesh_shape = mesh_shape(mesh)
     before = {name: value.detach().clone() for name, value in module.state_dict().items()}
     recovery, probe = lora(), LoRAProbe()

@@ -187,8 +187,9 @@ def test_save_adapter_needs_attached_adapters_and_is_save_pretrained_on_one_proc
     with pytest.raises(ValueError, match=r"no adapters are attached \(with merge=True they are merged"):
         LoRARecovery().save_adapter(tmp_path)
     torch.manual_seed(0)
-    module, recovery = masked(ShardedMLP(32)), LoRARecovery(r=4)
-    recovery.inject(module)  # type: ignore[arg-type]  # what `on_fit_start` does on one process
+    module, recovery = ShardedMLP(32), LoRARecovery(r=4)
+    masked(module)
+    recovery.inject(module)  # what `on_fit_start` does on one process
     with torch.no_grad():
         module.get_parameter("net.0.lora_B.default.weight").normal_()
         x = torch.rand(3, 64, generator=torch.Generator().manual_seed(1))
