@@ -5,9 +5,9 @@ the teacher is the dense model. In a staged run a distillation stage that comes 
 pruning stage would copy an already pruned model. For every such callback left at its default
 (`teacher=None`) the run takes one frozen copy of the student as the first pruning stage starts and
 gives it to them as their `teacher` (under ModelParallelStrategy, a student an earlier stage's fit
-sharded is copied sharded: FSDP2 refuses deepcopy). On `resume`, that copy is rebuilt from the model as built (the
-first pruning stage is the first stage) or from the checkpoint of the stage before it, which is
-kept for that purpose even with `stage_checkpoints=last`.
+sharded is copied sharded: FSDP2 refuses deepcopy). On `resume`, that copy is rebuilt from the
+model as built (the first pruning stage is the first stage) or from the checkpoint of the stage
+before it, which is kept for that purpose even with `stage_checkpoints=last`.
 """
 
 from __future__ import annotations
