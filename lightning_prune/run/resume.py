@@ -120,7 +120,7 @@ def check_resumable(cfg: DictConfig, stages: list[Stage]) -> None:
         if cfg.resume and target.endswith("ModelParallelStrategy"):
             raise ConfigError(
                 f"`resume`=True: stage `{stage.name}` runs under `trainer.strategy`={target}, whose stage checkpoints are distributed "
-                "checkpoints (folders) that resume cannot load; run from the start (resume=false), or resume under strategy 'ddp' or one process"
+                "checkpoints (folders) that resume cannot load; run from the start (resume=false); resume reads the checkpoints of runs under strategy 'ddp' or in one process"
             )
 
 
