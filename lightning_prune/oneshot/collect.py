@@ -28,10 +28,31 @@ def _new_stats(target: PruneTarget, kinds: Sequence[type[Statistic]]) -> list[di
     return [{kind: kind(name, columns, target.weight.device) for kind in kinds} for name in target.matrix_names()]
 
 
-def _add_linear(per_kind: dict[type[Statistic], Statistic]) -> Callable[..., None]:
+class _SharedInputs:
+    """The increments of the last input tensor seen, per shareable statistic kind: layers called
+    one after the other on the same, unmodified tensor (q/k/v, gate/up) compute them once."""
+
+    def __init__(self) -> None:
+        self.inputs: torch.Tensor | None = None
+        self.version = -1
+        self.increments: dict[type[Statistic], Any] = {}
+
+    def add(self, per_kind: dict[type[Statistic], Statistic], inputs: torch.Tensor) -> None:
+        """Add `inputs` to every statistic in `per_kind`, reusing the increments of the same tensor."""
+        if inputs is not self.inputs or inputs._version != self.version:
+            self.inputs, self.version, self.increments = inputs, inputs._version, {}
+        for kind, stat in per_kind.items():
+            if not kind.shareable:
+                stat.add(inputs)
+                continue
+            if kind not in self.increments:
+                self.increments[kind] = stat.increments(inputs)
+            stat.accumulate(self.increments[kind])
+
+
+def _add_linear(per_kind: dict[type[Statistic], Statistic], shared: _SharedInputs) -> Callable[..., None]:
     def add(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        for stat in per_kind.values():
-            stat.add(args[0])
+        shared.add(per_kind, args[0])
 
     return add
 
@@ -53,13 +74,14 @@ def collect_statistics(targets: Sequence[PruneTarget], kinds: Sequence[type[Stat
     stats: BlockStats = {}
     handles = []
     by_experts: dict[int, tuple[nn.Module, list[tuple[PruneTarget, list[dict[type[Statistic], Statistic]]]]]] = {}
+    shared = _SharedInputs()
     for target in targets:
         per_matrix = _new_stats(target, kinds)
         stats.update(zip(target.matrix_names(), per_matrix))
         if target.experts:
             by_experts.setdefault(id(target.module), (target.module, []))[1].append((target, per_matrix))
         else:
-            handles.append(target.module.register_forward_hook(_add_linear(per_matrix[0])))
+            handles.append(target.module.register_forward_hook(_add_linear(per_matrix[0], shared)))
     for module, pairs in by_experts.values():
         handles.append(module.register_forward_hook(_add_experts(pairs), with_kwargs=True))
     try:
