@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -105,11 +106,23 @@ class SparsityReport:
         return console.export_text(styles=False).rstrip("\n")
 
 
-def _pattern_of(matrix: torch.Tensor) -> str:
-    for n, m in ((2, 4), (4, 8)):
-        if matrix.shape[1] % m == 0 and max_nonzeros_per_group(matrix, m) <= n:
-            return f"{n}:{m}"
-    return "unstructured"
+PATTERNS = ((2, 4), (4, 8))  # the N:M patterns a report recognises, first match wins
+
+
+def _measure(target: PruneTarget) -> list[tuple[int, str]]:
+    """(zeros, pattern) of each matrix of `target`, all experts at once and one host sync."""
+    matrices = target.as_matrix(target.weight.detach())
+    nonzero = (matrices if target.experts else matrices.unsqueeze(0)) != 0
+    count, rows, cols = nonzero.shape
+    fitting = [(n, m) for n, m in PATTERNS if cols % m == 0]
+    measured = [nonzero.reshape(count, -1).sum(1)]
+    measured += [group_counts(nonzero.reshape(count * rows, cols), m).reshape(count, -1).amax(1).long() for _, m in fitting]
+    values = torch.stack(measured, 1).tolist()
+    out = []
+    for nonzeros, *most in values:
+        pattern = next((f"{n}:{m}" for (n, m), worst in zip(fitting, most) if worst <= n), "unstructured")
+        out.append((rows * cols - nonzeros, pattern))
+    return out
 
 
 def pruned_targets(model: nn.Module) -> list[PruneTarget]:
@@ -135,8 +148,8 @@ def sparsity_report(model: nn.Module, targets: Sequence[PruneTarget] | None = No
         targets = pruned_targets(model)
     layers = []
     for target in targets:
-        for name, matrix in zip(target.matrix_names(), target.matrices(target.weight.detach())):
-            shape = tuple(matrix.shape) if target.experts else tuple(target.weight.shape)
-            zeros = int((matrix == 0).sum())
-            layers.append(LayerSparsity(name, shape, matrix.numel(), zeros, _pattern_of(matrix)))
+        shape = tuple(target.weight.shape)
+        for name, (zeros, pattern) in zip(target.matrix_names(), _measure(target)):
+            matrix_shape = tuple(target.as_matrix(target.weight).shape[1:]) if target.experts else shape
+            layers.append(LayerSparsity(name, matrix_shape, math.prod(matrix_shape), zeros, pattern))
     return SparsityReport(layers, skipped=dict(skipped or {}))
