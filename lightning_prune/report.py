@@ -106,21 +106,23 @@ class SparsityReport:
         return console.export_text(styles=False).rstrip("\n")
 
 
-PATTERNS = ((2, 4), (4, 8))  # the N:M patterns a report recognises, first match wins
-
-
 def _measure(target: PruneTarget) -> list[tuple[int, str]]:
-    """(zeros, pattern) of each matrix of `target`, all experts at once and one host sync."""
+    """(zeros, pattern: the first of 2:4, 4:8 it holds, else unstructured) of each matrix of
+    `target`, all experts at once with one host sync; counts per group of 8 are pairs of groups of 4."""
     matrices = target.as_matrix(target.weight.detach())
     nonzero = (matrices if target.experts else matrices.unsqueeze(0)) != 0
     count, rows, cols = nonzero.shape
-    fitting = [(n, m) for n, m in PATTERNS if cols % m == 0]
-    measured = [nonzero.reshape(count, -1).sum(1)]
-    measured += [group_counts(nonzero.reshape(count * rows, cols), m).reshape(count, -1).amax(1).long() for _, m in fitting]
-    values = torch.stack(measured, 1).tolist()
+    if cols % 4:
+        values = nonzero.reshape(count, -1).sum(1, dtype=torch.int64).unsqueeze(1).tolist()
+    else:
+        fours = group_counts(nonzero.reshape(count * rows, cols), 4).reshape(count, rows, cols // 4)
+        measured = [fours.reshape(count, -1).sum(1, dtype=torch.int64), fours.amax((1, 2)).long()]
+        if cols % 8 == 0:
+            measured.append((fours[..., ::2] + fours[..., 1::2]).amax((1, 2)).long())
+        values = torch.stack(measured, 1).tolist()
     out = []
     for nonzeros, *most in values:
-        pattern = next((f"{n}:{m}" for (n, m), worst in zip(fitting, most) if worst <= n), "unstructured")
+        pattern = next((f"{n}:{m}" for (n, m), worst in zip(((2, 4), (4, 8)), most) if worst <= n), "unstructured")
         out.append((rows * cols - nonzeros, pattern))
     return out
 

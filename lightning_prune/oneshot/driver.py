@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -122,13 +123,29 @@ def find_block_stack(model: nn.Module, blocks: str | nn.ModuleList | None = None
     return stacks[0]
 
 
+_KEYWORDS: weakref.WeakKeyDictionary[Callable[..., Any], frozenset[str] | None] = weakref.WeakKeyDictionary()
+
+
+def _accepted_keywords(forward: Callable[..., Any]) -> frozenset[str] | None:
+    """The parameter names of a bound `forward`, or None when it takes **kwargs; cached per
+    function (inspect.signature costs ~0.1 ms per calibration batch on a transformers model)."""
+    function = getattr(forward, "__func__", None)
+    if function is not None and function in _KEYWORDS:
+        return _KEYWORDS[function]
+    parameters = inspect.signature(forward).parameters
+    accepted = None if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()) else frozenset(parameters)
+    if function is not None:
+        _KEYWORDS[function] = accepted
+    return accepted
+
+
 def call_model(model: nn.Module, batch: Batch) -> Any:
     """Default forward of a calibration batch: dicts as keyword arguments (only the ones `forward`
     accepts unless it takes **kwargs), (inputs, targets) tuples by their first element, tensors as is."""
     if isinstance(batch, dict):
-        parameters = inspect.signature(model.forward).parameters
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-            batch = {k: v for k, v in batch.items() if k in parameters}
+        accepted = _accepted_keywords(model.forward)
+        if accepted is not None:
+            batch = {k: v for k, v in batch.items() if k in accepted}
         return model(**batch)
     if isinstance(batch, (tuple, list)):
         return model(batch[0])
