@@ -1,14 +1,18 @@
 """collect_statistics: layers that receive the same input tensor share one computation of its
-statistics, with sums bitwise equal to adding every layer's inputs on its own."""
+statistics, with sums bitwise equal to adding every layer's inputs on its own; prune_target:
+the experts of a fused weight pruned together get exactly the masks of pruning them one by one."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+from lightning_prune.masking import get_mask
 from lightning_prune.oneshot import FeatureNormStats, HessianStats
-from lightning_prune.oneshot.collect import collect_statistics
-from lightning_prune.targets import find_targets
+from lightning_prune.oneshot.collect import collect_statistics, prune_target
+from lightning_prune.oneshot.wanda import Wanda
+from lightning_prune.targets import PruneTarget, find_targets
 
 
 class SharedInputs(nn.Module):
@@ -55,3 +59,36 @@ def test_layers_on_one_input_share_statistics_bitwise_equal_to_their_own() -> No
                 assert torch.equal(a, b), target.name
     # o saw the changed tensor: its norms differ from q's, whose share came first
     assert not torch.equal(stats["o.weight"][FeatureNormStats].sum, stats["q.weight"][FeatureNormStats].sum)
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4", "4:8"])
+def test_wanda_prunes_experts_together_exactly_as_one_by_one(pattern: str | None) -> None:
+    # One selection over the stacked experts' rows, each with its own norms, ties included.
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randint(-3, 4, (5, 6, 16), generator=generator).float().unbind(0)  # many ties
+    stats = []
+    for e in range(5):
+        norms = FeatureNormStats(f"w[{e}]", 16)
+        norms.add(torch.randint(0, 3, (4, 16), generator=generator).float())
+        stats.append({FeatureNormStats: norms})
+    together = Wanda().prune_many(weights, stats, 0.5, pattern)
+    for (weight, keep), matrix, layer_stats in zip(together, weights, stats, strict=True):
+        alone_weight, alone_keep = Wanda().prune(matrix, layer_stats, 0.5, pattern)
+        assert weight is matrix and alone_weight is matrix
+        assert torch.equal(keep, alone_keep)
+
+
+def test_experts_left_dense_keep_every_weight_when_the_others_are_pruned_together() -> None:
+    experts = nn.Module()
+    experts.gate_up_proj = nn.Parameter(torch.randn(3, 4, 8))
+    target = PruneTarget("experts", experts, "gate_up_proj", experts=3)
+    stats = {}
+    for name in target.matrix_names():
+        norms = FeatureNormStats(name, 8)
+        norms.add(torch.randn(5, 8))
+        stats[name] = {FeatureNormStats: norms}
+    prune_target(target, Wanda(), None, stats, 0.5, "2:4", dense={"experts.gate_up_proj[1]"})
+    mask = get_mask(experts, "gate_up_proj")
+    assert mask[1].all() and not mask[0].all() and not mask[2].all()
+    for e in (0, 2):
+        assert torch.equal(mask[e], Wanda().prune(experts.gate_up_proj[e].detach(), stats[f"experts.gate_up_proj[{e}]"], 0.5, "2:4")[1])

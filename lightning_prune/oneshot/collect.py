@@ -103,26 +103,38 @@ def too_few_tokens(stats: BlockStats, targets: Sequence[PruneTarget], min_tokens
     return few
 
 
+STACKED_ELEMENTS = 2**24  # experts pruned together hold at most this many weights (64 MiB of fp32 scores)
+
+
+def _expert_groups(chosen: list[int], numel: int) -> list[list[int]]:
+    """The experts `chosen`, in order, in groups of at most STACKED_ELEMENTS weights (at least one each)."""
+    size = max(1, STACKED_ELEMENTS // max(numel, 1))
+    return [chosen[start : start + size] for start in range(0, len(chosen), size)]
+
+
 @torch.no_grad()
 def prune_target(target: PruneTarget, method: OneShotMethod, refiner: MaskRefiner | None, stats: Mapping[str, LayerStats], sparsity: float, pattern: str | None, dense: Collection[str] = ()) -> None:
     """Prune one weight (each of its experts) in place with `method` (then `refiner`) and attach
-    its keep-mask; the matrices named in `dense` keep every weight."""
-    keeps = []
-    for name, matrix in zip(target.matrix_names(), target.matrices(target.weight.data)):
-        if name in dense:
-            keeps.append(torch.ones_like(matrix, dtype=torch.bool))
-            continue
-        dense_matrix = matrix.clone() if refiner is not None else matrix
+    its keep-mask; the matrices named in `dense` keep every weight. The experts of a fused weight
+    go to `method.prune_many` together (for a method that only selects, without a refiner)."""
+    names, matrices = target.matrix_names(), target.matrices(target.weight.data)
+    keeps = [torch.ones_like(matrix, dtype=torch.bool) if name in dense else None for name, matrix in zip(names, matrices)]
+    chosen = [i for i, keep in enumerate(keeps) if keep is None]
+    groups = _expert_groups(chosen, matrices[0].numel()) if target.experts and refiner is None and not method.updates_weights else [[i] for i in chosen]
+    for group in groups:
+        label = names[group[0]] if len(group) == 1 else target.name
+        originals = [matrices[i].clone() if refiner is not None else matrices[i] for i in group]
         try:
-            new_weight, keep = method.prune(matrix, stats.get(name, {}), sparsity, pattern)
+            results = method.prune_many([matrices[i] for i in group], [stats.get(names[i], {}) for i in group], sparsity, pattern)
             if refiner is not None:
-                new_weight, keep = refiner.refine(dense_matrix, new_weight, keep, stats.get(name, {}), pattern)
+                results = [refiner.refine(original, new_weight, keep, stats.get(names[i], {}), pattern) for i, original, (new_weight, keep) in zip(group, originals, results, strict=True)]
         except ValueError as error:
-            raise ValueError(f"one-shot pruning of {name!r} failed: {error}. Nothing was changed; leave it dense with `ignore=`") from error
-        if new_weight is not matrix:
-            matrix.copy_(new_weight.to(matrix.dtype))
-        keeps.append(keep)
-    set_mask(target.module, target.from_matrices(keeps), target.param_name)
+            raise ValueError(f"one-shot pruning of {label!r} failed: {error}. Nothing was changed; leave it dense with `ignore=`") from error
+        for i, (new_weight, keep) in zip(group, results, strict=True):
+            if new_weight is not matrices[i]:
+                matrices[i].copy_(new_weight.to(matrices[i].dtype))
+            keeps[i] = keep
+    set_mask(target.module, target.from_matrices([keep for keep in keeps if keep is not None]), target.param_name)
 
 
 def warn_dense_experts(few: dict[str, int], min_tokens: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from lightning_prune.oneshot.method import LayerStats, OneShotMethod, statistic
@@ -38,3 +40,17 @@ class Wanda(OneShotMethod):
 
     def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         return weight, wanda_mask(weight, statistic(stats, FeatureNormStats).feature_norms(), sparsity, pattern)
+
+    def prune_many(self, weights: Sequence[torch.Tensor], stats: Sequence[LayerStats], sparsity: float, pattern: str | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """All matrices in one selection: Wanda compares scores within a row only, so the rows of
+        the stacked scores (each matrix with its own norms) get exactly each matrix's own mask."""
+        if len(weights) < 2:
+            return super().prune_many(weights, stats, sparsity, pattern)
+        norms = torch.stack([statistic(layer_stats, FeatureNormStats).feature_norms() for layer_stats in stats])
+        scores = torch.stack(list(weights)).detach().float().abs() * norms.to(weights[0].device, torch.float32).unsqueeze(1)
+        rows = scores.reshape(-1, scores.shape[-1])
+        if pattern is not None:
+            keep = select_n_m(rows, *parse_pattern(pattern))
+        else:
+            keep = select_row_wise(rows, sparsity)
+        return [(weight, matrix_keep) for weight, matrix_keep in zip(weights, keep.reshape(scores.shape).unbind(0), strict=True)]
