@@ -11,6 +11,7 @@ from torch import nn
 from lightning_prune.masking import get_mask
 from lightning_prune.oneshot import FeatureNormStats, HessianStats
 from lightning_prune.oneshot.collect import collect_statistics, prune_target
+from lightning_prune.oneshot.method import LayerStats
 from lightning_prune.oneshot.wanda import Wanda
 from lightning_prune.targets import PruneTarget, find_targets
 
@@ -66,7 +67,7 @@ def test_wanda_prunes_experts_together_exactly_as_one_by_one(pattern: str | None
     # One selection over the stacked experts' rows, each with its own norms, ties included.
     generator = torch.Generator().manual_seed(0)
     weights = torch.randint(-3, 4, (5, 6, 16), generator=generator).float().unbind(0)  # many ties
-    stats = []
+    stats: list[LayerStats] = []
     for e in range(5):
         norms = FeatureNormStats(f"w[{e}]", 16)
         norms.add(torch.randint(0, 3, (4, 16), generator=generator).float())
@@ -82,13 +83,14 @@ def test_experts_left_dense_keep_every_weight_when_the_others_are_pruned_togethe
     experts = nn.Module()
     experts.gate_up_proj = nn.Parameter(torch.randn(3, 4, 8))
     target = PruneTarget("experts", experts, "gate_up_proj", experts=3)
-    stats = {}
+    stats: dict[str, LayerStats] = {}
     for name in target.matrix_names():
         norms = FeatureNormStats(name, 8)
         norms.add(torch.randn(5, 8))
         stats[name] = {FeatureNormStats: norms}
     prune_target(target, Wanda(), None, stats, 0.5, "2:4", dense={"experts.gate_up_proj[1]"})
     mask = get_mask(experts, "gate_up_proj")
+    assert mask is not None
     assert mask[1].all() and not mask[0].all() and not mask[2].all()
     for e in (0, 2):
         assert torch.equal(mask[e], Wanda().prune(experts.gate_up_proj[e].detach(), stats[f"experts.gate_up_proj[{e}]"], 0.5, "2:4")[1])
