@@ -227,7 +227,7 @@ def calibrate_sequentially(
         remaining = list(stacks)
         start = 0
         while remaining:
-            found = capture_stack(model, remaining, batches, device, forward, offload, home, stage=not done)
+            found = capture_stack(model, remaining, batches, device, forward, offload, home, earlier=[dict(stacks)[name] for name in done])
             if found is None:
                 break
             position, inputs, capture = found
