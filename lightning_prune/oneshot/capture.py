@@ -10,6 +10,9 @@ Staged (several batches and blocks): batch 0 runs the whole stack for real; the 
 after block 0's arguments are recorded; blocks 1.. are recorded once block 0 is pruned, without
 computing them when that is exact (`replay.py`). The arguments are the same as from running every
 batch through the stack; only the time differs (one block per batch instead of the whole stack).
+A later stack (a decoder) is staged the same way; in its replayed pass the earlier, already pruned
+stacks (the encoder) compute nothing either: their blocks hand on the output objects their last
+block gave in this capture's real passes.
 """
 
 from __future__ import annotations

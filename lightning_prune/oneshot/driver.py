@@ -11,8 +11,9 @@ next block. Later stacks are captured after the earlier ones are pruned, so a de
 the pruned encoder's outputs. What is kept grows with the calibration batches, never with the
 model's maximum context; key/value caches are dropped wherever they are passed. The capture is
 staged (`capture.py`): only batch 0 runs the whole stack; the arguments of blocks 1.. are
-recorded after block 0 is pruned without computing the blocks where that gives the same
-arguments, so the capture costs about one batch's forward instead of one forward per batch.
+recorded after block 0 is pruned without computing the blocks (nor the earlier stacks) where that
+gives the same arguments, so the capture of a stack costs about one batch's pass through it
+instead of one per batch.
 """
 
 from __future__ import annotations
