@@ -37,7 +37,9 @@ class SharedInputs(nn.Module):
         return inputs
 
 
-def test_layers_on_one_input_share_statistics_bitwise_equal_to_their_own() -> None:
+@pytest.mark.parametrize("inference", [False, True])
+def test_layers_on_one_input_share_statistics_bitwise_equal_to_their_own(inference: bool) -> None:
+    # Under inference_mode tensors keep no version counter: nothing is shared, sums still equal.
     torch.manual_seed(0)
     net = SharedInputs()
     batches = [torch.randn(3, 5, 8) for _ in range(3)]
@@ -45,8 +47,9 @@ def test_layers_on_one_input_share_statistics_bitwise_equal_to_their_own() -> No
     assert len(targets) == 5
 
     def run() -> None:
-        for batch in batches:
-            net(batch)
+        with torch.inference_mode(inference):
+            for batch in batches:
+                net(batch)
 
     stats = collect_statistics(targets, (FeatureNormStats, HessianStats), run)
     for target in targets:

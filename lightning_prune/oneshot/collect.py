@@ -39,8 +39,9 @@ class _SharedInputs:
 
     def add(self, per_kind: dict[type[Statistic], Statistic], inputs: torch.Tensor) -> None:
         """Add `inputs` to every statistic in `per_kind`, reusing the increments of the same tensor."""
-        if inputs is not self.inputs or inputs._version != self.version:
-            self.inputs, self.version, self.increments = inputs, inputs._version, {}
+        tracked = not inputs.is_inference()  # an inference tensor has no version counter to show in-place changes
+        if not tracked or inputs is not self.inputs or inputs._version != self.version:
+            self.inputs, self.version, self.increments = (inputs if tracked else None), (inputs._version if tracked else -1), {}
         for kind, stat in per_kind.items():
             if not kind.shareable:
                 stat.add(inputs)
