@@ -4,13 +4,15 @@ the experts of a fused weight pruned together get exactly the masks of pruning t
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from lightning_prune.masking import get_mask
+from lightning_prune.masking import get_mask, get_masks
 from lightning_prune.oneshot import FeatureNormStats, HessianStats
-from lightning_prune.oneshot.collect import collect_statistics, prune_target
+from lightning_prune.oneshot.collect import collect_statistics, prune_target, prune_targets
 from lightning_prune.oneshot.method import LayerStats
 from lightning_prune.oneshot.wanda import Wanda
 from lightning_prune.targets import PruneTarget, find_targets
@@ -66,10 +68,10 @@ def test_layers_on_one_input_share_statistics_bitwise_equal_to_their_own(inferen
 
 
 @pytest.mark.parametrize("pattern", [None, "2:4", "4:8"])
-def test_wanda_prunes_experts_together_exactly_as_one_by_one(pattern: str | None) -> None:
-    # One selection over the stacked experts' rows, each with its own norms, ties included.
+def test_wanda_prunes_matrices_together_exactly_as_one_by_one(pattern: str | None) -> None:
+    # One selection over the stacked rows of matrices of one input width, each with its own norms, ties included.
     generator = torch.Generator().manual_seed(0)
-    weights = torch.randint(-3, 4, (5, 6, 16), generator=generator).float().unbind(0)  # many ties
+    weights = [torch.randint(-3, 4, (rows, 16), generator=generator).float() for rows in (6, 3, 8, 6, 1)]  # many ties
     stats: list[LayerStats] = []
     for e in range(5):
         norms = FeatureNormStats(f"w[{e}]", 16)
@@ -97,3 +99,25 @@ def test_experts_left_dense_keep_every_weight_when_the_others_are_pruned_togethe
     assert mask[1].all() and not mask[0].all() and not mask[2].all()
     for e in (0, 2):
         assert torch.equal(mask[e], Wanda().prune(experts.gate_up_proj[e].detach(), stats[f"experts.gate_up_proj[{e}]"], 0.5, "2:4")[1])
+
+
+def test_a_blocks_layers_pruned_together_get_the_masks_of_pruning_them_one_by_one() -> None:
+    torch.manual_seed(0)
+    block = nn.ModuleDict({"q": nn.Linear(16, 16), "k": nn.Linear(16, 8), "up": nn.Linear(16, 32), "down": nn.Linear(32, 16), "gate": nn.Linear(16, 32)})
+    alone = copy.deepcopy(block)
+    stats: dict[str, LayerStats] = {}
+    for name, weight in block.named_parameters():
+        if name.endswith("weight"):
+            norms = FeatureNormStats(name, weight.shape[1])
+            norms.add(torch.randn(7, weight.shape[1]))
+            stats[name] = {FeatureNormStats: norms}
+    for pattern in (None, "2:4"):
+        prune_targets(find_targets(block, ignore_output_head=False), Wanda(), None, stats, 0.5, pattern, dense={"k.weight"})
+        for target in find_targets(alone, ignore_output_head=False):
+            prune_target(target, Wanda(), None, stats, 0.5, pattern, dense={"k.weight"})
+        together, one_by_one = get_masks(block), get_masks(alone)
+        assert together.keys() == one_by_one.keys() == stats.keys()
+        for name, mask in together.items():
+            assert torch.equal(mask, one_by_one[name]), (pattern, name)
+        assert together["k.weight"].all()
+        assert all(torch.equal(a, b) for a, b in zip(block.parameters(), alone.parameters(), strict=True))

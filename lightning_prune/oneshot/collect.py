@@ -104,38 +104,61 @@ def too_few_tokens(stats: BlockStats, targets: Sequence[PruneTarget], min_tokens
     return few
 
 
-STACKED_ELEMENTS = 2**24  # experts pruned together hold at most this many weights (64 MiB of fp32 scores)
+STACKED_ELEMENTS = 2**24  # matrices pruned together hold at most this many weights (64 MiB of fp32 scores)
+Entry = tuple[int, int, str, torch.Tensor]  # (target, matrix within it, matrix name, the (out, in) view)
 
 
-def _expert_groups(chosen: list[int], numel: int) -> list[list[int]]:
-    """The experts `chosen`, in order, in groups of at most STACKED_ELEMENTS weights (at least one each)."""
-    size = max(1, STACKED_ELEMENTS // max(numel, 1))
-    return [chosen[start : start + size] for start in range(0, len(chosen), size)]
+def _groups(entries: list[Entry], together: bool) -> list[list[Entry]]:
+    """`entries` one by one, or (`together`) grouped by input width, dtype and device, in order,
+    each group of at most STACKED_ELEMENTS weights (at least one matrix)."""
+    if not together:
+        return [[entry] for entry in entries]
+    by_kind: dict[tuple[int, torch.dtype, torch.device], list[list[Entry]]] = {}
+    for entry in entries:
+        matrix = entry[3]
+        groups = by_kind.setdefault((matrix.shape[-1], matrix.dtype, matrix.device), [[]])
+        if groups[-1] and sum(e[3].numel() for e in groups[-1]) + matrix.numel() > STACKED_ELEMENTS:
+            groups.append([])
+        groups[-1].append(entry)
+    return [group for groups in by_kind.values() for group in groups]
 
 
 @torch.no_grad()
-def prune_target(target: PruneTarget, method: OneShotMethod, refiner: MaskRefiner | None, stats: Mapping[str, LayerStats], sparsity: float, pattern: str | None, dense: Collection[str] = ()) -> None:
-    """Prune one weight (each of its experts) in place with `method` (then `refiner`) and attach
-    its keep-mask; the matrices named in `dense` keep every weight. The experts of a fused weight
-    go to `method.prune_many` together (for a method that only selects, without a refiner)."""
-    names, matrices = target.matrix_names(), target.matrices(target.weight.data)
-    keeps = [torch.ones_like(matrix, dtype=torch.bool) if name in dense else None for name, matrix in zip(names, matrices)]
-    chosen = [i for i, keep in enumerate(keeps) if keep is None]
-    groups = _expert_groups(chosen, matrices[0].numel()) if target.experts and refiner is None and not method.updates_weights else [[i] for i in chosen]
-    for group in groups:
-        label = names[group[0]] if len(group) == 1 else target.name
-        originals = [matrices[i].clone() if refiner is not None else matrices[i] for i in group]
+def prune_targets(
+    targets: Sequence[PruneTarget], method: OneShotMethod, refiner: MaskRefiner | None, stats: Mapping[str, LayerStats], sparsity: float, pattern: str | None, dense: Collection[str] = ()
+) -> None:
+    """Prune the weights of one block (each expert of a fused weight) in place with `method` (then
+    `refiner`) and attach their keep-masks; the matrices named in `dense` keep every weight.
+
+    For a method that only selects, without a refiner, the matrices of one input width go to
+    `method.prune_many` together (Wanda selects over their stacked rows at once); otherwise one by one.
+    """
+    keeps: list[list[torch.Tensor | None]] = []
+    entries: list[Entry] = []
+    for t, target in enumerate(targets):
+        names, matrices = target.matrix_names(), target.matrices(target.weight.data)
+        keeps.append([torch.ones_like(matrix, dtype=torch.bool) if name in dense else None for name, matrix in zip(names, matrices)])
+        entries += [(t, i, name, matrix) for i, (name, matrix) in enumerate(zip(names, matrices)) if name not in dense]
+    for group in _groups(entries, refiner is None and not method.updates_weights):
+        label = ", ".join(repr(name) for _, _, name, _ in group)
+        originals = [matrix.clone() if refiner is not None else matrix for _, _, _, matrix in group]
         try:
-            results = method.prune_many([matrices[i] for i in group], [stats.get(names[i], {}) for i in group], sparsity, pattern)
+            results = method.prune_many([matrix for *_, matrix in group], [stats.get(name, {}) for _, _, name, _ in group], sparsity, pattern)
             if refiner is not None:
-                results = [refiner.refine(original, new_weight, keep, stats.get(names[i], {}), pattern) for i, original, (new_weight, keep) in zip(group, originals, results, strict=True)]
+                results = [refiner.refine(original, new_weight, keep, stats.get(entry[2], {}), pattern) for entry, original, (new_weight, keep) in zip(group, originals, results, strict=True)]
         except ValueError as error:
-            raise ValueError(f"one-shot pruning of {label!r} failed: {error}. Nothing was changed; leave it dense with `ignore=`") from error
-        for i, (new_weight, keep) in zip(group, results, strict=True):
-            if new_weight is not matrices[i]:
-                matrices[i].copy_(new_weight.to(matrices[i].dtype))
-            keeps[i] = keep
-    set_mask(target.module, target.from_matrices([keep for keep in keeps if keep is not None]), target.param_name)
+            raise ValueError(f"one-shot pruning of {label} failed: {error}. Nothing was changed; leave it dense with `ignore=`") from error
+        for (t, i, _, matrix), (new_weight, keep) in zip(group, results, strict=True):
+            if new_weight is not matrix:
+                matrix.copy_(new_weight.to(matrix.dtype))
+            keeps[t][i] = keep
+    for target, target_keeps in zip(targets, keeps, strict=True):
+        set_mask(target.module, target.from_matrices([keep for keep in target_keeps if keep is not None]), target.param_name)
+
+
+def prune_target(target: PruneTarget, method: OneShotMethod, refiner: MaskRefiner | None, stats: Mapping[str, LayerStats], sparsity: float, pattern: str | None, dense: Collection[str] = ()) -> None:
+    """`prune_targets` of one weight."""
+    prune_targets([target], method, refiner, stats, sparsity, pattern, dense)
 
 
 def warn_dense_experts(few: dict[str, int], min_tokens: int) -> None:

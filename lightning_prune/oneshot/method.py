@@ -48,7 +48,8 @@ class OneShotMethod:
         raise TypeError(f"{type(self).__name__} must define `prune`")
 
     def prune_many(self, weights: Sequence[torch.Tensor], stats: Sequence[LayerStats], sparsity: float, pattern: str | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """`prune` of each of several (out, in) matrices of one shape (the experts of a fused weight).
+        """`prune` of each of several (out, in) matrices of one input width (a block's layers, the
+        experts of a fused weight), for a method that does not update weights.
 
         A method may do them at once when that gives each matrix exactly its own result; by default one `prune` each.
         """

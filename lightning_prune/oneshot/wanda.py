@@ -42,15 +42,14 @@ class Wanda(OneShotMethod):
         return weight, wanda_mask(weight, statistic(stats, FeatureNormStats).feature_norms(), sparsity, pattern)
 
     def prune_many(self, weights: Sequence[torch.Tensor], stats: Sequence[LayerStats], sparsity: float, pattern: str | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """All matrices in one selection: Wanda compares scores within a row only, so the rows of
-        the stacked scores (each matrix with its own norms) get exactly each matrix's own mask."""
+        """All matrices (of one input width) in one selection: Wanda compares scores within a row
+        only, so the rows of their stacked scores, each matrix with its own norms, get exactly each
+        matrix's own mask."""
         if len(weights) < 2:
             return super().prune_many(weights, stats, sparsity, pattern)
-        norms = torch.stack([statistic(layer_stats, FeatureNormStats).feature_norms() for layer_stats in stats])
-        scores = torch.stack(list(weights)).detach().float().abs() * norms.to(weights[0].device, torch.float32).unsqueeze(1)
-        rows = scores.reshape(-1, scores.shape[-1])
+        scores = torch.cat([wanda_scores(weight, statistic(layer_stats, FeatureNormStats).feature_norms()) for weight, layer_stats in zip(weights, stats, strict=True)])
         if pattern is not None:
-            keep = select_n_m(rows, *parse_pattern(pattern))
+            keep = select_n_m(scores, *parse_pattern(pattern))
         else:
-            keep = select_row_wise(rows, sparsity)
-        return [(weight, matrix_keep) for weight, matrix_keep in zip(weights, keep.reshape(scores.shape).unbind(0), strict=True)]
+            keep = select_row_wise(scores, sparsity)
+        return list(zip(weights, keep.split([weight.shape[0] for weight in weights]), strict=True))
