@@ -13,6 +13,7 @@ from lightning_prune.masking import update_masks
 from lightning_prune.selection import (
     _kth_lowest,
     _kth_lowest_by_topk,
+    check_scores,
     check_sparsity,
     lowest_k_per_row,
     n_m_candidates,
@@ -245,3 +246,10 @@ def test_property_every_selection_matches_the_cpu_on_the_device(device: str, sha
         for name in expected:
             assert got[name].device.type == device
             assert torch.equal(got[name].cpu(), expected[name]), (case, name)
+
+
+def test_check_scores_raises_on_nan_only() -> None:
+    # The sum clears a layer at once; +inf and -inf together (a NaN sum) are checked entry by entry.
+    check_scores(torch.tensor([[float("inf"), float("-inf"), 1.0, 0.0]]))
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        check_scores(torch.tensor([[1.0, float("nan"), 2.0, 3.0]]))
