@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -107,14 +108,29 @@ class SparsityReport:
         return console.export_text(styles=False).rstrip("\n")
 
 
-def _pattern_of(matrix: torch.Tensor) -> str:
-    for n, m in ((2, 4), (4, 8)):
-        if matrix.shape[1] % m == 0 and max_nonzeros_per_group(matrix, m) <= n:
-            return f"{n}:{m}"
-    return "unstructured"
+def _measure(target: PruneTarget, weight: torch.Tensor) -> list[tuple[int, str]]:
+    """(zeros, pattern: the first of 2:4, 4:8 it holds, else unstructured) of each matrix of
+    `target` (its `weight`, or a row block of it), all experts at once with one host sync; counts
+    per group of 8 are pairs of groups of 4."""
+    matrices = target.as_matrix(weight)
+    nonzero = (matrices if target.experts else matrices.unsqueeze(0)) != 0
+    count, rows, cols = nonzero.shape
+    if cols % 4:
+        values = nonzero.reshape(count, -1).sum(1, dtype=torch.int64).unsqueeze(1).tolist()
+    else:
+        fours = group_counts(nonzero.reshape(count * rows, cols), 4).reshape(count, rows, cols // 4)
+        measured = [fours.reshape(count, -1).sum(1, dtype=torch.int64), fours.amax((1, 2)).long()]
+        if cols % 8 == 0:
+            measured.append((fours[..., ::2] + fours[..., 1::2]).amax((1, 2)).long())
+        values = torch.stack(measured, 1).tolist()
+    out = []
+    for nonzeros, *most in values:
+        pattern = next((f"{n}:{m}" for (n, m), worst in zip(((2, 4), (4, 8)), most) if worst <= n), "unstructured")
+        out.append((rows * cols - nonzeros, pattern))
+    return out
 
 
-_PATTERNS = ("2:4", "4:8", "unstructured")  # `_pattern_of`'s answers, each implied by the one before
+_PATTERNS = ("2:4", "4:8", "unstructured")  # `_measure`'s patterns, each implied by the one before
 
 
 def _sharded_layer(target: PruneTarget) -> LayerSparsity:
@@ -123,8 +139,9 @@ def _sharded_layer(target: PruneTarget) -> LayerSparsity:
     block). Every rank of the group must call it, in the same order."""
     block = local_tensor(target.weight.detach())
     group = shard_group(target.weight, target.name)  # type: ignore[arg-type]  # a DTensor (is_sharded)
-    zeros = sum_over_shards([int((block == 0).sum())], group)[0]
-    local = _PATTERNS.index(_pattern_of(block)) if block.shape[0] else 0
+    local_zeros, local_pattern = _measure(target, block)[0] if block.shape[0] else (0, _PATTERNS[0])
+    zeros = sum_over_shards([local_zeros], group)[0]
+    local = _PATTERNS.index(local_pattern)
     pattern = _PATTERNS[int(max(values[0] for values in all_gather_floats([local], group)))]
     return LayerSparsity(target.name, tuple(target.weight.shape), target.weight.numel(), zeros, pattern)
 
@@ -157,8 +174,8 @@ def sparsity_report(model: nn.Module, targets: Sequence[PruneTarget] | None = No
             continue
         weight = target.weight.detach()
         weight = weight.full_tensor() if isinstance(weight, DTensor) else weight  # a fused or transposed weight: gathered, one at a time
-        for name, matrix in zip(target.matrix_names(), target.matrices(weight)):
-            shape = tuple(matrix.shape) if target.experts else tuple(target.weight.shape)
-            zeros = int((matrix == 0).sum())
-            layers.append(LayerSparsity(name, shape, matrix.numel(), zeros, _pattern_of(matrix)))
+        shape = tuple(weight.shape)
+        for name, (zeros, pattern) in zip(target.matrix_names(), _measure(target, weight)):
+            matrix_shape = tuple(target.as_matrix(weight).shape[1:]) if target.experts else shape
+            layers.append(LayerSparsity(name, matrix_shape, math.prod(matrix_shape), zeros, pattern))
     return SparsityReport(layers, skipped=dict(skipped or {}))

@@ -96,3 +96,65 @@ def test_same_compares_tensors_by_value_and_unknown_objects_as_different() -> No
     assert same((x, {"a": 1, "b": None}), (x.clone(), {"a": 1, "b": None}))
     assert not same(x, x.double()) and not same(x, x[:2]) and not same([x], (x,))
     assert not same(object(), object()) and not same(None, 0)
+
+
+class EncoderDecoder(nn.Module):
+    """Two stacks; the decoder's blocks get the encoder's output as `bias` (like cross-attention
+    states). With `from_middle`, the bias also sums the first encoder block's output, which a
+    replayed encoder does not give."""
+
+    def __init__(self, from_middle: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.ModuleList(Block() for _ in range(2))
+        self.decoder = nn.ModuleList(Block() for _ in range(3))
+        self.from_middle = from_middle
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, bias, first = x, None, None
+        for layer in self.encoder:
+            hidden, bias = layer(hidden, torch.tensor(0.5), bias=bias)
+            first = hidden if first is None else first
+        assert first is not None
+        memory = (hidden + first if self.from_middle else hidden).mean(0)
+        y = x.flip(0)
+        for layer in self.decoder:
+            y, _ = layer(y, torch.tensor(0.25), bias=memory)
+        return y
+
+
+def test_a_later_stack_is_staged_with_the_earlier_stacks_handing_on_their_outputs() -> None:
+    # The decoder's capture is staged too; its replayed pass takes the pruned encoder's outputs
+    # from the capture instead of running the encoder again. Block outputs equal the model's own.
+    model, batches = EncoderDecoder(from_middle=False), [torch.randn(2, 4) for _ in range(3)]
+    own: dict[str, list[torch.Tensor]] = {}
+    handles = [b.register_forward_hook(lambda m, a, o, k=f"{n}.{i}": own.setdefault(k, []).append(block_output(o))) for n, bl in find_blocks(model) for i, b in enumerate(bl)]
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    for handle in handles:
+        handle.remove()
+    got, modes = _driver_outputs(model, batches)
+    assert got.keys() == own.keys() == {"encoder.0", "encoder.1", "decoder.0", "decoder.1", "decoder.2"}
+    for name, outputs in own.items():
+        assert all(torch.equal(a, b) for a, b in zip(outputs, got[name], strict=True)), name
+    assert modes == ["real", "first", "first", "rest", "rest", "rest"] * 2
+
+
+def test_a_later_stack_runs_for_real_when_the_earlier_stacks_cannot_be_replayed() -> None:
+    model, batches = EncoderDecoder(from_middle=True), [torch.randn(2, 4) for _ in range(3)]
+    got, modes = _driver_outputs(model, batches)
+    assert modes[6:] == ["real", "first", "first", "rest", "rest", "rest", "real", "real", "real"]
+    with torch.no_grad():
+        expected = [model.decoder[2](*args, **kwargs)[0] for args, kwargs in _decoder_inputs(model.decoder[2], model, batches)]
+    assert all(torch.equal(a, b) for a, b in zip(expected, got["decoder.2"], strict=True))
+
+
+def _decoder_inputs(block: nn.Module, model: nn.Module, batches: list[torch.Tensor]) -> list[tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]]:
+    calls: list[tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]] = []
+    handle = block.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    handle.remove()
+    return calls

@@ -6,6 +6,7 @@ from torch import nn
 
 from lightning_prune.masking import set_mask
 from lightning_prune.report import max_nonzeros_per_group, sparsity_report
+from lightning_prune.targets import PruneTarget
 
 
 def two_layer_model() -> nn.Sequential:
@@ -98,3 +99,33 @@ def test_the_report_is_the_same_with_masks_after_finalize_and_after_loading() ->
         fresh.net[4].weight[0, 0] = 0.5
     assert sparsity_report(fresh).as_dict() == masked.as_dict()
     assert masked.global_sparsity == pytest.approx(0.8, abs=1e-3)
+
+
+def test_rows_equal_counting_each_matrix_on_its_own() -> None:
+    # The report measures all experts of a weight at once; the definition is per (out, in) matrix:
+    # its exact zeros (-0.0 included, NaN not) and the first of 2:4, 4:8 it holds.
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.randn(3, 8, 16, generator=generator)
+    dense[0].view(-1, 4)[:, :2] = 0.0  # expert 0: 2:4
+    dense[1].view(-1, 8)[:, :4] = -0.0  # expert 1: 4:8, not 2:4
+    dense[2][dense[2] > 0.3] = 0.0  # expert 2: unstructured
+    dense[2, 0, 0] = float("nan")
+    experts = nn.Module()
+    experts.gate_up_proj = nn.Parameter(dense.clone())
+    experts.down_proj = nn.Parameter(dense.transpose(1, 2).clone())
+    linear = nn.Linear(16, 8)
+    with torch.no_grad():
+        linear.weight.copy_(dense[1])
+    targets = [
+        PruneTarget("experts", experts, "gate_up_proj", experts=3),
+        PruneTarget("experts", experts, "down_proj", experts=3, expert_transposed=True),
+        PruneTarget("linear", linear),
+    ]
+    expected = []
+    for target in targets:
+        for name, matrix in zip(target.matrix_names(), target.matrices(target.weight.detach())):
+            pattern = next((f"{n}:{m}" for n, m in ((2, 4), (4, 8)) if max_nonzeros_per_group(matrix, m) <= n), "unstructured")
+            expected.append((name, tuple(matrix.shape), matrix.numel(), int((matrix == 0).sum()), pattern))
+    got = [(r.name, r.shape, r.numel, r.zeros, r.pattern) for r in sparsity_report(nn.Module(), targets).layers]
+    assert got == expected
+    assert [r[4] for r in got] == ["2:4", "4:8", "unstructured"] * 2 + ["4:8"]

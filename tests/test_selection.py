@@ -13,8 +13,10 @@ from lightning_prune.masking import update_masks
 from lightning_prune.selection import (
     _kth_lowest,
     _kth_lowest_by_topk,
+    check_scores,
     check_sparsity,
     lowest_k_per_row,
+    n_m_candidates,
     parse_pattern,
     prune_count,
     select_channels,
@@ -170,6 +172,23 @@ def test_property_n_m_keeps_exactly_n_of_every_m(device: str, shape, pattern) ->
     assert (mask.reshape(rows, groups, m).sum(-1) == n).all()
 
 
+@settings(max_examples=80, deadline=None)
+@given(matrices, st.sampled_from([(1, 2), (1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (7, 8), (4, 16)]), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_property_n_m_candidates_equal_a_stable_sort_of_each_group(shape, pattern, dtype: torch.dtype) -> None:
+    # On the CPU, groups of up to 8 are ranked by pairwise comparison, not sorted. The definition
+    # (the sort path, used off the CPU and for M > 8): a stable sort of each group, the M−N lowest
+    # first; ties, ±0.0, already pruned entries (-inf) and +inf included.
+    n, m = pattern
+    rows, groups, seed = shape
+    generator = torch.Generator().manual_seed(seed)
+    scores = scores_from(rows, groups, seed, m).sub(2.0).to(dtype)
+    special = torch.randint(0, 8, scores.shape, generator=generator)
+    scores = scores.masked_fill(special == 0, float("-inf")).masked_fill(special == 1, float("inf")).masked_fill(special == 2, -0.0)
+    order = torch.sort(scores.reshape(rows, groups, m), dim=-1, stable=True).indices[..., : m - n]
+    expected = torch.zeros(rows, groups, m, dtype=torch.bool).scatter_(-1, order, True).reshape(rows, groups * m)
+    assert torch.equal(n_m_candidates(scores, n, m), expected)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=40, deadline=None)
 @given(matrices, st.floats(0.0, 0.5), st.floats(0.0, 0.49), st.sampled_from(["layer", "row", "global"]))
@@ -227,3 +246,10 @@ def test_property_every_selection_matches_the_cpu_on_the_device(device: str, sha
         for name in expected:
             assert got[name].device.type == device
             assert torch.equal(got[name].cpu(), expected[name]), (case, name)
+
+
+def test_check_scores_raises_on_nan_only() -> None:
+    # The sum clears a layer at once; +inf and -inf together (a NaN sum) are checked entry by entry.
+    check_scores(torch.tensor([[float("inf"), float("-inf"), 1.0, 0.0]]))
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        check_scores(torch.tensor([[1.0, float("nan"), 2.0, 3.0]]))

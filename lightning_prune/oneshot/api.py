@@ -12,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_prune.oneshot.capture import hidden_of, with_hidden
-from lightning_prune.oneshot.collect import Snapshot, collect_statistics, prune_target, too_few_tokens, warn_dense_experts
+from lightning_prune.oneshot.collect import Snapshot, collect_statistics, prune_targets, too_few_tokens, warn_dense_experts
 from lightning_prune.oneshot.driver import Batch, BlockRunner, calibrate_sequentially, call_model, find_blocks
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
 from lightning_prune.oneshot.owl import outlier_ratio, owl_sparsities
@@ -262,8 +262,7 @@ def prune_oneshot(
             reduce_stats([stat for per_kind in stats.values() for stat in per_kind.values()])
             few = too_few_tokens(stats, per_block[name], min_expert_tokens)
             few_tokens.update(few)
-            for target in per_block[name]:
-                prune_target(target, solver, refiner, stats, block_sparsity[name], pattern, dense=few)
+            prune_targets(per_block[name], solver, refiner, stats, block_sparsity[name], pattern, dense=few)
             if dense_outputs:
                 notes.extend(_reconstruct(name, block, run_block, dense_outputs, reconstruct_steps, reconstruct_lr))
 

@@ -10,12 +10,15 @@ Staged (several batches and blocks): batch 0 runs the whole stack for real; the 
 after block 0's arguments are recorded; blocks 1.. are recorded once block 0 is pruned, without
 computing them when that is exact (`replay.py`). The arguments are the same as from running every
 batch through the stack; only the time differs (one block per batch instead of the whole stack).
+A later stack (a decoder) is staged the same way; in its replayed pass the earlier, already pruned
+stacks (the encoder) compute nothing either: their blocks hand on the output objects their last
+block gave in this capture's real passes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -173,10 +176,21 @@ class Capture:
     """
 
     def __init__(
-        self, model: nn.Module, stacks: Sequence[tuple[str, nn.ModuleList]], batches: Sequence[Any], device: torch.device, forward: Forward, offload: bool, home: torch.device, stage: bool = True
+        self,
+        model: nn.Module,
+        stacks: Sequence[tuple[str, nn.ModuleList]],
+        batches: Sequence[Any],
+        device: torch.device,
+        forward: Forward,
+        offload: bool,
+        home: torch.device,
+        stage: bool = True,
+        earlier: Sequence[nn.ModuleList] = (),
     ) -> None:
         self.model, self.batches, self.forward, self.stage = model, batches, forward, stage
         self.recorder = _Recorder(list(stacks), device, home, offload)  # the driver pops from `stacks`
+        self.earlier = list(earlier)
+        self.earlier_outputs: list[dict[int, Any]] = [{} for _ in self.earlier]  # per earlier stack: its last block's output object by batch
 
     @contextmanager
     def hooked(self) -> Iterator[_Recorder]:
@@ -186,6 +200,8 @@ class Capture:
             for j, block in enumerate(blocks):
                 handles.append(block.register_forward_pre_hook(recorder.before(s, j), with_kwargs=True))
                 handles.append(block.register_forward_hook(recorder.after(s, j)))
+        for blocks, outputs in zip(self.earlier, self.earlier_outputs, strict=True):
+            handles.append(blocks[len(blocks) - 1].register_forward_hook(lambda m, a, o, outputs=outputs: outputs.__setitem__(recorder.batch, o)))
         try:
             yield recorder
         finally:
@@ -196,12 +212,19 @@ class Capture:
                     blocks.to(recorder.home)
 
     def batch(self, batch_index: int, mode: str, replaced: dict[int, Callable[..., Any]] | None = None) -> bool:
-        """Record one batch in `mode`, with the blocks in `replaced` computing nothing; False when the forward entered no stack."""
+        """Record one batch in `mode`, with the blocks in `replaced` computing nothing (in "rest" mode
+        also every block of the earlier stacks); False when the forward entered no stack."""
         recorder = self.recorder
         recorder.batch, recorder.active, recorder.mode = batch_index, None, mode
         batch = self.batches[batch_index]
         try:
-            with replacing(recorder.stacks[recorder.first][1] if recorder.first is not None else nn.ModuleList(), replaced or {}):
+            with ExitStack() as stack:
+                stack.enter_context(replacing(recorder.stacks[recorder.first][1] if recorder.first is not None else nn.ModuleList(), replaced or {}))
+                if mode == "rest":
+                    for blocks, outputs in zip(self.earlier, self.earlier_outputs, strict=True):
+                        if len(outputs) < len(self.batches):
+                            continue  # the forward did not run that stack on every batch: it computes
+                        stack.enter_context(replacing(blocks, dict.fromkeys(range(len(blocks)), lambda *a, outputs=outputs, **k: outputs[recorder.batch])))
                 self.forward(self.model, to_device(batch, recorder.device))
         except _StackDone:
             return True
@@ -269,15 +292,17 @@ def capture_stack(
     offload: bool,
     home: torch.device,
     stage: bool = True,
+    earlier: Sequence[nn.ModuleList] = (),
 ) -> tuple[int, list[BlockInputs], Capture] | None:
     """Run the model on every batch up to the first of `stacks` its forward enters.
 
     Returns (that stack's position in `stacks`, its inputs: per block, one (args, kwargs) per batch,
     the hidden states kept only for block 0, the capture), or None when the forward enters none of
     them. When `capture.staged`, blocks 1.. hold batch 0 only until `capture.rest(...)`. Without
-    `stage` every batch runs the whole stack: the driver asks for that when earlier (already pruned)
-    stacks run before this one, since staging would run them twice per batch.
+    `stage` every batch runs the whole stack. `earlier` are the stacks the forward runs before
+    these (already pruned): the replayed pass hands on their last block's outputs from this capture
+    instead of computing them again.
     """
-    capture = Capture(model, stacks, batches, device, forward, offload, home, stage)
+    capture = Capture(model, stacks, batches, device, forward, offload, home, stage, earlier)
     found = capture.run()
     return None if found is None else (*found, capture)

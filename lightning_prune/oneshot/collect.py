@@ -28,10 +28,32 @@ def _new_stats(target: PruneTarget, kinds: Sequence[type[Statistic]]) -> list[di
     return [{kind: kind(name, columns, target.weight.device) for kind in kinds} for name in target.matrix_names()]
 
 
-def _add_linear(per_kind: dict[type[Statistic], Statistic]) -> Callable[..., None]:
+class _SharedInputs:
+    """The increments of the last input tensor seen, per shareable statistic kind: layers called
+    one after the other on the same, unmodified tensor (q/k/v, gate/up) compute them once."""
+
+    def __init__(self) -> None:
+        self.inputs: torch.Tensor | None = None
+        self.version = -1
+        self.increments: dict[type[Statistic], Any] = {}
+
+    def add(self, per_kind: dict[type[Statistic], Statistic], inputs: torch.Tensor) -> None:
+        """Add `inputs` to every statistic in `per_kind`, reusing the increments of the same tensor."""
+        tracked = not inputs.is_inference()  # an inference tensor has no version counter to show in-place changes
+        if not tracked or inputs is not self.inputs or inputs._version != self.version:
+            self.inputs, self.version, self.increments = (inputs if tracked else None), (inputs._version if tracked else -1), {}
+        for kind, stat in per_kind.items():
+            if not kind.shareable:
+                stat.add(inputs)
+                continue
+            if kind not in self.increments:
+                self.increments[kind] = stat.increments(inputs)
+            stat.accumulate(self.increments[kind])
+
+
+def _add_linear(per_kind: dict[type[Statistic], Statistic], shared: _SharedInputs) -> Callable[..., None]:
     def add(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        for stat in per_kind.values():
-            stat.add(args[0])
+        shared.add(per_kind, args[0])
 
     return add
 
@@ -53,13 +75,14 @@ def collect_statistics(targets: Sequence[PruneTarget], kinds: Sequence[type[Stat
     stats: BlockStats = {}
     handles = []
     by_experts: dict[int, tuple[nn.Module, list[tuple[PruneTarget, list[dict[type[Statistic], Statistic]]]]]] = {}
+    shared = _SharedInputs()
     for target in targets:
         per_matrix = _new_stats(target, kinds)
         stats.update(zip(target.matrix_names(), per_matrix))
         if target.experts:
             by_experts.setdefault(id(target.module), (target.module, []))[1].append((target, per_matrix))
         else:
-            handles.append(target.module.register_forward_hook(_add_linear(per_matrix[0])))
+            handles.append(target.module.register_forward_hook(_add_linear(per_matrix[0], shared)))
     for module, pairs in by_experts.values():
         handles.append(module.register_forward_hook(_add_experts(pairs), with_kwargs=True))
     try:
@@ -81,26 +104,61 @@ def too_few_tokens(stats: BlockStats, targets: Sequence[PruneTarget], min_tokens
     return few
 
 
+STACKED_ELEMENTS = 2**24  # matrices pruned together hold at most this many weights (64 MiB of fp32 scores)
+Entry = tuple[int, int, str, torch.Tensor]  # (target, matrix within it, matrix name, the (out, in) view)
+
+
+def _groups(entries: list[Entry], together: bool) -> list[list[Entry]]:
+    """`entries` one by one, or (`together`) grouped by input width, dtype and device, in order,
+    each group of at most STACKED_ELEMENTS weights (at least one matrix)."""
+    if not together:
+        return [[entry] for entry in entries]
+    by_kind: dict[tuple[int, torch.dtype, torch.device], list[list[Entry]]] = {}
+    for entry in entries:
+        matrix = entry[3]
+        groups = by_kind.setdefault((matrix.shape[-1], matrix.dtype, matrix.device), [[]])
+        if groups[-1] and sum(e[3].numel() for e in groups[-1]) + matrix.numel() > STACKED_ELEMENTS:
+            groups.append([])
+        groups[-1].append(entry)
+    return [group for groups in by_kind.values() for group in groups]
+
+
 @torch.no_grad()
-def prune_target(target: PruneTarget, method: OneShotMethod, refiner: MaskRefiner | None, stats: Mapping[str, LayerStats], sparsity: float, pattern: str | None, dense: Collection[str] = ()) -> None:
-    """Prune one weight (each of its experts) in place with `method` (then `refiner`) and attach
-    its keep-mask; the matrices named in `dense` keep every weight."""
-    keeps = []
-    for name, matrix in zip(target.matrix_names(), target.matrices(target.weight.data)):
-        if name in dense:
-            keeps.append(torch.ones_like(matrix, dtype=torch.bool))
-            continue
-        dense_matrix = matrix.clone() if refiner is not None else matrix
+def prune_targets(
+    targets: Sequence[PruneTarget], method: OneShotMethod, refiner: MaskRefiner | None, stats: Mapping[str, LayerStats], sparsity: float, pattern: str | None, dense: Collection[str] = ()
+) -> None:
+    """Prune the weights of one block (each expert of a fused weight) in place with `method` (then
+    `refiner`) and attach their keep-masks; the matrices named in `dense` keep every weight.
+
+    For a method that only selects, without a refiner, the matrices of one input width go to
+    `method.prune_many` together (Wanda selects over their stacked rows at once); otherwise one by one.
+    """
+    keeps: list[list[torch.Tensor | None]] = []
+    entries: list[Entry] = []
+    for t, target in enumerate(targets):
+        names, matrices = target.matrix_names(), target.matrices(target.weight.data)
+        keeps.append([torch.ones_like(matrix, dtype=torch.bool) if name in dense else None for name, matrix in zip(names, matrices)])
+        entries += [(t, i, name, matrix) for i, (name, matrix) in enumerate(zip(names, matrices)) if name not in dense]
+    for group in _groups(entries, refiner is None and not method.updates_weights):
+        label = ", ".join(repr(name) for _, _, name, _ in group)
+        originals = [matrix.clone() if refiner is not None else matrix for _, _, _, matrix in group]
         try:
-            new_weight, keep = method.prune(matrix, stats.get(name, {}), sparsity, pattern)
+            results = method.prune_many([matrix for *_, matrix in group], [stats.get(name, {}) for _, _, name, _ in group], sparsity, pattern)
             if refiner is not None:
-                new_weight, keep = refiner.refine(dense_matrix, new_weight, keep, stats.get(name, {}), pattern)
+                results = [refiner.refine(original, new_weight, keep, stats.get(entry[2], {}), pattern) for entry, original, (new_weight, keep) in zip(group, originals, results, strict=True)]
         except ValueError as error:
-            raise ValueError(f"one-shot pruning of {name!r} failed: {error}. Nothing was changed; leave it dense with `ignore=`") from error
-        if new_weight is not matrix:
-            matrix.copy_(new_weight.to(matrix.dtype))
-        keeps.append(keep)
-    set_mask(target.module, target.from_matrices(keeps), target.param_name)
+            raise ValueError(f"one-shot pruning of {label} failed: {error}. Nothing was changed; leave it dense with `ignore=`") from error
+        for (t, i, _, matrix), (new_weight, keep) in zip(group, results, strict=True):
+            if new_weight is not matrix:
+                matrix.copy_(new_weight.to(matrix.dtype))
+            keeps[t][i] = keep
+    for target, target_keeps in zip(targets, keeps, strict=True):
+        set_mask(target.module, target.from_matrices([keep for keep in target_keeps if keep is not None]), target.param_name)
+
+
+def prune_target(target: PruneTarget, method: OneShotMethod, refiner: MaskRefiner | None, stats: Mapping[str, LayerStats], sparsity: float, pattern: str | None, dense: Collection[str] = ()) -> None:
+    """`prune_targets` of one weight."""
+    prune_targets([target], method, refiner, stats, sparsity, pattern, dense)
 
 
 def warn_dense_experts(few: dict[str, int], min_tokens: int) -> None:

@@ -13,7 +13,7 @@ Lifecycle::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -46,6 +46,14 @@ class OneShotMethod:
     def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pruned (out, in) weight and its keep-mask at `sparsity` (or the N:M `pattern`)."""
         raise TypeError(f"{type(self).__name__} must define `prune`")
+
+    def prune_many(self, weights: Sequence[torch.Tensor], stats: Sequence[LayerStats], sparsity: float, pattern: str | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`prune` of each of several (out, in) matrices of one input width (a block's layers, the
+        experts of a fused weight), for a method that does not update weights.
+
+        A method may do them at once when that gives each matrix exactly its own result; by default one `prune` each.
+        """
+        return [self.prune(weight, layer_stats, sparsity, pattern) for weight, layer_stats in zip(weights, stats, strict=True)]
 
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())

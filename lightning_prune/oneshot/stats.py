@@ -7,11 +7,20 @@ gives exactly the statistic of the union of the ranks' batches.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 
 class TokenStatistic:
-    """Shared bookkeeping: `sum`, `count`, `tensors()` and the NaN/Inf guard."""
+    """Shared bookkeeping: `sum`, `count`, `tensors()` and the NaN/Inf guard.
+
+    A statistic whose `add` is `accumulate(increments(inputs))` can share one batch's increments
+    between layers that receive the same input tensor (q/k/v, gate/up): `collect_statistics` then
+    computes them once; the sums are bitwise those of adding the batch to each layer.
+    """
+
+    shareable: ClassVar[bool] = False  # True: `increments` and `accumulate` are defined, `add` is their composition
 
     def __init__(self, name: str, sum_: torch.Tensor) -> None:
         self.name = name
@@ -25,6 +34,14 @@ class TokenStatistic:
     def tensors(self) -> list[torch.Tensor]:
         """The tensors to sum across ranks (in place), in a fixed order."""
         return [self.sum, self.count]
+
+    def increments(self, inputs: torch.Tensor) -> tuple[torch.Tensor | int, ...]:
+        """What one batch of layer inputs adds (shareable statistics only)."""
+        raise TypeError(f"{type(self).__name__} is not shareable: it defines no `increments`")
+
+    def accumulate(self, increments: tuple[torch.Tensor | int, ...]) -> None:
+        """Add one batch's `increments` (shareable statistics only)."""
+        raise TypeError(f"{type(self).__name__} is not shareable: it defines no `accumulate`")
 
     def _rows(self, inputs: torch.Tensor) -> torch.Tensor:
         rows = inputs.detach().reshape(-1, inputs.shape[-1]).float()
@@ -58,11 +75,23 @@ class FeatureNormStats(TokenStatistic):
         """The tensors to sum across ranks (in place), in a fixed order."""
         return [self.sum, self.first, self.count]
 
+    shareable: ClassVar[bool] = True
+
     def add(self, inputs: torch.Tensor) -> None:
         """Accumulate a batch of layer inputs `(..., in_features)`."""
-        rows = self._rows(inputs)
-        self.sum += rows.square().sum(0)
-        self.first += rows.sum(0)
+        self.accumulate(self.increments(inputs))
+
+    def increments(self, inputs: torch.Tensor) -> tuple[torch.Tensor | int, ...]:
+        """(Σ x_j², Σ x_j, tokens) of one batch of layer inputs `(..., in_features)`, in fp32."""
+        rows = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        return rows.square().sum(0), rows.sum(0), rows.shape[0]
+
+    def accumulate(self, increments: tuple[torch.Tensor | int, ...]) -> None:
+        """Add one batch's (Σ x_j², Σ x_j, tokens)."""
+        square, first, tokens = increments
+        self.count += tokens
+        self.sum += square
+        self.first += first
 
     def feature_norms(self) -> torch.Tensor:
         """‖X_j‖₂ over all calibration tokens (Wanda's activation norm)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from lightning_prune.oneshot.method import LayerStats, OneShotMethod, statistic
@@ -38,3 +40,16 @@ class Wanda(OneShotMethod):
 
     def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         return weight, wanda_mask(weight, statistic(stats, FeatureNormStats).feature_norms(), sparsity, pattern)
+
+    def prune_many(self, weights: Sequence[torch.Tensor], stats: Sequence[LayerStats], sparsity: float, pattern: str | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """All matrices (of one input width) in one selection: Wanda compares scores within a row
+        only, so the rows of their stacked scores, each matrix with its own norms, get exactly each
+        matrix's own mask."""
+        if len(weights) < 2:
+            return super().prune_many(weights, stats, sparsity, pattern)
+        scores = torch.cat([wanda_scores(weight, statistic(layer_stats, FeatureNormStats).feature_norms()) for weight, layer_stats in zip(weights, stats, strict=True)])
+        if pattern is not None:
+            keep = select_n_m(scores, *parse_pattern(pattern))
+        else:
+            keep = select_row_wise(scores, sparsity)
+        return list(zip(weights, keep.split([weight.shape[0] for weight in weights]), strict=True))
