@@ -46,8 +46,8 @@ class SentenceEncoder(pl.LightningModule):
     pruning costs an embedding model: `val/cosine_to_dense`, the mean cosine between this model's
     embeddings of the held-out paragraphs and the dense model's (1.0 = unchanged). The dense
     embeddings come from a frozen copy of the encoder taken at the first `setup` (before any
-    pruning callback acts), computed once per paragraph (batches carry its `index`) and kept in
-    the checkpoint.
+    pruning callback acts; `dense_copy`), computed once per paragraph (batches carry its `index`)
+    and kept in the checkpoint.
 
     Example YAML (`conf/model/minilm.yaml`)::
 
