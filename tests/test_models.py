@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune.models import CausalLMModule, ClassifierModule, build_digits_net, make_adamw
+from lightning_prune.models import CausalLMModule, ClassifierModule, build_digits_net, make_adamw, with_lr_schedule
+from lightning_prune.models.optim import lr_factor
 from tests.conftest import tiny_llama_config
 
 TINY_LLAMA = tiny_llama_config(vocab_size=50, max_position_embeddings=16)
@@ -78,3 +79,27 @@ def test_classifier_bad_arguments() -> None:
         ClassifierModule(arch="rnn")
     with pytest.raises(ValueError, match="`num_classes` must be"):
         ClassifierModule(num_classes=1)
+
+
+def test_lr_schedule_warms_up_then_decays_linearly_to_zero_and_is_off_by_default() -> None:
+    weight = nn.Parameter(torch.ones(2))
+    optimizer = make_adamw([weight], lr=0.1)
+    assert with_lr_schedule(optimizer, "constant", 0, 100) is optimizer  # no scheduler: what LoRARecovery needs
+    config = with_lr_schedule(optimizer, "linear", 2, 4)
+    assert config["lr_scheduler"]["interval"] == "step"
+    seen = []
+    for _ in range(5):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        config["lr_scheduler"]["scheduler"].step()
+    assert seen == pytest.approx([0.05, 0.1 * 0.75, 0.1 * 0.5, 0.1 * 0.25, 0.0])
+    assert [lr_factor(step, "constant", 4, 10) for step in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "warmup", "total", "match"),
+    [("cosine", 0, 10, "`lr_schedule` must be one of"), ("linear", -1, 10, "`warmup_steps` must be"), ("linear", 1.5, 10, "`warmup_steps` must be"), ("linear", 0, float("inf"), "no end")],
+)
+def test_lr_schedule_errors_name_the_argument(schedule: str, warmup: object, total: float, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        with_lr_schedule(make_adamw([nn.Parameter(torch.ones(2))], lr=0.1), schedule, warmup, total)  # type: ignore[arg-type]

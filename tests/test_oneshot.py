@@ -340,3 +340,20 @@ def test_mismatched_calibration_shapes_name_the_batch() -> None:
     # Batches after the first stop at block 0's arguments in the capture pass, so block 0 meets it.
     with pytest.raises(ValueError, match=r"calibration batch 2 \(hidden states \(2, 9\)\) failed in block layers\.0: .*"):
         prune_oneshot(Blocks(), batches, method="wanda", blocks="layers", progress=False)
+
+
+def test_prune_oneshot_gives_every_submodule_its_own_train_or_eval_mode_back() -> None:
+    class Wrapper(nn.Module):  # a LightningModule in train mode around a pretrained model loaded in eval mode
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = tiny_llama().eval()
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=input_ids).logits
+
+    wrapper = Wrapper()
+    wrapper.model.model.layers[0].mlp.train()  # one submodule in train mode inside the eval model
+    before = {name: module.training for name, module in wrapper.named_modules()}
+    assert before[""] and not before["model"]
+    prune_oneshot(wrapper, [torch.randint(0, 16, (2, 8))], method="wanda", sparsity=0.5, progress=False, reconstruct=True, reconstruct_steps=1)
+    assert {name: module.training for name, module in wrapper.named_modules()} == before  # dropout stays off where it was off

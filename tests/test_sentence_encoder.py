@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
@@ -116,3 +117,27 @@ def test_sparsegpt_2of4_with_distillation_runs_end_to_end(tmp_path: Path) -> Non
     saved = Path(results["model_path"])
     assert (saved / "config.json").is_file() and (saved / "tokenizer.json").is_file()
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "completed"
+
+
+class _LearningRates(pl.Callback):
+    """The optimizer's LR at the start of every training batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, batch_idx: int) -> None:
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_lr_schedule_warms_up_and_decays_over_the_fit_steps() -> None:
+    from lightning_prune import KnowledgeDistillation
+
+    with pytest.raises(ValueError, match="`lr_schedule` must be one of"):
+        SentenceEncoder(lr_schedule="cosine")
+    batches = [{"input_ids": torch.tensor([[101, 2023 + i, 2003, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.int64)} for i in range(2)]
+    module = SentenceEncoder(lr=1e-4, lr_schedule="linear", warmup_steps=2)
+    rates = _LearningRates()
+    trainer = make_trainer(logger=False, max_steps=4, limit_val_batches=0, callbacks=[KnowledgeDistillation(alpha=0.0, loss="cosine"), rates])
+    trainer.fit(module, torch.utils.data.DataLoader(_Batches(batches), batch_size=None))
+    assert rates.seen == pytest.approx([0.5e-4, 0.75e-4, 0.5e-4, 0.25e-4])  # warm-up 1/2, then (1 - step/4)
+    assert isinstance(SentenceEncoder().configure_optimizers(), torch.optim.AdamW)  # the default: no scheduler

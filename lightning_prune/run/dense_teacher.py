@@ -4,10 +4,12 @@ In one fit, `KnowledgeDistillation` copies the student in `setup`, before any pr
 the teacher is the dense model. In a staged run a distillation stage that comes after the first
 pruning stage would copy an already pruned model. For every such callback left at its default
 (`teacher=None`) the run takes one frozen copy of the student as the first pruning stage starts and
-gives it to them as their `teacher` (under ModelParallelStrategy, a student an earlier stage's fit
-sharded is copied sharded: FSDP2 refuses deepcopy). On `resume`, that copy is rebuilt from the
-model as built (the first pruning stage is the first stage) or from the checkpoint of the stage
-before it, which is kept for that purpose even with `stage_checkpoints=last`.
+gives it to them as their `teacher`: the module's own frozen dense copy when it keeps one of exactly
+those weights (`offered_dense_copy`: SentenceEncoder's reference model), so that one copy serves
+both; under ModelParallelStrategy, a student an earlier stage's fit sharded is copied sharded (FSDP2
+refuses deepcopy). On `resume`, that copy is rebuilt from the model as built (the first pruning
+stage is the first stage) or from the checkpoint of the stage before it, which is kept for that
+purpose even with `stage_checkpoints=last`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,21 @@ from lightning_prune.recovery.sharded_teacher import sharded_frozen_copy, studen
 from lightning_prune.recovery.teacher import frozen_copy
 from lightning_prune.run.checks import ConfigError
 from lightning_prune.run.stages import Stage
+
+
+def offered_dense_copy(module: pl.LightningModule, student: torch.nn.Module) -> torch.nn.Module | None:
+    """The frozen dense copy of `student` that `module` already keeps (`module.dense_copy()`, e.g.
+    SentenceEncoder's reference for its metric) when `student` is `module.model` and the copy holds
+    exactly the student's weights now; else None (the caller copies the student)."""
+    offer = getattr(module, "dense_copy", None)
+    if not callable(offer) or getattr(module, "model", None) is not student:
+        return None
+    dense = offer()
+    if not isinstance(dense, torch.nn.Module):
+        return None
+    mine, theirs = student.state_dict(), dense.state_dict()
+    same = mine.keys() == theirs.keys() and all(torch.equal(mine[name], theirs[name]) for name in mine)
+    return dense if same else None
 
 
 class DenseTeacher:
@@ -57,14 +74,20 @@ class DenseTeacher:
 
     def take(self, module: pl.LightningModule, start: int) -> None:
         """At the first pruning stage's start: copy the (dense) student for the callbacks of stages from `start` on."""
-        copies: dict[int, torch.nn.Module] = {}  # callbacks distilling the same student share one copy
+        copies: dict[tuple[int, bool], torch.nn.Module] = {}  # callbacks distilling the same student share one copy
         for index, callback in self.waiting:
             if index >= start:
                 student = callback.student(module)
-                if id(student) not in copies:  # FSDP2 refuses deepcopy: a student sharded by an earlier stage is copied sharded
+                as_is = callback.teacher_device is None and callback.teacher_dtype is None  # placement moves or casts the copy in place
+                key = (id(student), as_is)
+                if key not in copies:
                     mesh = student_mesh(student)
-                    copies[id(student)] = frozen_copy(student) if mesh is None else sharded_frozen_copy(student, mesh)
-                callback.teacher_source = copies[id(student)]
+                    if mesh is not None:  # FSDP2 refuses deepcopy: a student sharded by an earlier stage is copied sharded
+                        copies[key] = sharded_frozen_copy(student, mesh)
+                    else:
+                        offered = offered_dense_copy(module, student) if as_is else None
+                        copies[key] = offered if offered is not None else frozen_copy(student)
+                callback.teacher_source = copies[key]
 
     def rebuild(self, module: pl.LightningModule, start: int, dense_state: dict[str, torch.Tensor] | Path) -> None:
         """On resume after the first pruning stage: the dense student from `dense_state` (the model's
