@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +169,23 @@ class TinyCausalLM(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def run_job(script: Path, out: Path, devices: int, *extra: str) -> None:
+    """Run a multi-process job script (e.g. tests/fsdp_job.py) with `--devices` and `--out`;
+    Lightning launches the other ranks itself. Fails with the script's stderr."""
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(script), "--devices", str(devices), "--out", str(out), *extra]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def load_rank(folder: Path, phase: str, rank: int = 0) -> dict:
+    """What rank `rank` of a job wrote for `phase` (`<folder>/<phase>-rank<rank>.pt`)."""
+    return torch.load(folder / f"{phase}-rank{rank}.pt", weights_only=True)
+
+
+def joined_ranks(folder: Path, phase: str, key: str) -> dict[str, torch.Tensor]:
+    """Two ranks' row blocks of every tensor under `key`, stacked back into whole tensors."""
+    rank0, rank1 = load_rank(folder, phase, 0)[key], load_rank(folder, phase, 1)[key]
+    return {name: torch.cat([rank0[name], rank1[name]]) for name in rank0}

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_rank, run_job
 
 JOB = Path(__file__).with_name("distributed_job.py")
-
-
-def run_job(out: Path, devices: int, *extra: str) -> None:
-    """Run tests/distributed_job.py; Lightning launches the second rank itself."""
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, str(JOB), "--devices", str(devices), "--out", str(out), *extra],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +19,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """
     ddp = tmp_path_factory.mktemp("ddp")
     single = tmp_path_factory.mktemp("single")
-    run_job(ddp, 2)
-    run_job(single, 1, "--resume-from", str(ddp / "half-2.ckpt"))
+    run_job(JOB, ddp, 2)
+    run_job(JOB, single, 1, "--resume-from", str(ddp / "half-2.ckpt"))
     return {"ddp": ddp, "single": single}
-
-
-def load(folder: Path, phase: str, rank: int = 0) -> dict:
-    return torch.load(folder / f"{phase}-rank{rank}.pt", weights_only=True)
 
 
 def assert_same_masks(a: dict, b: dict) -> None:
@@ -51,7 +32,7 @@ def assert_same_masks(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("phase", ["gradual", "resumed", "iterative", "distill"])
 def test_ranks_hold_identical_masks_and_weights(runs: dict[str, Path], phase: str) -> None:
-    rank0, rank1 = load(runs["ddp"], phase, 0), load(runs["ddp"], phase, 1)
+    rank0, rank1 = load_rank(runs["ddp"], phase, 0), load_rank(runs["ddp"], phase, 1)
     assert_same_masks(rank0, rank1)
     for name, value in rank0["weights"].items():
         assert torch.equal(value, rank1["weights"][name]), name
@@ -62,27 +43,27 @@ def test_pruned_weights_get_zero_gradient_after_the_all_reduce(runs: dict[str, P
     # Gradients are masked inside gradient accumulation, before DDP's reducer reads them: the
     # optimizer never sees a non-zero gradient of a pruned weight, on any rank.
     for rank in (0, 1) if run == "ddp" else (0,):
-        assert load(runs[run], "gradual", rank)["pruned_grad_max"] == 0.0
+        assert load_rank(runs[run], "gradual", rank)["pruned_grad_max"] == 0.0
 
 
 @pytest.mark.parametrize("phase", ["gradual", "iterative"])
 def test_two_ranks_equal_one_process_with_the_same_global_batch(runs: dict[str, Path], phase: str) -> None:
-    ddp, single = load(runs["ddp"], phase), load(runs["single"], phase)
+    ddp, single = load_rank(runs["ddp"], phase), load_rank(runs["single"], phase)
     assert_same_masks(ddp, single)
     for name, value in ddp["weights"].items():
         torch.testing.assert_close(value, single["weights"][name], rtol=1e-4, atol=1e-5)
 
 
 def test_gradual_reaches_its_target_under_ddp(runs: dict[str, Path]) -> None:
-    masks = load(runs["ddp"], "gradual")["masks"]
+    masks = load_rank(runs["ddp"], "gradual")["masks"]
     assert sorted(masks) == ["net.0.weight", "net.2.weight"]  # the head stays dense
     assert [int(m.sum()) for m in masks.values()] == [1024, 1024]  # 4096 − round(0.75·4096) each
 
 
 def test_ddp_checkpoint_resumes_on_two_ranks_and_on_one(runs: dict[str, Path]) -> None:
-    uninterrupted = load(runs["ddp"], "gradual")
-    resumed_ddp = load(runs["ddp"], "resumed")
-    resumed_single = load(runs["single"], "resumed")
+    uninterrupted = load_rank(runs["ddp"], "gradual")
+    resumed_ddp = load_rank(runs["ddp"], "resumed")
+    resumed_single = load_rank(runs["single"], "resumed")
     assert_same_masks(uninterrupted, resumed_ddp)
     assert_same_masks(uninterrupted, resumed_single)
     for name, value in uninterrupted["weights"].items():
@@ -93,7 +74,7 @@ def test_ddp_checkpoint_resumes_on_two_ranks_and_on_one(runs: dict[str, Path]) -
 @pytest.mark.parametrize("phase", ["wanda", "sparsegpt"])
 def test_oneshot_on_two_ranks_equals_one_rank_on_all_batches(runs: dict[str, Path], phase: str) -> None:
     """Each rank calibrates on half the batches; all-reduced statistics give one process's masks."""
-    rank0, rank1, single = load(runs["ddp"], phase, 0), load(runs["ddp"], phase, 1), load(runs["single"], phase)
+    rank0, rank1, single = load_rank(runs["ddp"], phase, 0), load_rank(runs["ddp"], phase, 1), load_rank(runs["single"], phase)
     assert len(rank0["masks"]) == 14  # 7 projections in each of the 2 blocks; lm_head stays dense
     assert_same_masks(rank0, rank1)
     assert_same_masks(rank0, single)
@@ -103,7 +84,7 @@ def test_oneshot_on_two_ranks_equals_one_rank_on_all_batches(runs: dict[str, Pat
 
 
 def test_wanda_2_4_masks_hold_through_ddp_fine_tuning(runs: dict[str, Path]) -> None:
-    state = load(runs["ddp"], "wanda")
+    state = load_rank(runs["ddp"], "wanda")
     for name, mask in state["masks"].items():
         assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all(), name
         assert not state["weights"][name][~mask].any(), name

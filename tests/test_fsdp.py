@@ -6,13 +6,11 @@ two-process run's distributed checkpoint (a different number of ranks).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import joined_ranks, load_rank, run_job
 
 from lightning_prune.selection import lowest_k
 
@@ -22,49 +20,31 @@ JOB = Path(__file__).with_name("fsdp_job.py")
 PHASES = ["layer", "row", "global", "nm", "iterative"]  # "row" distills from the dense model too; "iterative" rewinds, channel scope
 
 
-def run_job(out: Path, devices: int, *extra: str) -> None:
-    """Run tests/fsdp_job.py; Lightning launches the second rank itself."""
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(JOB), "--devices", str(devices), "--out", str(out), *extra]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One FSDP2 run on 2 ranks and one on 1 rank with the same global batch."""
     two, one = tmp_path_factory.mktemp("fsdp2"), tmp_path_factory.mktemp("fsdp1")
-    run_job(two, 2)
-    run_job(one, 1, "--resume-from", str(two / "half-2"), "--resume-iterative", str(two / "cycle1-2"))
+    run_job(JOB, two, 2)
+    run_job(JOB, one, 1, "--resume-from", str(two / "half-2"), "--resume-iterative", str(two / "cycle1-2"))
     return {"two": two, "one": one}
-
-
-def load(folder: Path, phase: str, rank: int = 0) -> dict:
-    return torch.load(folder / f"{phase}-rank{rank}.pt", weights_only=True)
-
-
-def joined(folder: Path, phase: str, key: str) -> dict[str, torch.Tensor]:
-    """The two ranks' row blocks of every tensor under `key`, stacked back into whole tensors."""
-    rank0, rank1 = load(folder, phase, 0)[key], load(folder, phase, 1)[key]
-    return {name: torch.cat([rank0[name], rank1[name]]) for name in rank0}
 
 
 @pytest.mark.parametrize("phase", PHASES)
 def test_two_sharded_ranks_select_the_masks_of_one_process(runs: dict[str, Path], phase: str) -> None:
-    rank0, single = load(runs["two"], phase), load(runs["one"], phase)
+    rank0, single = load_rank(runs["two"], phase), load_rank(runs["one"], phase)
     assert sorted(single["masks"]) == ["net.0.weight", "net.2.weight"]  # the head stays dense
     assert [tuple(m.shape) for m in rank0["masks"].values()] == [(24, 64), (24, 48)]  # each rank: its half of the rows
-    masks = joined(runs["two"], phase, "masks")
+    masks = joined_ranks(runs["two"], phase, "masks")
     for name, mask in single["masks"].items():
         assert torch.equal(masks[name], mask), name
-    weights = joined(runs["two"], phase, "weights")
+    weights = joined_ranks(runs["two"], phase, "weights")
     for name, value in single["weights"].items():
         torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("phase", ["layer", "row", "nm"])
 def test_exact_sparsity_per_layer(runs: dict[str, Path], phase: str) -> None:
-    masks = joined(runs["two"], phase, "masks")
+    masks = joined_ranks(runs["two"], phase, "masks")
     kept = [int(m.sum()) for m in masks.values()]
     assert kept == ([1536, 1152] if phase == "nm" else [768, 576])  # round(s·n) pruned of 48·64 and 48·48
     if phase == "nm":
@@ -74,16 +54,16 @@ def test_exact_sparsity_per_layer(runs: dict[str, Path], phase: str) -> None:
 
 
 def test_global_scope_reaches_its_total_and_reports_it(runs: dict[str, Path]) -> None:
-    masks = joined(runs["two"], "global", "masks")
+    masks = joined_ranks(runs["two"], "global", "masks")
     assert sum(int((~m).sum()) for m in masks.values()) == round(0.75 * (48 * 64 + 48 * 48))
-    assert load(runs["two"], "global", 0)["sparsity"] == load(runs["two"], "global", 1)["sparsity"] == 0.75
+    assert load_rank(runs["two"], "global", 0)["sparsity"] == load_rank(runs["two"], "global", 1)["sparsity"] == 0.75
 
 
 @pytest.mark.parametrize("phase", PHASES)
 def test_no_pruned_value_reaches_the_forward_and_no_pruned_gradient_the_optimizer(runs: dict[str, Path], phase: str) -> None:
-    masks = joined(runs["two"], phase, "masks")
+    masks = joined_ranks(runs["two"], phase, "masks")
     for rank in (0, 1):
-        state = load(runs["two"], phase, rank)
+        state = load_rank(runs["two"], phase, rank)
         assert state["pruned_grad_max"] == 0.0
         for name, mask in masks.items():
             seen = state["forward_weights"][name]  # the whole weight FSDP2 gathered for the last forward
@@ -95,7 +75,7 @@ def test_no_pruned_value_reaches_the_forward_and_no_pruned_gradient_the_optimize
 def test_distributed_checkpoint_resumes_exactly(runs: dict[str, Path], run: str, phase: str) -> None:
     """Resumed from epoch 2 of 3 (masks, Taylor sums, weights, optimizer): bitwise the uninterrupted
     run on the same ranks; from the 2-rank checkpoint on 1 rank, the same masks."""
-    uninterrupted, resumed = load(runs[run], "layer"), load(runs[run], phase)
+    uninterrupted, resumed = load_rank(runs[run], "layer"), load_rank(runs[run], phase)
     for name, mask in uninterrupted["masks"].items():
         assert torch.equal(mask, resumed["masks"][name]), name
     for name, value in uninterrupted["weights"].items():
@@ -104,11 +84,11 @@ def test_distributed_checkpoint_resumes_exactly(runs: dict[str, Path], run: str,
         else:
             assert torch.equal(value, resumed["weights"][name]), name
     if run == "two":
-        assert torch.equal(load(runs[run], phase, 1)["masks"]["net.0.weight"], load(runs[run], "layer", 1)["masks"]["net.0.weight"])
+        assert torch.equal(load_rank(runs[run], phase, 1)["masks"]["net.0.weight"], load_rank(runs[run], "layer", 1)["masks"]["net.0.weight"])
 
 
 def test_exact_k_lowest_over_uneven_blocks_with_ties(runs: dict[str, Path]) -> None:
-    rank0, rank1 = load(runs["two"], "uneven", 0), load(runs["two"], "uneven", 1)
+    rank0, rank1 = load_rank(runs["two"], "uneven", 0), load_rank(runs["two"], "uneven", 1)
     full = rank0["full"]
     expected = [lowest_k(f, k) for f, k in zip(full, [3, 1, 0, 20])] + list(lowest_k(torch.cat(full), 9).split([7, 1, 0, 11]))
     for index, mask in enumerate(expected):
@@ -119,7 +99,7 @@ def test_exact_k_lowest_over_uneven_blocks_with_ties(runs: dict[str, Path]) -> N
 def test_iterative_rewind_resumes_from_between_cycles(runs: dict[str, Path], run: str) -> None:
     """Resumed after cycle 1 (masks and the sharded rewind snapshot from the 2-rank checkpoint): the
     uninterrupted masks, bitwise weights on the same ranks."""
-    uninterrupted, resumed = load(runs[run], "iterative"), load(runs[run], "iterative-resumed")
+    uninterrupted, resumed = load_rank(runs[run], "iterative"), load_rank(runs[run], "iterative-resumed")
     for name, mask in uninterrupted["masks"].items():
         assert torch.equal(mask, resumed["masks"][name]), name
     for name, value in uninterrupted["weights"].items():

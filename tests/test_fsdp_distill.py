@@ -8,14 +8,12 @@ bottom need no launch.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import joined_ranks, load_rank, run_job
 from torch import nn
 
 from lightning_prune import KnowledgeDistillation
@@ -24,40 +22,22 @@ JOB = Path(__file__).with_name("fsdp_distill_job.py")
 TEACHERS = ["copy", "empty-init", "given", "resumed"]  # every way the teacher is made: copied, copied after empty init, given, restored
 
 
-def run_job(out: Path, devices: int, *extra: str) -> None:
-    """Run tests/fsdp_distill_job.py; Lightning launches the second rank itself."""
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(JOB), "--devices", str(devices), "--out", str(out), *extra]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One FSDP2 run on 2 ranks and one on 1 rank with the same global batch."""
     two, one = tmp_path_factory.mktemp("kd2"), tmp_path_factory.mktemp("kd1")
-    run_job(two, 2)
-    run_job(one, 1, "--resume-from", str(two / "kd-epoch1-2"))
+    run_job(JOB, two, 2)
+    run_job(JOB, one, 1, "--resume-from", str(two / "kd-epoch1-2"))
     return {"two": two, "one": one}
-
-
-def load(folder: Path, phase: str, rank: int = 0) -> dict:
-    return torch.load(folder / f"{phase}-rank{rank}.pt", weights_only=True)
-
-
-def joined(folder: Path, phase: str, key: str) -> dict[str, torch.Tensor]:
-    """The two ranks' row blocks of every tensor under `key`, stacked back into whole tensors."""
-    rank0, rank1 = load(folder, phase, 0)[key], load(folder, phase, 1)[key]
-    return {name: torch.cat([rank0[name], rank1[name]]) for name in rank0}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", TEACHERS)
 def test_each_rank_holds_its_block_of_a_frozen_teacher(runs: dict[str, Path], phase: str) -> None:
     whole = (2 if phase == "empty-init" else 4) * (64 * 48 + 48 + 48 * 48 + 48 + 48 * 10 + 10)  # bytes of the whole teacher (bf16 there)
-    assert load(runs["one"], phase)["teacher_bytes"] == whole
+    assert load_rank(runs["one"], phase)["teacher_bytes"] == whole
     for rank in (0, 1):
-        state = load(runs["two"], phase, rank)
+        state = load_rank(runs["two"], phase, rank)
         assert state["teacher_full_bytes"] == whole
         assert state["teacher_bytes"] == whole // 2  # 1/world: a dense copy per rank would hold `whole`
         assert state["teacher_row_sharded"] and not state["teacher_trainable"]
@@ -72,7 +52,7 @@ def test_the_copied_teacher_is_the_student_as_training_starts(runs: dict[str, Pa
     in `setup`, before `configure_model`, would have no weights at all), there in `teacher_dtype` bf16."""
     for run, ranks in (("two", (0, 1)), ("one", (0,))):
         for rank in ranks:
-            state = load(runs[run], phase, rank)
+            state = load_rank(runs[run], phase, rank)
             assert state["teacher"].keys() == state["at_fit_start"].keys()
             for name, block in state["at_fit_start"].items():
                 assert torch.equal(state["teacher"][name], block.to(state["teacher"][name].dtype)), (run, rank, name)
@@ -83,7 +63,7 @@ def test_the_copied_teacher_is_the_student_as_training_starts(runs: dict[str, Pa
 @pytest.mark.slow
 def test_a_given_teacher_is_sharded_as_passed(runs: dict[str, Path]) -> None:
     whole = torch.load(runs["two"] / "given-whole.pt", weights_only=True)
-    for name, value in joined(runs["two"], "given", "teacher").items():
+    for name, value in joined_ranks(runs["two"], "given", "teacher").items():
         assert torch.equal(value, whole[name]), name
 
 
@@ -91,14 +71,14 @@ def test_a_given_teacher_is_sharded_as_passed(runs: dict[str, Path]) -> None:
 @pytest.mark.parametrize("phase", ["copy", "given"])
 def test_two_ranks_distill_like_one_process(runs: dict[str, Path], phase: str) -> None:
     """The same global batch: the KD loss of every step (mean of the two halves), masks bitwise, weights."""
-    rank0, rank1, single = load(runs["two"], phase, 0), load(runs["two"], phase, 1), load(runs["one"], phase)
+    rank0, rank1, single = load_rank(runs["two"], phase, 0), load_rank(runs["two"], phase, 1), load_rank(runs["one"], phase)
     two = torch.tensor(rank0["kd_losses"]).add(torch.tensor(rank1["kd_losses"])).div(2).double()
     one = torch.tensor(single["kd_losses"]).double()
     assert len(one) == (24 if phase == "copy" else 8) and one[1:].gt(1e-4).all()  # after the first step the student has moved off its teacher
     torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-7)
-    for name, mask in joined(runs["two"], phase, "masks").items():
+    for name, mask in joined_ranks(runs["two"], phase, "masks").items():
         assert torch.equal(mask, single["masks"][name]), name
-    for name, value in joined(runs["two"], phase, "weights").items():
+    for name, value in joined_ranks(runs["two"], phase, "weights").items():
         torch.testing.assert_close(value, single["weights"][name], rtol=1e-4, atol=1e-6)
 
 
@@ -109,18 +89,18 @@ def test_resume_distills_from_the_saved_dense_teacher(runs: dict[str, Path], run
     teacher is the dense one from the distributed checkpoint (on 1 rank from the 2-rank one), and
     the remaining steps are those of the uninterrupted run."""
     source = "two" if phase == "resharded" else run  # whose uninterrupted run wrote the checkpoint
-    expected = joined(runs[source], "copy", "teacher") if source == "two" else load(runs[source], "copy")["teacher"]
-    restored = joined(runs[run], phase, "teacher") if run == "two" else load(runs[run], phase)["teacher"]
+    expected = joined_ranks(runs[source], "copy", "teacher") if source == "two" else load_rank(runs[source], "copy")["teacher"]
+    restored = joined_ranks(runs[run], phase, "teacher") if run == "two" else load_rank(runs[run], phase)["teacher"]
     for name, value in expected.items():
         assert torch.equal(restored[name], value), name
-    resumed = load(runs[run], phase)
-    assert not torch.equal(resumed["at_fit_start"]["0.weight"], load(runs[source], "copy")["at_fit_start"]["0.weight"])  # the copy was replaced
+    resumed = load_rank(runs[run], phase)
+    assert not torch.equal(resumed["at_fit_start"]["0.weight"], load_rank(runs[source], "copy")["at_fit_start"]["0.weight"])  # the copy was replaced
     if phase == "resharded":
-        straight = torch.tensor(load(runs["one"], "copy")["kd_losses"][16:])
+        straight = torch.tensor(load_rank(runs["one"], "copy")["kd_losses"][16:])
         torch.testing.assert_close(torch.tensor(resumed["kd_losses"]), straight, rtol=1e-4, atol=1e-7)
     else:
-        assert resumed["kd_losses"] == load(runs[run], "copy")["kd_losses"][16:]
-        for name, value in load(runs[run], "copy")["weights"].items():
+        assert resumed["kd_losses"] == load_rank(runs[run], "copy")["kd_losses"][16:]
+        for name, value in load_rank(runs[run], "copy")["weights"].items():
             assert torch.equal(resumed["weights"][name], value), name
 
 

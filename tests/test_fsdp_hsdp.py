@@ -8,13 +8,11 @@ The same launches distill (row-wise GMP with KnowledgeDistillation) and recover 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_rank, run_job
 from torch import nn
 
 from lightning_prune.report import max_nonzeros_per_group
@@ -25,54 +23,42 @@ JOB = Path(__file__).with_name("fsdp_hsdp_job.py")
 SCOPES = ["layer", "row", "global", "nm"]
 
 
-def run_job(out: Path, devices: int, *extra: str) -> None:
-    """Run tests/fsdp_hsdp_job.py; Lightning launches the second rank itself."""
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(JOB), "--devices", str(devices), "--out", str(out), *extra]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Both 2-rank meshes and the 1-rank reference, written into one folder."""
     out = tmp_path_factory.mktemp("hsdp")
-    run_job(out, 2)
-    run_job(out, 1, "--resume-from", str(out / "half-2x1"), "--resume-iterative", str(out / "cycle1-2x1"))
+    run_job(JOB, out, 2)
+    run_job(JOB, out, 1, "--resume-from", str(out / "half-2x1"), "--resume-iterative", str(out / "cycle1-2x1"))
     return out
-
-
-def load(folder: Path, phase: str, rank: int = 0) -> dict:
-    return torch.load(folder / f"{phase}-rank{rank}.pt", weights_only=True)
 
 
 def whole(folder: Path, mesh: str, phase: str, key: str) -> dict[str, torch.Tensor]:
     """Whole tensors under `key`: a replica's blocks in rank order (2x1: rank 0's, which are whole)."""
     ranks = {"1x1": [0], "2x1": [0], "1x2": [0, 1]}[mesh]
-    states = [load(folder, f"{mesh}-{phase}", rank)[key] for rank in ranks]
+    states = [load_rank(folder, f"{mesh}-{phase}", rank)[key] for rank in ranks]
     return {name: torch.cat([state[name] for state in states]) for name in states[0]}
 
 
 @pytest.mark.parametrize("mesh", ["2x1", "1x2"])
 @pytest.mark.parametrize("scope", SCOPES)
 def test_hsdp_selects_the_masks_of_one_process(runs: Path, mesh: str, scope: str) -> None:
-    single = load(runs, f"1x1-{scope}")
+    single = load_rank(runs, f"1x1-{scope}")
     masks, weights = whole(runs, mesh, scope, "masks"), whole(runs, mesh, scope, "weights")
     assert sorted(masks) == ["net.0.weight", "net.2.weight"]
     for name, mask in single["masks"].items():
         assert torch.equal(masks[name], mask), name
     for name, value in single["weights"].items():
         torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-6)
-    assert load(runs, f"{mesh}-{scope}", 0)["sparsity"] == load(runs, f"{mesh}-{scope}", 1)["sparsity"] == single["sparsity"]
+    assert load_rank(runs, f"{mesh}-{scope}", 0)["sparsity"] == load_rank(runs, f"{mesh}-{scope}", 1)["sparsity"] == single["sparsity"]
 
 
 @pytest.mark.parametrize("scope", SCOPES)
 def test_replicas_hold_identical_masks_and_select_without_a_collective(runs: Path, scope: str) -> None:
     """2x1: each replica selects over its whole weights alone (a collective over both replicas
     would count every score twice); 1x2: over the shard group of both ranks."""
-    rank0, rank1 = load(runs, f"2x1-{scope}", 0), load(runs, f"2x1-{scope}", 1)
+    rank0, rank1 = load_rank(runs, f"2x1-{scope}", 0), load_rank(runs, f"2x1-{scope}", 1)
     assert rank0["group_size"] == rank1["group_size"] == 1
-    assert load(runs, f"1x2-{scope}", 0)["group_size"] == 2
+    assert load_rank(runs, f"1x2-{scope}", 0)["group_size"] == 2
     for name, mask in rank0["masks"].items():
         assert mask.shape == rank0["weights"][name].shape == (48, mask.shape[1])  # whole weights on each replica
         assert torch.equal(mask, rank1["masks"][name]), name
@@ -83,7 +69,7 @@ def test_replicas_hold_identical_masks_and_select_without_a_collective(runs: Pat
 def test_no_pruned_value_reaches_the_forward_under_hsdp(runs: Path, mesh: str, scope: str) -> None:
     masks = whole(runs, mesh, scope, "masks")
     for rank in (0, 1):
-        state = load(runs, f"{mesh}-{scope}", rank)
+        state = load_rank(runs, f"{mesh}-{scope}", rank)
         assert state["pruned_grad_max"] == 0.0
         for name, mask in masks.items():
             seen = state["forward_weights"][name]
@@ -112,7 +98,7 @@ def test_hsdp_iterative_rewind(runs: Path, mesh: str, phase: str) -> None:
     """Two cycles of channel pruning with a rewind to initialisation on 2x1, and resumed after cycle 1
     (masks and the sharded rewind snapshot from the 2x1 checkpoint) on 1x2 and on one process: the
     one-process run's masks and, up to the order of gradient sums, its weights."""
-    single = load(runs, "1x1-iterative")
+    single = load_rank(runs, "1x1-iterative")
     masks, weights = whole(runs, mesh, phase, "masks"), whole(runs, mesh, phase, "weights")
     for name, mask in single["masks"].items():
         assert torch.equal(masks[name], mask), name
@@ -126,7 +112,7 @@ def test_hsdp_teacher_is_sharded_like_the_student_and_distills_like_one_process(
     """The copied teacher lies on the student's (replicate, shard) mesh: 1/shards of it per rank,
     the same on every replica; the KD loss of every step (mean of the ranks' halves of the global
     batch) is the one process's (the masks: `test_hsdp_selects_the_masks_of_one_process`, row)."""
-    single, ranks = load(runs, "1x1-row"), [load(runs, f"{mesh}-row", rank) for rank in (0, 1)]
+    single, ranks = load_rank(runs, "1x1-row"), [load_rank(runs, f"{mesh}-row", rank) for rank in (0, 1)]
     shards = int(mesh.split("x")[1])
     for state in ranks:
         assert state["teacher_placements"] == ["(Replicate(), Shard(dim=0))"] and not state["teacher_trainable"]
@@ -146,7 +132,7 @@ def test_hsdp_lora_merges_what_one_process_merges(runs: Path, mesh: str) -> None
     """Masked-delta LoRA on 2:4 masks (net.2 keeps an exact zero: its forward gathers mask blocks over
     the shard group) on the HSDP mesh: masks bitwise, the merged weights of one process, every
     pruned weight +0.0 and every 2:4 group kept, both replicas identical."""
-    single = load(runs, "1x1-lora")
+    single = load_rank(runs, "1x1-lora")
     masks, merged = whole(runs, mesh, "lora", "masks"), whole(runs, mesh, "lora", "weights")
     assert sorted(masks) == ["net.0.weight", "net.2.weight"]
     for name, mask in single["masks"].items():
@@ -157,19 +143,19 @@ def test_hsdp_lora_merges_what_one_process_merges(runs: Path, mesh: str) -> None
     for name, value in single["weights"].items():
         torch.testing.assert_close(merged[name], value, rtol=1e-4, atol=1e-6)
     for rank in (0, 1):
-        state = load(runs, f"{mesh}-lora", rank)
+        state = load_rank(runs, f"{mesh}-lora", rank)
         assert state["merged"] and not state["wrapped"] and state["forward_masks"] == {"net.0": "nonzero", "net.2": "gathered"}
         assert state["trainable"] == sorted(state["adapters"]) and all(kind == "DTensor" for kind, _ in state["adapters"].values())
     if mesh == "2x1":
-        replica = load(runs, "2x1-lora", 1)["weights"]
-        assert all(torch.equal(replica[name], value) for name, value in load(runs, "2x1-lora", 0)["weights"].items())
+        replica = load_rank(runs, "2x1-lora", 1)["weights"]
+        assert all(torch.equal(replica[name], value) for name, value in load_rank(runs, "2x1-lora", 0)["weights"].items())
 
 
 @pytest.fixture(scope="module")
 def mesh_2x2(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Each of 4 ranks' masks on a 2x2 (replicate, shard) mesh, by rank."""
     out = tmp_path_factory.mktemp("mesh")
-    run_job(out, 1, "--mesh-selection")
+    run_job(JOB, out, 1, "--mesh-selection")
     return [torch.load(out / f"mesh-rank{rank}.pt", weights_only=True) for rank in range(4)]
 
 

@@ -9,16 +9,13 @@ below the launches need no process group: what is refused before sharding.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from architectures import BY_NAME
-from conftest import tiny_gpt2
+from conftest import joined_ranks, load_rank, run_job, tiny_gpt2
 from fsdp_job import ShardedMLP
 from fsdp_lora_job import LlamaLM, pruned
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
@@ -32,33 +29,18 @@ JOB = Path(__file__).with_name("fsdp_lora_job.py")
 LORA = ["net.0.weight", "net.2.weight"]  # the pruned layers; the head stays dense
 
 
-def run_job(out: Path, devices: int, *extra: str) -> None:
-    """Run tests/fsdp_lora_job.py; Lightning launches the second rank itself."""
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(JOB), "--devices", str(devices), "--out", str(out), *extra]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One FSDP2 run on 2 ranks and one on 1 rank with the same global batch (~35 s and ~20 s)."""
     two, one = tmp_path_factory.mktemp("lora2"), tmp_path_factory.mktemp("lora1")
-    run_job(two, 2)
-    run_job(one, 1, "--resume-from", str(two / "epoch1-2"))
+    run_job(JOB, two, 2)
+    run_job(JOB, one, 1, "--resume-from", str(two / "epoch1-2"))
     return {"two": two, "one": one}
-
-
-def load(folder: Path, phase: str, rank: int = 0) -> dict:
-    return torch.load(folder / f"{phase}-rank{rank}.pt", weights_only=True)
 
 
 def joined(runs: dict[str, Path], run: str, phase: str, key: str) -> dict[str, torch.Tensor]:
     """Whole tensors under `key`: the two ranks' row blocks stacked, or the one rank's."""
-    if run == "one":
-        return load(runs["one"], phase)[key]
-    rank0, rank1 = load(runs["two"], phase, 0)[key], load(runs["two"], phase, 1)[key]
-    return {name: torch.cat([rank0[name], rank1[name]]) for name in rank0}
+    return load_rank(runs["one"], phase)[key] if run == "one" else joined_ranks(runs["two"], phase, key)
 
 
 def plain_architecture(phase: str) -> nn.Module:
@@ -69,7 +51,7 @@ def plain_architecture(phase: str) -> nn.Module:
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["masked", "zeros", "llama"])
 def test_two_sharded_ranks_merge_what_one_process_merges(runs: dict[str, Path], phase: str) -> None:
-    masks, single = joined(runs, "two", phase, "masks"), load(runs["one"], phase)
+    masks, single = joined(runs, "two", phase, "masks"), load_rank(runs["one"], phase)
     assert len(masks) == {"masked": 2, "zeros": 0, "llama": 14}[phase]  # masks derived from zeros go with the merge
     for name, mask in single["masks"].items():
         assert torch.equal(masks[name], mask), name
@@ -83,7 +65,7 @@ def test_two_sharded_ranks_merge_what_one_process_merges(runs: dict[str, Path], 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["two", "one"])
 def test_merge_keeps_every_zero_and_every_2of4_group(runs: dict[str, Path], run: str) -> None:
-    before = load(runs[run], "masked")["before"]
+    before = load_rank(runs[run], "masked")["before"]
     masks, merged = joined(runs, run, "masked", "masks"), joined(runs, run, "masked", "weights")
     for name in LORA:
         pruned = ~masks[name]
@@ -97,7 +79,7 @@ def test_merge_keeps_every_zero_and_every_2of4_group(runs: dict[str, Path], run:
     for name, mask in llama_masks.items():  # a Llama sharded per decoder layer: every projection stays 2:4
         assert not llama[name][~mask].any() and not torch.signbit(llama[name][~mask]).any(), name
         assert max_nonzeros_per_group(llama[name], 4) == 2
-    zeros_before, zeros_merged = load(runs[run], "zeros")["before"], joined(runs, run, "zeros", "weights")
+    zeros_before, zeros_merged = load_rank(runs[run], "zeros")["before"], joined(runs, run, "zeros", "weights")
     for name in LORA:  # one-shot-pruned (no masks): exactly the zero set stays, as +0.0
         assert torch.equal(zeros_merged[name] == 0, zeros_before[name] == 0), name
         assert not torch.signbit(zeros_merged[name][zeros_before[name] == 0]).any()
@@ -111,11 +93,11 @@ def test_forward_sees_frozen_zeros_and_exactly_the_merged_model(runs: dict[str, 
     merged = joined(runs, run, "masked", "weights")
     for rank in ranks:
         for phase in ("masked", "zeros", "llama"):
-            state = load(runs[run], phase, rank)
+            state = load_rank(runs[run], phase, rank)
             assert len(state["base_seen"]) == (14 if phase == "llama" else 2)
             for name, seen in state["base_seen"].items():
                 assert torch.equal(seen, state["before"][name]), (phase, name)
-        state = load(runs[run], "masked", rank)
+        state = load_rank(runs[run], "masked", rank)
         for name in LORA:
             x, y = state["io"][name]
             bias = merged[name.replace("weight", "bias")]
@@ -126,7 +108,7 @@ def test_forward_sees_frozen_zeros_and_exactly_the_merged_model(runs: dict[str, 
 @pytest.mark.parametrize(("run", "rows"), [("two", 24), ("one", 48)])
 def test_adapters_train_sharded_and_masks_stay_row_blocks(runs: dict[str, Path], run: str, rows: int) -> None:
     for phase in ("masked", "zeros"):
-        state = load(runs[run], phase)
+        state = load_rank(runs[run], phase)
         assert state["merged"] and not state["wrapped"]
         assert state["trainable"] == sorted(state["adapters"])  # only the adapters train
         a_rows = 4 * rows // 48  # lora_A is r × in, split by its r rows too
@@ -135,7 +117,7 @@ def test_adapters_train_sharded_and_masks_stay_row_blocks(runs: dict[str, Path],
             assert state["adapters"][f"{layer}.lora_A.default.weight"] == ("DTensor", a_shape)
             assert state["adapters"][f"{layer}.lora_B.default.weight"] == ("DTensor", b_shape)
         assert state["mask_shapes"] == {"net.0.base_layer.weight": (rows, 64), "net.2.base_layer.weight": (rows, 48)}  # 1/world each
-    assert load(runs[run], "masked")["forward_masks"] == {"net.0": "nonzero", "net.2": "gathered"}  # net.2 keeps a zero weight
+    assert load_rank(runs[run], "masked")["forward_masks"] == {"net.0": "nonzero", "net.2": "gathered"}  # net.2 keeps a zero weight
 
 
 @pytest.mark.slow
@@ -143,7 +125,7 @@ def test_adapters_train_sharded_and_masks_stay_row_blocks(runs: dict[str, Path],
 def test_distributed_checkpoint_resumes_exactly(runs: dict[str, Path], run: str, phase: str) -> None:
     """Resumed after epoch 1 of 3 (adapters in the model's distributed state dict, AdamW state):
     bitwise the uninterrupted merge on the same ranks; from the 2-rank checkpoint on 1 rank, close."""
-    uninterrupted, resumed = load(runs[run], "masked"), load(runs[run], phase)
+    uninterrupted, resumed = load_rank(runs[run], "masked"), load_rank(runs[run], phase)
     for name, mask in uninterrupted["masks"].items():
         assert torch.equal(mask, resumed["masks"][name]), name
     for name, value in uninterrupted["weights"].items():
@@ -152,7 +134,7 @@ def test_distributed_checkpoint_resumes_exactly(runs: dict[str, Path], run: str,
         else:
             assert torch.equal(value, resumed["weights"][name]), name
     if run == "two":
-        assert torch.equal(load(runs[run], phase, 1)["weights"]["net.2.weight"], load(runs[run], "masked", 1)["weights"]["net.2.weight"])
+        assert torch.equal(load_rank(runs[run], phase, 1)["weights"]["net.2.weight"], load_rank(runs[run], "masked", 1)["weights"]["net.2.weight"])
 
 
 @pytest.mark.slow
@@ -172,10 +154,10 @@ def test_unmerged_adapters_saved_under_fsdp2_load_with_peft_on_one_process(runs:
     }  # whole tensors, not one rank's blocks
     model = pruned("masked", 32)
     with torch.no_grad():
-        plain = model.net(load(runs[run], "unmerged")["batch"])
+        plain = model.net(load_rank(runs[run], "unmerged")["batch"])
     loaded = load_lora(model, str(directory))
     for rank in range(devices):
-        state = load(runs[run], "unmerged", rank)
+        state = load_rank(runs[run], "unmerged", rank)
         assert state["wrapped"]
         with torch.no_grad():
             output = loaded.base_model.model.net(state["batch"])
