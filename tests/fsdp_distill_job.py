@@ -18,8 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from conftest import compose_config, perturbed  # tests/, beside this script (run as `python tests/fsdp_distill_job.py`)
-from fsdp_job import Probe, SaveAfterEpoch, ShardedMLP, dump, gradual
-from lightning.pytorch.strategies import ModelParallelStrategy
+from fsdp_job import Probe, SaveAfterEpoch, ShardedMLP, dump, gradual, sharded_trainer
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Shard
@@ -88,18 +87,7 @@ def fit(args: argparse.Namespace, callbacks: list[pl.Callback], epochs: int, ckp
     """Fit a ShardedMLP seeded with `seed` (built on the meta device with `empty_init`) with `callbacks`, then a probe."""
     pl.seed_everything(seed, verbose=False)
     probe = Probe()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
-        max_epochs=epochs,
-        callbacks=[*callbacks, probe],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
+    trainer = sharded_trainer(args.devices, epochs, [*callbacks, probe])
     with trainer.init_module(empty_init=empty_init):  # Lightning's big-model init: meta device, materialized after sharding
         module = ShardedMLP(args.global_batch)
     trainer.fit(module, ckpt_path=ckpt_in)

@@ -20,10 +20,9 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from fsdp_distill_job import RecordingKD
-from fsdp_job import SCOPES, Probe, SaveAfterEpoch, ShardedMLP, dump, gradual, iterative  # tests/, beside this script
+from fsdp_job import SCOPES, Probe, SaveAfterEpoch, ShardedMLP, dump, gradual, iterative, sharded_trainer  # tests/, beside this script
 from fsdp_lora_job import LoRAMLP, LoRAProbe, lora, pruned
 from fsdp_lora_job import dump as dump_lora
-from lightning.pytorch.strategies import ModelParallelStrategy
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -79,22 +78,6 @@ class GroupSize(pl.Callback):
         self.size = 1 if group is None else torch.distributed.get_world_size(group)
 
 
-def trainer_for(args: argparse.Namespace, epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-    """A CPU Trainer on `--devices` ranks under ModelParallelStrategy (the module builds its HSDP mesh)."""
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
-
-
 def mesh_shape(mesh: str) -> tuple[int, int]:
     """The mesh name `RxS` as (replicas, shards)."""
     replicate, shard = (int(n) for n in mesh.split("x"))
@@ -105,7 +88,7 @@ def fit(callback: pl.Callback, args: argparse.Namespace, mesh: str, epochs: int,
     """Fit a freshly seeded HSDP model on `mesh` ("RxS") with `callback`, `others` and a probe."""
     pl.seed_everything(0, verbose=False)
     probe, group_size = Probe(), GroupSize()
-    trainer = trainer_for(args, epochs, [callback, *others, probe, group_size])
+    trainer = sharded_trainer(args.devices, epochs, [callback, *others, probe, group_size])
     trainer.fit(HSDPMLP(args.global_batch, mesh_shape(mesh)), ckpt_path=ckpt_in)
     return trainer, probe, group_size.size
 
@@ -130,7 +113,7 @@ def lora_phase(args: argparse.Namespace, mesh: str) -> None:
     module.mesh_shape = mesh_shape(mesh)
     before = {name: value.detach().clone() for name, value in module.state_dict().items()}
     recovery, probe = lora(), LoRAProbe()
-    trainer = trainer_for(args, 2, [recovery, probe])
+    trainer = sharded_trainer(args.devices, 2, [recovery, probe])
     trainer.fit(module)
     dump_lora(trainer, probe, recovery, f"{mesh}-lora", args, before)
 

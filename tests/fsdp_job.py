@@ -53,6 +53,22 @@ class ShardedMLP(pl.LightningModule):
         return digits_rank_loader(SAMPLES, self.global_batch, self.trainer.world_size, self.trainer.global_rank)
 
 
+def sharded_trainer(devices: int, epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """A quiet CPU Trainer on `devices` ranks under ModelParallelStrategy (data parallel; the module shards itself)."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1),
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+
+
 class Probe(pl.Callback):
     """The largest |gradient| of a pruned weight the optimizer got, and the weights each Linear's
     last forward computed with (FSDP2 has gathered the whole weight by then)."""
@@ -77,18 +93,7 @@ def fit(callback: pl.Callback, args: argparse.Namespace, epochs: int, ckpt_in: s
     """Fit a freshly seeded model with `callback`, `others`, then a probe; returns the trainer and the probe."""
     pl.seed_everything(0, verbose=False)
     probe = Probe()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
-        max_epochs=epochs,
-        callbacks=[callback, *others, probe],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
+    trainer = sharded_trainer(args.devices, epochs, [callback, *others, probe])
     trainer.fit(ShardedMLP(args.global_batch), ckpt_path=ckpt_in)
     return trainer, probe
 

@@ -24,8 +24,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from conftest import tiny_llama  # tests/, beside this script (run as `python tests/fsdp_lora_job.py`)
-from fsdp_job import SaveAfterEpoch, ShardedMLP
-from lightning.pytorch.strategies import ModelParallelStrategy
+from fsdp_job import SaveAfterEpoch, ShardedMLP, sharded_trainer
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -146,18 +145,7 @@ class LoRAProbe(pl.Callback):
 def fit(module: pl.LightningModule, recovery: LoRARecovery, args: argparse.Namespace, epochs: int, ckpt_in: str | None = None, *others: pl.Callback) -> tuple[pl.Trainer, LoRAProbe]:
     """Fit `module` with `recovery`, `others` and a probe under ModelParallelStrategy."""
     probe = LoRAProbe()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
-        max_epochs=epochs,
-        callbacks=[recovery, *others, probe],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
+    trainer = sharded_trainer(args.devices, epochs, [recovery, *others, probe])
     trainer.fit(module, ckpt_path=ckpt_in)
     return trainer, probe
 
