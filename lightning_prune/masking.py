@@ -46,6 +46,15 @@ def _mask_name(param_name: str) -> str:
     return f"{param_name}_mask"
 
 
+# The module attributes the mask bookkeeping adds (a copy that leaves masks behind drops these).
+MASK_ATTRIBUTES = frozenset({_MASKED, _LOAD_HOOK})
+
+
+def mask_buffer_names(module: nn.Module) -> set[str]:
+    """Names of the mask buffers attached to `module`'s own parameters (`<param>_mask`)."""
+    return {_mask_name(name) for name in getattr(module, _MASKED, ())}
+
+
 def get_mask(module: nn.Module, param_name: str = "weight") -> torch.Tensor | None:
     """The keep-mask attached to `module.<param_name>`, or None."""
     if param_name not in getattr(module, _MASKED, ()):

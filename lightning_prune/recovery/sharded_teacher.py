@@ -21,11 +21,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lightning_prune.masking import _LOAD_HOOK, _MASKED, get_masks
+from lightning_prune.masking import MASK_ATTRIBUTES, get_masks, mask_buffer_names
 from lightning_prune.recovery.teacher import freeze
 from lightning_prune.sharded import local_tensor, shard_group
 
-_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"_is_fsdp_managed_module", "_fsdp_use_orig_params", _MASKED, _LOAD_HOOK}
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"_is_fsdp_managed_module", "_fsdp_use_orig_params"} | MASK_ATTRIBUTES
 _COMPOSABLE_PREFIX = "__composable_api"  # keys fully_shard's `contract` puts into a module's __dict__ (torch 2.13)
 
 
@@ -57,7 +57,7 @@ def _skeleton(module: nn.Module, dtype: torch.dtype | None, memo: dict[int, Any]
     copied = cls.__new__(cls)
     nn.Module.__init__(copied)
     memo[id(module)] = copied
-    masks = {f"{name}_mask" for name in getattr(module, _MASKED, ())}
+    masks = mask_buffer_names(module)
     for name, param in module._parameters.items():
         if param is not None and id(param) not in memo:
             floating = dtype if dtype is not None and param.is_floating_point() else param.dtype
