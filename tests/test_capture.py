@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import Any
 
+import pytest
+import torch
+from architectures import CASES
+from torch import nn
+from transformers import cache_utils
+
+from lightning_prune import prune_oneshot
 from lightning_prune.oneshot.capture import Capture
 from lightning_prune.oneshot.driver import block_output, calibrate_sequentially, find_blocks
 from lightning_prune.oneshot.replay import same
@@ -55,9 +61,9 @@ def _driver_outputs(model: nn.Module, batches: list[torch.Tensor]) -> tuple[dict
     modes: list[str] = []
     real_batch = Capture.batch
 
-    def batch(self: Capture, index: int, mode: str, replaced: object = None) -> bool:
-        modes.append(mode)
-        return real_batch(self, index, mode, replaced)  # type: ignore[arg-type]
+    def batch(self: Capture, index: int, mode: str, replaced: object = None, earlier: object = ()) -> bool:
+        modes.append(mode + ("*" if earlier else ""))  # *: the earlier stacks hand on outputs, computing nothing
+        return real_batch(self, index, mode, replaced, earlier)  # type: ignore[arg-type]
 
     def record(index: int, name: str, block: nn.Module, run_block: object) -> None:
         handle = block.register_forward_hook(lambda m, a, o: got.setdefault(name, []).append(block_output(o)))
@@ -138,13 +144,16 @@ def test_a_later_stack_is_staged_with_the_earlier_stacks_handing_on_their_output
     assert got.keys() == own.keys() == {"encoder.0", "encoder.1", "decoder.0", "decoder.1", "decoder.2"}
     for name, outputs in own.items():
         assert all(torch.equal(a, b) for a, b in zip(outputs, got[name], strict=True)), name
-    assert modes == ["real", "first", "first", "rest", "rest", "rest"] * 2
+    # The decoder's batch 0 runs for real, then once more with the encoder handing on the driver's
+    # outputs (the check), and so do batches 1-2: the encoder computes on batch 0 only.
+    assert modes == ["real", "first", "first", "rest", "rest", "rest", "real", "first*", "first*", "first*", "rest*", "rest*", "rest*"]
 
 
 def test_a_later_stack_runs_for_real_when_the_earlier_stacks_cannot_be_replayed() -> None:
     model, batches = EncoderDecoder(from_middle=True), [torch.randn(2, 4) for _ in range(3)]
     got, modes = _driver_outputs(model, batches)
-    assert modes[6:] == ["real", "first", "first", "rest", "rest", "rest", "real", "real", "real"]
+    # The check on batch 0 fails (the bias needs the first encoder block's output): the encoder computes.
+    assert modes[6:] == ["real", "first*", "first", "first", "rest*", "rest*", "rest*", "real", "real", "real"]
     with torch.no_grad():
         expected = [model.decoder[2](*args, **kwargs)[0] for args, kwargs in _decoder_inputs(model.decoder[2], model, batches)]
     assert all(torch.equal(a, b) for a, b in zip(expected, got["decoder.2"], strict=True))
@@ -158,3 +167,35 @@ def _decoder_inputs(block: nn.Module, model: nn.Module, batches: list[torch.Tens
             model(batch)
     handle.remove()
     return calls
+
+
+def test_the_calibration_passes_build_no_cache_and_every_config_is_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cache is dropped before any block sees it, so building one per calibration pass (two per
+    # call in an encoder-decoder, each deep-copying the config) is pure cost.
+    case = next(c for c in CASES if c.name == "t5")
+    model = case.build()
+    built: list[int] = []
+    original = cache_utils.DynamicCache.__init__
+
+    def counting(self: cache_utils.DynamicCache, *args: Any, **kwargs: Any) -> None:
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cache_utils.DynamicCache, "__init__", counting)
+    with torch.no_grad():
+        model(**case.batches(count=1)[0])
+    assert built, "the model's own forward builds caches (the premise of this test)"
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    assert len(configs) == 3 and all(c.use_cache for c in configs.values() if c is not model.encoder.config)  # T5's encoder has its own config, cache off
+    before = {key: config.use_cache for key, config in configs.items()}
+    built.clear()
+    prune_oneshot(model, case.batches(count=3), method="wanda", pattern="2:4", progress=False)
+    assert not built
+    assert {key: config.use_cache for key, config in configs.items()} == before
+
+    def fail(index: int, name: str, block: nn.Module, run_block: object) -> None:
+        raise ValueError("stop")
+
+    with pytest.raises(ValueError, match="stop"):
+        calibrate_sequentially(model, case.batches(count=2), fail, progress=False)
+    assert {key: config.use_cache for key, config in configs.items()} == before

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_prune.oneshot.capture import hidden_of, with_hidden
+from lightning_prune.oneshot.calls import hidden_of, with_hidden
 from lightning_prune.oneshot.collect import Snapshot, collect_statistics, prune_targets, too_few_tokens, warn_dense_experts
 from lightning_prune.oneshot.driver import Batch, BlockRunner, calibrate_sequentially, call_model, find_blocks
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod

@@ -10,9 +10,11 @@ Staged (several batches and blocks): batch 0 runs the whole stack for real; the 
 after block 0's arguments are recorded; blocks 1.. are recorded once block 0 is pruned, without
 computing them when that is exact (`replay.py`). The arguments are the same as from running every
 batch through the stack; only the time differs (one block per batch instead of the whole stack).
-A later stack (a decoder) is staged the same way; in its replayed pass the earlier, already pruned
-stacks (the encoder) compute nothing either: their blocks hand on the output objects their last
-block gave in this capture's real passes.
+A later stack (a decoder) is staged the same way, and the earlier, already pruned stacks (the
+encoder) compute nothing after batch 0: their blocks hand on the output objects of their last
+block, as the driver computed them, where batch 0 gives the later stack's block 0 the same
+arguments that way as for real (else they compute, and the replayed pass hands on what their last
+block gave in this capture's passes).
 """
 
 from __future__ import annotations
@@ -24,74 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_prune.oneshot.calls import BlockInputs, describe_batch, hidden_of, to_device, with_hidden, without_caches
 from lightning_prune.oneshot.replay import replacing, same
-
-Call = tuple[tuple[Any, ...], dict[str, Any]]
-BlockInputs = list[Call]  # one (args, kwargs) per calibration batch
-CACHE_KEYS = ("past_key_value", "past_key_values", "layer_past", "cache", "cache_params")
 
 
 class _StackDone(Exception):
     """Raised after the captured stack's last block to stop the forward pass."""
-
-
-def to_device(value: Any, device: torch.device) -> Any:
-    """Move every tensor inside nested tuples/lists/dicts to `device`."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device) for v in value)
-    return value
-
-
-def describe_batch(batch: Any) -> str:
-    """Shapes of a batch's tensors, for error messages."""
-    if isinstance(batch, torch.Tensor):
-        return f"tensor {tuple(batch.shape)}"
-    if isinstance(batch, dict):
-        return "{" + ", ".join(f"{k!r}: {describe_batch(v)}" for k, v in batch.items()) + "}"
-    if isinstance(batch, (tuple, list)):
-        return "(" + ", ".join(describe_batch(v) for v in batch) + ")"
-    return type(batch).__name__
-
-
-def move_outside(model: nn.Module, blocks: Sequence[nn.Module], device: torch.device) -> None:
-    """Move every parameter and buffer that is not inside one of `blocks` to `device`."""
-    inside = {id(m) for block in blocks for m in block.modules()}
-    for module in model.modules():
-        if id(module) not in inside:
-            module._apply(lambda t: t.to(device), recurse=False)
-
-
-def _is_cache(value: Any) -> bool:
-    return type(value).__name__.endswith("Cache")
-
-
-def without_caches(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
-    """Key/value caches would carry state from one run of a block to the next: pass None instead,
-    wherever they are passed (GPT-2 passes its cache positionally), and `use_cache=False`."""
-    args = tuple(None if _is_cache(a) else a for a in args)
-    out = {}
-    for key, value in kwargs.items():
-        out[key] = None if (_is_cache(value) or key in CACHE_KEYS) else (False if key == "use_cache" else value)
-    return args, out
-
-
-def hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    """The hidden states a block is called with: its first positional argument or `hidden_states`."""
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    if not isinstance(hidden, torch.Tensor):
-        raise ValueError(f"a block was called without hidden states as first argument or `hidden_states=` (got {type(hidden).__name__}); name another ModuleList with `blocks=`")
-    return hidden
-
-
-def with_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor | None) -> Call:
-    """The same call with `hidden` in place of the hidden states."""
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
 
 
 def _output_hidden(output: Any) -> torch.Tensor:
@@ -166,6 +106,8 @@ class _Recorder:
 
 
 Forward = Callable[[nn.Module, Any], Any]
+Earlier = tuple[nn.ModuleList, Sequence[Any] | None]  # an earlier stack, and its last block's output objects per batch from the driver (or None)
+Replayed = list[tuple[nn.ModuleList, Any]]  # stacks that compute nothing in a pass, and the output objects (by batch) they hand on
 
 
 class Capture:
@@ -185,12 +127,14 @@ class Capture:
         offload: bool,
         home: torch.device,
         stage: bool = True,
-        earlier: Sequence[nn.ModuleList] = (),
+        earlier: Sequence[Earlier] = (),
     ) -> None:
         self.model, self.batches, self.forward, self.stage = model, batches, forward, stage
         self.recorder = _Recorder(list(stacks), device, home, offload)  # the driver pops from `stacks`
-        self.earlier = list(earlier)
+        self.earlier = [blocks for blocks, _ in earlier]
+        self.kept = [outputs for _, outputs in earlier]
         self.earlier_outputs: list[dict[int, Any]] = [{} for _ in self.earlier]  # per earlier stack: its last block's output object by batch
+        self.replayed: Replayed = []  # the earlier stacks that batches 1.. replay from the driver's outputs (`_replayable`)
 
     @contextmanager
     def hooked(self) -> Iterator[_Recorder]:
@@ -211,20 +155,18 @@ class Capture:
                 for _, blocks in recorder.stacks:
                     blocks.to(recorder.home)
 
-    def batch(self, batch_index: int, mode: str, replaced: dict[int, Callable[..., Any]] | None = None) -> bool:
-        """Record one batch in `mode`, with the blocks in `replaced` computing nothing (in "rest" mode
-        also every block of the earlier stacks); False when the forward entered no stack."""
+    def batch(self, batch_index: int, mode: str, replaced: dict[int, Callable[..., Any]] | None = None, earlier: Sequence[tuple[nn.ModuleList, Any]] = ()) -> bool:
+        """Record one batch in `mode`, with the blocks in `replaced` and every block of the `earlier`
+        stacks computing nothing (those hand on their outputs for this batch); False when the
+        forward entered no stack."""
         recorder = self.recorder
         recorder.batch, recorder.active, recorder.mode = batch_index, None, mode
         batch = self.batches[batch_index]
         try:
             with ExitStack() as stack:
                 stack.enter_context(replacing(recorder.stacks[recorder.first][1] if recorder.first is not None else nn.ModuleList(), replaced or {}))
-                if mode == "rest":
-                    for blocks, outputs in zip(self.earlier, self.earlier_outputs, strict=True):
-                        if len(outputs) < len(self.batches):
-                            continue  # the forward did not run that stack on every batch: it computes
-                        stack.enter_context(replacing(blocks, dict.fromkeys(range(len(blocks)), lambda *a, outputs=outputs, **k: outputs[recorder.batch])))
+                for blocks, outputs in earlier:
+                    stack.enter_context(replacing(blocks, dict.fromkeys(range(len(blocks)), lambda *a, outputs=outputs, **k: outputs[recorder.batch])))
                 self.forward(self.model, to_device(batch, recorder.device))
         except _StackDone:
             return True
@@ -239,15 +181,37 @@ class Capture:
     def run(self) -> tuple[int, list[BlockInputs]] | None:
         """(the captured stack's position, its inputs), or None when the forward enters no stack.
 
-        Blocks 1.. hold batch 0 only when `complete` is False: `rest` records the other batches.
+        Blocks 1.. hold batch 0 only when the capture is `staged`: `rest` records the other batches.
         """
         with self.hooked() as recorder:
             if not self.batch(0, "real"):
                 return None
             assert recorder.first is not None
+            self.replayed = self._replayable()
             for batch_index in range(1, len(self.batches)):
-                self.batch(batch_index, "first" if self.staged else "real")
+                self.batch(batch_index, "first" if self.staged else "real", earlier=self.replayed)
         return recorder.first, recorder.records[recorder.first]
+
+    def _replayable(self) -> Replayed:
+        """The earlier stacks with the driver's outputs for every batch, when batch 0 gives block 0
+        of this stack the same arguments with those stacks replayed as for real; else none."""
+        kept = [(blocks, outputs) for blocks, outputs in zip(self.earlier, self.kept, strict=True) if outputs is not None and len(outputs) == len(self.batches)]
+        recorder = self.recorder
+        if not kept or len(self.batches) == 1 or recorder.first is None:
+            return []
+        first = recorder.records[recorder.first]
+        real, seen = first[0], [dict(outputs) for outputs in self.earlier_outputs]
+        first[0] = []
+        try:
+            self.batch(0, "first", earlier=kept)
+            return kept if same(real[0], first[0][0]) else []
+        except ValueError:
+            return []  # the model's forward needs more of the earlier stacks than their outputs: compute them
+        finally:
+            first[0] = real
+            for outputs, before in zip(self.earlier_outputs, seen, strict=True):
+                outputs.clear()
+                outputs.update(before)
 
     @property
     def staged(self) -> bool:
@@ -269,17 +233,18 @@ class Capture:
         recorder.records[s] = [reference[0]] + [[] for _ in reference[1:]]
         replaced: dict[int, Callable[..., Any]] = {0: lambda *a, **k: outputs[recorder.batch]}
         replaced.update(dict.fromkeys(range(1, len(blocks)), recorder.replayed_output))
+        earlier = [(b, o) for b, o in zip(self.earlier, self.earlier_outputs, strict=True) if len(o) == len(self.batches)]  # stacks the forward ran on every batch
         with self.hooked():
             try:
                 for batch_index in range(len(self.batches)):
-                    self.batch(batch_index, "rest", replaced)
+                    self.batch(batch_index, "rest", replaced, earlier)
                 if all(same(real[0], replayed[0]) for real, replayed in zip(reference[1:], recorder.records[s][1:])):
                     return recorder.records[s][1:]
             except ValueError:
                 pass  # the model's loop needs what its blocks compute: run every batch for real below
             recorder.records[s] = [[] for _ in reference]
             for batch_index in range(len(self.batches)):
-                self.batch(batch_index, "real")
+                self.batch(batch_index, "real", earlier=self.replayed)
         return recorder.records[s][1:]
 
 
@@ -292,7 +257,7 @@ def capture_stack(
     offload: bool,
     home: torch.device,
     stage: bool = True,
-    earlier: Sequence[nn.ModuleList] = (),
+    earlier: Sequence[Earlier] = (),
 ) -> tuple[int, list[BlockInputs], Capture] | None:
     """Run the model on every batch up to the first of `stacks` its forward enters.
 
@@ -300,8 +265,9 @@ def capture_stack(
     the hidden states kept only for block 0, the capture), or None when the forward enters none of
     them. When `capture.staged`, blocks 1.. hold batch 0 only until `capture.rest(...)`. Without
     `stage` every batch runs the whole stack. `earlier` are the stacks the forward runs before
-    these (already pruned): the replayed pass hands on their last block's outputs from this capture
-    instead of computing them again.
+    these (already pruned), each with its last block's outputs per batch as the driver computed
+    them (or None): where batch 0 shows that is exact, the other batches hand those on instead of
+    computing the stacks again, and the replayed pass hands on their outputs from this capture.
     """
     capture = Capture(model, stacks, batches, device, forward, offload, home, stage, earlier)
     found = capture.run()

@@ -9,11 +9,12 @@ each block, let the caller collect statistics and prune (`process_block`), and r
 on its own recorded arguments, with the hidden states of the pruned block before it, to feed the
 next block. Later stacks are captured after the earlier ones are pruned, so a decoder attends over
 the pruned encoder's outputs. What is kept grows with the calibration batches, never with the
-model's maximum context; key/value caches are dropped wherever they are passed. The capture is
-staged (`capture.py`): only batch 0 runs the whole stack; the arguments of blocks 1.. are
-recorded after block 0 is pruned without computing the blocks (nor the earlier stacks) where that
-gives the same arguments, so the capture of a stack costs about one batch's pass through it
-instead of one per batch.
+model's maximum context; key/value caches are dropped wherever they are passed, and the model
+builds none while the driver runs (`calls.caches_off`). The capture is staged (`capture.py`): only
+batch 0 runs the whole stack; the arguments of blocks 1.. are recorded after block 0 is pruned
+without computing the blocks where that gives the same arguments, and the earlier stacks compute
+nothing after batch 0 (they hand on their last block's outputs, which the driver keeps), so the
+capture of a stack costs about one batch's pass through the model instead of one per batch.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lightning_prune.oneshot.capture import BlockInputs, Capture, capture_stack, hidden_of, move_outside, to_device, with_hidden
+from lightning_prune.oneshot.calls import BlockInputs, caches_off, hidden_of, move_outside, to_device, with_hidden
+from lightning_prune.oneshot.capture import Capture, capture_stack
 
 Batch = Any
 Stack = tuple[str, nn.ModuleList]
@@ -167,11 +169,15 @@ def block_output(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-def _run_stack(stack: Stack, inputs: list[BlockInputs], capture: Capture, start: int, process_block: BlockProcessor, bar: Any, device: torch.device, home: torch.device, offload: bool) -> None:
+def _run_stack(
+    stack: Stack, inputs: list[BlockInputs], capture: Capture, start: int, process_block: BlockProcessor, bar: Any, device: torch.device, home: torch.device, offload: bool, keep_last: bool
+) -> list[Any] | None:
     """Process the blocks of one captured stack in order; `inputs[j]` are block j's (args, kwargs),
-    blocks 1.. recorded after block 0 when the capture is staged."""
+    blocks 1.. recorded after block 0 when the capture is staged. With `keep_last`, returns the
+    pruned last block's output objects per batch (what a later stack's capture hands on)."""
     name, block_list = stack
     hidden = [hidden_of(args, kwargs) for args, kwargs in inputs[0]]
+    last: list[Any] | None = None
     for index, block in enumerate(block_list):
         bar.set_postfix_str(f"{name}.{index}")
         if offload:
@@ -186,9 +192,12 @@ def _run_stack(stack: Stack, inputs: list[BlockInputs], capture: Capture, start:
         elif index + 1 < len(block_list):  # the last block's outputs feed nothing we keep
             hidden = runner(keep_outputs=True)
             check_finite(hidden, f"leaving block {name}.{index}")
+        if keep_last and index + 1 == len(block_list):
+            last = outputs if index == 0 and capture.staged else runner(keep_outputs=True, whole=True)
         if offload:
             block.to(home)
         bar.update(1)
+    return last
 
 
 @torch.no_grad()
@@ -224,19 +233,21 @@ def calibrate_sequentially(
         model.to(device)
     done: list[str] = []
     bar = tqdm(total=len(all_blocks), desc="one-shot pruning", unit="block", disable=not progress)
+    last_outputs: list[Any | None] = []  # per stack done: its pruned last block's output objects per batch
     try:
         remaining = list(stacks)
         start = 0
-        while remaining:
-            found = capture_stack(model, remaining, batches, device, forward, offload, home, earlier=[dict(stacks)[name] for name in done])
-            if found is None:
-                break
-            position, inputs, capture = found
-            stack = remaining.pop(position)
-            check_finite([hidden_of(a, k) for a, k in inputs[0]], f"entering the first block of {stack[0]}")
-            _run_stack(stack, inputs, capture, start, process_block, bar, device, home, offload)
-            start += len(stack[1])
-            done.append(stack[0])
+        with caches_off(model):  # the model builds no key/value caches for the calibration passes
+            while remaining:
+                found = capture_stack(model, remaining, batches, device, forward, offload, home, earlier=list(zip([dict(stacks)[name] for name in done], last_outputs, strict=True)))
+                if found is None:
+                    break
+                position, inputs, capture = found
+                stack = remaining.pop(position)
+                check_finite([hidden_of(a, k) for a, k in inputs[0]], f"entering the first block of {stack[0]}")
+                last_outputs.append(_run_stack(stack, inputs, capture, start, process_block, bar, device, home, offload, keep_last=bool(remaining) and len(batches) > 1))
+                start += len(stack[1])
+                done.append(stack[0])
         if remaining:
             names = [name for name, _ in remaining]
             if blocks is not None:
