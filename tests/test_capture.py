@@ -10,7 +10,7 @@ from architectures import CASES
 from torch import nn
 from transformers import cache_utils
 
-from lightning_prune import prune_oneshot
+from lightning_prune import get_masks, prune_oneshot
 from lightning_prune.oneshot.capture import Capture
 from lightning_prune.oneshot.driver import block_output, calibrate_sequentially, find_blocks
 from lightning_prune.oneshot.replay import same
@@ -199,3 +199,14 @@ def test_the_calibration_passes_build_no_cache_and_every_config_is_restored(monk
     with pytest.raises(ValueError, match="stop"):
         calibrate_sequentially(model, case.batches(count=2), fail, progress=False)
     assert {key: config.use_cache for key, config in configs.items()} == before
+
+
+def test_offload_gives_an_encoder_decoder_the_masks_it_gets_without() -> None:
+    case = next(c for c in CASES if c.name == "t5")
+    on, off, data = case.build(), case.build(), case.batches(count=3)
+    prune_oneshot(on, data, method="sparsegpt", pattern="2:4", offload=True, progress=False)
+    prune_oneshot(off, data, method="sparsegpt", pattern="2:4", progress=False)
+    masks = get_masks(off)
+    assert masks.keys() == get_masks(on).keys() and any(name.startswith("decoder.") for name in masks)
+    for name, mask in masks.items():
+        assert torch.equal(get_masks(on)[name], mask), name
