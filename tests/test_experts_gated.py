@@ -15,13 +15,15 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from transformers import GptOssConfig, MixtralConfig
+from transformers import GptOssConfig, Llama4TextConfig, MixtralConfig
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, batched_mm_experts_forward
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
+from lightning_prune.oneshot import experts as experts_module
 from lightning_prune.oneshot.collect import collect_statistics
-from lightning_prune.oneshot.gated import BATCHED, GROUPED, expert_rows, own_layout
+from lightning_prune.oneshot.gated import BATCHED, GROUPED, PRE_ROUTED, expert_rows, own_layout
 from lightning_prune.oneshot.stats import HessianStats
 from lightning_prune.targets import find_targets
 
@@ -145,3 +147,56 @@ def test_rows_are_assigned_per_implementation() -> None:
     assert expert_rows(GROUPED, gated, index, [1, 2, 1]) is None  # counts differ from the routed tokens
     assert expert_rows(GROUPED, gated[:3], index, [2, 1, 1]) is None  # a row missing
     assert expert_rows(GROUPED, gated, torch.tensor([[1, 0], [0, 3]]), [2, 1, 1]) is None  # an id past the experts
+
+
+class OwnForward(Llama4TextExperts):
+    """Llama 4's experts with a forward of their own (here the same computation): not captured."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states)
+
+
+class PreRouted(nn.Module):
+    """Llama 4's layout: every token repeated per expert, scaled by 0.5 where routed (token t to
+    expert t % 3), 0 elsewhere."""
+
+    def __init__(self, own_forward: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        config = Llama4TextConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_local_experts=EXPERTS)
+        self.experts = (OwnForward if own_forward else Llama4TextExperts)(config)
+        for param in self.experts.parameters():
+            nn.init.normal_(param, std=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routed = torch.arange(x.shape[0]) % EXPERTS == torch.arange(EXPERTS).unsqueeze(1)  # (E, T)
+        return self.experts((x.unsqueeze(0) * 0.5 * routed.unsqueeze(-1)).reshape(-1, HIDDEN))
+
+
+@pytest.mark.parametrize("own_forward", [False, True])
+def test_llama4_down_proj_statistics_come_from_its_own_bmm_operand(own_forward: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    holder = PreRouted(own_forward)
+    assert own_layout(holder.experts) == (None if own_forward else PRE_ROUTED)
+    recomputed: list[int] = []
+    recompute = experts_module.expert_activations
+
+    def spy(module: nn.Module, expert: int, *rest: Any) -> torch.Tensor:
+        recomputed.append(expert)
+        return recompute(module, expert, *rest)
+
+    monkeypatch.setattr(experts_module, "expert_activations", spy)
+    batches = [torch.randn(7, HIDDEN), torch.randn(5, HIDDEN)]
+    with torch.no_grad():
+        stats = collect_statistics(find_targets(holder), (HessianStats,), lambda: [holder(x) for x in batches])
+    assert recomputed == ([0, 1, 2] * 2 if own_forward else [])
+    assert "forward" not in vars(holder.experts)  # the instance's wrapper is gone after the pass
+    experts = holder.experts
+    for e in range(EXPERTS):
+        routed = torch.cat([0.5 * x[torch.arange(x.shape[0]) % EXPERTS == e] for x in batches])
+        with torch.no_grad():
+            gate, up = (routed @ experts.gate_up_proj[e]).chunk(2, dim=-1)
+            hidden = up * experts.act_fn(gate)
+        for param, rows in (("gate_up_proj", routed), ("down_proj", hidden)):
+            got = stats[f"experts.{param}[{e}]"][HessianStats]
+            assert int(got.count) == rows.shape[0]
+            torch.testing.assert_close(got.hessian(), 2.0 / rows.shape[0] * rows.t() @ rows, rtol=1e-4, atol=1e-5)

@@ -2,8 +2,8 @@
 
 Statistics are keyed by matrix name (`PruneTarget.matrix_names`): a Linear's own name, or
 `<parameter>[e]` for expert e of a fused experts weight, whose statistics come from the tokens
-routed to that expert (`experts.routed_tokens`; the second layer's from the gated activations of
-the model's own forward where `gated.GateCapture` knows their rows).
+routed to that expert (`experts.routed_tokens`; the second layer's from its inputs in the model's
+own forward where `gated.capture_for` knows their rows).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from lightning_prune.masking import get_mask, remove_mask, set_mask
-from lightning_prune.oneshot.experts import expert_inputs, routed_tokens, routing_index
-from lightning_prune.oneshot.gated import GateCapture
+from lightning_prune.oneshot.experts import expert_inputs, routed_tokens, routing
+from lightning_prune.oneshot.gated import BmmCapture, GateCapture, capture_for
 from lightning_prune.oneshot.method import LayerStats, MaskRefiner, OneShotMethod
 from lightning_prune.targets import PruneTarget
 
@@ -60,14 +60,16 @@ def _add_linear(per_kind: dict[type[Statistic], Statistic], shared: _SharedInput
     return add
 
 
+Capture = GateCapture | BmmCapture
 ExpertPairs = list[tuple[PruneTarget, list[dict[type[Statistic], Statistic]]]]
 
 
-def _add_expert_call(pairs: ExpertPairs, capture: GateCapture | None, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _add_expert_call(pairs: ExpertPairs, capture: Capture | None, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Add one experts call's routed rows to each expert's statistics (`down_proj`: the call's own
-    gated activations when `capture` vouches for their rows, else recomputed)."""
-    tokens = routed_tokens(module, args, kwargs)
-    gated = capture.take(routing_index(args, kwargs), [rows.shape[0] for rows in tokens]) if capture is not None else None
+    inputs when `capture` vouches for their rows, else recomputed)."""
+    hidden, masks = routing(module, args, kwargs)
+    tokens = routed_tokens(hidden, masks)
+    gated = capture.take(args, kwargs, masks) if capture is not None else None
     for target, per_expert in pairs:
         for rows, per_kind in zip(expert_inputs(target, tokens, gated), per_expert):
             if rows.shape[0]:
@@ -75,7 +77,7 @@ def _add_expert_call(pairs: ExpertPairs, capture: GateCapture | None, module: nn
                     stat.add(rows)
 
 
-def _add_experts(pairs: ExpertPairs, capture: GateCapture | None) -> Callable[..., None]:
+def _add_experts(pairs: ExpertPairs, capture: Capture | None) -> Callable[..., None]:
     def add(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         _add_expert_call(pairs, capture, module, args, kwargs)
 
@@ -95,10 +97,10 @@ def collect_statistics(targets: Sequence[PruneTarget], kinds: Sequence[type[Stat
             by_experts.setdefault(id(target.module), (target.module, []))[1].append((target, per_matrix))
         else:
             handles.append(target.module.register_forward_hook(_add_linear(per_matrix[0], shared)))
-    captures: list[GateCapture] = []
+    captures: list[Capture] = []
     try:
         for module, pairs in by_experts.values():
-            capture = GateCapture.install(module) if any("down" in target.param_name for target, _ in pairs) else None
+            capture = capture_for(module) if any("down" in target.param_name for target, _ in pairs) else None
             captures += [capture] if capture is not None else []
             handles.append(module.register_forward_hook(_add_experts(pairs, capture), with_kwargs=True))
         run_block()

@@ -6,7 +6,7 @@ top_k_index, top_k_weights)`: expert e computes on the tokens whose `top_k_index
 the hidden states already repeated per expert and scaled by the router score (zero for tokens
 not routed there), viewed (E, tokens, hidden): its rows that are not all zero are its tokens.
 The first layer (`gate_up_proj`, `up_proj`) sees those tokens; `down_proj` sees the gated
-activations: those of the model's own forward where `gated.GateCapture` knows their rows, else
+activations: those of the model's own forward where `gated.capture_for` knows their rows, else
 recomputed from the tokens with the module's own weights and gate.
 """
 
@@ -29,17 +29,25 @@ def routing_index(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     return index if isinstance(index, torch.Tensor) and not index.is_floating_point() else None
 
 
-def routed_tokens(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
-    """Each expert's input rows (tokens, hidden) in one call of an experts `module`."""
+def routing(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden, masks) of one call of an experts `module`: `masks` (E, T) is True where row t goes
+    to expert e, of `hidden` (T, hidden) or, for Llama 4's pre-routed rows, of `hidden[e]` (E, T, hidden)."""
     count: int = module.num_experts  # type: ignore[assignment]
     hidden = [*args, *kwargs.values()][0]
     index = routing_index(args, kwargs)
     if index is None:  # Llama 4: (E·tokens, hidden), already routed and scaled
-        per_expert = hidden.reshape(count, -1, hidden.shape[-1])
-        return [rows[rows.ne(0).any(-1)] for rows in per_expert.unbind(0)]
+        hidden = hidden.reshape(count, -1, hidden.shape[-1])
+        return hidden, hidden.ne(0).any(-1)
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    index = index.reshape(hidden.shape[0], -1)
-    return [hidden[(index == e).any(-1)] for e in range(count)]
+    index = index.reshape(hidden.shape[0], 1, -1)
+    return hidden, (index == torch.arange(count, device=index.device).unsqueeze(1)).any(-1).t()
+
+
+def routed_tokens(hidden: torch.Tensor, masks: torch.Tensor) -> list[torch.Tensor]:
+    """Each expert's input rows (tokens, hidden) for `routing`'s `hidden` and `masks`."""
+    if hidden.dim() == 3:
+        return [rows[mask] for rows, mask in zip(hidden.unbind(0), masks.unbind(0))]
+    return [hidden[mask] for mask in masks.unbind(0)]
 
 
 def _linear(module: nn.Module, name: str, expert: int, transposed: bool, rows: torch.Tensor) -> torch.Tensor:

@@ -1,35 +1,41 @@
 """The inputs of fused experts' second layer, taken from the model's own forward instead of recomputed.
 
-transformers 5's `use_experts_implementation` (checked on 5.24, `transformers/integrations/moe.py`)
-dispatches an experts module's `forward` by `module.config._experts_implementation` through the
-`experts_interface` its decorator closed over. Two of those implementations call
-`module._apply_gate(gate_up)` exactly once, on every (token, top-k slot) pair at once, and their
-rows are known:
+Only where the rows of that input are known to belong to one expert each (checked on transformers
+5.24):
 
-- `grouped_mm_experts_forward`: the pairs sorted by expert (`torch.sort(top_k_index.reshape(-1))`),
-  so expert e owns the e-th block of `bincount(top_k_index)` rows;
-- `batched_mm_experts_forward`: the pairs in their own order (`hidden.repeat_interleave(top_k)`),
-  so row i belongs to expert `top_k_index.reshape(-1)[i]`.
+- `use_experts_implementation` (`transformers/integrations/moe.py`) dispatches an experts module's
+  `forward` by `module.config._experts_implementation` through the `experts_interface` its
+  decorator closed over. Its `grouped_mm_experts_forward` and `batched_mm_experts_forward` call
+  `module._apply_gate(gate_up)` once, on every (token, top-k slot) pair, biases already added, and
+  multiply its output by `down_proj`. grouped_mm sorts the pairs by expert
+  (`torch.sort(top_k_index.reshape(-1))`): expert e owns the e-th block of `bincount(top_k_index)`
+  rows. batched_mm keeps the pairs in order (`hidden.repeat_interleave(top_k)`): row i is expert
+  `top_k_index.reshape(-1)[i]`'s. `GateCapture` wraps the instance's `_apply_gate` to record it.
+- Llama 4's `Llama4TextExperts.forward` views its pre-routed input (E, T, hidden) and computes
+  `torch.bmm(up * act_fn(gate), self.down_proj)`: row (e, t) of that first operand is expert e's
+  output for input row (e, t). `BmmCapture` records it (a torch function mode around the
+  instance's forward).
 
-`_apply_gate`'s output is exactly what `down_proj` multiplies (biases included: they are added
-before the gate). During the statistics pass `GateCapture` wraps the module's `_apply_gate` (an
-instance attribute, removed afterwards) and records that output; `expert_rows` assigns its rows.
-Any other case -- eager or a custom implementation, expert parallelism, an experts module without
-the decorator (Llama 4), a `ModuleList` of Linears, a patched instance -- is not captured, and a
-capture whose row counts differ from the routed token counts is dropped: `down_proj` is then fed
-from the recompute in `experts.expert_inputs`.
+Anything else -- eager or a custom implementation, expert parallelism, a subclass with its own
+forward, a `ModuleList` of Linears, a patched instance -- is not captured, and a capture whose
+rows do not match the routed token counts is dropped: `down_proj` is then fed from the recompute
+in `experts.expert_inputs`.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Mapping
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-GROUPED, BATCHED = "grouped_mm", "batched_mm"
+from lightning_prune.oneshot.experts import routing_index
+
+GROUPED, BATCHED, PRE_ROUTED = "grouped_mm", "batched_mm", "pre_routed"
 KNOWN_FORWARDS: dict[object, str] = {}  # transformers' experts forwards whose rows are known -> layout
 INTERFACE: type[Mapping[object, object]] | None = None
 try:  # transformers >= 5: fused experts with selectable implementations
@@ -38,19 +44,22 @@ try:  # transformers >= 5: fused experts with selectable implementations
     KNOWN_FORWARDS, INTERFACE = {grouped_mm_experts_forward: GROUPED, batched_mm_experts_forward: BATCHED}, ExpertsInterface
 except ImportError:  # older transformers: nothing to capture, every experts module is recomputed
     pass
+LLAMA4 = "transformers.models.llama4.modeling_llama4"
 
 
 def own_layout(module: nn.Module) -> str | None:
-    """GROUPED or BATCHED when `module`'s forward will run transformers' grouped_mm/batched_mm experts
-    forward with a gate (rows known, see the module docstring); None when its rows are not known."""
+    """GROUPED, BATCHED or PRE_ROUTED when the rows of `module`'s own `down_proj` input are known
+    (see the module docstring); None otherwise."""
     forward = type(module).forward
-    if INTERFACE is None or not inspect.isfunction(forward) or "forward" in vars(module) or "_apply_gate" in vars(module):
+    if not inspect.isfunction(forward) or "forward" in vars(module) or "_apply_gate" in vars(module):
         return None
-    # The decorator's forward closes over `experts_interface` (transformers 5.24); a class without
-    # the decorator (Llama 4) has no such variable.
+    llama4 = sys.modules.get(LLAMA4)  # imported whenever one of its modules exists
+    if llama4 is not None and forward is getattr(getattr(llama4, "Llama4TextExperts", None), "forward", None):
+        return PRE_ROUTED
+    # The decorator's forward closes over `experts_interface` (transformers 5.24).
     interface = inspect.getclosurevars(forward).nonlocals.get("experts_interface")
     config = getattr(module, "config", None)
-    if not isinstance(interface, INTERFACE) or config is None or not callable(getattr(module, "_apply_gate", None)):
+    if INTERFACE is None or not isinstance(interface, INTERFACE) or config is None or not callable(getattr(module, "_apply_gate", None)):
         return None
     if getattr(module, "_is_expert_parallel", True) or getattr(module, "has_gate", False) is not True:
         return None
@@ -58,10 +67,10 @@ def own_layout(module: nn.Module) -> str | None:
 
 
 class GateCapture:
-    """Records the gated activations of one experts module's forward calls while installed.
+    """Records `module._apply_gate`'s outputs (grouped_mm, batched_mm) while installed.
 
-    Lifecycle: `GateCapture.install(module)` (None when `own_layout` does not know the rows), one
-    `take(...)` per forward call (from the experts module's forward hook), `remove()`.
+    Lifecycle: made by `capture_for`, one `take` per forward call (from the experts module's forward
+    hook), `remove()`.
     """
 
     def __init__(self, module: nn.Module, layout: str) -> None:
@@ -70,29 +79,24 @@ class GateCapture:
         gate = cast(Callable[[torch.Tensor], torch.Tensor], module._apply_gate)
 
         def apply_gate(gate_up: torch.Tensor) -> torch.Tensor:
-            gated: torch.Tensor = gate(gate_up)
+            gated = gate(gate_up)
             self.outputs.append(gated)
             return gated
 
         module._apply_gate = apply_gate  # type: ignore[assignment]  # shadows the class's method on this instance only
 
-    @classmethod
-    def install(cls, module: nn.Module) -> GateCapture | None:
-        """Wrap `module._apply_gate` if the rows of its forward are known, else None."""
-        layout = own_layout(module)
-        return None if layout is None else cls(module, layout)
-
     def remove(self) -> None:
         """Give the module its class's `_apply_gate` back."""
         del self.module._apply_gate
 
-    def take(self, index: torch.Tensor | None, routed: list[int]) -> list[torch.Tensor] | None:
-        """Per expert, the `down_proj` input rows of the forward call just finished (routing `index`,
-        `routed` tokens per expert), or None when they cannot be vouched for (then recompute)."""
+    def take(self, args: tuple[Any, ...], kwargs: dict[str, Any], masks: torch.Tensor) -> list[torch.Tensor] | None:
+        """Per expert, the `down_proj` input rows of the call (`args`, `kwargs`) just finished, whose
+        routing `masks` (E, T) come from `experts.routing`; None when they cannot be vouched for."""
         outputs, self.outputs = self.outputs, []
+        index = routing_index(args, kwargs)
         if index is None or len(outputs) != 1:
             return None
-        return expert_rows(self.layout, outputs[0], index, routed)
+        return expert_rows(self.layout, outputs[0], index, masks.sum(1).tolist())
 
 
 def expert_rows(layout: str, gated: torch.Tensor, index: torch.Tensor, routed: list[int]) -> list[torch.Tensor] | None:
@@ -107,3 +111,51 @@ def expert_rows(layout: str, gated: torch.Tensor, index: torch.Tensor, routed: l
     if layout == BATCHED:
         gated = gated[torch.argsort(ids, stable=True)]
     return list(gated.split(routed))
+
+
+class _DownOperand(TorchFunctionMode):
+    """Records the first operand of `torch.bmm(x, module.down_proj)`; every call runs unchanged."""
+
+    def __init__(self, module: nn.Module, found: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.module, self.found = module, found
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        if func is torch.bmm and len(args) == 2 and args[1] is self.module.down_proj:
+            self.found.append(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+class BmmCapture:
+    """Records the `down_proj` operand of Llama 4's experts forward while installed (same lifecycle
+    as `GateCapture`)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.outputs: list[torch.Tensor] = []
+        forward = module.forward
+
+        def capture_forward(*args: Any, **kwargs: Any) -> Any:
+            with _DownOperand(module, self.outputs):
+                return forward(*args, **kwargs)
+
+        module.forward = capture_forward  # this instance only
+
+    def remove(self) -> None:
+        """Give the module its class's `forward` back."""
+        del self.module.forward
+
+    def take(self, args: tuple[Any, ...], kwargs: dict[str, Any], masks: torch.Tensor) -> list[torch.Tensor] | None:
+        """Per expert e, the rows (e, t) of the recorded (E, T, intermediate) operand with `masks[e, t]`."""
+        outputs, self.outputs = self.outputs, []
+        if len(outputs) != 1 or outputs[0].dim() != 3 or outputs[0].shape[:2] != masks.shape:
+            return None
+        return [rows[mask] for rows, mask in zip(outputs[0].unbind(0), masks.unbind(0))]
+
+
+def capture_for(module: nn.Module) -> GateCapture | BmmCapture | None:
+    """Install the capture of `module`'s own `down_proj` input, or None where its rows are not known."""
+    layout = own_layout(module)
+    if layout is None:
+        return None
+    return BmmCapture(module) if layout == PRE_ROUTED else GateCapture(module, layout)
