@@ -2,7 +2,8 @@
 
 Statistics are keyed by matrix name (`PruneTarget.matrix_names`): a Linear's own name, or
 `<parameter>[e]` for expert e of a fused experts weight, whose statistics come from the tokens
-routed to that expert (`experts.routed_tokens`).
+routed to that expert (`experts.routed_tokens`; the second layer's from its inputs in the model's
+own forward where `gated.capture_for` knows their rows).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 
 from lightning_prune.masking import get_mask, remove_mask, set_mask
-from lightning_prune.oneshot.experts import expert_inputs, routed_tokens
+from lightning_prune.oneshot.experts import expert_inputs, routed_tokens, routing
+from lightning_prune.oneshot.gated import BmmCapture, GateCapture, capture_for
 from lightning_prune.oneshot.method import LayerStats, MaskRefiner, OneShotMethod
 from lightning_prune.targets import PruneTarget
 
@@ -58,14 +60,26 @@ def _add_linear(per_kind: dict[type[Statistic], Statistic], shared: _SharedInput
     return add
 
 
-def _add_experts(targets: list[tuple[PruneTarget, list[dict[type[Statistic], Statistic]]]]) -> Callable[..., None]:
+Capture = GateCapture | BmmCapture
+ExpertPairs = list[tuple[PruneTarget, list[dict[type[Statistic], Statistic]]]]
+
+
+def _add_expert_call(pairs: ExpertPairs, capture: Capture | None, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Add one experts call's routed rows to each expert's statistics (`down_proj`: the call's own
+    inputs when `capture` vouches for their rows, else recomputed)."""
+    hidden, masks = routing(module, args, kwargs)
+    tokens = routed_tokens(hidden, masks)
+    gated = capture.take(args, kwargs, masks) if capture is not None else None
+    for target, per_expert in pairs:
+        for rows, per_kind in zip(expert_inputs(target, tokens, gated), per_expert):
+            if rows.shape[0]:
+                for stat in per_kind.values():
+                    stat.add(rows)
+
+
+def _add_experts(pairs: ExpertPairs, capture: Capture | None) -> Callable[..., None]:
     def add(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        tokens = routed_tokens(module, args, kwargs)
-        for target, per_expert in targets:
-            for rows, per_kind in zip(expert_inputs(target, tokens), per_expert):
-                if rows.shape[0]:
-                    for stat in per_kind.values():
-                        stat.add(rows)
+        _add_expert_call(pairs, capture, module, args, kwargs)
 
     return add
 
@@ -74,7 +88,7 @@ def collect_statistics(targets: Sequence[PruneTarget], kinds: Sequence[type[Stat
     """Run the block once with forward hooks that add each weight's (each expert's) fp32 input statistics."""
     stats: BlockStats = {}
     handles = []
-    by_experts: dict[int, tuple[nn.Module, list[tuple[PruneTarget, list[dict[type[Statistic], Statistic]]]]]] = {}
+    by_experts: dict[int, tuple[nn.Module, ExpertPairs]] = {}
     shared = _SharedInputs()
     for target in targets:
         per_matrix = _new_stats(target, kinds)
@@ -83,13 +97,18 @@ def collect_statistics(targets: Sequence[PruneTarget], kinds: Sequence[type[Stat
             by_experts.setdefault(id(target.module), (target.module, []))[1].append((target, per_matrix))
         else:
             handles.append(target.module.register_forward_hook(_add_linear(per_matrix[0], shared)))
-    for module, pairs in by_experts.values():
-        handles.append(module.register_forward_hook(_add_experts(pairs), with_kwargs=True))
+    captures: list[Capture] = []
     try:
+        for module, pairs in by_experts.values():
+            capture = capture_for(module) if any("down" in target.param_name for target, _ in pairs) else None
+            captures += [capture] if capture is not None else []
+            handles.append(module.register_forward_hook(_add_experts(pairs, capture), with_kwargs=True))
         run_block()
     finally:
         for handle in handles:
             handle.remove()
+        for capture in captures:
+            capture.remove()
     return stats
 
 

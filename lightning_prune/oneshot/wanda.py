@@ -12,9 +12,10 @@ from lightning_prune.registry import register_method
 from lightning_prune.selection import parse_pattern, select_n_m, select_row_wise
 
 
-def wanda_scores(weight: torch.Tensor, feature_norms: torch.Tensor) -> torch.Tensor:
-    """Scores |W_ij|·‖X_j‖₂ of an (out, in) weight matrix, in fp32 (paper, equation 1)."""
-    return weight.detach().float().abs() * feature_norms.to(weight.device, torch.float32).unsqueeze(0)
+def wanda_scores(weight: torch.Tensor, feature_norms: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores |W_ij|·‖X_j‖₂ of an (out, in) weight matrix, in fp32 (paper, equation 1), written
+    into `out` (an fp32 (out, in) tensor) when given."""
+    return torch.mul(weight.detach().float().abs(), feature_norms.to(weight.device, torch.float32).unsqueeze(0), out=out)
 
 
 def wanda_mask(weight: torch.Tensor, feature_norms: torch.Tensor, sparsity: float, pattern: str | None = None) -> torch.Tensor:
@@ -47,7 +48,9 @@ class Wanda(OneShotMethod):
         matrix's own mask."""
         if len(weights) < 2:
             return super().prune_many(weights, stats, sparsity, pattern)
-        scores = torch.cat([wanda_scores(weight, statistic(layer_stats, FeatureNormStats).feature_norms()) for weight, layer_stats in zip(weights, stats, strict=True)])
+        scores = torch.empty(sum(weight.shape[0] for weight in weights), weights[0].shape[1], dtype=torch.float32, device=weights[0].device)
+        for weight, layer_stats, rows in zip(weights, stats, scores.split([weight.shape[0] for weight in weights]), strict=True):
+            wanda_scores(weight, statistic(layer_stats, FeatureNormStats).feature_norms(), out=rows)  # no copy through torch.cat
         if pattern is not None:
             keep = select_n_m(scores, *parse_pattern(pattern))
         else:
