@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=16, help="calibration batches (of 2 sequences)")
     parser.add_argument("--length", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--only", nargs="*", default=None, help="architecture names to run (default: all)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved forward / one-shot timing rounds (best of each)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved forward / one-shot timing rounds (best of each)")
     args = parser.parse_args()
     torch.manual_seed(0)
     header = ["architecture", "block stacks (execution order)", "block matrices pruned", "expert matrices pruned", "max |driver − model|", "Wanda 2:4 / forward"]
