@@ -11,7 +11,7 @@ import torch
 from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.callbacks.oneshot import fit_train_dataloader
 from lightning_prune.masking import get_masks
-from lightning_prune.oneshot.api import take_samples
+from lightning_prune.oneshot.samples import take_samples
 from lightning_prune.selection import check_sparsity
 from lightning_prune.structured.api import prune_structured, resolve_score
 from lightning_prune.structured.report import StructuredReport

@@ -16,6 +16,7 @@ from lightning_prune.oneshot.collect import Snapshot, collect_statistics, prune_
 from lightning_prune.oneshot.driver import Batch, BlockRunner, calibrate_sequentially, call_model, find_blocks
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
 from lightning_prune.oneshot.owl import outlier_ratio, owl_sparsities
+from lightning_prune.oneshot.samples import check_num_samples, take_samples
 from lightning_prune.oneshot.stats import FeatureNormStats, TokenStatistic
 from lightning_prune.oneshot.wanda import wanda_scores
 from lightning_prune.recovery.reconstruct import check_reconstruct_arguments, reconstruct_block
@@ -28,42 +29,6 @@ PROFILES = ("uniform", "owl")
 RECONSTRUCT_TARGETS = ("block", "model")
 ONESHOT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 Statistic = TokenStatistic
-
-
-def take_samples(batches: Iterable[Batch], num_samples: int | None) -> list[Batch]:
-    """The first `num_samples` sequences of `batches` (the last batch cut), as a list of batches."""
-    if num_samples is None:
-        return list(batches)
-    taken, count = [], 0
-    for batch in batches:
-        size = _batch_size(batch)
-        if count + size > num_samples:
-            batch = _slice(batch, num_samples - count)
-            size = num_samples - count
-        taken.append(batch)
-        count += size
-        if count >= num_samples:
-            break
-    return taken
-
-
-def check_num_samples(num_samples: int | None) -> None:
-    """`num_samples` is None (all batches) or an integer >= 1."""
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
-        raise ValueError(f"`num_samples` must be None or an integer >= 1, got {num_samples!r}")
-
-
-def _batch_size(batch: Batch) -> int:
-    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) else batch
-    return int(first.shape[0]) if isinstance(first, torch.Tensor) else 1
-
-
-def _slice(batch: Batch, size: int) -> Batch:
-    if isinstance(batch, dict):
-        return {k: _slice(v, size) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_slice(v, size) for v in batch)
-    return batch[:size] if isinstance(batch, torch.Tensor) else batch
 
 
 def resolve_method(method: str | OneShotMethod, options: Mapping[str, Any] | None = None) -> OneShotMethod:
