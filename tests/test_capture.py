@@ -109,11 +109,11 @@ class EncoderDecoder(nn.Module):
     states). With `from_middle`, the bias also sums the first encoder block's output, which a
     replayed encoder does not give."""
 
-    def __init__(self, from_middle: bool) -> None:
+    def __init__(self, from_middle: bool, decoder_blocks: int = 3) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.encoder = nn.ModuleList(Block() for _ in range(2))
-        self.decoder = nn.ModuleList(Block() for _ in range(3))
+        self.decoder = nn.ModuleList(Block() for _ in range(decoder_blocks))
         self.from_middle = from_middle
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,13 +133,7 @@ def test_a_later_stack_is_staged_with_the_earlier_stacks_handing_on_their_output
     # The decoder's capture is staged too; its replayed pass takes the pruned encoder's outputs
     # from the capture instead of running the encoder again. Block outputs equal the model's own.
     model, batches = EncoderDecoder(from_middle=False), [torch.randn(2, 4) for _ in range(3)]
-    own: dict[str, list[torch.Tensor]] = {}
-    handles = [b.register_forward_hook(lambda m, a, o, k=f"{n}.{i}": own.setdefault(k, []).append(block_output(o))) for n, bl in find_blocks(model) for i, b in enumerate(bl)]
-    with torch.no_grad():
-        for batch in batches:
-            model(batch)
-    for handle in handles:
-        handle.remove()
+    own = _own_outputs_of(model, batches)
     got, modes = _driver_outputs(model, batches)
     assert got.keys() == own.keys() == {"encoder.0", "encoder.1", "decoder.0", "decoder.1", "decoder.2"}
     for name, outputs in own.items():
@@ -147,6 +141,26 @@ def test_a_later_stack_is_staged_with_the_earlier_stacks_handing_on_their_output
     # The decoder's batch 0 runs for real, then once more with the encoder handing on the driver's
     # outputs (the check), and so do batches 1-2: the encoder computes on batch 0 only.
     assert modes == ["real", "first", "first", "rest", "rest", "rest", "real", "first*", "first*", "first*", "rest*", "rest*", "rest*"]
+
+
+def test_a_one_block_decoder_runs_every_batch_for_real_with_the_encoder_replayed() -> None:
+    model, batches = EncoderDecoder(from_middle=False, decoder_blocks=1), [torch.randn(2, 4) for _ in range(3)]
+    own = _own_outputs_of(model, batches)
+    got, modes = _driver_outputs(model, batches)
+    assert modes[6:] == ["real", "first*", "real*", "real*"]  # not staged (one block): whole passes, the encoder computing nothing
+    for name, outputs in own.items():
+        assert all(torch.equal(a, b) for a, b in zip(outputs, got[name], strict=True)), name
+
+
+def _own_outputs_of(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    own: dict[str, list[torch.Tensor]] = {}
+    handles = [b.register_forward_hook(lambda m, a, o, k=f"{n}.{i}": own.setdefault(k, []).append(block_output(o))) for n, bl in find_blocks(model) for i, b in enumerate(bl)]
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    for handle in handles:
+        handle.remove()
+    return own
 
 
 def test_a_later_stack_runs_for_real_when_the_earlier_stacks_cannot_be_replayed() -> None:
