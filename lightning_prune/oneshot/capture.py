@@ -39,7 +39,7 @@ def _output_hidden(output: Any) -> torch.Tensor:
 
 
 class _Recorder:
-    """The hooks of one capture pass over the remaining stacks; see `capture_stack`."""
+    """The hooks of one capture pass over the remaining stacks; see `Capture`."""
 
     def __init__(self, stacks: Sequence[tuple[str, nn.ModuleList]], device: torch.device, home: torch.device, offload: bool) -> None:
         self.stacks, self.device, self.home, self.offload = stacks, device, home, offload
@@ -114,7 +114,11 @@ class Capture:
     """One capture of the first of `stacks` the model's forward enters (see the module docstring).
 
     `run()` records batch 0 for real and, from the other batches, block 0's arguments only (the
-    forward stops there); `rest(outputs)` records blocks 1.. once block 0 is pruned.
+    forward stops there); `rest(outputs)` records blocks 1.. once block 0 is pruned. Without
+    `stage` every batch runs the whole stack. `earlier` are the stacks the forward runs before
+    these (already pruned), each with its last block's outputs per batch as the driver computed
+    them (or None): where batch 0 shows that is exact, the other batches hand those on instead of
+    computing the stacks again, and the replayed pass hands on their outputs from this capture.
     """
 
     def __init__(
@@ -179,7 +183,9 @@ class Capture:
         return False
 
     def run(self) -> tuple[int, list[BlockInputs]] | None:
-        """(the captured stack's position, its inputs), or None when the forward enters no stack.
+        """Run the model on every batch up to the first of the stacks its forward enters: (that
+        stack's position in `stacks`, its inputs: per block, one (args, kwargs) per batch, the
+        hidden states kept only for block 0), or None when the forward enters no stack.
 
         Blocks 1.. hold batch 0 only when the capture is `staged`: `rest` records the other batches.
         """
@@ -246,29 +252,3 @@ class Capture:
             for batch_index in range(len(self.batches)):
                 self.batch(batch_index, "real", earlier=self.replayed)
         return recorder.records[s][1:]
-
-
-def capture_stack(
-    model: nn.Module,
-    stacks: Sequence[tuple[str, nn.ModuleList]],
-    batches: Sequence[Any],
-    device: torch.device,
-    forward: Forward,
-    offload: bool,
-    home: torch.device,
-    stage: bool = True,
-    earlier: Sequence[Earlier] = (),
-) -> tuple[int, list[BlockInputs], Capture] | None:
-    """Run the model on every batch up to the first of `stacks` its forward enters.
-
-    Returns (that stack's position in `stacks`, its inputs: per block, one (args, kwargs) per batch,
-    the hidden states kept only for block 0, the capture), or None when the forward enters none of
-    them. When `capture.staged`, blocks 1.. hold batch 0 only until `capture.rest(...)`. Without
-    `stage` every batch runs the whole stack. `earlier` are the stacks the forward runs before
-    these (already pruned), each with its last block's outputs per batch as the driver computed
-    them (or None): where batch 0 shows that is exact, the other batches hand those on instead of
-    computing the stacks again, and the replayed pass hands on their outputs from this capture.
-    """
-    capture = Capture(model, stacks, batches, device, forward, offload, home, stage, earlier)
-    found = capture.run()
-    return None if found is None else (*found, capture)

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_prune.oneshot.calls import BlockInputs, caches_off, hidden_of, move_outside, to_device, with_hidden
-from lightning_prune.oneshot.capture import Capture, capture_stack
+from lightning_prune.oneshot.capture import Capture
 
 Batch = Any
 Stack = tuple[str, nn.ModuleList]
@@ -239,10 +239,11 @@ def calibrate_sequentially(
         start = 0
         with caches_off(model):  # the model builds no key/value caches for the calibration passes
             while remaining:
-                found = capture_stack(model, remaining, batches, device, forward, offload, home, earlier=list(zip([dict(stacks)[name] for name in done], last_outputs, strict=True)))
+                capture = Capture(model, remaining, batches, device, forward, offload, home, earlier=list(zip([dict(stacks)[name] for name in done], last_outputs, strict=True)))
+                found = capture.run()
                 if found is None:
                     break
-                position, inputs, capture = found
+                position, inputs = found
                 stack = remaining.pop(position)
                 check_finite([hidden_of(a, k) for a, k in inputs[0]], f"entering the first block of {stack[0]}")
                 last_outputs.append(_run_stack(stack, inputs, capture, start, process_block, bar, device, home, offload, keep_last=bool(remaining) and len(batches) > 1))
