@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from conftest import compose_config, perturbed  # tests/, beside this script (run as `python tests/fsdp_distill_job.py`)
-from fsdp_job import Probe, SaveAfterEpoch, ShardedMLP, dump, gradual, sharded_trainer
+from fsdp_job import Probe, SaveAfterEpoch, ShardedMLP, dump, gradual, job_parser, sharded_trainer
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Shard
@@ -124,10 +123,7 @@ def phase(args: argparse.Namespace, name: str, epochs: int, *extra: pl.Callback,
 
 def main() -> None:
     """Every phase: the copied teacher (and a checkpoint mid-ramp), its resume, empty init, a given teacher."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--global-batch", type=int, default=32)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = job_parser()
     parser.add_argument("--resume-from", default=None, help="a distributed checkpoint written by another world size")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from fsdp_distill_job import RecordingKD
-from fsdp_job import SCOPES, Probe, SaveAfterEpoch, ShardedMLP, dump, gradual, iterative, sharded_trainer  # tests/, beside this script
+from fsdp_job import SCOPES, Probe, SaveAfterEpoch, ShardedMLP, dump, gradual, iterative, job_parser, sharded_trainer  # tests/, beside this script
 from fsdp_lora_job import LoRAMLP, LoRAProbe, lora, pruned
 from fsdp_lora_job import dump as dump_lora
 from peft.tuners.lora.layer import LoraLayer
@@ -146,10 +146,7 @@ def mesh_selection(rank: int, out: Path) -> None:
 def main() -> None:
     """GMP per scope on every mesh of `--devices` ranks, checkpoint → resume (also onto another mesh),
     and IterativePruning's rewind resumed between cycles on the other mesh."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--global-batch", type=int, default=32)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = job_parser()
     parser.add_argument("--resume-from", nargs="*", default=[], help="distributed checkpoints written on other meshes")
     parser.add_argument("--mesh-selection", action="store_true", help="only the 2x2 mesh selection (4 forked ranks)")
     parser.add_argument("--resume-iterative", default=None, help="IterativePruning's checkpoint written on another mesh")

@@ -53,6 +53,15 @@ class ShardedMLP(pl.LightningModule):
         return digits_rank_loader(SAMPLES, self.global_batch, self.trainer.world_size, self.trainer.global_rank)
 
 
+def job_parser() -> argparse.ArgumentParser:
+    """The arguments every FSDP2 job script takes: `--devices`, `--global-batch` and `--out`."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--global-batch", type=int, default=32)
+    parser.add_argument("--out", type=Path, required=True)
+    return parser
+
+
 def sharded_trainer(devices: int, epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
     """A quiet CPU Trainer on `devices` ranks under ModelParallelStrategy (data parallel; the module shards itself)."""
     return pl.Trainer(
@@ -153,10 +162,7 @@ def gradual(scope: str) -> GradualPruning:
 
 def main() -> None:
     """Run every phase (GMP per scope, distillation, resume, iterative rewind) on `--devices` ranks."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--global-batch", type=int, default=32)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = job_parser()
     parser.add_argument("--resume-from", default=None, help="a distributed checkpoint written by another world size")
     parser.add_argument("--resume-iterative", default=None, help="IterativePruning's checkpoint written by another world size")
     args = parser.parse_args()

@@ -18,13 +18,12 @@ adapters were laid out to `<out>/<phase>-rank<r>.pt`. Phases:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from conftest import tiny_llama  # tests/, beside this script (run as `python tests/fsdp_lora_job.py`)
-from fsdp_job import SaveAfterEpoch, ShardedMLP, sharded_trainer
+from fsdp_job import SaveAfterEpoch, ShardedMLP, job_parser, sharded_trainer
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -209,10 +208,7 @@ def refused(args: argparse.Namespace) -> None:
 
 def main() -> None:
     """Run every phase on `--devices` ranks (see the module docstring)."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--global-batch", type=int, default=32)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = job_parser()
     parser.add_argument("--resume-from", default=None, help="the `masked` phase's checkpoint written by another world size")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
