@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from architectures import CASES, Case
 
 from lightning_prune import get_masks, prune_oneshot
-from lightning_prune.oneshot.driver import block_output, calibrate_sequentially, find_blocks
+from lightning_prune.calibration.blocks import find_blocks
+from lightning_prune.calibration.driver import block_output, calibrate_sequentially
 from lightning_prune.targets import router_names
 
 WIDTHS = (

@@ -30,7 +30,7 @@ from torch.distributed.fsdp import fully_shard
 
 from lightning_prune import find_targets, get_masks, keep_masks_applied, update_masks
 from lightning_prune.masking import mask_sharded_gradients_
-from lightning_prune.sharded import local_tensor
+from lightning_prune.parallel.sharded import local_tensor
 
 
 def build(depth: int, width: int, mesh: object) -> nn.Module:

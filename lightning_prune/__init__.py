@@ -5,7 +5,7 @@ from lightning_prune.callbacks.structured import StructuredPruning
 from lightning_prune.criteria import make_criterion
 from lightning_prune.export import load_sparse, load_sparse_state_dict, save_sparse
 from lightning_prune.lora import attach_lora, load_lora, merge_lora
-from lightning_prune.lora_sharded import merge_lora_sharded
+from lightning_prune.lora.sharded import merge_lora_sharded
 from lightning_prune.masking import (
     apply_masks_,
     ensure_gradient_masking,
@@ -34,6 +34,7 @@ from lightning_prune.oneshot import (
     sparsegpt_prune,
     wanda_mask,
 )
+from lightning_prune.parallel.sharded import select_masks_sharded, sharded_lowest_k
 from lightning_prune.recovery import distill_loss, reconstruct_block
 from lightning_prune.registry import (
     CRITERIA,
@@ -49,7 +50,6 @@ from lightning_prune.registry import (
 from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.schedules import make_schedule
 from lightning_prune.selection import select_masks
-from lightning_prune.sharded import select_masks_sharded, sharded_lowest_k
 from lightning_prune.structured import StructuredReport, StructuredScore, compact, prune_structured
 from lightning_prune.targets import PruneTarget, find_targets
 

@@ -29,8 +29,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lightning_prune.parallel.sharded import is_sharded, local_tensor, select_target_masks_sharded
 from lightning_prune.selection import select_masks
-from lightning_prune.sharded import is_sharded, local_tensor, select_target_masks_sharded
 from lightning_prune.targets import PruneTarget
 
 _MASKED = "_lightning_prune_masked"  # module attribute: [param_name, ...] of its masked parameters

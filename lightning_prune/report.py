@@ -13,8 +13,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from lightning_prune.masking import finalized_parameters, masked_parameters
+from lightning_prune.parallel.sharded import all_gather_floats, is_sharded, local_tensor, shard_group, sum_over_shards
 from lightning_prune.selection import group_counts
-from lightning_prune.sharded import all_gather_floats, is_sharded, local_tensor, shard_group, sum_over_shards
 from lightning_prune.targets import PruneTarget, find_targets
 
 

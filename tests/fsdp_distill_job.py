@@ -24,9 +24,9 @@ from torch.distributed.tensor import DTensor, Shard
 
 from lightning_prune import KnowledgeDistillation
 from lightning_prune.models import ClassifierModule
-from lightning_prune.recovery.sharded_teacher import local_bytes
+from lightning_prune.parallel.sharded import local_tensor
+from lightning_prune.recovery.sharded import local_bytes
 from lightning_prune.run import run
-from lightning_prune.sharded import local_tensor
 
 
 class RecordingKD(KnowledgeDistillation):

@@ -29,8 +29,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from lightning_prune import find_targets, get_masks, update_masks
-from lightning_prune.recovery.sharded_teacher import local_bytes
-from lightning_prune.sharded import local_tensor, targets_shard_group
+from lightning_prune.parallel.sharded import local_tensor, targets_shard_group
+from lightning_prune.recovery.sharded import local_bytes
 
 SELECTIONS: dict[str, dict[str, Any]] = {"layer": {}, "row": {"scope": "row"}, "global": {"scope": "global"}, "nm": {"pattern": "2:4"}}
 

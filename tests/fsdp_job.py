@@ -21,7 +21,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader
 
 from lightning_prune import GradualPruning, IterativePruning, KnowledgeDistillation, get_masks
-from lightning_prune.sharded import local_tensor, sharded_lowest_k
+from lightning_prune.parallel.sharded import local_tensor, sharded_lowest_k
 
 SAMPLES = 256
 

@@ -30,7 +30,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import LoRARecovery, finalize, get_masks, update_masks
-from lightning_prune.sharded import local_tensor
+from lightning_prune.parallel.sharded import local_tensor
 from lightning_prune.targets import find_targets
 
 

@@ -27,11 +27,13 @@ from conftest import make_trainer
 from torch import nn
 
 from lightning_prune import GradualPruning, finalize, get_masks, prune_oneshot
+from lightning_prune.calibration.blocks import find_blocks
+from lightning_prune.calibration.collect import collect_statistics
+from lightning_prune.calibration.driver import block_output, calibrate_sequentially
+from lightning_prune.calibration.stats import FeatureNormStats
 from lightning_prune.export import load_sparse, save_sparse
 from lightning_prune.oneshot.api import ONESHOT_TYPES, block_targets
-from lightning_prune.oneshot.collect import collect_statistics, prune_target
-from lightning_prune.oneshot.driver import block_output, calibrate_sequentially, find_blocks
-from lightning_prune.oneshot.stats import FeatureNormStats
+from lightning_prune.oneshot.prune import prune_target
 from lightning_prune.oneshot.wanda import Wanda
 from lightning_prune.report import SparsityReport, max_nonzeros_per_group
 from lightning_prune.targets import find_targets, router_names

@@ -11,9 +11,10 @@ from torch import nn
 from transformers import cache_utils
 
 from lightning_prune import get_masks, prune_oneshot
-from lightning_prune.oneshot.capture import Capture
-from lightning_prune.oneshot.driver import block_output, calibrate_sequentially, find_blocks
-from lightning_prune.oneshot.replay import same
+from lightning_prune.calibration.blocks import find_blocks
+from lightning_prune.calibration.capture import Capture
+from lightning_prune.calibration.driver import block_output, calibrate_sequentially
+from lightning_prune.calibration.replay import same
 
 
 class Block(nn.Module):

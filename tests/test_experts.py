@@ -11,8 +11,8 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from lightning_prune import get_masks, prune_oneshot, set_mask
-from lightning_prune.oneshot.collect import collect_statistics
-from lightning_prune.oneshot.stats import HessianStats
+from lightning_prune.calibration.collect import collect_statistics
+from lightning_prune.calibration.stats import HessianStats
 from lightning_prune.targets import find_targets
 
 HIDDEN, INTER = 8, 8

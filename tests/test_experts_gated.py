@@ -21,10 +21,10 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-from lightning_prune.oneshot import experts as experts_module
-from lightning_prune.oneshot.collect import collect_statistics
-from lightning_prune.oneshot.gated import BATCHED, GROUPED, PRE_ROUTED, expert_rows, own_layout
-from lightning_prune.oneshot.stats import HessianStats
+from lightning_prune.calibration import experts as experts_module
+from lightning_prune.calibration.collect import collect_statistics
+from lightning_prune.calibration.gated import BATCHED, GROUPED, PRE_ROUTED, expert_rows, own_layout
+from lightning_prune.calibration.stats import HessianStats
 from lightning_prune.targets import find_targets
 
 HIDDEN, INTER, EXPERTS = 8, 4, 3  # grouped_mm wants row strides of 16 bytes

@@ -124,7 +124,7 @@ def test_the_meta_skeleton_of_a_transformers_model_is_the_model_without_hooks_ma
     from conftest import tiny_llama
 
     from lightning_prune.masking import get_masks, set_mask
-    from lightning_prune.recovery.sharded_teacher import meta_skeleton
+    from lightning_prune.recovery.sharded import meta_skeleton
 
     model: Any = tiny_llama(tie_word_embeddings=True).eval()
     layer = model.model.layers[0].mlp.up_proj

@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_prune import LoRARecovery, get_masks, update_masks
 from lightning_prune.lora import adapter_parameters, attach_lora, load_lora, merge_lora, unwrapped_state_dict
-from lightning_prune.lora_experts import MaskedParamWrapper
+from lightning_prune.lora.experts import MaskedParamWrapper
 from lightning_prune.report import max_nonzeros_per_group
 from lightning_prune.targets import find_targets
 

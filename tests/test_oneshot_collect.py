@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_prune.calibration.collect import collect_statistics
 from lightning_prune.masking import get_mask, get_masks
 from lightning_prune.oneshot import FeatureNormStats, HessianStats
-from lightning_prune.oneshot.collect import collect_statistics, prune_target, prune_targets
 from lightning_prune.oneshot.method import LayerStats
+from lightning_prune.oneshot.prune import prune_target, prune_targets
 from lightning_prune.oneshot.wanda import Wanda
 from lightning_prune.targets import PruneTarget, find_targets
 

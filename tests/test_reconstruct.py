@@ -9,9 +9,9 @@ import torch
 from conftest import TINY_LLAMA_CONFIG
 from torch import nn
 
+from lightning_prune.calibration.driver import BlockRunner
 from lightning_prune.masking import get_mask, get_masks, set_mask
 from lightning_prune.oneshot import calibrate_sequentially, prune_oneshot, wanda_mask
-from lightning_prune.oneshot.driver import BlockRunner
 from lightning_prune.recovery import block_error, reconstruct_block
 from lightning_prune.report import max_nonzeros_per_group
 

@@ -1,4 +1,4 @@
-"""lightning_prune.sharded in one process (the two-rank cases run in tests/test_fsdp.py), and which
+"""lightning_prune.parallel.sharded in one process (the two-rank cases run in tests/test_fsdp.py), and which
 strategies the callbacks accept."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lightning_prune.callbacks.sharding import check_strategy
+from lightning_prune.parallel.sharded import _sortable_keys, select_masks_sharded, sharded_lowest_k
 from lightning_prune.selection import lowest_k, select_masks
-from lightning_prune.sharded import _sortable_keys, select_masks_sharded, sharded_lowest_k
 
 
 def test_keys_order_like_the_floats_and_count_negative_zero_as_zero() -> None:

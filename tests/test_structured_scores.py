@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_prune.calibration.stats import FeatureNormStats
 from lightning_prune.masking import get_mask
-from lightning_prune.oneshot.stats import FeatureNormStats
 from lightning_prune.registry import STRUCTURED_SCORES
 from lightning_prune.structured import (
     BlockInfluence,

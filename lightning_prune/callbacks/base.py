@@ -16,11 +16,11 @@ from torch import nn
 
 from lightning_prune.callbacks.sharding import ShardedState, check_strategy
 from lightning_prune.criteria import Criterion, make_criterion
-from lightning_prune.distributed import broadcast_masks_
 from lightning_prune.masking import apply_masks_, finalize, get_mask, get_masks, keep_masks_applied, load_masks, mask_sharded_gradients_, update_masks
+from lightning_prune.parallel.collectives import broadcast_masks_
+from lightning_prune.parallel.sharded import local_tensor, sum_over_shards, targets_shard_group
 from lightning_prune.registry import CRITERIA
 from lightning_prune.selection import SCOPES, check_pattern_fits, check_pattern_sparsity, check_sparsity
-from lightning_prune.sharded import local_tensor, sum_over_shards, targets_shard_group
 from lightning_prune.structured.training import StructuredSelection, check_structure_arguments, compact_and_measure, describe, first_batch, sample_forward
 from lightning_prune.targets import PruneTarget, find_targets
 
@@ -37,7 +37,7 @@ class MaskingCallback(ShardedState, Callback):
     `warnings_recorded`), removes the hooks and, with `finalize_on_end`, bakes the masks in.
 
     Under FSDP2 (`ModelParallelStrategy`) each rank masks its own row block of every weight, selection
-    agrees exactly with one process (`lightning_prune.sharded`), and mask blocks travel through the
+    agrees exactly with one process (`lightning_prune.parallel.sharded`), and mask blocks travel through the
     distributed checkpoint (`callbacks.sharding.ShardedState`).
     """
 

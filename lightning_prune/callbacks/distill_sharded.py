@@ -5,7 +5,7 @@ Lightning 2.6.6 runs callbacks' `setup` before `configure_model` (where the user
 possibly on the meta device) and materializes the model in the strategy's setup, before
 `on_fit_start`. So under FSDP2 the teacher is taken in `on_fit_start` (no pruning callback has
 pruned yet: they prune from the first training batch), as a sharded copy of the student
-(`recovery.sharded_teacher`). Its blocks differ on every rank, so, like mask blocks
+(`recovery.sharded`). Its blocks differ on every rank, so, like mask blocks
 (`callbacks/sharding.py`), they are written into the distributed checkpoint as DTensors and read
 back on resume, also on another number of ranks; Lightning restores a distributed checkpoint after
 `on_fit_start`, so the restored teacher replaces the copy of the freshly built model.
@@ -23,8 +23,8 @@ from torch import nn
 
 from lightning_prune.callbacks.sharding import load_sharded_state, save_sharded_state
 from lightning_prune.masking import get_masks
-from lightning_prune.recovery.sharded_teacher import copy_into_sharded, shard_teacher, sharded_frozen_copy, student_mesh
-from lightning_prune.sharded import is_sharded, local_tensor
+from lightning_prune.parallel.sharded import is_sharded, local_tensor
+from lightning_prune.recovery.sharded import copy_into_sharded, shard_teacher, sharded_frozen_copy, student_mesh
 
 
 def is_fsdp2(strategy: object) -> bool:

@@ -17,8 +17,8 @@ from torch import nn
 
 from lightning_prune.callbacks.sharding import check_strategy
 from lightning_prune.lora import adapter_parameters, attach_lora, check_lora_arguments, lora_target_names, merge_lora, unwrapped_state_dict
-from lightning_prune.lora_experts import expert_parameter_names
-from lightning_prune.lora_sharded import check_after_sharding, check_before_sharding, gathered_adapter_state, guard_gathered_forward, install_forward_masks, merge_lora_sharded, shard_masks_
+from lightning_prune.lora.experts import expert_parameter_names
+from lightning_prune.lora.sharded import check_after_sharding, check_before_sharding, gathered_adapter_state, guard_gathered_forward, install_forward_masks, merge_lora_sharded, shard_masks_
 from lightning_prune.targets import find_targets
 from lightning_prune.validation import check_number
 
@@ -75,7 +75,7 @@ class LoRARecovery(Callback):
     the fix); one over `modules()` makes `lora_A`/`lora_B` units of their own, which only
     `masked_delta=False` allows. Shard the LoRA layers or their blocks. `on_fit_start` cuts the masks to
     the rank's rows and swaps the optimizer; the merge adds each rank's rows
-    (`lora_sharded.merge_lora_sharded`). Checkpoints keep the adapters in the model's distributed
+    (`lora.sharded.merge_lora_sharded`). Checkpoints keep the adapters in the model's distributed
     `state_dict` (injected before the restore, they load like any parameter). With `merge=False`
     call `save_adapter(dir)` on every rank after fit: it gathers the adapters (A is r × in, B is
     out × r) and rank 0 writes whole tensors that peft loads on one process (peft 0.21.2's own
@@ -123,7 +123,7 @@ class LoRARecovery(Callback):
         self._restored_adapters: dict[str, torch.Tensor] = {}
         self._pl_module: pl.LightningModule | None = None
         self._sharded = False  # injected in `setup` under ModelParallelStrategy (FSDP2)
-        self.forward_masks: dict[str, str] = {}  # under FSDP2: 'nonzero' or 'gathered' per LoRA layer (lora_sharded)
+        self.forward_masks: dict[str, str] = {}  # under FSDP2: 'nonzero' or 'gathered' per LoRA layer (lora.sharded)
 
     @property
     def state_key(self) -> str:

@@ -10,12 +10,13 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DistributedSampler
 
+from lightning_prune.calibration.blocks import find_blocks
+from lightning_prune.calibration.driver import call_model
+from lightning_prune.calibration.samples import check_num_samples, take_samples
 from lightning_prune.callbacks.base import MaskingCallback
-from lightning_prune.distributed import all_reduce_sum_, is_distributed
 from lightning_prune.oneshot.api import RECONSTRUCT_TARGETS, block_targets, check_oneshot_arguments, needs_calibration, prune_oneshot, resolve_method, resolve_refiner
-from lightning_prune.oneshot.driver import call_model, find_blocks
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
-from lightning_prune.oneshot.samples import check_num_samples, take_samples
+from lightning_prune.parallel.collectives import all_reduce_sum_, is_distributed
 from lightning_prune.recovery.reconstruct import check_reconstruct_arguments
 from lightning_prune.report import SparsityReport
 from lightning_prune.targets import PruneTarget

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
 
-from lightning_prune.sharded import local_tensor
+from lightning_prune.parallel.sharded import local_tensor
 
 PREFIX = "_lightning_prune"
 

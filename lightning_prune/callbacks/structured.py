@@ -8,10 +8,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from lightning_prune.calibration.samples import take_samples
 from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.callbacks.oneshot import fit_train_dataloader
 from lightning_prune.masking import get_masks
-from lightning_prune.oneshot.samples import take_samples
 from lightning_prune.selection import check_sparsity
 from lightning_prune.structured.api import prune_structured, resolve_score
 from lightning_prune.structured.report import StructuredReport

@@ -11,14 +11,15 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_prune.oneshot.calls import hidden_of, with_hidden
-from lightning_prune.oneshot.collect import Snapshot, collect_statistics, prune_targets, too_few_tokens, warn_dense_experts
-from lightning_prune.oneshot.driver import Batch, BlockRunner, calibrate_sequentially, call_model, find_blocks
+from lightning_prune.calibration.blocks import find_blocks
+from lightning_prune.calibration.calls import hidden_of, with_hidden
+from lightning_prune.calibration.collect import collect_statistics, too_few_tokens
+from lightning_prune.calibration.driver import Batch, BlockRunner, calibrate_sequentially, call_model
+from lightning_prune.calibration.samples import check_num_samples, take_samples
+from lightning_prune.calibration.stats import TokenStatistic
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
-from lightning_prune.oneshot.owl import outlier_ratio, owl_sparsities
-from lightning_prune.oneshot.samples import check_num_samples, take_samples
-from lightning_prune.oneshot.stats import FeatureNormStats, TokenStatistic
-from lightning_prune.oneshot.wanda import wanda_scores
+from lightning_prune.oneshot.owl import owl_block_sparsities
+from lightning_prune.oneshot.prune import Snapshot, prune_targets, warn_dense_experts
 from lightning_prune.recovery.reconstruct import check_reconstruct_arguments, reconstruct_block
 from lightning_prune.registry import MASK_REFINERS, ONESHOT_METHODS
 from lightning_prune.report import SparsityReport, sparsity_report
@@ -89,32 +90,6 @@ def block_targets(model: nn.Module, stacks: Sequence[tuple[str, nn.ModuleList]],
 
 def _identity(stats: list[Statistic]) -> None:
     """Default `reduce_stats`: one process, nothing to combine."""
-
-
-def owl_block_sparsities(
-    model: nn.Module,
-    batches: list[Batch],
-    per_block: Mapping[str, Sequence[PruneTarget]],
-    sparsity: float,
-    reduce_stats: Callable[[list[Statistic]], None],
-    threshold: float,
-    lam: float,
-    **driver: Any,
-) -> dict[str, float]:
-    """A dense calibration pass that measures each block's Wanda outlier ratio, then OWL sparsities."""
-    ratios: dict[str, float] = {}
-
-    def measure(index: int, name: str, block: nn.Module, run_block: BlockRunner) -> None:
-        if not per_block[name]:
-            return
-        stats = collect_statistics(per_block[name], (FeatureNormStats,), run_block)
-        reduce_stats([stat for per_kind in stats.values() for stat in per_kind.values()])
-        scores = [wanda_scores(m, stats[n][FeatureNormStats].feature_norms()) for t in per_block[name] for n, m in zip(t.matrix_names(), t.matrices(t.weight)) if int(stats[n][FeatureNormStats].count)]
-        ratios[name] = outlier_ratio(scores, threshold)
-
-    calibrate_sequentially(model, batches, measure, **driver)
-    spread = owl_sparsities(list(ratios.values()), sparsity, lam)
-    return {**dict.fromkeys(per_block, sparsity), **dict(zip(ratios, spread))}
 
 
 def prune_oneshot(

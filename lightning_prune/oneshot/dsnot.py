@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import torch
 
+from lightning_prune.calibration.stats import FeatureNormStats
 from lightning_prune.oneshot.method import LayerStats, MaskRefiner, statistic
-from lightning_prune.oneshot.stats import FeatureNormStats
 from lightning_prune.registry import register_refiner
 from lightning_prune.selection import parse_pattern
 

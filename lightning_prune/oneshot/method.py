@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lightning_prune.oneshot.stats import TokenStatistic
+from lightning_prune.calibration.stats import TokenStatistic
 
 # A weight's statistics by kind (e.g. {FeatureNormStats: ..., HessianStats: ...}).
 LayerStats = Mapping[type[TokenStatistic], TokenStatistic]

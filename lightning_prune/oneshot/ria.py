@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from lightning_prune.calibration.stats import FeatureNormStats
 from lightning_prune.oneshot.method import LayerStats, OneShotMethod, statistic
-from lightning_prune.oneshot.stats import FeatureNormStats
 from lightning_prune.registry import register_method
 from lightning_prune.selection import parse_pattern, select_layer_wise, select_n_m, select_row_wise
 

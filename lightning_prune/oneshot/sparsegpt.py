@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from lightning_prune.calibration.stats import HessianStats
 from lightning_prune.masking import keep_only_
 from lightning_prune.oneshot.method import LayerStats, OneShotMethod, statistic
-from lightning_prune.oneshot.stats import HessianStats
 from lightning_prune.registry import register_method
 from lightning_prune.selection import check_scores, lowest_in_groups, lowest_k, parse_pattern, prune_count
 from lightning_prune.validation import check_integer, check_number

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from lightning_prune.calibration.stats import FeatureNormStats
 from lightning_prune.oneshot.method import LayerStats, OneShotMethod, statistic
-from lightning_prune.oneshot.stats import FeatureNormStats
 from lightning_prune.registry import register_method
 from lightning_prune.selection import parse_pattern, select_n_m, select_row_wise
 

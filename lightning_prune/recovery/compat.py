@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lightning_prune.oneshot.driver import find_block_stack, find_blocks
+from lightning_prune.calibration.blocks import find_block_stack, find_blocks
 
 
 def block_stacks(model: nn.Module) -> list[tuple[str, int]]:

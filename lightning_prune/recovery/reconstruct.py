@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_prune.calibration.calls import block_output
 from lightning_prune.masking import apply_masks_
 
 BlockInputs = Sequence[tuple[tuple[Any, ...], dict[str, Any]]]
@@ -31,10 +32,6 @@ class ReconstructionResult:
     error_after: float
     steps: int
     kept: bool  # False: tuning did not lower the error, so the pruned weights were restored
-
-
-def _output(value: Any) -> torch.Tensor:
-    return value if isinstance(value, torch.Tensor) else value[0]
 
 
 def _as_float32(value: Any) -> Any:
@@ -53,7 +50,7 @@ def block_error(block: nn.Module, inputs: BlockInputs, dense_outputs: Sequence[t
     """Mean squared error between `block`'s outputs on `inputs` and `dense_outputs` (fp32)."""
     total, count = 0.0, 0
     for (args, kwargs), target in zip(inputs, dense_outputs):
-        output = _output(block(*args, **kwargs)).float()
+        output = block_output(block(*args, **kwargs)).float()
         total += float(F.mse_loss(output, target.float(), reduction="sum"))
         count += target.numel()
     return total / max(count, 1)
@@ -108,7 +105,7 @@ def _tune(block: nn.Module, parameters: list[nn.Parameter], inputs: BlockInputs,
     with torch.enable_grad():
         for step in range(steps):
             args, kwargs = inputs[step % len(inputs)]
-            loss = F.mse_loss(_output(block(*args, **kwargs)).float(), dense_outputs[step % len(inputs)].float())
+            loss = F.mse_loss(block_output(block(*args, **kwargs)).float(), dense_outputs[step % len(inputs)].float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

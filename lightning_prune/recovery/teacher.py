@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_prune.calibration.calls import block_output, to_device
 from lightning_prune.masking import remove_masks
-from lightning_prune.oneshot.driver import to_device
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -66,18 +66,13 @@ def place_teacher(teacher: nn.Module, device: torch.device | None, dtype: torch.
     return teacher
 
 
-def first_tensor(output: Any) -> torch.Tensor:
-    """A module's main output: the tensor itself, or the first element of a tuple / ModelOutput."""
-    return output if isinstance(output, torch.Tensor) else output[0]
-
-
 def main_output(output: Any, prefer: Sequence[str]) -> torch.Tensor:
     """The first of the attributes `prefer` (e.g. "logits") that `output` has, else its first tensor."""
     for name in prefer:
         value = getattr(output, name, None)
         if isinstance(value, torch.Tensor):
             return value
-    return first_tensor(output)
+    return block_output(output)
 
 
 @dataclass
@@ -139,7 +134,7 @@ class OutputCapture:
     def _layer_hook(self, name: str) -> Any:
         def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if self.active and self._depth > 0:
-                self.calls[-1].layers[name] = first_tensor(output)
+                self.calls[-1].layers[name] = block_output(output)
 
         return record
 

@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.callbacks.distill import KnowledgeDistillation
 from lightning_prune.masking import get_masks, load_masks, remove_masks
-from lightning_prune.recovery.sharded_teacher import sharded_frozen_copy, student_mesh
+from lightning_prune.recovery.sharded import sharded_frozen_copy, student_mesh
 from lightning_prune.recovery.teacher import frozen_copy
 from lightning_prune.run.checks import ConfigError
 from lightning_prune.run.stages import Stage

@@ -15,13 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.oneshot.api import collect_statistics
+from lightning_prune.calibration.calls import block_output
+from lightning_prune.calibration.collect import collect_statistics
 
 try:  # what transformers' strict configs raise on an invalid architecture (huggingface_hub 1.x)
     from huggingface_hub.errors import StrictDataclassClassValidationError as ConfigValidationError
 except ImportError:  # pragma: no cover - older huggingface_hub raise ValueError
     ConfigValidationError = ValueError  # type: ignore[misc,assignment]
-from lightning_prune.oneshot.driver import Batch, calibrate_sequentially, call_model, find_block_stack
+from lightning_prune.calibration.blocks import find_block_stack
+from lightning_prune.calibration.driver import Batch, calibrate_sequentially, call_model
 from lightning_prune.registry import STRUCTURED_SCORES
 from lightning_prune.selection import check_sparsity
 from lightning_prune.structured.groups import GroupSet, find_block_groups, model_config
@@ -43,7 +45,10 @@ def resolve_score(method: str | StructuredScore, options: Mapping[str, Any] | No
     return score
 
 
-def _select(groups: list[GroupSet], targets: Any, ignore: Any) -> list[GroupSet]:
+def select_groups(groups: list[GroupSet], targets: Any, ignore: Any) -> list[GroupSet]:
+    """The groups whose name matches a `targets` regex (all when None) and no `ignore` regex; transformers
+    blocks are all or none (a stock config states one width for every layer)."""
+
     def matches(patterns: Any, name: str) -> bool:
         patterns = [patterns] if isinstance(patterns, str) else list(patterns)
         return any(re.search(p, name) for p in patterns)
@@ -60,8 +65,8 @@ def _select(groups: list[GroupSet], targets: Any, ignore: Any) -> list[GroupSet]
 
 def _find(model: nn.Module, blocks: str | None, mlp_sparsity: float, head_sparsity: float, targets: Any, ignore: Any) -> list[GroupSet]:
     return [
-        *(_select(find_block_groups(model, "neuron", blocks), targets, ignore) if mlp_sparsity > 0 else []),
-        *(_select(find_block_groups(model, "head", blocks), targets, ignore) if head_sparsity > 0 else []),
+        *(select_groups(find_block_groups(model, "neuron", blocks), targets, ignore) if mlp_sparsity > 0 else []),
+        *(select_groups(find_block_groups(model, "head", blocks), targets, ignore) if head_sparsity > 0 else []),
     ]
 
 
@@ -98,32 +103,6 @@ def _check_config_accepts_heads(model: nn.Module, groups: Sequence[GroupSet], he
     if reason is not None:
         valid = sorted(round(1 - k / count, 4) for k in range(1, count) if rejection(k) is None)
         raise ValueError(f"`head_sparsity`={head_sparsity} keeps {kept} of {count} key/value heads, which {type(config).__name__} rejects ({reason}); head sparsities it accepts: {valid}")
-
-
-def _check_flap_bias(score: StructuredScore, groups: Sequence[GroupSet], config: Any) -> None:
-    """FLAP's compensation needs a consumer bias; where missing, the config must be able to add one."""
-    if not getattr(score, "compensate_bias", False):
-        return
-    for group in groups:
-        for part in group.consumers():
-            if getattr(part.module, "bias", None) is None and not hasattr(config, "mlp_bias" if group.kind == "neuron" else "attention_bias"):
-                raise ValueError(
-                    f"`method`='flap' moves the removed {group.kind}s' mean output into the bias of {part.module_name}, which has none and "
-                    f"whose config ({type(config).__name__}) cannot add one; use method_options={{'compensate': False}} or method='wanda'"
-                )
-
-
-@torch.no_grad()
-def _add_compensation_biases(groups: Sequence[GroupSet], model: nn.Module) -> None:
-    """Give every layer the config flag covers a zero bias, and set the flag (FLAP on Llama-style models)."""
-    for group in groups:
-        if all(getattr(p.module, "bias", None) is not None for p in group.consumers()):
-            continue
-        flag = "mlp_bias" if group.kind == "neuron" else "attention_bias"
-        setattr(model_config(model), flag, True)
-        for layer in model.get_submodule(group.name).modules():
-            if isinstance(layer, nn.Linear) and layer.bias is None:
-                layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device))
 
 
 def prune_structured(
@@ -164,14 +143,13 @@ def prune_structured(
     for group in groups:
         score.check(group)
     _check_config_accepts_heads(model, groups, head_sparsity)
-    _check_flap_bias(score, groups, model_config(model))
+    score.check_model(groups, model_config(model))
     batches = list(calibration) if calibration is not None else []
     if (score.statistics or score.needs_gradients or drop_layers) and not batches:
         raise ValueError(f"`calibration` has no batches; method {score.name!r}{' and drop_layers' if drop_layers else ''} need calibration data")
     notes = _rounding_notes(groups, {"neuron": mlp_sparsity, "head": head_sparsity})
     before = structured_report(model, [], [], score.name, [])
-    if getattr(score, "compensate_bias", False):
-        _add_compensation_biases(groups, model)
+    if score.prepare(model, groups):
         groups = _find(model, blocks, mlp_sparsity, head_sparsity, targets, ignore)  # with the new bias parts
     if score.needs_gradients:
         _accumulate_gradients(model, batches, groups, score, forward)
@@ -220,7 +198,7 @@ def _collect(groups: Sequence[GroupSet], score: StructuredScore, block: nn.Modul
 
         def measure(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
-            out = output if isinstance(output, torch.Tensor) else output[0]
+            out = block_output(output)
             influence.add_(BlockInfluence.token_influence(hidden, out).cpu())
 
         handle = block.register_forward_hook(measure, with_kwargs=True)

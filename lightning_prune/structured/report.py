@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_prune.oneshot.driver import find_block_stack
+from lightning_prune.calibration.blocks import find_block_stack
 from lightning_prune.structured.groups import GroupSet, removed_units
 
 

@@ -4,8 +4,8 @@ Built-ins (DESIGN, "Structured groups"):
 - "magnitude": the group's L1 (default, Li et al. 2016) or L2 norm over its weight entries.
 - "wanda": Σ over the group's weights of Wanda's |W_ij|·‖X_j‖₂ (rows of the producers with their
   inputs' norms, columns of the consumer with the unit's own activation norm).
-- "flap": FLAP's fluctuation Σ_j Var(X_j)·‖W_:,j‖² over the unit's consumer columns; with
-  `compensate` the removed columns' mean contribution W_:,j·E[X_j] moves into the consumer's bias.
+- "flap" (structured/flap.py): FLAP's fluctuation Σ_j Var(X_j)·‖W_:,j‖² over the unit's consumer
+  columns, with its bias compensation.
 - "taylor": first-order Taylor of the group, (Σ_s w_s·g_s)² averaged over steps (Molchanov et
   al. 2019), accumulated during training or over calibration batches.
 - "block_influence": 1 − cos(x_in, x_out) of a whole block over calibration tokens (ShortGPT).
@@ -18,32 +18,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from lightning_prune.oneshot.stats import FeatureNormStats, TokenStatistic
+from lightning_prune.calibration.stats import FeatureNormStats, TokenStatistic
 from lightning_prune.registry import register_structured_score
-from lightning_prune.structured.groups import GroupSet, Part, _input_dim
-
-
-class FeatureMomentStats(TokenStatistic):
-    """FLAP's statistic: Σx_j and Σx_j² over tokens for every input feature j (fp32), and the count."""
-
-    def __init__(self, name: str, in_features: int, device: torch.device | str | None = None) -> None:
-        super().__init__(name, torch.zeros(2, in_features, dtype=torch.float32, device=device))
-
-    def add(self, inputs: torch.Tensor) -> None:
-        """Accumulate a batch of layer inputs `(..., in_features)`."""
-        rows = self._rows(inputs)
-        self.sum[0] += rows.sum(0)
-        self.sum[1] += rows.square().sum(0)
-
-    def mean(self) -> torch.Tensor:
-        """E[X_j] over the calibration tokens."""
-        self.check_count()
-        return self.sum[0] / float(self.count)
-
-    def variance(self) -> torch.Tensor:
-        """Var(X_j) over the calibration tokens (population variance, clamped at 0)."""
-        mean = self.mean()
-        return (self.sum[1] / float(self.count) - mean.square()).clamp_min(0.0)
+from lightning_prune.structured.groups import GroupSet, Part, input_dim
 
 
 class StructuredScore:
@@ -70,6 +47,13 @@ class StructuredScore:
                 if part.is_weight and isinstance(part.module, nn.Conv2d):
                     raise ValueError(f"`method`={self.name!r} scores linear layers from their input activations; {part.module_name} is a Conv2d: use 'magnitude' or 'taylor' for filters")
 
+    def check_model(self, groups: Sequence[GroupSet], config: object) -> None:
+        """Raise a `ValueError` before pruning when the model cannot take what this score will do."""
+
+    def prepare(self, model: nn.Module, groups: Sequence[GroupSet]) -> bool:
+        """Change the model before scoring (e.g. add parameters the method writes); True if it did."""
+        return False
+
     def compensate(self, group: GroupSet, removed: torch.Tensor, stats: Mapping[str, TokenStatistic]) -> None:
         """Adjust the remaining weights for the removed units (no-op unless the method does)."""
 
@@ -84,10 +68,10 @@ def _weight_parts(group: GroupSet) -> list[Part]:
     return [p for p in group.parts if p.is_weight]
 
 
-def _along_inputs(part: Part, values: torch.Tensor) -> torch.Tensor:
+def along_inputs(part: Part, values: torch.Tensor) -> torch.Tensor:
     """`values` (one per input feature) broadcast over the part's weight storage."""
     shape = [1] * part.tensor.dim()
-    shape[_input_dim(part.module)] = -1
+    shape[input_dim(part.module)] = -1
     return values.reshape(shape)
 
 
@@ -117,44 +101,8 @@ class GroupWanda(StructuredScore):
         total = torch.zeros(group.count, device=group.parts[0].tensor.device)
         for part in _weight_parts(group):
             norms = stats[part.module_name].feature_norms()  # type: ignore[attr-defined]
-            total += part.per_unit(part.tensor.detach().float().abs() * _along_inputs(part, norms))
+            total += part.per_unit(part.tensor.detach().float().abs() * along_inputs(part, norms))
         return total
-
-
-@register_structured_score("flap")
-class GroupFluctuation(StructuredScore):
-    """FLAP (An et al. 2024): Σ over the unit's consumer columns of Var(X_j)·‖W_:,j‖².
-
-    With `compensate` (the paper's bias compensation), pruning unit u adds Σ_j∈u W_:,j·E[X_j] to the
-    consumer's bias, so that the removed channels' mean output is kept. Where the consumer has no
-    bias the config must be able to add one (`mlp_bias` / `attention_bias`), checked before pruning.
-    """
-
-    statistics = (FeatureMomentStats,)
-
-    def __init__(self, compensate: bool = True) -> None:
-        self.compensate_bias = bool(compensate)
-
-    @torch.no_grad()
-    def score(self, group: GroupSet, stats: Mapping[str, TokenStatistic]) -> torch.Tensor:
-        total = torch.zeros(group.count, device=group.parts[0].tensor.device)
-        for part in group.consumers():
-            variance = stats[part.module_name].variance()  # type: ignore[attr-defined]
-            total += part.per_unit(part.tensor.detach().float().square() * _along_inputs(part, variance))
-        return total
-
-    @torch.no_grad()
-    def compensate(self, group: GroupSet, removed: torch.Tensor, stats: Mapping[str, TokenStatistic]) -> None:
-        if not self.compensate_bias or not bool(removed.any()):
-            return
-        for part in group.consumers():
-            mean = stats[part.module_name].mean()  # type: ignore[attr-defined]
-            drop = removed.repeat_interleave(part.width).float()
-            weight = part.tensor.detach().float()
-            matrix = weight.t() if _input_dim(part.module) == 0 else weight
-            shift = matrix @ (mean * drop)
-            bias: torch.Tensor = part.module.bias  # type: ignore[assignment]
-            bias.add_(shift.to(bias.dtype))
 
 
 class _Accumulator:

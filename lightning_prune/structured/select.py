@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from lightning_prune.calibration.stats import TokenStatistic
 from lightning_prune.masking import get_mask, set_mask
-from lightning_prune.oneshot.stats import TokenStatistic
 from lightning_prune.structured.groups import GroupSet, removed_units
 from lightning_prune.structured.scores import StructuredScore
 

@@ -19,6 +19,11 @@ BlockInputs = list[Call]  # one (args, kwargs) per calibration batch
 CACHE_KEYS = ("past_key_value", "past_key_values", "layer_past", "cache", "cache_params")
 
 
+def block_output(output: Any) -> torch.Tensor:
+    """The hidden states a block returns (a tensor, or the first element of a tuple/ModelOutput)."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
 def to_device(value: Any, device: torch.device) -> Any:
     """Move every tensor inside nested tuples/lists/dicts to `device`."""
     if isinstance(value, torch.Tensor):

@@ -31,10 +31,10 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_prune.lora import FORWARD_MASK, lora_layers, remove_derived_mask
-from lightning_prune.lora_experts import keep_mask
+from lightning_prune.lora.experts import keep_mask
+from lightning_prune.lora.wrap import FORWARD_MASK, lora_layers, remove_derived_mask
 from lightning_prune.masking import get_mask, keep_only_, masked_parameters, remove_mask, set_mask
-from lightning_prune.sharded import is_sharded, local_tensor, shard_group, sum_over_shards
+from lightning_prune.parallel.sharded import is_sharded, local_tensor, shard_group, sum_over_shards
 
 
 def check_before_sharding(network: nn.Module, module_names: Sequence[str], parameter_names: Sequence[str]) -> None:

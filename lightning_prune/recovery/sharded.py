@@ -22,8 +22,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lightning_prune.masking import MASK_ATTRIBUTES, get_masks, mask_buffer_names
+from lightning_prune.parallel.sharded import local_tensor, shard_group
 from lightning_prune.recovery.teacher import freeze
-from lightning_prune.sharded import local_tensor, shard_group
 
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"_is_fsdp_managed_module", "_fsdp_use_orig_params"} | MASK_ATTRIBUTES
 _COMPOSABLE_PREFIX = "__composable_api"  # keys fully_shard's `contract` puts into a module's __dict__ (torch 2.13)

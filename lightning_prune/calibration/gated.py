@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_prune.oneshot.experts import routing_index
+from lightning_prune.calibration.experts import routing_index
 
 GROUPED, BATCHED, PRE_ROUTED = "grouped_mm", "batched_mm", "pre_routed"
 KNOWN_FORWARDS: dict[object, str] = {}  # transformers' experts forwards whose rows are known -> layout

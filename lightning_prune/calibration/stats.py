@@ -1,7 +1,7 @@
 """Calibration statistics as plain sums: easy to all-reduce across ranks before pruning.
 
 Each statistic keeps an un-normalised fp32 `sum` and an int64 token `count` (0-d tensor), whatever
-the model's dtype. Summing both over ranks (e.g. `distributed.all_reduce_sum_(stat.tensors())`)
+the model's dtype. Summing both over ranks (e.g. `parallel.collectives.all_reduce_sum_(stat.tensors())`)
 gives exactly the statistic of the union of the ranks' batches.
 """
 

@@ -20,7 +20,7 @@ Lifecycle::
     # or keep it unmerged: peft_model.save_pretrained(dir), later load_lora(sparse_base, dir)
 
 Fused mixture-of-experts parameters (`experts.gate_up_proj`, (E, out, in) or (E, in, out)) get one
-adapter per expert through peft's `target_parameters` (`lora_experts.MaskedParamWrapper`); the same
+adapter per expert through peft's `target_parameters` (`lora.experts.MaskedParamWrapper`); the same
 two modes and the same merge apply to every expert slice.
 
 Module names under peft gain `base_model.model.` and `.base_layer` (e.g.
@@ -39,13 +39,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
-from lightning_prune.lora_experts import adapted_parameter, expert_parameter_names, fused_expert_names, install_masked_experts, keep_mask
+from lightning_prune.lora.experts import adapted_parameter, expert_parameter_names, fused_expert_names, install_masked_experts, keep_mask
 from lightning_prune.masking import get_mask, keep_only_, masked_parameters, remove_mask, set_mask
 from lightning_prune.targets import find_targets
 from lightning_prune.validation import check_integer, check_number
 
 _DERIVED = "_lightning_prune_lora_derived_masks"  # base-layer attribute: [param_name, ...] whose masks attach_lora derived from zeros
-# Base-layer attribute under FSDP2: a callable giving the whole keep-mask in the forward, where the mask buffer is a row block (lora_sharded).
+# Base-layer attribute under FSDP2: a callable giving the whole keep-mask in the forward, where the mask buffer is a row block (lora.sharded).
 FORWARD_MASK = "_lightning_prune_lora_forward_mask"
 
 

@@ -26,16 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.oneshot.calls import BlockInputs, describe_batch, hidden_of, to_device, with_hidden, without_caches
-from lightning_prune.oneshot.replay import replacing, same
+from lightning_prune.calibration.calls import BlockInputs, block_output, describe_batch, hidden_of, to_device, with_hidden, without_caches
+from lightning_prune.calibration.replay import replacing, same
 
 
 class _StackDone(Exception):
     """Raised after the captured stack's last block to stop the forward pass."""
-
-
-def _output_hidden(output: Any) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output[0]
 
 
 class _Recorder:
@@ -95,7 +91,7 @@ class _Recorder:
     def leave(self, s: int, j: int, module: nn.Module, output: Any) -> None:
         if self.offload and self.mode == "real":
             module.to(self.home)
-        self.previous, self.last_output = _output_hidden(output), output
+        self.previous, self.last_output = block_output(output), output
         if j == len(self.stacks[s][1]) - 1:
             self.previous = self.last_output = None
             raise _StackDone

@@ -17,9 +17,9 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _transport_device(tensor: torch.Tensor) -> torch.device:
-    """Where a collective must see the tensor: NCCL needs CUDA, gloo takes CPU tensors."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a collective over `group` (default: the world) needs its tensors: NCCL CUDA, gloo CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def broadcast_masks_(masks: Mapping[str, torch.Tensor], src: int = 0) -> None:
         return
     for name in sorted(masks):
         mask = masks[name]
-        carrier = mask.to(device=_transport_device(mask), dtype=torch.uint8)  # gloo has no bool
+        carrier = mask.to(device=collective_device(), dtype=torch.uint8)  # gloo has no bool
         dist.broadcast(carrier, src=src)
         mask.copy_(carrier.to(device=mask.device, dtype=torch.bool))
 
@@ -44,7 +44,7 @@ def all_reduce_sum_(tensors: Iterable[torch.Tensor]) -> None:
     if not is_distributed():
         return
     for tensor in tensors:
-        carrier = tensor if tensor.device == _transport_device(tensor) else tensor.to(_transport_device(tensor))
+        carrier = tensor if tensor.device == collective_device() else tensor.to(collective_device())
         dist.all_reduce(carrier, op=dist.ReduceOp.SUM)
         if carrier is not tensor:
             tensor.copy_(carrier)
