@@ -44,14 +44,14 @@ def test_every_recipe_composes_and_states_only_deltas() -> None:
         for entry in body.pop("defaults", []):
             ((key, option),) = entry.items()
             group = key.removeprefix("override /")
-            assert option != default_options[group], f"{recipe}: `{key}: {option}` is already conf/config.yaml's default"
+            assert option != default_options[group], f"{recipe}: `{key}: {option}` is already config.yaml's default"
             groups[group] = option
-        # What the recipe's values would be without it: conf/config.yaml with the recipe's group choices.
+        # What the recipe's values would be without it: config.yaml with the recipe's group choices.
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             base = compose("config", overrides=["~recipe", "output_dir=/unused", *(f"{g}={o}" for g, o in groups.items())])
         for key, value in flatten(body).items():
             default = OmegaConf.select(base, key, default="<absent>")
-            assert default != value, f"{recipe}: `{key}: {value!r}` repeats the default of conf/config.yaml and its groups"
+            assert default != value, f"{recipe}: `{key}: {value!r}` repeats the default of config.yaml and its groups"
             checked += 1
         cfg = compose_config(recipe, Path("/unused"))
         assert cfg.model._target_ and cfg.data._target_ and cfg.trainer._target_
