@@ -157,3 +157,15 @@ def test_missing_model_path_is_named(tmp_path: Path) -> None:
         run(compose_config("gmp_finetune", tmp_path, "model=causal_lm"))
     with pytest.raises(ConfigError, match=r"`model.model_path`='/no/such/dir' .*not a local model directory"):
         run(compose_config("gmp_finetune", tmp_path, "model=causal_lm", "model.model_path=/no/such/dir", "data.vocab_size=300"))
+
+
+def test_oneshot_method_configs_differ_from_their_shared_base_only_in_method() -> None:
+    base = yaml.safe_load((Path(CONFIG_DIR) / "oneshot_base.yaml").read_text())
+    assert base["method"] == "???" and base["method_options"] == {}
+    shared = {key: value for key, value in base.items() if key not in ("method", "method_options")}
+    options = {"wanda": {}, "sparsegpt": {"blocksize": 128, "percdamp": 0.01}, "ria": {"a": 0.5, "scope": "layer"}}
+    for method, method_options in options.items():
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            node = OmegaConf.to_container(compose("config", overrides=["~recipe", f"pruning={method}"]).pruning)
+        assert list(node) == list(base)  # every argument, in the base's order
+        assert node == {**shared, "method": method, "method_options": method_options}
