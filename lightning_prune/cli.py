@@ -1,4 +1,4 @@
-"""`lightning-prune`: the Hydra entry point. Composes conf/ + recipes/ and calls `run(cfg)`.
+"""`lightning-prune`: the Hydra entry point. Composes lightning_prune/conf/ (recipes included) and calls `run(cfg)`.
 
 Configuration mistakes end with one line naming the key and the value and exit code 2;
 `HYDRA_FULL_ERROR=1` shows the full traceback instead. In a sweep (`-m`), a failing job is
@@ -28,8 +28,8 @@ from lightning_prune.run.sweep import SweepLog
 CONFIG_ERRORS = (ValueError, OmegaConfBaseException)
 EXIT_BAD_CONFIG = 2
 EXIT_SWEEP_FAILED = 1
-# An absolute path: the same folder from an editable install (a link to the repository's conf/)
-# and from a wheel (the files copied in); recipes/ is the `recipe` group inside it.
+# An absolute path to the package's own conf/ folder: the source tree's from an editable install, the
+# wheel's copy from an installed one; the recipes are its `recipe` group (conf/recipe/).
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 # The jobs of the sweep run by this process (Hydra's basic launcher runs them in it, in order).
 SWEEP = SweepLog()

@@ -44,14 +44,14 @@ def test_every_recipe_composes_and_states_only_deltas() -> None:
         for entry in body.pop("defaults", []):
             ((key, option),) = entry.items()
             group = key.removeprefix("override /")
-            assert option != default_options[group], f"{recipe}: `{key}: {option}` is already conf/config.yaml's default"
+            assert option != default_options[group], f"{recipe}: `{key}: {option}` is already config.yaml's default"
             groups[group] = option
-        # What the recipe's values would be without it: conf/config.yaml with the recipe's group choices.
+        # What the recipe's values would be without it: config.yaml with the recipe's group choices.
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             base = compose("config", overrides=["~recipe", "output_dir=/unused", *(f"{g}={o}" for g, o in groups.items())])
         for key, value in flatten(body).items():
             default = OmegaConf.select(base, key, default="<absent>")
-            assert default != value, f"{recipe}: `{key}: {value!r}` repeats the default of conf/config.yaml and its groups"
+            assert default != value, f"{recipe}: `{key}: {value!r}` repeats the default of config.yaml and its groups"
             checked += 1
         cfg = compose_config(recipe, Path("/unused"))
         assert cfg.model._target_ and cfg.data._target_ and cfg.trainer._target_
@@ -157,3 +157,15 @@ def test_missing_model_path_is_named(tmp_path: Path) -> None:
         run(compose_config("gmp_finetune", tmp_path, "model=causal_lm"))
     with pytest.raises(ConfigError, match=r"`model.model_path`='/no/such/dir' .*not a local model directory"):
         run(compose_config("gmp_finetune", tmp_path, "model=causal_lm", "model.model_path=/no/such/dir", "data.vocab_size=300"))
+
+
+def test_oneshot_method_configs_differ_from_their_shared_base_only_in_method() -> None:
+    base = yaml.safe_load((Path(CONFIG_DIR) / "oneshot_base.yaml").read_text())
+    assert base["method"] == "???" and base["method_options"] == {}
+    shared = {key: value for key, value in base.items() if key not in ("method", "method_options")}
+    options = {"wanda": {}, "sparsegpt": {"blocksize": 128, "percdamp": 0.01}, "ria": {"a": 0.5, "scope": "layer"}}
+    for method, method_options in options.items():
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            node = OmegaConf.to_container(compose("config", overrides=["~recipe", f"pruning={method}"]).pruning)
+        assert list(node) == list(base)  # every argument, in the base's order
+        assert node == {**shared, "method": method, "method_options": method_options}

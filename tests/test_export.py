@@ -171,7 +171,7 @@ def test_export_configs_instantiate_the_callback(tmp_path):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).parents[1] / "conf" / "export"
+    conf = Path(__file__).parents[1] / "lightning_prune" / "conf" / "export"
     for name, format in [("dense", "dense"), ("sparse_24_bitmask", "sparse-24-bitmask"), ("sparse_bitmask", "sparse-bitmask")]:
         node = OmegaConf.load(conf / f"{name}.yaml")
         node.dirpath = str(tmp_path)  # `${hydra:runtime.output_dir}` resolves only inside a Hydra run

@@ -1,5 +1,5 @@
-"""`recipes/minilm_2of4_distill.yaml` on the real pretrained all-MiniLM-L6-v2: one-shot SparseGPT 2:4
-with reconstruction, distillation from the dense model, 2:4 export; a tiny budget (one block pruned,
+"""`lightning_prune/conf/recipe/minilm_2of4_distill.yaml` on the real pretrained all-MiniLM-L6-v2: one-shot
+SparseGPT 2:4 with reconstruction, distillation from the dense model, 2:4 export; a tiny budget (one block pruned,
 two distillation steps) so the stages, the teacher and the export are checked, not the quality
 (benchmarks/recovery.py measures that)."""
 

@@ -73,7 +73,7 @@ class KnowledgeDistillation(ShardedTeacher, Callback):
     without this callback's state leaves that copy as the teacher, and a copy of a model that
     already has masks is a pruned teacher: both are warned about and kept in `warnings_recorded`.
 
-    Example YAML (`conf/distill/kd.yaml`)::
+    Example YAML (under `callbacks:`, as in `lightning_prune/conf/recipe/llama_gmp_distill.yaml`)::
 
         _target_: lightning_prune.KnowledgeDistillation
         alpha: 0.5            # weight of the task loss; 0 = pure distillation (no labels)

@@ -36,7 +36,7 @@ class GradualPruning(MaskingCallback):
     `on_train_batch_start` prunes on schedule and logs `prune/sparsity`; `on_train_batch_end`
     counts the step; `on_fit_end` warns if the target was missed, removes hooks (and finalizes if asked).
 
-    Example YAML (`conf/pruning/gmp.yaml`)::
+    Example YAML (`lightning_prune/conf/pruning/gmp.yaml`)::
 
         _target_: lightning_prune.GradualPruning
         sparsity: 0.9        # final fraction of zeros in each targeted layer

@@ -27,7 +27,7 @@ class IterativePruning(MaskingCallback):
     as long as every cycle did. `preflight` (and `on_fit_start`) refuses shorter Trainers. With `structure` ("neuron", "head",
     "filter") whole units are pruned instead (see `GradualPruning`), and `compact_on_end` removes them at fit end.
 
-    Example YAML (`conf/pruning/iterative.yaml`)::
+    Example YAML (`lightning_prune/conf/pruning/iterative.yaml`)::
 
         _target_: lightning_prune.IterativePruning
         sparsity: 0.8          # final fraction of zeros

@@ -87,7 +87,7 @@ class LoRARecovery(Callback):
     callback's state, so a resumed fit loads the base strictly, re-attaches, restores the adapters
     and then Lightning restores the adapter optimizer's state.
 
-    Example YAML (`conf/lora/lora.yaml`)::
+    Example YAML (`lightning_prune/conf/lora/lora.yaml`)::
 
         _target_: lightning_prune.callbacks.LoRARecovery
         r: 8                 # adapter rank

@@ -68,7 +68,7 @@ class OneShotPruning(MaskingCallback):
     `prune_oneshot` on the module; `on_train_batch_start` logs `prune/sparsity`; `on_fit_end`
     removes the hooks (and finalizes if asked).
 
-    Example YAML (`conf/pruning/wanda.yaml`, with a 2:4 pattern)::
+    Example YAML (`lightning_prune/conf/pruning/wanda.yaml`, with a 2:4 pattern)::
 
         _target_: lightning_prune.OneShotPruning
         method: wanda       # any registered method: wanda | sparsegpt | ria | magnitude | yours

@@ -29,7 +29,7 @@ class StructuredPruning(MaskingCallback):
     Lifecycle: `on_fit_start` attaches optimizer hooks, restores saved masks and (once) prunes;
     `on_train_batch_start` logs `prune/sparsity`; `on_fit_end` removes hooks and compacts.
 
-    Example YAML (`conf/pruning/structured.yaml`)::
+    Example YAML (`lightning_prune/conf/pruning/structured.yaml`)::
 
         _target_: lightning_prune.StructuredPruning
         mlp_sparsity: 0.5     # fraction of MLP neurons removed in every block

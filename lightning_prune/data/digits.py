@@ -17,7 +17,7 @@ class DigitsDataModule(pl.LightningDataModule):
     the split is a seeded random permutation, so a given `seed` always gives the same split.
     Batches are `(features, labels)`: float32 `(B, 64)` and int64 `(B,)`.
 
-    Example YAML (`conf/data/digits.yaml`)::
+    Example YAML (`lightning_prune/conf/data/digits.yaml`)::
 
         _target_: lightning_prune.data.DigitsDataModule
         batch_size: 64      # samples per batch

@@ -108,7 +108,7 @@ class SentenceDataModule(pl.LightningDataModule):
     paragraphs (max_length 128, batches of 16) the batches hold 1.18 tokens per real token instead
     of 2.28, so each step costs about half.
 
-    Example YAML (`conf/data/sentences.yaml`)::
+    Example YAML (`lightning_prune/conf/data/sentences.yaml`)::
 
         _target_: lightning_prune.data.SentenceDataModule
         tokenizer: null     # local tokenizer directory; null = all-MiniLM-L6-v2's

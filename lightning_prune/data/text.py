@@ -40,7 +40,7 @@ class TextDataModule(pl.LightningDataModule):
     trained on the training documents. The last `val_fraction` of the token stream is validation,
     so no validation text is seen in training. Batches are `{"input_ids": (B, seq_len)}`.
 
-    Example YAML (`conf/data/text.yaml`)::
+    Example YAML (`lightning_prune/conf/data/text.yaml`)::
 
         _target_: lightning_prune.data.TextDataModule
         files: null        # list of text files; null = pydoc_data.topics

@@ -44,7 +44,7 @@ class CausalLMModule(pl.LightningModule):
     the inputs (the model shifts them). Logs `train/loss`, `val/loss` and `val/ppl` (torchmetrics
     `Perplexity` over every predicted token).
 
-    Example YAML (`conf/model/tiny_llama.yaml`)::
+    Example YAML (`lightning_prune/conf/model/tiny_llama.yaml`)::
 
         _target_: lightning_prune.models.CausalLMModule
         model_path: null    # local HF directory; null = build from `config`

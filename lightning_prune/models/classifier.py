@@ -47,7 +47,7 @@ class ClassifierModule(pl.LightningModule):
     `MulticlassAccuracy`, micro-averaged). `self.model` is the wrapped network: the pruning
     callbacks find its layers through the module, and the run saves its state dict.
 
-    Example YAML (`conf/model/digits_mlp.yaml`)::
+    Example YAML (`lightning_prune/conf/model/digits_mlp.yaml`)::
 
         _target_: lightning_prune.models.ClassifierModule
         arch: mlp          # mlp | cnn (ignored when `model` is given)

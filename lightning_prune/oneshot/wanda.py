@@ -31,7 +31,7 @@ def wanda_mask(weight: torch.Tensor, feature_norms: torch.Tensor, sparsity: floa
 class Wanda(OneShotMethod):
     """Wanda: the lowest |W_ij|·‖X_j‖₂ of each row (or N:M per row) pruned; weights not updated.
 
-    Example YAML (`conf/pruning/wanda.yaml`)::
+    Example YAML (`lightning_prune/conf/pruning/wanda.yaml`)::
 
         _target_: lightning_prune.OneShotPruning
         method: wanda
