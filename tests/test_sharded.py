@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_prune.callbacks.sharding import check_strategy
+from lightning_prune.callbacks.strategy import check_strategy
 from lightning_prune.selection import lowest_k, select_masks
 from lightning_prune.sharded import _sortable_keys, select_masks_sharded, sharded_lowest_k
 

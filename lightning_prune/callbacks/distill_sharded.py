@@ -6,9 +6,10 @@ possibly on the meta device) and materializes the model in the strategy's setup,
 `on_fit_start`. So under FSDP2 the teacher is taken in `on_fit_start` (no pruning callback has
 pruned yet: they prune from the first training batch), as a sharded copy of the student
 (`recovery.sharded_teacher`). Its blocks differ on every rank, so, like mask blocks
-(`callbacks/sharding.py`), they are written into the distributed checkpoint as DTensors and read
-back on resume, also on another number of ranks; Lightning restores a distributed checkpoint after
-`on_fit_start`, so the restored teacher replaces the copy of the freshly built model.
+(`callbacks/sharding.py`), they are written into the distributed checkpoint as DTensors
+(`parallel/checkpoint.py`) and read back on resume, also on another number of ranks; Lightning
+restores a distributed checkpoint after `on_fit_start`, so the restored teacher replaces the copy
+of the freshly built model.
 """
 
 from __future__ import annotations
@@ -21,15 +22,10 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_prune.callbacks.sharding import load_sharded_state, save_sharded_state
 from lightning_prune.masking import get_masks
+from lightning_prune.parallel.checkpoint import load_sharded_state, save_sharded_state
 from lightning_prune.recovery.sharded_teacher import copy_into_sharded, shard_teacher, sharded_frozen_copy, student_mesh
 from lightning_prune.sharded import is_sharded, local_tensor
-
-
-def is_fsdp2(strategy: object) -> bool:
-    """True under Lightning's `ModelParallelStrategy` (FSDP2)."""
-    return type(strategy).__name__ == "ModelParallelStrategy"
 
 
 class ShardedTeacher:

@@ -7,13 +7,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch.distributed.tensor import DTensor
 
-from lightning_prune.callbacks.base import MaskingCallback
+from lightning_prune.callbacks.scheduled import ScheduledPruning
+from lightning_prune.callbacks.sharding import Blocks
 from lightning_prune.criteria import Criterion
 from lightning_prune.masking import apply_masks_
 
 
-class IterativePruning(MaskingCallback):
+class IterativePruning(ScheduledPruning):
     """Prune a fraction of the remaining weights after every `epochs_per_cycle` epochs, `cycles` times.
 
     Cycle c of C reaches sparsity 1 − (1 − s)^(c/C), i.e. each cycle prunes the same fraction
@@ -129,7 +131,7 @@ class IterativePruning(MaskingCallback):
                 optimizer.state.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        # Under FSDP2 the snapshot holds DTensors: their blocks go through the distributed checkpoint (`sharded_tensors`).
+        # Under FSDP2 the snapshot holds DTensors: their blocks go to the distributed checkpoint (`sharded_blocks`).
         snapshot = {} if self._sharded else {name: value.cpu().clone() for name, value in self.snapshot.items()}
         return {**super().state_dict(), "cycles_done": self.cycles_done, "snapshot": snapshot}
 
@@ -138,16 +140,16 @@ class IterativePruning(MaskingCallback):
         super().load_state_dict(state_dict)
         self.cycles_done = int(state_dict.get("cycles_done", 0))
 
-    def sharded_tensors(self) -> dict[str, Any]:
+    def sharded_blocks(self) -> Blocks:
         """The base class's blocks and the rewind snapshot's (`snapshot/<name>`, DTensors already)."""
-        return {**super().sharded_tensors(), **{f"snapshot/{name}": value for name, value in self.snapshot.items()}}
+        return {**super().sharded_blocks(), "snapshot": self.snapshot}
 
-    def restore_sharded(self, name: str, tensor: torch.Tensor) -> None:
-        """Take a snapshot tensor (a DTensor laid out like its parameter) or hand the rest to the base class."""
-        if name.startswith("snapshot/"):
-            self.snapshot[name.partition("/")[2]] = tensor
+    def restore_blocks(self, kind: str, blocks: dict[str, DTensor]) -> None:
+        """Take the snapshot's tensors (DTensors laid out like their parameters), or hand the rest to the base class."""
+        if kind == "snapshot":
+            self.snapshot.update(blocks)
         else:
-            super().restore_sharded(name, tensor)
+            super().restore_blocks(kind, blocks)
 
 
 @torch.no_grad()

@@ -120,7 +120,7 @@ class OneShotPruning(MaskingCallback):
         self.solver = resolve_method(method, method_options)
         self.refiner = resolve_refiner(refine, refine_options)
         check_num_samples(num_samples)
-        super().__init__(sparsity, "magnitude", "layer", pattern, targets, ignore, finalize_on_end)
+        super().__init__(sparsity, pattern, targets, ignore, finalize_on_end)
         self.method = method
         self.calibration = calibration
         self.num_samples = num_samples
