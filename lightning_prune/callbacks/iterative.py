@@ -22,12 +22,18 @@ class IterativePruning(ScheduledPruning):
     p = 1 − (1 − s)^(1/C) of what is left (Han et al., 2015). With `rewind="init"` (or an integer
     step k) the surviving weights go back to their values at the start of training (or at step k)
     and the optimizer state is cleared after every pruning: the lottery-ticket procedure of
-    Frankle & Carbin (2019). The snapshot holds the target tensors only. Learning-rate schedulers
-    are not rewound. The Trainer needs at least `cycles · epochs_per_cycle` epochs; more epochs
-    fine-tune the final sparse model. With `rewind` the last cycle's rewind leaves an untrained
-    ticket, so the Trainer needs `(cycles + 1) · epochs_per_cycle` epochs: the final ticket trains
-    as long as every cycle did. `preflight` (and `on_fit_start`) refuses shorter Trainers. With `structure` ("neuron", "head",
-    "filter") whole units are pruned instead (see `GradualPruning`), and `compact_on_end` removes them at fit end.
+    Frankle & Carbin (2019). The snapshot holds the target tensors only; learning-rate schedulers
+    are not rewound. With `structure` ("neuron", "head", "filter") whole units are pruned instead
+    (see `GradualPruning`), and `compact_on_end` removes them at fit end.
+
+    The Trainer needs at least `cycles · epochs_per_cycle` epochs (more fine-tune the final sparse
+    model); with `rewind`, `(cycles + 1) · epochs_per_cycle`, since the last cycle's rewind leaves an
+    untrained ticket that must train as long as every cycle did.
+
+    Lifecycle: `preflight` (and `on_fit_start`) refuses shorter Trainers, then `on_fit_start`
+    resolves targets and restores masks; `on_train_start` (or the batch at step k) takes the rewind
+    snapshot; `on_train_epoch_end` prunes at the end of every cycle, rewinds if asked, and logs
+    `prune/sparsity`; `on_fit_end` warns if the target was missed, removes hooks (and finalizes if asked).
 
     Example YAML (`conf/pruning/iterative.yaml`)::
 
