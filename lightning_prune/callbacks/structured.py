@@ -38,6 +38,8 @@ class StructuredPruning(MaskingCallback):
         method: wanda         # magnitude | wanda | flap | taylor | yours
     """
 
+    sharded_ok = False  # group scores and compaction need whole weights: prune before FSDP2 shards the model
+
     def __init__(
         self,
         mlp_sparsity: float = 0.0,
