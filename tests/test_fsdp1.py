@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from lightning_prune import GradualPruning, IterativePruning, LoRARecovery
-from lightning_prune.callbacks.sharding import check_strategy
+from lightning_prune.callbacks.strategy import check_strategy
 
 REASON = r"FSDP1 \(FullyShardedDataParallel\) flattens.*1-D views that cut rows and N:M groups"
 

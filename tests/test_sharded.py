@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_prune.callbacks.sharding import check_strategy
+from lightning_prune.callbacks.strategy import check_strategy
 from lightning_prune.parallel.sharded import _sortable_keys, select_masks_sharded, sharded_lowest_k
 from lightning_prune.selection import lowest_k, select_masks
 
@@ -90,3 +90,17 @@ def test_callbacks_that_need_whole_weights_refuse_fsdp2_at_fit_start(callback: s
     else:
         with pytest.raises(ValueError, match=r"ModelParallelStrategy.*prune before sharding"):
             made.attach(trainer, nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))  # type: ignore[arg-type]
+
+
+def test_structured_pruning_refuses_fsdp2_at_fit_start() -> None:
+    """StructuredPruning scores coupled groups and compacts whole weights: refused under FSDP2, like one-shot."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch import nn
+
+    from lightning_prune import StructuredPruning
+
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy(), optimizers=[], lightning_module=None)
+    with pytest.raises(ValueError, match=r"`strategy`=ModelParallelStrategy .*prune before sharding"):
+        StructuredPruning(mlp_sparsity=0.5).attach(trainer, nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))  # type: ignore[arg-type]

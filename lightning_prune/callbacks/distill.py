@@ -14,8 +14,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from transformers import AutoConfig
 
-from lightning_prune.callbacks.distill_sharded import ShardedTeacher, is_fsdp2
+from lightning_prune.callbacks.distill_sharded import ShardedTeacher
 from lightning_prune.callbacks.lora import wrapped_network
+from lightning_prune.callbacks.strategy import is_fsdp2
 from lightning_prune.masking import get_masks
 from lightning_prune.recovery.compat import check_sizes, check_teacher_fits, resolve_layers
 from lightning_prune.recovery.losses import DISTILL_LOSSES, distill_loss, mix_losses

@@ -8,13 +8,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_prune.callbacks.base import MaskingCallback
+from lightning_prune.callbacks.scheduled import ScheduledPruning
 from lightning_prune.criteria import Criterion
 from lightning_prune.schedules import SCHEDULES, make_schedule
 from lightning_prune.selection import check_sparsity
 
 
-class GradualPruning(MaskingCallback):
+class GradualPruning(ScheduledPruning):
     """Raise sparsity from `initial_sparsity` to `sparsity` between `start_step` and `end_step`.
 
     Every `frequency` steps (and at `end_step`) the masks are recomputed from the criterion's

@@ -7,25 +7,33 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch.distributed.tensor import DTensor
 
-from lightning_prune.callbacks.base import MaskingCallback
+from lightning_prune.callbacks.scheduled import ScheduledPruning
+from lightning_prune.callbacks.sharding import Blocks
 from lightning_prune.criteria import Criterion
 from lightning_prune.masking import apply_masks_
 
 
-class IterativePruning(MaskingCallback):
+class IterativePruning(ScheduledPruning):
     """Prune a fraction of the remaining weights after every `epochs_per_cycle` epochs, `cycles` times.
 
     Cycle c of C reaches sparsity 1 − (1 − s)^(c/C), i.e. each cycle prunes the same fraction
     p = 1 − (1 − s)^(1/C) of what is left (Han et al., 2015). With `rewind="init"` (or an integer
     step k) the surviving weights go back to their values at the start of training (or at step k)
     and the optimizer state is cleared after every pruning: the lottery-ticket procedure of
-    Frankle & Carbin (2019). The snapshot holds the target tensors only. Learning-rate schedulers
-    are not rewound. The Trainer needs at least `cycles · epochs_per_cycle` epochs; more epochs
-    fine-tune the final sparse model. With `rewind` the last cycle's rewind leaves an untrained
-    ticket, so the Trainer needs `(cycles + 1) · epochs_per_cycle` epochs: the final ticket trains
-    as long as every cycle did. `preflight` (and `on_fit_start`) refuses shorter Trainers. With `structure` ("neuron", "head",
-    "filter") whole units are pruned instead (see `GradualPruning`), and `compact_on_end` removes them at fit end.
+    Frankle & Carbin (2019). The snapshot holds the target tensors only; learning-rate schedulers
+    are not rewound. With `structure` ("neuron", "head", "filter") whole units are pruned instead
+    (see `GradualPruning`), and `compact_on_end` removes them at fit end.
+
+    The Trainer needs at least `cycles · epochs_per_cycle` epochs (more fine-tune the final sparse
+    model); with `rewind`, `(cycles + 1) · epochs_per_cycle`, since the last cycle's rewind leaves an
+    untrained ticket that must train as long as every cycle did.
+
+    Lifecycle: `preflight` (and `on_fit_start`) refuses shorter Trainers, then `on_fit_start`
+    resolves targets and restores masks; `on_train_start` (or the batch at step k) takes the rewind
+    snapshot; `on_train_epoch_end` prunes at the end of every cycle, rewinds if asked, and logs
+    `prune/sparsity`; `on_fit_end` warns if the target was missed, removes hooks (and finalizes if asked).
 
     Example YAML (`lightning_prune/conf/pruning/iterative.yaml`)::
 
@@ -129,7 +137,7 @@ class IterativePruning(MaskingCallback):
                 optimizer.state.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        # Under FSDP2 the snapshot holds DTensors: their blocks go through the distributed checkpoint (`sharded_tensors`).
+        # Under FSDP2 the snapshot holds DTensors: their blocks go to the distributed checkpoint (`sharded_blocks`).
         snapshot = {} if self._sharded else {name: value.cpu().clone() for name, value in self.snapshot.items()}
         return {**super().state_dict(), "cycles_done": self.cycles_done, "snapshot": snapshot}
 
@@ -138,16 +146,16 @@ class IterativePruning(MaskingCallback):
         super().load_state_dict(state_dict)
         self.cycles_done = int(state_dict.get("cycles_done", 0))
 
-    def sharded_tensors(self) -> dict[str, Any]:
+    def sharded_blocks(self) -> Blocks:
         """The base class's blocks and the rewind snapshot's (`snapshot/<name>`, DTensors already)."""
-        return {**super().sharded_tensors(), **{f"snapshot/{name}": value for name, value in self.snapshot.items()}}
+        return {**super().sharded_blocks(), "snapshot": self.snapshot}
 
-    def restore_sharded(self, name: str, tensor: torch.Tensor) -> None:
-        """Take a snapshot tensor (a DTensor laid out like its parameter) or hand the rest to the base class."""
-        if name.startswith("snapshot/"):
-            self.snapshot[name.partition("/")[2]] = tensor
+    def restore_blocks(self, kind: str, blocks: dict[str, DTensor]) -> None:
+        """Take the snapshot's tensors (DTensors laid out like their parameters), or hand the rest to the base class."""
+        if kind == "snapshot":
+            self.snapshot.update(blocks)
         else:
-            super().restore_sharded(name, tensor)
+            super().restore_blocks(kind, blocks)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from peft import PeftModel
 from torch import nn
 
-from lightning_prune.callbacks.sharding import check_strategy
+from lightning_prune.callbacks.strategy import check_strategy
 from lightning_prune.lora import adapter_parameters, attach_lora, check_lora_arguments, lora_target_names, merge_lora, unwrapped_state_dict
 from lightning_prune.lora.experts import expert_parameter_names
 from lightning_prune.lora.sharded import check_after_sharding, check_before_sharding, gathered_adapter_state, guard_gathered_forward, install_forward_masks, merge_lora_sharded, shard_masks_

@@ -71,20 +71,20 @@ class OneShotPruning(MaskingCallback):
     Example YAML (`lightning_prune/conf/pruning/wanda.yaml`, with a 2:4 pattern)::
 
         _target_: lightning_prune.OneShotPruning
-        method: wanda       # any registered method: wanda | sparsegpt | ria | magnitude | yours
-        sparsity: 0.5       # fraction of zeros per layer ((M-N)/M with a pattern)
-        pattern: "2:4"      # N:M, or null for unstructured
-        num_samples: 128    # calibration sequences
-        forward: null       # dotted path of a function (model, batch) -> output; null: dicts as keywords,
-                            # (inputs, targets) tuples by their first element
+        method: wanda              # any registered method: wanda | sparsegpt | ria | magnitude | yours
+        sparsity: 0.5              # fraction of zeros per layer ((M-N)/M with a pattern)
+        pattern: "2:4"             # N:M, or null for unstructured
+        num_samples: 128           # calibration sequences
+        forward: null              # dotted path of a function (model, batch) -> output; null: see below
+        reconstruct: false         # tune each pruned block to reproduce the dense block's outputs (masks fixed)
+        reconstruct_steps: 100     # Adam steps per block
+        reconstruct_lr: 0.0001     # Adam learning rate of the reconstruction
+        reconstruct_target: block  # block: dense block outputs on the pruned inputs | model: dense hidden states
 
-    `forward` is how a calibration batch runs through the module, as in `prune_oneshot`: e.g.
+    `forward` is how a calibration batch runs through the module, as in `prune_oneshot`: null
+    passes a dict as keywords and an `(inputs, targets)` tuple by its first element; e.g.
     `lambda model, batch: model(batch[0], batch[1])` for an `(ids, mask, labels)` loader whose
     module takes `forward(ids, mask)`.
-        reconstruct: false  # tune each pruned block to reproduce the dense block's outputs (masks fixed)
-        reconstruct_steps: 100  # Adam steps per block
-        reconstruct_lr: 0.0001  # Adam learning rate of the reconstruction
-        reconstruct_target: block  # block: the dense block's outputs on the pruned inputs; model: the dense model's hidden states
     """
 
     sharded_ok = False  # calibration needs whole weights: prune before FSDP2 shards the model
@@ -121,7 +121,7 @@ class OneShotPruning(MaskingCallback):
         self.solver = resolve_method(method, method_options)
         self.refiner = resolve_refiner(refine, refine_options)
         check_num_samples(num_samples)
-        super().__init__(sparsity, "magnitude", "layer", pattern, targets, ignore, finalize_on_end)
+        super().__init__(sparsity, pattern, targets, ignore, finalize_on_end)
         self.method = method
         self.calibration = calibration
         self.num_samples = num_samples

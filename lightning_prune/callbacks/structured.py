@@ -38,6 +38,8 @@ class StructuredPruning(MaskingCallback):
         method: wanda         # magnitude | wanda | flap | taylor | yours
     """
 
+    sharded_ok = False  # group scores and compaction need whole weights: prune before FSDP2 shards the model
+
     def __init__(
         self,
         mlp_sparsity: float = 0.0,
@@ -59,8 +61,8 @@ class StructuredPruning(MaskingCallback):
             raise ValueError(f"`drop_layers` must be an integer >= 0, got {drop_layers!r}")
         if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
             raise ValueError(f"`num_samples` must be None or an integer >= 1, got {num_samples!r}")
-        super().__init__(check_sparsity(mlp_sparsity, "mlp_sparsity"), "magnitude", "layer", None, targets, ignore)
-        self.compact_on_end = compact_on_end
+        unit_fraction = check_sparsity(mlp_sparsity, "mlp_sparsity")
+        super().__init__(unit_fraction, None, targets, ignore, compact_on_end=compact_on_end)
         self.options: dict[str, Any] = dict(mlp_sparsity=mlp_sparsity, head_sparsity=head_sparsity, drop_layers=drop_layers, method=method, method_options=method_options)
         self.calibration = calibration
         self.num_samples = num_samples
