@@ -27,7 +27,7 @@ class RunParts:
     module: pl.LightningModule | None = None
     history: History | None = None
     keep_checkpoint: Path | None = None
-    """The stage checkpoint kept with `stage_checkpoints=last`: the dense weights a later stage's teacher is rebuilt from."""
+    """Kept even with `stage_checkpoints=last`: the dense weights a later stage's teacher is rebuilt from."""
 
     def built(self) -> tuple[pl.LightningModule, pl.LightningDataModule, History]:
         """The model, the data module and the history, once built (every stage runs after they are)."""
