@@ -20,7 +20,7 @@ from lightning_prune.callbacks.lora import wrapped_network
 from lightning_prune.masking import get_masks
 from lightning_prune.recovery.compat import check_sizes, check_teacher_fits, resolve_layers
 from lightning_prune.recovery.losses import DISTILL_LOSSES
-from lightning_prune.recovery.teacher import freeze, frozen_copy, place_teacher, resolve_teacher_device, resolve_teacher_dtype
+from lightning_prune.recovery.teacher import Call, freeze, frozen_copy, place_teacher, resolve_teacher_device, resolve_teacher_dtype
 from lightning_prune.validation import check_number
 
 
@@ -229,6 +229,11 @@ class KnowledgeDistillation(ShardedTeacher, Callback):
         pl_module.__dict__.pop("training_step", None)
         if self.teacher is not None and self.teacher_device is None and not self._fsdp2:
             self.teacher.to(torch.device("cpu"))
+
+    def kd_loss(self, calls: list[Call]) -> torch.Tensor:
+        """The distillation loss averaged over the student calls of one training step (`DistilledStep.kd_loss`)."""
+        assert self._step is not None, "KnowledgeDistillation computes its loss inside fit, once `on_train_start` ran"
+        return self._step.kd_loss(calls)
 
     def state_dict(self) -> dict[str, Any]:
         teacher, sharded = self.teacher_state()  # sharded blocks go to the distributed checkpoint (on_save_checkpoint)

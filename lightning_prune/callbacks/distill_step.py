@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 class DistilledStep:
     """Called as `step(original, *args, **kwargs)` in place of `training_step`: the step's output with
-    its loss replaced by `α·task + (1−α)·KD` (settings read from `distill` at every step)."""
+    its loss replaced by `α·task + (1−α)·KD`, KD from `distill.kd_loss` (settings read at every step)."""
 
     def __init__(
         self,
@@ -46,7 +46,7 @@ class DistilledStep:
             output = original(*args, **kwargs)
         finally:
             calls = self.capture.stop()
-        kd = self.kd_loss(calls)
+        kd = self.distill.kd_loss(calls)  # the callback's method: a subclass may record or change the loss
         task = output.get("loss") if isinstance(output, dict) else output
         loss = mix_losses(task, kd, self.distill.alpha)
         self.pl_module.log("distill/kd_loss", kd.detach(), prog_bar=True)
