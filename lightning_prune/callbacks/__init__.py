@@ -1,6 +1,7 @@
 """Lightning callbacks: they decide when to prune and delegate the math to the core modules."""
 
 from lightning_prune.callbacks.base import MaskingCallback
+from lightning_prune.callbacks.dense_teacher import DenseTeacherUser
 from lightning_prune.callbacks.distill import KnowledgeDistillation
 from lightning_prune.callbacks.export import SparseExport
 from lightning_prune.callbacks.gradual import GradualPruning
@@ -10,6 +11,7 @@ from lightning_prune.callbacks.oneshot import OneShotPruning
 from lightning_prune.callbacks.structured import StructuredPruning
 
 __all__ = [
+    "DenseTeacherUser",
     "GradualPruning",
     "IterativePruning",
     "KnowledgeDistillation",

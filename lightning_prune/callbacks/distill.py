@@ -15,76 +15,48 @@ from torch import nn
 from transformers import AutoConfig
 
 from lightning_prune.callbacks.distill_sharded import ShardedTeacher
+from lightning_prune.callbacks.distill_step import DistilledStep
 from lightning_prune.callbacks.lora import wrapped_network
 from lightning_prune.callbacks.strategy import is_fsdp2
 from lightning_prune.masking import get_masks
 from lightning_prune.recovery.compat import check_sizes, check_teacher_fits, resolve_layers
-from lightning_prune.recovery.losses import DISTILL_LOSSES, distill_loss, mix_losses
-from lightning_prune.recovery.teacher import Call, OutputCapture, freeze, frozen_copy, main_output, place_teacher, resolve_teacher_device, resolve_teacher_dtype, run_teacher
+from lightning_prune.recovery.losses import DISTILL_LOSSES
+from lightning_prune.recovery.teacher import Call, freeze, frozen_copy, place_teacher, resolve_teacher_device, resolve_teacher_dtype
 from lightning_prune.validation import check_number
 
 
 class KnowledgeDistillation(ShardedTeacher, Callback):
     """Train with `α·task + (1−α)·KD`, KD measured against a frozen teacher (Hinton et al., 2015).
 
-    The teacher is, by default, a frozen copy of the student taken in `setup(stage="fit")`, which
-    Lightning runs before any callback's `on_fit_start` — so before OneShotPruning, GradualPruning
-    or LoRARecovery change the model, whatever the order of the callbacks. It can also be a module
-    or a local `from_pretrained` directory. It is a plain attribute of this callback, outside the
-    LightningModule's module tree: pruning callbacks never see it, the optimizer never updates it,
-    it has no masks, and under DDP every rank holds its own copy. Under `ModelParallelStrategy`
-    (FSDP2) it is taken in `on_fit_start`, once `configure_model` sharded the student and the
-    strategy materialized it, and sharded like the student: each rank holds its blocks only
-    (`callbacks/distill_sharded.py`; `teacher_device` is refused there). In a staged run, a stage after
-    the first pruning stage gets the dense copy the run took as that stage started
-    (`lightning_prune/run/dense_teacher.py`).
+    KD compares the student (`pl_module.<student_attr>`, default `pl_module.model` or `pl_module`) with
+    the teacher run on the inputs of every call `training_step` makes to it: `loss="kl"` on logits with
+    `temperature`, `"mse"` / `"cosine"` on the last hidden state or on `layers` (block indices or module
+    names), padding ignored. Automatic optimization only; `alpha=0` needs no task loss (no labels). The
+    teacher is `teacher` (a module or a local `from_pretrained` directory) or, by default, a frozen
+    copy of the student taken before any pruning callback acts. Why and how: README.md, "Recovery".
 
-    The student is `pl_module.<student_attr>` (default: `pl_module.model` when it is a module, else
-    `pl_module`). Hooks on it capture the inputs and outputs of every call that `training_step`
-    makes; the teacher runs on the same inputs and the KD loss is mixed into what `training_step`
-    returns (automatic optimization only). KD is `loss="kl"` on logits with `temperature`, or
-    `"mse"` / `"cosine"` on hidden states: the last hidden state (or logits) when `layers` is None,
-    else the outputs of `layers` (block indices of the model's block list, or module names).
-    Padding positions (attention_mask == 0) are ignored. With `alpha=0` the task loss is ignored,
-    so `training_step` may return None (no labels needed).
+    Dense teacher in a staged run: left at `teacher=None` it declares that it wants the dense model
+    (`lightning_prune.callbacks.DenseTeacherUser`, which a callback of your own can implement), and a
+    stage after the first pruning stage distills from the frozen dense copy the run hands it.
 
-    Precision and placement: on the student's device the teacher runs inside the step's autocast
-    (AMP applies to both; "16-mixed" on CPU is bf16 in Lightning 2.6). `teacher_device="cpu"`
-    keeps it off the accelerator: it then runs in its own dtype, its inputs are moved to it and
-    its outputs back. `teacher_dtype` ("bfloat16", or the torch dtype) halves its memory. The
-    losses compute in fp32 whatever the two dtypes are.
+    Lifecycle: `preflight` (before any training) and `setup(fit)` check `layers` and a given teacher's
+    sizes; `setup(fit)` takes the teacher (under FSDP2 `on_fit_start`, sharded like the student:
+    `callbacks/distill_sharded.py`); `on_train_start` hooks the student and wraps
+    `pl_module.training_step` (`callbacks/distill_step.py`); `teardown(fit)` undoes both. `state_dict`
+    keeps `alpha`, `temperature` and the teacher's weights: a resumed fit distills from the same teacher.
 
-    Checks before training (`preflight`, and again in `setup`): `layers` name modules of the
-    student (the error lists the valid names), a given teacher shares no parameter with the
-    student and has its `vocab_size` (and `hidden_size` for hidden-state losses). A student
-    compacted by structured pruning still distills logits and block outputs (hidden size
-    unchanged); a named layer whose width changed raises on the first step, and `layers` inside
-    the blocks are refused once blocks were dropped (an index no longer means the same block).
+    Example (a config's `callbacks:` entry; every key is an argument, shown with its default)::
 
-    How the loss is changed: Lightning 2.6 has no public hook that replaces the training loss, so
-    on `on_train_start` this callback sets an instance attribute `pl_module.training_step` that
-    wraps the class's method (the strategies, DDP's forward redirection included, look it up on the
-    instance; checked with lightning 2.6.6), and deletes it again on `teardown`.
-
-    Checkpoints: `alpha`, `temperature`, `loss` and the teacher's weights (when it is a copy or a
-    given module; a teacher given as a path is reloaded from the path), so a resumed fit distills
-    from the same dense teacher even after the model was pruned (Lightning calls `setup`, which
-    copies the model as passed to fit, before it loads the checkpoint; the saved teacher then
-    replaces that copy; under FSDP2 its blocks are in the distributed checkpoint). A checkpoint
-    without this callback's state leaves that copy as the teacher, and a copy of a model that
-    already has masks is a pruned teacher: both are warned about and kept in `warnings_recorded`.
-
-    Example YAML (under `callbacks:`, as in `lightning_prune/conf/recipe/llama_gmp_distill.yaml`)::
-
-        _target_: lightning_prune.KnowledgeDistillation
-        alpha: 0.5            # weight of the task loss; 0 = pure distillation (no labels)
-        temperature: 2.0      # softmax temperature of the KL on logits
-        loss: kl              # kl | mse | cosine
-        layers: null          # null = logits / last hidden state; or block indices / module names
-        teacher: null         # null = frozen copy of the model at setup; or a local model directory
-        teacher_device: null  # null = the student's device; "cpu" saves accelerator memory
-        teacher_dtype: null   # null = as loaded; bfloat16 | float16 | float32 ("bfloat16" halves the memory)
-        student_attr: null    # attribute of the LightningModule that is the student; null = `model` or the module
+        distill:
+          _target_: lightning_prune.KnowledgeDistillation
+          alpha: 0.5            # weight of the task loss; 0 = pure distillation (no labels)
+          temperature: 2.0      # softmax temperature of the KL on logits
+          loss: kl              # kl | mse | cosine
+          layers: null          # null = logits / last hidden state; or block indices / module names
+          teacher: null         # null = frozen dense copy of the student; or a local model directory
+          teacher_device: null  # null = the student's device; cpu saves accelerator memory
+          teacher_dtype: null   # null = as loaded; bfloat16 halves the teacher's memory
+          student_attr: null    # null = the LightningModule's `model`, else the module itself
     """
 
     def __init__(
@@ -117,9 +89,8 @@ class KnowledgeDistillation(ShardedTeacher, Callback):
         self._restored_teacher: dict[str, torch.Tensor] = {}
         self._copied_from: str | None = None  # set when this fit copied the student: "dense" or "pruned"
         self._restored = False
-        self._capture: OutputCapture | None = None
         self._layer_names: list[str] = []
-        self._pl_module: pl.LightningModule | None = None
+        self._step: DistilledStep | None = None
 
     @property
     def state_key(self) -> str:
@@ -150,6 +121,18 @@ class KnowledgeDistillation(ShardedTeacher, Callback):
         if not isinstance(found, nn.Module):
             raise ValueError(f"`student_attr`={self.student_attr!r} names no nn.Module of {type(pl_module).__name__}")
         return found
+
+    def wants_dense_teacher(self) -> bool:
+        """True when left at `teacher=None`: a staged run gives it the dense model (`DenseTeacherUser`)."""
+        return self.teacher_source is None
+
+    def shares_dense_teacher(self) -> bool:
+        """False when `teacher_device` or `teacher_dtype` move or cast the teacher in place."""
+        return self.teacher_device is None and self.teacher_dtype is None
+
+    def use_dense_teacher(self, teacher: nn.Module) -> None:
+        """Distill from `teacher`, the run's frozen dense copy of the student, as if given as `teacher=`."""
+        self.teacher_source = teacher
 
     def preflight(self, pl_module: nn.Module, trainer: pl.Trainer | None = None) -> None:
         """Before any training: the student exists, `layers` name its modules, and a given teacher fits it."""
@@ -231,64 +214,27 @@ class KnowledgeDistillation(ShardedTeacher, Callback):
             )
         if self.teacher_device is None and not self._fsdp2:
             self.teacher.to(pl_module.device)
-        self._capture = OutputCapture(self.student(pl_module), self._layer_names).attach()
-        self._pl_module = pl_module
+        self._step = DistilledStep(self, pl_module, self.student(pl_module), self._layer_names)  # hooks the student
+        # Lightning (2.6.6) has no hook that replaces the loss; its strategies, DDP's forward redirection
+        # included, look `training_step` up on the instance, so an instance attribute wraps the class's method.
         original = type(pl_module).training_step.__get__(pl_module)
-        pl_module.training_step = functools.wraps(original)(functools.partial(self._distilled_step, original))  # type: ignore[method-assign]
+        step = functools.wraps(original)(functools.partial(self._step, original))
+        pl_module.training_step = step  # type: ignore[method-assign]
 
     def detach(self, pl_module: pl.LightningModule) -> None:
         """Remove the hooks and the `training_step` wrapper; a teacher that follows the student goes to the
         CPU, as Lightning's strategies move the module there at teardown (the next fit moves it back)."""
-        if self._capture is not None:
-            self._capture.remove()
-            self._capture = None
+        if self._step is not None:
+            self._step.remove()
+            self._step = None
         pl_module.__dict__.pop("training_step", None)
         if self.teacher is not None and self.teacher_device is None and not self._fsdp2:
             self.teacher.to(torch.device("cpu"))
 
-    def _distilled_step(self, original: Any, *args: Any, **kwargs: Any) -> Any:
-        assert self._capture is not None and self._pl_module is not None
-        self._capture.start()
-        try:
-            output = original(*args, **kwargs)
-        finally:
-            calls = self._capture.stop()
-        kd = self.kd_loss(calls)
-        task = output.get("loss") if isinstance(output, dict) else output
-        loss = mix_losses(task, kd, self.alpha)
-        self._pl_module.log("distill/kd_loss", kd.detach(), prog_bar=True)
-        return {**output, "loss": loss} if isinstance(output, dict) else loss
-
     def kd_loss(self, calls: list[Call]) -> torch.Tensor:
-        """The distillation loss averaged over the student calls of one training step."""
-        if not calls:
-            raise ValueError(
-                f"training_step did not call the student {type(self.student(self._pl_module)).__name__} "  # type: ignore[arg-type]
-                "(set `student_attr` to the attribute holding the module that training_step runs)"
-            )
-        assert self.teacher is not None
-        losses = [self._call_loss(call) for call in calls]
-        return torch.stack(losses).mean()
-
-    def _call_loss(self, call: Call) -> torch.Tensor:
-        assert self.teacher is not None
-        device = self.teacher_device or next(self.teacher.parameters()).device
-        taught = run_teacher(self.teacher, call, self._layer_names, device, self.teacher_dtype)
-        mask = call.kwargs.get("attention_mask")
-        prefer = ("logits",) if self.loss == "kl" else ("last_hidden_state", "logits")
-        pairs = [(f"`{name}`", call.layers[name], taught.layers[name]) for name in self._layer_names]
-        pairs = pairs or [("output", main_output(call.output, prefer), main_output(taught.output, prefer))]
-        losses = []
-        for what, student, teacher in pairs:
-            if student.shape != teacher.shape:
-                raise ValueError(
-                    f"the student's {what} has shape {tuple(student.shape)} and the `teacher`'s {tuple(teacher.shape)}: `loss`={self.loss!r} "
-                    "compares equal shapes (a compacted student's narrower layers have no counterpart; use `layers` whose width "
-                    "did not change, such as block outputs, or loss='kl' on logits)"
-                )
-            # Both sides go to the student's device; the losses compute in fp32 whatever the two dtypes are.
-            losses.append(distill_loss(self.loss, student, teacher.to(student.device), self.temperature, mask))
-        return torch.stack(losses).mean()
+        """The distillation loss averaged over the student calls of one training step (`DistilledStep.kd_loss`)."""
+        assert self._step is not None, "KnowledgeDistillation computes its loss inside fit, once `on_train_start` ran"
+        return self._step.kd_loss(calls)
 
     def state_dict(self) -> dict[str, Any]:
         teacher, sharded = self.teacher_state()  # sharded blocks go to the distributed checkpoint (on_save_checkpoint)

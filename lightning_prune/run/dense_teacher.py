@@ -1,10 +1,11 @@
-"""The dense model as the teacher of a later stage's `KnowledgeDistillation`.
+"""The dense model as the teacher of a later stage's distillation callback.
 
 In one fit, `KnowledgeDistillation` copies the student in `setup`, before any pruning callback acts:
 the teacher is the dense model. In a staged run a distillation stage that comes after the first
-pruning stage would copy an already pruned model. For every such callback left at its default
-(`teacher=None`) the run takes one frozen copy of the student as the first pruning stage starts and
-gives it to them as their `teacher`: the module's own frozen dense copy when it keeps one of exactly
+pruning stage would copy an already pruned model. For every such callback that wants the dense model
+(`DenseTeacherUser.wants_dense_teacher()`: `KnowledgeDistillation` left at `teacher=None`) the run
+takes one frozen copy of the student as the first pruning stage starts and hands it to them
+(`use_dense_teacher`): the module's own frozen dense copy when it keeps one of exactly
 those weights (`offered_dense_copy`: SentenceEncoder's reference model), so that one copy serves
 both; under ModelParallelStrategy, a student an earlier stage's fit sharded is copied sharded (FSDP2
 refuses deepcopy). On `resume`, that copy is rebuilt from the model as built (the first pruning
@@ -21,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_prune.callbacks.base import MaskingCallback
-from lightning_prune.callbacks.distill import KnowledgeDistillation
+from lightning_prune.callbacks.dense_teacher import DenseTeacherUser
 from lightning_prune.masking import get_masks, load_masks, remove_masks
 from lightning_prune.recovery.sharded import sharded_frozen_copy, student_mesh
 from lightning_prune.recovery.teacher import frozen_copy
@@ -45,18 +46,18 @@ def offered_dense_copy(module: pl.LightningModule, student: torch.nn.Module) -> 
 
 
 class DenseTeacher:
-    """Which stage is the first to prune, which later distillation callbacks need the dense model,
+    """Which stage is the first to prune, which later callbacks want the dense model (`DenseTeacherUser`),
     and the frozen copy once taken (`take`) or rebuilt (`rebuild`)."""
 
     def __init__(self, built: list[list[Callback]]) -> None:
         pruning = [index for index, callbacks in enumerate(built) if any(isinstance(c, MaskingCallback) for c in callbacks)]
         self.first_pruning: int | None = pruning[0] if pruning else None
-        self.waiting: list[tuple[int, KnowledgeDistillation]] = [
+        self.waiting: list[tuple[int, DenseTeacherUser]] = [
             (index, callback)
             for index, callbacks in enumerate(built)
             if self.first_pruning is not None and index > self.first_pruning
             for callback in callbacks
-            if isinstance(callback, KnowledgeDistillation) and callback.teacher_source is None
+            if isinstance(callback, DenseTeacherUser) and callback.wants_dense_teacher()
         ]
 
     @property
@@ -78,7 +79,7 @@ class DenseTeacher:
         for index, callback in self.waiting:
             if index >= start:
                 student = callback.student(module)
-                as_is = callback.teacher_device is None and callback.teacher_dtype is None  # placement moves or casts the copy in place
+                as_is = callback.shares_dense_teacher()  # False: the callback moves or casts its copy in place
                 key = (id(student), as_is)
                 if key not in copies:
                     mesh = student_mesh(student)
@@ -87,7 +88,7 @@ class DenseTeacher:
                     else:
                         offered = offered_dense_copy(module, student) if as_is else None
                         copies[key] = offered if offered is not None else frozen_copy(student)
-                callback.teacher_source = copies[key]
+                callback.use_dense_teacher(copies[key])
 
     def rebuild(self, module: pl.LightningModule, start: int, dense_state: dict[str, torch.Tensor] | Path) -> None:
         """On resume after the first pruning stage: the dense student from `dense_state` (the model's

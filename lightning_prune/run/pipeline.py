@@ -43,6 +43,7 @@ from lightning_prune.run.pairing import check_vocabulary, use_model_tokenizer
 from lightning_prune.run.record import RunRecord, check_final_sparsity, target_sparsity
 from lightning_prune.run.resume import StageState, check_resumable, checkpoint_path, load_last_checkpoint, restore_module, run_config, save_stage_checkpoint
 from lightning_prune.run.stages import GROUPS, Stage, build_callbacks, parse_stages
+from lightning_prune.run.state import RunParts
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -121,27 +122,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     record = RunRecord({"output_dir": str(out), "status": "running"})
-    parts: dict[str, Any] = {"callbacks": []}
+    parts = RunParts()
     with record.capture():
         try:
             run_stages(cfg, stages, out, record, parts)
         except Exception as error:
             record.fail(error)
-            record.collect_warnings(parts["callbacks"])
+            record.collect_warnings(parts.callbacks)
             write_partial_outputs(cfg, out, record.results, parts)
             raise
     return record.results
 
 
-def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecord, parts: dict[str, Any]) -> None:
+def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecord, parts: RunParts) -> None:
     """Setup and preflight of every stage, the stages (after the last finished one with `resume`), then the outputs."""
     results = record.results
     built = [build_callbacks(cfg, stage) for stage in stages]  # cheap, and where most argument errors are: before data and model
-    parts["ordered"] = [callback for callbacks in reversed(built) for callback in callbacks]  # the last stage's target first
-    data = parts["data"] = build(cfg.data, "data")
-    module = parts["module"] = build(cfg.model, "model")
+    parts.ordered = [callback for callbacks in reversed(built) for callback in callbacks]  # the last stage's target first
+    data = parts.data = build(cfg.data, "data")
+    module = parts.module = build(cfg.model, "model")
     check_vocabulary(data, module)
-    history = parts["history"] = History(metric=getattr(module, "val_metric", "val/loss"))
+    history = parts.history = History(metric=getattr(module, "val_metric", "val/loss"))
     results["metric"] = history.metric
     results["stages"] = []
     record.phase = "preflight"
@@ -154,7 +155,7 @@ def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecor
     dense_state = dense_path if dense_path is not None else as_built  # None: no later stage distills from the dense model
     if dense_state is not None and dense.first_pruning is not None and start > dense.first_pruning:
         dense.rebuild(module, start, dense_state)
-    parts["keep_checkpoint"] = dense_path
+    parts.keep_checkpoint = dense_path
     # Every stage's Trainer is built before any stage trains (its settings are checked there).
     states = [StageState(keep_masks=not any(isinstance(c, MaskingCallback) for c in callbacks)) for callbacks in built]
     snapshots = [TrainStartSnapshot() if stage.evaluate_start else None for stage in stages]
@@ -163,7 +164,7 @@ def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecor
         for stage, callbacks, state, snapshot in zip(stages, built, states, snapshots)
     ]
     for stage in stages[start:]:
-        parts["callbacks"] = built[stage.index]
+        parts.callbacks = built[stage.index]
         if stage.index == dense.first_pruning:
             dense.take(module, start)  # the dense student, for later stages' distillation (no copy when none needs it)
         run_stage(cfg, out, record, parts, stage, trainers[stage.index], states[stage.index], snapshots[stage.index])
@@ -187,9 +188,9 @@ def resume(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecord, m
     return stage.index + 1
 
 
-def run_stage(cfg: DictConfig, out: Path, record: RunRecord, parts: dict[str, Any], stage: Stage, trainer: pl.Trainer, state: StageState, snapshot: TrainStartSnapshot | None) -> None:
+def run_stage(cfg: DictConfig, out: Path, record: RunRecord, parts: RunParts, stage: Stage, trainer: pl.Trainer, state: StageState, snapshot: TrainStartSnapshot | None) -> None:
     """One stage: (the dense baseline before the first stage with callbacks), the fit, its evaluations, its checkpoint."""
-    results, module, data, callbacks = record.results, parts["module"], parts["data"], parts["callbacks"]
+    (module, data, history), results, callbacks = parts.built(), record.results, parts.callbacks
     entry: dict[str, Any] = {"name": stage.name, "status": "skipped", "callbacks": [type(c).__name__ for c in callbacks]}
     if stage.is_empty:
         results["stages"].append(entry)
@@ -199,7 +200,7 @@ def run_stage(cfg: DictConfig, out: Path, record: RunRecord, parts: dict[str, An
         ran = [e for e in results["stages"] if e["status"] == "completed"]
         results["before"] = ran[-1]["metrics"] if ran and "metrics" in ran[-1] else entry.setdefault("before_metrics", evaluate(trainer, module, data))
     record.phase = stage.name
-    parts["history"].start_phase(stage.name, sum(e.get("steps", 0) for e in results["stages"]))
+    history.start_phase(stage.name, sum(e.get("steps", 0) for e in results["stages"]))
     pl.seed_everything(cfg.seed + stage.index, workers=True, verbose=False)  # a resumed stage draws the same numbers
     trainer.fit(module, datamodule=data)
     entry.update(status="completed", steps=trainer.global_step)
@@ -219,21 +220,21 @@ def run_stage(cfg: DictConfig, out: Path, record: RunRecord, parts: dict[str, An
     entry["checkpoint"] = str(path.relative_to(out))
     results["stages"].append(entry)
     state.progress = {"stage": stage.name, "config": run_config(cfg), "results": copy.deepcopy(results), "warnings": record.close_stage(callbacks)}
-    save_stage_checkpoint(trainer, path, keep_earlier=cfg.stage_checkpoints == "all", keep=parts.get("keep_checkpoint"))
+    save_stage_checkpoint(trainer, path, keep_earlier=cfg.stage_checkpoints == "all", keep=parts.keep_checkpoint)
 
 
-def finish(cfg: DictConfig, out: Path, record: RunRecord, parts: dict[str, Any], stages: list[Stage], built: list[list[Callback]], trainers: list[pl.Trainer]) -> None:
+def finish(cfg: DictConfig, out: Path, record: RunRecord, parts: RunParts, stages: list[Stage], built: list[list[Callback]], trainers: list[pl.Trainer]) -> None:
     """`after` (the last stage's metrics, or a validation), then the report, plots, model and results."""
-    results, module, history = record.results, parts["module"], parts["history"]
-    parts["callbacks"] = []
+    (module, data, history), results = parts.built(), record.results
+    parts.callbacks = []
     ran = [entry for entry in results["stages"] if entry["status"] == "completed"]
     if cfg.evaluate_after and ran:
         record.phase = "evaluate_after"
         last = trainers[[stage.name for stage in stages].index(ran[-1]["name"])]
-        results["after"] = ran[-1]["metrics"] if "metrics" in ran[-1] else evaluate(last, module, parts["data"])
+        results["after"] = ran[-1]["metrics"] if "metrics" in ran[-1] else evaluate(last, module, data)
     record.phase = "outputs"
     write_stages(results, history.metric, out, plots=cfg.plots)
-    results.update(write_outputs(cfg, out, module, parts["data"], history, parts["ordered"]))
+    results.update(write_outputs(cfg, out, module, data, history, parts.ordered))
     record.collect_warnings([])
     target, key = final_target(stages, built)
     sparsity_warning = check_final_sparsity(target, results["global_sparsity"], key)
@@ -253,16 +254,16 @@ def final_target(stages: list[Stage], built: list[list[Callback]]) -> tuple[floa
     return None, "pruning.sparsity"
 
 
-def write_partial_outputs(cfg: DictConfig, out: Path, results: dict[str, Any], parts: dict[str, Any]) -> None:
+def write_partial_outputs(cfg: DictConfig, out: Path, results: dict[str, Any], parts: RunParts) -> None:
     """After a failure: `results.json` first, then the report, history and plots of what was built."""
     write_results(results, out / "results.json")
-    module, history = parts.get("module"), parts.get("history")
+    module, history = parts.module, parts.history
     if module is None or history is None:
         return
     report = sparsity_report(module)
     write_report(out, report, history, plots=cfg.plots)
     write_stages(results, history.metric, out, plots=cfg.plots)
-    results.update(sparsity_results(report, parts.get("ordered", [])))
+    results.update(sparsity_results(report, parts.ordered))
     write_results(results, out / "results.json")
 
 
