@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from lightning_prune.targets import PruneTarget
+from lightning_prune.validation import check_sparsity as check_sparsity  # re-exported: callbacks/base.py imports it from here
 
 SCOPES = ("layer", "global", "row", "channel")
 
@@ -21,13 +22,6 @@ SCOPES = ("layer", "global", "row", "channel")
 def prune_count(numel: int, sparsity: float) -> int:
     """Number of elements pruned at `sparsity`: round(s·n), halves rounded up."""
     return math.floor(sparsity * numel + 0.5)
-
-
-def check_sparsity(sparsity: float, argument: str = "sparsity") -> float:
-    """Validate a sparsity in [0, 1) and return it as a float."""
-    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"`{argument}` must be a number in [0, 1), got {sparsity!r}")
-    return float(sparsity)
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:
@@ -126,27 +120,28 @@ def lowest_in_groups(groups: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(groups, dim=-1, stable=True).indices[..., :count]
 
 
-def _with_pruned(scores: torch.Tensor, pruned: torch.Tensor | None) -> torch.Tensor:
+def scores_with_pruned(scores: torch.Tensor, pruned: torch.Tensor | None) -> torch.Tensor:
+    """`scores` (checked for NaN) with the already-pruned entries at -inf, so that they are selected first."""
     check_scores(scores)
     return scores if pruned is None else scores.masked_fill(pruned, float("-inf"))
 
 
-def _monotone(keep: torch.Tensor, pruned: torch.Tensor | None) -> torch.Tensor:
+def monotone_keep(keep: torch.Tensor, pruned: torch.Tensor | None) -> torch.Tensor:
     """Never revive a pruned weight, even where a group already holds more pruned than its target."""
     return keep if pruned is None else keep & ~pruned.to(keep.device)
 
 
 def select_layer_wise(scores: torch.Tensor, sparsity: float, pruned: torch.Tensor | None = None) -> torch.Tensor:
     """Prune the lowest `sparsity` fraction of one layer's scores."""
-    flat = _with_pruned(scores, pruned).reshape(-1)
-    return _monotone(~lowest_k(flat, prune_count(flat.numel(), sparsity)).reshape(scores.shape), pruned)
+    flat = scores_with_pruned(scores, pruned).reshape(-1)
+    return monotone_keep(~lowest_k(flat, prune_count(flat.numel(), sparsity)).reshape(scores.shape), pruned)
 
 
 def select_row_wise(scores: torch.Tensor, sparsity: float, pruned: torch.Tensor | None = None) -> torch.Tensor:
     """Prune the lowest `sparsity` fraction within each output row (Wanda's comparison group)."""
-    masked = _with_pruned(scores, pruned)
+    masked = scores_with_pruned(scores, pruned)
     k = prune_count(scores.shape[1], sparsity)
-    return _monotone(~lowest_k_per_row(masked, k), pruned)
+    return monotone_keep(~lowest_k_per_row(masked, k), pruned)
 
 
 def lowest_k_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -204,13 +199,13 @@ def select_n_m(
     With `sparsity` below (M−N)/M (gradual N:M), only the lowest-scoring of the N:M candidates
     are pruned, so that the final step lands exactly on the pattern.
     """
-    masked = _with_pruned(scores, pruned)
+    masked = scores_with_pruned(scores, pruned)
     candidates = n_m_candidates(masked, n, m)
     full = (m - n) / m
     if sparsity is None or sparsity >= full - 1e-9:
-        return _monotone(~candidates, pruned)
+        return monotone_keep(~candidates, pruned)
     flat = masked.masked_fill(~candidates, float("inf")).reshape(-1)
-    return _monotone(~lowest_k(flat, prune_count(flat.numel(), sparsity)).reshape(scores.shape), pruned)
+    return monotone_keep(~lowest_k(flat, prune_count(flat.numel(), sparsity)).reshape(scores.shape), pruned)
 
 
 def select_channels(scores: torch.Tensor, sparsity: float, pruned: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,7 +215,7 @@ def select_channels(scores: torch.Tensor, sparsity: float, pruned: torch.Tensor 
     if pruned is not None:
         row_scores = row_scores.masked_fill(pruned.all(dim=1), float("-inf"))
     dropped = lowest_k(row_scores, prune_count(row_scores.numel(), sparsity))
-    return _monotone((~dropped).unsqueeze(1).expand_as(scores).clone(), pruned)
+    return monotone_keep((~dropped).unsqueeze(1).expand_as(scores).clone(), pruned)
 
 
 def select_global(
@@ -230,7 +225,7 @@ def select_global(
 ) -> dict[str, torch.Tensor]:
     """One threshold over all layers' scores; each layer keeps at least its best weight."""
     pruned = pruned or {}
-    flats = {name: _with_pruned(s, pruned.get(name)).reshape(-1).float() for name, s in scores.items()}
+    flats = {name: scores_with_pruned(s, pruned.get(name)).reshape(-1).float() for name, s in scores.items()}
     total = sum(f.numel() for f in flats.values())
     k = prune_count(total, sparsity)
     if k > total - len(flats):
@@ -246,7 +241,7 @@ def select_global(
     masks, offset = {}, 0
     for name, flat in flats.items():
         part = dropped[offset : offset + flat.numel()].to(scores[name].device)
-        masks[name] = _monotone(~part.reshape(scores[name].shape), pruned.get(name))
+        masks[name] = monotone_keep(~part.reshape(scores[name].shape), pruned.get(name))
         offset += flat.numel()
     return masks
 
