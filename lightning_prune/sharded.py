@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from lightning_prune.selection import SCOPES, _monotone, _with_pruned, n_m_candidates, parse_pattern, prune_count, select_row_wise
+from lightning_prune.selection import SCOPES, monotone_keep, n_m_candidates, parse_pattern, prune_count, scores_with_pruned, select_row_wise
 from lightning_prune.targets import PruneTarget
 
 _KEY_DTYPE = {4: torch.int32, 8: torch.int64}
@@ -193,13 +193,13 @@ def select_masks_sharded(
     nan_layers = sum(bool(torch.isnan(s).any()) for s in scores.values())  # every rank must raise, or the others wait forever
     if sum_over_shards([nan_layers], group)[0]:
         raise ValueError("scores contain NaN on some rank's block; check the model's weights and calibration activations")
-    masked = {name: _with_pruned(s, pruned.get(name)) for name, s in scores.items()}
+    masked = {name: scores_with_pruned(s, pruned.get(name)) for name, s in scores.items()}
     numel = {name: rows[name] * s.shape[1] for name, s in scores.items()}
     if pattern is not None:
         n, m = parse_pattern(pattern)
         candidates = {name: n_m_candidates(s, n, m) for name, s in masked.items()}
         if sparsity >= (m - n) / m - 1e-9:
-            return {name: _monotone(~c, pruned.get(name)) for name, c in candidates.items()}
+            return {name: monotone_keep(~c, pruned.get(name)) for name, c in candidates.items()}
         flats = {name: s.masked_fill(~candidates[name], float("inf")).reshape(-1) for name, s in masked.items()}
         dropped = _layer_problems(flats, {name: prune_count(numel[name], sparsity) for name in flats}, group)
     elif scope == "row":
@@ -219,7 +219,7 @@ def select_masks_sharded(
         dropped = _global_dropped({name: s.reshape(-1).float() for name, s in masked.items()}, k, group)
     else:
         raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
-    return {name: _monotone(~dropped[name].reshape(scores[name].shape), pruned.get(name)) for name in scores}
+    return {name: monotone_keep(~dropped[name].reshape(scores[name].shape), pruned.get(name)) for name in scores}
 
 
 def sum_over_shards(values: Sequence[int], group: dist.ProcessGroup | None) -> list[int]:

@@ -20,7 +20,7 @@ from torch import nn
 
 from lightning_prune.masking import finalize
 from lightning_prune.oneshot.driver import find_block_stack
-from lightning_prune.structured.groups import GroupSet, _sequential_groups, find_block_groups, removed_units
+from lightning_prune.structured.groups import GroupSet, find_block_groups, removed_units, sequential_groups
 from lightning_prune.structured.select import block_is_dropped
 
 try:
@@ -33,7 +33,8 @@ def _is_hf(module: nn.Module) -> bool:
     return PreTrainedModel is not None and isinstance(module, PreTrainedModel)
 
 
-def _outermost_hf(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def outermost_hf_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the transformers models inside `model` that no other one contains."""
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if _is_hf(module) and not any(name.startswith(f"{outer}.") or outer == "" for outer, _ in found):
@@ -52,7 +53,7 @@ def compact(model: nn.Module) -> nn.Module:
     """
     if _is_hf(model):
         return _compact_transformers(model)
-    for name, inner in _outermost_hf(model):
+    for name, inner in outermost_hf_models(model):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, _compact_transformers(inner))
     _compact_sequentials(model)
@@ -153,9 +154,9 @@ def _sync_widths(module: nn.Module) -> None:
 
 def _compact_sequentials(model: nn.Module) -> None:
     """Slice every plain `nn.Sequential` stack's removed filters/neurons in place."""
-    inside_hf = [name for name, _ in _outermost_hf(model)]
+    inside_hf = [name for name, _ in outermost_hf_models(model)]
     stacks = [(n, m) for n, m in model.named_modules() if type(m) is nn.Sequential and not any(n.startswith(f"{h}.") for h in inside_hf)]
-    groups = [g for name, m in stacks for g in _sequential_groups(name, m)]
+    groups = [g for name, m in stacks for g in sequential_groups(name, m)]
     keeps = [(group, ~removed_units(group)) for group in groups]
     finalize(model)  # the masks' zeros are baked in; the sliced tensors no longer fit them
     for group, keep in keeps:

@@ -130,7 +130,8 @@ def _output_dim(module: nn.Module) -> int:
     return 1 if isinstance(module, _conv1d()) else 0
 
 
-def _input_dim(module: nn.Module) -> int:
+def input_dim(module: nn.Module) -> int:
+    """The weight dimension that holds a layer's inputs: 0 for a transposed Conv1D, else 1."""
     return 0 if isinstance(module, _conv1d()) else 1
 
 
@@ -141,7 +142,7 @@ def _layer_parts(name: str, module: nn.Module, role: str, width: int = 1) -> lis
         if getattr(module, "bias", None) is not None:
             parts.append(Part(name, module, "bias", 0, width, role))
         return parts
-    return [Part(name, module, "weight", _input_dim(module), width, role)]
+    return [Part(name, module, "weight", input_dim(module), width, role)]
 
 
 def _out_features(module: nn.Module) -> int:
@@ -223,7 +224,7 @@ def find_block_groups(model: nn.Module, kind: str, blocks: str | None = None) ->
     return found
 
 
-def _sequential_groups(seq_name: str, seq: nn.Sequential) -> list[GroupSet]:
+def sequential_groups(seq_name: str, seq: nn.Sequential) -> list[GroupSet]:
     """Filter (Conv2d) and neuron (Linear) group sets of one plain `nn.Sequential`."""
     children = list(seq.named_children())
     found = []
@@ -265,7 +266,7 @@ def find_sequential_groups(model: nn.Module, kind: str) -> list[GroupSet]:
     A layer whose outputs leave the `Sequential` (the last one) is not a group: its outputs are the
     model's. Raises a `ValueError` when no group of that kind exists.
     """
-    found = [g for name, m in model.named_modules() if type(m) is nn.Sequential for g in _sequential_groups(name, m) if g.kind == kind]
+    found = [g for name, m in model.named_modules() if type(m) is nn.Sequential for g in sequential_groups(name, m) if g.kind == kind]
     if not found:
         raise ValueError(f"found no {kind} groups in {type(model).__name__}: {kind}s are found in plain nn.Sequential stacks (Conv2d/Linear → BatchNorm → activation → Conv2d/Linear)")
     return found

@@ -20,7 +20,8 @@ from torch import nn
 
 from lightning_prune.oneshot.stats import FeatureNormStats, TokenStatistic
 from lightning_prune.registry import register_structured_score
-from lightning_prune.structured.groups import GroupSet, Part, _input_dim
+from lightning_prune.structured.groups import GroupSet, Part, input_dim
+from lightning_prune.validation import check_bool, check_choice
 
 
 class FeatureMomentStats(TokenStatistic):
@@ -87,7 +88,7 @@ def _weight_parts(group: GroupSet) -> list[Part]:
 def _along_inputs(part: Part, values: torch.Tensor) -> torch.Tensor:
     """`values` (one per input feature) broadcast over the part's weight storage."""
     shape = [1] * part.tensor.dim()
-    shape[_input_dim(part.module)] = -1
+    shape[input_dim(part.module)] = -1
     return values.reshape(shape)
 
 
@@ -96,9 +97,7 @@ class GroupMagnitude(StructuredScore):
     """Group Lp norm of the weight entries of each unit (p = 1: Li et al. 2016's filter L1)."""
 
     def __init__(self, p: int = 1) -> None:
-        if p not in (1, 2):
-            raise ValueError(f"`p` must be 1 or 2, got {p!r}")
-        self.p = p
+        self.p = check_choice(p, "p", (1, 2))
 
     @torch.no_grad()
     def score(self, group: GroupSet, stats: Mapping[str, TokenStatistic]) -> torch.Tensor:
@@ -133,7 +132,7 @@ class GroupFluctuation(StructuredScore):
     statistics = (FeatureMomentStats,)
 
     def __init__(self, compensate: bool = True) -> None:
-        self.compensate_bias = bool(compensate)
+        self.compensate_bias = check_bool(compensate, "compensate")
 
     @torch.no_grad()
     def score(self, group: GroupSet, stats: Mapping[str, TokenStatistic]) -> torch.Tensor:
@@ -151,7 +150,7 @@ class GroupFluctuation(StructuredScore):
             mean = stats[part.module_name].mean()  # type: ignore[attr-defined]
             drop = removed.repeat_interleave(part.width).float()
             weight = part.tensor.detach().float()
-            matrix = weight.t() if _input_dim(part.module) == 0 else weight
+            matrix = weight.t() if input_dim(part.module) == 0 else weight
             shift = matrix @ (mean * drop)
             bias: torch.Tensor = part.module.bias  # type: ignore[assignment]
             bias.add_(shift.to(bias.dtype))

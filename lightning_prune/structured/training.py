@@ -17,11 +17,12 @@ from torch import nn
 
 from lightning_prune.oneshot.driver import call_model, to_device
 from lightning_prune.registry import STRUCTURED_SCORES
-from lightning_prune.structured.api import _select
-from lightning_prune.structured.compact import _outermost_hf, compact
+from lightning_prune.structured.api import select_groups
+from lightning_prune.structured.compact import compact, outermost_hf_models
 from lightning_prune.structured.groups import KINDS, GroupSet, find_groups, removed_units
 from lightning_prune.structured.scores import StructuredScore
 from lightning_prune.structured.select import prune_group
+from lightning_prune.validation import check_bool
 
 STRUCTURES = KINDS
 
@@ -51,7 +52,7 @@ class StructuredSelection:
 
     def attach(self, model: nn.Module) -> None:
         """Find the model's group sets (raises naming a module whose coupling is unknown)."""
-        self.groups = _select(find_groups(model, self.structure), self.targets, self.ignore)
+        self.groups = select_groups(find_groups(model, self.structure), self.targets, self.ignore)
         if not self.groups:
             raise ValueError(f"`targets`={self.targets!r} / `ignore`={self.ignore!r} leave no {self.structure} groups to prune")
 
@@ -111,7 +112,7 @@ def _forward_owner(model: nn.Module) -> nn.Module:
     """The module to time: the model itself when it defines `forward`, else the transformers model inside it."""
     if type(model).forward is not nn.Module.forward and getattr(type(model).forward, "__qualname__", "").split(".")[0] != "LightningModule":
         return model
-    inner = _outermost_hf(model)
+    inner = outermost_hf_models(model)
     if not inner:
         raise ValueError(f"cannot time {type(model).__name__}: it defines no `forward` and holds no transformers model")
     return inner[0][1]
@@ -120,7 +121,7 @@ def _forward_owner(model: nn.Module) -> nn.Module:
 def check_structure_arguments(structure: str | None, pattern: str | None, scope: str, compact_on_end: bool) -> None:
     """Arguments that do not combine with structured pruning, refused when the callback is made."""
     if structure is None:
-        if compact_on_end:
+        if check_bool(compact_on_end, "compact_on_end"):
             raise ValueError("`compact_on_end`=True needs a `structure` ('neuron', 'head' or 'filter'): unstructured zeros cannot be removed")
         return
     if pattern is not None:
