@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from lightning_prune.targets import PruneTarget
-from lightning_prune.validation import check_sparsity as check_sparsity  # re-exported: callbacks/base.py imports it from here
+from lightning_prune.validation import check_sparsity as check_sparsity  # also re-exported: callbacks/base.py imports it from here
 
 SCOPES = ("layer", "global", "row", "channel")
 
@@ -254,6 +254,7 @@ def select_masks(
     pruned: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Keep-masks for a dict of (out, in) score matrices: dispatch on `pattern`, then `scope`."""
+    check_sparsity(sparsity)
     pruned = pruned or {}
     if pattern is not None:
         n, m = parse_pattern(pattern)
