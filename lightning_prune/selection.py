@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from lightning_prune.targets import PruneTarget
-from lightning_prune.validation import check_sparsity as check_sparsity  # also re-exported: callbacks/base.py imports it from here
+from lightning_prune.validation import check_sparsity as check_sparsity  # callbacks/base.py imports it here
 
 SCOPES = ("layer", "global", "row", "channel")
 

@@ -17,7 +17,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from lightning_prune.selection import SCOPES, monotone_keep, n_m_candidates, parse_pattern, prune_count, scores_with_pruned, select_row_wise
+from lightning_prune.selection import (
+    SCOPES,
+    monotone_keep,
+    n_m_candidates,
+    parse_pattern,
+    prune_count,
+    scores_with_pruned,
+    select_row_wise,
+)
 from lightning_prune.targets import PruneTarget
 
 _KEY_DTYPE = {4: torch.int32, 8: torch.int64}

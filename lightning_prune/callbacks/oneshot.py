@@ -12,7 +12,14 @@ from torch.utils.data import DistributedSampler
 
 from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.distributed import all_reduce_sum_, is_distributed
-from lightning_prune.oneshot.api import block_targets, check_oneshot_arguments, needs_calibration, prune_oneshot, resolve_method, resolve_refiner
+from lightning_prune.oneshot.api import (
+    block_targets,
+    check_oneshot_arguments,
+    needs_calibration,
+    prune_oneshot,
+    resolve_method,
+    resolve_refiner,
+)
 from lightning_prune.oneshot.driver import call_model, find_blocks
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
 from lightning_prune.oneshot.samples import check_num_samples, take_samples
@@ -110,7 +117,8 @@ class OneShotPruning(MaskingCallback):
         reconstruct_lr: float = 1e-4,
         reconstruct_target: str = "block",
     ) -> None:
-        check_oneshot_arguments(sparsity, pattern, sparsity_profile, reconstruct, reconstruct_steps, reconstruct_lr, reconstruct_target)
+        reconstruction = (reconstruct, reconstruct_steps, reconstruct_lr, reconstruct_target)
+        check_oneshot_arguments(sparsity, pattern, sparsity_profile, *reconstruction)
         # Built here so that a bad name or option fails when the callback is made, before any fit.
         self.solver = resolve_method(method, method_options)
         self.refiner = resolve_refiner(refine, refine_options)

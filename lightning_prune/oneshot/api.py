@@ -196,7 +196,8 @@ def prune_oneshot(
             a failed factorisation, NaN activations); the error names the layer, and the model's
             weights and masks are then exactly as before the call.
     """
-    sparsity = check_oneshot_arguments(sparsity, pattern, sparsity_profile, reconstruct, reconstruct_steps, reconstruct_lr, reconstruct_target)
+    reconstruction = (reconstruct, reconstruct_steps, reconstruct_lr, reconstruct_target)
+    sparsity = check_oneshot_arguments(sparsity, pattern, sparsity_profile, *reconstruction)
     check_num_samples(num_samples)
     check_integer(min_expert_tokens, "min_expert_tokens", low=1)
     check_number(owl_threshold, "owl_threshold", low=0.0, low_open=True)
