@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lightning_prune.registry import CRITERIA, register_criterion
+from lightning_prune.validation import check_integer
 
 
 class Criterion:
@@ -154,5 +155,5 @@ def make_criterion(name: str | Criterion, seed: int = 0) -> Criterion:
     """A registered criterion by name (see `CRITERIA`), or the given instance unchanged."""
     if isinstance(name, Criterion):
         return name
-    criterion: Criterion = CRITERIA.create(name, seed=seed)
+    criterion: Criterion = CRITERIA.create(name, seed=check_integer(seed, "seed"))
     return criterion

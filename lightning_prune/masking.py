@@ -32,6 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from lightning_prune.parallel.sharded import is_sharded, local_tensor, select_target_masks_sharded
 from lightning_prune.selection import select_masks
 from lightning_prune.targets import PruneTarget
+from lightning_prune.validation import check_sparsity
 
 _MASKED = "_lightning_prune_masked"  # module attribute: [param_name, ...] of its masked parameters
 _LOAD_HOOK = "_lightning_prune_load_hook"  # module attribute: the load_state_dict post hook's handle
@@ -282,6 +283,7 @@ def update_masks(
     Entries already pruned stay pruned when `monotone` (they are scored lowest and kept out).
     Returns the new masks by target name.
     """
+    check_sparsity(sparsity)
     matrices: dict[str, torch.Tensor] = {}
     pruned: dict[str, torch.Tensor] = {}
     for target in targets:

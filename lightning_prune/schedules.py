@@ -12,9 +12,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from lightning_prune.selection import check_sparsity
+from lightning_prune.validation import check_choice, check_integer, check_number, check_sparsity
 
-SCHEDULES = ("constant", "linear", "cubic", "exponential", "steps")
+RAMPS = ("constant", "linear", "cubic", "exponential")  # from `initial` to `final` between two steps
+SCHEDULES = (*RAMPS, "steps")  # `steps` takes explicit `milestones` and `values` instead
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class _Ramp(ABC):
     def __post_init__(self) -> None:
         check_sparsity(self.final, "sparsity")
         check_sparsity(self.initial, "initial_sparsity")
+        check_integer(self.start, "start_step")
+        check_integer(self.end, "end_step")
         if self.initial > self.final:
             raise ValueError(f"`initial_sparsity` ({self.initial}) must not exceed `sparsity` ({self.final})")
         if self.start < 0 or self.end <= self.start:
@@ -78,7 +81,7 @@ class Exponential(_Ramp):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.rate <= 0:
+        if check_number(self.rate, "rate") <= 0:
             raise ValueError(f"`rate` must be > 0, got {self.rate}")
 
     def shape(self, progress: float) -> float:
@@ -95,6 +98,8 @@ class Steps:
     def __post_init__(self) -> None:
         if len(self.milestones) != len(self.values) or not self.milestones:
             raise ValueError(f"`milestones` and `values` must be non-empty and of equal length, got {list(self.milestones)} and {list(self.values)}")
+        for milestone in self.milestones:
+            check_integer(milestone, "milestones")
         if list(self.milestones) != sorted(set(self.milestones)):
             raise ValueError(f"`milestones` must be strictly increasing, got {list(self.milestones)}")
         for value in self.values:
@@ -129,8 +134,7 @@ def make_schedule(
     ramps: dict[str, Callable[..., _Ramp]] = {"constant": Constant, "linear": Linear, "cubic": Cubic, "exponential": Exponential}
     if name == "steps":
         return Steps(**kwargs)  # type: ignore[arg-type]
-    if name not in ramps:
-        raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {name!r}")
-    if name == "constant":
-        end_step = max(end_step, start_step + 1)
+    check_choice(name, "schedule", SCHEDULES)
+    if name == "constant":  # a step at `start_step`: any end after it
+        end_step = max(check_integer(end_step, "end_step"), check_integer(start_step, "start_step") + 1)
     return ramps[name](sparsity, initial_sparsity, start_step, end_step, **kwargs)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from lightning_prune.targets import PruneTarget
+from lightning_prune.validation import check_sparsity
 
 SCOPES = ("layer", "global", "row", "channel")
 
@@ -21,13 +22,6 @@ SCOPES = ("layer", "global", "row", "channel")
 def prune_count(numel: int, sparsity: float) -> int:
     """Number of elements pruned at `sparsity`: round(s·n), halves rounded up."""
     return math.floor(sparsity * numel + 0.5)
-
-
-def check_sparsity(sparsity: float, argument: str = "sparsity") -> float:
-    """Validate a sparsity in [0, 1) and return it as a float."""
-    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"`{argument}` must be a number in [0, 1), got {sparsity!r}")
-    return float(sparsity)
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:
@@ -260,6 +254,7 @@ def select_masks(
     pruned: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Keep-masks for a dict of (out, in) score matrices: dispatch on `pattern`, then `scope`."""
+    check_sparsity(sparsity)
     pruned = pruned or {}
     if pattern is not None:
         n, m = parse_pattern(pattern)

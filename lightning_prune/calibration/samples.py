@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from lightning_prune.validation import check_optional_integer
+
 Batch = Any
 
 
@@ -29,8 +31,7 @@ def take_samples(batches: Iterable[Batch], num_samples: int | None) -> list[Batc
 
 def check_num_samples(num_samples: int | None) -> None:
     """`num_samples` is None (all batches) or an integer >= 1."""
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
-        raise ValueError(f"`num_samples` must be None or an integer >= 1, got {num_samples!r}")
+    check_optional_integer(num_samples, "num_samples", low=1)
 
 
 def _batch_size(batch: Batch) -> int:

@@ -21,9 +21,10 @@ from lightning_prune.callbacks.sharding import Blocks, ShardedMaskState
 from lightning_prune.callbacks.strategy import check_strategy
 from lightning_prune.masking import finalize, get_mask, keep_masks_applied, load_masks, mask_sharded_gradients_
 from lightning_prune.parallel.sharded import local_tensor
-from lightning_prune.selection import check_pattern_fits, check_pattern_sparsity, check_sparsity
+from lightning_prune.selection import check_pattern_fits, check_pattern_sparsity
 from lightning_prune.structured.training import compact_and_measure, first_batch, sample_forward
 from lightning_prune.targets import PruneTarget, find_targets
+from lightning_prune.validation import check_sparsity
 
 
 class MaskingCallback(Callback):

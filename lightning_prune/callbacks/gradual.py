@@ -10,8 +10,8 @@ import lightning.pytorch as pl
 
 from lightning_prune.callbacks.scheduled import ScheduledPruning
 from lightning_prune.criteria import Criterion
-from lightning_prune.schedules import SCHEDULES, make_schedule
-from lightning_prune.selection import check_sparsity
+from lightning_prune.schedules import RAMPS, make_schedule
+from lightning_prune.validation import check_integer, check_optional_integer, check_sparsity
 
 
 class GradualPruning(ScheduledPruning):
@@ -65,14 +65,13 @@ class GradualPruning(ScheduledPruning):
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
         if self.initial_sparsity > self.sparsity:
             raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must not exceed `sparsity` ({sparsity})")
-        if not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"`start_step` must be an integer >= 0, got {start_step!r}")
-        if end_step is not None and (not isinstance(end_step, int) or end_step <= start_step):
+        check_integer(start_step, "start_step", low=0)
+        check_optional_integer(end_step, "end_step")
+        if end_step is not None and end_step <= start_step:
             raise ValueError(f"`end_step` must be None or an integer > `start_step` ({start_step}), got {end_step!r}")
-        if not isinstance(frequency, int) or frequency < 1:
-            raise ValueError(f"`frequency` must be an integer >= 1, got {frequency!r}")
-        if not callable(schedule) and schedule not in SCHEDULES[:-1]:
-            raise ValueError(f"`schedule` must be one of {SCHEDULES[:-1]} or a callable step -> sparsity, got {schedule!r}")
+        check_integer(frequency, "frequency", low=1)
+        if not callable(schedule) and schedule not in RAMPS:
+            raise ValueError(f"`schedule` must be one of {RAMPS} or a callable step -> sparsity, got {schedule!r}")
         if self.criterion.needs_gradients and start_step == 0 and self.initial_sparsity > 0:
             raise ValueError(
                 f"`criterion`={criterion!r} scores from gradients, so it cannot prune at step 0: "

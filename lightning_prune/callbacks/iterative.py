@@ -13,6 +13,7 @@ from lightning_prune.callbacks.scheduled import ScheduledPruning
 from lightning_prune.callbacks.sharding import Blocks
 from lightning_prune.criteria import Criterion
 from lightning_prune.masking import apply_masks_
+from lightning_prune.validation import check_integer
 
 
 class IterativePruning(ScheduledPruning):
@@ -60,10 +61,8 @@ class IterativePruning(ScheduledPruning):
         compact_on_end: bool = False,
     ) -> None:
         super().__init__(sparsity, criterion, scope, pattern, targets, ignore, finalize_on_end, structure=structure, compact_on_end=compact_on_end)
-        if not isinstance(cycles, int) or cycles < 1:
-            raise ValueError(f"`cycles` must be an integer >= 1, got {cycles!r}")
-        if not isinstance(epochs_per_cycle, int) or epochs_per_cycle < 1:
-            raise ValueError(f"`epochs_per_cycle` must be an integer >= 1, got {epochs_per_cycle!r}")
+        check_integer(cycles, "cycles", low=1)
+        check_integer(epochs_per_cycle, "epochs_per_cycle", low=1)
         if rewind is not None and rewind != "init" and (isinstance(rewind, bool) or not isinstance(rewind, int) or rewind < 0):
             raise ValueError(f"`rewind` must be None, 'init' or a step >= 0, got {rewind!r}")
         self.cycles = cycles

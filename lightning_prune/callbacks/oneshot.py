@@ -14,10 +14,9 @@ from lightning_prune.calibration.blocks import find_blocks
 from lightning_prune.calibration.driver import call_model
 from lightning_prune.calibration.samples import check_num_samples, take_samples
 from lightning_prune.callbacks.base import MaskingCallback
-from lightning_prune.oneshot.api import RECONSTRUCT_TARGETS, block_targets, check_oneshot_arguments, needs_calibration, prune_oneshot, resolve_method, resolve_refiner
+from lightning_prune.oneshot.api import block_targets, check_oneshot_arguments, needs_calibration, prune_oneshot, resolve_method, resolve_refiner
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
 from lightning_prune.parallel.collectives import all_reduce_sum_, is_distributed
-from lightning_prune.recovery.reconstruct import check_reconstruct_arguments
 from lightning_prune.report import SparsityReport
 from lightning_prune.targets import PruneTarget
 
@@ -112,11 +111,8 @@ class OneShotPruning(MaskingCallback):
         reconstruct_lr: float = 1e-4,
         reconstruct_target: str = "block",
     ) -> None:
-        check_oneshot_arguments(sparsity, pattern, sparsity_profile)
-        if reconstruct:
-            check_reconstruct_arguments(reconstruct_steps, reconstruct_lr)
-        if reconstruct_target not in RECONSTRUCT_TARGETS:
-            raise ValueError(f"`reconstruct_target` must be one of {RECONSTRUCT_TARGETS}, got {reconstruct_target!r}")
+        reconstruction = (reconstruct, reconstruct_steps, reconstruct_lr, reconstruct_target)
+        check_oneshot_arguments(sparsity, pattern, sparsity_profile, *reconstruction)
         # Built here so that a bad name or option fails when the callback is made, before any fit.
         self.solver = resolve_method(method, method_options)
         self.refiner = resolve_refiner(refine, refine_options)

@@ -22,8 +22,9 @@ from lightning_prune.masking import apply_masks_, get_masks, update_masks
 from lightning_prune.parallel.collectives import broadcast_masks_
 from lightning_prune.parallel.sharded import local_tensor, sum_over_shards
 from lightning_prune.registry import CRITERIA
-from lightning_prune.selection import SCOPES, check_sparsity
+from lightning_prune.selection import SCOPES
 from lightning_prune.structured.training import StructuredSelection, check_structure_arguments, describe
+from lightning_prune.validation import check_choice, check_sparsity
 
 
 class ScheduledPruning(MaskingCallback):
@@ -58,8 +59,7 @@ class ScheduledPruning(MaskingCallback):
         self.structured = StructuredSelection(structure, criterion, targets, ignore) if structure is not None else None
         if not isinstance(criterion, Criterion) and criterion not in CRITERIA:
             raise ValueError(f"`criterion` must be one of {CRITERIA} or a Criterion, got {criterion!r}")
-        if scope not in SCOPES:
-            raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
+        check_choice(scope, "scope", SCOPES)
         super().__init__(sparsity, pattern, targets, ignore, finalize_on_end, compact_on_end)
         self.criterion = make_criterion(criterion, seed)
         self.scope = scope

@@ -12,9 +12,9 @@ from lightning_prune.calibration.samples import take_samples
 from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.callbacks.oneshot import fit_train_dataloader
 from lightning_prune.masking import get_masks
-from lightning_prune.selection import check_sparsity
 from lightning_prune.structured.api import prune_structured, resolve_score
 from lightning_prune.structured.report import StructuredReport
+from lightning_prune.validation import check_integer, check_optional_integer, check_sparsity
 
 
 class StructuredPruning(MaskingCallback):
@@ -57,12 +57,9 @@ class StructuredPruning(MaskingCallback):
     ) -> None:
         check_sparsity(head_sparsity, "head_sparsity")
         resolve_score(method, method_options)  # a bad name or option fails here, before any fit
-        if isinstance(drop_layers, bool) or not isinstance(drop_layers, int) or drop_layers < 0:
-            raise ValueError(f"`drop_layers` must be an integer >= 0, got {drop_layers!r}")
-        if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
-            raise ValueError(f"`num_samples` must be None or an integer >= 1, got {num_samples!r}")
-        unit_fraction = check_sparsity(mlp_sparsity, "mlp_sparsity")
-        super().__init__(unit_fraction, None, targets, ignore, compact_on_end=compact_on_end)
+        check_integer(drop_layers, "drop_layers", low=0)
+        check_optional_integer(num_samples, "num_samples", low=1)
+        super().__init__(check_sparsity(mlp_sparsity, "mlp_sparsity"), None, targets, ignore, compact_on_end=compact_on_end)
         self.options: dict[str, Any] = dict(mlp_sparsity=mlp_sparsity, head_sparsity=head_sparsity, drop_layers=drop_layers, method=method, method_options=method_options)
         self.calibration = calibration
         self.num_samples = num_samples

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from lightning_prune.validation import check_integer
+
 END_OF_TEXT = "<|endoftext|>"
 
 
@@ -39,7 +41,7 @@ def train_bpe_tokenizer(documents: Sequence[str], vocab_size: int) -> PreTrained
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 257:
+    if check_integer(vocab_size, "vocab_size") < 257:
         raise ValueError(f"`vocab_size` must be >= 257 (256 bytes + end-of-text), got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -6,6 +6,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_prune.validation import check_fraction, check_integer
+
 NUM_FEATURES = 64
 NUM_CLASSES = 10
 
@@ -26,10 +28,8 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
+        check_integer(batch_size, "batch_size", low=1)
+        check_fraction(val_fraction, "val_fraction")
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.seed = seed

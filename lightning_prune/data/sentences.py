@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from lightning_prune.data.corpus import load_tokenizer, read_documents
+from lightning_prune.validation import check_bool, check_fraction, check_integer
 
 Item = dict[str, Any]
 
@@ -77,8 +78,7 @@ class LengthGroupedSampler(Sampler[int]):
     token, in training and in one-shot calibration (which reads the training loader's first batches)."""
 
     def __init__(self, lengths: Sequence[int], batch_size: int) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
+        check_integer(batch_size, "batch_size", low=1)
         order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
         self.batch_size = batch_size
         self.batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -130,22 +130,17 @@ class SentenceDataModule(pl.LightningDataModule):
         length_grouped: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(max_length, int) or max_length < 3:
-            raise ValueError(f"`max_length` must be an integer >= 3 (special tokens and one word), got {max_length!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
-        if not 0 <= min_chars <= max_chars:
+        check_integer(max_length, "max_length", low=3)  # two special tokens and one word
+        check_integer(batch_size, "batch_size", low=1)
+        check_fraction(val_fraction, "val_fraction")
+        if not 0 <= check_integer(min_chars, "min_chars") <= check_integer(max_chars, "max_chars"):
             raise ValueError(f"`min_chars`={min_chars!r} and `max_chars`={max_chars!r} must satisfy 0 <= min_chars <= max_chars")
         from lightning_prune.models.pretrained import pretrained_minilm_path
 
         self.files = list(files) if files else None
         self.max_length, self.batch_size, self.val_fraction = max_length, batch_size, val_fraction
         self.min_chars, self.max_chars, self.num_workers = min_chars, max_chars, num_workers
-        if not isinstance(length_grouped, bool):
-            raise ValueError(f"`length_grouped` must be true or false, got {length_grouped!r}")
-        self.length_grouped = length_grouped
+        self.length_grouped = check_bool(length_grouped, "length_grouped")
         self.documents = read_documents(self.files)
         if len(self.documents) < 2:
             raise ValueError(f"`files`={self.files!r} give {len(self.documents)} document; the split holds out whole documents, give at least 2")

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lightning_prune.data.corpus import encode_documents, load_tokenizer, read_documents, train_bpe_tokenizer
+from lightning_prune.validation import check_fraction, check_integer
 
 
 class BlockDataset(Dataset[dict[str, torch.Tensor]]):
@@ -59,12 +60,9 @@ class TextDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(seq_len, int) or seq_len < 2:
-            raise ValueError(f"`seq_len` must be an integer >= 2, got {seq_len!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
+        check_integer(seq_len, "seq_len", low=2)
+        check_integer(batch_size, "batch_size", low=1)
+        check_fraction(val_fraction, "val_fraction")
         self.files = list(files) if files else None
         self.seq_len = seq_len
         self.batch_size = batch_size

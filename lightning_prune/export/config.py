@@ -18,6 +18,7 @@ import torch
 
 from lightning_prune.export.bitmask import is_2_4
 from lightning_prune.targets import PruneTarget
+from lightning_prune.validation import check_choice
 
 FORMATS = ("dense", "sparse-24-bitmask", "sparse-bitmask")
 TWO_FOUR_FORMATS = ("sparse-24-bitmask",)
@@ -36,9 +37,7 @@ PARAM_NAMES = {
 
 def check_format(format: str) -> str:
     """Validate an export format name."""
-    if format not in FORMATS:
-        raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}")
-    return format
+    return check_choice(format, "format", FORMATS)
 
 
 def module_name_of(param_name: str) -> str:

@@ -12,6 +12,7 @@ from torchmetrics.text import Perplexity
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from lightning_prune.models.optim import make_adamw
+from lightning_prune.validation import check_number
 
 
 def load_causal_lm(model_path: str | None = None, config: Mapping[str, Any] | None = None, dtype: str | None = None) -> PreTrainedModel:
@@ -64,7 +65,7 @@ class CausalLMModule(pl.LightningModule):
         dtype: str | None = None,
     ) -> None:
         super().__init__()
-        if lr <= 0:
+        if check_number(lr, "lr") <= 0:
             raise ValueError(f"`lr` must be > 0, got {lr}")
         self.model = load_causal_lm(model_path, config, dtype)
         self.lr = lr

@@ -10,6 +10,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_prune.models.optim import make_adamw
+from lightning_prune.validation import check_integer, check_number
 
 ARCHITECTURES = ("mlp", "cnn")
 
@@ -68,9 +69,9 @@ class ClassifierModule(pl.LightningModule):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}")
-        if lr <= 0:
+        check_integer(num_classes, "num_classes", low=2)
+        check_integer(hidden, "hidden", low=1)
+        if check_number(lr, "lr") <= 0:
             raise ValueError(f"`lr` must be > 0, got {lr}")
         self.save_hyperparameters(ignore=["model"])
         self.model = model if model is not None else build_digits_net(arch, hidden, num_classes)

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from lightning_prune.validation import check_choice, check_integer, check_number
+
 # Devices with a fused AdamW kernel in PyTorch >= 2.4.
 FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
@@ -23,7 +25,7 @@ def make_adamw(parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay
     trainable = [p for p in parameters if p.requires_grad]
     if not trainable:
         raise ValueError("no trainable parameters for the optimizer (every parameter has requires_grad=False)")
-    if lr <= 0:
+    if check_number(lr, "lr") <= 0:
         raise ValueError(f"`lr` must be > 0, got {lr}")
     devices = {p.device.type for p in trainable}
     floating = all(p.is_floating_point() for p in trainable)
@@ -33,10 +35,8 @@ def make_adamw(parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay
 
 def check_lr_schedule(lr_schedule: str, warmup_steps: int) -> None:
     """Raise a ValueError naming the argument when `lr_schedule` or `warmup_steps` is not valid."""
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"`lr_schedule` must be one of {list(LR_SCHEDULES)}, got {lr_schedule!r}")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}")
+    check_choice(lr_schedule, "lr_schedule", tuple(LR_SCHEDULES))
+    check_integer(warmup_steps, "warmup_steps", low=0)
 
 
 def lr_factor(step: int, lr_schedule: str, warmup_steps: int, total_steps: int) -> float:

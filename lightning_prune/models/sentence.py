@@ -16,6 +16,7 @@ from transformers import AutoModel, PreTrainedModel
 
 from lightning_prune.models.optim import check_lr_schedule, make_adamw, with_lr_schedule
 from lightning_prune.models.pretrained import pretrained_minilm_path
+from lightning_prune.validation import check_number
 
 
 def load_encoder(model_path: str | None = None, dtype: str | None = None) -> PreTrainedModel:
@@ -75,7 +76,7 @@ class SentenceEncoder(pl.LightningModule):
         warmup_steps: int = 0,
     ) -> None:
         super().__init__()
-        if lr <= 0:
+        if check_number(lr, "lr") <= 0:
             raise ValueError(f"`lr` must be > 0, got {lr}")
         check_lr_schedule(lr_schedule, warmup_steps)
         self.model = load_encoder(model_path, dtype)

@@ -23,8 +23,9 @@ from lightning_prune.oneshot.prune import Snapshot, prune_targets, warn_dense_ex
 from lightning_prune.recovery.reconstruct import check_reconstruct_arguments, reconstruct_block
 from lightning_prune.registry import MASK_REFINERS, ONESHOT_METHODS
 from lightning_prune.report import SparsityReport, sparsity_report
-from lightning_prune.selection import check_pattern_fits, check_pattern_sparsity, check_sparsity
+from lightning_prune.selection import check_pattern_fits, check_pattern_sparsity
 from lightning_prune.targets import PruneTarget, find_targets
+from lightning_prune.validation import check_bool, check_choice, check_integer, check_number, check_sparsity
 
 PROFILES = ("uniform", "owl")
 RECONSTRUCT_TARGETS = ("block", "model")
@@ -57,14 +58,27 @@ def needs_calibration(method: OneShotMethod, refiner: MaskRefiner | None, sparsi
     return bool(method.statistics) or bool(refiner and refiner.statistics) or sparsity_profile == "owl"
 
 
-def check_oneshot_arguments(sparsity: float, pattern: str | None, sparsity_profile: str) -> float:
-    """Validate the arguments shared by `prune_oneshot` and `OneShotPruning`; returns the sparsity."""
+def check_oneshot_arguments(
+    sparsity: float,
+    pattern: str | None,
+    sparsity_profile: str,
+    reconstruct: bool = False,
+    reconstruct_steps: int = 100,
+    reconstruct_lr: float = 1e-4,
+    reconstruct_target: str = "block",
+) -> float:
+    """Validate the arguments shared by `prune_oneshot` and `OneShotPruning`; returns the sparsity.
+
+    The reconstruction's steps and learning rate are checked only with `reconstruct`.
+    """
     sparsity = check_sparsity(sparsity)
     check_pattern_sparsity(sparsity, pattern)
-    if sparsity_profile not in PROFILES:
-        raise ValueError(f"`sparsity_profile` must be one of {PROFILES}, got {sparsity_profile!r}")
+    check_choice(sparsity_profile, "sparsity_profile", PROFILES)
     if sparsity_profile == "owl" and pattern is not None:
         raise ValueError(f"`sparsity_profile`='owl' sets per-layer sparsities, which an N:M `pattern` fixes; got pattern={pattern!r}")
+    if check_bool(reconstruct, "reconstruct"):
+        check_reconstruct_arguments(reconstruct_steps, reconstruct_lr)
+    check_choice(reconstruct_target, "reconstruct_target", RECONSTRUCT_TARGETS)
     return sparsity
 
 
@@ -157,14 +171,12 @@ def prune_oneshot(
             a failed factorisation, NaN activations); the error names the layer, and the model's
             weights and masks are then exactly as before the call.
     """
-    sparsity = check_oneshot_arguments(sparsity, pattern, sparsity_profile)
+    reconstruction = (reconstruct, reconstruct_steps, reconstruct_lr, reconstruct_target)
+    sparsity = check_oneshot_arguments(sparsity, pattern, sparsity_profile, *reconstruction)
     check_num_samples(num_samples)
-    if reconstruct:
-        check_reconstruct_arguments(reconstruct_steps, reconstruct_lr)
-    if reconstruct_target not in RECONSTRUCT_TARGETS:
-        raise ValueError(f"`reconstruct_target` must be one of {RECONSTRUCT_TARGETS}, got {reconstruct_target!r}")
-    if not isinstance(min_expert_tokens, int) or isinstance(min_expert_tokens, bool) or min_expert_tokens < 1:
-        raise ValueError(f"`min_expert_tokens` must be an integer >= 1, got {min_expert_tokens!r}")
+    check_integer(min_expert_tokens, "min_expert_tokens", low=1)
+    check_number(owl_threshold, "owl_threshold", low=0.0, low_open=True)
+    check_number(owl_lambda, "owl_lambda", low=0.0)
     solver = resolve_method(method, method_options)
     refiner = resolve_refiner(refine, refine_options)
     stacks = find_blocks(model, blocks)

@@ -36,6 +36,7 @@ from lightning_prune.calibration.stats import FeatureNormStats
 from lightning_prune.oneshot.method import LayerStats, MaskRefiner, statistic
 from lightning_prune.registry import register_refiner
 from lightning_prune.selection import parse_pattern
+from lightning_prune.validation import check_bool, check_integer, check_number
 
 # The reference's `update_threshold` 0.1 is on sums over 2048-token sequences; ours is per token.
 REFERENCE_THRESHOLD = 0.1 / 2048
@@ -160,18 +161,10 @@ class DSnoT(MaskRefiner):
     statistics = (FeatureNormStats,)
 
     def __init__(self, max_cycle_time: int = 50, update_threshold: float = REFERENCE_THRESHOLD, pow_of_var_regrowing: float = 1.0, without_same_sign: bool = True) -> None:
-        if not isinstance(max_cycle_time, int) or isinstance(max_cycle_time, bool) or max_cycle_time < 1:
-            raise ValueError(f"`max_cycle_time` must be an integer >= 1, got {max_cycle_time!r}")
-        if not isinstance(update_threshold, (int, float)) or isinstance(update_threshold, bool) or not 0 <= update_threshold < float("inf"):
-            raise ValueError(f"`update_threshold` must be a finite number >= 0, got {update_threshold!r}")
-        if not isinstance(pow_of_var_regrowing, (int, float)) or isinstance(pow_of_var_regrowing, bool) or not 0 <= pow_of_var_regrowing < float("inf"):
-            raise ValueError(f"`pow_of_var_regrowing` must be a finite number >= 0, got {pow_of_var_regrowing!r}")
-        if not isinstance(without_same_sign, bool):
-            raise ValueError(f"`without_same_sign` must be a bool, got {without_same_sign!r}")
-        self.max_cycle_time = max_cycle_time
-        self.update_threshold = float(update_threshold)
-        self.pow_of_var_regrowing = float(pow_of_var_regrowing)
-        self.without_same_sign = without_same_sign
+        self.max_cycle_time = check_integer(max_cycle_time, "max_cycle_time", low=1)
+        self.update_threshold = check_number(update_threshold, "update_threshold", low=0.0)
+        self.pow_of_var_regrowing = check_number(pow_of_var_regrowing, "pow_of_var_regrowing", low=0.0)
+        self.without_same_sign = check_bool(without_same_sign, "without_same_sign")
 
     def refine(self, dense: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor, stats: LayerStats, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         return dsnot_refine(

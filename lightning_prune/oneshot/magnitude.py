@@ -8,10 +8,12 @@ from lightning_prune.criteria import Magnitude
 from lightning_prune.oneshot.method import LayerStats, OneShotMethod
 from lightning_prune.registry import register_method
 from lightning_prune.selection import parse_pattern, select_layer_wise, select_n_m
+from lightning_prune.validation import check_sparsity
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float, pattern: str | None = None) -> torch.Tensor:
     """Keep-mask (out, in): the lowest-|w| `sparsity` of the whole layer pruned, or N:M per row."""
+    check_sparsity(sparsity)
     scores = Magnitude().score("", weight)
     if pattern is not None:
         n, m = parse_pattern(pattern)

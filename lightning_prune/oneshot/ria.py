@@ -21,6 +21,7 @@ from lightning_prune.calibration.stats import FeatureNormStats
 from lightning_prune.oneshot.method import LayerStats, OneShotMethod, statistic
 from lightning_prune.registry import register_method
 from lightning_prune.selection import parse_pattern, select_layer_wise, select_n_m, select_row_wise
+from lightning_prune.validation import check_choice, check_number
 
 SCOPES = ("layer", "row")
 
@@ -68,12 +69,8 @@ class Ria(OneShotMethod):
     statistics = (FeatureNormStats,)
 
     def __init__(self, a: float = 0.5, scope: str = "layer") -> None:
-        if not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 <= a < float("inf"):
-            raise ValueError(f"`a` must be a finite number >= 0, got {a!r}")
-        if scope not in SCOPES:
-            raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
-        self.a = float(a)
-        self.scope = scope
+        self.a = check_number(a, "a", low=0.0)
+        self.scope = check_choice(scope, "scope", SCOPES)
 
     def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         norms = statistic(stats, FeatureNormStats).feature_norms()

@@ -13,7 +13,7 @@ from lightning_prune.masking import keep_only_
 from lightning_prune.oneshot.method import LayerStats, OneShotMethod, statistic
 from lightning_prune.registry import register_method
 from lightning_prune.selection import check_scores, lowest_in_groups, lowest_k, parse_pattern, prune_count
-from lightning_prune.validation import check_integer, check_number
+from lightning_prune.validation import check_integer, check_number, check_sparsity
 
 MAX_DAMPING_ATTEMPTS = 6  # percdamp × 10^k for k < 6, then raise
 
@@ -52,6 +52,9 @@ def sparsegpt_prune(
     block's scores w²/[H⁻¹]_jj² are pruned. N:M: per row, the M−N lowest of each group of M,
     chosen when the sweep reaches the group's first column (algorithm 1 of the paper).
     """
+    check_sparsity(sparsity)
+    check_integer(blocksize, "blocksize", low=1)
+    check_number(percdamp, "percdamp", low=0.0, low_open=True)
     W = weight.detach().float().clone()
     H = hessian.float().clone()
     rows, columns = W.shape

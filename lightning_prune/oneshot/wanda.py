@@ -10,6 +10,7 @@ from lightning_prune.calibration.stats import FeatureNormStats
 from lightning_prune.oneshot.method import LayerStats, OneShotMethod, statistic
 from lightning_prune.registry import register_method
 from lightning_prune.selection import parse_pattern, select_n_m, select_row_wise
+from lightning_prune.validation import check_sparsity
 
 
 def wanda_scores(weight: torch.Tensor, feature_norms: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -20,6 +21,7 @@ def wanda_scores(weight: torch.Tensor, feature_norms: torch.Tensor, out: torch.T
 
 def wanda_mask(weight: torch.Tensor, feature_norms: torch.Tensor, sparsity: float, pattern: str | None = None) -> torch.Tensor:
     """Keep-mask (out, in): the lowest `sparsity` of each row's scores pruned, or N:M per row."""
+    check_sparsity(sparsity)
     scores = wanda_scores(weight, feature_norms)
     if pattern is not None:
         n, m = parse_pattern(pattern)

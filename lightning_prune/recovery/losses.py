@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lightning_prune.validation import check_number
+
 DISTILL_LOSSES = ("kl", "mse", "cosine")
 
 
@@ -31,8 +33,7 @@ def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
 
 def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)), summed over classes and averaged over tokens (fp32)."""
-    if temperature <= 0:
-        raise ValueError(f"`temperature` must be > 0, got {temperature}")
+    check_number(temperature, "temperature", low=0.0, low_open=True)
     _check_pair(student_logits, teacher_logits)
     student = _valid_rows(student_logits, attention_mask).float() / temperature
     teacher = _valid_rows(teacher_logits, attention_mask).float() / temperature
@@ -77,8 +78,7 @@ def distill_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, temper
 
 def mix_losses(task_loss: torch.Tensor | None, kd_loss: torch.Tensor, alpha: float) -> torch.Tensor:
     """α·task + (1−α)·KD; with α = 0 the task loss is ignored (it may be None: no labels needed)."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"`alpha` must be in [0, 1], got {alpha}")
+    check_number(alpha, "alpha", low=0.0, high=1.0)
     if alpha == 0.0:
         return kd_loss
     if task_loss is None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_prune.calibration.calls import block_output
 from lightning_prune.masking import apply_masks_
+from lightning_prune.validation import check_integer, check_number
 
 BlockInputs = Sequence[tuple[tuple[Any, ...], dict[str, Any]]]
 
@@ -57,11 +58,9 @@ def block_error(block: nn.Module, inputs: BlockInputs, dense_outputs: Sequence[t
 
 
 def check_reconstruct_arguments(steps: int, lr: float) -> None:
-    """Raise for a step count below 1 or a learning rate that is not positive."""
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`reconstruct_steps` must be an integer >= 1, got {steps!r}")
-    if not lr > 0:
-        raise ValueError(f"`reconstruct_lr` must be > 0, got {lr!r}")
+    """Raise for a step count below 1 or a learning rate that is not a finite number > 0."""
+    check_integer(steps, "reconstruct_steps", low=1)
+    check_number(lr, "reconstruct_lr", low=0.0, low_open=True)
 
 
 def reconstruct_block(block: nn.Module, inputs: BlockInputs, dense_outputs: Sequence[torch.Tensor], steps: int = 100, lr: float = 1e-4) -> ReconstructionResult:

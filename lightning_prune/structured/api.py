@@ -25,12 +25,12 @@ except ImportError:  # pragma: no cover - older huggingface_hub raise ValueError
 from lightning_prune.calibration.blocks import find_block_stack
 from lightning_prune.calibration.driver import Batch, calibrate_sequentially, call_model
 from lightning_prune.registry import STRUCTURED_SCORES
-from lightning_prune.selection import check_sparsity
 from lightning_prune.structured.groups import GroupSet, find_block_groups, model_config
 from lightning_prune.structured.report import StructuredReport, structured_report
 from lightning_prune.structured.scores import BlockInfluence, StructuredScore
 from lightning_prune.structured.select import mask_block, prune_group, units_to_remove
 from lightning_prune.targets import PruneTarget
+from lightning_prune.validation import check_integer, check_sparsity
 
 # Post-norm families: the residual sum goes through a LayerNorm, so a zeroed block is no identity.
 POST_NORM_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "camembert", "mpnet", "deberta", "deberta-v2")
@@ -71,7 +71,7 @@ def _find(model: nn.Module, blocks: str | None, mlp_sparsity: float, head_sparsi
 
 
 def _check_droppable(model: nn.Module, drop_layers: int, n_blocks: int) -> None:
-    if isinstance(drop_layers, bool) or not isinstance(drop_layers, int) or not 0 <= drop_layers < n_blocks:
+    if not 0 <= drop_layers < n_blocks:  # an integer >= 0: checked by `prune_structured` before the model is read
         raise ValueError(f"`drop_layers` must be an integer in [0, {n_blocks}) (the model has {n_blocks} blocks), got {drop_layers!r}")
     config = model_config(model)
     post_norm = getattr(config, "model_type", None) in POST_NORM_TYPES or getattr(config, "do_layer_norm_before", True) is False
@@ -134,6 +134,7 @@ def prune_structured(
     """
     mlp_sparsity = check_sparsity(mlp_sparsity, "mlp_sparsity")
     head_sparsity = check_sparsity(head_sparsity, "head_sparsity")
+    check_integer(drop_layers, "drop_layers", low=0)
     _, block_list = find_block_stack(model, blocks)
     _check_droppable(model, drop_layers, len(block_list))
     score = resolve_score(method, method_options)

@@ -16,6 +16,7 @@ from lightning_prune.calibration.stats import TokenStatistic
 from lightning_prune.registry import register_structured_score
 from lightning_prune.structured.groups import GroupSet, input_dim, model_config
 from lightning_prune.structured.scores import StructuredScore, along_inputs
+from lightning_prune.validation import check_bool
 
 
 def _bias_flag(group: GroupSet) -> str:
@@ -58,7 +59,7 @@ class GroupFluctuation(StructuredScore):
     statistics = (FeatureMomentStats,)
 
     def __init__(self, compensate: bool = True) -> None:
-        self.compensate_bias = bool(compensate)
+        self.compensate_bias = check_bool(compensate, "compensate")
 
     def check_model(self, groups: Sequence[GroupSet], config: object) -> None:
         """The compensation needs a consumer bias; where missing, the config must be able to add one."""

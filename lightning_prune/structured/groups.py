@@ -131,6 +131,7 @@ def _output_dim(module: nn.Module) -> int:
 
 
 def input_dim(module: nn.Module) -> int:
+    """The weight dimension that holds a layer's inputs: 0 for a transposed Conv1D, else 1."""
     return 0 if isinstance(module, _conv1d()) else 1
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from lightning_prune.calibration.stats import FeatureNormStats, TokenStatistic
 from lightning_prune.registry import register_structured_score
 from lightning_prune.structured.groups import GroupSet, Part, input_dim
+from lightning_prune.validation import check_choice
 
 
 class StructuredScore:
@@ -80,9 +81,7 @@ class GroupMagnitude(StructuredScore):
     """Group Lp norm of the weight entries of each unit (p = 1: Li et al. 2016's filter L1)."""
 
     def __init__(self, p: int = 1) -> None:
-        if p not in (1, 2):
-            raise ValueError(f"`p` must be 1 or 2, got {p!r}")
-        self.p = p
+        self.p = check_choice(p, "p", (1, 2))
 
     @torch.no_grad()
     def score(self, group: GroupSet, stats: Mapping[str, TokenStatistic]) -> torch.Tensor:

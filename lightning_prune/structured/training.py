@@ -23,6 +23,7 @@ from lightning_prune.structured.compact import compact, outermost_hf_models
 from lightning_prune.structured.groups import KINDS, GroupSet, find_groups, removed_units
 from lightning_prune.structured.scores import StructuredScore
 from lightning_prune.structured.select import prune_group
+from lightning_prune.validation import check_bool
 
 STRUCTURES = KINDS
 
@@ -121,7 +122,7 @@ def _forward_owner(model: nn.Module) -> nn.Module:
 def check_structure_arguments(structure: str | None, pattern: str | None, scope: str, compact_on_end: bool) -> None:
     """Arguments that do not combine with structured pruning, refused when the callback is made."""
     if structure is None:
-        if compact_on_end:
+        if check_bool(compact_on_end, "compact_on_end"):
             raise ValueError("`compact_on_end`=True needs a `structure` ('neuron', 'head' or 'filter'): unstructured zeros cannot be removed")
         return
     if pattern is not None:
