@@ -68,13 +68,21 @@ def block_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
     embeddings = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
     skip = embeddings | {f"{n}.weight" for n in router_names(model)}
     prefixes = tuple(f"{name}." for name, _ in find_blocks(model))
-    return {n: p for n, p in model.named_parameters() if n.startswith(prefixes) and p.dim() >= 2 and not n.endswith("bias") and n not in skip}
+    return {
+        n: p
+        for n, p in model.named_parameters()
+        if n.startswith(prefixes) and p.dim() >= 2 and not n.endswith("bias") and n not in skip
+    }
 
 
 def driver_difference(model: nn.Module, data: list[dict[str, torch.Tensor]]) -> float:
     """Largest |driver − model| over every block output of the unpruned model."""
     own: dict[str, list[torch.Tensor]] = {}
-    handles = [b.register_forward_hook(lambda m, a, o, k=f"{n}.{i}": own.setdefault(k, []).append(block_output(o))) for n, blocks in find_blocks(model) for i, b in enumerate(blocks)]
+    handles = [
+        b.register_forward_hook(lambda m, a, o, k=f"{n}.{i}": own.setdefault(k, []).append(block_output(o)))
+        for n, blocks in find_blocks(model)
+        for i, b in enumerate(blocks)
+    ]
     with torch.no_grad():
         for batch in data:
             model(**({**batch, "use_cache": False} if hasattr(model.config, "use_cache") else batch))
@@ -117,7 +125,13 @@ def oneshot_ratio(model: nn.Module, data: list[dict[str, torch.Tensor]], rounds:
     for _ in range(rounds):
         forward_times.append(seconds(forward))
         copied = copy.deepcopy(model)
-        oneshot_times.append(seconds(lambda copied=copied: prune_oneshot(copied, data, method="wanda", pattern="2:4", min_expert_tokens=1, progress=False)))
+        oneshot_times.append(
+            seconds(
+                lambda copied=copied: prune_oneshot(
+                    copied, data, method="wanda", pattern="2:4", min_expert_tokens=1, progress=False
+                )
+            )
+        )
     return min(oneshot_times) / min(forward_times)
 
 
@@ -138,27 +152,49 @@ def row(case: Case, batches: int, length: int, rounds: int) -> list[str]:
     for experts in (False, True):
         chosen = {n: p for n, p in matrices.items() if (p.dim() == 3) == experts}
         total = sum(p.numel() for p in chosen.values())
-        share[experts] = f"{100 * sum(p.numel() for n, p in chosen.items() if n in masks) / total:.0f}%" if total else "–"
-    return [case.name, " → ".join(stacks), share[False], share[True], f"{difference:.1e}" if difference else "0", f"{ratio:.2f}×"]
+        share[experts] = (
+            f"{100 * sum(p.numel() for n, p in chosen.items() if n in masks) / total:.0f}%" if total else "–"
+        )
+    return [
+        case.name,
+        " → ".join(stacks),
+        share[False],
+        share[True],
+        f"{difference:.1e}" if difference else "0",
+        f"{ratio:.2f}×",
+    ]
 
 
 def main() -> None:
     """Print the Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--width", type=int, default=8, help="multiply every hidden/intermediate width of the test table by this")
+    parser.add_argument(
+        "--width", type=int, default=8, help="multiply every hidden/intermediate width of the test table by this"
+    )
     parser.add_argument("--batches", type=int, default=16, help="calibration batches (of 2 sequences)")
     parser.add_argument("--length", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--only", nargs="*", default=None, help="architecture names to run (default: all)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved forward / one-shot timing rounds (best of each)")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved forward / one-shot timing rounds (best of each)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
-    header = ["architecture", "block stacks (execution order)", "block matrices pruned", "expert matrices pruned", "max |driver − model|", "Wanda 2:4 / forward"]
+    header = [
+        "architecture",
+        "block stacks (execution order)",
+        "block matrices pruned",
+        "expert matrices pruned",
+        "max |driver − model|",
+        "Wanda 2:4 / forward",
+    ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for case in CASES:
         if args.only and case.name not in args.only:
             continue
-        print("| " + " | ".join(row(widened(case, args.width), args.batches, args.length, args.rounds)) + " |", flush=True)
+        print(
+            "| " + " | ".join(row(widened(case, args.width), args.batches, args.length, args.rounds)) + " |", flush=True
+        )
 
 
 if __name__ == "__main__":

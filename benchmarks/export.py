@@ -33,7 +33,9 @@ def mlp(hidden: int, layers: int, dtype: torch.dtype) -> nn.Module:
     """A stack of Llama-like MLP blocks (hidden → 2.6875·hidden → hidden), pruned 2:4 by magnitude."""
     torch.manual_seed(0)
     inner = int(hidden * 2.6875) // 64 * 64
-    blocks = [nn.Sequential(nn.Linear(hidden, inner, bias=False), nn.Linear(inner, hidden, bias=False)) for _ in range(layers)]
+    blocks = [
+        nn.Sequential(nn.Linear(hidden, inner, bias=False), nn.Linear(inner, hidden, bias=False)) for _ in range(layers)
+    ]
     model = nn.Sequential(*blocks).to(dtype)
     targets = find_targets(model, include=".")
     update_masks(targets, {t.name: t.weight.abs() for t in targets}, 0.5, pattern="2:4")
@@ -111,7 +113,9 @@ def two_four(out_features: int, in_features: int, dtype: torch.dtype) -> torch.T
     return keep_only_(weight, keep.reshape(weight.shape))
 
 
-def gpu_rows(dtype_name: str, backend: str, batches: list[int], repeats: int, iters: int, notes: list[str]) -> list[str]:
+def gpu_rows(
+    dtype_name: str, backend: str, batches: list[int], repeats: int, iters: int, notes: list[str]
+) -> list[str]:
     from torch.nn.functional import linear
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
@@ -123,19 +127,32 @@ def gpu_rows(dtype_name: str, backend: str, batches: list[int], repeats: int, it
         for batch in batches:
             x = torch.randn(batch, in_features, dtype=dense_weight.dtype, device="cuda")
             torch.testing.assert_close(linear(x, sparse_weight), linear(x, dense_weight), rtol=5e-2, atol=5e-1)
-            variants = {"dense": lambda x=x, w=dense_weight: linear(x, w), "sparse": lambda x=x, w=sparse_weight: linear(x, w)}
+            variants = {
+                "dense": lambda x=x, w=dense_weight: linear(x, w),
+                "sparse": lambda x=x, w=sparse_weight: linear(x, w),
+            }
             try:
-                variants.update({"dense graph": graphed(variants["dense"]), "sparse graph": graphed(variants["sparse"])})
+                variants.update(
+                    {"dense graph": graphed(variants["dense"]), "sparse graph": graphed(variants["sparse"])}
+                )
             except RuntimeError as error:  # reported under the table, not hidden
-                notes.append(f"{backend} {dtype_name} {out_features}×{in_features} batch {batch}: no CUDA graph ({error})")
+                notes.append(
+                    f"{backend} {dtype_name} {out_features}×{in_features} batch {batch}: no CUDA graph ({error})"
+                )
             measured = {name: [] for name in variants}
             for _ in range(repeats):  # interleaved
                 for name, fn in variants.items():
                     measured[name].append(time_cuda(fn, iters))
             us = {name: statistics.median(times) * 1e3 for name, times in measured.items()}
-            graph = f"{us['dense graph']:.1f} | {us['sparse graph']:.1f} | {us['dense graph'] / us['sparse graph']:.2f}×" if "sparse graph" in us else "n/a | n/a | n/a"
+            graph = (
+                f"{us['dense graph']:.1f} | {us['sparse graph']:.1f} | {us['dense graph'] / us['sparse graph']:.2f}×"
+                if "sparse graph" in us
+                else "n/a | n/a | n/a"
+            )
             tflops = 2 * batch * in_features * out_features / (us["dense"] * 1e-6) / 1e12
-            rows.append(f"| {dtype_name} | {backend} | {out_features}×{in_features} | {batch} | {us['dense']:.1f} | {us['sparse']:.1f} | {us['dense'] / us['sparse']:.2f}× | {graph} | {tflops:.0f} |")
+            rows.append(
+                f"| {dtype_name} | {backend} | {out_features}×{in_features} | {batch} | {us['dense']:.1f} | {us['sparse']:.1f} | {us['dense'] / us['sparse']:.2f}× | {graph} | {tflops:.0f} |"
+            )
     return rows
 
 

@@ -47,7 +47,9 @@ def build(depth: int, width: int, mesh: object) -> nn.Module:
     return model
 
 
-def time_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, steps: int, masked: bool) -> float:
+def time_steps(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, steps: int, masked: bool
+) -> float:
     """Seconds per training step, averaged over `steps` (a barrier before and after)."""
     dist.barrier()
     start = time.perf_counter()
@@ -71,14 +73,19 @@ def worker(rank: int, args: argparse.Namespace) -> None:
     masked = build(args.depth, args.width, mesh)  # same seed: the same initial weights
     targets = find_targets(masked)
     update_masks(targets, {t.name: local_tensor(t.weight).abs() for t in targets}, sparsity=0.5)
-    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) for name, model in (("dense", dense), ("masked", masked))}
+    optimizers = {
+        name: torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        for name, model in (("dense", dense), ("masked", masked))
+    }
     keep_masks_applied(optimizers["masked"], masked)
     batch = torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(rank))
     times: dict[str, list[float]] = {"dense": [], "masked": []}
     for round_index in range(args.warmup + args.rounds):
         order = ["dense", "masked"] if round_index % 2 == 0 else ["masked", "dense"]
         for name in order:
-            seconds = time_steps(dense if name == "dense" else masked, optimizers[name], batch, args.steps, name == "masked")
+            seconds = time_steps(
+                dense if name == "dense" else masked, optimizers[name], batch, args.steps, name == "masked"
+            )
             if round_index >= args.warmup:
                 times[name].append(seconds)
     local_bytes = sum(mask.numel() * mask.element_size() for mask in get_masks(masked).values())
@@ -87,13 +94,19 @@ def worker(rank: int, args: argparse.Namespace) -> None:
     dist.all_gather(per_rank, torch.tensor([local_bytes]))
     if rank == 0:
         dense_median, masked_median = statistics.median(times["dense"]), statistics.median(times["masked"])
-        print(f"FSDP2 on {args.world} CPU processes (gloo), MLP {args.depth} × {args.width}, batch {args.batch}/rank, AdamW(fused=True), 50% sparsity")
-        print(f"{args.rounds} interleaved rounds of {args.steps} steps (after {args.warmup} warm-up), {args.threads} thread(s)/rank\n")
+        print(
+            f"FSDP2 on {args.world} CPU processes (gloo), MLP {args.depth} × {args.width}, batch {args.batch}/rank, AdamW(fused=True), 50% sparsity"
+        )
+        print(
+            f"{args.rounds} interleaved rounds of {args.steps} steps (after {args.warmup} warm-up), {args.threads} thread(s)/rank\n"
+        )
         print("| variant | median step (ms) | vs dense |")
         print("|---|---|---|")
         print(f"| dense FSDP2 | {1e3 * dense_median:.2f} | 1.000× |")
         print(f"| masked FSDP2 | {1e3 * masked_median:.2f} | {masked_median / dense_median:.3f}× |")
-        print(f"\nmask bytes per rank: {[int(b) for b in per_rank]} of {full_bytes} unsharded (= {int(per_rank[0]) / full_bytes:.3f} of it; 1/world = {1 / args.world:.3f})")
+        print(
+            f"\nmask bytes per rank: {[int(b) for b in per_rank]} of {full_bytes} unsharded (= {int(per_rank[0]) / full_bytes:.3f} of it; 1/world = {1 / args.world:.3f})"
+        )
     dist.destroy_process_group()
 
 

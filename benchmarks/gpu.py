@@ -144,7 +144,9 @@ def ratio(a: float, b: float) -> str:
 # --- layers and selection ---------------------------------------------------------------------------
 
 
-def reference_wanda(weight: torch.Tensor, feature_norms: torch.Tensor, sparsity: float, pattern: str | None) -> torch.Tensor:
+def reference_wanda(
+    weight: torch.Tensor, feature_norms: torch.Tensor, sparsity: float, pattern: str | None
+) -> torch.Tensor:
     """locuslab/wanda `prune_wanda`'s math for one layer: |W|·‖X‖, a stable sort per row (or, for
     N:M, a topk over each group of M columns, one group per loop step), then `W[mask] = 0`."""
     metric = weight.abs() * feature_norms.reshape(1, -1)
@@ -184,16 +186,33 @@ def layers_section(sizes: Sequence[tuple[int, int]], tokens: int, repeats: int, 
             n, m = parse_pattern(pattern) if pattern else (0, 0)  # the reference takes (m − n) and m
             cases: dict[str, Case] = {
                 "sparsegpt": call(sparsegpt_prune, w, h, 0.5, pattern),
-                "reference sparsegpt": call(reference_sparsegpt, w, h, 0.5, m - n, m),  # prunes m−n of m (0: unstructured)
+                "reference sparsegpt": call(
+                    reference_sparsegpt, w, h, 0.5, m - n, m
+                ),  # prunes m−n of m (0: unstructured)
                 "wanda": on_copy(w, ours_wanda, norms, 0.5, pattern),
                 "reference wanda": on_copy(w, reference_wanda, norms, 0.5, pattern),
             }
             result = measure(cases, repeats, device)
             for method in ("sparsegpt", "wanda"):
                 (ours, ours_peak), (ref, ref_peak) = result[method], result[f"reference {method}"]
-                rows.append([f"{out_features}×{in_features}", pattern or "50%", method, ms(ours), ms(ref), ratio(ours, ref), mib(ours_peak), mib(ref_peak)])
+                rows.append(
+                    [
+                        f"{out_features}×{in_features}",
+                        pattern or "50%",
+                        method,
+                        ms(ours),
+                        ms(ref),
+                        ratio(ours, ref),
+                        mib(ours_peak),
+                        mib(ref_peak),
+                    ]
+                )
     title = f"Layers: ours vs the reference math, bf16 weight, {tokens} calibration tokens; median of {repeats} interleaved rounds (goal: ours/ref ≤ 1.00×)"
-    return table(title, ["W (out×in)", "sparsity", "method", "ours ms", "ref ms", "ours/ref", "ours peak MiB", "ref peak MiB"], rows)
+    return table(
+        title,
+        ["W (out×in)", "sparsity", "method", "ours ms", "ref ms", "ours/ref", "ours peak MiB", "ref peak MiB"],
+        rows,
+    )
 
 
 def host_threshold(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -239,13 +258,34 @@ def select_section(sizes: Sequence[tuple[int, int]], repeats: int, device: torch
                 repeats,
                 device,
             )
-            rows.append([f"{out_features}×{in_features}", f"{name}; alt.: kthvalue on the device", *(ms(result[c][0]) for c in result)])
+            rows.append(
+                [
+                    f"{out_features}×{in_features}",
+                    f"{name}; alt.: kthvalue on the device",
+                    *(ms(result[c][0]) for c in result),
+                ]
+            )
         k = prune_count(in_features, 0.5)
-        cases = {"ours": call(lowest_k_per_row, scores, k), "alternative": call(topk_per_row, scores, k), "sort (reference)": call(sorted_per_row, scores, k)}
+        cases = {
+            "ours": call(lowest_k_per_row, scores, k),
+            "alternative": call(topk_per_row, scores, k),
+            "sort (reference)": call(sorted_per_row, scores, k),
+        }
         result = measure(cases, repeats, device)
-        rows.append([f"{out_features}×{in_features}", "per row (Wanda); alt.: topk per row", ms(result["ours"][0]), ms(result["alternative"][0]), "—", ms(result["sort (reference)"][0])])
+        rows.append(
+            [
+                f"{out_features}×{in_features}",
+                "per row (Wanda); alt.: topk per row",
+                ms(result["ours"][0]),
+                ms(result["alternative"][0]),
+                "—",
+                ms(result["sort (reference)"][0]),
+            ]
+        )
     title = f"Selection alone at 50% (fp32 scores), ms; median of {repeats} interleaved rounds; ours = kthvalue per row, topk for one slice off the CPU"
-    return table(title, ["W (out×in)", "scope", "ours", "alternative", "host kthvalue (before)", "sort (reference)"], rows)
+    return table(
+        title, ["W (out×in)", "scope", "ours", "alternative", "host kthvalue (before)", "sort (reference)"], rows
+    )
 
 
 # --- driver --------------------------------------------------------------------------------------------
@@ -255,8 +295,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {SECTIONS}")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds")
-    parser.add_argument("--cpu-smoke", action="store_true", help="every section at toy sizes on the CPU (CUDA-only ones skipped)")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds after a warm-up (default 3, --quick 2, --cpu-smoke 0)")
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="every section at toy sizes on the CPU (CUDA-only ones skipped)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved rounds after a warm-up (default 3, --quick 2, --cpu-smoke 0)",
+    )
     args = parser.parse_args(argv)
     args.sections = [s for s in args.sections.split(",") if s]
     unknown = sorted(set(args.sections) - set(SECTIONS))
@@ -270,13 +317,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the chosen sections and print their tables; returns the exit code (0 when skipped)."""
     args = parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
-        print("benchmarks/gpu.py: no CUDA device, nothing measured (run it on a GPU; --cpu-smoke checks the script on the CPU)")
+        print(
+            "benchmarks/gpu.py: no CUDA device, nothing measured (run it on a GPU; --cpu-smoke checks the script on the CPU)"
+        )
         return 0
     import gpu_model  # the model-level sections
 
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     sizes = ((64, 32), (48, 96)) if args.cpu_smoke else LAYER_SIZES[:1] if args.quick else LAYER_SIZES
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU smoke run (toy sizes)'}\n")
+    print(
+        f"torch {torch.__version__}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU smoke run (toy sizes)'}\n"
+    )
     runs: dict[str, Callable[[], str]] = {
         "layers": lambda: layers_section(sizes, 64 if args.cpu_smoke else 2048, args.repeats, device),
         "select": lambda: select_section(sizes, args.repeats, device),

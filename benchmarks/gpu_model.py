@@ -48,7 +48,20 @@ class ModelSettings:
 def model_settings(args: argparse.Namespace) -> ModelSettings:
     """Full size; --quick: 8 blocks and 32 short sequences; --cpu-smoke: a toy model."""
     if args.cpu_smoke:
-        return ModelSettings(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=128, samples=4, seq_len=16, batch=2, train_batch=2, train_seq_len=16, steps=2)
+        return ModelSettings(
+            hidden=64,
+            intermediate=128,
+            layers=2,
+            heads=4,
+            kv_heads=2,
+            vocab=128,
+            samples=4,
+            seq_len=16,
+            batch=2,
+            train_batch=2,
+            train_seq_len=16,
+            steps=2,
+        )
     if args.quick:
         return ModelSettings(layers=8, samples=32, seq_len=512)
     return ModelSettings()
@@ -81,7 +94,9 @@ def master_model(settings: ModelSettings, layers: int | None = None) -> nn.Modul
 
 def token_batches(settings: ModelSettings, count: int, batch: int, seq_len: int) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
-    return [{"input_ids": torch.randint(0, settings.vocab, (batch, seq_len), generator=generator)} for _ in range(count)]
+    return [
+        {"input_ids": torch.randint(0, settings.vocab, (batch, seq_len), generator=generator)} for _ in range(count)
+    ]
 
 
 def copied(settings: ModelSettings, where: torch.device | str, layers: int | None = None) -> Callable[[], nn.Module]:
@@ -89,9 +104,13 @@ def copied(settings: ModelSettings, where: torch.device | str, layers: int | Non
     return lambda: copy.deepcopy(master_model(settings, layers)).to(where)
 
 
-def pruning(calibration: list[dict[str, torch.Tensor]], method: str, offload: bool, device: torch.device) -> Callable[[nn.Module], Any]:
+def pruning(
+    calibration: list[dict[str, torch.Tensor]], method: str, offload: bool, device: torch.device
+) -> Callable[[nn.Module], Any]:
     """The timed part of a one-shot case: `prune_oneshot` at 50%."""
-    return lambda model: prune_oneshot(model, calibration, method=method, sparsity=0.5, offload=offload, device=device, progress=False)
+    return lambda model: prune_oneshot(
+        model, calibration, method=method, sparsity=0.5, offload=offload, device=device, progress=False
+    )
 
 
 def oneshot_cases(settings: ModelSettings, device: torch.device, layers: int | None = None) -> dict[str, Case]:
@@ -134,10 +153,15 @@ def oneshot_section(settings: ModelSettings, repeats: int, device: torch.device)
 class Trainee:
     """A model on the device with its fused AdamW; `steps()` runs `count` optimizer steps."""
 
-    def __init__(self, model: nn.Module, params: list[nn.Parameter], settings: ModelSettings, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, params: list[nn.Parameter], settings: ModelSettings, device: torch.device
+    ) -> None:
         self.model = model.train()
         self.optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-        self.batches = [b["input_ids"].to(device) for b in token_batches(settings, settings.steps, settings.train_batch, settings.train_seq_len)]
+        self.batches = [
+            b["input_ids"].to(device)
+            for b in token_batches(settings, settings.steps, settings.train_batch, settings.train_seq_len)
+        ]
 
     def steps(self) -> None:
         for ids in self.batches:
@@ -176,12 +200,21 @@ def gradual_section(settings: ModelSettings, repeats: int, device: torch.device)
         repeats,
         device,
     )
-    step, masked_step, update_s = result["dense step"][0] / settings.steps, result["masked step"][0] / settings.steps, result["mask update"][0]
+    step, masked_step, update_s = (
+        result["dense step"][0] / settings.steps,
+        result["masked step"][0] / settings.steps,
+        result["mask update"][0],
+    )
     rows = [
         ["dense step", ms(step), "1.00×", mib(result["dense step"][1])],
         ["masked step", ms(masked_step), ratio(masked_step, step), mib(result["masked step"][1])],
         ["mask update (all layers)", ms(update_s), ratio(update_s, step), mib(result["mask update"][1])],
-        [f"masked step + update / {settings.frequency}", ms(masked_step + update_s / settings.frequency), ratio(masked_step + update_s / settings.frequency, step), ""],
+        [
+            f"masked step + update / {settings.frequency}",
+            ms(masked_step + update_s / settings.frequency),
+            ratio(masked_step + update_s / settings.frequency, step),
+            "",
+        ],
     ]
     title = (
         f"GradualPruning step vs dense: bf16, fused AdamW, {settings.train_batch}×{settings.train_seq_len} tokens per step, "
@@ -205,7 +238,10 @@ def lora_section(settings: ModelSettings, repeats: int, device: torch.device) ->
         device,
     )
     plain = result["plain LoRA step"][0]
-    rows = [[name, ms(seconds / settings.steps), ratio(seconds, plain), mib(peak)] for name, (seconds, peak) in result.items()]
+    rows = [
+        [name, ms(seconds / settings.steps), ratio(seconds, plain), mib(peak)]
+        for name, (seconds, peak) in result.items()
+    ]
     title = f"LoRA r=16 on the 50%-pruned model, bf16, fused AdamW on the adapters; median of {repeats} rounds of {settings.steps} steps"
     return table(title, ["step", "ms", "/ plain", "peak MiB above start"], rows)
 
@@ -230,14 +266,18 @@ def semi_section(sizes: Sequence[tuple[int, int]], batches: Sequence[int], repea
             sparse = load_sparse(Path(directory) / "export", model=fresh, semi_structured=True)
         dense.cuda()
         for batch in batches:
-            rows.append([f"{out_features}×{in_features}", str(batch), *semi_times(dense, sparse, batch, repeats, iters, notes)])
+            rows.append(
+                [f"{out_features}×{in_features}", str(batch), *semi_times(dense, sparse, batch, repeats, iters, notes)]
+            )
     title = f"2:4 semi-structured (load_sparse) vs dense nn.Linear, bf16, µs per call; median of {max(repeats, 1)} rounds of {iters} calls"
     header = ["W (out×in)", "batch", "dense", "2:4", "dense graph", "2:4 graph", "eager speed-up", "graph speed-up"]
     return table(title, header, rows) + "".join(f"{note}\n" for note in notes)
 
 
 @torch.no_grad()
-def semi_times(dense: torch.nn.Module, sparse: torch.nn.Module, batch: int, repeats: int, iters: int, notes: list[str]) -> list[str]:
+def semi_times(
+    dense: torch.nn.Module, sparse: torch.nn.Module, batch: int, repeats: int, iters: int, notes: list[str]
+) -> list[str]:
     """µs per call of both modules, eager and replayed from a CUDA graph, and the speed-ups."""
     time_cuda, graphed = sibling(("export",), "time_cuda"), sibling(("export",), "graphed")
     in_features = next(dense.parameters()).shape[1]

@@ -89,7 +89,9 @@ def perplexity(model: nn.Module, batches: list[Batch]) -> float:
     for batch in batches:
         ids = batch["input_ids"]
         logits = model(input_ids=ids).logits[:, :-1]
-        total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+        total += float(
+            nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        )
         count += ids[:, 1:].numel()
     return math.exp(total / count)
 
@@ -108,7 +110,9 @@ def check_pattern(model: nn.Module, zeros: dict[str, torch.Tensor], pattern: str
             raise RuntimeError(f"{target.name} is no longer 2:4")
 
 
-def recover(pruned: nn.Module, pattern: str | None, train_batches: list[Batch], val: list[Batch], args: argparse.Namespace) -> dict[str, dict]:
+def recover(
+    pruned: nn.Module, pattern: str | None, train_batches: list[Batch], val: list[Batch], args: argparse.Namespace
+) -> dict[str, dict]:
     """Every recovery mode from the same pruned model and batches: perplexities and trainable counts."""
     zeros = {t.name: (t.weight == 0).clone() for t in find_targets(pruned)}
     rows: dict[str, dict] = {}
@@ -193,7 +197,9 @@ def main() -> None:
         f"LoRA r={args.rank} alpha={2 * args.rank} lr={args.lora_lr}, full lr={args.full_lr}; "
         f"perplexity on {len(val)} validation batches; torch threads {torch.get_num_threads()}\n"
     )
-    print("| pruning | recovery | trainable params | ppl dense | ppl pruned | ppl recovered, unmerged | ppl recovered, merged | sparsity |")
+    print(
+        "| pruning | recovery | trainable params | ppl dense | ppl pruned | ppl recovered, unmerged | ppl recovered, merged | sparsity |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     timed = None
     for label, pattern in (("Wanda 2:4", "2:4"), ("Wanda 50%", None)):

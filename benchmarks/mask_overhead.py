@@ -68,7 +68,10 @@ def magnitude_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Keep-masks at SPARSITY by |w| per layer (computed with our selection for every variant)."""
     probe = copy.deepcopy(model)
     targets = find_targets(probe)
-    return {t.name: m.clone() for t, m in zip(targets, update_masks(targets, {t.name: t.weight.abs() for t in targets}, SPARSITY).values())}
+    return {
+        t.name: m.clone()
+        for t, m in zip(targets, update_masks(targets, {t.name: t.weight.abs() for t in targets}, SPARSITY).values())
+    }
 
 
 def prepare(name: str, base: nn.Module, masks: dict[str, torch.Tensor]) -> Variant:
@@ -87,7 +90,9 @@ def prepare(name: str, base: nn.Module, masks: dict[str, torch.Tensor]) -> Varia
             keep_only_(module.weight, masks[key])
             parametrize.register_parametrization(module, "weight", MultiplyMask(masks[key].clone()))
     elif name == "Lightning ModelPruning":
-        callback = ModelPruning("l1_unstructured", parameters_to_prune=[(m, "weight") for m in modules.values()], amount=SPARSITY, verbose=0)
+        callback = ModelPruning(
+            "l1_unstructured", parameters_to_prune=[(m, "weight") for m in modules.values()], amount=SPARSITY, verbose=0
+        )
         callback.setup(None, model, "fit")  # type: ignore[arg-type]  # only reads the module list
         callback.apply_pruning(SPARSITY)
         keep_alive.append(callback)
@@ -130,7 +135,9 @@ def run_steps(variant: Variant, loss_fn: Callable[[nn.Module], torch.Tensor], st
             variant.optimizer_times.append(end - before_optimizer)
 
 
-def benchmark(title: str, base: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], rounds: int, steps: int, warmup: int) -> str:
+def benchmark(
+    title: str, base: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], rounds: int, steps: int, warmup: int
+) -> str:
     """Interleave every variant for `rounds` rounds; return a Markdown table."""
     names = ["dense", "ours", "torch.nn.utils.prune", "parametrize (multiply)", "Lightning ModelPruning"]
     masks = magnitude_masks(base)
@@ -153,7 +160,9 @@ def benchmark(title: str, base: nn.Module, loss_fn: Callable[[nn.Module], torch.
     for variant in variants:
         step, optimizer = statistics.median(variant.step_times), statistics.median(variant.optimizer_times)
         extra = extra_bytes_per_element(variant, dense, prunable)
-        lines.append(f"| {variant.name} | {step * 1e3:.1f} | {step / dense_step:.3f} | {optimizer * 1e3:.1f} | {optimizer / step:.0%} | {extra:.2f} |")
+        lines.append(
+            f"| {variant.name} | {step * 1e3:.1f} | {step / dense_step:.3f} | {optimizer * 1e3:.1f} | {optimizer / step:.0%} | {extra:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -193,7 +202,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median over rounds × steps)")
     parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
-    parser.add_argument("--hidden", type=int, default=512, help="Llama hidden size (512 with 8 layers ≈ 30M parameters)")
+    parser.add_argument(
+        "--hidden", type=int, default=512, help="Llama hidden size (512 with 8 layers ≈ 30M parameters)"
+    )
     parser.add_argument("--layers", type=int, default=8, help="Llama decoder layers")
     parser.add_argument("--vocab", type=int, default=4096, help="Llama vocabulary")
     parser.add_argument("--batch", type=int, default=8, help="Llama sequences per batch")
@@ -212,10 +223,23 @@ def main() -> None:
     print(f"torch {torch.__version__}, AdamW(fused=True), sparsity {SPARSITY}\n")
     if args.only in (None, "llama"):
         model, loss = llama_case(args.hidden, args.layers, args.vocab, args.batch, args.tokens)
-        print(benchmark(f"Llama-style, batch {args.batch} × {args.tokens}", model, loss, args.rounds, args.steps, args.warmup))
+        print(
+            benchmark(
+                f"Llama-style, batch {args.batch} × {args.tokens}", model, loss, args.rounds, args.steps, args.warmup
+            )
+        )
     if args.only in (None, "mlp"):
         model, loss = mlp_case(args.mlp_width, args.mlp_depth, args.mlp_batch)
-        print(benchmark(f"MLP {args.mlp_depth} × {args.mlp_width}, batch {args.mlp_batch}", model, loss, args.rounds, args.steps, args.warmup))
+        print(
+            benchmark(
+                f"MLP {args.mlp_depth} × {args.mlp_width}, batch {args.mlp_batch}",
+                model,
+                loss,
+                args.rounds,
+                args.steps,
+                args.warmup,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,13 @@ PATTERNS = (None, "4:8", "2:4")
 # (row label, method, refine) and (column label, sparsity, pattern) of the quality tables.
 Variant = tuple[str, str, str | None]
 BASELINES: list[Variant] = [(m, m, None) for m in METHODS]
-EXTENDED: list[Variant] = [*BASELINES, ("ria", "ria", None), ("wanda+dsnot", "wanda", "dsnot"), ("sparsegpt+dsnot", "sparsegpt", "dsnot"), ("ria+dsnot", "ria", "dsnot")]
+EXTENDED: list[Variant] = [
+    *BASELINES,
+    ("ria", "ria", None),
+    ("wanda+dsnot", "wanda", "dsnot"),
+    ("sparsegpt+dsnot", "sparsegpt", "dsnot"),
+    ("ria+dsnot", "ria", "dsnot"),
+]
 COLUMNS = [("50%", 0.5, None), ("4:8", 0.5, "4:8"), ("2:4", 0.5, "2:4")]
 SPARSITY_COLUMNS = [("50%", 0.5, None), ("60%", 0.6, None), ("70%", 0.7, None), ("2:4", 0.5, "2:4")]
 
@@ -119,7 +125,9 @@ def minilm(samples: int) -> tuple[nn.Module, object, list[dict], list[str]]:
     ids = tokenizer(" ".join(docs[:40]), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     windows = ids[: samples * 64].reshape(samples, 64)
     calibration = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(16)]
-    sentences = [s.strip() for doc in docs[40:] for s in doc.replace("\n", " ").split(". ") if 40 < len(s.strip()) < 200]
+    sentences = [
+        s.strip() for doc in docs[40:] for s in doc.replace("\n", " ").split(". ") if 40 < len(s.strip()) < 200
+    ]
     return model, tokenizer, calibration, sentences[:256]
 
 
@@ -135,21 +143,31 @@ def embed(model: nn.Module, tokenizer: object, sentences: list[str]) -> torch.Te
 
 
 def quality(
-    name: str, model: nn.Module, calibration: list[dict], score: Callable[[nn.Module], float], dense: str, variants: list[Variant] = BASELINES, columns: list[tuple[str, float, str | None]] = COLUMNS
+    name: str,
+    model: nn.Module,
+    calibration: list[dict],
+    score: Callable[[nn.Module], float],
+    dense: str,
+    variants: list[Variant] = BASELINES,
+    columns: list[tuple[str, float, str | None]] = COLUMNS,
 ) -> str:
     rows = [["dense", *[dense] * len(columns)]]
     for label, method, refine in variants:
         row = [label]
         for _, sparsity, pattern in columns:
             pruned = copy.deepcopy(model)
-            prune_oneshot(pruned, calibration, method=method, sparsity=sparsity, pattern=pattern, refine=refine, progress=False)
+            prune_oneshot(
+                pruned, calibration, method=method, sparsity=sparsity, pattern=pattern, refine=refine, progress=False
+            )
             row.append(f"{score(pruned):.4g}")
         rows.append(row)
         print(f"  {name[:20]}… {' | '.join(row)}", file=sys.stderr, flush=True)  # progress: long on CPU
     return f"### {name}\n\n" + table(["method", *(c[0] for c in columns)], rows)
 
 
-def timing(name: str, model: nn.Module, calibration: list[dict], repeats: int, variants: list[Variant] = BASELINES[1:]) -> str:
+def timing(
+    name: str, model: nn.Module, calibration: list[dict], repeats: int, variants: list[Variant] = BASELINES[1:]
+) -> str:
     """Median over interleaved repeats: forward pass, whole prune_oneshot, and its pruning-only part."""
     solve = api.prune_target
     spent: list[float] = []
@@ -173,7 +191,12 @@ def timing(name: str, model: nn.Module, calibration: list[dict], repeats: int, v
             for variant in results:
                 pruned, spent[:] = copy.deepcopy(model), []
                 _, method, refine = variant
-                total = median_time(lambda p=pruned, m=method, r=refine: prune_oneshot(p, calibration, method=m, refine=r, progress=False), 1)
+                total = median_time(
+                    lambda p=pruned, m=method, r=refine: prune_oneshot(
+                        p, calibration, method=m, refine=r, progress=False
+                    ),
+                    1,
+                )
                 results[variant].append((total, sum(spent)))
     finally:
         api.prune_target = solve
@@ -182,7 +205,9 @@ def timing(name: str, model: nn.Module, calibration: list[dict], repeats: int, v
     for (label, _, _), runs in results.items():
         total, alone = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
         rows.append([f"{label} (50%)", f"{total * 1e3:.1f}", f"{alone * 1e3:.1f}", f"{total / base:.2f}×"])
-    return f"### {name}: time (median of {repeats})\n\n" + table(["", "total ms", "pruning only ms", "total / forward"], rows)
+    return f"### {name}: time (median of {repeats})\n\n" + table(
+        ["", "total ms", "pruning only ms", "total / forward"], rows
+    )
 
 
 def solver_speed(sizes: list[tuple[int, int]], repeats: int, device: str) -> str:
@@ -197,10 +222,16 @@ def solver_speed(sizes: list[tuple[int, int]], repeats: int, device: str) -> str
             ours, ref = [], []
             for _ in range(repeats):  # interleaved
                 ours.append(median_time(lambda W=W, H=H, pattern=pattern: sparsegpt_prune(W, H, 0.5, pattern), 1))
-                ref.append(median_time(lambda W=W, H=H, n=n, m=m: reference_sparsegpt(W, H, 0.5, m - n if m else 0, m), 1))
+                ref.append(
+                    median_time(lambda W=W, H=H, n=n, m=m: reference_sparsegpt(W, H, 0.5, m - n if m else 0, m), 1)
+                )
             a, b = statistics.median(ours), statistics.median(ref)
-            rows.append([f"{out_features}×{in_features}", pattern or "50%", f"{a * 1e3:.1f}", f"{b * 1e3:.1f}", f"{a / b:.2f}"])
-    return f"### SparseGPT solve vs the reference math ({device}, median of {repeats})\n\n" + table(["layer (out×in)", "sparsity", "ours ms", "reference ms", "ours / reference"], rows)
+            rows.append(
+                [f"{out_features}×{in_features}", pattern or "50%", f"{a * 1e3:.1f}", f"{b * 1e3:.1f}", f"{a / b:.2f}"]
+            )
+    return f"### SparseGPT solve vs the reference math ({device}, median of {repeats})\n\n" + table(
+        ["layer (out×in)", "sparsity", "ours ms", "reference ms", "ours / reference"], rows
+    )
 
 
 def memory_child(depth: int, hidden: int) -> dict:
@@ -226,10 +257,17 @@ def memory_child(depth: int, hidden: int) -> dict:
 def memory(depths: list[int], hidden: int) -> str:
     rows = []
     for depth in depths:
-        out = subprocess.run([sys.executable, __file__, "--memory-child", str(depth), "--hidden", str(hidden)], check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", str(depth), "--hidden", str(hidden)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         result = json.loads(out.strip().splitlines()[-1])
         rows.append([str(depth), f"{result['weights'] / 2**20:.1f}", f"{result['peak'] / 2**20:.1f}"])
-    return f"### Peak memory vs depth (SparseGPT, hidden {hidden}; {result['where']})\n\n" + table(["blocks", "model weights MiB", "peak MiB"], rows)
+    return f"### Peak memory vs depth (SparseGPT, hidden {hidden}; {result['where']})\n\n" + table(
+        ["blocks", "model weights MiB", "peak MiB"], rows
+    )
 
 
 def main() -> None:
@@ -261,7 +299,11 @@ def main() -> None:
         model, calibration, validation = trained_llama(args)
         print(
             quality(
-                f"Tiny Llama ({args.layers}×{args.hidden}, {args.steps} steps): validation perplexity", model, calibration, lambda m: perplexity(m, validation), f"{perplexity(model, validation):.4g}"
+                f"Tiny Llama ({args.layers}×{args.hidden}, {args.steps} steps): validation perplexity",
+                model,
+                calibration,
+                lambda m: perplexity(m, validation),
+                f"{perplexity(model, validation):.4g}",
             )
             + "\n"
         )
@@ -282,9 +324,15 @@ def main() -> None:
             )
             + "\n"
         )
-        print(timing(f"all-MiniLM-L6-v2, {len(windows) * 16} × 64 tokens", encoder, windows, repeats, EXTENDED[1:]) + "\n")
+        print(
+            timing(f"all-MiniLM-L6-v2, {len(windows) * 16} × 64 tokens", encoder, windows, repeats, EXTENDED[1:]) + "\n"
+        )
 
-    sizes = [(384, 384), (1536, 384), (384, 1536)] if quick else [(384, 384), (1536, 384), (384, 1536), (1024, 1024), (2816, 1024), (1024, 2816)]
+    sizes = (
+        [(384, 384), (1536, 384), (384, 1536)]
+        if quick
+        else [(384, 384), (1536, 384), (384, 1536), (1024, 1024), (2816, 1024), (1024, 2816)]
+    )
     if "solver" in sections:
         print(solver_speed(sizes, repeats, "cpu") + "\n")
         if torch.cuda.is_available():

@@ -29,7 +29,14 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_prune import KnowledgeDistillation, LoRARecovery, get_masks, keep_masks_applied, load_masks, prune_oneshot
+from lightning_prune import (
+    KnowledgeDistillation,
+    LoRARecovery,
+    get_masks,
+    keep_masks_applied,
+    load_masks,
+    prune_oneshot,
+)
 from lightning_prune.data.sentences import PadCollate, SentenceDataModule
 from lightning_prune.report import max_nonzeros_per_group
 
@@ -39,7 +46,9 @@ Batch = dict[str, torch.Tensor]
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and paragraphs")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)"
+    )
     parser.add_argument("--calibration", type=int, default=128, help="calibration paragraphs")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per paragraph")
     parser.add_argument("--train-batch", type=int, default=16, help="paragraphs per distillation step")
@@ -101,17 +110,25 @@ class EncoderDistillation(pl.LightningModule):
         self.model(**batch)
 
     def train_dataloader(self) -> Any:
-        return torch.utils.data.DataLoader(self.batches, batch_size=None, shuffle=True, generator=torch.Generator().manual_seed(0))  # type: ignore[arg-type]  # a list is a map-style dataset
+        return torch.utils.data.DataLoader(
+            self.batches, batch_size=None, shuffle=True, generator=torch.Generator().manual_seed(0)
+        )  # type: ignore[arg-type]  # a list is a map-style dataset
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.0, fused=True)
+        optimizer = torch.optim.AdamW(
+            [p for p in self.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.0, fused=True
+        )
         keep_masks_applied(optimizer, self.model)  # masked full fine-tuning: pruned weights stay +0.0
         steps = max(1, self.trainer.max_steps)
-        decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 10) * max(0.0, 1.0 - step / steps))
+        decay = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / 10) * max(0.0, 1.0 - step / steps)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
 
 
-def distill(student: nn.Module, teacher: nn.Module, batches: list[Batch], steps: int, lr: float, lora_rank: int | None) -> None:
+def distill(
+    student: nn.Module, teacher: nn.Module, batches: list[Batch], steps: int, lr: float, lora_rank: int | None
+) -> None:
     """Distil `student` (masks attached) from `teacher`: all weights, or LoRA adapters merged at the end."""
     callbacks: list[pl.Callback] = [KnowledgeDistillation(alpha=0.0, loss="cosine", teacher=teacher)]
     if lora_rank is not None:
@@ -184,8 +201,19 @@ def main() -> None:
             plain = copy.deepcopy(dense)
             add(pattern_name, method, "one-shot", plain, timed(prune_oneshot, plain, calibration, **options))
             tuned = copy.deepcopy(dense)
-            recon = dict(reconstruct=True, reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr, reconstruct_target=args.reconstruct_target)
-            add(pattern_name, method, f"+ reconstruction ({args.reconstruct_target})", tuned, timed(prune_oneshot, tuned, calibration, **options, **recon))
+            recon = dict(
+                reconstruct=True,
+                reconstruct_steps=args.reconstruct_steps,
+                reconstruct_lr=args.reconstruct_lr,
+                reconstruct_target=args.reconstruct_target,
+            )
+            add(
+                pattern_name,
+                method,
+                f"+ reconstruction ({args.reconstruct_target})",
+                tuned,
+                timed(prune_oneshot, tuned, calibration, **options, **recon),
+            )
             full = masked_copy(dense, tuned)
             seconds = timed(distill, full, teacher, training, args.distill_steps, args.distill_lr, None)
             check_pattern(full, pattern)
@@ -193,10 +221,18 @@ def main() -> None:
             if not args.no_lora:
                 seconds = timed(distill, tuned, teacher, training, args.distill_steps, args.lora_lr, args.rank)
                 check_pattern(tuned, pattern)
-                add(pattern_name, method, f"+ reconstruction + distillation (LoRA r={args.rank}, merged)", tuned, seconds)
+                add(
+                    pattern_name,
+                    method,
+                    f"+ reconstruction + distillation (LoRA r={args.rank}, merged)",
+                    tuned,
+                    seconds,
+                )
 
     tokens = sum(int(b["attention_mask"].sum()) for b in calibration)
-    print(f"\nall-MiniLM-L6-v2, {len(paragraphs)} held-out paragraphs; {args.calibration} calibration paragraphs ({tokens} tokens); time unit = one dense forward over them ({unit:.2f} s)\n")
+    print(
+        f"\nall-MiniLM-L6-v2, {len(paragraphs)} held-out paragraphs; {args.calibration} calibration paragraphs ({tokens} tokens); time unit = one dense forward over them ({unit:.2f} s)\n"
+    )
     print("| sparsity | method | step | cosine to dense | time (× forward) |\n|---|---|---|---|---|")
     for pattern_name, method, step, cosine, ratio in rows:
         print(f"| {pattern_name} | {method} | {step} | {cosine:.4f} | {ratio:.1f} |")

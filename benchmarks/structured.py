@@ -32,7 +32,15 @@ from lightning_prune.structured import compact, prune_structured
 
 # hidden 1152 = 12·96: LlamaConfig requires hidden_size % num_attention_heads == 0, also after 25% of heads go (16 → 12).
 LLAMA = dict(
-    hidden_size=1152, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8, head_dim=72, vocab_size=4096, max_position_embeddings=512, tie_word_embeddings=False
+    hidden_size=1152,
+    intermediate_size=3072,
+    num_hidden_layers=4,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=72,
+    vocab_size=4096,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
 )
 LLAMA_VARIANTS = {
     "mlp 25%": dict(mlp_sparsity=0.25),
@@ -90,12 +98,20 @@ def llama_section(repeats: int, new_tokens: int) -> None:
         models[name].generation_config.pad_token_id = 0
     dense.generation_config.pad_token_id = 0
     forward = interleaved_medians({n: (lambda m=m: m(**batch)) for n, m in models.items()}, repeats)
-    generate = interleaved_medians({n: (lambda m=m: m.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)) for n, m in models.items()}, repeats)
+    generate = interleaved_medians(
+        {
+            n: (lambda m=m: m.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False))
+            for n, m in models.items()
+        },
+        repeats,
+    )
     base_flops = linear_flops(dense)
     print(
         f"\n### Llama-style model (hidden {LLAMA['hidden_size']}, {LLAMA['num_hidden_layers']} blocks, GQA {LLAMA['num_attention_heads']}/{LLAMA['num_key_value_heads']}), CPU, medians of {repeats}\n"
     )
-    print("| variant | params | linear FLOP reduction | forward (1×256) | forward speedup | speedup / FLOP reduction | greedy tok/s | generation speedup | reload max diff |")
+    print(
+        "| variant | params | linear FLOP reduction | forward (1×256) | forward speedup | speedup / FLOP reduction | greedy tok/s | generation speedup | reload max diff |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, model in models.items():
         reduction = base_flops / linear_flops(model)
@@ -135,16 +151,28 @@ def minilm_section(repeats: int) -> None:
             prune_structured(pruned, calibration, mlp_sparsity=sparsity, method=method)
             small = compact(pruned)
             cosine = float(nn.functional.cosine_similarity(embed(small), reference).mean())
-            rows.append((f"mlp {sparsity:.0%}", method, cosine, sum(p.numel() for p in small.parameters()), check_reload(small, dict(encoded), "AutoModel")))
+            rows.append(
+                (
+                    f"mlp {sparsity:.0%}",
+                    method,
+                    cosine,
+                    sum(p.numel() for p in small.parameters()),
+                    check_reload(small, dict(encoded), "AutoModel"),
+                )
+            )
             models.setdefault(f"mlp {sparsity:.0%}", small)
     times = interleaved_medians({n: (lambda m=m: m(**encoded)) for n, m in models.items()}, repeats)
-    print(f"\n### all-MiniLM-L6-v2 (real weights), {len(paragraphs)} held-out paragraphs ≤128 tokens, CPU, medians of {repeats}\n")
+    print(
+        f"\n### all-MiniLM-L6-v2 (real weights), {len(paragraphs)} held-out paragraphs ≤128 tokens, CPU, medians of {repeats}\n"
+    )
     print("| variant | params | linear FLOP reduction | forward | speedup | speedup / FLOP reduction |")
     print("|---|---|---|---|---|---|")
     for name, model in models.items():
         reduction = linear_flops(dense) / linear_flops(model)
         speedup = times["dense"] / times[name]
-        print(f"| {name} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | {reduction:.2f}× | {times[name] * 1e3:.0f} ms | {speedup:.2f}× | {speedup / reduction:.2f} |")
+        print(
+            f"| {name} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | {reduction:.2f}× | {times[name] * 1e3:.0f} ms | {speedup:.2f}× | {speedup / reduction:.2f} |"
+        )
     print("\n| MLP neurons removed | score | embedding cosine to dense (held-out) | params | reload max diff |")
     print("|---|---|---|---|---|")
     for variant, method, cosine, params, diff in rows:

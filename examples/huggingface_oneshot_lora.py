@@ -56,7 +56,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     ids = tokenizer(" ".join(docs[:40]), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     windows = ids[: args.samples * 64].reshape(-1, 64)
     calibration = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(16)]
-    sentences = [s.strip() for doc in docs[40:] for s in doc.replace("\n", " ").split(". ") if 40 < len(s.strip()) < 200]
+    sentences = [
+        s.strip() for doc in docs[40:] for s in doc.replace("\n", " ").split(". ") if 40 < len(s.strip()) < 200
+    ]
     train, held_out = sentences[: args.steps * args.batch], sentences[-64:]
     with torch.no_grad():
         dense_train, dense_held_out = embed(model, tokenizer, train), embed(model, tokenizer, held_out)
@@ -68,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     optimizer = torch.optim.AdamW(adapter_parameters(peft_model), lr=args.lr)
     for step in range(args.steps):
         batch = slice(step * args.batch, (step + 1) * args.batch)
-        loss = 1.0 - nn.functional.cosine_similarity(embed(peft_model, tokenizer, train[batch]), dense_train[batch]).mean()
+        loss = (
+            1.0 - nn.functional.cosine_similarity(embed(peft_model, tokenizer, train[batch]), dense_train[batch]).mean()
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

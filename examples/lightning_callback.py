@@ -58,7 +58,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     print(f"sparsity {report.global_sparsity:.4f}")
     print(f"validation accuracy {metrics['val/acc']:.4f}")
     print(f"masks left after finalize: {len(get_masks(model))}")
-    return {"sparsity": report.global_sparsity, "accuracy": float(metrics["val/acc"]), "masks_left": float(len(get_masks(model)))}
+    return {
+        "sparsity": report.global_sparsity,
+        "accuracy": float(metrics["val/acc"]),
+        "masks_left": float(len(get_masks(model))),
+    }
 
 
 if __name__ == "__main__":

@@ -42,7 +42,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     torch.manual_seed(args.seed)
     train_x, train_y, test_x, test_y = digits(args.seed)
-    model = nn.Sequential(nn.Linear(64, args.hidden), nn.ReLU(), nn.Linear(args.hidden, args.hidden), nn.ReLU(), nn.Linear(args.hidden, 10))
+    model = nn.Sequential(
+        nn.Linear(64, args.hidden),
+        nn.ReLU(),
+        nn.Linear(args.hidden, args.hidden),
+        nn.ReLU(),
+        nn.Linear(args.hidden, 10),
+    )
     targets = find_targets(model)  # the two hidden layers; the last Linear is the output head
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     handle = keep_masks_applied(optimizer, model)

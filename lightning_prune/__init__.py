@@ -1,6 +1,13 @@
 """lightning_prune: training-time, iterative and one-shot pruning for PyTorch Lightning."""
 
-from lightning_prune.callbacks import GradualPruning, IterativePruning, KnowledgeDistillation, LoRARecovery, OneShotPruning, SparseExport
+from lightning_prune.callbacks import (
+    GradualPruning,
+    IterativePruning,
+    KnowledgeDistillation,
+    LoRARecovery,
+    OneShotPruning,
+    SparseExport,
+)
 from lightning_prune.callbacks.structured import StructuredPruning
 from lightning_prune.criteria import make_criterion
 from lightning_prune.export import load_sparse, load_sparse_state_dict, save_sparse

@@ -60,7 +60,9 @@ def sweep_job(cfg: DictConfig) -> float | None:
     """One job of a sweep: its failure is printed and recorded in the sweep summary, not raised,
     so the next job runs; `main` exits non-zero at the end when any job failed."""
     hydra_config = HydraConfig.get()
-    job = SWEEP.start(hydra_config.sweep.dir, hydra_config.job.num, list(hydra_config.overrides.task), str(cfg.get("output_dir")))
+    job = SWEEP.start(
+        hydra_config.sweep.dir, hydra_config.job.num, list(hydra_config.overrides.task), str(cfg.get("output_dir"))
+    )
     try:
         results = run(cfg)
     except Exception as error:
@@ -81,7 +83,10 @@ def main() -> None:
     failed = SWEEP.failed()
     if failed:
         names = "; ".join(f"#{job.number} ({' '.join(job.overrides)}): {job.error}" for job in failed)
-        print(f"lightning-prune: {len(failed)} of {len(SWEEP.jobs)} sweep jobs failed (see {SWEEP.summary_path()}): {names}", file=sys.stderr)
+        print(
+            f"lightning-prune: {len(failed)} of {len(SWEEP.jobs)} sweep jobs failed (see {SWEEP.summary_path()}): {names}",
+            file=sys.stderr,
+        )
         sys.exit(EXIT_SWEEP_FAILED)
 
 

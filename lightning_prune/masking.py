@@ -150,7 +150,9 @@ def set_mask(module: nn.Module, mask: torch.Tensor, param_name: str = "weight") 
     """
     weight = local_tensor(getattr(module, param_name))
     if mask.shape != weight.shape:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit `{param_name}` of shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not fit `{param_name}` of shape {tuple(weight.shape)}"
+        )
     mask = mask.to(device=weight.device, dtype=torch.bool)
     masked = getattr(module, _MASKED, None)
     if masked is None:
@@ -176,7 +178,11 @@ def masked_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
 def finalized_parameters(model: nn.Module) -> list[str]:
     """Qualified names of the parameters whose masks `finalize` baked in (plain attributes: they
     survive deepcopy and pickling, not a fresh instance loaded from a state dict)."""
-    return [f"{module_name}.{param_name}" if module_name else param_name for module_name, module in model.named_modules() for param_name in getattr(module, _FINALIZED, ())]
+    return [
+        f"{module_name}.{param_name}" if module_name else param_name
+        for module_name, module in model.named_modules()
+        for param_name in getattr(module, _FINALIZED, ())
+    ]
 
 
 def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -40,7 +40,9 @@ class Registry(Generic[T]):
 
         def add(factory: type[T]) -> type[T]:
             if name in self._entries and not overwrite and self._entries[name] is not factory:
-                raise ValueError(f"{self.kind} {name!r} is already registered ({self._entries[name].__qualname__}); pass overwrite=True to replace it")
+                raise ValueError(
+                    f"{self.kind} {name!r} is already registered ({self._entries[name].__qualname__}); pass overwrite=True to replace it"
+                )
             self._entries[name] = factory
             if getattr(factory, "name", None) in (None, ""):
                 factory.name = name  # type: ignore[attr-defined]
@@ -63,7 +65,9 @@ class Registry(Generic[T]):
         """An instance from a registered name and its options, or `spec` itself when already built."""
         if not isinstance(spec, str):
             if options:
-                raise ValueError(f"`{self.argument}` is an already built {self.kind}; options {sorted(options)} cannot be applied to it")
+                raise ValueError(
+                    f"`{self.argument}` is an already built {self.kind}; options {sorted(options)} cannot be applied to it"
+                )
             return spec
         factory = self.get(spec)
         try:

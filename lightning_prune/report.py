@@ -66,8 +66,27 @@ class SparsityReport:
         return {**{layer.name: layer.sparsity for layer in self.layers}, "global": self.global_sparsity}
 
     def _rows(self) -> list[list[str]]:
-        rows = [[layer.name, "×".join(map(str, layer.shape)), str(layer.numel), str(layer.zeros), f"{layer.sparsity:.4f}", layer.pattern] for layer in self.layers]
-        rows.append(["global", "", str(self.numel), str(sum(layer.zeros for layer in self.layers)), f"{self.global_sparsity:.4f}", ""])
+        rows = [
+            [
+                layer.name,
+                "×".join(map(str, layer.shape)),
+                str(layer.numel),
+                str(layer.zeros),
+                f"{layer.sparsity:.4f}",
+                layer.pattern,
+            ]
+            for layer in self.layers
+        ]
+        rows.append(
+            [
+                "global",
+                "",
+                str(self.numel),
+                str(sum(layer.zeros for layer in self.layers)),
+                f"{self.global_sparsity:.4f}",
+                "",
+            ]
+        )
         return rows
 
     _HEADER: ClassVar[list[str]] = ["layer", "shape", "params", "zeros", "sparsity", "pattern"]
@@ -162,7 +181,9 @@ def pruned_targets(model: nn.Module) -> list[PruneTarget]:
 
 
 @torch.no_grad()
-def sparsity_report(model: nn.Module, targets: Sequence[PruneTarget] | None = None, skipped: Mapping[str, str] | None = None) -> SparsityReport:
+def sparsity_report(
+    model: nn.Module, targets: Sequence[PruneTarget] | None = None, skipped: Mapping[str, str] | None = None
+) -> SparsityReport:
     """Measure exact zeros of `targets`, by default of the pruned layers (see `pruned_targets`);
     one row per matrix (per expert for fused experts weights). `skipped` is recorded as given."""
     if targets is None:
@@ -173,7 +194,9 @@ def sparsity_report(model: nn.Module, targets: Sequence[PruneTarget] | None = No
             layers.append(_sharded_layer(target))
             continue
         weight = target.weight.detach()
-        weight = weight.full_tensor() if isinstance(weight, DTensor) else weight  # a fused or transposed weight: gathered, one at a time
+        weight = (
+            weight.full_tensor() if isinstance(weight, DTensor) else weight
+        )  # a fused or transposed weight: gathered, one at a time
         shape = tuple(weight.shape)
         for name, (zeros, pattern) in zip(target.matrix_names(), _measure(target, weight)):
             matrix_shape = tuple(target.as_matrix(weight).shape[1:]) if target.experts else shape

@@ -97,7 +97,9 @@ class Steps:
 
     def __post_init__(self) -> None:
         if len(self.milestones) != len(self.values) or not self.milestones:
-            raise ValueError(f"`milestones` and `values` must be non-empty and of equal length, got {list(self.milestones)} and {list(self.values)}")
+            raise ValueError(
+                f"`milestones` and `values` must be non-empty and of equal length, got {list(self.milestones)} and {list(self.values)}"
+            )
         for milestone in self.milestones:
             check_integer(milestone, "milestones")
         if list(self.milestones) != sorted(set(self.milestones)):
@@ -131,7 +133,12 @@ def make_schedule(
     **kwargs: object,
 ) -> _Ramp | Steps:
     """Build a schedule by name (one of `SCHEDULES`); `steps` takes `milestones` and `values`."""
-    ramps: dict[str, Callable[..., _Ramp]] = {"constant": Constant, "linear": Linear, "cubic": Cubic, "exponential": Exponential}
+    ramps: dict[str, Callable[..., _Ramp]] = {
+        "constant": Constant,
+        "linear": Linear,
+        "cubic": Cubic,
+        "exponential": Exponential,
+    }
     if name == "steps":
         return Steps(**kwargs)  # type: ignore[arg-type]
     check_choice(name, "schedule", SCHEDULES)

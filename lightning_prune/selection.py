@@ -52,7 +52,9 @@ def check_pattern_fits(targets: Iterable[PruneTarget], pattern: str | None) -> N
     for target in targets:
         columns = target.as_matrix(target.weight).shape[-1]  # the input dimension (experts: (E, out, in))
         if columns % m:
-            raise ValueError(f"`pattern`={pattern!r} needs every target's input dimension to divide by {m}, got {columns} for {target.name!r}; leave it dense with `ignore`")
+            raise ValueError(
+                f"`pattern`={pattern!r} needs every target's input dimension to divide by {m}, got {columns} for {target.name!r}; leave it dense with `ignore`"
+            )
 
 
 def group_counts(keep: torch.Tensor, m: int) -> torch.Tensor:
@@ -229,7 +231,9 @@ def select_global(
     total = sum(f.numel() for f in flats.values())
     k = prune_count(total, sparsity)
     if k > total - len(flats):
-        raise ValueError(f"`sparsity`={sparsity} would empty a layer in global scope ({k} of {total} weights over {len(flats)} layers)")
+        raise ValueError(
+            f"`sparsity`={sparsity} would empty a layer in global scope ({k} of {total} weights over {len(flats)} layers)"
+        )
     device = next(iter(flats.values())).device
     joined = torch.cat([f.to(device) for f in flats.values()])
     best, offset = [], 0

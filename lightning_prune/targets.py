@@ -129,7 +129,9 @@ def adapter_module_names(model: nn.Module) -> set[str]:
         base = getattr(module, "base_layer", None)
         if isinstance(base, nn.Module) and hasattr(module, "adapter_layer_names"):
             inside_base = {id(m) for m in base.modules()}
-            names.update(child for child, m in module.named_modules(prefix=name) if m is not module and id(m) not in inside_base)
+            names.update(
+                child for child, m in module.named_modules(prefix=name) if m is not module and id(m) not in inside_base
+            )
     return names
 
 
@@ -227,7 +229,9 @@ def find_targets(
             found.append(PruneTarget(name, module))
     if not found:
         shown = ", ".join(candidates[:30]) + (" ..." if len(candidates) > 30 else "")
-        raise ValueError(f"no prunable weights matched `targets`={include!r} with `ignore`={ignore!r} (types {[t.__name__ for t in types]}); the model's prunable modules are: [{shown}]")
+        raise ValueError(
+            f"no prunable weights matched `targets`={include!r} with `ignore`={ignore!r} (types {[t.__name__ for t in types]}); the model's prunable modules are: [{shown}]"
+        )
     return found
 
 

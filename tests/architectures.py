@@ -17,7 +17,15 @@ import transformers
 from torch import nn
 
 VOCAB, LENGTH, BATCH = 64, 16, 2
-ATTENTION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+ATTENTION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+)
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,12 @@ class Case:
             if self.inputs == "audio":
                 out.append(
                     {
-                        "input_features": torch.randn(BATCH, self.kwargs["num_mel_bins"], 2 * self.kwargs["max_source_positions"], generator=generator),
+                        "input_features": torch.randn(
+                            BATCH,
+                            self.kwargs["num_mel_bins"],
+                            2 * self.kwargs["max_source_positions"],
+                            generator=generator,
+                        ),
                         "decoder_input_ids": torch.randint(1, VOCAB, (BATCH, 8), generator=generator),
                     }
                 )
@@ -72,7 +85,14 @@ def _moe(**extra: Any) -> dict[str, Any]:
     return {**ATTENTION, **extra}
 
 
-_ENC = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64)
+_ENC = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+)
 _BART = dict(
     vocab_size=VOCAB,
     d_model=32,
@@ -97,17 +117,73 @@ CASES: list[Case] = [
     Case("qwen3", "Qwen3Config", {**ATTENTION, "head_dim": 8}, slow=True),
     Case("gemma", "GemmaConfig", {**ATTENTION, "head_dim": 8}, slow=True),
     Case("gemma2", "Gemma2Config", {**ATTENTION, "head_dim": 8, "sliding_window": 4}),
-    Case("gemma3_text", "Gemma3TextConfig", {**ATTENTION, "head_dim": 8, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]}),
+    Case(
+        "gemma3_text",
+        "Gemma3TextConfig",
+        {**ATTENTION, "head_dim": 8, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    ),
     Case("phi3", "Phi3Config", {**ATTENTION, "pad_token_id": 0}, slow=True),
     Case("olmo2", "Olmo2Config", ATTENTION, slow=True),
     Case("granite", "GraniteConfig", ATTENTION, slow=True),
-    Case("gpt2", "GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0)),
-    Case("gpt_neox", "GPTNeoXConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64), slow=True),
-    Case("falcon", "FalconConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, new_decoder_architecture=True, num_kv_heads=2), slow=True),
-    Case("opt", "OPTConfig", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=32), slow=True),
+    Case(
+        "gpt2",
+        "GPT2Config",
+        dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0),
+    ),
+    Case(
+        "gpt_neox",
+        "GPTNeoXConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+        ),
+        slow=True,
+    ),
+    Case(
+        "falcon",
+        "FalconConfig",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            new_decoder_architecture=True,
+            num_kv_heads=2,
+        ),
+        slow=True,
+    ),
+    Case(
+        "opt",
+        "OPTConfig",
+        dict(
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+        ),
+        slow=True,
+    ),
     Case("mixtral", "MixtralConfig", _moe(num_local_experts=4, num_experts_per_tok=2), experts=True),
-    Case("qwen2_moe", "Qwen2MoeConfig", _moe(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32), experts=True, slow=True),
-    Case("qwen3_moe", "Qwen3MoeConfig", _moe(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8), experts=True),
+    Case(
+        "qwen2_moe",
+        "Qwen2MoeConfig",
+        _moe(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+        experts=True,
+        slow=True,
+    ),
+    Case(
+        "qwen3_moe",
+        "Qwen3MoeConfig",
+        _moe(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8),
+        experts=True,
+    ),
     Case(
         "deepseek_v3",
         "DeepseekV3Config",
@@ -129,9 +205,47 @@ CASES: list[Case] = [
         experts=True,
         slow=True,
     ),
-    Case("gpt_oss", "GptOssConfig", _moe(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"]), experts=True),
-    Case("llama4_text", "Llama4TextConfig", _moe(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=64, head_dim=8, interleave_moe_layer_step=1, attention_chunk_size=8), experts=True),
-    Case("t5", "T5Config", dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0), auto="AutoModelForSeq2SeqLM", inputs="seq2seq"),
+    Case(
+        "gpt_oss",
+        "GptOssConfig",
+        _moe(
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=8,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        experts=True,
+    ),
+    Case(
+        "llama4_text",
+        "Llama4TextConfig",
+        _moe(
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            intermediate_size_mlp=64,
+            head_dim=8,
+            interleave_moe_layer_step=1,
+            attention_chunk_size=8,
+        ),
+        experts=True,
+    ),
+    Case(
+        "t5",
+        "T5Config",
+        dict(
+            vocab_size=VOCAB,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        ),
+        auto="AutoModelForSeq2SeqLM",
+        inputs="seq2seq",
+    ),
     Case("bart", "BartConfig", _BART, auto="AutoModelForSeq2SeqLM", inputs="seq2seq"),
     Case(
         "whisper",
@@ -158,9 +272,26 @@ CASES: list[Case] = [
     ),
     Case("bert", "BertConfig", _ENC, auto="AutoModelForSequenceClassification"),
     Case("roberta", "RobertaConfig", {**_ENC, "pad_token_id": 1}, auto="AutoModelForMaskedLM", slow=True),
-    Case("distilbert", "DistilBertConfig", dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=VOCAB, max_position_embeddings=64), auto="AutoModelForSequenceClassification", slow=True),
     Case(
-        "vit", "ViTConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4), auto="AutoModelForImageClassification", inputs="pixels"
+        "distilbert",
+        "DistilBertConfig",
+        dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=VOCAB, max_position_embeddings=64),
+        auto="AutoModelForSequenceClassification",
+        slow=True,
+    ),
+    Case(
+        "vit",
+        "ViTConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=4,
+        ),
+        auto="AutoModelForImageClassification",
+        inputs="pixels",
     ),
     Case(
         "modernbert",

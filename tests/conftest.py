@@ -53,7 +53,9 @@ def digits_rank_loader(samples: int, global_batch: int, world: int, rank: int) -
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
-    data = torch.utils.data.TensorDataset(torch.tensor(x[:samples], dtype=torch.float32) / 16.0, torch.tensor(y[:samples]))
+    data = torch.utils.data.TensorDataset(
+        torch.tensor(x[:samples], dtype=torch.float32) / 16.0, torch.tensor(y[:samples])
+    )
     sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
     return torch.utils.data.DataLoader(data, batch_size=global_batch // world, sampler=sampler)
 
@@ -69,7 +71,14 @@ def perturbed(model: nn.Module) -> nn.Module:
 
 def make_trainer(**kwargs: Any) -> pl.Trainer:
     """A CPU Trainer without logger, checkpoints, progress bar or summary (override by keyword)."""
-    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
+    defaults = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        num_sanity_val_steps=0,
+    )
     return pl.Trainer(**{**defaults, **kwargs})
 
 
@@ -92,7 +101,9 @@ def tiny_gpt2() -> nn.Module:
     from transformers import AutoModelForCausalLM, GPT2Config
 
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=48, n_positions=32, bos_token_id=0, eos_token_id=0))
+    return AutoModelForCausalLM.from_config(
+        GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=48, n_positions=32, bos_token_id=0, eos_token_id=0)
+    )
 
 
 def tiny_bert_classifier() -> nn.Module:
@@ -100,7 +111,15 @@ def tiny_bert_classifier() -> nn.Module:
     from transformers import AutoModelForSequenceClassification, BertConfig
 
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=48, max_position_embeddings=32, num_labels=3)
+    config = BertConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=48,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
     return AutoModelForSequenceClassification.from_config(config)
 
 

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from conftest import digits_rank_loader, tiny_llama_config  # tests/, beside this script (run as `python tests/distributed_job.py`)
+from conftest import (
+    digits_rank_loader,
+    tiny_llama_config,
+)  # tests/, beside this script (run as `python tests/distributed_job.py`)
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -78,7 +81,9 @@ class PrunedGradientProbe(pl.Callback):
     def __init__(self) -> None:
         self.largest = 0.0
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         for name, mask in get_masks(pl_module).items():
             grad = pl_module.get_parameter(name).grad
             if grad is not None and (~mask).any():
@@ -146,7 +151,9 @@ def main() -> None:
     ckpt = args.resume_from or str(args.out / f"half-{args.devices}.ckpt")
     dump(fit(gradual(), args, epochs=3, ckpt_in=ckpt), "resumed", args.out)
 
-    dump(fit(IterativePruning(0.75, cycles=2, epochs_per_cycle=1, rewind="init"), args, epochs=3), "iterative", args.out)
+    dump(
+        fit(IterativePruning(0.75, cycles=2, epochs_per_cycle=1, rewind="init"), args, epochs=3), "iterative", args.out
+    )
 
     # One-shot: calibration split across ranks, statistics all-reduced, then a masked fine-tune epoch.
     wanda = OneShotPruning("wanda", 0.5, pattern="2:4", num_samples=None, progress=False)  # the sharded train loader
@@ -159,7 +166,11 @@ def main() -> None:
 
     # Distillation beside gradual pruning: every rank copies its own teacher; masks must still agree.
     distill = KnowledgeDistillation(alpha=0.5, temperature=2.0)
-    dump(fit(GradualPruning(0.5, start_step=0, end_step=4, frequency=2), args, epochs=2, llama=True, probe=distill), "distill", args.out)
+    dump(
+        fit(GradualPruning(0.5, start_step=0, end_step=4, frequency=2), args, epochs=2, llama=True, probe=distill),
+        "distill",
+        args.out,
+    )
 
 
 if __name__ == "__main__":

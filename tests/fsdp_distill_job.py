@@ -49,7 +49,10 @@ class AtFitStart(pl.Callback):
         self.blocks: dict[str, torch.Tensor] = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.blocks = {name: local_tensor(p).detach().cpu().clone() for name, p in pl_module.get_submodule("net").named_parameters()}
+        self.blocks = {
+            name: local_tensor(p).detach().cpu().clone()
+            for name, p in pl_module.get_submodule("net").named_parameters()
+        }
 
 
 class ShardedClassifier(ClassifierModule):
@@ -82,12 +85,21 @@ STAGED = [  # gmp_chain, one short epoch per stage, the model above on ModelPara
 ]
 
 
-def fit(args: argparse.Namespace, callbacks: list[pl.Callback], epochs: int, ckpt_in: str | None = None, seed: int = 0, empty_init: bool = False) -> tuple[pl.Trainer, Probe]:
+def fit(
+    args: argparse.Namespace,
+    callbacks: list[pl.Callback],
+    epochs: int,
+    ckpt_in: str | None = None,
+    seed: int = 0,
+    empty_init: bool = False,
+) -> tuple[pl.Trainer, Probe]:
     """Fit a ShardedMLP seeded with `seed` (built on the meta device with `empty_init`) with `callbacks`, then a probe."""
     pl.seed_everything(seed, verbose=False)
     probe = Probe()
     trainer = sharded_trainer(args.devices, epochs, [*callbacks, probe])
-    with trainer.init_module(empty_init=empty_init):  # Lightning's big-model init: meta device, materialized after sharding
+    with trainer.init_module(
+        empty_init=empty_init
+    ):  # Lightning's big-model init: meta device, materialized after sharding
         module = ShardedMLP(args.global_batch)
     trainer.fit(module, ckpt_path=ckpt_in)
     return trainer, probe
@@ -130,7 +142,9 @@ def main() -> None:
     checkpoint = str(args.out / f"kd-epoch1-{args.devices}")
 
     phase(args, "copy", 3, SaveAfterEpoch(1, checkpoint))  # the checkpoint: step 16 of a ramp to step 20
-    phase(args, "resumed", 3, ckpt_in=checkpoint, seed=1)  # another seed: the copy taken at fit start is not the dense model
+    phase(
+        args, "resumed", 3, ckpt_in=checkpoint, seed=1
+    )  # another seed: the copy taken at fit start is not the dense model
     if args.resume_from:
         phase(args, "resharded", 3, ckpt_in=args.resume_from, seed=1)
     phase(args, "empty-init", 1, empty_init=True, teacher_dtype="bfloat16")

@@ -20,7 +20,17 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from fsdp_distill_job import RecordingKD
-from fsdp_job import SCOPES, Probe, SaveAfterEpoch, ShardedMLP, dump, gradual, iterative, job_parser, sharded_trainer  # tests/, beside this script
+from fsdp_job import (
+    SCOPES,
+    Probe,
+    SaveAfterEpoch,
+    ShardedMLP,
+    dump,
+    gradual,
+    iterative,
+    job_parser,
+    sharded_trainer,
+)  # tests/, beside this script
 from fsdp_lora_job import LoRAMLP, LoRAProbe, lora, pruned
 from fsdp_lora_job import dump as dump_lora
 from peft.tuners.lora.layer import LoraLayer
@@ -32,7 +42,12 @@ from lightning_prune import find_targets, get_masks, update_masks
 from lightning_prune.parallel.sharded import local_tensor, targets_shard_group
 from lightning_prune.recovery.sharded import local_bytes
 
-SELECTIONS: dict[str, dict[str, Any]] = {"layer": {}, "row": {"scope": "row"}, "global": {"scope": "global"}, "nm": {"pattern": "2:4"}}
+SELECTIONS: dict[str, dict[str, Any]] = {
+    "layer": {},
+    "row": {"scope": "row"},
+    "global": {"scope": "global"},
+    "nm": {"pattern": "2:4"},
+}
 
 
 class HSDPMLP(ShardedMLP):
@@ -84,7 +99,14 @@ def mesh_shape(mesh: str) -> tuple[int, int]:
     return replicate, shard
 
 
-def fit(callback: pl.Callback, args: argparse.Namespace, mesh: str, epochs: int, ckpt_in: str | None = None, *others: pl.Callback) -> tuple[pl.Trainer, Probe, int]:
+def fit(
+    callback: pl.Callback,
+    args: argparse.Namespace,
+    mesh: str,
+    epochs: int,
+    ckpt_in: str | None = None,
+    *others: pl.Callback,
+) -> tuple[pl.Trainer, Probe, int]:
     """Fit a freshly seeded HSDP model on `mesh` ("RxS") with `callback`, `others` and a probe."""
     pl.seed_everything(0, verbose=False)
     probe, group_size = Probe(), GroupSize()
@@ -97,7 +119,9 @@ def teacher_facts(kd: RecordingKD) -> dict[str, Any]:
     """The HSDP teacher on this rank: its blocks, bytes and placements, and the KD loss of every step."""
     assert kd.teacher is not None
     return {
-        "teacher": {name: local_tensor(value).detach().cpu().clone() for name, value in kd.teacher.state_dict().items()},
+        "teacher": {
+            name: local_tensor(value).detach().cpu().clone() for name, value in kd.teacher.state_dict().items()
+        },
         "teacher_bytes": local_bytes(kd.teacher),
         "teacher_placements": sorted({str(getattr(p, "placements", "whole")) for p in kd.teacher.parameters()}),
         "teacher_trainable": any(p.requires_grad for p in kd.teacher.parameters()),
@@ -128,7 +152,9 @@ def mesh_selection(rank: int, out: Path) -> None:
     net = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 48), nn.Linear(48, 10))
     with torch.no_grad():
         for parameter in net.parameters():
-            parameter.copy_(torch.randint(-3, 4, parameter.shape, generator=torch.Generator().manual_seed(parameter.numel())))
+            parameter.copy_(
+                torch.randint(-3, 4, parameter.shape, generator=torch.Generator().manual_seed(parameter.numel()))
+            )
     whole = {name: value.clone() for name, value in net.state_dict().items()}
     for layer in net:
         fully_shard(layer, mesh=mesh)
@@ -138,7 +164,12 @@ def mesh_selection(rank: int, out: Path) -> None:
     for phase, options in SELECTIONS.items():
         update_masks(targets, {name: block.abs() for name, block in blocks.items()}, 0.5, monotone=False, **options)
         masks[phase] = {name: mask.clone() for name, mask in get_masks(net).items()}
-    state = {"whole": whole, "masks": masks, "coordinate": mesh.get_coordinate(), "group_size": dist.get_world_size(targets_shard_group(targets))}
+    state = {
+        "whole": whole,
+        "masks": masks,
+        "coordinate": mesh.get_coordinate(),
+        "group_size": dist.get_world_size(targets_shard_group(targets)),
+    }
     torch.save(state, out / f"mesh-rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
@@ -149,7 +180,9 @@ def main() -> None:
     parser = job_parser()
     parser.add_argument("--resume-from", nargs="*", default=[], help="distributed checkpoints written on other meshes")
     parser.add_argument("--mesh-selection", action="store_true", help="only the 2x2 mesh selection (4 forked ranks)")
-    parser.add_argument("--resume-iterative", default=None, help="IterativePruning's checkpoint written on another mesh")
+    parser.add_argument(
+        "--resume-iterative", default=None, help="IterativePruning's checkpoint written on another mesh"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.mesh_selection:
@@ -162,7 +195,15 @@ def main() -> None:
             callback, kd = gradual(scope), RecordingKD()
             trainer, probe, size = fit(callback, args, mesh, 3, None, *([kd] if scope == "row" else []))
             facts = teacher_facts(kd) if scope == "row" else {}
-            dump(trainer, probe, f"{mesh}-{scope}", args.out, sparsity=callback.current_sparsity, group_size=size, **facts)
+            dump(
+                trainer,
+                probe,
+                f"{mesh}-{scope}",
+                args.out,
+                sparsity=callback.current_sparsity,
+                group_size=size,
+                **facts,
+            )
         lora_phase(args, mesh)
 
     half = str(args.out / f"half-{meshes[0]}")  # global scope: the Fisher sums travel through the checkpoint too
@@ -174,7 +215,9 @@ def main() -> None:
         trainer, probe, _ = fit(gradual("global"), args, meshes[0], 3, path)
         dump(trainer, probe, f"{meshes[0]}-resharded{index}", args.out)
 
-    saver = SaveAfterEpoch(0, str(args.out / f"cycle1-{meshes[0]}"))  # after the first prune + rewind (a sharded snapshot)
+    saver = SaveAfterEpoch(
+        0, str(args.out / f"cycle1-{meshes[0]}")
+    )  # after the first prune + rewind (a sharded snapshot)
     dump(*fit(iterative(), args, meshes[0], 3, None, saver)[:2], f"{meshes[0]}-iterative", args.out)
     trainer, probe, _ = fit(iterative(), args, meshes[-1], 3, args.resume_iterative or saver.path)
     dump(trainer, probe, f"{meshes[-1]}-iterative-resumed", args.out)

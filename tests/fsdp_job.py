@@ -89,16 +89,22 @@ class Probe(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for name, module in pl_module.named_modules():
             if isinstance(module, nn.Linear):  # registered after fully_shard's hook: runs on the gathered weight
-                module.register_forward_pre_hook(lambda m, args, name=name: self.seen.__setitem__(name, local_tensor(m.weight).detach().clone()))
+                module.register_forward_pre_hook(
+                    lambda m, args, name=name: self.seen.__setitem__(name, local_tensor(m.weight).detach().clone())
+                )
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         for name, mask in get_masks(pl_module).items():
             grad = local_tensor(pl_module.get_parameter(name).grad)
             if (~mask).any():
                 self.largest = max(self.largest, float(grad[~mask].abs().max()))
 
 
-def fit(callback: pl.Callback, args: argparse.Namespace, epochs: int, ckpt_in: str | None = None, *others: pl.Callback) -> tuple[pl.Trainer, Probe]:
+def fit(
+    callback: pl.Callback, args: argparse.Namespace, epochs: int, ckpt_in: str | None = None, *others: pl.Callback
+) -> tuple[pl.Trainer, Probe]:
     """Fit a freshly seeded model with `callback`, `others`, then a probe; returns the trainer and the probe."""
     pl.seed_everything(0, verbose=False)
     probe = Probe()
@@ -127,7 +133,9 @@ def uneven_selection(out: Path) -> None:
     full = [torch.randint(-2, 3, (n,), generator=generator).float() for n in (7, 1, 0, 11)]
     full[3][4] = -0.0
     blocks = [f.tensor_split(world)[rank] for f in full]  # 4/3, 1/0, 0/0, 6/5 entries
-    dropped = sharded_lowest_k(blocks + blocks, [[0], [1], [2], [3], [4, 5, 6, 7]], [3, 1, 0, 20, 9], None if world == 1 else dist.group.WORLD)
+    dropped = sharded_lowest_k(
+        blocks + blocks, [[0], [1], [2], [3], [4, 5, 6, 7]], [3, 1, 0, 20, 9], None if world == 1 else dist.group.WORLD
+    )
     torch.save({"full": full, "dropped": dropped}, out / f"uneven-rank{rank}.pt")
 
 
@@ -164,7 +172,9 @@ def main() -> None:
     """Run every phase (GMP per scope, distillation, resume, iterative rewind) on `--devices` ranks."""
     parser = job_parser()
     parser.add_argument("--resume-from", default=None, help="a distributed checkpoint written by another world size")
-    parser.add_argument("--resume-iterative", default=None, help="IterativePruning's checkpoint written by another world size")
+    parser.add_argument(
+        "--resume-iterative", default=None, help="IterativePruning's checkpoint written by another world size"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -78,7 +78,9 @@ class LlamaLM(pl.LightningModule):
         mesh = self.device_mesh["data_parallel"]
         for block in self.model.get_submodule("model.layers").children():
             fully_shard(block, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)  # its forward runs in `training_step`: it gathers the embeddings, norm and head
+        fully_shard(
+            self.model, mesh=mesh
+        )  # its forward runs in `training_step`: it gathers the embeddings, norm and head
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss: torch.Tensor = self.model(input_ids=batch[0], labels=batch[0]).loss
@@ -121,27 +123,50 @@ class LoRAProbe(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for name, module in pl_module.named_modules():
-            if isinstance(module, LoraLayer) and isinstance(module, nn.Module):  # registered after FSDP2's hooks: they see gathered weights
-                module.get_base_layer().register_forward_pre_hook(lambda m, args, name=name: self.base_seen.__setitem__(f"{name}.weight", local_tensor(m.weight).detach().clone()))
-                module.register_forward_hook(lambda m, args, out, name=name: self.io.__setitem__(f"{name}.weight", (args[0].detach().clone(), out.detach().clone())))
+            if isinstance(module, LoraLayer) and isinstance(
+                module, nn.Module
+            ):  # registered after FSDP2's hooks: they see gathered weights
+                module.get_base_layer().register_forward_pre_hook(
+                    lambda m, args, name=name: self.base_seen.__setitem__(
+                        f"{name}.weight", local_tensor(m.weight).detach().clone()
+                    )
+                )
+                module.register_forward_hook(
+                    lambda m, args, out, name=name: self.io.__setitem__(
+                        f"{name}.weight", (args[0].detach().clone(), out.detach().clone())
+                    )
+                )
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.batch is None:
             self.batch = batch[0]
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         parameters = dict(pl_module.named_parameters())
         self.layout = {
-            "adapters": {n: (type(p).__name__, tuple(local_tensor(p).shape)) for n, p in parameters.items() if ".lora_" in n},
+            "adapters": {
+                n: (type(p).__name__, tuple(local_tensor(p).shape)) for n, p in parameters.items() if ".lora_" in n
+            },
             "trainable": sorted(n for n, p in parameters.items() if p.requires_grad),
             "mask_shapes": {n: tuple(m.shape) for n, m in get_masks(pl_module).items()},
         }
         with torch.no_grad():
             if isinstance(pl_module, LoRAMLP):
-                pl_module.net(self.batch)  # the trained adapters' forward, before the merge (`io`), as `training_step` calls it
+                pl_module.net(
+                    self.batch
+                )  # the trained adapters' forward, before the merge (`io`), as `training_step` calls it
 
 
-def fit(module: pl.LightningModule, recovery: LoRARecovery, args: argparse.Namespace, epochs: int, ckpt_in: str | None = None, *others: pl.Callback) -> tuple[pl.Trainer, LoRAProbe]:
+def fit(
+    module: pl.LightningModule,
+    recovery: LoRARecovery,
+    args: argparse.Namespace,
+    epochs: int,
+    ckpt_in: str | None = None,
+    *others: pl.Callback,
+) -> tuple[pl.Trainer, LoRAProbe]:
     """Fit `module` with `recovery`, `others` and a probe under ModelParallelStrategy."""
     probe = LoRAProbe()
     trainer = sharded_trainer(args.devices, epochs, [recovery, *others, probe])
@@ -149,7 +174,14 @@ def fit(module: pl.LightningModule, recovery: LoRARecovery, args: argparse.Names
     return trainer, probe
 
 
-def dump(trainer: pl.Trainer, probe: LoRAProbe, recovery: LoRARecovery, phase: str, args: argparse.Namespace, before: dict[str, torch.Tensor]) -> None:
+def dump(
+    trainer: pl.Trainer,
+    probe: LoRAProbe,
+    recovery: LoRARecovery,
+    phase: str,
+    args: argparse.Namespace,
+    before: dict[str, torch.Tensor],
+) -> None:
     """Save this rank's mask and (merged) weight blocks and the probe's findings for the test."""
     module = trainer.lightning_module
     state = {
@@ -174,7 +206,11 @@ def run_phase(phase: str, args: argparse.Namespace, epochs: int, ckpt_in: str | 
     """Prune a fresh model before fit, recover it with LoRA under FSDP2, merge, and dump."""
     if phase == "llama":
         pl.seed_everything(0, verbose=False)
-    module = LlamaLM(args.global_batch // 2) if phase == "llama" else pruned("zeros" if phase == "zeros" else "masked", args.global_batch)
+    module = (
+        LlamaLM(args.global_batch // 2)
+        if phase == "llama"
+        else pruned("zeros" if phase == "zeros" else "masked", args.global_batch)
+    )
     before = {k: v.detach().clone() for k, v in module.state_dict().items()}
     recovery = lora(**kwargs)
     others = [SaveAfterEpoch(0, str(args.out / f"epoch1-{args.devices}"))] if phase == "masked" else []
@@ -209,7 +245,9 @@ def refused(args: argparse.Namespace) -> None:
 def main() -> None:
     """Run every phase on `--devices` ranks (see the module docstring)."""
     parser = job_parser()
-    parser.add_argument("--resume-from", default=None, help="the `masked` phase's checkpoint written by another world size")
+    parser.add_argument(
+        "--resume-from", default=None, help="the `masked` phase's checkpoint written by another world size"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 

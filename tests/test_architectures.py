@@ -70,7 +70,11 @@ def _no_cache(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, tor
 
 def _own_block_outputs(model: nn.Module, data: list[dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
     outputs: dict[str, list[torch.Tensor]] = {}
-    handles = [block.register_forward_hook(lambda m, a, o, k=f"{name}.{i}": outputs.setdefault(k, []).append(block_output(o))) for name, blocks in find_blocks(model) for i, block in enumerate(blocks)]
+    handles = [
+        block.register_forward_hook(lambda m, a, o, k=f"{name}.{i}": outputs.setdefault(k, []).append(block_output(o)))
+        for name, blocks in find_blocks(model)
+        for i, block in enumerate(blocks)
+    ]
     with torch.no_grad():
         for batch in data:
             model(**_no_cache(model, batch))
@@ -102,7 +106,11 @@ def _block_matrices(model: nn.Module) -> dict[str, int]:
     embeddings = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
     routers = {f"{n}.weight" for n in router_names(model)}
     prefixes = tuple(f"{name}." for name, _ in find_blocks(model))
-    return {n: p.numel() for n, p in model.named_parameters() if n.startswith(prefixes) and p.dim() >= 2 and not n.endswith("bias") and n not in embeddings | routers}
+    return {
+        n: p.numel()
+        for n, p in model.named_parameters()
+        if n.startswith(prefixes) and p.dim() >= 2 and not n.endswith("bias") and n not in embeddings | routers
+    }
 
 
 def _check_2_4_on_every_block_weight(case: Case, model: nn.Module, report: SparsityReport) -> None:
@@ -117,11 +125,15 @@ def _check_2_4_on_every_block_weight(case: Case, model: nn.Module, report: Spars
     assert report.global_sparsity == pytest.approx(0.5, abs=0.01)
 
 
-def test_wanda_2_4_is_exact_on_every_block_weight_experts_included(case: Case, wanda_2_4: tuple[nn.Module, SparsityReport]) -> None:
+def test_wanda_2_4_is_exact_on_every_block_weight_experts_included(
+    case: Case, wanda_2_4: tuple[nn.Module, SparsityReport]
+) -> None:
     _check_2_4_on_every_block_weight(case, *wanda_2_4)
 
 
-def test_sparsegpt_2_4_is_exact_on_every_block_weight_experts_included(case: Case, built: tuple[nn.Module, Data]) -> None:
+def test_sparsegpt_2_4_is_exact_on_every_block_weight_experts_included(
+    case: Case, built: tuple[nn.Module, Data]
+) -> None:
     model, data = copy.deepcopy(built[0]), built[1]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no expert left dense, no stack left out
@@ -145,7 +157,9 @@ def _prune_with_the_models_own_forward(model: nn.Module, data: Data) -> None:
             prune_target(target, Wanda(), None, stats, 0.5, "2:4")
 
 
-def test_driver_masks_equal_masks_from_the_models_own_forward(built: tuple[nn.Module, Data], wanda_2_4: tuple[nn.Module, SparsityReport]) -> None:
+def test_driver_masks_equal_masks_from_the_models_own_forward(
+    built: tuple[nn.Module, Data], wanda_2_4: tuple[nn.Module, SparsityReport]
+) -> None:
     driven, by_hand, data = wanda_2_4[0], copy.deepcopy(built[0]), built[1]
     _prune_with_the_models_own_forward(by_hand, data)
     expected = get_masks(by_hand)
@@ -165,7 +179,11 @@ def test_2_4_export_round_trips(wanda_2_4: tuple[nn.Module, SparsityReport], tmp
         assert torch.equal(tensor, expected[name]), name
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["sparsity_config"]
     # Layers by module name, fused experts by parameter name: exactly the pruned weights.
-    assert sorted(config["targets"]) == sorted(t.name if t.experts else t.module_name for t in find_targets(model, ignore_output_head=False) if t.name in pruned)
+    assert sorted(config["targets"]) == sorted(
+        t.name if t.experts else t.module_name
+        for t in find_targets(model, ignore_output_head=False)
+        if t.name in pruned
+    )
 
 
 class _Wrapper(pl.LightningModule):

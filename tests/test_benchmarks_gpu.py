@@ -27,7 +27,9 @@ def gpu() -> ModuleType:
     return module
 
 
-def test_without_cuda_it_says_why_and_exits_0(gpu: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_without_cuda_it_says_why_and_exits_0(
+    gpu: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu.main([]) == 0
     assert "no CUDA device, nothing measured" in capsys.readouterr().out
@@ -60,7 +62,11 @@ def test_the_reference_sparsegpt_is_found(gpu: ModuleType) -> None:
 
 def test_measure_reports_median_times_per_case(gpu: ModuleType) -> None:
     calls: list[str] = []
-    result = gpu.measure({"a": (lambda: 1, lambda s: calls.append(f"a{s}")), "b": (lambda: 2, lambda s: calls.append(f"b{s}"))}, 2, torch.device("cpu"))
+    result = gpu.measure(
+        {"a": (lambda: 1, lambda s: calls.append(f"a{s}")), "b": (lambda: 2, lambda s: calls.append(f"b{s}"))},
+        2,
+        torch.device("cpu"),
+    )
     assert calls == ["a1", "b2", "a1", "b2", "a1", "b2"]  # warm-up, then interleaved rounds
     assert set(result) == {"a", "b"} and all(seconds >= 0 and peak is None for seconds, peak in result.values())
 
@@ -69,7 +75,13 @@ def test_measure_reports_median_times_per_case(gpu: ModuleType) -> None:
 def test_cpu_smoke_runs_every_section(gpu: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     assert gpu.main(["--cpu-smoke"]) == 0
     out = capsys.readouterr().out
-    for title in ("Layers: ours vs the reference", "Selection alone", "One-shot, 50%", "GradualPruning step vs dense", "LoRA r=16"):
+    for title in (
+        "Layers: ours vs the reference",
+        "Selection alone",
+        "One-shot, 50%",
+        "GradualPruning step vs dense",
+        "LoRA r=16",
+    ):
         assert title in out
     assert "semi: skipped, torch.sparse.to_sparse_semi_structured runs only on CUDA" in out
     assert out.count("| 64×32 | 50% |") == 2 and out.count("| 48×96 | 2:4 |") == 2  # sparsegpt and wanda rows

@@ -24,7 +24,9 @@ class Block(nn.Module):
         super().__init__()
         self.fc = nn.Linear(4, 4)
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         bias = torch.ones(4) if bias is None else bias
         return x + scale * self.fc(x) + bias, bias
 
@@ -48,7 +50,10 @@ class Net(nn.Module):
 
 def _own_outputs(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
     outputs: dict[str, list[torch.Tensor]] = {}
-    handles = [b.register_forward_hook(lambda m, a, o, k=f"layers.{i}": outputs.setdefault(k, []).append(block_output(o))) for i, b in enumerate(model.layers)]
+    handles = [
+        b.register_forward_hook(lambda m, a, o, k=f"layers.{i}": outputs.setdefault(k, []).append(block_output(o)))
+        for i, b in enumerate(model.layers)
+    ]
     with torch.no_grad():
         for batch in batches:
             model(batch)
@@ -141,21 +146,44 @@ def test_a_later_stack_is_staged_with_the_earlier_stacks_handing_on_their_output
         assert all(torch.equal(a, b) for a, b in zip(outputs, got[name], strict=True)), name
     # The decoder's batch 0 runs for real, then once more with the encoder handing on the driver's
     # outputs (the check), and so do batches 1-2: the encoder computes on batch 0 only.
-    assert modes == ["real", "first", "first", "rest", "rest", "rest", "real", "first*", "first*", "first*", "rest*", "rest*", "rest*"]
+    assert modes == [
+        "real",
+        "first",
+        "first",
+        "rest",
+        "rest",
+        "rest",
+        "real",
+        "first*",
+        "first*",
+        "first*",
+        "rest*",
+        "rest*",
+        "rest*",
+    ]
 
 
 def test_a_one_block_decoder_runs_every_batch_for_real_with_the_encoder_replayed() -> None:
     model, batches = EncoderDecoder(from_middle=False, decoder_blocks=1), [torch.randn(2, 4) for _ in range(3)]
     own = _own_outputs_of(model, batches)
     got, modes = _driver_outputs(model, batches)
-    assert modes[6:] == ["real", "first*", "real*", "real*"]  # not staged (one block): whole passes, the encoder computing nothing
+    assert modes[6:] == [
+        "real",
+        "first*",
+        "real*",
+        "real*",
+    ]  # not staged (one block): whole passes, the encoder computing nothing
     for name, outputs in own.items():
         assert all(torch.equal(a, b) for a, b in zip(outputs, got[name], strict=True)), name
 
 
 def _own_outputs_of(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
     own: dict[str, list[torch.Tensor]] = {}
-    handles = [b.register_forward_hook(lambda m, a, o, k=f"{n}.{i}": own.setdefault(k, []).append(block_output(o))) for n, bl in find_blocks(model) for i, b in enumerate(bl)]
+    handles = [
+        b.register_forward_hook(lambda m, a, o, k=f"{n}.{i}": own.setdefault(k, []).append(block_output(o)))
+        for n, bl in find_blocks(model)
+        for i, b in enumerate(bl)
+    ]
     with torch.no_grad():
         for batch in batches:
             model(batch)
@@ -170,11 +198,15 @@ def test_a_later_stack_runs_for_real_when_the_earlier_stacks_cannot_be_replayed(
     # The check on batch 0 fails (the bias needs the first encoder block's output): the encoder computes.
     assert modes[6:] == ["real", "first*", "first", "first", "rest*", "rest*", "rest*", "real", "real", "real"]
     with torch.no_grad():
-        expected = [model.decoder[2](*args, **kwargs)[0] for args, kwargs in _decoder_inputs(model.decoder[2], model, batches)]
+        expected = [
+            model.decoder[2](*args, **kwargs)[0] for args, kwargs in _decoder_inputs(model.decoder[2], model, batches)
+        ]
     assert all(torch.equal(a, b) for a, b in zip(expected, got["decoder.2"], strict=True))
 
 
-def _decoder_inputs(block: nn.Module, model: nn.Module, batches: list[torch.Tensor]) -> list[tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]]:
+def _decoder_inputs(
+    block: nn.Module, model: nn.Module, batches: list[torch.Tensor]
+) -> list[tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]]:
     calls: list[tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]] = []
     handle = block.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
     with torch.no_grad():
@@ -201,7 +233,9 @@ def test_the_calibration_passes_build_no_cache_and_every_config_is_restored(monk
         model(**case.batches(count=1)[0])
     assert built, "the model's own forward builds caches (the premise of this test)"
     configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
-    assert len(configs) == 3 and all(c.use_cache for c in configs.values() if c is not model.encoder.config)  # T5's encoder has its own config, cache off
+    assert len(configs) == 3 and all(
+        c.use_cache for c in configs.values() if c is not model.encoder.config
+    )  # T5's encoder has its own config, cache off
     before = {key: config.use_cache for key, config in configs.items()}
     built.clear()
     prune_oneshot(model, case.batches(count=3), method="wanda", pattern="2:4", progress=False)

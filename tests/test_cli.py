@@ -34,7 +34,9 @@ def test_every_recipe_composes_and_states_only_deltas() -> None:
     recipes = sorted(p.stem for p in (Path(CONFIG_DIR) / "recipe").glob("*.yaml"))
     assert {"quickstart", "gmp_finetune", "iterative_lottery"} <= set(recipes)
     primary = yaml.safe_load((Path(CONFIG_DIR) / "config.yaml").read_text())
-    default_options = {key: value for entry in primary["defaults"] if isinstance(entry, dict) for key, value in entry.items()}
+    default_options = {
+        key: value for entry in primary["defaults"] if isinstance(entry, dict) for key, value in entry.items()
+    }
     checked = 0
     for recipe in recipes:
         text = (Path(CONFIG_DIR) / "recipe" / f"{recipe}.yaml").read_text()
@@ -48,7 +50,9 @@ def test_every_recipe_composes_and_states_only_deltas() -> None:
             groups[group] = option
         # What the recipe's values would be without it: config.yaml with the recipe's group choices.
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            base = compose("config", overrides=["~recipe", "output_dir=/unused", *(f"{g}={o}" for g, o in groups.items())])
+            base = compose(
+                "config", overrides=["~recipe", "output_dir=/unused", *(f"{g}={o}" for g, o in groups.items())]
+            )
         for key, value in flatten(body).items():
             default = OmegaConf.select(base, key, default="<absent>")
             assert default != value, f"{recipe}: `{key}: {value!r}` repeats the default of config.yaml and its groups"
@@ -116,7 +120,15 @@ def test_gmp_finetune_tiny(tmp_path: Path) -> None:
 
 
 def test_iterative_lottery_tiny(tmp_path: Path) -> None:
-    tiny = ["pruning.cycles=2", "pruning.epochs_per_cycle=1", "trainer.max_epochs=3", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "plots=false", "save_model=false"]
+    tiny = [
+        "pruning.cycles=2",
+        "pruning.epochs_per_cycle=1",
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=1",
+        "plots=false",
+        "save_model=false",
+    ]
     results = run(compose_config("iterative_lottery", tmp_path, *tiny))
     assert results["global_sparsity"] == pytest.approx(0.8, abs=1e-4)
     assert "before" not in results and "val/acc" in results["after"]
@@ -143,7 +155,10 @@ def test_extra_callbacks_and_dense_baseline_from_yaml_only(tmp_path: Path) -> No
         ("pruning.sparsity=1.5", r"`pruning.sparsity`=1.5 .*must be a number in \[0, 1\)"),
         ("trainer.max_epochs=abc", r"`trainer.max_epochs`='abc' has the wrong type: .* expects Optional\[int\]"),
         ("dense_epochs=-1", r"`dense_epochs`=-1 is invalid: must be an integer >= 0"),
-        ("+callbacks.bad._target_=torch.nn.ReLU", r"`callbacks.bad._target_`='torch.nn.ReLU' is not a Lightning Callback"),
+        (
+            "+callbacks.bad._target_=torch.nn.ReLU",
+            r"`callbacks.bad._target_`='torch.nn.ReLU' is not a Lightning Callback",
+        ),
         ("+pruning.bogus=1", r"`pruning.bogus` is not an argument of lightning_prune.GradualPruning"),
     ],
 )
@@ -156,7 +171,11 @@ def test_missing_model_path_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"required value `model.model_path` is not set"):
         run(compose_config("gmp_finetune", tmp_path, "model=causal_lm"))
     with pytest.raises(ConfigError, match=r"`model.model_path`='/no/such/dir' .*not a local model directory"):
-        run(compose_config("gmp_finetune", tmp_path, "model=causal_lm", "model.model_path=/no/such/dir", "data.vocab_size=300"))
+        run(
+            compose_config(
+                "gmp_finetune", tmp_path, "model=causal_lm", "model.model_path=/no/such/dir", "data.vocab_size=300"
+            )
+        )
 
 
 def test_oneshot_method_configs_differ_from_their_shared_base_only_in_method() -> None:

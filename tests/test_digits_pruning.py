@@ -26,7 +26,9 @@ def dense() -> tuple[dict[str, torch.Tensor], float]:
     return {k: v.clone() for k, v in module.state_dict().items()}, accuracy(module, data)
 
 
-def fine_tune(dense_state: dict[str, torch.Tensor], callback: pl.Callback, epochs: int) -> tuple[ClassifierModule, float]:
+def fine_tune(
+    dense_state: dict[str, torch.Tensor], callback: pl.Callback, epochs: int
+) -> tuple[ClassifierModule, float]:
     pl.seed_everything(1, verbose=False)
     data = DigitsDataModule(batch_size=64)
     module = ClassifierModule(arch="mlp", hidden=256, lr=1e-3)

@@ -21,7 +21,9 @@ class Recorder(pl.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.losses.append(float(outputs["loss"]))
 
 
@@ -73,7 +75,9 @@ def test_alpha_mixes_the_task_loss_with_kl_against_a_given_teacher() -> None:
         kd = kd_kl_loss(output.logits, teacher(input_ids=batch).logits, temperature=3.0)
     module.configure_optimizers = lambda: torch.optim.SGD(module.parameters(), lr=0.0)  # type: ignore[method-assign]
     recorder = Recorder()
-    make_trainer(max_steps=1, callbacks=[KnowledgeDistillation(alpha=0.25, temperature=3.0, teacher=teacher), recorder]).fit(module)
+    make_trainer(
+        max_steps=1, callbacks=[KnowledgeDistillation(alpha=0.25, temperature=3.0, teacher=teacher), recorder]
+    ).fit(module)
     assert float(kd) > 0.01
     assert recorder.losses[0] == pytest.approx(0.25 * float(output.loss) + 0.75 * float(kd), rel=1e-5)
 
@@ -117,7 +121,9 @@ def test_resume_distills_from_the_same_dense_teacher(tmp_path: Path) -> None:
         for parameter in fresh.parameters():
             parameter.mul_(0.5)  # a different starting model: the teacher must come from the checkpoint
     second = KnowledgeDistillation(alpha=0.9, temperature=4.0)
-    make_trainer(max_steps=3, callbacks=[GradualPruning(0.5, end_step=1, frequency=1), second]).fit(fresh, ckpt_path=path)
+    make_trainer(max_steps=3, callbacks=[GradualPruning(0.5, end_step=1, frequency=1), second]).fit(
+        fresh, ckpt_path=path
+    )
     assert second.alpha == 0.3 and second.temperature == 1.5
     assert all(torch.equal(v, dense[k]) for k, v in second.teacher.state_dict().items())
     round_trip = KnowledgeDistillation()
@@ -143,9 +149,13 @@ def test_bad_arguments_are_named(kwargs: dict[str, Any], match: str) -> None:
 
 def test_bad_layers_and_student_attr_fail_before_training() -> None:
     with pytest.raises(ValueError, match="layers"):
-        make_trainer(max_steps=1, callbacks=[KnowledgeDistillation(loss="mse", layers=[7])]).fit(TinyCausalLM(tiny_llama()))
+        make_trainer(max_steps=1, callbacks=[KnowledgeDistillation(loss="mse", layers=[7])]).fit(
+            TinyCausalLM(tiny_llama())
+        )
     with pytest.raises(ValueError, match="student_attr"):
-        make_trainer(max_steps=1, callbacks=[KnowledgeDistillation(student_attr="nothing")]).fit(TinyCausalLM(tiny_llama()))
+        make_trainer(max_steps=1, callbacks=[KnowledgeDistillation(student_attr="nothing")]).fit(
+            TinyCausalLM(tiny_llama())
+        )
 
 
 def test_a_copy_of_an_already_pruned_model_drops_the_copied_masks_and_leaves_the_students_hooks() -> None:
@@ -156,12 +166,16 @@ def test_a_copy_of_an_already_pruned_model_drops_the_copied_masks_and_leaves_the
     layer = model.model.layers[0].mlp.up_proj
     set_mask(layer, torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5)
     teacher = frozen_copy(model)
-    assert get_masks(teacher) == {} and torch.equal(teacher.state_dict()["model.layers.0.mlp.up_proj.weight"], layer.weight)
+    assert get_masks(teacher) == {} and torch.equal(
+        teacher.state_dict()["model.layers.0.mlp.up_proj.weight"], layer.weight
+    )
     teacher.load_state_dict(model.state_dict())  # no mask hook left on the copy
     with torch.no_grad():
         layer.weight.fill_(1.0)
     model.load_state_dict({"model.layers.0.mlp.up_proj.weight": torch.ones_like(layer.weight)}, strict=False)
-    assert torch.equal(layer.weight == 0, ~get_masks(model)["model.layers.0.mlp.up_proj.weight"])  # the student's load hook still re-zeroes
+    assert torch.equal(
+        layer.weight == 0, ~get_masks(model)["model.layers.0.mlp.up_proj.weight"]
+    )  # the student's load hook still re-zeroes
 
 
 def test_llama_gmp_distill_recipe_reaches_70_percent_with_a_dense_teacher(tmp_path: Path) -> None:
@@ -189,8 +203,18 @@ def test_a_recipe_with_unknown_distillation_layers_fails_at_preflight_before_the
     from lightning_prune.run import run
     from tests.conftest import compose_config
 
-    cfg = compose_config("llama_gmp_distill", tmp_path, "callbacks.distill.loss=mse", "callbacks.distill.layers=[model.layers.0.mlp.up_prj]", "plots=false", "data.seq_len=16", "data.vocab_size=300")
-    with pytest.raises(ValueError, match=r"`layers` entry 'model.layers.0.mlp.up_prj'.*Did you mean \['model.layers.0.mlp.up_proj'"):
+    cfg = compose_config(
+        "llama_gmp_distill",
+        tmp_path,
+        "callbacks.distill.loss=mse",
+        "callbacks.distill.layers=[model.layers.0.mlp.up_prj]",
+        "plots=false",
+        "data.seq_len=16",
+        "data.vocab_size=300",
+    )
+    with pytest.raises(
+        ValueError, match=r"`layers` entry 'model.layers.0.mlp.up_prj'.*Did you mean \['model.layers.0.mlp.up_proj'"
+    ):
         run(cfg)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "failed" and results["failed_phase"] == "preflight"

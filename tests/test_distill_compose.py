@@ -9,7 +9,15 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_prune import GradualPruning, IterativePruning, KnowledgeDistillation, LoRARecovery, OneShotPruning, StructuredPruning, get_masks
+from lightning_prune import (
+    GradualPruning,
+    IterativePruning,
+    KnowledgeDistillation,
+    LoRARecovery,
+    OneShotPruning,
+    StructuredPruning,
+    get_masks,
+)
 from lightning_prune.recovery import kd_kl_loss
 from tests.conftest import TinyCausalLM, TinyRegressor, make_trainer, perturbed, tiny_llama
 
@@ -32,9 +40,13 @@ class StepRecorder(pl.Callback):
         self.optimized: set[int] = set()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.optimized = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]}
+        self.optimized = {
+            id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]
+        }
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.losses.append(float(outputs["loss"]))
 
 
@@ -46,7 +58,9 @@ class TeacherDtypes(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.distill.teacher is not None
-        self.distill.teacher.lm_head.register_forward_hook(lambda module, args, output: self.dtypes.append(output.dtype))
+        self.distill.teacher.lm_head.register_forward_hook(
+            lambda module, args, output: self.dtypes.append(output.dtype)
+        )
 
 
 def _masks_exact(model: torch.nn.Module) -> None:
@@ -127,7 +141,9 @@ def test_structured_pruning_then_a_compacted_student_distills_logits_and_refuses
     narrower = KnowledgeDistillation(loss="mse", layers=["model.layers.0.mlp.up_proj"], teacher=distill.teacher)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj.*32.*64"):
         make_trainer(max_steps=1, callbacks=[narrower]).fit(module)
-    same_width = KnowledgeDistillation(loss="cosine", layers=[0, 1], teacher=distill.teacher)  # block outputs keep hidden_size
+    same_width = KnowledgeDistillation(
+        loss="cosine", layers=[0, 1], teacher=distill.teacher
+    )  # block outputs keep hidden_size
     make_trainer(max_steps=1, callbacks=[same_width]).fit(module)
 
 
@@ -141,10 +157,14 @@ class ForwardLM(TinyCausalLM):
 def test_dropped_blocks_refuse_block_layers_but_distill_logits() -> None:
     module = ForwardLM(tiny_llama(num_hidden_layers=3))
     teacher = tiny_llama(num_hidden_layers=3)
-    make_trainer(max_steps=1, callbacks=[StructuredPruning(drop_layers=1, num_samples=4, compact_on_end=True)]).fit(module)
+    make_trainer(max_steps=1, callbacks=[StructuredPruning(drop_layers=1, num_samples=4, compact_on_end=True)]).fit(
+        module
+    )
     assert module.model.config.num_hidden_layers == 2
     with pytest.raises(ValueError, match=r"`layers`.*2 blocks in `model.layers`.*`teacher` 3 blocks"):
-        make_trainer(max_steps=1, callbacks=[KnowledgeDistillation(loss="mse", layers=[-1], teacher=teacher)]).fit(module)
+        make_trainer(max_steps=1, callbacks=[KnowledgeDistillation(loss="mse", layers=[-1], teacher=teacher)]).fit(
+            module
+        )
     recorder = StepRecorder()
     make_trainer(max_steps=1, callbacks=[KnowledgeDistillation(loss="kl", teacher=teacher), recorder]).fit(module)
     assert len(recorder.losses) == 1
@@ -154,7 +174,9 @@ def test_a_lightning_module_without_a_model_attribute_is_its_own_student() -> No
     module = TinyRegressor()
     dense = _state(module)
     distill, recorder = KnowledgeDistillation(alpha=0.0, loss="mse"), StepRecorder()
-    make_trainer(max_steps=3, callbacks=[GradualPruning(0.5, start_step=0, end_step=1, frequency=1), distill, recorder]).fit(module)
+    make_trainer(
+        max_steps=3, callbacks=[GradualPruning(0.5, start_step=0, end_step=1, frequency=1), distill, recorder]
+    ).fit(module)
     assert _equal(distill.teacher, dense) and get_masks(distill.teacher) == {}
     assert recorder.losses[0] == 0.0 and recorder.losses[-1] > 0  # equal at first, apart once pruned
 

@@ -74,7 +74,11 @@ def test_ddp_checkpoint_resumes_on_two_ranks_and_on_one(runs: dict[str, Path]) -
 @pytest.mark.parametrize("phase", ["wanda", "sparsegpt"])
 def test_oneshot_on_two_ranks_equals_one_rank_on_all_batches(runs: dict[str, Path], phase: str) -> None:
     """Each rank calibrates on half the batches; all-reduced statistics give one process's masks."""
-    rank0, rank1, single = load_rank(runs["ddp"], phase, 0), load_rank(runs["ddp"], phase, 1), load_rank(runs["single"], phase)
+    rank0, rank1, single = (
+        load_rank(runs["ddp"], phase, 0),
+        load_rank(runs["ddp"], phase, 1),
+        load_rank(runs["single"], phase),
+    )
     assert len(rank0["masks"]) == 14  # 7 projections in each of the 2 blocks; lm_head stays dense
     assert_same_masks(rank0, rank1)
     assert_same_masks(rank0, single)
@@ -99,8 +103,14 @@ def test_calibration_is_split_by_batch_index_or_kept_when_already_sharded() -> N
 
     batches = [torch.full((2, 3), i) for i in range(5)]
     callback = OneShotPruning("wanda", 0.5, calibration=batches, num_samples=8)  # 4 batches of 2 sequences
-    shares = [callback.calibration_batches(SimpleNamespace(world_size=2, global_rank=r, datamodule=None)) for r in (0, 1)]
+    shares = [
+        callback.calibration_batches(SimpleNamespace(world_size=2, global_rank=r, datamodule=None)) for r in (0, 1)
+    ]
     assert [[int(b[0, 0]) for b in share] for share in shares] == [[0, 2], [1, 3]]
-    sharded = DataLoader(list(range(10)), batch_size=2, sampler=DistributedSampler(list(range(10)), 2, 1, shuffle=False))
+    sharded = DataLoader(
+        list(range(10)), batch_size=2, sampler=DistributedSampler(list(range(10)), 2, 1, shuffle=False)
+    )
     callback = OneShotPruning("wanda", 0.5, calibration=sharded, num_samples=3)  # rank 1 of 2: 3 // 2 sequences
-    assert [b.tolist() for b in callback.calibration_batches(SimpleNamespace(world_size=2, global_rank=1, datamodule=None))] == [[1]]
+    assert [
+        b.tolist() for b in callback.calibration_batches(SimpleNamespace(world_size=2, global_rank=1, datamodule=None))
+    ] == [[1]]

@@ -83,7 +83,14 @@ def random_case(seed: int, rows: int = 48, columns: int = 64) -> tuple[torch.Ten
     return dense, norms, hessian
 
 
-def initial_mask(method: str, dense: torch.Tensor, norms: FeatureNormStats, hessian: HessianStats, sparsity: float, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+def initial_mask(
+    method: str,
+    dense: torch.Tensor,
+    norms: FeatureNormStats,
+    hessian: HessianStats,
+    sparsity: float,
+    pattern: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     if method == "sparsegpt":
         return sparsegpt_prune(dense, hessian.hessian(), sparsity, pattern, blocksize=32)
     if method == "magnitude":
@@ -95,7 +102,9 @@ def initial_mask(method: str, dense: torch.Tensor, norms: FeatureNormStats, hess
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "ria"])
 @pytest.mark.parametrize("sparsity, pattern", [(0.5, None), (0.7, None), (0.5, "2:4"), (0.5, "4:8")])
-def test_never_raises_the_error_and_keeps_counts_and_patterns(method: str, sparsity: float, pattern: str | None) -> None:
+def test_never_raises_the_error_and_keeps_counts_and_patterns(
+    method: str, sparsity: float, pattern: str | None
+) -> None:
     swaps = 0
     for seed in range(3):
         dense, norms, hessian = random_case(seed)
@@ -122,7 +131,9 @@ class RecordingDSnoT(DSnoT):
         super().__init__()
         self.errors: list[tuple[float, float]] = []
 
-    def refine(self, dense: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor, stats: LayerStats, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def refine(
+        self, dense: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor, stats: LayerStats, pattern: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         weight, refined = super().refine(dense, pruned, keep, stats, pattern)
         mean = stats[FeatureNormStats].mean()
         before = expected_error(dense, pruned.float().masked_fill(~keep, 0.0), mean).abs()
@@ -135,7 +146,15 @@ class RecordingDSnoT(DSnoT):
 @pytest.mark.parametrize("method, pattern", [("wanda", None), ("sparsegpt", None), ("wanda", "2:4")])
 def test_tiny_llama_layers_never_get_a_larger_error(method: str, pattern: str | None) -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=32,
+    )
     model = AutoModelForCausalLM.from_config(config).eval()
     generator = torch.Generator().manual_seed(1)
     data = [{"input_ids": torch.randint(0, 64, (2, 16), generator=generator)} for _ in range(2)]
@@ -151,10 +170,26 @@ def test_tiny_llama_layers_never_get_a_larger_error(method: str, pattern: str | 
 
 def test_refine_by_name_with_options_through_prune_oneshot() -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=32,
+    )
     model = AutoModelForCausalLM.from_config(config).eval()
     data = [{"input_ids": torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))}]
-    report = prune_oneshot(model, data, method="magnitude", sparsity=0.6, refine="dsnot", refine_options={"max_cycle_time": 5}, progress=False)
+    report = prune_oneshot(
+        model,
+        data,
+        method="magnitude",
+        sparsity=0.6,
+        refine="dsnot",
+        refine_options={"max_cycle_time": 5},
+        progress=False,
+    )
     assert report.global_sparsity == pytest.approx(0.6, abs=1e-3)
 
 

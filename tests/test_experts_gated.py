@@ -33,7 +33,9 @@ HIDDEN, INTER, EXPERTS = 8, 4, 3  # grouped_mm wants row strides of 16 bytes
 def _experts(kind: str, implementation: str) -> Any:
     torch.manual_seed(0)
     if kind == "mixtral":  # (E, out, in), no bias, SiLU gate on the [gate; up] halves
-        module: Any = MixtralExperts(MixtralConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_local_experts=EXPERTS))
+        module: Any = MixtralExperts(
+            MixtralConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_local_experts=EXPERTS)
+        )
     else:  # gpt-oss: (E, in, out), biases, its own clamped gate on interleaved columns
         module = GptOssExperts(GptOssConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_local_experts=EXPERTS))
     for param in module.parameters():
@@ -67,7 +69,9 @@ def _by_hand(experts: Any, gate: Callable[..., torch.Tensor], rows: torch.Tensor
     return gate(experts, rows @ weight + bias)
 
 
-def _stats_and_gate_calls(holder: Holder, batches: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], list[int], Callable[..., torch.Tensor]]:
+def _stats_and_gate_calls(
+    holder: Holder, batches: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict[str, Any], list[int], Callable[..., torch.Tensor]]:
     cls: Any = type(holder.experts)
     gate, calls = cls._apply_gate, []
 
@@ -81,7 +85,9 @@ def _stats_and_gate_calls(holder: Holder, batches: list[torch.Tensor], monkeypat
     return stats, calls, gate
 
 
-def _check_hessians(holder: Holder, batches: list[torch.Tensor], stats: dict[str, Any], gate: Callable[..., torch.Tensor]) -> None:
+def _check_hessians(
+    holder: Holder, batches: list[torch.Tensor], stats: dict[str, Any], gate: Callable[..., torch.Tensor]
+) -> None:
     for e in range(EXPERTS):
         routed = torch.cat([x[(holder.index(x.shape[0]) == e).any(1)] for x in batches])
         with torch.no_grad():
@@ -95,7 +101,9 @@ def _check_hessians(holder: Holder, batches: list[torch.Tensor], stats: dict[str
 
 @pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
 @pytest.mark.parametrize("implementation", [GROUPED, BATCHED])
-def test_down_proj_statistics_come_from_the_models_own_gated_activations(kind: str, implementation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_down_proj_statistics_come_from_the_models_own_gated_activations(
+    kind: str, implementation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     holder = Holder(_experts(kind, implementation))
     assert own_layout(holder.experts) == implementation
     batches = [torch.randn(7, HIDDEN), torch.randn(5, HIDDEN)]
@@ -106,7 +114,9 @@ def test_down_proj_statistics_come_from_the_models_own_gated_activations(kind: s
 
 
 @pytest.mark.parametrize("implementation", ["eager", "wrapped"])
-def test_eager_and_a_wrapped_implementation_are_recomputed(implementation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eager_and_a_wrapped_implementation_are_recomputed(
+    implementation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if implementation == "wrapped":  # registered under the grouped_mm name, rows laid out like batched_mm:
         # trusting the name would give experts each other's rows; only transformers' own functions are trusted
         monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS, GROUPED, lambda self, *args: batched_mm_experts_forward(self, *args))
@@ -174,7 +184,9 @@ class PreRouted(nn.Module):
 
 
 @pytest.mark.parametrize("own_forward", [False, True])
-def test_llama4_down_proj_statistics_come_from_its_own_bmm_operand(own_forward: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_llama4_down_proj_statistics_come_from_its_own_bmm_operand(
+    own_forward: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     holder = PreRouted(own_forward)
     assert own_layout(holder.experts) == (None if own_forward else PRE_ROUTED)
     recomputed: list[int] = []

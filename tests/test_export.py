@@ -115,10 +115,18 @@ def test_bitmask_layout_on_weights_1_to_8(tmp_path):
     assert tensors["0.compressed"].dtype == torch.float16 and tensors["0.compressed"].tolist() == [[3, 4, 7, 8]]
     assert tensors["0.bitmask"].dtype == torch.uint8 and tensors["0.bitmask"].tolist() == [[0b11001100]]
     manifest = json.loads((path / "lightning_prune_export.json").read_text())
-    assert manifest["sparsity_config"] == {"format": "sparse-24-bitmask", "global_sparsity": 0.5, "ignore": [], "sparsity_structure": "2:4", "targets": ["0"]}
+    assert manifest["sparsity_config"] == {
+        "format": "sparse-24-bitmask",
+        "global_sparsity": 0.5,
+        "ignore": [],
+        "sparsity_structure": "2:4",
+        "targets": ["0"],
+    }
 
 
-@pytest.mark.parametrize(("dtype", "limit"), [(torch.float16, 0.5625), (torch.bfloat16, 0.5625), (torch.float32, 0.53125)])
+@pytest.mark.parametrize(
+    ("dtype", "limit"), [(torch.float16, 0.5625), (torch.bfloat16, 0.5625), (torch.float32, 0.53125)]
+)
 def test_size_ratio_of_2_4_bitmask(tmp_path, dtype, limit):
     torch.manual_seed(0)
     model = prune_2_4(nn.Sequential(*[nn.Linear(256, 256, bias=False) for _ in range(3)]).to(dtype), include=".")
@@ -172,7 +180,11 @@ def test_export_configs_instantiate_the_callback(tmp_path):
     from omegaconf import OmegaConf
 
     conf = Path(__file__).parents[1] / "lightning_prune" / "conf" / "export"
-    for name, format in [("dense", "dense"), ("sparse_24_bitmask", "sparse-24-bitmask"), ("sparse_bitmask", "sparse-bitmask")]:
+    for name, format in [
+        ("dense", "dense"),
+        ("sparse_24_bitmask", "sparse-24-bitmask"),
+        ("sparse_bitmask", "sparse-bitmask"),
+    ]:
         node = OmegaConf.load(conf / f"{name}.yaml")
         node.dirpath = str(tmp_path)  # `${hydra:runtime.output_dir}` resolves only inside a Hydra run
         callback = instantiate(node)
@@ -215,7 +227,9 @@ def test_inconsistent_bitmask_is_reported_even_with_a_matching_manifest(tmp_path
     save_file(tensors, path / "model.safetensors")
     manifest = json.loads((path / "lightning_prune_export.json").read_text())
     write_manifest(path, {k: v for k, v in manifest.items() if k not in ("files", "manifest_version")})
-    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.up_proj.weight' is inconsistent: .*exactly 2 of every 4"):
+    with pytest.raises(
+        ValueError, match=r"'model.layers.0.mlp.up_proj.weight' is inconsistent: .*exactly 2 of every 4"
+    ):
         load_sparse(path)
     (path / "lightning_prune_export.json").unlink()
     with pytest.raises(ValueError, match="not a directory written by save_sparse"):
@@ -266,7 +280,10 @@ def test_load_into_a_wrong_model_checks_everything_before_copying(tmp_path):
     path = save_sparse(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3)), tmp_path / "m")
     wrong = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 5))  # first layer fits, the second does not
     before = {k: v.clone() for k, v in wrong.state_dict().items()}
-    with pytest.raises(ValueError, match=r"do not fit the model's shapes: \['1.bias: checkpoint \(3,\), model \(5,\)', '1.weight: checkpoint \(3, 8\), model \(5, 8\)'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"do not fit the model's shapes: \['1.bias: checkpoint \(3,\), model \(5,\)', '1.weight: checkpoint \(3, 8\), model \(5, 8\)'\]",
+    ):
         load_sparse(path, model=wrong)
     assert_bitwise_equal(wrong.state_dict(), before)  # nothing was overwritten
     extra = nn.Sequential(nn.Linear(4, 8))
@@ -351,7 +368,9 @@ def test_export_mistakes_are_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="non-empty directory that save_sparse did not write"):
         SparseExport(tmp_path / "mine").preflight(module)
     odd = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 2))
-    with pytest.raises(ValueError, match=r"`format`='sparse-24-bitmask' can never hold '0.weight': its input dimension 6"):
+    with pytest.raises(
+        ValueError, match=r"`format`='sparse-24-bitmask' can never hold '0.weight': its input dimension 6"
+    ):
         SparseExport(tmp_path / "e", format="sparse-24-bitmask").preflight(odd)
     SparseExport(tmp_path / "e", format="sparse-24-bitmask").preflight(module)
 
@@ -368,7 +387,9 @@ def test_a_2_4_export_without_a_2_4_pruning_callback_fails_at_fit_start(tmp_path
             seen.append(1)
 
     trainer = make_trainer(max_steps=2, callbacks=[GradualPruning(0.5, frequency=1), export, CountSteps()])
-    with pytest.raises(ValueError, match=r"no pruning callback of this Trainer prunes \['model.layers.0.self_attn.q_proj.weight'"):
+    with pytest.raises(
+        ValueError, match=r"no pruning callback of this Trainer prunes \['model.layers.0.self_attn.q_proj.weight'"
+    ):
         trainer.fit(module, train_dataloaders=data)
     assert seen == []  # refused before the first step
     export.check_two_four_source([GradualPruning(0.5, pattern="2:4")], module)  # a 2:4 pruning callback is enough

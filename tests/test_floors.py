@@ -76,13 +76,23 @@ def test_imports_point_down() -> None:
 def test_calibration_imports_no_feature() -> None:
     features = ("oneshot", "structured", "recovery", "callbacks", "run", "lora", "export")
     bad = [
-        f"{path}: {name}" for path, names in _imports().items() if path.startswith("lightning_prune/calibration/") for name in names if name.startswith("lightning_prune.") and _unit(name) in features
+        f"{path}: {name}"
+        for path, names in _imports().items()
+        if path.startswith("lightning_prune/calibration/")
+        for name in names
+        if name.startswith("lightning_prune.") and _unit(name) in features
     ]
     assert not bad
 
 
 def test_pure_core_imports_no_framework() -> None:
-    bad = [f"{path}: {name}" for path, names in _imports().items() if _unit_of_path(path) in PURE_CORE for name in names if name.split(".")[0] in FRAMEWORKS]
+    bad = [
+        f"{path}: {name}"
+        for path, names in _imports().items()
+        if _unit_of_path(path) in PURE_CORE
+        for name in names
+        if name.split(".")[0] in FRAMEWORKS
+    ]
     assert not bad
 
 

@@ -17,7 +17,13 @@ from lightning_prune.selection import lowest_k
 pytestmark = pytest.mark.slow  # two process launches, ~1 min each on 2 shared cores
 
 JOB = Path(__file__).with_name("fsdp_job.py")
-PHASES = ["layer", "row", "global", "nm", "iterative"]  # "row" distills from the dense model too; "iterative" rewinds, channel scope
+PHASES = [
+    "layer",
+    "row",
+    "global",
+    "nm",
+    "iterative",
+]  # "row" distills from the dense model too; "iterative" rewinds, channel scope
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +66,9 @@ def test_global_scope_reaches_its_total_and_reports_it(runs: dict[str, Path]) ->
 
 
 @pytest.mark.parametrize("phase", PHASES)
-def test_no_pruned_value_reaches_the_forward_and_no_pruned_gradient_the_optimizer(runs: dict[str, Path], phase: str) -> None:
+def test_no_pruned_value_reaches_the_forward_and_no_pruned_gradient_the_optimizer(
+    runs: dict[str, Path], phase: str
+) -> None:
     masks = joined_ranks(runs["two"], phase, "masks")
     for rank in (0, 1):
         state = load_rank(runs["two"], phase, rank)
@@ -84,13 +92,18 @@ def test_distributed_checkpoint_resumes_exactly(runs: dict[str, Path], run: str,
         else:
             assert torch.equal(value, resumed["weights"][name]), name
     if run == "two":
-        assert torch.equal(load_rank(runs[run], phase, 1)["masks"]["net.0.weight"], load_rank(runs[run], "layer", 1)["masks"]["net.0.weight"])
+        assert torch.equal(
+            load_rank(runs[run], phase, 1)["masks"]["net.0.weight"],
+            load_rank(runs[run], "layer", 1)["masks"]["net.0.weight"],
+        )
 
 
 def test_exact_k_lowest_over_uneven_blocks_with_ties(runs: dict[str, Path]) -> None:
     rank0, rank1 = load_rank(runs["two"], "uneven", 0), load_rank(runs["two"], "uneven", 1)
     full = rank0["full"]
-    expected = [lowest_k(f, k) for f, k in zip(full, [3, 1, 0, 20])] + list(lowest_k(torch.cat(full), 9).split([7, 1, 0, 11]))
+    expected = [lowest_k(f, k) for f, k in zip(full, [3, 1, 0, 20])] + list(
+        lowest_k(torch.cat(full), 9).split([7, 1, 0, 11])
+    )
     for index, mask in enumerate(expected):
         assert torch.equal(torch.cat([rank0["dropped"][index], rank1["dropped"][index]]), mask), index
 

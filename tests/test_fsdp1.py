@@ -21,9 +21,14 @@ REASON = r"FSDP1 \(FullyShardedDataParallel\) flattens.*1-D views that cut rows 
 
 
 @pytest.mark.parametrize("sharding", ["FULL_SHARD", "HYBRID_SHARD"])
-def test_fsdp1_is_refused_with_the_reason_and_the_fsdp2_alternative(sharding: Literal["FULL_SHARD", "HYBRID_SHARD"]) -> None:
+def test_fsdp1_is_refused_with_the_reason_and_the_fsdp2_alternative(
+    sharding: Literal["FULL_SHARD", "HYBRID_SHARD"],
+) -> None:
     strategy = FSDPStrategy(sharding_strategy=sharding, auto_wrap_policy={nn.Linear})
-    with pytest.raises(ValueError, match=rf"`strategy`=FSDPStrategy .*{REASON}.*strategy='ddp'.*ModelParallelStrategy \(FSDP2.*PyTorch recommends over FSDP1.*HSDP"):
+    with pytest.raises(
+        ValueError,
+        match=rf"`strategy`=FSDPStrategy .*{REASON}.*strategy='ddp'.*ModelParallelStrategy \(FSDP2.*PyTorch recommends over FSDP1.*HSDP",
+    ):
         check_strategy(strategy, sharded_ok=True)
     with pytest.raises(ValueError, match=rf"{REASON}.*strategy='ddp'.*need whole weights") as refused:
         check_strategy(strategy, sharded_ok=False)

@@ -19,7 +19,12 @@ from torch import nn
 from lightning_prune import KnowledgeDistillation
 
 JOB = Path(__file__).with_name("fsdp_distill_job.py")
-TEACHERS = ["copy", "empty-init", "given", "resumed"]  # every way the teacher is made: copied, copied after empty init, given, restored
+TEACHERS = [
+    "copy",
+    "empty-init",
+    "given",
+    "resumed",
+]  # every way the teacher is made: copied, copied after empty init, given, restored
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +39,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", TEACHERS)
 def test_each_rank_holds_its_block_of_a_frozen_teacher(runs: dict[str, Path], phase: str) -> None:
-    whole = (2 if phase == "empty-init" else 4) * (64 * 48 + 48 + 48 * 48 + 48 + 48 * 10 + 10)  # bytes of the whole teacher (bf16 there)
+    whole = (2 if phase == "empty-init" else 4) * (
+        64 * 48 + 48 + 48 * 48 + 48 + 48 * 10 + 10
+    )  # bytes of the whole teacher (bf16 there)
     assert load_rank(runs["one"], phase)["teacher_bytes"] == whole
     for rank in (0, 1):
         state = load_rank(runs["two"], phase, rank)
@@ -57,7 +64,9 @@ def test_the_copied_teacher_is_the_student_as_training_starts(runs: dict[str, Pa
             for name, block in state["at_fit_start"].items():
                 assert torch.equal(state["teacher"][name], block.to(state["teacher"][name].dtype)), (run, rank, name)
                 assert block.isfinite().all() and block.abs().sum() > 0  # materialized, initialized weights
-            assert not torch.equal(state["teacher"]["0.weight"].float(), state["weights"]["net.0.weight"])  # the student trained on; the teacher did not
+            assert not torch.equal(
+                state["teacher"]["0.weight"].float(), state["weights"]["net.0.weight"]
+            )  # the student trained on; the teacher did not
 
 
 @pytest.mark.slow
@@ -71,10 +80,16 @@ def test_a_given_teacher_is_sharded_as_passed(runs: dict[str, Path]) -> None:
 @pytest.mark.parametrize("phase", ["copy", "given"])
 def test_two_ranks_distill_like_one_process(runs: dict[str, Path], phase: str) -> None:
     """The same global batch: the KD loss of every step (mean of the two halves), masks bitwise, weights."""
-    rank0, rank1, single = load_rank(runs["two"], phase, 0), load_rank(runs["two"], phase, 1), load_rank(runs["one"], phase)
+    rank0, rank1, single = (
+        load_rank(runs["two"], phase, 0),
+        load_rank(runs["two"], phase, 1),
+        load_rank(runs["one"], phase),
+    )
     two = torch.tensor(rank0["kd_losses"]).add(torch.tensor(rank1["kd_losses"])).div(2).double()
     one = torch.tensor(single["kd_losses"]).double()
-    assert len(one) == (24 if phase == "copy" else 8) and one[1:].gt(1e-4).all()  # after the first step the student has moved off its teacher
+    assert (
+        len(one) == (24 if phase == "copy" else 8) and one[1:].gt(1e-4).all()
+    )  # after the first step the student has moved off its teacher
     torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-7)
     for name, mask in joined_ranks(runs["two"], phase, "masks").items():
         assert torch.equal(mask, single["masks"][name]), name
@@ -89,12 +104,16 @@ def test_resume_distills_from_the_saved_dense_teacher(runs: dict[str, Path], run
     teacher is the dense one from the distributed checkpoint (on 1 rank from the 2-rank one), and
     the remaining steps are those of the uninterrupted run."""
     source = "two" if phase == "resharded" else run  # whose uninterrupted run wrote the checkpoint
-    expected = joined_ranks(runs[source], "copy", "teacher") if source == "two" else load_rank(runs[source], "copy")["teacher"]
+    expected = (
+        joined_ranks(runs[source], "copy", "teacher") if source == "two" else load_rank(runs[source], "copy")["teacher"]
+    )
     restored = joined_ranks(runs[run], phase, "teacher") if run == "two" else load_rank(runs[run], phase)["teacher"]
     for name, value in expected.items():
         assert torch.equal(restored[name], value), name
     resumed = load_rank(runs[run], phase)
-    assert not torch.equal(resumed["at_fit_start"]["0.weight"], load_rank(runs[source], "copy")["at_fit_start"]["0.weight"])  # the copy was replaced
+    assert not torch.equal(
+        resumed["at_fit_start"]["0.weight"], load_rank(runs[source], "copy")["at_fit_start"]["0.weight"]
+    )  # the copy was replaced
     if phase == "resharded":
         straight = torch.tensor(load_rank(runs["one"], "copy")["kd_losses"][16:])
         torch.testing.assert_close(torch.tensor(resumed["kd_losses"]), straight, rtol=1e-4, atol=1e-7)
@@ -134,11 +153,17 @@ def test_the_meta_skeleton_of_a_transformers_model_is_the_model_without_hooks_ma
     skeleton: Any = meta_skeleton(model, dtype=torch.bfloat16)
     assert type(skeleton) is type(model) and skeleton.config.to_dict() == model.config.to_dict()
     assert skeleton.state_dict().keys() == model.state_dict().keys() and not get_masks(skeleton) and get_masks(model)
-    assert all(t.is_meta and t.shape == model.get_parameter(n).shape and t.dtype == torch.bfloat16 for n, t in skeleton.named_parameters())
+    assert all(
+        t.is_meta and t.shape == model.get_parameter(n).shape and t.dtype == torch.bfloat16
+        for n, t in skeleton.named_parameters()
+    )
     assert skeleton.lm_head.weight is skeleton.model.embed_tokens.weight  # tied as in the model
     skeleton.to_empty(device="cpu").float()
     skeleton.load_state_dict(model.state_dict())
-    for name, buffer in skeleton.named_buffers():  # non-persistent ones too (rotary frequencies), as the sharded copy does
+    for (
+        name,
+        buffer,
+    ) in skeleton.named_buffers():  # non-persistent ones too (rotary frequencies), as the sharded copy does
         buffer.copy_(model.get_buffer(name))
     ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(skeleton(ids).logits, model(ids).logits)
@@ -156,20 +181,33 @@ def distributed_checkpoint(path: Path, scratch: Path) -> dict[str, Any]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["two", "one"])
-def test_a_staged_run_under_fsdp2_distills_from_the_dense_stage(runs: dict[str, Path], tmp_path: Path, run: str) -> None:
+def test_a_staged_run_under_fsdp2_distills_from_the_dense_stage(
+    runs: dict[str, Path], tmp_path: Path, run: str
+) -> None:
     """The run pipeline (gmp_chain) under ModelParallelStrategy: the dense stage's fit sharded the
     model, so the copy taken as the first pruning stage starts is a sharded one (FSDP2 refuses
     deepcopy), and the last stage's teacher is the dense stage's model; the report counts every
     rank's zeros, and the saved model holds whole tensors, those of the last stage."""
     out = runs[run] / "staged"
-    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["stage-0-dense.ckpt", "stage-3-gmp70_distill.ckpt"]  # folders; `last` removed the others
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == [
+        "stage-0-dense.ckpt",
+        "stage-3-gmp70_distill.ckpt",
+    ]  # folders; `last` removed the others
     results = json.loads((out / "results.json").read_text())
     assert [entry["status"] for entry in results["stages"]] == ["completed"] * 4 and results["warnings"] == []
     assert results["global_sparsity"] == pytest.approx(0.7, abs=1e-3)
     dense = distributed_checkpoint(out / "checkpoints" / "stage-0-dense.ckpt", tmp_path / "dense.pt")["state_dict"]
-    last = distributed_checkpoint(out / "checkpoints" / "stage-3-gmp70_distill.ckpt", tmp_path / "last.pt")["state_dict"]
-    teacher = {key.split(".", 2)[2]: value for key, value in last.items() if key.startswith("_lightning_prune.KnowledgeDistillation")}  # its blocks
-    assert sorted(teacher) == [f"{layer}.{kind}" for layer in ("classifier", "fc1", "fc2") for kind in ("bias", "weight")]
+    last = distributed_checkpoint(out / "checkpoints" / "stage-3-gmp70_distill.ckpt", tmp_path / "last.pt")[
+        "state_dict"
+    ]
+    teacher = {
+        key.split(".", 2)[2]: value
+        for key, value in last.items()
+        if key.startswith("_lightning_prune.KnowledgeDistillation")
+    }  # its blocks
+    assert sorted(teacher) == [
+        f"{layer}.{kind}" for layer in ("classifier", "fc1", "fc2") for kind in ("bias", "weight")
+    ]
     for name, value in teacher.items():
         assert torch.equal(value, dense[f"model.{name}"]), name
     saved = torch.load(out / "model" / "model.pt", weights_only=True)
@@ -186,6 +224,9 @@ def test_resume_of_a_staged_run_under_fsdp2_is_refused_before_anything_runs(tmp_
 
     from lightning_prune.run import ConfigError, run
 
-    with pytest.raises(ConfigError, match=r"`resume`=True: stage `dense` runs under `trainer.strategy`=.*ModelParallelStrategy.*resume=false"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`resume`=True: stage `dense` runs under `trainer.strategy`=.*ModelParallelStrategy.*resume=false",
+    ):
         run(compose_config("gmp_chain", tmp_path, *STAGED, "resume=true"))
     assert not any(tmp_path.iterdir())  # before the output folder is written

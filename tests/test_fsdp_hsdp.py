@@ -49,7 +49,11 @@ def test_hsdp_selects_the_masks_of_one_process(runs: Path, mesh: str, scope: str
         assert torch.equal(masks[name], mask), name
     for name, value in single["weights"].items():
         torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-6)
-    assert load_rank(runs, f"{mesh}-{scope}", 0)["sparsity"] == load_rank(runs, f"{mesh}-{scope}", 1)["sparsity"] == single["sparsity"]
+    assert (
+        load_rank(runs, f"{mesh}-{scope}", 0)["sparsity"]
+        == load_rank(runs, f"{mesh}-{scope}", 1)["sparsity"]
+        == single["sparsity"]
+    )
 
 
 @pytest.mark.parametrize("scope", SCOPES)
@@ -77,7 +81,9 @@ def test_no_pruned_value_reaches_the_forward_under_hsdp(runs: Path, mesh: str, s
             assert not seen[~mask].any() and not torch.signbit(seen[~mask]).any(), name
 
 
-@pytest.mark.parametrize(("mesh", "phase"), [("2x1", "resumed"), ("1x2", "resumed"), ("1x1", "resumed"), ("1x1", "resharded0")])
+@pytest.mark.parametrize(
+    ("mesh", "phase"), [("2x1", "resumed"), ("1x2", "resumed"), ("1x1", "resumed"), ("1x1", "resharded0")]
+)
 def test_hsdp_checkpoint_resumes_on_any_mesh(runs: Path, mesh: str, phase: str) -> None:
     """Global-scope Fisher GMP saved after epoch 2 of 3 on the 2x1 mesh (on 1x1 for the 1-process
     "resumed"), resumed on 2x1, 1x2 and 1x1: the uninterrupted run's masks; bitwise weights where
@@ -93,7 +99,9 @@ def test_hsdp_checkpoint_resumes_on_any_mesh(runs: Path, mesh: str, phase: str) 
             assert torch.equal(value, resumed[1][name]), name
 
 
-@pytest.mark.parametrize(("mesh", "phase"), [("2x1", "iterative"), ("1x2", "iterative-resumed"), ("1x1", "iterative-resumed")])
+@pytest.mark.parametrize(
+    ("mesh", "phase"), [("2x1", "iterative"), ("1x2", "iterative-resumed"), ("1x1", "iterative-resumed")]
+)
 def test_hsdp_iterative_rewind(runs: Path, mesh: str, phase: str) -> None:
     """Two cycles of channel pruning with a rewind to initialisation on 2x1, and resumed after cycle 1
     (masks and the sharded rewind snapshot from the 2x1 checkpoint) on 1x2 and on one process: the
@@ -144,11 +152,19 @@ def test_hsdp_lora_merges_what_one_process_merges(runs: Path, mesh: str) -> None
         torch.testing.assert_close(merged[name], value, rtol=1e-4, atol=1e-6)
     for rank in (0, 1):
         state = load_rank(runs, f"{mesh}-lora", rank)
-        assert state["merged"] and not state["wrapped"] and state["forward_masks"] == {"net.0": "nonzero", "net.2": "gathered"}
-        assert state["trainable"] == sorted(state["adapters"]) and all(kind == "DTensor" for kind, _ in state["adapters"].values())
+        assert (
+            state["merged"]
+            and not state["wrapped"]
+            and state["forward_masks"] == {"net.0": "nonzero", "net.2": "gathered"}
+        )
+        assert state["trainable"] == sorted(state["adapters"]) and all(
+            kind == "DTensor" for kind, _ in state["adapters"].values()
+        )
     if mesh == "2x1":
         replica = load_rank(runs, "2x1-lora", 1)["weights"]
-        assert all(torch.equal(replica[name], value) for name, value in load_rank(runs, "2x1-lora", 0)["weights"].items())
+        assert all(
+            torch.equal(replica[name], value) for name, value in load_rank(runs, "2x1-lora", 0)["weights"].items()
+        )
 
 
 @pytest.fixture(scope="module")

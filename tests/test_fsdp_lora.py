@@ -74,7 +74,9 @@ def test_merge_keeps_every_zero_and_every_2of4_group(runs: dict[str, Path], run:
         assert max_nonzeros_per_group(merged[name], 4) == 2
         assert not torch.equal(merged[name], before[name])  # the adapters did change the kept weights
     kept_zero = masks["net.2.weight"] & (before["net.2.weight"] == 0)
-    assert int(kept_zero.sum()) == 1 and bool(merged["net.2.weight"][kept_zero].ne(0).all())  # kept, so the delta reached it
+    assert int(kept_zero.sum()) == 1 and bool(
+        merged["net.2.weight"][kept_zero].ne(0).all()
+    )  # kept, so the delta reached it
     llama_masks, llama = joined(runs, run, "llama", "masks"), joined(runs, run, "llama", "weights")
     for name, mask in llama_masks.items():  # a Llama sharded per decoder layer: every projection stays 2:4
         assert not llama[name][~mask].any() and not torch.signbit(llama[name][~mask]).any(), name
@@ -87,7 +89,9 @@ def test_merge_keeps_every_zero_and_every_2of4_group(runs: dict[str, Path], run:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("run", "ranks"), [("two", (0, 1)), ("one", (0,))])
-def test_forward_sees_frozen_zeros_and_exactly_the_merged_model(runs: dict[str, Path], run: str, ranks: tuple[int, ...]) -> None:
+def test_forward_sees_frozen_zeros_and_exactly_the_merged_model(
+    runs: dict[str, Path], run: str, ranks: tuple[int, ...]
+) -> None:
     """Every forward's (gathered) base weight is the frozen pruned one, and the trained adapters'
     forward gives the merged model's outputs: no delta reached a pruned weight."""
     merged = joined(runs, run, "masked", "weights")
@@ -116,8 +120,14 @@ def test_adapters_train_sharded_and_masks_stay_row_blocks(runs: dict[str, Path],
         for layer, (a_shape, b_shape) in expected.items():
             assert state["adapters"][f"{layer}.lora_A.default.weight"] == ("DTensor", a_shape)
             assert state["adapters"][f"{layer}.lora_B.default.weight"] == ("DTensor", b_shape)
-        assert state["mask_shapes"] == {"net.0.base_layer.weight": (rows, 64), "net.2.base_layer.weight": (rows, 48)}  # 1/world each
-    assert load_rank(runs[run], "masked")["forward_masks"] == {"net.0": "nonzero", "net.2": "gathered"}  # net.2 keeps a zero weight
+        assert state["mask_shapes"] == {
+            "net.0.base_layer.weight": (rows, 64),
+            "net.2.base_layer.weight": (rows, 48),
+        }  # 1/world each
+    assert load_rank(runs[run], "masked")["forward_masks"] == {
+        "net.0": "nonzero",
+        "net.2": "gathered",
+    }  # net.2 keeps a zero weight
 
 
 @pytest.mark.slow
@@ -134,12 +144,17 @@ def test_distributed_checkpoint_resumes_exactly(runs: dict[str, Path], run: str,
         else:
             assert torch.equal(value, resumed["weights"][name]), name
     if run == "two":
-        assert torch.equal(load_rank(runs[run], phase, 1)["weights"]["net.2.weight"], load_rank(runs[run], "masked", 1)["weights"]["net.2.weight"])
+        assert torch.equal(
+            load_rank(runs[run], phase, 1)["weights"]["net.2.weight"],
+            load_rank(runs[run], "masked", 1)["weights"]["net.2.weight"],
+        )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("run", "devices"), [("two", 2), ("one", 1)])
-def test_unmerged_adapters_saved_under_fsdp2_load_with_peft_on_one_process(runs: dict[str, Path], run: str, devices: int) -> None:
+def test_unmerged_adapters_saved_under_fsdp2_load_with_peft_on_one_process(
+    runs: dict[str, Path], run: str, devices: int
+) -> None:
     """`merge=False`: `save_adapter` gathers the sharded adapters; peft loads them (`load_lora`) into the
     unsharded pruned model, which then computes what the sharded, still wrapped network computed."""
     from safetensors.torch import load_file

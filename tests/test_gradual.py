@@ -61,7 +61,10 @@ def test_end_step_none_is_the_trainers_last_step() -> None:
         (dict(sparsity=1.0), r"`sparsity` must be a number in \[0, 1\), got 1.0"),
         (dict(sparsity=0.5, initial_sparsity=0.7), r"`initial_sparsity` \(0.7\) must not exceed `sparsity` \(0.5\)"),
         (dict(sparsity=0.5, start_step=-2), r"`start_step` must be an integer >= 0, got -2"),
-        (dict(sparsity=0.5, start_step=4, end_step=4), r"`end_step` must be None or an integer > `start_step` \(4\), got 4"),
+        (
+            dict(sparsity=0.5, start_step=4, end_step=4),
+            r"`end_step` must be None or an integer > `start_step` \(4\), got 4",
+        ),
         (dict(sparsity=0.5, frequency=0), r"`frequency` must be an integer >= 1, got 0"),
         (dict(sparsity=0.5, schedule="steps"), r"`schedule` must be one of .*got 'steps'"),
         (dict(sparsity=0.5, criterion="l1"), r"`criterion` must be one of .*got 'l1'"),
@@ -214,7 +217,10 @@ class PoolerUnused(TinyRegressor):
 def test_gradient_criterion_names_targets_without_gradients_before_any_pruning(criterion: str) -> None:
     module = PoolerUnused()
     pruning = GradualPruning(0.5, start_step=3, end_step=6, frequency=1, criterion=criterion)
-    with pytest.raises(ValueError, match=rf"`criterion`='{criterion}' .* \['net.2.weight'\] got no gradient in the first training step.*ignore=\['net.2'\]"):
+    with pytest.raises(
+        ValueError,
+        match=rf"`criterion`='{criterion}' .* \['net.2.weight'\] got no gradient in the first training step.*ignore=\['net.2'\]",
+    ):
         make_trainer(max_steps=8, callbacks=[pruning]).fit(module)
     assert module.training_steps == 1 and module.net[0].weight.ne(0).all()  # stopped after one step, nothing pruned
     ignored = GradualPruning(0.5, start_step=3, end_step=6, frequency=1, criterion=criterion, ignore="net.2")
@@ -226,6 +232,10 @@ def test_preflight_refuses_unmatched_targets_and_unfit_patterns_without_a_traine
     module = TinyRegressor()
     with pytest.raises(ValueError, match=r"no prunable weights matched `targets`='nomatch'"):
         GradualPruning(0.5, targets="nomatch").preflight(module)
-    with pytest.raises(ValueError, match=r"`pattern`='2:8' needs every target's input dimension to divide by 8, got 12 for '0.weight'"):
-        GradualPruning(0.75, pattern="2:8", targets="0").preflight(torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.Linear(8, 2)))
+    with pytest.raises(
+        ValueError, match=r"`pattern`='2:8' needs every target's input dimension to divide by 8, got 12 for '0.weight'"
+    ):
+        GradualPruning(0.75, pattern="2:8", targets="0").preflight(
+            torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.Linear(8, 2))
+        )
     GradualPruning(0.5).preflight(module)

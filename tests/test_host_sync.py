@@ -15,7 +15,14 @@ from torch import nn
 from lightning_prune.masking import get_mask, update_masks
 from lightning_prune.oneshot import sparsegpt
 from lightning_prune.oneshot.wanda import wanda_mask
-from lightning_prune.selection import select_channels, select_global, select_layer_wise, select_masks, select_n_m, select_row_wise
+from lightning_prune.selection import (
+    select_channels,
+    select_global,
+    select_layer_wise,
+    select_masks,
+    select_n_m,
+    select_row_wise,
+)
 from lightning_prune.targets import find_targets
 from tests.conftest import DEVICES
 
@@ -68,7 +75,9 @@ def test_every_selection_runs_without_a_host_sync(nan_checks: list[tuple[int, ..
     assert len(nan_checks) == 9  # one per layer: 5 single-layer calls, 2 + 2 in the dicts
 
 
-def test_wanda_and_sparsegpt_make_one_check_per_layer_and_no_sync_per_block(nan_checks: list[tuple[int, ...]], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wanda_and_sparsegpt_make_one_check_per_layer_and_no_sync_per_block(
+    nan_checks: list[tuple[int, ...]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The damped Cholesky must read its `info` back (once per attempt); everything after it may not.
     monkeypatch.setattr(sparsegpt, "inverse_hessian_factor", lambda hessian, percdamp: torch.empty_like(hessian))
     weight, hessian = torch.empty(16, 32, device=META), torch.empty(32, 32, device=META)

@@ -41,7 +41,11 @@ def command() -> str:
 BAD_CONFIGS = {
     "unknown recipe": (["recipe=nope"], 1, "Could not find 'recipe/nope'"),
     "wrong type": (["trainer.max_epochs=abc"], 2, "`trainer.max_epochs`='abc' has the wrong type"),
-    "sparsity 1.5": (["pruning.sparsity=1.5"], 2, "`pruning.sparsity`=1.5 (lightning_prune.GradualPruning): `sparsity` must be a number in [0, 1), got 1.5"),
+    "sparsity 1.5": (
+        ["pruning.sparsity=1.5"],
+        2,
+        "`pruning.sparsity`=1.5 (lightning_prune.GradualPruning): `sparsity` must be a number in [0, 1), got 1.5",
+    ),
     "missing model path": (
         ["recipe=gmp_finetune", "model=causal_lm", "model.model_path=/no/such/model"],
         2,
@@ -55,10 +59,19 @@ def bad_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.C
     """All bad configurations, started at once (each process pays the import time)."""
     out = tmp_path_factory.mktemp("bad")
     processes = {
-        name: subprocess.Popen([command(), *args, f"output_dir={out / str(i)}"], cwd=out, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        name: subprocess.Popen(
+            [command(), *args, f"output_dir={out / str(i)}"],
+            cwd=out,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         for i, (name, (args, _, _)) in enumerate(BAD_CONFIGS.items())
     }
-    return {name: subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for name, p in processes.items()}
+    return {
+        name: subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate())
+        for name, p in processes.items()
+    }
 
 
 @pytest.mark.slow
@@ -122,7 +135,12 @@ def venv_with_wheel(tmp: Path, wheel: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     python = venv / "bin" / "python"
     if sys.prefix != sys.base_prefix:  # running inside a venv: its packages are the "system" ones to see
-        venv_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], check=True, text=True, capture_output=True).stdout.strip()
+        venv_site = subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            check=True,
+            text=True,
+            capture_output=True,
+        ).stdout.strip()
         Path(venv_site, "outer_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True)
     return venv
@@ -131,7 +149,9 @@ def venv_with_wheel(tmp: Path, wheel: Path) -> Path:
 @pytest.mark.slow
 def test_installed_wheel_runs_help_and_a_sweep(wheel: Path, tmp_path: Path) -> None:
     venv = venv_with_wheel(tmp_path, wheel)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # the wheel's package, not a source tree
+    env = {
+        key: value for key, value in os.environ.items() if key != "PYTHONPATH"
+    }  # the wheel's package, not a source tree
     show_dir = [venv / "bin" / "python", "-c", "import lightning_prune.cli as c; print(c.CONFIG_DIR)"]
     where = subprocess.run(show_dir, cwd=tmp_path, env=env, check=True, text=True, capture_output=True).stdout.strip()
     assert where.startswith(str(venv)) and Path(where, "recipe", "quickstart.yaml").is_file()
@@ -145,7 +165,13 @@ def test_installed_wheel_runs_help_and_a_sweep(wheel: Path, tmp_path: Path) -> N
     options = set(pruning[len("pruning: ") :].split(", "))
     assert {"wanda", "sparsegpt", "ria"} <= options and "oneshot_base" not in options  # the base is no option
     sweep = tmp_path / "sweep"
-    overrides = ["recipe=quickstart", "pruning.sparsity=0.5,0.75", "save_model=false", f"hydra.sweep.dir={sweep}", *TINY]
+    overrides = [
+        "recipe=quickstart",
+        "pruning.sparsity=0.5,0.75",
+        "save_model=false",
+        f"hydra.sweep.dir={sweep}",
+        *TINY,
+    ]
     subprocess.run([cli, "-m", *overrides], cwd=tmp_path, env=env, check=True, text=True, capture_output=True)
     found = sorted(json.loads((sweep / job / "results.json").read_text())["global_sparsity"] for job in ("0", "1"))
     assert found == pytest.approx([0.5, 0.75], abs=1e-4)

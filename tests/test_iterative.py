@@ -172,4 +172,6 @@ def test_early_end_warns_and_records_the_shortfall() -> None:
     pruning = IterativePruning(0.75, cycles=2, epochs_per_cycle=1)
     with pytest.warns(UserWarning, match=r"IterativePruning ended at sparsity 0.5000, below its target 0.75"):
         make_trainer(max_epochs=3, callbacks=[pruning, StopAfterFirstEpoch()]).fit(TinyRegressor())
-    assert [(w["kind"], w["target"], w["achieved"]) for w in pruning.warnings_recorded] == [("sparsity_shortfall", 0.75, 0.5)]
+    assert [(w["kind"], w["target"], w["achieved"]) for w in pruning.warnings_recorded] == [
+        ("sparsity_shortfall", 0.75, 0.5)
+    ]

@@ -24,7 +24,9 @@ def llama() -> nn.Module:  # built from the caller's random state (`pruned` seed
 
 
 def tiny_gpt2() -> nn.Module:  # Conv1D layers: weights stored (in, out), peft's fan_in_fan_out; eval: no dropout
-    return AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB, n_positions=32)).eval()
+    return AutoModelForCausalLM.from_config(
+        GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB, n_positions=32)
+    ).eval()
 
 
 CASES = [(llama, "2:4"), (llama, None), (tiny_gpt2, "2:4")]
@@ -148,7 +150,12 @@ def test_unmerged_adapters_save_and_load_on_the_sparse_base(tmp_path, masked_del
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"r": 0}, "`r`"), ({"alpha": 0}, "`alpha`"), ({"dropout": 1.0}, "`dropout`"), ({"target_modules": "nothing"}, "targets")],
+    [
+        ({"r": 0}, "`r`"),
+        ({"alpha": 0}, "`alpha`"),
+        ({"dropout": 1.0}, "`dropout`"),
+        ({"target_modules": "nothing"}, "targets"),
+    ],
 )
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

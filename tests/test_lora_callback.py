@@ -20,7 +20,13 @@ from lightning_prune.report import max_nonzeros_per_group
 from lightning_prune.targets import find_targets
 from tests.conftest import tiny_llama_config
 
-QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False, "accelerator": "cpu"}
+QUIET = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "accelerator": "cpu",
+}
 LLAMA = tiny_llama_config(num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
 
 
@@ -79,7 +85,9 @@ def test_after_oneshot_in_one_trainer_only_adapters_change(trained):
     changed = {name for name, p in module.named_parameters() if not torch.equal(p, snapshot.values[name])}
     assert changed and all(".lora_" in name for name in changed)
     assert any("lora_B" in name for name in changed)  # B starts at zero: the adapters did learn
-    assert {name for name, p in module.named_parameters() if p.requires_grad} == {n for n in snapshot.values if ".lora_" in n}
+    assert {name for name, p in module.named_parameters() if p.requires_grad} == {
+        n for n in snapshot.values if ".lora_" in n
+    }
     assert len(get_masks(module)) == 14  # OneShotPruning's masks on the wrapped base layers
     with torch.no_grad():
         batch = torch.arange(64).reshape(2, 32) % 300
@@ -152,7 +160,9 @@ def test_mask_hooks_follow_the_adapter_optimizer_and_targets_are_checked_first()
     pruning = OneShotPruning(method="magnitude", sparsity=0.5, pattern="2:4", progress=False)
     probe = OptimizerProbe(pruning)
     batches = [{"input_ids": torch.randint(0, 300, (4, 16))} for _ in range(2)]
-    trainer = pl.Trainer(max_steps=2, limit_val_batches=0, callbacks=[pruning, LoRARecovery(r=2, merge=False), probe], **QUIET)
+    trainer = pl.Trainer(
+        max_steps=2, limit_val_batches=0, callbacks=[pruning, LoRARecovery(r=2, merge=False), probe], **QUIET
+    )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     assert probe.hooked_current == [True, True]  # not the optimizer LoRARecovery replaced
     with pytest.raises(ValueError, match=r"no prunable weights matched `targets`='nomatch'"):

@@ -63,7 +63,9 @@ def test_experts_get_adapters_and_the_forward_sees_no_pruned_value(name: str) ->
     randomize(peft_model)
     seen: dict[str, torch.Tensor] = {}
     for target in experts.values():  # the parameter as the experts' forward reads it (parametrized)
-        target.module.register_forward_pre_hook(lambda m, a, t=target: seen.__setitem__(t.name, getattr(m, t.param_name).detach().clone()))
+        target.module.register_forward_pre_hook(
+            lambda m, a, t=target: seen.__setitem__(t.name, getattr(m, t.param_name).detach().clone())
+        )
     logits(peft_model)
     for key, weight in seen.items():
         assert torch.equal(weight == 0, ~masks[key]) and not torch.signbit(weight[~masks[key]]).any(), key
@@ -124,7 +126,10 @@ def test_peft_merge_and_unload_keeps_expert_zeros_in_masked_delta_mode() -> None
     merged = peft_model.merge_and_unload()
     assert any(True for _ in expert_targets(merged))
     for target in expert_targets(merged):
-        assert torch.equal(target.weight == 0, ~masks[target.name]) and not torch.signbit(target.weight[target.weight == 0]).any()
+        assert (
+            torch.equal(target.weight == 0, ~masks[target.name])
+            and not torch.signbit(target.weight[target.weight == 0]).any()
+        )
 
 
 def test_unmerged_expert_adapters_save_and_load_on_the_sparse_base(tmp_path: Path) -> None:
@@ -140,7 +145,9 @@ def test_unmerged_expert_adapters_save_and_load_on_the_sparse_base(tmp_path: Pat
 def test_only_the_named_expert_parameters_are_adapted_and_a_name_that_matches_nothing_is_refused() -> None:
     peft_model = attach_lora(pruned("mixtral"), r=2, target_modules=r"q_proj", target_parameters=r"experts\.down_proj")
     assert {w.parameter_name for w in peft_model.modules() if isinstance(w, MaskedParamWrapper)} == {"down_proj"}
-    with pytest.raises(ValueError, match=r"`target_parameters`='nothing' matched no fused expert parameter.*gate_up_proj"):
+    with pytest.raises(
+        ValueError, match=r"`target_parameters`='nothing' matched no fused expert parameter.*gate_up_proj"
+    ):
         attach_lora(pruned("mixtral"), target_parameters="nothing")
     with pytest.raises(ValueError, match=r"`target_parameters` has an invalid regular expression"):
         attach_lora(pruned("mixtral"), target_parameters="(")
@@ -167,8 +174,14 @@ def test_callback_trains_expert_adapters_merges_and_checkpoints_plain_keys(tmp_p
     trainer.fit(TinyCausalLM(model))
     checkpoint = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
     assert {k.removeprefix("model.") for k in checkpoint["state_dict"]} == keys
-    assert any("experts.lora_A" in k for k in next(v for k, v in checkpoint["callbacks"].items() if "LoRARecovery" in k)["adapters"])
+    assert any(
+        "experts.lora_A" in k
+        for k in next(v for k, v in checkpoint["callbacks"].items() if "LoRARecovery" in k)["adapters"]
+    )
     assert callback.merged
     for target in expert_targets(model):
-        assert torch.equal(target.weight == 0, ~masks[target.name]) and not torch.signbit(target.weight[target.weight == 0]).any()
+        assert (
+            torch.equal(target.weight == 0, ~masks[target.name])
+            and not torch.signbit(target.weight[target.weight == 0]).any()
+        )
         assert not torch.equal(target.weight, before[target.name])  # the adapters trained and merged

@@ -13,7 +13,15 @@ from lightning_prune.report import max_nonzeros_per_group
 from lightning_prune.run import ConfigError, run
 from tests.conftest import compose_config
 
-TINY = ["dense_epochs=1", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2", "data.seq_len=16", "data.vocab_size=300", "pruning.num_samples=16", "pruning.progress=false"]
+TINY = [
+    "dense_epochs=1",
+    "trainer.limit_train_batches=6",
+    "trainer.limit_val_batches=2",
+    "data.seq_len=16",
+    "data.vocab_size=300",
+    "pruning.num_samples=16",
+    "pruning.progress=false",
+]
 
 
 def test_wanda_2of4_lora_reports_every_stage_and_exports_2of4(tmp_path: Path) -> None:
@@ -21,8 +29,14 @@ def test_wanda_2of4_lora_reports_every_stage_and_exports_2of4(tmp_path: Path) ->
     assert cfg.lora._target_.endswith("LoRARecovery") and cfg.pruning.pattern == "2:4"
     results = run(cfg)
     stages = results["stages"]
-    assert [(e["name"], e["callbacks"]) for e in stages] == [("dense", []), ("wanda", ["OneShotPruning"]), ("recover", ["LoRARecovery", "SparseExport"])]
-    assert stages[1]["steps"] == 0 and stages[1]["metrics"]["val/ppl"] != stages[0]["metrics"]["val/ppl"]  # measured after Wanda acted
+    assert [(e["name"], e["callbacks"]) for e in stages] == [
+        ("dense", []),
+        ("wanda", ["OneShotPruning"]),
+        ("recover", ["LoRARecovery", "SparseExport"]),
+    ]
+    assert (
+        stages[1]["steps"] == 0 and stages[1]["metrics"]["val/ppl"] != stages[0]["metrics"]["val/ppl"]
+    )  # measured after Wanda acted
     assert results["before"] == stages[0]["metrics"] and results["after"] == stages[2]["metrics"]
     assert results["global_sparsity"] == pytest.approx(0.5, abs=1e-6)
     assert json.loads((tmp_path / "results.json").read_text())["stages"] == stages

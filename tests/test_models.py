@@ -13,7 +13,14 @@ TINY_LLAMA = tiny_llama_config(vocab_size=50, max_position_embeddings=16)
 
 
 def trainer(**kwargs) -> pl.Trainer:
-    return pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **kwargs)
+    return pl.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
@@ -98,7 +105,12 @@ def test_lr_schedule_warms_up_then_decays_linearly_to_zero_and_is_off_by_default
 
 @pytest.mark.parametrize(
     ("schedule", "warmup", "total", "match"),
-    [("cosine", 0, 10, "`lr_schedule` must be one of"), ("linear", -1, 10, "`warmup_steps` must be"), ("linear", 1.5, 10, "`warmup_steps` must be"), ("linear", 0, float("inf"), "no end")],
+    [
+        ("cosine", 0, 10, "`lr_schedule` must be one of"),
+        ("linear", -1, 10, "`warmup_steps` must be"),
+        ("linear", 1.5, 10, "`warmup_steps` must be"),
+        ("linear", 0, float("inf"), "no end"),
+    ],
 )
 def test_lr_schedule_errors_name_the_argument(schedule: str, warmup: object, total: float, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -31,18 +31,34 @@ VOCAB = 64
 
 
 def llama(hidden: int = 32, layers: int = 2, seed: int = 0) -> nn.Module:
-    return tiny_llama(seed, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4, vocab_size=VOCAB).eval()
+    return tiny_llama(
+        seed,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+    ).eval()
 
 
 def tiny_gpt2() -> nn.Module:
     torch.manual_seed(0)
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     return AutoModelForCausalLM.from_config(config).eval()
 
 
 def tiny_bert() -> nn.Module:
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=32)
+    config = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+    )
     return BertModel(config).eval()
 
 
@@ -165,7 +181,10 @@ def _prune_by_hand(model: nn.Module, data: list[dict[str, torch.Tensor]], method
     ((_, blocks),) = find_blocks(model)
     for block in blocks:
         targets = find_targets(block, types=ONESHOT_TYPES, ignore_output_head=False)
-        stats = {t.name: (HessianStats if method == "sparsegpt" else FeatureNormStats)(t.name, t.weight.shape[1]) for t in targets}
+        stats = {
+            t.name: (HessianStats if method == "sparsegpt" else FeatureNormStats)(t.name, t.weight.shape[1])
+            for t in targets
+        }
         handles = [t.module.register_forward_hook(lambda m, a, o, s=stats[t.name]: s.add(a[0])) for t in targets]
         with torch.no_grad():
             for batch in data:
@@ -234,7 +253,14 @@ def test_offload_to_cuda_keeps_one_block_on_the_device() -> None:
     on, off = llama(layers=4), llama(layers=4)
     peak_blocks = []
     data = batches()
-    calibrate_sequentially(on, data, lambda i, n, b, run: peak_blocks.append(sum(p.is_cuda for p in on.parameters() if p.dim() > 1)), device="cuda", offload=True, progress=False)
+    calibrate_sequentially(
+        on,
+        data,
+        lambda i, n, b, run: peak_blocks.append(sum(p.is_cuda for p in on.parameters() if p.dim() > 1)),
+        device="cuda",
+        offload=True,
+        progress=False,
+    )
     per_block = sum(p.dim() > 1 for p in on.model.layers[0].parameters())
     outside = sum(p.dim() > 1 for n, p in on.named_parameters() if ".layers." not in n)
     assert peak_blocks == [per_block + outside] * 4
@@ -247,7 +273,9 @@ def test_offload_to_cuda_keeps_one_block_on_the_device() -> None:
 
 def test_owl_profile_spreads_sparsity_over_blocks_with_the_target_mean() -> None:
     model = llama(layers=3)
-    report = prune_oneshot(model, batches(), method="wanda", sparsity=0.5, sparsity_profile="owl", owl_lambda=0.1, progress=False)
+    report = prune_oneshot(
+        model, batches(), method="wanda", sparsity=0.5, sparsity_profile="owl", owl_lambda=0.1, progress=False
+    )
     per_block = [report.as_dict()[f"model.layers.{i}.mlp.up_proj.weight"] for i in range(3)]
     assert sum(per_block) / 3 == pytest.approx(0.5, abs=0.01)
     assert max(per_block) - min(per_block) == pytest.approx(0.2, abs=0.02)
@@ -256,7 +284,14 @@ def test_owl_profile_spreads_sparsity_over_blocks_with_the_target_mean() -> None
 def test_bf16_model_gets_fp32_statistics_and_exact_counts() -> None:
     model = llama().to(torch.bfloat16)
     seen = []
-    prune_oneshot(model, batches(), method="sparsegpt", pattern="2:4", reduce_stats=lambda stats: seen.extend(stats), progress=False)
+    prune_oneshot(
+        model,
+        batches(),
+        method="sparsegpt",
+        pattern="2:4",
+        reduce_stats=lambda stats: seen.extend(stats),
+        progress=False,
+    )
     assert seen and all(s.sum.dtype == torch.float32 and int(s.count) == 3 * 2 * 16 for s in seen)
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert max_nonzeros_per_group(model.model.layers[0].mlp.up_proj.weight, 4) <= 2
@@ -305,7 +340,9 @@ class _Stages(nn.Module):
 
 def test_explicit_blocks_name_works_on_a_plain_module() -> None:
     torch.manual_seed(0)
-    report = prune_oneshot(_Stages(between=False), [torch.randn(4, 8)], method="wanda", pattern="2:4", blocks="stages", progress=False)
+    report = prune_oneshot(
+        _Stages(between=False), [torch.randn(4, 8)], method="wanda", pattern="2:4", blocks="stages", progress=False
+    )
     assert [layer.name for layer in report.layers] == ["stages.0.0.weight", "stages.1.0.weight"]
 
 
@@ -338,7 +375,9 @@ def test_mismatched_calibration_shapes_name_the_batch() -> None:
 
     batches = [torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 9)]
     # Batches after the first stop at block 0's arguments in the capture pass, so block 0 meets it.
-    with pytest.raises(ValueError, match=r"calibration batch 2 \(hidden states \(2, 9\)\) failed in block layers\.0: .*"):
+    with pytest.raises(
+        ValueError, match=r"calibration batch 2 \(hidden states \(2, 9\)\) failed in block layers\.0: .*"
+    ):
         prune_oneshot(Blocks(), batches, method="wanda", blocks="layers", progress=False)
 
 
@@ -355,5 +394,15 @@ def test_prune_oneshot_gives_every_submodule_its_own_train_or_eval_mode_back() -
     wrapper.model.model.layers[0].mlp.train()  # one submodule in train mode inside the eval model
     before = {name: module.training for name, module in wrapper.named_modules()}
     assert before[""] and not before["model"]
-    prune_oneshot(wrapper, [torch.randint(0, 16, (2, 8))], method="wanda", sparsity=0.5, progress=False, reconstruct=True, reconstruct_steps=1)
-    assert {name: module.training for name, module in wrapper.named_modules()} == before  # dropout stays off where it was off
+    prune_oneshot(
+        wrapper,
+        [torch.randint(0, 16, (2, 8))],
+        method="wanda",
+        sparsity=0.5,
+        progress=False,
+        reconstruct=True,
+        reconstruct_steps=1,
+    )
+    assert {
+        name: module.training for name, module in wrapper.named_modules()
+    } == before  # dropout stays off where it was off

@@ -30,7 +30,16 @@ def loader() -> DataLoader:
 
 
 def trainer(callback: OneShotPruning, tmp_path: Path | None = None, **kwargs) -> pl.Trainer:
-    return pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", callbacks=[callback], default_root_dir=tmp_path, **kwargs)
+    return pl.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
 
 
 def test_prunes_at_fit_start_on_training_batches_and_keeps_masks_fixed() -> None:
@@ -46,7 +55,10 @@ def test_prunes_at_fit_start_on_training_batches_and_keeps_masks_fixed() -> None
     for name, mask in masks.items():
         assert torch.equal(mask, expected_masks[name]), name
         assert (dict(model.named_parameters())[name][~mask] == 0).all(), name
-    assert not torch.equal(weight[masks["model.model.layers.0.mlp.up_proj.weight"]], dense_weight[masks["model.model.layers.0.mlp.up_proj.weight"]])
+    assert not torch.equal(
+        weight[masks["model.model.layers.0.mlp.up_proj.weight"]],
+        dense_weight[masks["model.model.layers.0.mlp.up_proj.weight"]],
+    )
     assert callback.pruned and callback.current_sparsity == pytest.approx(0.5)
     assert callback.layer_sparsity["model.model.layers.1.self_attn.q_proj.weight"] == pytest.approx(0.5)
 
@@ -55,7 +67,9 @@ def test_explicit_calibration_and_max_epochs_zero_prune_without_training() -> No
     model, expected = module(), module()
     data = list(loader())[:1]
     prune_oneshot(expected, data, method="wanda", sparsity=0.3, progress=False)
-    trainer(OneShotPruning("wanda", 0.3, calibration=data, num_samples=None, progress=False), max_epochs=0).fit(model, loader())
+    trainer(OneShotPruning("wanda", 0.3, calibration=data, num_samples=None, progress=False), max_epochs=0).fit(
+        model, loader()
+    )
     for (name, a), b in zip(model.named_parameters(), expected.parameters()):
         assert torch.equal(a, b), name
 
@@ -117,7 +131,9 @@ def tuple_loader() -> DataLoader:
 @pytest.mark.parametrize("forward", [call_ids_and_mask, "tests.test_oneshot_callback.call_ids_and_mask"])
 def test_forward_option_calibrates_a_tuple_batch_loader(forward) -> None:
     model, expected = TupleBatchModule(), TupleBatchModule()
-    prune_oneshot(expected, list(tuple_loader()), method="wanda", sparsity=0.5, forward=call_ids_and_mask, progress=False)
+    prune_oneshot(
+        expected, list(tuple_loader()), method="wanda", sparsity=0.5, forward=call_ids_and_mask, progress=False
+    )
     callback = OneShotPruning("wanda", 0.5, num_samples=None, forward=forward, progress=False)
     trainer(callback, max_epochs=0).fit(model, tuple_loader())
     assert sorted(get_masks(model)) == ["blocks.0.0.weight", "blocks.1.0.weight"]
@@ -127,7 +143,10 @@ def test_forward_option_calibrates_a_tuple_batch_loader(forward) -> None:
 
 def test_default_forward_on_a_tuple_batch_names_the_batch() -> None:
     callback = OneShotPruning("wanda", 0.5, num_samples=None, progress=False)
-    with pytest.raises(ValueError, match=r"calibration batch 0 \(\(tensor \(4, 5\), tensor \(4, 5\), tensor \(4,\)\)\) failed in the model's forward"):
+    with pytest.raises(
+        ValueError,
+        match=r"calibration batch 0 \(\(tensor \(4, 5\), tensor \(4, 5\), tensor \(4,\)\)\) failed in the model's forward",
+    ):
         trainer(callback, max_epochs=0).fit(TupleBatchModule(), tuple_loader())
 
 
@@ -157,6 +176,9 @@ def test_callbacks_use_no_private_lightning_attributes() -> None:
 def test_preflight_refuses_targets_and_patterns_that_cannot_work() -> None:
     with pytest.raises(ValueError, match=r"no prunable weights matched `targets`='nomatch'"):
         OneShotPruning("wanda", 0.5, targets="nomatch").preflight(module())
-    with pytest.raises(ValueError, match=r"`pattern`='2:16' needs every target's input dimension to divide by 16, got 8 for 'blocks.0.0.weight'"):
+    with pytest.raises(
+        ValueError,
+        match=r"`pattern`='2:16' needs every target's input dimension to divide by 16, got 8 for 'blocks.0.0.weight'",
+    ):
         OneShotPruning("wanda", 0.875, pattern="2:16").preflight(TupleBatchModule())
     OneShotPruning("wanda", 0.5, pattern="2:4").preflight(module())

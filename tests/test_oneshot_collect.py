@@ -99,12 +99,22 @@ def test_experts_left_dense_keep_every_weight_when_the_others_are_pruned_togethe
     assert mask is not None
     assert mask[1].all() and not mask[0].all() and not mask[2].all()
     for e in (0, 2):
-        assert torch.equal(mask[e], Wanda().prune(experts.gate_up_proj[e].detach(), stats[f"experts.gate_up_proj[{e}]"], 0.5, "2:4")[1])
+        assert torch.equal(
+            mask[e], Wanda().prune(experts.gate_up_proj[e].detach(), stats[f"experts.gate_up_proj[{e}]"], 0.5, "2:4")[1]
+        )
 
 
 def test_a_blocks_layers_pruned_together_get_the_masks_of_pruning_them_one_by_one() -> None:
     torch.manual_seed(0)
-    block = nn.ModuleDict({"q": nn.Linear(16, 16), "k": nn.Linear(16, 8), "up": nn.Linear(16, 32), "down": nn.Linear(32, 16), "gate": nn.Linear(16, 32)})
+    block = nn.ModuleDict(
+        {
+            "q": nn.Linear(16, 16),
+            "k": nn.Linear(16, 8),
+            "up": nn.Linear(16, 32),
+            "down": nn.Linear(32, 16),
+            "gate": nn.Linear(16, 32),
+        }
+    )
     alone = copy.deepcopy(block)
     stats: dict[str, LayerStats] = {}
     for name, weight in block.named_parameters():
@@ -113,7 +123,9 @@ def test_a_blocks_layers_pruned_together_get_the_masks_of_pruning_them_one_by_on
             norms.add(torch.randn(7, weight.shape[1]))
             stats[name] = {FeatureNormStats: norms}
     for pattern in (None, "2:4"):
-        prune_targets(find_targets(block, ignore_output_head=False), Wanda(), None, stats, 0.5, pattern, dense={"k.weight"})
+        prune_targets(
+            find_targets(block, ignore_output_head=False), Wanda(), None, stats, 0.5, pattern, dense={"k.weight"}
+        )
         for target in find_targets(alone, ignore_output_head=False):
             prune_target(target, Wanda(), None, stats, 0.5, pattern, dense={"k.weight"})
         together, one_by_one = get_masks(block), get_masks(alone)

@@ -69,7 +69,10 @@ def _layer_inputs(model: nn.Module, calibration: list[dict[str, torch.Tensor]]) 
     """Every encoder linear layer's inputs over the calibration batches, as (in, tokens)."""
     targets = [t for t in find_targets(model, types=(nn.Linear,)) if ".layer." in t.name]
     inputs: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
-    handles = [t.module.register_forward_hook(lambda m, a, o, n=t.name: inputs[n].append(a[0].reshape(-1, a[0].shape[-1]))) for t in targets]
+    handles = [
+        t.module.register_forward_hook(lambda m, a, o, n=t.name: inputs[n].append(a[0].reshape(-1, a[0].shape[-1])))
+        for t in targets
+    ]
     with torch.no_grad():
         for batch in calibration:
             model(**batch)

@@ -11,7 +11,16 @@ from lightning_prune.report import max_nonzeros_per_group
 from lightning_prune.run import run
 from tests.conftest import compose_config
 
-TINY = ["plots=false", "dense_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "data.seq_len=16", "data.vocab_size=300", "pruning.num_samples=16", "pruning.progress=false"]
+TINY = [
+    "plots=false",
+    "dense_epochs=1",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "data.seq_len=16",
+    "data.vocab_size=300",
+    "pruning.num_samples=16",
+    "pruning.progress=false",
+]
 
 
 def _saved_projection(output: Path) -> torch.Tensor:

@@ -61,7 +61,15 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "corpus.txt").write_text(text)
     tokenizer = train_bpe_tokenizer([text], 300)
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=16)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=16,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(root / "hf-model")
     tokenizer.save_pretrained(root / "hf-model")
     return {"model": root / "hf-model", "corpus": root / "corpus.txt"}
@@ -101,14 +109,28 @@ def small_overrides(arguments: list[str], corpus: Path) -> list[str]:
     """Fewer epochs and batches and a short text, for the keys the command does not set itself."""
     recipe = next((a.split("=", 1)[1] for a in arguments if a.startswith("recipe=")), "quickstart")
     pruning = next((a.split("=", 1)[1] for a in arguments if a.startswith("pruning=")), None)
-    small = [*QUIET, *DIGITS_SMALL, "dense_epochs=1", "trainer.max_epochs=2", "trainer.val_check_interval=1.0", "plots=false"]
+    small = [
+        *QUIET,
+        *DIGITS_SMALL,
+        "dense_epochs=1",
+        "trainer.max_epochs=2",
+        "trainer.val_check_interval=1.0",
+        "plots=false",
+    ]
     if pruning == "iterative":
         small += ["pruning.cycles=1", "pruning.epochs_per_cycle=1"]
     if recipe == "gmp_chain":  # its later stages set their own epochs
         small += [f"stages.{index}.trainer.max_epochs=1" for index in (1, 2, 3)]
     if recipe == "minilm_2of4_distill":  # the real MiniLM: one block pruned, two distillation steps
         small = [entry for entry in small if not entry.startswith("dense_epochs=")]  # its stages have no dense stage
-        small += ["data.max_length=32", "data.batch_size=4", "pruning.num_samples=8", "pruning.targets=[encoder.layer.0.]", "pruning.reconstruct_steps=2", "+trainer.max_steps=2"]
+        small += [
+            "data.max_length=32",
+            "data.batch_size=4",
+            "pruning.num_samples=8",
+            "pruning.targets=[encoder.layer.0.]",
+            "pruning.reconstruct_steps=2",
+            "+trainer.max_steps=2",
+        ]
     if recipe in TEXT_RECIPES:
         small += ["data.seq_len=16", "data.vocab_size=300", "data.batch_size=4", f"data.files=[{corpus}]"]
         if pruning in (None, "wanda", "sparsegpt") and recipe != "gmp_finetune":
@@ -130,8 +152,16 @@ def slow_if(condition: bool, value: Any) -> Any:
     return pytest.param(value, marks=pytest.mark.slow) if condition else value
 
 
-@pytest.mark.parametrize("arguments", [slow_if("-m" in c, c) for c in CLI_COMMANDS], ids=[" ".join(c) or "(default)" for c in CLI_COMMANDS])
-def test_cli_command_runs(arguments: list[str], pretrained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "arguments", [slow_if("-m" in c, c) for c in CLI_COMMANDS], ids=[" ".join(c) or "(default)" for c in CLI_COMMANDS]
+)
+def test_cli_command_runs(
+    arguments: list[str],
+    pretrained: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corpus.txt").write_text(pretrained["corpus"].read_text())
     arguments = [substitute(a, pretrained) for a in arguments]
@@ -141,13 +171,18 @@ def test_cli_command_runs(arguments: list[str], pretrained: dict[str, Path], tmp
         assert ("== Config groups" in printed) if "--help" in arguments else ("_target_: lightning_prune." in printed)
         return
     if "resume=true" in arguments:  # the same run first, so that there are stage checkpoints to resume from
-        assert run_cli(small_overrides([a for a in arguments if a != "resume=true"], pretrained["corpus"]), monkeypatch) == 0
+        assert (
+            run_cli(small_overrides([a for a in arguments if a != "resume=true"], pretrained["corpus"]), monkeypatch)
+            == 0
+        )
     assert run_cli(small_overrides(arguments, pretrained["corpus"]), monkeypatch) == 0
     if "-m" in arguments:
         (summary,) = tmp_path.glob("multirun/*/*/sweep_summary.json")
         jobs = json.loads(summary.read_text())["jobs"]
         assert [job["status"] for job in jobs] == ["completed"] * 3
-        sparsities = [json.loads((Path(job["output_dir"]) / "results.json").read_text())["global_sparsity"] for job in jobs]
+        sparsities = [
+            json.loads((Path(job["output_dir"]) / "results.json").read_text())["global_sparsity"] for job in jobs
+        ]
         assert sparsities == pytest.approx([0.5, 0.8, 0.95], abs=1e-3)
         return
     (results_path,) = tmp_path.glob("outputs/*/*/results.json")
@@ -214,7 +249,11 @@ def reconstruct_standins(pretrained: dict[str, Path]) -> dict[str, Any]:
 
     generator = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(0, 250, (2, 16), generator=generator)} for _ in range(2)]
-    return {"model": AutoModelForCausalLM.from_pretrained(pretrained["model"]), "batches": batches, "prune_oneshot": prune_oneshot}
+    return {
+        "model": AutoModelForCausalLM.from_pretrained(pretrained["model"]),
+        "batches": batches,
+        "prune_oneshot": prune_oneshot,
+    }
 
 
 def check_reconstructed(namespace: dict[str, Any], directory: Path) -> None:
@@ -227,7 +266,12 @@ def distill_standins(pretrained: dict[str, Path]) -> dict[str, Any]:
 
     from lightning_prune import KnowledgeDistillation, OneShotPruning
 
-    return {**callbacks_standins(pretrained), "pl": pl, "OneShotPruning": OneShotPruning, "KnowledgeDistillation": KnowledgeDistillation}
+    return {
+        **callbacks_standins(pretrained),
+        "pl": pl,
+        "OneShotPruning": OneShotPruning,
+        "KnowledgeDistillation": KnowledgeDistillation,
+    }
 
 
 def check_distilled(namespace: dict[str, Any], directory: Path) -> None:
@@ -242,14 +286,30 @@ def structured_standins(pretrained: dict[str, Path]) -> dict[str, Any]:
 
     torch.manual_seed(0)
     # 4 key/value heads (of 8 query heads), so 25% of the heads is one whole GQA group.
-    config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, vocab_size=64, max_position_embeddings=32)
+    config = LlamaConfig(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=64,
+        max_position_embeddings=32,
+    )
     generator = torch.Generator().manual_seed(0)
-    return {"model": AutoModelForCausalLM.from_config(config), "batches": [{"input_ids": torch.randint(0, 64, (2, 16), generator=generator)} for _ in range(2)]}
+    return {
+        "model": AutoModelForCausalLM.from_config(config),
+        "batches": [{"input_ids": torch.randint(0, 64, (2, 16), generator=generator)} for _ in range(2)],
+    }
 
 
 def check_compacted(namespace: dict[str, Any], directory: Path) -> None:
     config = namespace["small"].config
-    assert (config.num_hidden_layers, config.intermediate_size, config.num_attention_heads, config.num_key_value_heads) == (2, 48, 6, 3)
+    assert (
+        config.num_hidden_layers,
+        config.intermediate_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+    ) == (2, 48, 6, 3)
 
 
 # A distinctive line of each Python block -> (stand-ins, check after it ran).
@@ -269,7 +329,13 @@ def test_every_python_block_is_run_below() -> None:
 
 
 @pytest.mark.parametrize("key", [slow_if("LoRA" in key or "Distillation" in key, key) for key in PYTHON_BLOCKS])
-def test_python_block_runs(key: str, pretrained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_python_block_runs(
+    key: str,
+    pretrained: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     (block,) = [block for block in PYTHON if key in block]
     monkeypatch.chdir(tmp_path)
     standins, check = PYTHON_BLOCKS[key]

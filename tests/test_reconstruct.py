@@ -110,15 +110,30 @@ def _logit_error(model: nn.Module, dense: nn.Module, batches: list[dict[str, tor
         ("sparsegpt", 0.5, "2:4", True),
     ],
 )
-def test_prune_oneshot_with_reconstruction_keeps_masks_exact_and_gets_closer_to_dense(method: str, sparsity: float, pattern: str | None, offload: bool) -> None:
+def test_prune_oneshot_with_reconstruction_keeps_masks_exact_and_gets_closer_to_dense(
+    method: str, sparsity: float, pattern: str | None, offload: bool
+) -> None:
     dense, plain, tuned = _llama(), _llama(), _llama()
     batches = _batches()
     prune_oneshot(plain, batches, method, sparsity, pattern, offload=offload, progress=False)
-    report = prune_oneshot(tuned, batches, method, sparsity, pattern, offload=offload, progress=False, reconstruct=True, reconstruct_steps=40, reconstruct_lr=1e-3)
+    report = prune_oneshot(
+        tuned,
+        batches,
+        method,
+        sparsity,
+        pattern,
+        offload=offload,
+        progress=False,
+        reconstruct=True,
+        reconstruct_steps=40,
+        reconstruct_lr=1e-3,
+    )
     assert report.notes == ()
     assert report.global_sparsity == pytest.approx(sparsity)
     first = [name for name in get_masks(plain) if ".layers.0." in name]
-    assert first and all(torch.equal(get_masks(plain)[n], get_masks(tuned)[n]) for n in first)  # same inputs, same masks
+    assert first and all(
+        torch.equal(get_masks(plain)[n], get_masks(tuned)[n]) for n in first
+    )  # same inputs, same masks
     _check_zeros(tuned, pattern_m=4 if pattern else None)
     assert _logit_error(tuned, dense, batches) < _logit_error(plain, dense, batches)
     assert get_mask(tuned.model.layers[1].mlp.up_proj) is not None
@@ -133,8 +148,14 @@ def test_oneshot_callback_reconstructs_before_fine_tuning() -> None:
         OneShotPruning("wanda", 0.5, reconstruct=True, reconstruct_steps=0)
     torch.manual_seed(0)
     module = CausalLMModule(config={"model_type": "llama", **TINY_LLAMA_CONFIG, "num_hidden_layers": 2}, lr=1e-3)
-    pruning = OneShotPruning("wanda", 0.5, "2:4", reconstruct=True, reconstruct_steps=10, reconstruct_lr=1e-3, progress=False)
+    pruning = OneShotPruning(
+        "wanda", 0.5, "2:4", reconstruct=True, reconstruct_steps=10, reconstruct_lr=1e-3, progress=False
+    )
     loader = torch.utils.data.DataLoader([{"input_ids": b["input_ids"][0]} for b in _batches()], batch_size=2)
     make_trainer(max_steps=2, callbacks=[pruning]).fit(module, loader)
-    assert pruning.report is not None and pruning.report.global_sparsity == pytest.approx(0.5) and pruning.report.notes == ()
+    assert (
+        pruning.report is not None
+        and pruning.report.global_sparsity == pytest.approx(0.5)
+        and pruning.report.notes == ()
+    )
     _check_zeros(module.model, pattern_m=4)

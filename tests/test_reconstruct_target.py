@@ -21,7 +21,10 @@ def _batches() -> list[dict[str, torch.Tensor]]:
 def _dense_block_outputs(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[list[torch.Tensor]]:
     """Each block's outputs per batch inside the unpruned model's own forward."""
     outputs: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
-    handles = [layer.register_forward_hook(lambda m, a, o, i=i: outputs[i].append(o[0] if isinstance(o, tuple) else o)) for i, layer in enumerate(model.model.layers)]
+    handles = [
+        layer.register_forward_hook(lambda m, a, o, i=i: outputs[i].append(o[0] if isinstance(o, tuple) else o))
+        for i, layer in enumerate(model.model.layers)
+    ]
     with torch.no_grad():
         for batch in batches:
             model(**batch)
@@ -41,7 +44,17 @@ def _targets_seen(monkeypatch: pytest.MonkeyPatch, target: str) -> tuple[torch.n
 
     monkeypatch.setattr(api, "reconstruct_block", record)
     model = tiny_llama(num_hidden_layers=2)
-    prune_oneshot(model, _batches(), method="wanda", pattern="2:4", progress=False, reconstruct=True, reconstruct_steps=3, reconstruct_lr=1e-3, reconstruct_target=target)
+    prune_oneshot(
+        model,
+        _batches(),
+        method="wanda",
+        pattern="2:4",
+        progress=False,
+        reconstruct=True,
+        reconstruct_steps=3,
+        reconstruct_lr=1e-3,
+        reconstruct_target=target,
+    )
     return model, seen
 
 

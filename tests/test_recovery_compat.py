@@ -34,12 +34,19 @@ def test_teacher_checks_name_the_argument_and_both_sizes() -> None:
     student = tiny_llama()
     check_teacher_fits(student, tiny_llama(), "mse", ["model.layers.0"])  # same shapes: nothing to say
     check_teacher_fits(student, tiny_llama(hidden_size=48), "kl", [])  # logits of a wider teacher compare
-    with pytest.raises(ValueError, match=r"`teacher` LlamaForCausalLM has hidden_size=48 but the student LlamaForCausalLM has hidden_size=32"):
+    with pytest.raises(
+        ValueError,
+        match=r"`teacher` LlamaForCausalLM has hidden_size=48 but the student LlamaForCausalLM has hidden_size=32",
+    ):
         check_teacher_fits(student, tiny_llama(hidden_size=48), "cosine", [])
     with pytest.raises(ValueError, match=r"`teacher` shares \d+ parameters"):
         check_teacher_fits(student, student, "kl", [])
     with pytest.raises(ValueError, match=r"2 blocks in `model.layers` and the `teacher` 1 blocks in `model.layers`"):
         check_teacher_fits(tiny_llama(num_hidden_layers=2), tiny_llama(), "mse", ["model.layers.0"])
-    check_teacher_fits(tiny_llama(num_hidden_layers=2), tiny_llama(), "mse", ["model.norm"])  # outside the blocks: still the same module
-    with pytest.raises(ValueError, match=r"`layers` \['model.layers.1'\] exist in the student but not in the `teacher`"):
+    check_teacher_fits(
+        tiny_llama(num_hidden_layers=2), tiny_llama(), "mse", ["model.norm"]
+    )  # outside the blocks: still the same module
+    with pytest.raises(
+        ValueError, match=r"`layers` \['model.layers.1'\] exist in the student but not in the `teacher`"
+    ):
         check_teacher_fits(tiny_llama(num_hidden_layers=2), tiny_llama(), "mse", ["model.layers.1"])

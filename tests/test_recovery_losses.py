@@ -26,7 +26,9 @@ def test_kl_averages_over_tokens_and_skips_padding() -> None:
     first = kd_kl_loss(student[:, 0], teacher[:, 0], 1.0)
     second = kd_kl_loss(student[:, 1], teacher[:, 1], 1.0)
     assert float(kd_kl_loss(student, teacher, 1.0)) == pytest.approx(float(first + second) / 2)
-    assert float(kd_kl_loss(student, teacher, 1.0, attention_mask=torch.tensor([[1, 0]]))) == pytest.approx(float(first))
+    assert float(kd_kl_loss(student, teacher, 1.0, attention_mask=torch.tensor([[1, 0]]))) == pytest.approx(
+        float(first)
+    )
 
 
 def test_hidden_state_losses_on_hand_made_vectors() -> None:

@@ -22,7 +22,16 @@ from lightning_prune.oneshot.method import LayerStats
 from lightning_prune.registry import MASK_REFINERS, ONESHOT_METHODS
 from lightning_prune.run import run
 
-LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=16)
+LLAMA = dict(
+    model_type="llama",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+    max_position_embeddings=16,
+)
 NAME = "test_even_columns"
 
 
@@ -36,7 +45,9 @@ class EvenColumns(OneShotMethod):
     def __init__(self, offset: int = 0) -> None:
         self.offset = offset
 
-    def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def prune(
+        self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         assert int(stats[FeatureNormStats].count) > 0
         keep = torch.ones_like(weight, dtype=torch.bool)
         keep[:, self.offset :: 2] = False
@@ -81,7 +92,15 @@ def test_one_shot_pruning_callback_in_a_trainer_uses_it(registered: type[EvenCol
     module = CausalLMModule(config=LLAMA, lr=1e-2)
     callback = OneShotPruning(NAME, 0.5, num_samples=8, progress=False)
     assert isinstance(callback.solver, EvenColumns)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", callbacks=[callback], max_steps=2)
+    trainer = pl.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[callback],
+        max_steps=2,
+    )
     loader = DataLoader([{"input_ids": row} for row in torch.cat([b["input_ids"] for b in batches()])], batch_size=8)
     trainer.fit(module, loader)
     for name, mask in get_masks(module).items():
@@ -106,7 +125,18 @@ def test_hydra_override_selects_it_in_a_run(registered: type[EvenColumns], tmp_p
         "evaluate_before=false",
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["recipe=wanda_2of4", f"output_dir={tmp_path}", "pruning=wanda", f"pruning.method={NAME}", "pruning.pattern=null", "+pruning.method_options.offset=1", *tiny])
+        cfg = compose(
+            "config",
+            overrides=[
+                "recipe=wanda_2of4",
+                f"output_dir={tmp_path}",
+                "pruning=wanda",
+                f"pruning.method={NAME}",
+                "pruning.pattern=null",
+                "+pruning.method_options.offset=1",
+                *tiny,
+            ],
+        )
     assert cfg.pruning.method == NAME
     results = run(cfg)
     projections = [name for name in results["layer_sparsity"] if ".layers." in name]

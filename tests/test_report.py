@@ -58,7 +58,14 @@ def test_str_is_the_rich_table() -> None:
     lines = text.splitlines()
     assert "Sparsity report (global 37.50%)" in lines[0]
     assert lines[1].startswith("┏") and lines[-1].startswith("└")
-    assert [cell.strip() for cell in lines[2].strip("┃").split("┃")] == ["layer", "shape", "params", "zeros", "sparsity", "pattern"]
+    assert [cell.strip() for cell in lines[2].strip("┃").split("┃")] == [
+        "layer",
+        "shape",
+        "params",
+        "zeros",
+        "sparsity",
+        "pattern",
+    ]
     assert [cell.strip() for cell in lines[-2].strip("│").split("│")] == ["global", "", "24", "9", "0.3750", ""]
     assert "\x1b[" not in text  # plain text, no terminal colour codes
 
@@ -124,7 +131,9 @@ def test_rows_equal_counting_each_matrix_on_its_own() -> None:
     expected = []
     for target in targets:
         for name, matrix in zip(target.matrix_names(), target.matrices(target.weight.detach())):
-            pattern = next((f"{n}:{m}" for n, m in ((2, 4), (4, 8)) if max_nonzeros_per_group(matrix, m) <= n), "unstructured")
+            pattern = next(
+                (f"{n}:{m}" for n, m in ((2, 4), (4, 8)) if max_nonzeros_per_group(matrix, m) <= n), "unstructured"
+            )
             expected.append((name, tuple(matrix.shape), matrix.numel(), int((matrix == 0).sum()), pattern))
     got = [(r.name, r.shape, r.numel, r.zeros, r.pattern) for r in sparsity_report(nn.Module(), targets).layers]
     assert got == expected

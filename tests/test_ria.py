@@ -54,7 +54,9 @@ def test_registered_method_reads_the_feature_norms() -> None:
     assert weight is W and torch.equal(keep, ria_mask(W, NORMS, 0.5, scope="row"))
 
 
-@pytest.mark.parametrize("options, match", [({"a": -1.0}, "`a`"), ({"scope": "column"}, "`scope`"), ({"alpha": 1.0}, "does not take")])
+@pytest.mark.parametrize(
+    "options, match", [({"a": -1.0}, "`a`"), ({"scope": "column"}, "`scope`"), ({"alpha": 1.0}, "does not take")]
+)
 def test_bad_options_raise(options: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ONESHOT_METHODS.create("ria", **options)
@@ -63,7 +65,15 @@ def test_bad_options_raise(options: dict, match: str) -> None:
 @pytest.mark.parametrize("pattern", [None, "2:4"])
 def test_prune_oneshot_with_ria_on_a_tiny_llama(pattern: str | None) -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=32,
+    )
     model = AutoModelForCausalLM.from_config(config).eval()
     generator = torch.Generator().manual_seed(1)
     data = [{"input_ids": torch.randint(0, 64, (2, 16), generator=generator)} for _ in range(2)]
@@ -85,7 +95,10 @@ def test_pruning_ria_yaml_composes_and_builds_the_callback() -> None:
     from lightning_prune.oneshot import DSnoT
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["recipe=wanda_2of4", "pruning=ria", "pruning.refine=dsnot", "pruning.method_options.a=1.0"])
+        cfg = compose(
+            "config",
+            overrides=["recipe=wanda_2of4", "pruning=ria", "pruning.refine=dsnot", "pruning.method_options.a=1.0"],
+        )
     callback = instantiate(cfg.pruning)
     assert isinstance(callback.solver, Ria) and callback.solver.a == 1.0 and callback.solver.scope == "layer"
     assert isinstance(callback.refiner, DSnoT) and callback.pattern == "2:4"

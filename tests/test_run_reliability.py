@@ -24,7 +24,12 @@ from lightning_prune.run import ConfigError, run
 from lightning_prune.run.record import RunRecord
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "tensorboard=false"]
-DIGITS_TINY = ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.val_check_interval=1.0"]
+DIGITS_TINY = [
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.val_check_interval=1.0",
+]
 PROBE = "test_run_reliability"  # this module, as Hydra imports it (pytest puts tests/ on sys.path)
 
 
@@ -46,7 +51,9 @@ class FailingCallback(Callback):
     def __init__(self, step: int = 2) -> None:
         self.step = step
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.step:
             raise RuntimeError(f"probe failure at step {self.step}")
 
@@ -58,7 +65,9 @@ class StopAtStep(Callback):
         self.step = step
         self.warnings_recorded = [{"kind": "probe", "message": "the probe stopped the fit early"}]
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
 
@@ -67,8 +76,15 @@ class PlainContainers(Callback):
     """Refuses OmegaConf containers: library objects get plain lists and dicts."""
 
     def __init__(self, items: list[int], options: dict[str, int]) -> None:
-        if isinstance(items, ListConfig) or isinstance(options, DictConfig) or not isinstance(items, list) or not isinstance(options, dict):
-            raise ValueError(f"`items`/`options` must be plain list/dict, got {type(items).__name__}/{type(options).__name__}")
+        if (
+            isinstance(items, ListConfig)
+            or isinstance(options, DictConfig)
+            or not isinstance(items, list)
+            or not isinstance(options, dict)
+        ):
+            raise ValueError(
+                f"`items`/`options` must be plain list/dict, got {type(items).__name__}/{type(options).__name__}"
+            )
 
 
 # ---- item 1: the model's own tokenizer ------------------------------------------------------------
@@ -87,7 +103,15 @@ def pretrained_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     (root / "corpus.txt").write_text(text)
     tokenizer = train_bpe_tokenizer([text], 300)
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=16)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=16,
+    )
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(root / "with_tokenizer")
     tokenizer.save_pretrained(root / "with_tokenizer")
@@ -121,14 +145,30 @@ def test_pretrained_model_reads_its_own_tokenizer(pretrained_dir: tuple[Path, Pa
 
 def test_model_without_tokenizer_names_data_tokenizer(pretrained_dir: tuple[Path, Path, int], tmp_path: Path) -> None:
     root, corpus, _ = pretrained_dir
-    cfg = compose_config(tmp_path, "recipe=sparsegpt_50", "model=causal_lm", f"model.model_path={root / 'model_only'}", "dense_epochs=0", f"data.files=[{corpus}]")
+    cfg = compose_config(
+        tmp_path,
+        "recipe=sparsegpt_50",
+        "model=causal_lm",
+        f"model.model_path={root / 'model_only'}",
+        "dense_epochs=0",
+        f"data.files=[{corpus}]",
+    )
     with pytest.raises(ConfigError, match=r"holds no tokenizer .*set `data.tokenizer=DIR`"):
         run(cfg)
 
 
-def test_tokenizer_larger_than_embedding_names_both_sizes(pretrained_dir: tuple[Path, Path, int], tmp_path: Path) -> None:
+def test_tokenizer_larger_than_embedding_names_both_sizes(
+    pretrained_dir: tuple[Path, Path, int], tmp_path: Path
+) -> None:
     _, corpus, _ = pretrained_dir
-    cfg = compose_config(tmp_path, "recipe=sparsegpt_50", "dense_epochs=0", f"data.files=[{corpus}]", "data.vocab_size=600", "model.config.vocab_size=280")
+    cfg = compose_config(
+        tmp_path,
+        "recipe=sparsegpt_50",
+        "dense_epochs=0",
+        f"data.files=[{corpus}]",
+        "data.vocab_size=600",
+        "model.config.vocab_size=280",
+    )
     with pytest.raises(ConfigError, match=r"has \d{3} tokens but the model's input embedding \(`model`\) has 280 rows"):
         run(cfg)
 
@@ -137,7 +177,13 @@ def test_tokenizer_larger_than_embedding_names_both_sizes(pretrained_dir: tuple[
 
 
 def test_preflight_runs_before_the_dense_phase(tmp_path: Path) -> None:
-    cfg = compose_config(tmp_path, "recipe=quickstart", "dense_epochs=2", *DIGITS_TINY, f"+callbacks.refuse._target_={PROBE}.RefusingCallback")
+    cfg = compose_config(
+        tmp_path,
+        "recipe=quickstart",
+        "dense_epochs=2",
+        *DIGITS_TINY,
+        f"+callbacks.refuse._target_={PROBE}.RefusingCallback",
+    )
     with pytest.raises(ValueError, match="match no module"):
         run(cfg)
     assert not (tmp_path / "logs" / "dense").exists()  # nothing trained
@@ -155,7 +201,15 @@ def test_targets_that_match_nothing_fail_before_the_dense_phase(tmp_path: Path) 
 
 
 def test_failed_phase_keeps_results_report_and_plots(tmp_path: Path) -> None:
-    cfg = compose_config(tmp_path, "recipe=quickstart", "dense_epochs=1", *DIGITS_TINY, "pruning.frequency=1", f"+callbacks.fail._target_={PROBE}.FailingCallback", "+callbacks.fail.step=2")
+    cfg = compose_config(
+        tmp_path,
+        "recipe=quickstart",
+        "dense_epochs=1",
+        *DIGITS_TINY,
+        "pruning.frequency=1",
+        f"+callbacks.fail._target_={PROBE}.FailingCallback",
+        "+callbacks.fail.step=2",
+    )
     with pytest.raises(RuntimeError, match="probe failure at step 2"):
         run(cfg)
     results = json.loads((tmp_path / "results.json").read_text())
@@ -172,7 +226,16 @@ def test_failed_phase_keeps_results_report_and_plots(tmp_path: Path) -> None:
 
 
 def test_missed_target_is_warned_and_recorded(tmp_path: Path) -> None:
-    cfg = compose_config(tmp_path, "recipe=quickstart", "dense_epochs=0", *DIGITS_TINY, "pruning.frequency=1", "plots=false", f"+callbacks.stop._target_={PROBE}.StopAtStep", "+callbacks.stop.step=2")
+    cfg = compose_config(
+        tmp_path,
+        "recipe=quickstart",
+        "dense_epochs=0",
+        *DIGITS_TINY,
+        "pruning.frequency=1",
+        "plots=false",
+        f"+callbacks.stop._target_={PROBE}.StopAtStep",
+        "+callbacks.stop.step=2",
+    )
     with pytest.warns(UserWarning, match=r"final sparsity 0\.\d+ is below the target `pruning.sparsity`=0.9"):
         results = run(cfg)
     assert results["target_sparsity"] == 0.9 and results["global_sparsity"] < 0.9
@@ -195,7 +258,10 @@ def test_package_warnings_are_recorded_and_still_shown() -> None:
             warnings.warn("from the user's code", UserWarning)
     assert sorted(str(w.message) for w in shown) == ["from the package", "from the user's code"]  # re-emitted
     entries = record.collect_warnings([Recording()])
-    assert [(e["kind"], e["message"]) for e in entries] == [("sparsity_below_target", "from a callback"), ("UserWarning", "from the package")]
+    assert [(e["kind"], e["message"]) for e in entries] == [
+        ("sparsity_below_target", "from a callback"),
+        ("UserWarning", "from the package"),
+    ]
 
 
 # ---- item 14: plain containers ---------------------------------------------------------------------
@@ -228,7 +294,16 @@ def test_run_uses_public_lightning_apis_only() -> None:
 
 def test_sweep_reports_failed_jobs_and_runs_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    arguments = ["-m", "recipe=quickstart", "pruning.sparsity=1.5,0.5", "dense_epochs=0", *DIGITS_TINY, *QUIET, "plots=false", "save_model=false"]
+    arguments = [
+        "-m",
+        "recipe=quickstart",
+        "pruning.sparsity=1.5,0.5",
+        "dense_epochs=0",
+        *DIGITS_TINY,
+        *QUIET,
+        "plots=false",
+        "save_model=false",
+    ]
     monkeypatch.setattr(sys, "argv", ["lightning-prune", *arguments])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
@@ -237,6 +312,8 @@ def test_sweep_reports_failed_jobs_and_runs_the_rest(tmp_path: Path, monkeypatch
     jobs = json.loads(summary_path.read_text())["jobs"]
     assert [job["status"] for job in jobs] == ["failed", "completed"]
     assert "`pruning.sparsity`=1.5" in jobs[0]["error"]
-    assert json.loads((summary_path.parent / "1" / "results.json").read_text())["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert json.loads((summary_path.parent / "1" / "results.json").read_text())["global_sparsity"] == pytest.approx(
+        0.5, abs=1e-3
+    )
     assert json.loads((summary_path.parent / "0" / "results.json").read_text())["failed_phase"] == "setup"
     assert "| 0 |" in summary_path.with_suffix(".md").read_text()

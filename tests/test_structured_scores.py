@@ -94,7 +94,12 @@ def test_block_influence_is_one_minus_cosine() -> None:
 def test_choose_removed_lowest_first_ties_by_index_and_monotone() -> None:
     scores = torch.tensor([3.0, 1.0, 1.0, 0.5])
     assert choose_removed(scores, 2).tolist() == [False, True, False, True]
-    assert choose_removed(scores, 1, already=torch.tensor([True, False, False, False])).tolist() == [True, False, False, False]
+    assert choose_removed(scores, 1, already=torch.tensor([True, False, False, False])).tolist() == [
+        True,
+        False,
+        False,
+        False,
+    ]
 
 
 def test_prune_structured_masks_exact_counts_and_keeps_gradients_out() -> None:
@@ -131,7 +136,16 @@ def test_flap_refuses_a_bias_the_config_cannot_add_and_leaves_the_model_untouche
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=48))
+    model = AutoModelForCausalLM.from_config(
+        Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=48,
+        )
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="cannot add one"):
         prune_structured(model, [{"input_ids": torch.zeros(1, 4, dtype=torch.long)}], mlp_sparsity=0.5, method="flap")
@@ -154,7 +168,9 @@ def test_conv_layers_refuse_activation_scores() -> None:
 
 
 def test_unknown_follower_is_named() -> None:
-    net = nn.Sequential(OrderedDict([("conv", nn.Conv2d(1, 4, 3)), ("odd", nn.Upsample(scale_factor=2)), ("conv2", nn.Conv2d(4, 4, 3))]))
+    net = nn.Sequential(
+        OrderedDict([("conv", nn.Conv2d(1, 4, 3)), ("odd", nn.Upsample(scale_factor=2)), ("conv2", nn.Conv2d(4, 4, 3))])
+    )
     with pytest.raises(ValueError, match="odd"):
         find_groups(net, "filter")
 
@@ -163,21 +179,41 @@ def _llama(layers: int) -> nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2, vocab_size=48))
+    return AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=48,
+        )
+    )
 
 
 def _bert(layers: int) -> nn.Module:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    return BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2, vocab_size=48))
+    return BertModel(
+        BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2, vocab_size=48)
+    )
 
 
 def test_head_counts_the_config_rejects_are_refused_before_pruning() -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, vocab_size=48))
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=48,
+        )
+    )
     with pytest.raises(ValueError, match=r"keeps 3 of 4 .*accepts: \[0.5, 0.75\]"):
         prune_structured(model, None, head_sparsity=0.25)
     assert get_mask(model.model.layers[0].self_attn.q_proj) is None

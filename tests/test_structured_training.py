@@ -28,7 +28,9 @@ def test_gradual_neurons_compacted_at_fit_end() -> None:
 
 def test_gradual_heads_with_taylor_keep_the_model_running() -> None:
     module = TinyCausalLM(tiny_llama())
-    pruning = GradualPruning(0.5, start_step=1, end_step=3, frequency=1, criterion="taylor", structure="head", compact_on_end=True)
+    pruning = GradualPruning(
+        0.5, start_step=1, end_step=3, frequency=1, criterion="taylor", structure="head", compact_on_end=True
+    )
     make_trainer(max_epochs=1, callbacks=[pruning]).fit(module)
     config = module.model.config
     assert (config.num_attention_heads, config.num_key_value_heads) == (1, 1)

@@ -71,9 +71,18 @@ def test_check_number_bounds_and_types() -> None:
         (lambda: LoRARecovery(lr="1e-3"), r"`lr` must be a finite number > 0, got '1e-3' of type str"),
         (lambda: LoRARecovery(dropout=math.nan), r"`dropout` must be a finite number >= 0 and < 1, got nan"),
         (lambda: LoRARecovery(r="8"), r"`r` must be an integer >= 1, got '8' of type str"),
-        (lambda: OneShotPruning("sparsegpt", method_options={"percdamp": math.inf}), r"`percdamp` must be a finite number > 0, got inf"),
-        (lambda: OneShotPruning("sparsegpt", method_options={"percdamp": "0.01"}), r"`percdamp` must be a finite number > 0, got '0.01'"),
-        (lambda: OneShotPruning("sparsegpt", method_options={"blocksize": "128"}), r"`blocksize` must be an integer >= 1, got '128'"),
+        (
+            lambda: OneShotPruning("sparsegpt", method_options={"percdamp": math.inf}),
+            r"`percdamp` must be a finite number > 0, got inf",
+        ),
+        (
+            lambda: OneShotPruning("sparsegpt", method_options={"percdamp": "0.01"}),
+            r"`percdamp` must be a finite number > 0, got '0.01'",
+        ),
+        (
+            lambda: OneShotPruning("sparsegpt", method_options={"blocksize": "128"}),
+            r"`blocksize` must be an integer >= 1, got '128'",
+        ),
         (lambda: OneShotPruning("wanda", sparsity=math.nan), r"`sparsity` must be a number in \[0, 1\), got nan"),
         (lambda: OneShotPruning("wanda", sparsity="0.5"), r"`sparsity` must be a number in \[0, 1\), got '0.5'"),
         (lambda: OneShotPruning("wanda", num_samples="8"), r"`num_samples` must be None or an integer >= 1, got '8'"),

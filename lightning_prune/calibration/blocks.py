@@ -27,12 +27,16 @@ def _named_stack(model: nn.Module, blocks: str | nn.ModuleList) -> Stack:
     if isinstance(blocks, str):
         found = dict(model.named_modules()).get(blocks)
         if not isinstance(found, nn.ModuleList) or len(found) == 0:
-            raise ValueError(f"`blocks`={blocks!r} must name a non-empty nn.ModuleList of the model, got {type(found).__name__}")
+            raise ValueError(
+                f"`blocks`={blocks!r} must name a non-empty nn.ModuleList of the model, got {type(found).__name__}"
+            )
         return blocks, found
     raise ValueError(f"`blocks` must be None, a module name, an nn.ModuleList or a list of them, got {blocks!r}")
 
 
-def find_blocks(model: nn.Module, blocks: str | nn.ModuleList | Sequence[str | nn.ModuleList] | None = None) -> list[Stack]:
+def find_blocks(
+    model: nn.Module, blocks: str | nn.ModuleList | Sequence[str | nn.ModuleList] | None = None
+) -> list[Stack]:
     """Every stack of transformer blocks of `model`, as (qualified name, ModuleList), in module order.
 
     `blocks` names them explicitly (a name such as "model.layers", a ModuleList, or a list of
@@ -67,5 +71,7 @@ def find_block_stack(model: nn.Module, blocks: str | nn.ModuleList | None = None
     """
     stacks = find_blocks(model, blocks)
     if len(stacks) != 1:
-        raise ValueError(f"{type(model).__name__} has {len(stacks)} block stacks {[name for name, _ in stacks]}; name the one to use with `blocks=`")
+        raise ValueError(
+            f"{type(model).__name__} has {len(stacks)} block stacks {[name for name, _ in stacks]}; name the one to use with `blocks=`"
+        )
     return stacks[0]

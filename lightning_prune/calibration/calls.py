@@ -72,7 +72,9 @@ def hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     """The hidden states a block is called with: its first positional argument or `hidden_states`."""
     hidden = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(hidden, torch.Tensor):
-        raise ValueError(f"a block was called without hidden states as first argument or `hidden_states=` (got {type(hidden).__name__}); name another ModuleList with `blocks=`")
+        raise ValueError(
+            f"a block was called without hidden states as first argument or `hidden_states=` (got {type(hidden).__name__}); name another ModuleList with `blocks=`"
+        )
     return hidden
 
 

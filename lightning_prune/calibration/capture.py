@@ -26,7 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.calibration.calls import BlockInputs, block_output, describe_batch, hidden_of, to_device, with_hidden, without_caches
+from lightning_prune.calibration.calls import (
+    BlockInputs,
+    block_output,
+    describe_batch,
+    hidden_of,
+    to_device,
+    with_hidden,
+    without_caches,
+)
 from lightning_prune.calibration.replay import replacing, same
 
 
@@ -37,7 +45,9 @@ class _StackDone(Exception):
 class _Recorder:
     """The hooks of one capture pass over the remaining stacks; see `Capture`."""
 
-    def __init__(self, stacks: Sequence[tuple[str, nn.ModuleList]], device: torch.device, home: torch.device, offload: bool) -> None:
+    def __init__(
+        self, stacks: Sequence[tuple[str, nn.ModuleList]], device: torch.device, home: torch.device, offload: bool
+    ) -> None:
         self.stacks, self.device, self.home, self.offload = stacks, device, home, offload
         self.records: list[list[BlockInputs]] = [[[] for _ in blocks] for _, blocks in stacks]
         self.active: int | None = None
@@ -63,15 +73,21 @@ class _Recorder:
         name = self.stacks[s][0]
         if self.active is None:
             if j != 0 or (self.first is not None and s != self.first):
-                raise ValueError(f"calibration batch {self.batch} entered the block stack {name} at block {j}, not where batch 0 entered; name the stacks with `blocks=`")
+                raise ValueError(
+                    f"calibration batch {self.batch} entered the block stack {name} at block {j}, not where batch 0 entered; name the stacks with `blocks=`"
+                )
             self.active = self.first = s
         elif self.active != s:
-            raise ValueError(f"the model's forward ran {name}.{j} inside the block stack {self.stacks[self.active][0]}; stacks must run one after the other (name them with `blocks=`)")
+            raise ValueError(
+                f"the model's forward ran {name}.{j} inside the block stack {self.stacks[self.active][0]}; stacks must run one after the other (name them with `blocks=`)"
+            )
         if self.mode == "rest" and j == 0:
             return  # block 0 replays its pruned outputs; its arguments are already recorded
         record = self.records[s][j]
         if len(record) > self.batch:
-            raise ValueError(f"the model's forward ran block {name}.{j} twice in one pass (shared blocks); name another ModuleList with `blocks=`")
+            raise ValueError(
+                f"the model's forward ran block {name}.{j} twice in one pass (shared blocks); name another ModuleList with `blocks=`"
+            )
         args, kwargs = without_caches(tuple(args), dict(kwargs))
         hidden = hidden_of(args, kwargs)
         if j == 0:
@@ -80,7 +96,9 @@ class _Recorder:
                 raise _StackDone
         else:
             previous = self.previous
-            if previous is None or not (hidden is previous or (hidden.shape == previous.shape and torch.equal(hidden, previous))):
+            if previous is None or not (
+                hidden is previous or (hidden.shape == previous.shape and torch.equal(hidden, previous))
+            ):
                 raise ValueError(
                     f"block {name}.{j} does not take the output of {name}.{j - 1} as its hidden states, so its blocks cannot be calibrated one after the other; name another ModuleList with `blocks=`"
                 )
@@ -102,8 +120,12 @@ class _Recorder:
 
 
 Forward = Callable[[nn.Module, Any], Any]
-Earlier = tuple[nn.ModuleList, Sequence[Any] | None]  # an earlier stack, and its last block's output objects per batch from the driver (or None)
-Replayed = list[tuple[nn.ModuleList, Any]]  # stacks that compute nothing in a pass, and the output objects (by batch) they hand on
+Earlier = tuple[
+    nn.ModuleList, Sequence[Any] | None
+]  # an earlier stack, and its last block's output objects per batch from the driver (or None)
+Replayed = list[
+    tuple[nn.ModuleList, Any]
+]  # stacks that compute nothing in a pass, and the output objects (by batch) they hand on
 
 
 class Capture:
@@ -133,7 +155,9 @@ class Capture:
         self.recorder = _Recorder(list(stacks), device, home, offload)  # the driver pops from `stacks`
         self.earlier = [blocks for blocks, _ in earlier]
         self.kept = [outputs for _, outputs in earlier]
-        self.earlier_outputs: list[dict[int, Any]] = [{} for _ in self.earlier]  # per earlier stack: its last block's output object by batch
+        self.earlier_outputs: list[dict[int, Any]] = [
+            {} for _ in self.earlier
+        ]  # per earlier stack: its last block's output object by batch
         self.replayed: Replayed = []  # the earlier stacks that batches 1.. replay from the driver's outputs (`_replayable`)
 
     @contextmanager
@@ -145,7 +169,11 @@ class Capture:
                 handles.append(block.register_forward_pre_hook(recorder.before(s, j), with_kwargs=True))
                 handles.append(block.register_forward_hook(recorder.after(s, j)))
         for blocks, outputs in zip(self.earlier, self.earlier_outputs, strict=True):
-            handles.append(blocks[len(blocks) - 1].register_forward_hook(lambda m, a, o, outputs=outputs: outputs.__setitem__(recorder.batch, o)))
+            handles.append(
+                blocks[len(blocks) - 1].register_forward_hook(
+                    lambda m, a, o, outputs=outputs: outputs.__setitem__(recorder.batch, o)
+                )
+            )
         try:
             yield recorder
         finally:
@@ -155,7 +183,13 @@ class Capture:
                 for _, blocks in recorder.stacks:
                     blocks.to(recorder.home)
 
-    def batch(self, batch_index: int, mode: str, replaced: dict[int, Callable[..., Any]] | None = None, earlier: Sequence[tuple[nn.ModuleList, Any]] = ()) -> bool:
+    def batch(
+        self,
+        batch_index: int,
+        mode: str,
+        replaced: dict[int, Callable[..., Any]] | None = None,
+        earlier: Sequence[tuple[nn.ModuleList, Any]] = (),
+    ) -> bool:
         """Record one batch in `mode`, with the blocks in `replaced` and every block of the `earlier`
         stacks computing nothing (those hand on their outputs for this batch); False when the
         forward entered no stack."""
@@ -164,18 +198,32 @@ class Capture:
         batch = self.batches[batch_index]
         try:
             with ExitStack() as stack:
-                stack.enter_context(replacing(recorder.stacks[recorder.first][1] if recorder.first is not None else nn.ModuleList(), replaced or {}))
+                stack.enter_context(
+                    replacing(
+                        recorder.stacks[recorder.first][1] if recorder.first is not None else nn.ModuleList(),
+                        replaced or {},
+                    )
+                )
                 for blocks, outputs in earlier:
-                    stack.enter_context(replacing(blocks, dict.fromkeys(range(len(blocks)), lambda *a, outputs=outputs, **k: outputs[recorder.batch])))
+                    stack.enter_context(
+                        replacing(
+                            blocks,
+                            dict.fromkeys(range(len(blocks)), lambda *a, outputs=outputs, **k: outputs[recorder.batch]),
+                        )
+                    )
                 self.forward(self.model, to_device(batch, recorder.device))
         except _StackDone:
             return True
         except (RuntimeError, TypeError) as error:
-            raise ValueError(f"calibration batch {batch_index} ({describe_batch(batch)}) failed in the model's forward: {error}") from error
+            raise ValueError(
+                f"calibration batch {batch_index} ({describe_batch(batch)}) failed in the model's forward: {error}"
+            ) from error
         finally:
             recorder.mode = "real"
         if recorder.first is not None or recorder.active is not None:
-            raise ValueError(f"calibration batch {batch_index} did not run the block stack {recorder.stacks[recorder.first or 0][0]} that batch 0 ran")
+            raise ValueError(
+                f"calibration batch {batch_index} did not run the block stack {recorder.stacks[recorder.first or 0][0]} that batch 0 ran"
+            )
         return False
 
     def run(self) -> tuple[int, list[BlockInputs]] | None:
@@ -197,7 +245,11 @@ class Capture:
     def _replayable(self) -> Replayed:
         """The earlier stacks with the driver's outputs for every batch, when batch 0 gives block 0
         of this stack the same arguments with those stacks replayed as for real; else none."""
-        kept = [(blocks, outputs) for blocks, outputs in zip(self.earlier, self.kept, strict=True) if outputs is not None and len(outputs) == len(self.batches)]
+        kept = [
+            (blocks, outputs)
+            for blocks, outputs in zip(self.earlier, self.kept, strict=True)
+            if outputs is not None and len(outputs) == len(self.batches)
+        ]
         recorder = self.recorder
         if not kept or len(self.batches) == 1 or recorder.first is None:
             return []
@@ -235,7 +287,9 @@ class Capture:
         recorder.records[s] = [reference[0]] + [[] for _ in reference[1:]]
         replaced: dict[int, Callable[..., Any]] = {0: lambda *a, **k: outputs[recorder.batch]}
         replaced.update(dict.fromkeys(range(1, len(blocks)), recorder.replayed_output))
-        earlier = [(b, o) for b, o in zip(self.earlier, self.earlier_outputs, strict=True) if len(o) == len(self.batches)]  # stacks the forward ran on every batch
+        earlier = [
+            (b, o) for b, o in zip(self.earlier, self.earlier_outputs, strict=True) if len(o) == len(self.batches)
+        ]  # stacks the forward ran on every batch
         with self.hooked():
             try:
                 for batch_index in range(len(self.batches)):

@@ -40,7 +40,11 @@ class _SharedInputs:
         """Add `inputs` to every statistic in `per_kind`, reusing the increments of the same tensor."""
         tracked = not inputs.is_inference()  # an inference tensor has no version counter to show in-place changes
         if not tracked or inputs is not self.inputs or inputs._version != self.version:
-            self.inputs, self.version, self.increments = (inputs if tracked else None), (inputs._version if tracked else -1), {}
+            self.inputs, self.version, self.increments = (
+                (inputs if tracked else None),
+                (inputs._version if tracked else -1),
+                {},
+            )
         for kind, stat in per_kind.items():
             if not kind.shareable:
                 stat.add(inputs)
@@ -61,7 +65,9 @@ Capture = GateCapture | BmmCapture
 ExpertPairs = list[tuple[PruneTarget, list[dict[type[Statistic], Statistic]]]]
 
 
-def _add_expert_call(pairs: ExpertPairs, capture: Capture | None, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _add_expert_call(
+    pairs: ExpertPairs, capture: Capture | None, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
     """Add one experts call's routed rows to each expert's statistics (`down_proj`: the call's own
     inputs when `capture` vouches for their rows, else recomputed)."""
     hidden, masks = routing(module, args, kwargs)
@@ -81,7 +87,9 @@ def _add_experts(pairs: ExpertPairs, capture: Capture | None) -> Callable[..., N
     return add
 
 
-def collect_statistics(targets: Sequence[PruneTarget], kinds: Sequence[type[Statistic]], run_block: Callable[[], object]) -> BlockStats:
+def collect_statistics(
+    targets: Sequence[PruneTarget], kinds: Sequence[type[Statistic]], run_block: Callable[[], object]
+) -> BlockStats:
     """Run the block once with forward hooks that add each weight's (each expert's) fp32 input statistics."""
     stats: BlockStats = {}
     handles = []

@@ -30,7 +30,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_prune.calibration.blocks import Stack, find_blocks
-from lightning_prune.calibration.calls import BlockInputs, block_output, caches_off, hidden_of, move_outside, with_hidden
+from lightning_prune.calibration.calls import (
+    BlockInputs,
+    block_output,
+    caches_off,
+    hidden_of,
+    move_outside,
+    with_hidden,
+)
 from lightning_prune.calibration.capture import Capture
 
 Batch = Any
@@ -55,7 +62,9 @@ class BlockRunner:
                 output = self.block(*args, **kwargs)
             except RuntimeError as error:
                 shape = tuple(hidden_of(args, kwargs).shape)
-                raise ValueError(f"calibration batch {position} (hidden states {shape}) failed in block {self.name}: {error}") from error
+                raise ValueError(
+                    f"calibration batch {position} (hidden states {shape}) failed in block {self.name}: {error}"
+                ) from error
             if keep_outputs:
                 outputs.append(output if whole else block_output(output))
         return outputs
@@ -78,7 +87,9 @@ def _accepted_keywords(forward: Callable[..., Any]) -> frozenset[str] | None:
     if function is not None and function in _KEYWORDS:
         return _KEYWORDS[function]
     parameters = inspect.signature(forward).parameters
-    accepted = None if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()) else frozenset(parameters)
+    accepted = (
+        None if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()) else frozenset(parameters)
+    )
     if function is not None:
         _KEYWORDS[function] = accepted
     return accepted
@@ -103,11 +114,22 @@ def check_finite(hiddens: list[torch.Tensor], where: str) -> None:
     One host sync for all batches (a check per batch would stall the device after each one).
     """
     if hiddens and not torch.stack([torch.isfinite(h).all().to(hiddens[0].device) for h in hiddens]).all():
-        raise ValueError(f"calibration activations {where} contain NaN or Inf; check the model's weights and the batches")
+        raise ValueError(
+            f"calibration activations {where} contain NaN or Inf; check the model's weights and the batches"
+        )
 
 
 def _run_stack(
-    stack: Stack, inputs: list[BlockInputs], capture: Capture, start: int, process_block: BlockProcessor, bar: Any, device: torch.device, home: torch.device, offload: bool, keep_last: bool
+    stack: Stack,
+    inputs: list[BlockInputs],
+    capture: Capture,
+    start: int,
+    process_block: BlockProcessor,
+    bar: Any,
+    device: torch.device,
+    home: torch.device,
+    offload: bool,
+    keep_last: bool,
 ) -> list[Any] | None:
     """Process the blocks of one captured stack in order; `inputs[j]` are block j's (args, kwargs),
     blocks 1.. recorded after block 0 when the capture is staged. With `keep_last`, returns the
@@ -119,7 +141,9 @@ def _run_stack(
         bar.set_postfix_str(f"{name}.{index}")
         if offload:
             block.to(device)
-        runner = BlockRunner(block, [with_hidden(args, kwargs, h) for (args, kwargs), h in zip(inputs[index], hidden)], f"{name}.{index}")
+        runner = BlockRunner(
+            block, [with_hidden(args, kwargs, h) for (args, kwargs), h in zip(inputs[index], hidden)], f"{name}.{index}"
+        )
         process_block(start + index, f"{name}.{index}", block, runner)
         if index == 0 and capture.staged:
             outputs = runner(keep_outputs=True, whole=True)
@@ -161,7 +185,9 @@ def calibrate_sequentially(
         raise ValueError("`calibration` yielded no batches; give at least one calibration batch")
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    modes = [(module, module.training) for module in model.modules()]  # each module's own: a pretrained submodule in eval stays in eval
+    modes = [
+        (module, module.training) for module in model.modules()
+    ]  # each module's own: a pretrained submodule in eval stays in eval
     model.eval()
     all_blocks = [block for _, block_list in stacks for block in block_list]
     if offload:
@@ -176,21 +202,48 @@ def calibrate_sequentially(
         start = 0
         with caches_off(model):  # the model builds no key/value caches for the calibration passes
             while remaining:
-                capture = Capture(model, remaining, batches, device, forward, offload, home, earlier=list(zip([dict(stacks)[name] for name in done], last_outputs, strict=True)))
+                capture = Capture(
+                    model,
+                    remaining,
+                    batches,
+                    device,
+                    forward,
+                    offload,
+                    home,
+                    earlier=list(zip([dict(stacks)[name] for name in done], last_outputs, strict=True)),
+                )
                 found = capture.run()
                 if found is None:
                     break
                 position, inputs = found
                 stack = remaining.pop(position)
                 check_finite([hidden_of(a, k) for a, k in inputs[0]], f"entering the first block of {stack[0]}")
-                last_outputs.append(_run_stack(stack, inputs, capture, start, process_block, bar, device, home, offload, keep_last=bool(remaining) and len(batches) > 1))
+                last_outputs.append(
+                    _run_stack(
+                        stack,
+                        inputs,
+                        capture,
+                        start,
+                        process_block,
+                        bar,
+                        device,
+                        home,
+                        offload,
+                        keep_last=bool(remaining) and len(batches) > 1,
+                    )
+                )
                 start += len(stack[1])
                 done.append(stack[0])
         if remaining:
             names = [name for name, _ in remaining]
             if blocks is not None:
-                raise ValueError(f"`blocks`={blocks!r}: the model's forward never ran {names} on the calibration batches")
-            warnings.warn(f"the model's forward never ran the block stacks {names} on the calibration batches; they are left as they are", stacklevel=2)
+                raise ValueError(
+                    f"`blocks`={blocks!r}: the model's forward never ran {names} on the calibration batches"
+                )
+            warnings.warn(
+                f"the model's forward never ran the block stacks {names} on the calibration batches; they are left as they are",
+                stacklevel=2,
+            )
     finally:
         bar.close()
         if offload:

@@ -69,7 +69,9 @@ def expert_activations(module: nn.Module, expert: int, transposed: bool, rows: t
         gate, up = out.chunk(2, dim=-1)
         return act(gate) * up
     if "gate_proj" in names and "up_proj" in names:
-        return act(_linear(module, "gate_proj", expert, transposed, rows)) * _linear(module, "up_proj", expert, transposed, rows)
+        return act(_linear(module, "gate_proj", expert, transposed, rows)) * _linear(
+            module, "up_proj", expert, transposed, rows
+        )
     if "up_proj" in names:
         return act(_linear(module, "up_proj", expert, transposed, rows))
     raise ValueError(
@@ -78,7 +80,9 @@ def expert_activations(module: nn.Module, expert: int, transposed: bool, rows: t
     )
 
 
-def expert_inputs(target: PruneTarget, tokens: list[torch.Tensor], gated: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+def expert_inputs(
+    target: PruneTarget, tokens: list[torch.Tensor], gated: list[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
     """Per expert, the input rows of the expert matrix `target` for the routed `tokens`; for the
     second layer, the `gated` activations of the model's own forward when given, else recomputed."""
     if "down" not in target.param_name:

@@ -41,7 +41,10 @@ INTERFACE: type[Mapping[object, object]] | None = None
 try:  # transformers >= 5: fused experts with selectable implementations
     from transformers.integrations.moe import ExpertsInterface, batched_mm_experts_forward, grouped_mm_experts_forward
 
-    KNOWN_FORWARDS, INTERFACE = {grouped_mm_experts_forward: GROUPED, batched_mm_experts_forward: BATCHED}, ExpertsInterface
+    KNOWN_FORWARDS, INTERFACE = (
+        {grouped_mm_experts_forward: GROUPED, batched_mm_experts_forward: BATCHED},
+        ExpertsInterface,
+    )
 except ImportError:  # older transformers: nothing to capture, every experts module is recomputed
     pass
 LLAMA4 = "transformers.models.llama4.modeling_llama4"
@@ -59,7 +62,12 @@ def own_layout(module: nn.Module) -> str | None:
     # The decorator's forward closes over `experts_interface` (transformers 5.24).
     interface = inspect.getclosurevars(forward).nonlocals.get("experts_interface")
     config = getattr(module, "config", None)
-    if INTERFACE is None or not isinstance(interface, INTERFACE) or config is None or not callable(getattr(module, "_apply_gate", None)):
+    if (
+        INTERFACE is None
+        or not isinstance(interface, INTERFACE)
+        or config is None
+        or not callable(getattr(module, "_apply_gate", None))
+    ):
         return None
     if getattr(module, "_is_expert_parallel", True) or getattr(module, "has_gate", False) is not True:
         return None
@@ -120,7 +128,9 @@ class _DownOperand(TorchFunctionMode):
         super().__init__()
         self.module, self.found = module, found
 
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         if func is torch.bmm and len(args) == 2 and args[1] is self.module.down_proj:
             self.found.append(args[0])
         return func(*args, **(kwargs or {}))

@@ -35,7 +35,13 @@ def check_num_samples(num_samples: int | None) -> None:
 
 
 def _batch_size(batch: Batch) -> int:
-    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) else batch
+    first = (
+        next(iter(batch.values()))
+        if isinstance(batch, dict)
+        else batch[0]
+        if isinstance(batch, (tuple, list))
+        else batch
+    )
     return int(first.shape[0]) if isinstance(first, torch.Tensor) else 1
 
 

@@ -55,9 +55,13 @@ class TokenStatistic:
         batch's inputs instead cost as much as the statistics themselves.
         """
         if int(self.count) == 0:
-            raise ValueError(f"no calibration tokens reached {self.name!r}; it cannot be pruned one-shot (add it to `ignore`)")
+            raise ValueError(
+                f"no calibration tokens reached {self.name!r}; it cannot be pruned one-shot (add it to `ignore`)"
+            )
         if not torch.isfinite(self.sum).all():
-            raise ValueError(f"calibration activations entering {self.name!r} contain NaN or Inf; check the model and the batches")
+            raise ValueError(
+                f"calibration activations entering {self.name!r} contain NaN or Inf; check the model and the batches"
+            )
 
 
 class FeatureNormStats(TokenStatistic):

@@ -21,7 +21,14 @@ from lightning_prune.callbacks.strategy import is_fsdp2
 from lightning_prune.masking import get_masks
 from lightning_prune.recovery.compat import check_sizes, check_teacher_fits, resolve_layers
 from lightning_prune.recovery.losses import DISTILL_LOSSES
-from lightning_prune.recovery.teacher import Call, freeze, frozen_copy, place_teacher, resolve_teacher_device, resolve_teacher_dtype
+from lightning_prune.recovery.teacher import (
+    Call,
+    freeze,
+    frozen_copy,
+    place_teacher,
+    resolve_teacher_device,
+    resolve_teacher_dtype,
+)
 from lightning_prune.validation import check_number
 
 
@@ -143,8 +150,12 @@ class KnowledgeDistillation(ShardedTeacher, Callback):
         elif self.teacher_source is not None:
             path = Path(self.teacher_source)
             if not (path / "config.json").is_file():
-                raise ValueError(f"`teacher`={str(path)!r} must be a local model directory with config.json (from save_pretrained)")
-            check_sizes(student, AutoConfig.from_pretrained(str(path), local_files_only=True), str(path), self.loss)  # the config only: cheap
+                raise ValueError(
+                    f"`teacher`={str(path)!r} must be a local model directory with config.json (from save_pretrained)"
+                )
+            check_sizes(
+                student, AutoConfig.from_pretrained(str(path), local_files_only=True), str(path), self.loss
+            )  # the config only: cheap
 
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Preflight, the teacher (taken once: a later fit with this callback keeps it), and its fit to the student."""
@@ -177,7 +188,9 @@ class KnowledgeDistillation(ShardedTeacher, Callback):
     def _load_teacher(student: nn.Module, path: Path) -> nn.Module:
         loader = getattr(type(student), "from_pretrained", None)
         if loader is None:
-            raise ValueError(f"`teacher`={str(path)!r} is a path, but the student {type(student).__name__} has no `from_pretrained` to load it; pass the module")
+            raise ValueError(
+                f"`teacher`={str(path)!r} is a path, but the student {type(student).__name__} has no `from_pretrained` to load it; pass the module"
+            )
         teacher: nn.Module = loader(str(path), local_files_only=True)
         return teacher
 
@@ -206,7 +219,9 @@ class KnowledgeDistillation(ShardedTeacher, Callback):
     def attach(self, pl_module: pl.LightningModule) -> None:
         """Hook the student, move the teacher to its device, and wrap `pl_module.training_step`."""
         if self.teacher is None:
-            raise ValueError("KnowledgeDistillation has no teacher: it is taken in `setup(stage='fit')`; run it inside Trainer.fit")
+            raise ValueError(
+                "KnowledgeDistillation has no teacher: it is taken in `setup(stage='fit')`; run it inside Trainer.fit"
+            )
         if not pl_module.automatic_optimization:
             raise ValueError(
                 f"KnowledgeDistillation adds its loss to what training_step returns, but {type(pl_module).__name__} uses manual "
@@ -238,7 +253,12 @@ class KnowledgeDistillation(ShardedTeacher, Callback):
 
     def state_dict(self) -> dict[str, Any]:
         teacher, sharded = self.teacher_state()  # sharded blocks go to the distributed checkpoint (on_save_checkpoint)
-        state = {"alpha": self.alpha, "temperature": self.temperature, "loss": self.loss, "teacher_taken": self.teacher is not None}
+        state = {
+            "alpha": self.alpha,
+            "temperature": self.temperature,
+            "loss": self.loss,
+            "teacher_taken": self.teacher is not None,
+        }
         return {**state, "teacher": teacher or dict(self._restored_teacher), "sharded_teacher": sharded}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -246,7 +266,9 @@ class KnowledgeDistillation(ShardedTeacher, Callback):
         self.temperature = float(state_dict.get("temperature", self.temperature))
         saved = dict(state_dict.get("teacher", {}))
         self._restored = bool(state_dict.get("teacher_taken", False))
-        if self._fsdp2 or state_dict.get("sharded_teacher"):  # the teacher is taken (on_fit_start) before Lightning restores
+        if self._fsdp2 or state_dict.get(
+            "sharded_teacher"
+        ):  # the teacher is taken (on_fit_start) before Lightning restores
             self.restore_sharded_teacher(saved, list(state_dict.get("sharded_teacher", [])))
         elif saved and self.teacher is not None:  # restored after `setup`: the usual order
             self.teacher.load_state_dict(saved)

@@ -103,7 +103,9 @@ class SparseExport(Callback):
                 if callback.pattern is not None and parse_pattern(callback.pattern) == (2, 4):
                     pruned_2_4 |= modules
         exported = export_targets(model, self.targets, self.ignore, will_prune=pruned)
-        never = [t.name for t in exported if id(t.module) not in pruned_2_4 and not is_2_4(t.as_matrix(t.weight.detach()))]
+        never = [
+            t.name for t in exported if id(t.module) not in pruned_2_4 and not is_2_4(t.as_matrix(t.weight.detach()))
+        ]
         if never:
             raise ValueError(
                 f"`format`={self.format!r} needs every exported target to be 2:4, but no pruning callback of this Trainer "

@@ -61,7 +61,17 @@ class GradualPruning(ScheduledPruning):
         structure: str | None = None,
         compact_on_end: bool = False,
     ) -> None:
-        super().__init__(sparsity, criterion, scope, pattern, targets, ignore, finalize_on_end, structure=structure, compact_on_end=compact_on_end)
+        super().__init__(
+            sparsity,
+            criterion,
+            scope,
+            pattern,
+            targets,
+            ignore,
+            finalize_on_end,
+            structure=structure,
+            compact_on_end=compact_on_end,
+        )
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
         if self.initial_sparsity > self.sparsity:
             raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must not exceed `sparsity` ({sparsity})")
@@ -92,14 +102,18 @@ class GradualPruning(ScheduledPruning):
         self.attach(trainer, pl_module)
         self.warn_if_schedule_cannot_finish(trainer)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._global_step_at_batch_start = trainer.global_step
         updated = self.is_update_step(self.step)
         if updated:
             self.update(self.step)
         self.log_sparsity(pl_module, layers=updated)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         advanced = trainer.global_step - self._global_step_at_batch_start
         if advanced > 0:

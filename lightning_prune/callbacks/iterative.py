@@ -60,10 +60,24 @@ class IterativePruning(ScheduledPruning):
         structure: str | None = None,
         compact_on_end: bool = False,
     ) -> None:
-        super().__init__(sparsity, criterion, scope, pattern, targets, ignore, finalize_on_end, structure=structure, compact_on_end=compact_on_end)
+        super().__init__(
+            sparsity,
+            criterion,
+            scope,
+            pattern,
+            targets,
+            ignore,
+            finalize_on_end,
+            structure=structure,
+            compact_on_end=compact_on_end,
+        )
         check_integer(cycles, "cycles", low=1)
         check_integer(epochs_per_cycle, "epochs_per_cycle", low=1)
-        if rewind is not None and rewind != "init" and (isinstance(rewind, bool) or not isinstance(rewind, int) or rewind < 0):
+        if (
+            rewind is not None
+            and rewind != "init"
+            and (isinstance(rewind, bool) or not isinstance(rewind, int) or rewind < 0)
+        ):
             raise ValueError(f"`rewind` must be None, 'init' or a step >= 0, got {rewind!r}")
         self.cycles = cycles
         self.epochs_per_cycle = epochs_per_cycle
@@ -85,7 +99,9 @@ class IterativePruning(ScheduledPruning):
         """Raise unless `max_epochs` runs every cycle (and, with `rewind`, trains the final ticket)."""
         needed = self.cycles * self.epochs_per_cycle
         if max_epochs is None or 0 <= max_epochs < needed:
-            raise ValueError(f"`cycles`={self.cycles} × `epochs_per_cycle`={self.epochs_per_cycle} needs Trainer(max_epochs>={needed}), got max_epochs={max_epochs}")
+            raise ValueError(
+                f"`cycles`={self.cycles} × `epochs_per_cycle`={self.epochs_per_cycle} needs Trainer(max_epochs>={needed}), got max_epochs={max_epochs}"
+            )
         if self.rewind is not None and 0 <= max_epochs < needed + self.epochs_per_cycle:
             raise ValueError(
                 f"`rewind`={self.rewind!r} rewinds after the last of `cycles`={self.cycles} prunings, so the final ticket "
@@ -101,7 +117,9 @@ class IterativePruning(ScheduledPruning):
         if self.rewind == "init" and not self.snapshot:
             self.take_snapshot()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if isinstance(self.rewind, int) and trainer.global_step == self.rewind and not self.snapshot:
             self.take_snapshot()
 

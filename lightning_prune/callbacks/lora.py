@@ -16,9 +16,24 @@ from peft import PeftModel
 from torch import nn
 
 from lightning_prune.callbacks.strategy import check_strategy
-from lightning_prune.lora import adapter_parameters, attach_lora, check_lora_arguments, lora_target_names, merge_lora, unwrapped_state_dict
+from lightning_prune.lora import (
+    adapter_parameters,
+    attach_lora,
+    check_lora_arguments,
+    lora_target_names,
+    merge_lora,
+    unwrapped_state_dict,
+)
 from lightning_prune.lora.experts import expert_parameter_names
-from lightning_prune.lora.sharded import check_after_sharding, check_before_sharding, gathered_adapter_state, guard_gathered_forward, install_forward_masks, merge_lora_sharded, shard_masks_
+from lightning_prune.lora.sharded import (
+    check_after_sharding,
+    check_before_sharding,
+    gathered_adapter_state,
+    guard_gathered_forward,
+    install_forward_masks,
+    merge_lora_sharded,
+    shard_masks_,
+)
 from lightning_prune.targets import find_targets
 from lightning_prune.validation import check_number
 
@@ -148,7 +163,9 @@ class LoRARecovery(Callback):
         """Raise before training when `target_modules` or `target_parameters` match nothing (None is
         resolved at fit start: what is pruned by then)."""
         if self.target_modules is not None:
-            find_targets(wrapped_network(pl_module), include=self.target_modules, ignore_output_head=False, experts=False)
+            find_targets(
+                wrapped_network(pl_module), include=self.target_modules, ignore_output_head=False, experts=False
+            )
         if self.target_parameters is not None:
             expert_parameter_names(wrapped_network(pl_module), self.target_parameters)
 
@@ -160,7 +177,9 @@ class LoRARecovery(Callback):
         """Wrap the pruned layers, freeze the rest, and give the Trainer an adapter-only optimizer."""
         check_strategy(trainer.strategy, sharded_ok=False, ddp_ok=False)
         if trainer.world_size > 1:
-            raise ValueError(f"LoRARecovery runs in one process or under ModelParallelStrategy (FSDP2); got a Trainer with world_size={trainer.world_size}")
+            raise ValueError(
+                f"LoRARecovery runs in one process or under ModelParallelStrategy (FSDP2); got a Trainer with world_size={trainer.world_size}"
+            )
         check_one_optimizer(trainer)
         adapters = self.inject(pl_module)
         if self._restored_adapters:
@@ -206,7 +225,9 @@ class LoRARecovery(Callback):
             parameter.requires_grad_(id(parameter) in adapter_ids)
         return adapters
 
-    def adapter_optimizer(self, optimizer: torch.optim.Optimizer, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+    def adapter_optimizer(
+        self, optimizer: torch.optim.Optimizer, parameters: list[nn.Parameter]
+    ) -> torch.optim.Optimizer:
         """An optimizer of `optimizer`'s class and settings over `parameters`, at `lr` when given."""
         # `defaults` may hold keys the constructor does not take (AdamW's `decoupled_weight_decay`).
         accepted = inspect.signature(type(optimizer).__init__).parameters
@@ -230,7 +251,9 @@ class LoRARecovery(Callback):
     def merge_adapters(self, pl_module: pl.LightningModule) -> None:
         """Merge `M ⊙ (s·B·A)` into the sparse weights, unwrap, and restore `requires_grad`."""
         if self.peft_model is None:
-            raise RuntimeError("LoRARecovery.merge_adapters needs the adapters attached at fit start; none are attached")
+            raise RuntimeError(
+                "LoRARecovery.merge_adapters needs the adapters attached at fit start; none are attached"
+            )
         (merge_lora_sharded if self._sharded else merge_lora)(self.peft_model)
         self.peft_model = None
         for name, parameter in pl_module.named_parameters():
@@ -244,7 +267,9 @@ class LoRARecovery(Callback):
         and rank 0 writes them (then all ranks wait for it), so the adapter loads on one process.
         """
         if self.peft_model is None:
-            raise ValueError("LoRARecovery.save_adapter: no adapters are attached (with merge=True they are merged at fit end; use merge=False and call it after trainer.fit)")
+            raise ValueError(
+                "LoRARecovery.save_adapter: no adapters are attached (with merge=True they are merged at fit end; use merge=False and call it after trainer.fit)"
+            )
         if not self._sharded:
             self.peft_model.save_pretrained(str(directory))
             return
@@ -252,8 +277,12 @@ class LoRARecovery(Callback):
         self.peft_model.save_pretrained(str(directory), state_dict=state, is_main_process=dist.get_rank() == 0)
         dist.barrier()
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.peft_model is not None and not self._sharded:  # under FSDP2 the adapters stay in the distributed state_dict
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if (
+            self.peft_model is not None and not self._sharded
+        ):  # under FSDP2 the adapters stay in the distributed state_dict
             checkpoint["state_dict"] = unwrapped_state_dict(checkpoint["state_dict"])
 
     def state_dict(self) -> dict[str, Any]:

@@ -14,28 +14,41 @@ from lightning_prune.calibration.blocks import find_blocks
 from lightning_prune.calibration.driver import call_model
 from lightning_prune.calibration.samples import check_num_samples, take_samples
 from lightning_prune.callbacks.base import MaskingCallback
-from lightning_prune.oneshot.api import block_targets, check_oneshot_arguments, needs_calibration, prune_oneshot, resolve_method, resolve_refiner
+from lightning_prune.oneshot.api import (
+    block_targets,
+    check_oneshot_arguments,
+    needs_calibration,
+    prune_oneshot,
+    resolve_method,
+    resolve_refiner,
+)
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
 from lightning_prune.parallel.collectives import all_reduce_sum_, is_distributed
 from lightning_prune.report import SparsityReport
 from lightning_prune.targets import PruneTarget
 
 
-def resolve_forward(forward: Callable[[torch.nn.Module, Any], Any] | str | None) -> Callable[[torch.nn.Module, Any], Any]:
+def resolve_forward(
+    forward: Callable[[torch.nn.Module, Any], Any] | str | None,
+) -> Callable[[torch.nn.Module, Any], Any]:
     """The calibration forward `(model, batch) -> output`: a callable, a dotted path to one, or None (`call_model`)."""
     if forward is None:
         return call_model
     if callable(forward):
         return forward
     if not isinstance(forward, str) or "." not in forward:
-        raise ValueError(f"`forward` must be None, a callable (model, batch) -> output or a dotted path 'package.module.function', got {forward!r}")
+        raise ValueError(
+            f"`forward` must be None, a callable (model, batch) -> output or a dotted path 'package.module.function', got {forward!r}"
+        )
     module_name, _, attribute = forward.rpartition(".")
     try:
         resolved = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
         raise ValueError(f"`forward`={forward!r} cannot be imported: {error}") from error
     if not callable(resolved):
-        raise ValueError(f"`forward`={forward!r} names a {type(resolved).__name__}, not a callable (model, batch) -> output")
+        raise ValueError(
+            f"`forward`={forward!r} names a {type(resolved).__name__}, not a callable (model, batch) -> output"
+        )
     return cast(Callable[[torch.nn.Module, Any], Any], resolved)
 
 
@@ -51,7 +64,9 @@ def fit_train_dataloader(trainer: pl.Trainer) -> Iterable[Any]:
     if source is None:
         raise ValueError("OneShotPruning found no training dataloader to calibrate on; pass `calibration=` batches")
     if isinstance(source, (list, tuple, dict)):
-        raise ValueError(f"OneShotPruning cannot choose among {len(source)} training dataloaders; pass `calibration=` batches")
+        raise ValueError(
+            f"OneShotPruning cannot choose among {len(source)} training dataloaders; pass `calibration=` batches"
+        )
     return cast(Iterable[Any], source)
 
 
@@ -136,7 +151,9 @@ class OneShotPruning(MaskingCallback):
         if not self.pruned:
             self.prune(trainer, pl_module)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.log_sparsity(pl_module, layers=batch_idx == 0)
 
     def resolve_targets(self, model: torch.nn.Module) -> list[PruneTarget]:
@@ -161,7 +178,9 @@ class OneShotPruning(MaskingCallback):
             source = fit_train_dataloader(trainer)
         world, rank = trainer.world_size, trainer.global_rank
         if isinstance(getattr(source, "sampler", None), DistributedSampler):
-            share = None if self.num_samples is None else self.num_samples // world + int(rank < self.num_samples % world)
+            share = (
+                None if self.num_samples is None else self.num_samples // world + int(rank < self.num_samples % world)
+            )
             return take_samples(source, share)
         return take_samples(source, self.num_samples)[rank::world]
 
@@ -180,7 +199,9 @@ class OneShotPruning(MaskingCallback):
         """Run `prune_oneshot` on the module and record the resulting sparsities."""
         if self.reconstruct and trainer.world_size > 1:
             # Each rank would tune its blocks on its own batches and the weights would diverge.
-            raise ValueError(f"`reconstruct`=True runs in one process; got world_size={trainer.world_size} (prune one-shot before DDP)")
+            raise ValueError(
+                f"`reconstruct`=True runs in one process; got world_size={trainer.world_size} (prune one-shot before DDP)"
+            )
         needs_data = needs_calibration(self.solver, self.refiner, self.sparsity_profile) or self.reconstruct
         batches = self.calibration_batches(trainer) if needs_data else None
         if batches is not None and is_distributed():

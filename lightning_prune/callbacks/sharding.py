@@ -70,7 +70,9 @@ class ShardedMaskState:
         """Read `names` (as `tensors` named them) from the distributed checkpoint at `path`, into DTensors
         laid out like the current parameters (this rank's blocks), by kind and parameter name."""
         if path is None:
-            raise ValueError(f"{self.key}'s state holds sharded tensors {list(names)[:3]}..., readable only from the distributed checkpoint it came with")
+            raise ValueError(
+                f"{self.key}'s state holds sharded tensors {list(names)[:3]}..., readable only from the distributed checkpoint it came with"
+            )
         templates: dict[str, DTensor] = {}
         for name in names:
             kind, _, param_name = name.partition("/")

@@ -59,8 +59,16 @@ class StructuredPruning(MaskingCallback):
         resolve_score(method, method_options)  # a bad name or option fails here, before any fit
         check_integer(drop_layers, "drop_layers", low=0)
         check_optional_integer(num_samples, "num_samples", low=1)
-        super().__init__(check_sparsity(mlp_sparsity, "mlp_sparsity"), None, targets, ignore, compact_on_end=compact_on_end)
-        self.options: dict[str, Any] = dict(mlp_sparsity=mlp_sparsity, head_sparsity=head_sparsity, drop_layers=drop_layers, method=method, method_options=method_options)
+        super().__init__(
+            check_sparsity(mlp_sparsity, "mlp_sparsity"), None, targets, ignore, compact_on_end=compact_on_end
+        )
+        self.options: dict[str, Any] = dict(
+            mlp_sparsity=mlp_sparsity,
+            head_sparsity=head_sparsity,
+            drop_layers=drop_layers,
+            method=method,
+            method_options=method_options,
+        )
         self.calibration = calibration
         self.num_samples = num_samples
         self.blocks = blocks
@@ -73,14 +81,25 @@ class StructuredPruning(MaskingCallback):
         if not self.pruned:
             self.prune(trainer, pl_module)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.log_sparsity(pl_module, layers=False)
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> StructuredReport:
         """Run `prune_structured` on the module with this rank's calibration batches."""
         source = self.calibration if self.calibration is not None else fit_train_dataloader(trainer)
         batches = take_samples(source, self.num_samples)
-        self.report = prune_structured(pl_module, batches, targets=self.target_patterns, ignore=self.ignore, blocks=self.blocks, device=pl_module.device, progress=self.progress, **self.options)
+        self.report = prune_structured(
+            pl_module,
+            batches,
+            targets=self.target_patterns,
+            ignore=self.ignore,
+            blocks=self.blocks,
+            device=pl_module.device,
+            progress=self.progress,
+            **self.options,
+        )
         self.current_sparsity = 1.0 - self.report.parameter_ratio
         self.reached_sparsity = self.sparsity  # the unit fractions were met (rounding is in the report's notes)
         self.pruned = True

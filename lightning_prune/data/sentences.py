@@ -22,7 +22,9 @@ def split_paragraphs(documents: Sequence[str], min_chars: int = 40, max_chars: i
     return [paragraph for paragraph in found if min_chars <= len(paragraph) <= max_chars]
 
 
-def split_documents(documents: Sequence[str], val_fraction: float, min_chars: int, max_chars: int) -> tuple[list[str], list[str]]:
+def split_documents(
+    documents: Sequence[str], val_fraction: float, min_chars: int, max_chars: int
+) -> tuple[list[str], list[str]]:
     """(train, validation) paragraphs: the last documents, whole, holding about `val_fraction` of the
     paragraphs (at least one document) are held out; a training paragraph that also occurs in them
     is dropped, so validation text is never trained on."""
@@ -88,7 +90,10 @@ class LengthGroupedSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         full = sum(len(batch) == self.batch_size for batch in self.batches)  # all but a short last one
-        for b in [*torch.randperm(full).tolist(), *range(full, len(self.batches))]:  # a short batch last: the loader's cuts stay on batches
+        for b in [
+            *torch.randperm(full).tolist(),
+            *range(full, len(self.batches)),
+        ]:  # a short batch last: the loader's cuts stay on batches
             yield from self.batches[b]
 
 
@@ -134,7 +139,9 @@ class SentenceDataModule(pl.LightningDataModule):
         check_integer(batch_size, "batch_size", low=1)
         check_fraction(val_fraction, "val_fraction")
         if not 0 <= check_integer(min_chars, "min_chars") <= check_integer(max_chars, "max_chars"):
-            raise ValueError(f"`min_chars`={min_chars!r} and `max_chars`={max_chars!r} must satisfy 0 <= min_chars <= max_chars")
+            raise ValueError(
+                f"`min_chars`={min_chars!r} and `max_chars`={max_chars!r} must satisfy 0 <= min_chars <= max_chars"
+            )
         from lightning_prune.models.pretrained import pretrained_minilm_path
 
         self.files = list(files) if files else None
@@ -143,10 +150,14 @@ class SentenceDataModule(pl.LightningDataModule):
         self.length_grouped = check_bool(length_grouped, "length_grouped")
         self.documents = read_documents(self.files)
         if len(self.documents) < 2:
-            raise ValueError(f"`files`={self.files!r} give {len(self.documents)} document; the split holds out whole documents, give at least 2")
+            raise ValueError(
+                f"`files`={self.files!r} give {len(self.documents)} document; the split holds out whole documents, give at least 2"
+            )
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(tokenizer or pretrained_minilm_path("data.tokenizer"))
         if self.tokenizer.pad_token_id is None:
-            raise ValueError(f"the tokenizer `tokenizer`={tokenizer!r} has no padding token; give an encoder's tokenizer")
+            raise ValueError(
+                f"the tokenizer `tokenizer`={tokenizer!r} has no padding token; give an encoder's tokenizer"
+            )
         self.train_paragraphs, self.val_paragraphs = split_documents(self.documents, val_fraction, min_chars, max_chars)
         if not self.train_paragraphs or not self.val_paragraphs:
             raise ValueError(
@@ -172,15 +183,26 @@ class SentenceDataModule(pl.LightningDataModule):
         assert self.train_set is not None and self.val_set is not None  # setup() sets both
         return self.train_set, self.val_set
 
-    def _loader(self, dataset: ParagraphDataset, shuffle: bool, sampler: Sampler[int] | None = None) -> DataLoader[dict[str, torch.Tensor]]:
+    def _loader(
+        self, dataset: ParagraphDataset, shuffle: bool, sampler: Sampler[int] | None = None
+    ) -> DataLoader[dict[str, torch.Tensor]]:
         collate = PadCollate(int(self.tokenizer.pad_token_id))
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate, num_workers=self.num_workers)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+        )
 
     def train_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
         """Shuffled training paragraphs, grouped by length with `length_grouped` (also one-shot pruning's calibration data)."""
         train = self.splits()[0]
         if self.length_grouped:
-            return self._loader(train, shuffle=False, sampler=LengthGroupedSampler([len(ids) for ids in train.ids], self.batch_size))
+            return self._loader(
+                train, shuffle=False, sampler=LengthGroupedSampler([len(ids) for ids in train.ids], self.batch_size)
+            )
         return self._loader(train, shuffle=True)
 
     def val_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:

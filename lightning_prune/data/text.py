@@ -70,7 +70,9 @@ class TextDataModule(pl.LightningDataModule):
         self.vocab_size = vocab_size
         self.num_workers = num_workers
         self.documents = read_documents(self.files)
-        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(tokenizer) if tokenizer else train_bpe_tokenizer(self.documents, vocab_size)
+        self.tokenizer: PreTrainedTokenizerBase = (
+            load_tokenizer(tokenizer) if tokenizer else train_bpe_tokenizer(self.documents, vocab_size)
+        )
         self.train_set: BlockDataset | None = None
         self.val_set: BlockDataset | None = None
 

@@ -44,7 +44,9 @@ def unpack_bitmask(packed: torch.Tensor, shape: tuple[int, ...] | list[int] | to
     shape = tuple(int(s) for s in shape)
     expected = (*shape[:-1], (shape[-1] + 7) // 8)
     if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
-        raise ValueError(f"bitmask must be uint8 of shape {expected} for a weight of shape {shape}, got {packed.dtype} of shape {tuple(packed.shape)}")
+        raise ValueError(
+            f"bitmask must be uint8 of shape {expected} for a weight of shape {shape}, got {packed.dtype} of shape {tuple(packed.shape)}"
+        )
     bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS.to(packed.device)) != 0
     bits = bits.reshape(*shape[:-1], -1)
     if bits[..., shape[-1] :].any():
@@ -100,11 +102,15 @@ def decompress_24(compressed: torch.Tensor, bitmask: torch.Tensor, shape: tuple[
     """Dense (rows, cols) matrix from `compress_24`'s output, after checking sizes and popcounts."""
     rows, cols = (int(s) for s in shape)
     if cols % 4 or tuple(compressed.shape) != (rows, cols // 2):
-        raise ValueError(f"compressed values must have shape {(rows, cols // 2)} for shape {(rows, cols)}, got {tuple(compressed.shape)}")
+        raise ValueError(
+            f"compressed values must have shape {(rows, cols // 2)} for shape {(rows, cols)}, got {tuple(compressed.shape)}"
+        )
     keep = unpack_bitmask(bitmask, (rows, cols))
     per_group = group_counts(keep, 4)
     if not bool((per_group == 2).all()):
-        raise ValueError(f"bitmask does not mark exactly 2 of every 4 positions (found {int(per_group.min())}..{int(per_group.max())})")
+        raise ValueError(
+            f"bitmask does not mark exactly 2 of every 4 positions (found {int(per_group.min())}..{int(per_group.max())})"
+        )
     dense = torch.zeros((rows, cols), dtype=compressed.dtype, device=compressed.device)
     dense[keep] = compressed.reshape(-1)
     return dense
@@ -124,7 +130,9 @@ def decompress_bitmask(values: torch.Tensor, bitmask: torch.Tensor, shape: tuple
     """Dense tensor of `shape` from `compress_bitmask`'s values and bitmask, after checking counts."""
     keep = unpack_bitmask(bitmask, shape)
     if values.dim() != 1 or values.numel() != int(keep.sum()):
-        raise ValueError(f"bitmask marks {int(keep.sum())} values but {values.numel()} are stored (shape {tuple(values.shape)})")
+        raise ValueError(
+            f"bitmask marks {int(keep.sum())} values but {values.numel()} are stored (shape {tuple(values.shape)})"
+        )
     dense = torch.zeros(tuple(shape), dtype=values.dtype, device=values.device)
     dense[keep] = values
     return dense

@@ -96,8 +96,14 @@ def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     current = model.state_dict()
     unexpected = sorted(set(state) - set(current))
     if unexpected:
-        raise ValueError(f"checkpoint has tensors the model does not: {unexpected[:10]}; is `model` the exported model's class and config?")
-    shapes = [f"{key}: checkpoint {tuple(state[key].shape)}, model {tuple(current[key].shape)}" for key in state if tuple(state[key].shape) != tuple(current[key].shape)]
+        raise ValueError(
+            f"checkpoint has tensors the model does not: {unexpected[:10]}; is `model` the exported model's class and config?"
+        )
+    shapes = [
+        f"{key}: checkpoint {tuple(state[key].shape)}, model {tuple(current[key].shape)}"
+        for key in state
+        if tuple(state[key].shape) != tuple(current[key].shape)
+    ]
     if shapes:
         raise ValueError(f"checkpoint tensors do not fit the model's shapes: {shapes[:10]}")
     present = {current[key].data_ptr() for key in state}
@@ -121,7 +127,9 @@ def to_semi_structured_(model: nn.Module, params: list[str]) -> list[str]:
     Returns the converted parameter names. Other layer types (GPT-2 Conv1D, convolutions) stay dense.
     """
     if not torch.cuda.is_available():
-        raise ValueError("`semi_structured`=True needs a CUDA GPU (torch.sparse.to_sparse_semi_structured runs only on CUDA); none is available")
+        raise ValueError(
+            "`semi_structured`=True needs a CUDA GPU (torch.sparse.to_sparse_semi_structured runs only on CUDA); none is available"
+        )
     from torch.sparse import to_sparse_semi_structured
 
     model.cuda()
@@ -133,7 +141,9 @@ def to_semi_structured_(model: nn.Module, params: list[str]) -> list[str]:
         if not isinstance(module, nn.Linear) or not is_2_4(weight.detach()):
             continue
         if weight.dtype not in SEMI_STRUCTURED_DTYPES:
-            raise ValueError(f"`semi_structured`=True needs fp16 or bf16 weights, but {param!r} is {weight.dtype}; cast the model first")
+            raise ValueError(
+                f"`semi_structured`=True needs fp16 or bf16 weights, but {param!r} is {weight.dtype}; cast the model first"
+            )
         setattr(module, param_name, nn.Parameter(to_sparse_semi_structured(weight.detach()), requires_grad=False))
         converted.append(param)
     if not converted:
@@ -141,7 +151,9 @@ def to_semi_structured_(model: nn.Module, params: list[str]) -> list[str]:
     return converted
 
 
-def load_sparse(path: str | os.PathLike[str], model: nn.Module | None = None, semi_structured: bool = False) -> nn.Module:
+def load_sparse(
+    path: str | os.PathLike[str], model: nn.Module | None = None, semi_structured: bool = False
+) -> nn.Module:
     """Load a `save_sparse` directory into a model, bitwise equal to the exported one.
 
     Args:
@@ -158,7 +170,9 @@ def load_sparse(path: str | os.PathLike[str], model: nn.Module | None = None, se
     state, manifest = load_sparse_state_dict(directory)
     if model is None:
         if not manifest["huggingface"]:
-            raise ValueError(f"`model` is required: {directory} holds a plain {manifest['model_class']}; pass a fresh instance to load into")
+            raise ValueError(
+                f"`model` is required: {directory} holds a plain {manifest['model_class']}; pass a fresh instance to load into"
+            )
         model = _build_huggingface(directory, manifest)
         if manifest["format"] == "dense":
             state = {}  # from_pretrained has loaded the verified files already

@@ -52,9 +52,13 @@ def write_manifest(directory: Path, content: dict[str, Any]) -> None:
 def check_manifest(manifest: Any, path: Path) -> None:
     """Raise a ValueError naming the first field of a damaged manifest (wrong type, missing, unknown value)."""
     if not isinstance(manifest, dict):
-        raise ValueError(f"{path} holds a JSON {type(manifest).__name__}, not an object: not a save_sparse manifest (damaged?)")
+        raise ValueError(
+            f"{path} holds a JSON {type(manifest).__name__}, not an object: not a save_sparse manifest (damaged?)"
+        )
     if manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise ValueError(f"{path} has manifest_version {manifest.get('manifest_version')!r}; this version reads {MANIFEST_VERSION}")
+        raise ValueError(
+            f"{path} has manifest_version {manifest.get('manifest_version')!r}; this version reads {MANIFEST_VERSION}"
+        )
     for key, kind in _FIELDS.items():
         if not isinstance(manifest.get(key), kind):
             found = "missing" if key not in manifest else f"a {type(manifest[key]).__name__}"
@@ -62,8 +66,14 @@ def check_manifest(manifest: Any, path: Path) -> None:
     if manifest["format"] not in FORMATS:
         raise ValueError(f"{path} is damaged: `format` must be one of {FORMATS}, found {manifest['format']!r}")
     for name, entry in manifest["files"].items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
-            raise ValueError(f"{path} is damaged: `files`[{name!r}] must hold `bytes` (int) and `sha256` (str), found {entry!r}")
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("bytes"), int)
+            or not isinstance(entry.get("sha256"), str)
+        ):
+            raise ValueError(
+                f"{path} is damaged: `files`[{name!r}] must hold `bytes` (int) and `sha256` (str), found {entry!r}"
+            )
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -87,7 +97,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             raise ValueError(f"{name!r} listed in {MANIFEST_NAME} is missing from {directory}")
         size = file.stat().st_size
         if size != expected["bytes"]:
-            raise ValueError(f"{name!r} in {directory} is truncated or modified: {size} bytes, expected {expected['bytes']}")
+            raise ValueError(
+                f"{name!r} in {directory} is truncated or modified: {size} bytes, expected {expected['bytes']}"
+            )
         if sha256_of(file) != expected["sha256"]:
             raise ValueError(f"{name!r} in {directory} was modified: its sha256 does not match {MANIFEST_NAME}")
     return manifest

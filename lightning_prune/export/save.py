@@ -54,7 +54,12 @@ def export_state_dict(model: nn.Module, targets: Sequence[PruneTarget]) -> dict[
     return state
 
 
-def export_targets(model: nn.Module, targets: str | Sequence[str] | None, ignore: str | Sequence[str] | None, will_prune: Collection[int] = ()) -> list[PruneTarget]:
+def export_targets(
+    model: nn.Module,
+    targets: str | Sequence[str] | None,
+    ignore: str | Sequence[str] | None,
+    will_prune: Collection[int] = (),
+) -> list[PruneTarget]:
     """The weights an export writes as sparse: `targets` if given, else the pruned ones.
 
     Pruned means carrying a mask, or recorded by `finalize`, or (for a check made before training)
@@ -92,7 +97,9 @@ def _refuse_non_finite(state: dict[str, torch.Tensor]) -> None:
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(f"{name!r} holds {bad} NaN or Inf value(s) of {tensor.numel()}; save_sparse refuses to write a non-finite model (check the training run that produced it)")
+            raise ValueError(
+                f"{name!r} holds {bad} NaN or Inf value(s) of {tensor.numel()}; save_sparse refuses to write a non-finite model (check the training run that produced it)"
+            )
 
 
 def _aliases(state: dict[str, torch.Tensor], prefer: set[str]) -> dict[str, str]:
@@ -108,7 +115,9 @@ def _aliases(state: dict[str, torch.Tensor], prefer: set[str]) -> dict[str, str]
     return aliases
 
 
-def _compressed_tensors(state: dict[str, torch.Tensor], pairs: Sequence[tuple[PruneTarget, torch.Tensor]], format: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+def _compressed_tensors(
+    state: dict[str, torch.Tensor], pairs: Sequence[tuple[PruneTarget, torch.Tensor]], format: str
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """Replace each targeted weight by its packed tensors; returns (tensors, layout of reshaped weights)."""
     tensors = dict(state)
     layout = {}
@@ -119,12 +128,25 @@ def _compressed_tensors(state: dict[str, torch.Tensor], pairs: Sequence[tuple[Pr
             # Packed along the input dimension: GPT-2 Conv1D and conv kernels are stored as (out, in) matrices.
             flat = matrix.contiguous()
             compressed, bitmask = compress_24(flat)
-            packed = {"shape": torch.tensor(list(flat.shape)).reshape(-1, 1), "compressed": compressed, "bitmask": bitmask}
+            packed = {
+                "shape": torch.tensor(list(flat.shape)).reshape(-1, 1),
+                "compressed": compressed,
+                "bitmask": bitmask,
+            }
             if tuple(flat.shape) != tuple(weight.shape) or target.transposed:
-                layout[target.name] = {"shape": list(weight.shape), "transposed": target.transposed, "experts": target.experts}
+                layout[target.name] = {
+                    "shape": list(weight.shape),
+                    "transposed": target.transposed,
+                    "experts": target.experts,
+                }
         else:
             values, bitmask, row_offsets = compress_bitmask(weight)
-            packed = {"shape": torch.tensor(list(weight.shape)), "compressed": values, "bitmask": bitmask, "row_offsets": row_offsets}
+            packed = {
+                "shape": torch.tensor(list(weight.shape)),
+                "compressed": values,
+                "bitmask": bitmask,
+                "row_offsets": row_offsets,
+            }
         tensors.update({f"{prefix}.{key}": value.contiguous() for key, value in packed.items()})
     return tensors, layout
 
@@ -148,7 +170,9 @@ def _write_weights(
     return aliases, layout
 
 
-def _write_hf_config(model: PreTrainedModel, directory: Path, sparsity_config: dict[str, Any], compressed: bool) -> None:
+def _write_hf_config(
+    model: PreTrainedModel, directory: Path, sparsity_config: dict[str, Any], compressed: bool
+) -> None:
     config_path = directory / CONFIG_NAME
     if not config_path.exists():
         model.config.save_pretrained(directory)
@@ -172,7 +196,9 @@ def check_destination(destination: Path) -> None:
     if not destination.is_dir():
         raise ValueError(f"`path`={str(destination)!r} is an existing file, not a directory")
     if any(destination.iterdir()) and not (destination / MANIFEST_NAME).is_file():
-        raise ValueError(f"`path`={str(destination)!r} is a non-empty directory that save_sparse did not write; choose a new path")
+        raise ValueError(
+            f"`path`={str(destination)!r} is a non-empty directory that save_sparse did not write; choose a new path"
+        )
 
 
 def save_sparse(
@@ -212,7 +238,11 @@ def save_sparse(
     if format in TWO_FOUR_FORMATS:
         _refuse_non_2_4(chosen, matrices, format)
     target_modules = {t.module_name for t in chosen if not t.experts}
-    ignored = [name for name, module in model.named_modules() if isinstance(module, DEFAULT_TYPES) and name not in target_modules]
+    ignored = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, DEFAULT_TYPES) and name not in target_modules
+    ]
     sparsity_config = build_sparsity_config(format, chosen, matrices, ignored)
     huggingface = isinstance(model, PreTrainedModel)
     destination.parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,11 @@ def adapted_parameter(layer: object) -> str:
 
 def fused_expert_names(model: nn.Module) -> list[str]:
     """Qualified names of every fused (E, ·, ·) expert parameter of `model` (`targets.expert_parameters`)."""
-    return [f"{name}.{param}" if name else param for name, module in model.named_modules() for param, _ in expert_parameters(module)]
+    return [
+        f"{name}.{param}" if name else param
+        for name, module in model.named_modules()
+        for param, _ in expert_parameters(module)
+    ]
 
 
 def expert_parameter_names(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:
@@ -60,7 +64,9 @@ def expert_parameter_names(model: nn.Module, patterns: str | Sequence[str]) -> l
     fused = fused_expert_names(model)
     chosen = [name for name in fused if any(p.search(name) for p in compiled)]
     if not chosen:
-        raise ValueError(f"`target_parameters`={patterns!r} matched no fused expert parameter; the model's are {fused[:12] or 'none'}")
+        raise ValueError(
+            f"`target_parameters`={patterns!r} matched no fused expert parameter; the model's are {fused[:12] or 'none'}"
+        )
     return chosen
 
 

@@ -84,7 +84,9 @@ def check_after_sharding(model: nn.Module, masked_delta: bool) -> dist.ProcessGr
             )
         for parameter in (part.get_parameter("weight") for part in parts):
             if not is_sharded(parameter):
-                raise ValueError(f"a parameter of the LoRA layer {name!r} is not sharded: `fully_shard` every module (e.g. the root) in `configure_model`")
+                raise ValueError(
+                    f"a parameter of the LoRA layer {name!r} is not sharded: `fully_shard` every module (e.g. the root) in `configure_model`"
+                )
         groups.append(shard_group(base.get_parameter("weight"), name))  # type: ignore[arg-type]  # a DTensor, checked above
     if any(group is not groups[0] for group in groups):
         raise ValueError("every LoRA layer must be sharded over the same ranks (one FSDP2 mesh)")
@@ -100,7 +102,9 @@ def shard_masks_(model: nn.Module) -> None:
         if not is_sharded(weight) or mask is None or mask.shape == local_tensor(weight).shape:
             continue
         if mask.shape != weight.shape:
-            raise ValueError(f"the mask of {name!r} has shape {tuple(mask.shape)}, neither the weight's {tuple(weight.shape)} nor its row block's")
+            raise ValueError(
+                f"the mask of {name!r} has shape {tuple(mask.shape)}, neither the weight's {tuple(weight.shape)} nor its row block's"
+            )
         shard_group(weight, name)  # refuses placements other than rows
         # src_data_rank=None: every rank cuts its block from its own copy (the same on all ranks), no communication.
         block = distribute_tensor(mask, weight.device_mesh, weight.placements, src_data_rank=None).to_local().clone()
@@ -114,7 +118,9 @@ class NonzeroMask:
     def __call__(self, base: nn.Module) -> torch.Tensor:
         weight = base.get_parameter("weight")
         if is_sharded(weight):
-            raise ValueError("the masked-delta forward got a sharded base weight: an enclosing FSDP2 unit must gather it (see `check_after_sharding`)")
+            raise ValueError(
+                "the masked-delta forward got a sharded base weight: an enclosing FSDP2 unit must gather it (see `check_after_sharding`)"
+            )
         return torch.ne(weight, 0)
 
 
@@ -122,11 +128,18 @@ class GatheredMask:
     """Forward keep-mask of a layer with kept exact zeros: its row blocks gathered from every rank."""
 
     def __init__(self, weight: DTensor) -> None:
-        self.mesh, self.placements, self.shape, self.stride = weight.device_mesh, weight.placements, weight.shape, weight.stride()
+        self.mesh, self.placements, self.shape, self.stride = (
+            weight.device_mesh,
+            weight.placements,
+            weight.shape,
+            weight.stride(),
+        )
 
     def __call__(self, base: nn.Module) -> torch.Tensor:
         block = keep_mask(base).view(torch.uint8)  # bytes: gloo all-gathers no bool
-        whole = DTensor.from_local(block, self.mesh, self.placements, shape=self.shape, stride=self.stride, run_check=False).full_tensor()
+        whole = DTensor.from_local(
+            block, self.mesh, self.placements, shape=self.shape, stride=self.stride, run_check=False
+        ).full_tensor()
         return whole.view(torch.bool)
 
 
@@ -137,7 +150,14 @@ def install_forward_masks(model: nn.Module, group: dist.ProcessGroup | None) -> 
     Every rank calls this with the same layers: one all-reduce counts each layer's kept exact zeros.
     """
     layers = lora_layers(model)
-    kept_zeros = [int((keep_mask(layer.get_base_layer()) & (local_tensor(layer.get_base_layer().get_parameter("weight")) == 0)).sum()) for _, layer in layers]
+    kept_zeros = [
+        int(
+            (
+                keep_mask(layer.get_base_layer()) & (local_tensor(layer.get_base_layer().get_parameter("weight")) == 0)
+            ).sum()
+        )
+        for _, layer in layers
+    ]
     kinds = {}
     for (name, layer), count in zip(layers, sum_over_shards(kept_zeros, group)):
         base = layer.get_base_layer()
@@ -200,8 +220,14 @@ def gathered_adapter_state(peft_model: PeftModel) -> dict[str, torch.Tensor]:
 def _local_delta(layer: LoraLayer, adapter: str, weight: DTensor) -> torch.Tensor:
     """`s·B·A` for the rows of `weight` this rank holds: B's row block (laid out like the weight) times the whole A."""
     lora_a, lora_b = layer.lora_A[adapter].get_parameter("weight"), layer.lora_B[adapter].get_parameter("weight")
-    if not isinstance(lora_b, DTensor) or lora_b.placements != weight.placements or lora_b.device_mesh != weight.device_mesh:
-        raise ValueError(f"lora_B of adapter {adapter!r} is not row-sharded like its base weight ({weight.placements}); shard both with one FSDP2 mesh")
+    if (
+        not isinstance(lora_b, DTensor)
+        or lora_b.placements != weight.placements
+        or lora_b.device_mesh != weight.device_mesh
+    ):
+        raise ValueError(
+            f"lora_B of adapter {adapter!r} is not row-sharded like its base weight ({weight.placements}); shard both with one FSDP2 mesh"
+        )
     whole_a = lora_a.full_tensor() if isinstance(lora_a, DTensor) else lora_a  # r × in: small
     return (local_tensor(lora_b) @ whole_a) * layer.scaling[adapter]  # peft's get_delta_weight order
 
@@ -218,7 +244,9 @@ def merge_lora_sharded(peft_model: PeftModel) -> nn.Module:
         base = layer.get_base_layer()
         weight = base.get_parameter("weight")
         if not isinstance(weight, DTensor):
-            raise ValueError(f"merge_lora_sharded needs FSDP2-sharded base weights; {name!r} is a plain tensor (use merge_lora)")
+            raise ValueError(
+                f"merge_lora_sharded needs FSDP2-sharded base weights; {name!r} is a plain tensor (use merge_lora)"
+            )
         rows = local_tensor(weight)
         for adapter in layer.active_adapters:
             if adapter in layer.lora_A:

@@ -39,7 +39,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
-from lightning_prune.lora.experts import adapted_parameter, expert_parameter_names, fused_expert_names, install_masked_experts, keep_mask
+from lightning_prune.lora.experts import (
+    adapted_parameter,
+    expert_parameter_names,
+    fused_expert_names,
+    install_masked_experts,
+    keep_mask,
+)
 from lightning_prune.masking import get_mask, keep_only_, masked_parameters, remove_mask, set_mask
 from lightning_prune.targets import find_targets
 from lightning_prune.validation import check_integer, check_number
@@ -75,7 +81,9 @@ class MaskedDelta(LoraVariant):
         return _masked_sum(module, orig_weight, -masked_delta_weight(module, active_adapter))
 
     @staticmethod
-    def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
         """`result + (M ⊙ ΔW) x` with ΔW = s·B·A in the base weight's layout (peft's `get_delta_weight`)."""
         delta = masked_delta_weight(module, active_adapter)
         if getattr(module, "fan_in_fan_out", False):  # GPT-2 Conv1D stores (in, out); set on peft's Linear only
@@ -140,7 +148,9 @@ def _ensure_masks(model: nn.Module) -> None:
         object.__setattr__(base, _DERIVED, [*getattr(base, _DERIVED, []), param_name])
 
 
-def check_lora_arguments(r: int, alpha: float, dropout: float, target_parameters: str | Sequence[str] | None = None) -> None:
+def check_lora_arguments(
+    r: int, alpha: float, dropout: float, target_parameters: str | Sequence[str] | None = None
+) -> None:
     """Validate LoRA's rank, scaling numerator and dropout; the error names the argument and value.
 
     Fused expert parameters take no dropout (peft's `ParamWrapper` cannot factor it out of `B·A·x`).
@@ -149,18 +159,30 @@ def check_lora_arguments(r: int, alpha: float, dropout: float, target_parameters
     check_number(alpha, "alpha", low=0.0, low_open=True)
     check_number(dropout, "dropout", low=0.0, high=1.0, high_open=True)
     if dropout and target_parameters:
-        raise ValueError(f"`dropout`={dropout} cannot apply to `target_parameters`={target_parameters!r} (fused experts take no LoRA dropout); use dropout=0")
+        raise ValueError(
+            f"`dropout`={dropout} cannot apply to `target_parameters`={target_parameters!r} (fused experts take no LoRA dropout); use dropout=0"
+        )
 
 
-def lora_target_names(model: nn.Module, target_modules: str | Sequence[str] | None, target_parameters: str | Sequence[str] | None) -> tuple[list[str], list[str]]:
+def lora_target_names(
+    model: nn.Module, target_modules: str | Sequence[str] | None, target_parameters: str | Sequence[str] | None
+) -> tuple[list[str], list[str]]:
     """(module names, expert parameter names) that `attach_lora` adapts; see its arguments."""
     if target_modules is None:
         names = pruned_module_names(model)
-        parameters = pruned_expert_names(model) if target_parameters is None else expert_parameter_names(model, target_parameters)
+        parameters = (
+            pruned_expert_names(model)
+            if target_parameters is None
+            else expert_parameter_names(model, target_parameters)
+        )
         if not names and not parameters:
-            raise ValueError("`target_modules`=None found no pruned layer (no masks, no exact zeros); prune first or name the targets")
+            raise ValueError(
+                "`target_modules`=None found no pruned layer (no masks, no exact zeros); prune first or name the targets"
+            )
         return names, parameters
-    names = [t.module_name for t in find_targets(model, include=target_modules, ignore_output_head=False, experts=False)]
+    names = [
+        t.module_name for t in find_targets(model, include=target_modules, ignore_output_head=False, experts=False)
+    ]
     return names, [] if target_parameters is None else expert_parameter_names(model, target_parameters)
 
 
@@ -193,7 +215,9 @@ def attach_lora(
     names, parameters = lora_target_names(model, target_modules, target_parameters)
     check_lora_arguments(r, alpha, dropout, parameters)
     # peft annotates lora_alpha as int but only divides it by r (peft 0.21.2): a fractional alpha works.
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, target_parameters=parameters, bias="none")  # type: ignore[arg-type]
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, target_parameters=parameters, bias="none"
+    )  # type: ignore[arg-type]
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     _ensure_masks(peft_model)
     if masked_delta:

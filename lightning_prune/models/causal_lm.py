@@ -15,13 +15,17 @@ from lightning_prune.models.optim import make_adamw
 from lightning_prune.validation import check_number
 
 
-def load_causal_lm(model_path: str | None = None, config: Mapping[str, Any] | None = None, dtype: str | None = None) -> PreTrainedModel:
+def load_causal_lm(
+    model_path: str | None = None, config: Mapping[str, Any] | None = None, dtype: str | None = None
+) -> PreTrainedModel:
     """A causal LM from a local `save_pretrained` directory, or built (random init) from a config dict.
 
     `config` needs `model_type` (e.g. "llama") plus that config class's fields. Nothing is downloaded.
     """
     if (model_path is None) == (config is None):
-        raise ValueError(f"give exactly one of `model_path` or `config`, got model_path={model_path!r}, config={config!r}")
+        raise ValueError(
+            f"give exactly one of `model_path` or `config`, got model_path={model_path!r}, config={config!r}"
+        )
     torch_dtype = getattr(torch, dtype, None) if dtype else None
     if dtype and not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"`dtype` must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")

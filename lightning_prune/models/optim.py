@@ -47,7 +47,9 @@ def lr_factor(step: int, lr_schedule: str, warmup_steps: int, total_steps: int) 
     return warmup * decay
 
 
-def with_lr_schedule(optimizer: torch.optim.Optimizer, lr_schedule: str, warmup_steps: int, total_steps: int | float) -> Any:
+def with_lr_schedule(
+    optimizer: torch.optim.Optimizer, lr_schedule: str, warmup_steps: int, total_steps: int | float
+) -> Any:
     """What `configure_optimizers` returns: `optimizer` alone when the LR is constant without warm-up,
     else Lightning's dict with a per-step `LambdaLR` of `lr_factor` over `total_steps` optimizer steps
     (e.g. `trainer.estimated_stepping_batches`; below 1, as in a fit of 0 epochs, counts as 1). The
@@ -56,7 +58,11 @@ def with_lr_schedule(optimizer: torch.optim.Optimizer, lr_schedule: str, warmup_
     if lr_schedule == "constant" and warmup_steps == 0:
         return optimizer
     if lr_schedule == "linear" and total_steps == float("inf"):
-        raise ValueError("`lr_schedule`='linear' decays over the fit's optimizer steps, but the fit has no end: set trainer max_epochs or max_steps")
+        raise ValueError(
+            "`lr_schedule`='linear' decays over the fit's optimizer steps, but the fit has no end: set trainer max_epochs or max_steps"
+        )
     total = max(1, int(total_steps)) if total_steps != float("inf") else 1
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, lr_schedule, warmup_steps, total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, lr_schedule, warmup_steps, total)
+    )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}

@@ -116,7 +116,9 @@ class SentenceEncoder(pl.LightningModule):
         from lightning_prune.callbacks.distill import KnowledgeDistillation
 
         if not any(isinstance(callback, KnowledgeDistillation) for callback in self.trainer.callbacks):  # type: ignore[attr-defined]
-            rank_zero_warn("SentenceEncoder has no task loss (no labels): without KnowledgeDistillation(alpha=0) its training steps change nothing")
+            rank_zero_warn(
+                "SentenceEncoder has no task loss (no labels): without KnowledgeDistillation(alpha=0) its training steps change nothing"
+            )
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         """Run the encoder on the batch (distillation hooks its output); no task loss."""
@@ -128,7 +130,9 @@ class SentenceEncoder(pl.LightningModule):
         if indices is not None and all(i in self.reference for i in indices):
             return torch.stack([self.reference[i] for i in indices]).to(self.device)
         if not self._dense:
-            raise ValueError("the dense reference embeddings are missing: validate inside a Trainer (setup takes the dense copy) or restore them from a checkpoint")
+            raise ValueError(
+                "the dense reference embeddings are missing: validate inside a Trainer (setup takes the dense copy) or restore them from a checkpoint"
+            )
         dense = self._dense[0].to(self.device)
         with torch.no_grad():
             embeddings = self.embed(dense, batch["input_ids"], batch.get("attention_mask"))
@@ -137,7 +141,9 @@ class SentenceEncoder(pl.LightningModule):
         return embeddings
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        cosine = F.cosine_similarity(self(batch["input_ids"], batch.get("attention_mask")), self.dense_embeddings(batch), dim=-1)
+        cosine = F.cosine_similarity(
+            self(batch["input_ids"], batch.get("attention_mask")), self.dense_embeddings(batch), dim=-1
+        )
         self.val_cosine.update(cosine)
         self.log("val/cosine_to_dense", self.val_cosine, prog_bar=True, batch_size=len(cosine))
 

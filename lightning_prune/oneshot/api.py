@@ -75,14 +75,18 @@ def check_oneshot_arguments(
     check_pattern_sparsity(sparsity, pattern)
     check_choice(sparsity_profile, "sparsity_profile", PROFILES)
     if sparsity_profile == "owl" and pattern is not None:
-        raise ValueError(f"`sparsity_profile`='owl' sets per-layer sparsities, which an N:M `pattern` fixes; got pattern={pattern!r}")
+        raise ValueError(
+            f"`sparsity_profile`='owl' sets per-layer sparsities, which an N:M `pattern` fixes; got pattern={pattern!r}"
+        )
     if check_bool(reconstruct, "reconstruct"):
         check_reconstruct_arguments(reconstruct_steps, reconstruct_lr)
     check_choice(reconstruct_target, "reconstruct_target", RECONSTRUCT_TARGETS)
     return sparsity
 
 
-def block_targets(model: nn.Module, stacks: Sequence[tuple[str, nn.ModuleList]], targets: Any, ignore: Any) -> dict[str, list[PruneTarget]]:
+def block_targets(
+    model: nn.Module, stacks: Sequence[tuple[str, nn.ModuleList]], targets: Any, ignore: Any
+) -> dict[str, list[PruneTarget]]:
     """The targets of each block by block name ("<stack>.<index>"), over every stack in `stacks`;
     explicitly requested targets outside the blocks are an error."""
     found = find_targets(model, types=ONESHOT_TYPES, include=targets, ignore=ignore)
@@ -96,9 +100,13 @@ def block_targets(model: nn.Module, stacks: Sequence[tuple[str, nn.ModuleList]],
             per_block[block].append(target)
     names = [name for name, _ in stacks]
     if outside and targets is not None:
-        raise ValueError(f"`targets`={targets!r} matches layers outside the blocks {names}, which one-shot pruning cannot calibrate: {outside}")
+        raise ValueError(
+            f"`targets`={targets!r} matches layers outside the blocks {names}, which one-shot pruning cannot calibrate: {outside}"
+        )
     if not any(per_block.values()):
-        raise ValueError(f"no Linear/Conv1D layers matched `targets`={targets!r} (`ignore`={ignore!r}) inside the blocks {names}")
+        raise ValueError(
+            f"no Linear/Conv1D layers matched `targets`={targets!r} (`ignore`={ignore!r}) inside the blocks {names}"
+        )
     return per_block
 
 
@@ -184,7 +192,9 @@ def prune_oneshot(
     every = [t for targets_ in per_block.values() for t in targets_]
     check_pattern_fits(every, pattern)
     reduce_stats = reduce_stats or _identity
-    driver: dict[str, Any] = dict(blocks=[b for _, b in stacks], device=device, offload=offload, forward=forward, progress=progress)
+    driver: dict[str, Any] = dict(
+        blocks=[b for _, b in stacks], device=device, offload=offload, forward=forward, progress=progress
+    )
     needs_data = needs_calibration(solver, refiner, sparsity_profile) or reconstruct
     batches = take_samples(calibration, num_samples) if calibration is not None else []
     if needs_data and not batches:
@@ -197,7 +207,9 @@ def prune_oneshot(
     try:
         block_sparsity = dict.fromkeys(per_block, sparsity)
         if sparsity_profile == "owl":
-            block_sparsity = owl_block_sparsities(model, batches, per_block, sparsity, reduce_stats, owl_threshold, owl_lambda, **driver)
+            block_sparsity = owl_block_sparsities(
+                model, batches, per_block, sparsity, reduce_stats, owl_threshold, owl_lambda, **driver
+            )
 
         def prune_block(index: int, name: str, block: nn.Module, run_block: BlockRunner) -> None:
             dense_outputs: list[torch.Tensor] = []
@@ -222,13 +234,18 @@ def prune_oneshot(
         if needs_data:
             calibrate_sequentially(model, batches, prune_block, **driver)
         else:
-            for index, (name, block) in enumerate((f"{n}.{i}", b) for n, blocks_ in stacks for i, b in enumerate(blocks_)):
+            for index, (name, block) in enumerate(
+                (f"{n}.{i}", b) for n, blocks_ in stacks for i, b in enumerate(blocks_)
+            ):
                 prune_block(index, name, block, BlockRunner(block, [], name))
     except BaseException:
         snapshot.restore()
         raise
     warn_dense_experts(few_tokens, min_expert_tokens)
-    skipped = {n: f"left dense: {count} calibration tokens < min_expert_tokens={min_expert_tokens}" for n, count in few_tokens.items()}
+    skipped = {
+        n: f"left dense: {count} calibration tokens < min_expert_tokens={min_expert_tokens}"
+        for n, count in few_tokens.items()
+    }
     report = sparsity_report(model, every, skipped=skipped)
     return dataclasses.replace(report, notes=tuple(notes)) if notes else report
 
@@ -249,7 +266,9 @@ class DenseStream:
         return self.hidden
 
 
-def _reconstruct(name: str, block: nn.Module, run_block: BlockRunner, dense_outputs: list[torch.Tensor], steps: int, lr: float) -> list[str]:
+def _reconstruct(
+    name: str, block: nn.Module, run_block: BlockRunner, dense_outputs: list[torch.Tensor], steps: int, lr: float
+) -> list[str]:
     """Reconstruct one pruned block; a note (and a warning) when tuning did not lower its error."""
     result = reconstruct_block(block, run_block.inputs, dense_outputs, steps, lr)
     if result.kept:

@@ -61,7 +61,9 @@ def _take(lists: tuple[torch.Tensor, torch.Tensor], pointer: torch.Tensor) -> tu
     return order.gather(1, index).squeeze(1), (pointer < count) & (pointer < order.shape[1])
 
 
-def _group_candidate(grown: torch.Tensor, importance: torch.Tensor, prunable: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_candidate(
+    grown: torch.Tensor, importance: torch.Tensor, prunable: torch.Tensor, m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """N:M: the prunable weight of lowest importance in the group of M holding column `grown`."""
     start = (grown - grown % m).unsqueeze(1)
     columns = start + torch.arange(m, device=grown.device).unsqueeze(0)
@@ -107,7 +109,10 @@ def dsnot_refine(
     depth = max_cycle_time
     grow_lists = (_ranked(-grow_key, ~kept0 & (grow_key > 0), depth), _ranked(grow_key, ~kept0 & (grow_key < 0), depth))
     if not m:
-        prune_lists = (_ranked(importance, kept0 & (prune_effect < 0), depth), _ranked(importance, kept0 & (prune_effect > 0), depth))
+        prune_lists = (
+            _ranked(importance, kept0 & (prune_effect < 0), depth),
+            _ranked(importance, kept0 & (prune_effect > 0), depth),
+        )
     error = expected_error(W, current, mean)
     initial_sign = error.sign()
     rows = torch.arange(W.shape[0], device=W.device)
@@ -160,13 +165,21 @@ class DSnoT(MaskRefiner):
 
     statistics = (FeatureNormStats,)
 
-    def __init__(self, max_cycle_time: int = 50, update_threshold: float = REFERENCE_THRESHOLD, pow_of_var_regrowing: float = 1.0, without_same_sign: bool = True) -> None:
+    def __init__(
+        self,
+        max_cycle_time: int = 50,
+        update_threshold: float = REFERENCE_THRESHOLD,
+        pow_of_var_regrowing: float = 1.0,
+        without_same_sign: bool = True,
+    ) -> None:
         self.max_cycle_time = check_integer(max_cycle_time, "max_cycle_time", low=1)
         self.update_threshold = check_number(update_threshold, "update_threshold", low=0.0)
         self.pow_of_var_regrowing = check_number(pow_of_var_regrowing, "pow_of_var_regrowing", low=0.0)
         self.without_same_sign = check_bool(without_same_sign, "without_same_sign")
 
-    def refine(self, dense: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor, stats: LayerStats, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def refine(
+        self, dense: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor, stats: LayerStats, pattern: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return dsnot_refine(
             dense,
             pruned,

@@ -25,5 +25,7 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, pattern: str | None = 
 class MagnitudeMethod(OneShotMethod):
     """Layer-wise magnitude (or N:M per row by |w|): needs no calibration data."""
 
-    def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def prune(
+        self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return weight, magnitude_mask(weight, sparsity, pattern)

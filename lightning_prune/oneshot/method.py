@@ -43,17 +43,24 @@ class OneShotMethod:
     statistics: ClassVar[tuple[type[TokenStatistic], ...]] = ()
     updates_weights: ClassVar[bool] = False
 
-    def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def prune(
+        self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pruned (out, in) weight and its keep-mask at `sparsity` (or the N:M `pattern`)."""
         raise TypeError(f"{type(self).__name__} must define `prune`")
 
-    def prune_many(self, weights: Sequence[torch.Tensor], stats: Sequence[LayerStats], sparsity: float, pattern: str | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def prune_many(
+        self, weights: Sequence[torch.Tensor], stats: Sequence[LayerStats], sparsity: float, pattern: str | None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`prune` of each of several (out, in) matrices of one input width (a block's layers, the
         experts of a fused weight), for a method that does not update weights.
 
         A method may do them at once when that gives each matrix exactly its own result; by default one `prune` each.
         """
-        return [self.prune(weight, layer_stats, sparsity, pattern) for weight, layer_stats in zip(weights, stats, strict=True)]
+        return [
+            self.prune(weight, layer_stats, sparsity, pattern)
+            for weight, layer_stats in zip(weights, stats, strict=True)
+        ]
 
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -71,7 +78,9 @@ class MaskRefiner:
     name: ClassVar[str] = ""
     statistics: ClassVar[tuple[type[TokenStatistic], ...]] = ()
 
-    def refine(self, dense: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor, stats: LayerStats, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def refine(
+        self, dense: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor, stats: LayerStats, pattern: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The refined (pruned weight, keep-mask)."""
         raise TypeError(f"{type(self).__name__} must define `refine`")
 

@@ -55,7 +55,12 @@ def owl_block_sparsities(
             return
         stats = collect_statistics(per_block[name], (FeatureNormStats,), run_block)
         reduce_stats([stat for per_kind in stats.values() for stat in per_kind.values()])
-        scores = [wanda_scores(m, stats[n][FeatureNormStats].feature_norms()) for t in per_block[name] for n, m in zip(t.matrix_names(), t.matrices(t.weight)) if int(stats[n][FeatureNormStats].count)]
+        scores = [
+            wanda_scores(m, stats[n][FeatureNormStats].feature_norms())
+            for t in per_block[name]
+            for n, m in zip(t.matrix_names(), t.matrices(t.weight))
+            if int(stats[n][FeatureNormStats].count)
+        ]
         ratios[name] = outlier_ratio(scores, threshold)
 
     calibrate_sequentially(model, batches, measure, **driver)

@@ -32,7 +32,13 @@ def _groups(entries: list[Entry], together: bool) -> list[list[Entry]]:
 
 @torch.no_grad()
 def prune_targets(
-    targets: Sequence[PruneTarget], method: OneShotMethod, refiner: MaskRefiner | None, stats: Mapping[str, LayerStats], sparsity: float, pattern: str | None, dense: Collection[str] = ()
+    targets: Sequence[PruneTarget],
+    method: OneShotMethod,
+    refiner: MaskRefiner | None,
+    stats: Mapping[str, LayerStats],
+    sparsity: float,
+    pattern: str | None,
+    dense: Collection[str] = (),
 ) -> None:
     """Prune the weights of one block (each expert of a fused weight) in place with `method` (then
     `refiner`) and attach their keep-masks; the matrices named in `dense` keep every weight.
@@ -44,26 +50,48 @@ def prune_targets(
     entries: list[Entry] = []
     for t, target in enumerate(targets):
         names, matrices = target.matrix_names(), target.matrices(target.weight.data)
-        keeps.append([torch.ones_like(matrix, dtype=torch.bool) if name in dense else None for name, matrix in zip(names, matrices)])
+        keeps.append(
+            [
+                torch.ones_like(matrix, dtype=torch.bool) if name in dense else None
+                for name, matrix in zip(names, matrices)
+            ]
+        )
         entries += [(t, i, name, matrix) for i, (name, matrix) in enumerate(zip(names, matrices)) if name not in dense]
     for group in _groups(entries, refiner is None and not method.updates_weights):
         label = ", ".join(repr(name) for _, _, name, _ in group)
         originals = [matrix.clone() if refiner is not None else matrix for _, _, _, matrix in group]
         try:
-            results = method.prune_many([matrix for *_, matrix in group], [stats.get(name, {}) for _, _, name, _ in group], sparsity, pattern)
+            results = method.prune_many(
+                [matrix for *_, matrix in group], [stats.get(name, {}) for _, _, name, _ in group], sparsity, pattern
+            )
             if refiner is not None:
-                results = [refiner.refine(original, new_weight, keep, stats.get(entry[2], {}), pattern) for entry, original, (new_weight, keep) in zip(group, originals, results, strict=True)]
+                results = [
+                    refiner.refine(original, new_weight, keep, stats.get(entry[2], {}), pattern)
+                    for entry, original, (new_weight, keep) in zip(group, originals, results, strict=True)
+                ]
         except ValueError as error:
-            raise ValueError(f"one-shot pruning of {label} failed: {error}. Nothing was changed; leave it dense with `ignore=`") from error
+            raise ValueError(
+                f"one-shot pruning of {label} failed: {error}. Nothing was changed; leave it dense with `ignore=`"
+            ) from error
         for (t, i, _, matrix), (new_weight, keep) in zip(group, results, strict=True):
             if new_weight is not matrix:
                 matrix.copy_(new_weight.to(matrix.dtype))
             keeps[t][i] = keep
     for target, target_keeps in zip(targets, keeps, strict=True):
-        set_mask(target.module, target.from_matrices([keep for keep in target_keeps if keep is not None]), target.param_name)
+        set_mask(
+            target.module, target.from_matrices([keep for keep in target_keeps if keep is not None]), target.param_name
+        )
 
 
-def prune_target(target: PruneTarget, method: OneShotMethod, refiner: MaskRefiner | None, stats: Mapping[str, LayerStats], sparsity: float, pattern: str | None, dense: Collection[str] = ()) -> None:
+def prune_target(
+    target: PruneTarget,
+    method: OneShotMethod,
+    refiner: MaskRefiner | None,
+    stats: Mapping[str, LayerStats],
+    sparsity: float,
+    pattern: str | None,
+    dense: Collection[str] = (),
+) -> None:
     """`prune_targets` of one weight."""
     prune_targets([target], method, refiner, stats, sparsity, pattern, dense)
 
@@ -72,7 +100,10 @@ def warn_dense_experts(few: dict[str, int], min_tokens: int) -> None:
     """Say which experts stay dense for lack of calibration tokens."""
     if few:
         listed = ", ".join(f"{name} ({count} tokens)" for name, count in few.items())
-        warnings.warn(f"left dense: experts that received fewer than `min_expert_tokens`={min_tokens} calibration tokens: {listed}", stacklevel=3)
+        warnings.warn(
+            f"left dense: experts that received fewer than `min_expert_tokens`={min_tokens} calibration tokens: {listed}",
+            stacklevel=3,
+        )
 
 
 class Snapshot:
@@ -85,7 +116,13 @@ class Snapshot:
         self.saved = []
         for target in targets:
             mask = get_mask(target.module, target.param_name)
-            self.saved.append((target, target.weight.detach().to("cpu", copy=True), None if mask is None else mask.to("cpu", copy=True)))
+            self.saved.append(
+                (
+                    target,
+                    target.weight.detach().to("cpu", copy=True),
+                    None if mask is None else mask.to("cpu", copy=True),
+                )
+            )
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -39,7 +39,14 @@ def ria_scores(weight: torch.Tensor, feature_norms: torch.Tensor, a: float = 0.5
     return relative * feature_norms.to(weight.device, torch.float32).pow(a).unsqueeze(0)
 
 
-def ria_mask(weight: torch.Tensor, feature_norms: torch.Tensor, sparsity: float, pattern: str | None = None, a: float = 0.5, scope: str = "layer") -> torch.Tensor:
+def ria_mask(
+    weight: torch.Tensor,
+    feature_norms: torch.Tensor,
+    sparsity: float,
+    pattern: str | None = None,
+    a: float = 0.5,
+    scope: str = "layer",
+) -> torch.Tensor:
     """Keep-mask (out, in): the lowest RIA scores of the layer (or of each row) pruned, or N:M per row."""
     scores = ria_scores(weight, feature_norms, a)
     if pattern is not None:
@@ -72,6 +79,8 @@ class Ria(OneShotMethod):
         self.a = check_number(a, "a", low=0.0)
         self.scope = check_choice(scope, "scope", SCOPES)
 
-    def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def prune(
+        self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         norms = statistic(stats, FeatureNormStats).feature_norms()
         return weight, ria_mask(weight, norms, sparsity, pattern, self.a, self.scope)

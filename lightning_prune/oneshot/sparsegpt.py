@@ -18,7 +18,9 @@ from lightning_prune.validation import check_integer, check_number, check_sparsi
 MAX_DAMPING_ATTEMPTS = 6  # percdamp × 10^k for k < 6, then raise
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01, attempts: int = MAX_DAMPING_ATTEMPTS) -> torch.Tensor:
+def inverse_hessian_factor(
+    hessian: torch.Tensor, percdamp: float = 0.01, attempts: int = MAX_DAMPING_ATTEMPTS
+) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = percdamp·mean(diag H) (SparseGPT, section 3.2).
 
     When a factorisation fails, the damping is raised tenfold and the whole computation retried;
@@ -34,7 +36,9 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01, attemp
             if bool((info == 0) & torch.isfinite(upper).all()):  # one host sync for both checks
                 return upper
         damp *= 10.0
-    raise ValueError(f"SparseGPT: the Hessian is not positive definite even with damping {damp / 10:g}·mean(diag H) (from `percdamp`={percdamp}); use more calibration samples or a larger `percdamp`")
+    raise ValueError(
+        f"SparseGPT: the Hessian is not positive definite even with damping {damp / 10:g}·mean(diag H) (from `percdamp`={percdamp}); use more calibration samples or a larger `percdamp`"
+    )
 
 
 @torch.no_grad()
@@ -62,7 +66,9 @@ def sparsegpt_prune(
     if pattern is not None:
         n, m = parse_pattern(pattern)
         if columns % m or blocksize % m:
-            raise ValueError(f"`pattern` {pattern} needs the input dimension ({columns}) and `blocksize` ({blocksize}) to divide by {m}")
+            raise ValueError(
+                f"`pattern` {pattern} needs the input dimension ({columns}) and `blocksize` ({blocksize}) to divide by {m}"
+            )
     # Dead inputs (never active in calibration) carry no information: H_jj = 1, zero their weights.
     # (masked_fill, not boolean indexing, which syncs with the host to count the dead inputs)
     dead = torch.diag(H) == 0
@@ -117,6 +123,8 @@ class SparseGPT(OneShotMethod):
         self.blocksize = check_integer(blocksize, "blocksize", low=1)
         self.percdamp = check_number(percdamp, "percdamp", low=0.0, low_open=True)
 
-    def prune(self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def prune(
+        self, weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         hessian = statistic(stats, HessianStats).hessian()
         return sparsegpt_prune(weight, hessian, sparsity, pattern, self.blocksize, self.percdamp)

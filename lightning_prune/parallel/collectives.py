@@ -19,7 +19,9 @@ def is_distributed() -> bool:
 
 def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
     """Where a collective over `group` (default: the world) needs its tensors: NCCL CUDA, gloo CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    )
 
 
 @torch.no_grad()

@@ -18,7 +18,15 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
 from lightning_prune.parallel.collectives import collective_device
-from lightning_prune.selection import SCOPES, keep_monotone, n_m_candidates, parse_pattern, prune_count, scores_with_pruned, select_row_wise
+from lightning_prune.selection import (
+    SCOPES,
+    keep_monotone,
+    n_m_candidates,
+    parse_pattern,
+    prune_count,
+    scores_with_pruned,
+    select_row_wise,
+)
 from lightning_prune.targets import PruneTarget
 
 _KEY_DTYPE = {4: torch.int32, 8: torch.int64}
@@ -42,7 +50,9 @@ def shard_group(tensor: DTensor, name: str) -> dist.ProcessGroup | None:
     """
     shard_dims = [dim for dim, placement in enumerate(tensor.placements) if isinstance(placement, Shard)]
     if any(tensor.placements[dim] != Shard(0) for dim in shard_dims) or len(shard_dims) > 1:
-        raise ValueError(f"{name!r} is placed as {tensor.placements}; pruning supports parameters sharded by rows only (FSDP2's Shard(0), optionally replicated: HSDP), not tensor parallelism")
+        raise ValueError(
+            f"{name!r} is placed as {tensor.placements}; pruning supports parameters sharded by rows only (FSDP2's Shard(0), optionally replicated: HSDP), not tensor parallelism"
+        )
     if not shard_dims or tensor.device_mesh.size(shard_dims[0]) == 1:
         return None
     return tensor.device_mesh.get_group(shard_dims[0])
@@ -66,7 +76,9 @@ def _digits(keys: torch.Tensor, shift: int, width: int) -> torch.Tensor:
     return digits ^ 128 if shift == width - 8 else digits
 
 
-def _histograms(keys: list[torch.Tensor], active: list[torch.Tensor], shift: int, width: int, problems: Sequence[Sequence[int]]) -> torch.Tensor:
+def _histograms(
+    keys: list[torch.Tensor], active: list[torch.Tensor], shift: int, width: int, problems: Sequence[Sequence[int]]
+) -> torch.Tensor:
     """(problems, 256) counts of each digit at `shift` over the still-active entries of each problem."""
     rows = []
     for segments in problems:
@@ -91,8 +103,12 @@ def sharded_lowest_k(
     the lower index of that vector. Every rank calls this with the same problems and `ks`, in the
     same order. Returns one mask per segment (local shape).
     """
-    if sorted(s for segment_ids in problems for s in segment_ids) != list(range(len(segments))) or len(ks) != len(problems):
-        raise ValueError(f"`problems` must use every segment exactly once and `ks` give one k per problem, got {list(problems)} for {len(segments)} segments and ks={list(ks)}")
+    if sorted(s for segment_ids in problems for s in segment_ids) != list(range(len(segments))) or len(ks) != len(
+        problems
+    ):
+        raise ValueError(
+            f"`problems` must use every segment exactly once and `ks` give one k per problem, got {list(problems)} for {len(segments)} segments and ks={list(ks)}"
+        )
     dtype = torch.float64 if any(segment.dtype == torch.float64 for segment in segments) else torch.float32
     keys = [_sortable_keys(segment.to(dtype)) for segment in segments]
     width = 8 * dtype.itemsize
@@ -158,10 +174,14 @@ def all_gather_floats(values: Iterable[float], group: dist.ProcessGroup | None) 
     return [g.cpu().tolist() for g in gathered]
 
 
-def _layer_problems(flats: dict[str, torch.Tensor], ks: dict[str, int], group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
+def _layer_problems(
+    flats: dict[str, torch.Tensor], ks: dict[str, int], group: dist.ProcessGroup | None
+) -> dict[str, torch.Tensor]:
     """One k-lowest problem per layer (flat local blocks), all answered in the same collectives."""
     names = sorted(flats)
-    dropped = sharded_lowest_k([flats[n] for n in names], [[i] for i in range(len(names))], [ks[n] for n in names], group)
+    dropped = sharded_lowest_k(
+        [flats[n] for n in names], [[i] for i in range(len(names))], [ks[n] for n in names], group
+    )
     return dict(zip(names, dropped))
 
 
@@ -191,9 +211,13 @@ def select_masks_sharded(
     """`selection.select_masks` for row blocks: `scores` are each rank's (local rows, in) blocks,
     `rows` the unsharded row counts; the masks are exactly the unsharded masks' blocks."""
     pruned = pruned or {}
-    nan_layers = sum(bool(torch.isnan(s).any()) for s in scores.values())  # every rank must raise, or the others wait forever
+    nan_layers = sum(
+        bool(torch.isnan(s).any()) for s in scores.values()
+    )  # every rank must raise, or the others wait forever
     if sum_over_shards([nan_layers], group)[0]:
-        raise ValueError("scores contain NaN on some rank's block; check the model's weights and calibration activations")
+        raise ValueError(
+            "scores contain NaN on some rank's block; check the model's weights and calibration activations"
+        )
     masked = {name: scores_with_pruned(s, pruned.get(name)) for name, s in scores.items()}
     numel = {name: rows[name] * s.shape[1] for name, s in scores.items()}
     if pattern is not None:
@@ -210,13 +234,18 @@ def select_masks_sharded(
         dropped = _layer_problems(flats, {name: prune_count(numel[name], sparsity) for name in flats}, group)
     elif scope == "channel":
         norms = {name: s.float().norm(dim=1) for name, s in scores.items()}
-        norms = {name: v.masked_fill(pruned[name].all(dim=1), float("-inf")) if name in pruned else v for name, v in norms.items()}
+        norms = {
+            name: v.masked_fill(pruned[name].all(dim=1), float("-inf")) if name in pruned else v
+            for name, v in norms.items()
+        }
         rows_dropped = _layer_problems(norms, {name: prune_count(rows[name], sparsity) for name in norms}, group)
         dropped = {name: d.unsqueeze(1).expand_as(scores[name]).clone() for name, d in rows_dropped.items()}
     elif scope == "global":
         total, k = sum(numel.values()), prune_count(sum(numel.values()), sparsity)
         if k > total - len(scores):
-            raise ValueError(f"`sparsity`={sparsity} would empty a layer in global scope ({k} of {total} weights over {len(scores)} layers)")
+            raise ValueError(
+                f"`sparsity`={sparsity} would empty a layer in global scope ({k} of {total} weights over {len(scores)} layers)"
+            )
         dropped = _global_dropped({name: s.reshape(-1).float() for name, s in masked.items()}, k, group)
     else:
         raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")

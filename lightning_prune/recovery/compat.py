@@ -41,7 +41,9 @@ def _unknown_layer(model: nn.Module, layer: object) -> ValueError:
     stacks = ", ".join(f"0..{count - 1} (or negative) of `{name}`" for name, count in block_stacks(model))
     indices = f"block indices {stacks} (`<i>` below), or " if stacks else "(no block stack, so no block indices) "
     hint = f" Did you mean {close}?" if close else ""
-    return ValueError(f"`layers` entry {layer!r} is not a module of {type(model).__name__}.{hint} Valid: {indices}module names {valid}")
+    return ValueError(
+        f"`layers` entry {layer!r} is not a module of {type(model).__name__}.{hint} Valid: {indices}module names {valid}"
+    )
 
 
 def resolve_layers(model: nn.Module, layers: Sequence[int | str] | None) -> list[str]:
@@ -54,7 +56,9 @@ def resolve_layers(model: nn.Module, layers: Sequence[int | str] | None) -> list
         if isinstance(layer, int) and not isinstance(layer, bool):
             blocks_name, blocks = find_block_stack(model)
             if not -len(blocks) <= layer < len(blocks):
-                raise ValueError(f"`layers` entry {layer} is out of range for the {len(blocks)} blocks of `{blocks_name}`")
+                raise ValueError(
+                    f"`layers` entry {layer} is out of range for the {len(blocks)} blocks of `{blocks_name}`"
+                )
             names.append(f"{blocks_name}.{layer % len(blocks)}")
         elif isinstance(layer, str) and layer in modules:
             names.append(layer)
@@ -70,7 +74,9 @@ def check_sizes(student: nn.Module, teacher_config: object, teacher_name: str, l
     for key in keys:
         ours, theirs = getattr(getattr(student, "config", None), key, None), getattr(teacher_config, key, None)
         if isinstance(ours, int) and isinstance(theirs, int) and ours != theirs:
-            raise ValueError(f"`teacher` {teacher_name} has {key}={theirs} but the student {type(student).__name__} has {key}={ours}; `loss`={loss!r} needs them equal")
+            raise ValueError(
+                f"`teacher` {teacher_name} has {key}={theirs} but the student {type(student).__name__} has {key}={ours}; `loss`={loss!r} needs them equal"
+            )
 
 
 def check_teacher_fits(student: nn.Module, teacher: nn.Module, loss: str, layer_names: Sequence[str]) -> None:
@@ -86,7 +92,9 @@ def check_teacher_fits(student: nn.Module, teacher: nn.Module, loss: str, layer_
     """
     shared = {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
     if shared:
-        raise ValueError(f"`teacher` shares {len(shared)} parameters with the student {type(student).__name__}: it would be pruned and trained with it; pass a separate copy")
+        raise ValueError(
+            f"`teacher` shares {len(shared)} parameters with the student {type(student).__name__}: it would be pruned and trained with it; pass a separate copy"
+        )
     check_sizes(student, getattr(teacher, "config", None), type(teacher).__name__, loss)
     if not layer_names:
         return

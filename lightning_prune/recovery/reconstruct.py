@@ -63,7 +63,9 @@ def check_reconstruct_arguments(steps: int, lr: float) -> None:
     check_number(lr, "reconstruct_lr", low=0.0, low_open=True)
 
 
-def reconstruct_block(block: nn.Module, inputs: BlockInputs, dense_outputs: Sequence[torch.Tensor], steps: int = 100, lr: float = 1e-4) -> ReconstructionResult:
+def reconstruct_block(
+    block: nn.Module, inputs: BlockInputs, dense_outputs: Sequence[torch.Tensor], steps: int = 100, lr: float = 1e-4
+) -> ReconstructionResult:
     """Tune every floating parameter of `block` with Adam so that its outputs match `dense_outputs`.
 
     `inputs` are the (args, kwargs) the block receives for each calibration batch and
@@ -73,7 +75,9 @@ def reconstruct_block(block: nn.Module, inputs: BlockInputs, dense_outputs: Sequ
     """
     check_reconstruct_arguments(steps, lr)
     if len(inputs) != len(dense_outputs) or not inputs:
-        raise ValueError(f"`inputs` ({len(inputs)} batches) and `dense_outputs` ({len(dense_outputs)}) must be equally many, at least one")
+        raise ValueError(
+            f"`inputs` ({len(inputs)} batches) and `dense_outputs` ({len(dense_outputs)}) must be equally many, at least one"
+        )
     parameters = [p for p in block.parameters() if p.is_floating_point()]
     dtype = parameters[0].dtype if parameters else torch.float32
     saved = copy.deepcopy(block.state_dict())
@@ -95,7 +99,14 @@ def reconstruct_block(block: nn.Module, inputs: BlockInputs, dense_outputs: Sequ
     return ReconstructionResult(before, after if kept else before, steps, kept)
 
 
-def _tune(block: nn.Module, parameters: list[nn.Parameter], inputs: BlockInputs, dense_outputs: Sequence[torch.Tensor], steps: int, lr: float) -> None:
+def _tune(
+    block: nn.Module,
+    parameters: list[nn.Parameter],
+    inputs: BlockInputs,
+    dense_outputs: Sequence[torch.Tensor],
+    steps: int,
+    lr: float,
+) -> None:
     for parameter in parameters:
         parameter.requires_grad_(True)
     # fused: the foreach/default CPU paths are ~6x slower on the exact-zero second moments of pruned weights (DESIGN).

@@ -25,7 +25,9 @@ from lightning_prune.masking import MASK_ATTRIBUTES, get_masks, mask_buffer_name
 from lightning_prune.parallel.sharded import local_tensor, shard_group
 from lightning_prune.recovery.teacher import freeze
 
-_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"_is_fsdp_managed_module", "_fsdp_use_orig_params"} | MASK_ATTRIBUTES
+_MODULE_INTERNALS = (
+    frozenset(nn.Module().__dict__) | {"_is_fsdp_managed_module", "_fsdp_use_orig_params"} | MASK_ATTRIBUTES
+)
 _COMPOSABLE_PREFIX = "__composable_api"  # keys fully_shard's `contract` puts into a module's __dict__ (torch 2.13)
 
 
@@ -40,7 +42,9 @@ def student_mesh(student: nn.Module) -> DeviceMesh | None:
             shard_group(param, name)  # refuses placements other than FSDP2's Shard(0) (optionally replicated)
             meshes.append(param.device_mesh)
     if any(mesh != meshes[0] for mesh in meshes):
-        raise ValueError("the student's FSDP2 parameters lie on different device meshes; the teacher is sharded on one mesh (shard every module on the same mesh)")
+        raise ValueError(
+            "the student's FSDP2 parameters lie on different device meshes; the teacher is sharded on one mesh (shard every module on the same mesh)"
+        )
     return meshes[0] if meshes else None
 
 
@@ -65,11 +69,17 @@ def _skeleton(module: nn.Module, dtype: torch.dtype | None, memo: dict[int, Any]
         copied._parameters[name] = None if param is None else memo[id(param)]
     for name, buffer in module._buffers.items():
         if name not in masks:
-            copied._buffers[name] = None if buffer is None else torch.empty(buffer.shape, dtype=buffer.dtype, device="meta")
+            copied._buffers[name] = (
+                None if buffer is None else torch.empty(buffer.shape, dtype=buffer.dtype, device="meta")
+            )
     copied._non_persistent_buffers_set = set(module._non_persistent_buffers_set) - masks
     for name, child in module._modules.items():
         copied._modules[name] = None if child is None else _skeleton(child, dtype, memo)
-    rest = {key: value for key, value in module.__dict__.items() if key not in _MODULE_INTERNALS and not key.startswith(_COMPOSABLE_PREFIX)}
+    rest = {
+        key: value
+        for key, value in module.__dict__.items()
+        if key not in _MODULE_INTERNALS and not key.startswith(_COMPOSABLE_PREFIX)
+    }
     copied.__dict__.update(copy.deepcopy(rest, memo))
     return copied
 
@@ -102,12 +112,18 @@ def shard_like(teacher: nn.Module, student: nn.Module, mesh: DeviceMesh) -> nn.M
 def rank_block(source: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This rank's block of `source` (a whole tensor or a DTensor) laid out like `like` (a DTensor or a plain tensor)."""
     if isinstance(source, DTensor):
-        if isinstance(like, DTensor) and source.device_mesh == like.device_mesh and source.placements == like.placements:
+        if (
+            isinstance(like, DTensor)
+            and source.device_mesh == like.device_mesh
+            and source.placements == like.placements
+        ):
             return source.to_local()
         source = source.full_tensor()
     if not isinstance(like, DTensor):
         return source
-    block = distribute_tensor(source.detach().to(like.device), like.device_mesh, like.placements, src_data_rank=None)  # each rank cuts its own block
+    block = distribute_tensor(
+        source.detach().to(like.device), like.device_mesh, like.placements, src_data_rank=None
+    )  # each rank cuts its own block
     return block.to_local()
 
 
@@ -118,12 +134,16 @@ def copy_into_sharded(teacher: nn.Module, state: dict[str, torch.Tensor], every:
     targets = dict(teacher.named_parameters()) | dict(teacher.named_buffers())
     missing = sorted(set(targets) - set(state)) if every else sorted(set(state) - set(targets))
     if missing:
-        raise ValueError(f"the teacher's weights and the saved ones differ in {missing[:5]}; the saved teacher does not match this model")
+        raise ValueError(
+            f"the teacher's weights and the saved ones differ in {missing[:5]}; the saved teacher does not match this model"
+        )
     for name in targets if every else state:
         local_tensor(targets[name]).copy_(rank_block(state[name], targets[name]))
 
 
-def sharded_frozen_copy(student: nn.Module, mesh: DeviceMesh, dtype: torch.dtype | None = None, share: Iterable[object] = ()) -> nn.Module:
+def sharded_frozen_copy(
+    student: nn.Module, mesh: DeviceMesh, dtype: torch.dtype | None = None, share: Iterable[object] = ()
+) -> nn.Module:
     """A frozen copy of the FSDP2-sharded `student` (without masks), sharded like it: each rank allocates
     only its blocks. Buffers are replicated, as FSDP2 leaves them. Objects in `share` (e.g. a Trainer)
     are not copied but set to None; the mesh is shared."""
@@ -136,13 +156,20 @@ def sharded_frozen_copy(student: nn.Module, mesh: DeviceMesh, dtype: torch.dtype
     return teacher
 
 
-def shard_teacher(teacher: nn.Module, student: nn.Module, mesh: DeviceMesh, dtype: torch.dtype | None = None) -> nn.Module:
+def shard_teacher(
+    teacher: nn.Module, student: nn.Module, mesh: DeviceMesh, dtype: torch.dtype | None = None
+) -> nn.Module:
     """A dense (or already sharded) teacher module frozen and sharded in place like the student, on its mesh."""
     if get_masks(teacher):
         raise ValueError("`teacher` has pruning masks: it would be a pruned teacher; pass the dense model")
     sharded = student_mesh(teacher)
-    if sharded is not None and (sharded != mesh or (dtype is not None and any(p.dtype != dtype for p in teacher.parameters() if p.is_floating_point()))):
-        raise ValueError("`teacher` is already sharded, on another device mesh than the student or in another dtype than `teacher_dtype`; pass it unsharded")
+    if sharded is not None and (
+        sharded != mesh
+        or (dtype is not None and any(p.dtype != dtype for p in teacher.parameters() if p.is_floating_point()))
+    ):
+        raise ValueError(
+            "`teacher` is already sharded, on another device mesh than the student or in another dtype than `teacher_dtype`; pass it unsharded"
+        )
     if dtype is not None and sharded is None:
         teacher.to(dtype)
     return shard_like(freeze(teacher), student, mesh)

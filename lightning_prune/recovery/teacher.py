@@ -50,7 +50,9 @@ def resolve_teacher_device(value: str | torch.device | None) -> torch.device | N
     try:
         return torch.device(value)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f"`teacher_device` must be None or a torch device such as 'cpu' or 'cuda:0', got {value!r}") from error
+        raise ValueError(
+            f"`teacher_device` must be None or a torch device such as 'cpu' or 'cuda:0', got {value!r}"
+        ) from error
 
 
 def place_teacher(teacher: nn.Module, device: torch.device | None, dtype: torch.dtype | None) -> nn.Module:
@@ -150,7 +152,9 @@ def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
 
 
 @torch.no_grad()
-def run_teacher(teacher: nn.Module, call: Call, layer_names: Sequence[str], device: torch.device, dtype: torch.dtype | None = None) -> Call:
+def run_teacher(
+    teacher: nn.Module, call: Call, layer_names: Sequence[str], device: torch.device, dtype: torch.dtype | None = None
+) -> Call:
     """Run `teacher` on the inputs of a captured student call, moved to `device` with float inputs cast to
     `dtype` (default: the teacher's parameter dtype, so a bf16 teacher takes an fp32 student's inputs)."""
     args, kwargs = to_device((call.args, call.kwargs), device)

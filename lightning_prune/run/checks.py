@@ -40,7 +40,9 @@ def check_run_settings(cfg: DictConfig) -> None:
     """Required values are set and the top-level run settings have valid types and values."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"required value `{missing[0]}` is not set (it is `???`): add `{missing[0]}=...` to the command line")
+        raise ConfigError(
+            f"required value `{missing[0]}` is not set (it is `???`): add `{missing[0]}=...` to the command line"
+        )
     for key, (kind, valid, allowed) in RUN_SETTINGS.items():
         value = cfg.get(key)
         wrong_type = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
@@ -73,7 +75,9 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, str)
     container = origin or hint
     if container in (list, tuple, set, collections.abc.Sequence, collections.abc.Iterable):
-        return isinstance(value, (ListConfig, list, tuple)) or (container is collections.abc.Sequence and isinstance(value, str))
+        return isinstance(value, (ListConfig, list, tuple)) or (
+            container is collections.abc.Sequence and isinstance(value, str)
+        )
     if container in (dict, collections.abc.Mapping):
         return isinstance(value, (DictConfig, dict))
     return True

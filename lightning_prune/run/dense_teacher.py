@@ -50,7 +50,9 @@ class DenseTeacher:
     and the frozen copy once taken (`take`) or rebuilt (`rebuild`)."""
 
     def __init__(self, built: list[list[Callback]]) -> None:
-        pruning = [index for index, callbacks in enumerate(built) if any(isinstance(c, MaskingCallback) for c in callbacks)]
+        pruning = [
+            index for index, callbacks in enumerate(built) if any(isinstance(c, MaskingCallback) for c in callbacks)
+        ]
         self.first_pruning: int | None = pruning[0] if pruning else None
         self.waiting: list[tuple[int, DenseTeacherUser]] = [
             (index, callback)
@@ -83,7 +85,9 @@ class DenseTeacher:
                 key = (id(student), as_is)
                 if key not in copies:
                     mesh = student_mesh(student)
-                    if mesh is not None:  # FSDP2 refuses deepcopy: a student sharded by an earlier stage is copied sharded
+                    if (
+                        mesh is not None
+                    ):  # FSDP2 refuses deepcopy: a student sharded by an earlier stage is copied sharded
                         copies[key] = sharded_frozen_copy(student, mesh)
                     else:
                         offered = offered_dense_copy(module, student) if as_is else None

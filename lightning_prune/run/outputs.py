@@ -63,9 +63,13 @@ class History(Callback):
         self.sparsity = [tuple(row) for row in state_dict.get("sparsity", [])]
         self.validation = [tuple(row) for row in state_dict.get("validation", [])]
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         value = trainer.callback_metrics.get(SPARSITY_KEY)
-        self.sparsity.append((self.phase, self.step_offset + trainer.global_step, float(value) if value is not None else 0.0))
+        self.sparsity.append(
+            (self.phase, self.step_offset + trainer.global_step, float(value) if value is not None else 0.0)
+        )
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         value = trainer.callback_metrics.get(self.metric)
@@ -130,12 +134,20 @@ def plot_schedule(history: History, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, left = plt.subplots(figsize=(7, 4))
-    left.plot([s for _, s, _ in history.sparsity], [v for _, _, v in history.sparsity], color="tab:blue", label="sparsity")
+    left.plot(
+        [s for _, s, _ in history.sparsity], [v for _, _, v in history.sparsity], color="tab:blue", label="sparsity"
+    )
     left.set_xlabel("optimizer step (all phases)")
     left.set_ylabel("sparsity", color="tab:blue")
     left.set_ylim(0, 1)
     right = left.twinx()
-    right.plot([s for _, s, _ in history.validation], [v for _, _, v in history.validation], "o-", color="tab:orange", label=history.metric)
+    right.plot(
+        [s for _, s, _ in history.validation],
+        [v for _, _, v in history.validation],
+        "o-",
+        color="tab:orange",
+        label=history.metric,
+    )
     right.set_ylabel(history.metric, color="tab:orange")
     starts: dict[str, int] = {}
     for phase, step, _ in history.sparsity:

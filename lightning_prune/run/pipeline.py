@@ -41,7 +41,15 @@ from lightning_prune.run.outputs import (
 )
 from lightning_prune.run.pairing import check_vocabulary, use_model_tokenizer
 from lightning_prune.run.record import RunRecord, check_final_sparsity, target_sparsity
-from lightning_prune.run.resume import StageState, check_resumable, checkpoint_path, load_last_checkpoint, restore_module, run_config, save_stage_checkpoint
+from lightning_prune.run.resume import (
+    StageState,
+    check_resumable,
+    checkpoint_path,
+    load_last_checkpoint,
+    restore_module,
+    run_config,
+    save_stage_checkpoint,
+)
 from lightning_prune.run.stages import GROUPS, Stage, build_callbacks, parse_stages
 from lightning_prune.run.state import RunParts
 
@@ -68,7 +76,9 @@ def make_loggers(cfg: DictConfig, out: Path, phase: str) -> list[Logger]:
     return loggers
 
 
-def make_trainer(cfg: DictConfig, out: Path, phase: str, callbacks: list[Callback], settings: dict[str, Any] | None = None) -> pl.Trainer:
+def make_trainer(
+    cfg: DictConfig, out: Path, phase: str, callbacks: list[Callback], settings: dict[str, Any] | None = None
+) -> pl.Trainer:
     """The configured Trainer (or the stage's `settings`) with the phase's callbacks, loggers and
     (when enabled) rich progress bar."""
     node = cfg.trainer if settings is None else OmegaConf.create(settings)
@@ -85,13 +95,23 @@ def evaluate(trainer: pl.Trainer, module: pl.LightningModule, data: pl.Lightning
     return {name: float(value) for name, value in metrics.items()}
 
 
-def evaluate_start(cfg: DictConfig, out: Path, stage: Stage, snapshot: TrainStartSnapshot, trainer: pl.Trainer, module: pl.LightningModule, data: Any) -> dict[str, float]:
+def evaluate_start(
+    cfg: DictConfig,
+    out: Path,
+    stage: Stage,
+    snapshot: TrainStartSnapshot,
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    data: Any,
+) -> dict[str, float]:
     """Validation metrics of the model as the stage's training started (a plain Trainer, none of the
     stage's callbacks); with no training step at all, the model after the stage is that model."""
     plain = make_trainer(cfg, out, f"{stage.name}-start", [], stage.trainer)
     if snapshot.module is None:
         if trainer.global_step > 0:
-            raise RuntimeError(f"stage `{stage.name}` trained but its start was not recorded: `evaluate_start` has no model to validate")
+            raise RuntimeError(
+                f"stage `{stage.name}` trained but its start was not recorded: `evaluate_start` has no model to validate"
+            )
         return evaluate(plain, module, data)
     return evaluate(plain, snapshot.module, data)
 
@@ -137,8 +157,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecord, parts: RunParts) -> None:
     """Setup and preflight of every stage, the stages (after the last finished one with `resume`), then the outputs."""
     results = record.results
-    built = [build_callbacks(cfg, stage) for stage in stages]  # cheap, and where most argument errors are: before data and model
-    parts.ordered = [callback for callbacks in reversed(built) for callback in callbacks]  # the last stage's target first
+    built = [
+        build_callbacks(cfg, stage) for stage in stages
+    ]  # cheap, and where most argument errors are: before data and model
+    parts.ordered = [
+        callback for callbacks in reversed(built) for callback in callbacks
+    ]  # the last stage's target first
     data = parts.data = build(cfg.data, "data")
     module = parts.module = build(cfg.model, "model")
     check_vocabulary(data, module)
@@ -150,9 +174,15 @@ def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecor
     dense = DenseTeacher(built)
     source = dense.source_stage(stages)
     dense_path = None if source is None else checkpoint_path(out, source)
-    as_built = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()} if cfg.resume and dense.needed and source is None else None
+    as_built = (
+        {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+        if cfg.resume and dense.needed and source is None
+        else None
+    )
     start = resume(cfg, stages, out, record, module, history) if cfg.resume else 0
-    dense_state = dense_path if dense_path is not None else as_built  # None: no later stage distills from the dense model
+    dense_state = (
+        dense_path if dense_path is not None else as_built
+    )  # None: no later stage distills from the dense model
     if dense_state is not None and dense.first_pruning is not None and start > dense.first_pruning:
         dense.rebuild(module, start, dense_state)
     parts.keep_checkpoint = dense_path
@@ -160,7 +190,9 @@ def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecor
     states = [StageState(keep_masks=not any(isinstance(c, MaskingCallback) for c in callbacks)) for callbacks in built]
     snapshots = [TrainStartSnapshot() if stage.evaluate_start else None for stage in stages]
     trainers = [
-        make_trainer(cfg, out, stage.name, [*callbacks, history, state, *([snapshot] if snapshot else [])], stage.trainer)
+        make_trainer(
+            cfg, out, stage.name, [*callbacks, history, state, *([snapshot] if snapshot else [])], stage.trainer
+        )
         for stage, callbacks, state, snapshot in zip(stages, built, states, snapshots)
     ]
     for stage in stages[start:]:
@@ -171,11 +203,17 @@ def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecor
     finish(cfg, out, record, parts, stages, built, trainers)
 
 
-def resume(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecord, module: pl.LightningModule, history: History) -> int:
+def resume(
+    cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecord, module: pl.LightningModule, history: History
+) -> int:
     """Restore the model, masks, history, results and warnings of the last finished stage; returns the next stage's index."""
     found = load_last_checkpoint(out, stages, cfg)
     if found is None:
-        warnings.warn(f"`resume`=True but {out / 'checkpoints'} holds no finished stage of this run: every stage runs", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"`resume`=True but {out / 'checkpoints'} holds no finished stage of this run: every stage runs",
+            UserWarning,
+            stacklevel=2,
+        )
         record.results["resumed_after"] = None
         return 0
     stage, checkpoint = found
@@ -188,17 +226,34 @@ def resume(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecord, m
     return stage.index + 1
 
 
-def run_stage(cfg: DictConfig, out: Path, record: RunRecord, parts: RunParts, stage: Stage, trainer: pl.Trainer, state: StageState, snapshot: TrainStartSnapshot | None) -> None:
+def run_stage(
+    cfg: DictConfig,
+    out: Path,
+    record: RunRecord,
+    parts: RunParts,
+    stage: Stage,
+    trainer: pl.Trainer,
+    state: StageState,
+    snapshot: TrainStartSnapshot | None,
+) -> None:
     """One stage: (the dense baseline before the first stage with callbacks), the fit, its evaluations, its checkpoint."""
     (module, data, history), results, callbacks = parts.built(), record.results, parts.callbacks
-    entry: dict[str, Any] = {"name": stage.name, "status": "skipped", "callbacks": [type(c).__name__ for c in callbacks]}
+    entry: dict[str, Any] = {
+        "name": stage.name,
+        "status": "skipped",
+        "callbacks": [type(c).__name__ for c in callbacks],
+    }
     if stage.is_empty:
         results["stages"].append(entry)
         return
     if cfg.evaluate_before and callbacks and "before" not in results:
         record.phase = "evaluate_before"
         ran = [e for e in results["stages"] if e["status"] == "completed"]
-        results["before"] = ran[-1]["metrics"] if ran and "metrics" in ran[-1] else entry.setdefault("before_metrics", evaluate(trainer, module, data))
+        results["before"] = (
+            ran[-1]["metrics"]
+            if ran and "metrics" in ran[-1]
+            else entry.setdefault("before_metrics", evaluate(trainer, module, data))
+        )
     record.phase = stage.name
     history.start_phase(stage.name, sum(e.get("steps", 0) for e in results["stages"]))
     pl.seed_everything(cfg.seed + stage.index, workers=True, verbose=False)  # a resumed stage draws the same numbers
@@ -219,11 +274,24 @@ def run_stage(cfg: DictConfig, out: Path, record: RunRecord, parts: RunParts, st
     path = checkpoint_path(out, stage)
     entry["checkpoint"] = str(path.relative_to(out))
     results["stages"].append(entry)
-    state.progress = {"stage": stage.name, "config": run_config(cfg), "results": copy.deepcopy(results), "warnings": record.close_stage(callbacks)}
+    state.progress = {
+        "stage": stage.name,
+        "config": run_config(cfg),
+        "results": copy.deepcopy(results),
+        "warnings": record.close_stage(callbacks),
+    }
     save_stage_checkpoint(trainer, path, keep_earlier=cfg.stage_checkpoints == "all", keep=parts.keep_checkpoint)
 
 
-def finish(cfg: DictConfig, out: Path, record: RunRecord, parts: RunParts, stages: list[Stage], built: list[list[Callback]], trainers: list[pl.Trainer]) -> None:
+def finish(
+    cfg: DictConfig,
+    out: Path,
+    record: RunRecord,
+    parts: RunParts,
+    stages: list[Stage],
+    built: list[list[Callback]],
+    trainers: list[pl.Trainer],
+) -> None:
     """`after` (the last stage's metrics, or a validation), then the report, plots, model and results."""
     (module, data, history), results = parts.built(), record.results
     parts.callbacks = []
@@ -269,7 +337,11 @@ def write_partial_outputs(cfg: DictConfig, out: Path, results: dict[str, Any], p
 
 def sparsity_results(report: SparsityReport, callbacks: list[Callback]) -> dict[str, Any]:
     """The achieved sparsity (global and per layer) and the target the callbacks were asked for."""
-    return {"global_sparsity": report.global_sparsity, "target_sparsity": target_sparsity(callbacks), "layer_sparsity": report.as_dict()}
+    return {
+        "global_sparsity": report.global_sparsity,
+        "target_sparsity": target_sparsity(callbacks),
+        "layer_sparsity": report.as_dict(),
+    }
 
 
 def write_report(out: Path, report: SparsityReport, history: History, plots: bool) -> None:
@@ -282,7 +354,9 @@ def write_report(out: Path, report: SparsityReport, history: History, plots: boo
         plot_schedule(history, out / "plots" / "sparsity_vs_metric.png")
 
 
-def write_outputs(cfg: DictConfig, out: Path, module: pl.LightningModule, data: Any, history: History, callbacks: list[Callback]) -> dict[str, Any]:
+def write_outputs(
+    cfg: DictConfig, out: Path, module: pl.LightningModule, data: Any, history: History, callbacks: list[Callback]
+) -> dict[str, Any]:
     """Report (printed and saved), history, plots, and the finalized model; returns what to record."""
     report = sparsity_report(module)
     # Full layer names when writing to a file or pipe (rich would otherwise assume 80 columns).

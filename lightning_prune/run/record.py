@@ -23,7 +23,9 @@ SPARSITY_TOLERANCE = 1e-3
 
 def is_ours(warning: warnings.WarningMessage) -> bool:
     """A warning raised from lightning_prune's code, or of a warning class it defines."""
-    return str(Path(warning.filename).resolve()).startswith(PACKAGE_DIR) or warning.category.__module__.startswith("lightning_prune")
+    return str(Path(warning.filename).resolve()).startswith(PACKAGE_DIR) or warning.category.__module__.startswith(
+        "lightning_prune"
+    )
 
 
 class RunRecord:
@@ -65,7 +67,13 @@ class RunRecord:
         for callback in callbacks:
             for item in getattr(callback, "warnings_recorded", []):
                 entry = item if isinstance(item, dict) else {"message": str(item)}
-                recorded.append({"kind": str(entry.get("kind", "warning")), "message": str(entry.get("message", "")), "source": type(callback).__name__})
+                recorded.append(
+                    {
+                        "kind": str(entry.get("kind", "warning")),
+                        "message": str(entry.get("message", "")),
+                        "source": type(callback).__name__,
+                    }
+                )
         for item in self.caught[self._stage_start :]:
             if is_ours(item):
                 recorded.append({"kind": item.category.__name__, "message": str(item.message), "source": "python"})

@@ -70,7 +70,9 @@ class StageState(Callback):
             hook.remove()
         self._hooks = []
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         masks = {name: mask.detach().cpu().clone() for name, mask in get_masks(pl_module).items()}
         checkpoint[PAYLOAD_KEY] = {**self.progress, "masks": masks}
 
@@ -104,7 +106,9 @@ def load_last_checkpoint(out: Path, stages: list[Stage], cfg: DictConfig) -> tup
             # (optimizer states, hyperparameters) needs the unrestricted loader.
             checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
             if PAYLOAD_KEY not in checkpoint:
-                raise ConfigError(f"`resume`=True: {path} is not a lightning-prune stage checkpoint (no `{PAYLOAD_KEY}`)")
+                raise ConfigError(
+                    f"`resume`=True: {path} is not a lightning-prune stage checkpoint (no `{PAYLOAD_KEY}`)"
+                )
             check_same_config(checkpoint[PAYLOAD_KEY]["config"], run_config(cfg), path)
             return stage, checkpoint
     return None
@@ -126,9 +130,15 @@ def check_resumable(cfg: DictConfig, stages: list[Stage]) -> None:
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict) and node:
-        return {key: value for name, child in node.items() for key, value in _flatten(child, f"{prefix}{name}.").items()}
+        return {
+            key: value for name, child in node.items() for key, value in _flatten(child, f"{prefix}{name}.").items()
+        }
     if isinstance(node, list) and node:
-        return {key: value for index, child in enumerate(node) for key, value in _flatten(child, f"{prefix}{index}.").items()}
+        return {
+            key: value
+            for index, child in enumerate(node)
+            for key, value in _flatten(child, f"{prefix}{index}.").items()
+        }
     return {prefix.rstrip("."): node}
 
 

@@ -66,7 +66,9 @@ def _used_keys(cfg: DictConfig, node: DictConfig, where: str) -> list[str]:
     """`use` expanded to dotted callback keys; groups set to none (no `_target_`) contribute nothing."""
     use = node.get("use", ListConfig([]))
     if not isinstance(use, ListConfig) or not all(isinstance(entry, str) for entry in use):
-        raise ConfigError(f"`{where}.use`={OmegaConf.to_container(use) if isinstance(use, ListConfig) else use!r} is invalid: must be a list of {list(GROUPS)} or 'callbacks.<name>'")
+        raise ConfigError(
+            f"`{where}.use`={OmegaConf.to_container(use) if isinstance(use, ListConfig) else use!r} is invalid: must be a list of {list(GROUPS)} or 'callbacks.<name>'"
+        )
     extra = cfg.get("callbacks") or {}
     keys: list[str] = []
     for entry in use:
@@ -94,7 +96,9 @@ def _own_keys(node: DictConfig, where: str) -> list[str]:
         child = own[name]
         if not _is_callback_node(child):
             shown = OmegaConf.to_container(child) if isinstance(child, (DictConfig, ListConfig)) else child
-            raise ConfigError(f"`{where}.callbacks.{name}` needs a `_target_` (a Lightning Callback class), got {shown!r}")
+            raise ConfigError(
+                f"`{where}.callbacks.{name}` needs a `_target_` (a Lightning Callback class), got {shown!r}"
+            )
     return [f"{where}.callbacks.{name}" for name in names]
 
 
@@ -104,7 +108,9 @@ def _stage_trainer(cfg: DictConfig, node: DictConfig, where: str) -> dict[str, A
         raise ConfigError(f"`{where}.trainer`={settings!r} is invalid: must be a mapping of Trainer settings")
     owned = [key for key in RUN_OWNED_TRAINER_KEYS if key in settings]
     if owned:
-        raise ConfigError(f"`{where}.trainer.{owned[0]}` is set by the run: give a stage its callbacks with `use` and `callbacks`")
+        raise ConfigError(
+            f"`{where}.trainer.{owned[0]}` is set by the run: give a stage its callbacks with `use` and `callbacks`"
+        )
     values: dict[str, Any] = OmegaConf.to_container(settings, resolve=True)  # type: ignore[assignment]  # a DictConfig gives a dict
     base: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     check_types(OmegaConf.create({"_target_": base["_target_"], **values}), f"{where}.trainer")
@@ -115,7 +121,10 @@ def check_stage_settings_used(cfg: DictConfig) -> None:
     """`dense_epochs` > 0 and `evaluate_pruned` act only through a stage that refers to them (the
     default list does); set with a stage list that does not, they would be ignored: an error."""
     raw = str(OmegaConf.to_container(cfg.stages, resolve=False))
-    for key, active in (("dense_epochs", cfg.get("dense_epochs", 0) > 0), ("evaluate_pruned", cfg.get("evaluate_pruned") is True)):
+    for key, active in (
+        ("dense_epochs", cfg.get("dense_epochs", 0) > 0),
+        ("evaluate_pruned", cfg.get("evaluate_pruned") is True),
+    ):
         if active and f"${{{key}}}" not in raw:
             raise ConfigError(
                 f"`{key}`={cfg.get(key)!r} has no effect: no stage of `stages` refers to it (the recipe's stages set their own "
@@ -127,7 +136,9 @@ def parse_stages(cfg: DictConfig) -> list[Stage]:
     """Check `cfg.stages` and return the stages in order; errors name the key, the value and what is valid."""
     nodes = cfg.get("stages")
     if not isinstance(nodes, ListConfig) or len(nodes) == 0:
-        raise ConfigError(f"`stages` must be a non-empty list of stages ({{name: ..., use: [...], callbacks: {{...}}, trainer: {{...}}}}), got {nodes!r}")
+        raise ConfigError(
+            f"`stages` must be a non-empty list of stages ({{name: ..., use: [...], callbacks: {{...}}, trainer: {{...}}}}), got {nodes!r}"
+        )
     for name, child in (cfg.get("callbacks") or {}).items():
         if not _is_callback_node(child):
             shown = OmegaConf.to_container(child) if isinstance(child, (DictConfig, ListConfig)) else child
@@ -142,13 +153,26 @@ def parse_stages(cfg: DictConfig) -> list[Stage]:
             raise ConfigError(f"`{where}.{unknown[0]}` is not a stage key: valid keys are {list(STAGE_KEYS)}")
         name = node.get("name")
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
-            raise ConfigError(f"`{where}.name`={name!r} is invalid: must be a non-empty name of letters, digits, '_', '.' or '-'")
+            raise ConfigError(
+                f"`{where}.name`={name!r} is invalid: must be a non-empty name of letters, digits, '_', '.' or '-'"
+            )
         previous = [stage.index for stage in stages if stage.name == name]
         if previous:
-            raise ConfigError(f"`{where}.name`={name!r} is already the name of `stages.{previous[0]}`: stage names must be unique")
+            raise ConfigError(
+                f"`{where}.name`={name!r} is already the name of `stages.{previous[0]}`: stage names must be unique"
+            )
         keys = _used_keys(cfg, node, where) + _own_keys(node, where)
         trainer = _stage_trainer(cfg, node, where)
-        stages.append(Stage(index, name, tuple(keys), trainer, _bool(node, "evaluate", where, True), _bool(node, "evaluate_start", where, False)))
+        stages.append(
+            Stage(
+                index,
+                name,
+                tuple(keys),
+                trainer,
+                _bool(node, "evaluate", where, True),
+                _bool(node, "evaluate_start", where, False),
+            )
+        )
     check_stage_settings_used(cfg)
     return stages
 

@@ -38,7 +38,9 @@ class SweepLog:
         self.write()
         return job
 
-    def finish(self, job: SweepJob, metric: str | None = None, value: float | None = None, error: BaseException | None = None) -> None:
+    def finish(
+        self, job: SweepJob, metric: str | None = None, value: float | None = None, error: BaseException | None = None
+    ) -> None:
         """Record `job`'s outcome: its final metric, or the error that ended it."""
         job.status = "failed" if error is not None else "completed"
         job.metric, job.value = metric, value

@@ -33,10 +33,23 @@ from lightning_prune.targets import PruneTarget
 from lightning_prune.validation import check_integer, check_sparsity
 
 # Post-norm families: the residual sum goes through a LayerNorm, so a zeroed block is no identity.
-POST_NORM_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "camembert", "mpnet", "deberta", "deberta-v2")
+POST_NORM_TYPES = (
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "electra",
+    "distilbert",
+    "albert",
+    "camembert",
+    "mpnet",
+    "deberta",
+    "deberta-v2",
+)
 
 
-def resolve_score(method: str | StructuredScore, options: Mapping[str, Any] | None = None, unit: str = "group") -> StructuredScore:
+def resolve_score(
+    method: str | StructuredScore, options: Mapping[str, Any] | None = None, unit: str = "group"
+) -> StructuredScore:
     """A registered structured score by name with its options, or the given instance."""
     score: StructuredScore = STRUCTURED_SCORES.create(method, **dict(options or {}))
     if not isinstance(score, StructuredScore) or score.unit != unit:
@@ -53,7 +66,11 @@ def select_groups(groups: list[GroupSet], targets: Any, ignore: Any) -> list[Gro
         patterns = [patterns] if isinstance(patterns, str) else list(patterns)
         return any(re.search(p, name) for p in patterns)
 
-    chosen = [g for g in groups if (targets is None or matches(targets, g.name)) and (ignore is None or not matches(ignore, g.name))]
+    chosen = [
+        g
+        for g in groups
+        if (targets is None or matches(targets, g.name)) and (ignore is None or not matches(ignore, g.name))
+    ]
     if len(chosen) != len(groups) and getattr(groups[0] if groups else None, "config_key", None):
         left = sorted({g.name for g in groups} - {g.name for g in chosen})
         raise ValueError(
@@ -63,7 +80,9 @@ def select_groups(groups: list[GroupSet], targets: Any, ignore: Any) -> list[Gro
     return chosen
 
 
-def _find(model: nn.Module, blocks: str | None, mlp_sparsity: float, head_sparsity: float, targets: Any, ignore: Any) -> list[GroupSet]:
+def _find(
+    model: nn.Module, blocks: str | None, mlp_sparsity: float, head_sparsity: float, targets: Any, ignore: Any
+) -> list[GroupSet]:
     return [
         *(select_groups(find_block_groups(model, "neuron", blocks), targets, ignore) if mlp_sparsity > 0 else []),
         *(select_groups(find_block_groups(model, "head", blocks), targets, ignore) if head_sparsity > 0 else []),
@@ -72,9 +91,13 @@ def _find(model: nn.Module, blocks: str | None, mlp_sparsity: float, head_sparsi
 
 def _check_droppable(model: nn.Module, drop_layers: int, n_blocks: int) -> None:
     if not 0 <= drop_layers < n_blocks:  # an integer >= 0: checked by `prune_structured` before the model is read
-        raise ValueError(f"`drop_layers` must be an integer in [0, {n_blocks}) (the model has {n_blocks} blocks), got {drop_layers!r}")
+        raise ValueError(
+            f"`drop_layers` must be an integer in [0, {n_blocks}) (the model has {n_blocks} blocks), got {drop_layers!r}"
+        )
     config = model_config(model)
-    post_norm = getattr(config, "model_type", None) in POST_NORM_TYPES or getattr(config, "do_layer_norm_before", True) is False
+    post_norm = (
+        getattr(config, "model_type", None) in POST_NORM_TYPES or getattr(config, "do_layer_norm_before", True) is False
+    )
     if drop_layers and post_norm:
         raise ValueError(
             f"`drop_layers`={drop_layers}: {getattr(config, 'model_type', '?')} normalises after the residual sum, so a block cannot be removed without changing the model; prune MLP neurons (`mlp_sparsity`) instead"
@@ -91,7 +114,12 @@ def _check_config_accepts_heads(model: nn.Module, groups: Sequence[GroupSet], he
     per_kv = heads[0].parts[0].width // heads[0].parts[2 if heads[0].parts[1].name == "bias" else 1].width
 
     def rejection(kept: int) -> str | None:
-        values = {**config.to_dict(), "num_key_value_heads": kept, "num_attention_heads": kept * per_kv, "head_dim": getattr(config, "head_dim", None)}
+        values = {
+            **config.to_dict(),
+            "num_key_value_heads": kept,
+            "num_attention_heads": kept * per_kv,
+            "head_dim": getattr(config, "head_dim", None),
+        }
         try:
             type(config).from_dict(values)
         except (ValueError, TypeError, ConfigValidationError) as error:
@@ -102,7 +130,9 @@ def _check_config_accepts_heads(model: nn.Module, groups: Sequence[GroupSet], he
     reason = rejection(kept)
     if reason is not None:
         valid = sorted(round(1 - k / count, 4) for k in range(1, count) if rejection(k) is None)
-        raise ValueError(f"`head_sparsity`={head_sparsity} keeps {kept} of {count} key/value heads, which {type(config).__name__} rejects ({reason}); head sparsities it accepts: {valid}")
+        raise ValueError(
+            f"`head_sparsity`={head_sparsity} keeps {kept} of {count} key/value heads, which {type(config).__name__} rejects ({reason}); head sparsities it accepts: {valid}"
+        )
 
 
 def prune_structured(
@@ -147,7 +177,9 @@ def prune_structured(
     score.check_model(groups, model_config(model))
     batches = list(calibration) if calibration is not None else []
     if (score.statistics or score.needs_gradients or drop_layers) and not batches:
-        raise ValueError(f"`calibration` has no batches; method {score.name!r}{' and drop_layers' if drop_layers else ''} need calibration data")
+        raise ValueError(
+            f"`calibration` has no batches; method {score.name!r}{' and drop_layers' if drop_layers else ''} need calibration data"
+        )
     notes = _rounding_notes(groups, {"neuron": mlp_sparsity, "head": head_sparsity})
     before = structured_report(model, [], [], score.name, [])
     if score.prepare(model, groups):
@@ -164,15 +196,29 @@ def prune_structured(
             for group in per_block[index]:
                 prune_group(group, score, sparsity[group.kind], stats)
 
-        calibrate_sequentially(model, batches, process, blocks=block_list, device=device, forward=forward, progress=progress)
+        calibrate_sequentially(
+            model, batches, process, blocks=block_list, device=device, forward=forward, progress=progress
+        )
     else:
         for group in groups:
             prune_group(group, score, sparsity[group.kind])
     block_scores = (influence[:, 0] / influence[:, 1].clamp_min(1)).tolist()
-    dropped = sorted(torch.sort(torch.tensor(block_scores), stable=True).indices[:drop_layers].tolist()) if drop_layers else []
+    dropped = (
+        sorted(torch.sort(torch.tensor(block_scores), stable=True).indices[:drop_layers].tolist())
+        if drop_layers
+        else []
+    )
     for index in dropped:
         mask_block(block_list[index])
-    return structured_report(model, groups, dropped, score.name, notes, parameters_before=before.parameters_before, block_influence=block_scores if drop_layers else [])
+    return structured_report(
+        model,
+        groups,
+        dropped,
+        score.name,
+        notes,
+        parameters_before=before.parameters_before,
+        block_influence=block_scores if drop_layers else [],
+    )
 
 
 def _rounding_notes(groups: Sequence[GroupSet], sparsity: Mapping[str, float]) -> list[str]:
@@ -192,7 +238,13 @@ def _rounding_notes(groups: Sequence[GroupSet], sparsity: Mapping[str, float]) -
     return notes
 
 
-def _collect(groups: Sequence[GroupSet], score: StructuredScore, block: nn.Module, influence: torch.Tensor | None, run_block: Callable[[], None]) -> dict[str, Any]:
+def _collect(
+    groups: Sequence[GroupSet],
+    score: StructuredScore,
+    block: nn.Module,
+    influence: torch.Tensor | None,
+    run_block: Callable[[], None],
+) -> dict[str, Any]:
     """Run the block once: the score's statistics on its groups' layers, and (optionally) its influence."""
     handle = None
     if influence is not None:
@@ -216,7 +268,13 @@ def _collect(groups: Sequence[GroupSet], score: StructuredScore, block: nn.Modul
             handle.remove()
 
 
-def _accumulate_gradients(model: nn.Module, batches: Sequence[Batch], groups: Sequence[GroupSet], score: StructuredScore, forward: Callable[[nn.Module, Batch], Any]) -> None:
+def _accumulate_gradients(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    groups: Sequence[GroupSet],
+    score: StructuredScore,
+    forward: Callable[[nn.Module, Batch], Any],
+) -> None:
     """Backpropagate each calibration batch's loss and feed the gradients to a gradient-based score."""
     was_training = model.training
     model.eval()
@@ -228,7 +286,9 @@ def _accumulate_gradients(model: nn.Module, batches: Sequence[Batch], groups: Se
             with torch.enable_grad():
                 loss = getattr(forward(model, batch), "loss", None)
                 if loss is None:
-                    raise ValueError(f"`method`={score.name!r} needs a loss from the calibration batches: give batches with labels (e.g. input_ids and labels)")
+                    raise ValueError(
+                        f"`method`={score.name!r} needs a loss from the calibration batches: give batches with labels (e.g. input_ids and labels)"
+                    )
                 loss.backward()
             score.accumulate(groups)
     finally:

@@ -71,11 +71,20 @@ def _groups_of(model: nn.Module, kind: str) -> list[GroupSet]:
 def _uniform(widths: dict[int, int], what: str) -> int | None:
     values = set(widths.values())
     if len(values) > 1:
-        raise ValueError(f"cannot compact: the kept {what} differ between layers {widths}; a stock config states one width for every layer (prune uniformly)")
+        raise ValueError(
+            f"cannot compact: the kept {what} differ between layers {widths}; a stock config states one width for every layer (prune uniformly)"
+        )
     return values.pop() if values else None
 
 
-def _rewrite_config(config: Any, neurons: int | None, neuron_key: str | None, heads: tuple[int, int, int] | None, kept_blocks: list[int], total: int) -> Any:
+def _rewrite_config(
+    config: Any,
+    neurons: int | None,
+    neuron_key: str | None,
+    heads: tuple[int, int, int] | None,
+    kept_blocks: list[int],
+    total: int,
+) -> Any:
     config = copy.deepcopy(config)
     if neurons is not None and neuron_key is not None:
         setattr(config, neuron_key, neurons)
@@ -106,7 +115,9 @@ def _compact_transformers(model: nn.Module) -> nn.Module:
         keep = ~removed_units(group)
         widths[group.kind][int(group.block or 0)] = int(keep.sum())
         for part in group.parts:
-            state[part.qualified_name] = state[part.qualified_name].index_select(part.dim, part.kept_index(keep).to(state[part.qualified_name].device))
+            state[part.qualified_name] = state[part.qualified_name].index_select(
+                part.dim, part.kept_index(keep).to(state[part.qualified_name].device)
+            )
     neuron_width = _uniform(widths["neuron"], "MLP neurons")
     kv_width = _uniform(widths["head"], "key/value heads")
     head_shape = None
@@ -125,7 +136,9 @@ def _compact_transformers(model: nn.Module) -> nn.Module:
     return rebuilt.train(model.training)
 
 
-def _renumber_blocks(state: dict[str, torch.Tensor], blocks_name: str, kept: list[int], total: int) -> dict[str, torch.Tensor]:
+def _renumber_blocks(
+    state: dict[str, torch.Tensor], blocks_name: str, kept: list[int], total: int
+) -> dict[str, torch.Tensor]:
     """Drop the removed blocks' keys and renumber the rest 0, 1, ... in order."""
     if len(kept) == total:
         return state
@@ -145,17 +158,26 @@ def _renumber_blocks(state: dict[str, torch.Tensor], blocks_name: str, kept: lis
 def _sync_widths(module: nn.Module) -> None:
     """Set a sliced layer's width attributes from its tensors (what `repr` and `forward` read)."""
     if isinstance(module, nn.Conv2d):
-        module.out_channels, module.in_channels = int(module.weight.shape[0]), int(module.weight.shape[1]) * module.groups
+        module.out_channels, module.in_channels = (
+            int(module.weight.shape[0]),
+            int(module.weight.shape[1]) * module.groups,
+        )
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = int(module.weight.shape[0]), int(module.weight.shape[1])
     elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        module.num_features = int(module.running_mean.shape[0] if module.running_mean is not None else module.weight.shape[0])
+        module.num_features = int(
+            module.running_mean.shape[0] if module.running_mean is not None else module.weight.shape[0]
+        )
 
 
 def _compact_sequentials(model: nn.Module) -> None:
     """Slice every plain `nn.Sequential` stack's removed filters/neurons in place."""
     inside_hf = [name for name, _ in outermost_hf_models(model)]
-    stacks = [(n, m) for n, m in model.named_modules() if type(m) is nn.Sequential and not any(n.startswith(f"{h}.") for h in inside_hf)]
+    stacks = [
+        (n, m)
+        for n, m in model.named_modules()
+        if type(m) is nn.Sequential and not any(n.startswith(f"{h}.") for h in inside_hf)
+    ]
     groups = [g for name, m in stacks for g in sequential_groups(name, m)]
     keeps = [(group, ~removed_units(group)) for group in groups]
     finalize(model)  # the masks' zeros are baked in; the sliced tensors no longer fit them

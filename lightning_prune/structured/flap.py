@@ -85,7 +85,9 @@ class GroupFluctuation(StructuredScore):
             setattr(model_config(model), _bias_flag(group), True)
             for layer in model.get_submodule(group.name).modules():
                 if isinstance(layer, nn.Linear) and layer.bias is None:
-                    layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device))
+                    layer.bias = nn.Parameter(
+                        torch.zeros(layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device)
+                    )
         return True
 
     @torch.no_grad()

@@ -178,10 +178,14 @@ def _head_group(block_name: str, block: nn.Module, index: int, config: object) -
         head_dim = getattr(module, "head_dim", None) or getattr(config, "head_dim", None)
         kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
         if not isinstance(head_dim, int) or not isinstance(kv_heads, int):
-            raise ValueError(f"cannot determine the heads of {block_name}.{name}: no `head_dim` / `num_key_value_heads` on the module or config")
+            raise ValueError(
+                f"cannot determine the heads of {block_name}.{name}: no `head_dim` / `num_key_value_heads` on the module or config"
+            )
         q_rows = children["q_proj"].out_features
         if children["k_proj"].out_features != kv_heads * head_dim or q_rows % (kv_heads * head_dim):
-            raise ValueError(f"cannot couple the heads of {block_name}.{name}: k_proj has {children['k_proj'].out_features} rows, expected {kv_heads} heads × {head_dim}")
+            raise ValueError(
+                f"cannot couple the heads of {block_name}.{name}: k_proj has {children['k_proj'].out_features} rows, expected {kv_heads} heads × {head_dim}"
+            )
         per_kv = q_rows // kv_heads  # the query rows of all query heads sharing one key/value head
         qualified = f"{block_name}.{name}" if name else block_name
         group = GroupSet(qualified, "head", kv_heads, block=index, config_key="num_key_value_heads")
@@ -219,7 +223,9 @@ def find_block_groups(model: nn.Module, kind: str, blocks: str | None = None) ->
                     "in Llama-style attention (q_proj/k_proj/v_proj/o_proj with a config `head_dim`); this model's config derives "
                     "the head size from hidden_size. Prune MLP neurons (`mlp_sparsity`) or whole blocks (`drop_layers`) instead"
                 )
-            raise ValueError(f"cannot determine the MLP neurons of {name} ({type(block).__name__}: {children}); known layouts: {[(p, c) for p, c, _ in MLP_LAYOUTS]}")
+            raise ValueError(
+                f"cannot determine the MLP neurons of {name} ({type(block).__name__}: {children}); known layouts: {[(p, c) for p, c, _ in MLP_LAYOUTS]}"
+            )
         found.append(group)
     return found
 
@@ -233,7 +239,9 @@ def sequential_groups(seq_name: str, seq: nn.Sequential) -> list[GroupSet]:
             continue
         qualified = f"{seq_name}.{name}" if seq_name else name
         if isinstance(producer, nn.Conv2d) and producer.groups != 1:
-            raise ValueError(f"cannot couple the filters of {qualified}: grouped/depthwise convolutions (groups={producer.groups}) are not supported")
+            raise ValueError(
+                f"cannot couple the filters of {qualified}: grouped/depthwise convolutions (groups={producer.groups}) are not supported"
+            )
         count = _out_features(producer)
         kind = "filter" if isinstance(producer, nn.Conv2d) else "neuron"
         group = GroupSet(qualified, kind, count, parts=_layer_parts(qualified, producer, "out"))
@@ -241,22 +249,32 @@ def sequential_groups(seq_name: str, seq: nn.Sequential) -> list[GroupSet]:
         for follower_name, follower in children[position + 1 :]:
             follower_qualified = f"{seq_name}.{follower_name}" if seq_name else follower_name
             if isinstance(follower, (nn.BatchNorm1d, nn.BatchNorm2d)) and follower.num_features == count:
-                group.parts += [Part(follower_qualified, follower, n, 0, 1, "out") for n in ("weight", "bias", "running_mean", "running_var") if getattr(follower, n, None) is not None]
+                group.parts += [
+                    Part(follower_qualified, follower, n, 0, 1, "out")
+                    for n in ("weight", "bias", "running_mean", "running_var")
+                    if getattr(follower, n, None) is not None
+                ]
             elif isinstance(follower, CHANNELWISE):
                 continue
             elif isinstance(follower, nn.Flatten) and kind == "filter":
                 flattened = True
             elif isinstance(follower, (nn.Conv2d, nn.Linear)):
                 if isinstance(follower, nn.Conv2d) and (follower.groups != 1 or flattened):
-                    raise ValueError(f"cannot couple the filters of {qualified} with {follower_qualified} (groups={follower.groups})")
+                    raise ValueError(
+                        f"cannot couple the filters of {qualified} with {follower_qualified} (groups={follower.groups})"
+                    )
                 inputs = follower.in_channels if isinstance(follower, nn.Conv2d) else follower.in_features
                 if inputs % count:
-                    raise ValueError(f"cannot couple {qualified} ({count} outputs) with {follower_qualified} ({inputs} inputs)")
+                    raise ValueError(
+                        f"cannot couple {qualified} ({count} outputs) with {follower_qualified} ({inputs} inputs)"
+                    )
                 group.parts += _layer_parts(follower_qualified, follower, "in", inputs // count)
                 found.append(group)
                 break
             else:
-                raise ValueError(f"cannot determine where the {kind}s of {qualified} go: {follower_qualified} ({type(follower).__name__}) follows it")
+                raise ValueError(
+                    f"cannot determine where the {kind}s of {qualified} go: {follower_qualified} ({type(follower).__name__}) follows it"
+                )
     return found
 
 
@@ -266,9 +284,17 @@ def find_sequential_groups(model: nn.Module, kind: str) -> list[GroupSet]:
     A layer whose outputs leave the `Sequential` (the last one) is not a group: its outputs are the
     model's. Raises a `ValueError` when no group of that kind exists.
     """
-    found = [g for name, m in model.named_modules() if type(m) is nn.Sequential for g in sequential_groups(name, m) if g.kind == kind]
+    found = [
+        g
+        for name, m in model.named_modules()
+        if type(m) is nn.Sequential
+        for g in sequential_groups(name, m)
+        if g.kind == kind
+    ]
     if not found:
-        raise ValueError(f"found no {kind} groups in {type(model).__name__}: {kind}s are found in plain nn.Sequential stacks (Conv2d/Linear → BatchNorm → activation → Conv2d/Linear)")
+        raise ValueError(
+            f"found no {kind} groups in {type(model).__name__}: {kind}s are found in plain nn.Sequential stacks (Conv2d/Linear → BatchNorm → activation → Conv2d/Linear)"
+        )
     return found
 
 

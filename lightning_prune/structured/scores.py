@@ -46,7 +46,9 @@ class StructuredScore:
         if self.statistics:
             for part in group.parts:
                 if part.is_weight and isinstance(part.module, nn.Conv2d):
-                    raise ValueError(f"`method`={self.name!r} scores linear layers from their input activations; {part.module_name} is a Conv2d: use 'magnitude' or 'taylor' for filters")
+                    raise ValueError(
+                        f"`method`={self.name!r} scores linear layers from their input activations; {part.module_name} is a Conv2d: use 'magnitude' or 'taylor' for filters"
+                    )
 
     def check_model(self, groups: Sequence[GroupSet], config: object) -> None:
         """Raise a `ValueError` before pruning when the model cannot take what this score will do."""
@@ -140,7 +142,9 @@ class GroupTaylor(StructuredScore):
 
     def score(self, group: GroupSet, stats: Mapping[str, TokenStatistic]) -> torch.Tensor:
         if group.name not in self.accumulated.sums:
-            raise ValueError(f"`method`='taylor' has no gradients for {group.name}: it needs training steps (or calibration batches with labels) before pruning")
+            raise ValueError(
+                f"`method`='taylor' has no gradients for {group.name}: it needs training steps (or calibration batches with labels) before pruning"
+            )
         return self.accumulated.sums[group.name] / self.accumulated.steps[group.name]
 
     def reset(self) -> None:
@@ -156,5 +160,7 @@ class BlockInfluence(StructuredScore):
     @staticmethod
     def token_influence(block_input: torch.Tensor, block_output: torch.Tensor) -> torch.Tensor:
         """Σ over tokens of 1 − cos(x_in, x_out), and the token count, as a (2,) tensor."""
-        cos = nn.functional.cosine_similarity(block_input.float().flatten(0, -2), block_output.float().flatten(0, -2), dim=-1)
+        cos = nn.functional.cosine_similarity(
+            block_input.float().flatten(0, -2), block_output.float().flatten(0, -2), dim=-1
+        )
         return torch.stack([(1.0 - cos).sum(), torch.tensor(float(cos.numel()), device=cos.device)])

@@ -87,4 +87,6 @@ def block_is_dropped(block: nn.Module) -> bool:
     from lightning_prune.targets import DEFAULT_TYPES
 
     layers = [m for m in block.modules() if isinstance(m, DEFAULT_TYPES)]
-    return bool(layers) and all(not bool(getattr(m, n).any()) for m in layers for n in ("weight", "bias") if getattr(m, n, None) is not None)
+    return bool(layers) and all(
+        not bool(getattr(m, n).any()) for m in layers for n in ("weight", "bias") if getattr(m, n, None) is not None
+    )

@@ -35,12 +35,18 @@ class StructuredSelection:
         if structure not in STRUCTURES:
             raise ValueError(f"`structure` must be None or one of {STRUCTURES}, got {structure!r}")
         if not isinstance(score, (str, StructuredScore)):
-            raise ValueError(f"`criterion` must be a registered structured score name or a StructuredScore with `structure`, got {score!r}")
+            raise ValueError(
+                f"`criterion` must be a registered structured score name or a StructuredScore with `structure`, got {score!r}"
+            )
         if isinstance(score, str) and score not in STRUCTURED_SCORES:
-            raise ValueError(f"`criterion`={score!r} has no structured score; with `structure` use one of {[n for n in STRUCTURED_SCORES if n != 'block_influence']}")
+            raise ValueError(
+                f"`criterion`={score!r} has no structured score; with `structure` use one of {[n for n in STRUCTURED_SCORES if n != 'block_influence']}"
+            )
         self.score: StructuredScore = STRUCTURED_SCORES.create(score)
         if self.score.statistics or self.score.unit != "group":
-            raise ValueError(f"`criterion`={score!r} needs calibration statistics; training-time structured pruning takes 'magnitude' or 'taylor'")
+            raise ValueError(
+                f"`criterion`={score!r} needs calibration statistics; training-time structured pruning takes 'magnitude' or 'taylor'"
+            )
         self.structure = structure
         self.targets = targets
         self.ignore = ignore
@@ -55,7 +61,9 @@ class StructuredSelection:
         """Find the model's group sets (raises naming a module whose coupling is unknown)."""
         self.groups = select_groups(find_groups(model, self.structure), self.targets, self.ignore)
         if not self.groups:
-            raise ValueError(f"`targets`={self.targets!r} / `ignore`={self.ignore!r} leave no {self.structure} groups to prune")
+            raise ValueError(
+                f"`targets`={self.targets!r} / `ignore`={self.ignore!r} leave no {self.structure} groups to prune"
+            )
 
     def accumulate(self) -> None:
         """Feed this step's gradients to a gradient-based score."""
@@ -87,7 +95,9 @@ def forward_seconds(model: nn.Module, run: Callable[[nn.Module], Any], repeats: 
     return sorted(times)[len(times) // 2]
 
 
-def compact_and_measure(model: nn.Module, run: Callable[[nn.Module], Any] | None, repeats: int = 5) -> tuple[nn.Module, dict[str, float]]:
+def compact_and_measure(
+    model: nn.Module, run: Callable[[nn.Module], Any] | None, repeats: int = 5
+) -> tuple[nn.Module, dict[str, float]]:
     """`compact(model)` with parameters (and forward time of `run`, when given) before and after."""
     record: dict[str, float] = {"parameters_before": float(sum(p.numel() for p in model.parameters()))}
     if run is not None:
@@ -111,7 +121,10 @@ def sample_forward(batch: Any) -> Callable[[nn.Module], Any]:
 
 def _forward_owner(model: nn.Module) -> nn.Module:
     """The module to time: the model itself when it defines `forward`, else the transformers model inside it."""
-    if type(model).forward is not nn.Module.forward and getattr(type(model).forward, "__qualname__", "").split(".")[0] != "LightningModule":
+    if (
+        type(model).forward is not nn.Module.forward
+        and getattr(type(model).forward, "__qualname__", "").split(".")[0] != "LightningModule"
+    ):
         return model
     inner = outermost_hf_models(model)
     if not inner:
@@ -123,12 +136,18 @@ def check_structure_arguments(structure: str | None, pattern: str | None, scope:
     """Arguments that do not combine with structured pruning, refused when the callback is made."""
     if structure is None:
         if check_bool(compact_on_end, "compact_on_end"):
-            raise ValueError("`compact_on_end`=True needs a `structure` ('neuron', 'head' or 'filter'): unstructured zeros cannot be removed")
+            raise ValueError(
+                "`compact_on_end`=True needs a `structure` ('neuron', 'head' or 'filter'): unstructured zeros cannot be removed"
+            )
         return
     if pattern is not None:
-        raise ValueError(f"`pattern`={pattern!r} is an N:M weight pattern; it does not combine with `structure`={structure!r}")
+        raise ValueError(
+            f"`pattern`={pattern!r} is an N:M weight pattern; it does not combine with `structure`={structure!r}"
+        )
     if scope != "layer":
-        raise ValueError(f"`scope`={scope!r}: with `structure` every group set keeps the same share of its units (scope='layer')")
+        raise ValueError(
+            f"`scope`={scope!r}: with `structure` every group set keeps the same share of its units (scope='layer')"
+        )
 
 
 def describe(groups: Sequence[GroupSet]) -> dict[str, float]:
