@@ -13,6 +13,7 @@ from lightning_prune.criteria import make_criterion
 from lightning_prune.export import load_sparse, load_sparse_state_dict, save_sparse
 from lightning_prune.lora import attach_lora, load_lora, merge_lora
 from lightning_prune.lora.sharded import merge_lora_sharded
+from lightning_prune.mask_updates import update_masks
 from lightning_prune.masking import (
     apply_masks_,
     ensure_gradient_masking,
@@ -25,7 +26,6 @@ from lightning_prune.masking import (
     mask_sharded_gradients_,
     remove_masks,
     set_mask,
-    update_masks,
 )
 from lightning_prune.oneshot import (
     DSnoT,

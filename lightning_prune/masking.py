@@ -1,15 +1,12 @@
-"""Masks kept applied in the forward pass, mask updates from scores, and `finalize`.
+"""Masks kept applied in the forward pass, and `finalize` (README "Architecture": how masks work).
 
-Mechanism (settled by `benchmarks/mask_overhead.py`): a pruned weight is held at exact `+0.0`.
-Its keep-mask is a non-persistent bool buffer `<param>_mask` on the owning module (1 byte per
-element, outside `state_dict`, so checkpoints keep the dense model's keys); a gradient hook
-zeroes the pruned entries' gradients, and `apply_masks_` re-zeroes the pruned weights after every
-optimizer step (`keep_masks_applied` registers it as an optimizer step hook), so no optimizer
-state — momentum, weight decay — can move a pruned value into the forward pass. Loading a state
-dict into a masked module re-applies its masks too. Everything on the module (mask buffers, the
-list of masked names, the load hook) survives `copy.deepcopy` and pickling; gradient hooks live
-with the parameter objects and are re-made for new ones (`ensure_gradient_masking`, run by
-`keep_masks_applied`, `apply_masks_` and every load, also with `assign=True`).
+A keep-mask is a non-persistent bool buffer `<param>_mask` on the owning module; a gradient hook
+zeroes the pruned gradients and `apply_masks_` re-zeroes the pruned weights after every optimizer
+step. Loading a state dict into a masked module re-applies its masks too. Everything on the module
+(mask buffers, the list of masked names, the load hook) survives `copy.deepcopy` and pickling;
+gradient hooks live with the parameter objects and are re-made for new ones (`ensure_gradient_masking`,
+run by `keep_masks_applied`, `apply_masks_` and every load, also with `assign=True`). Masks come
+from scores through `mask_updates.update_masks`.
 
 Lifecycle::
 
@@ -22,17 +19,14 @@ Lifecycle::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lightning_prune.parallel.sharded import is_sharded, local_tensor, select_target_masks_sharded
-from lightning_prune.selection import select_masks
-from lightning_prune.targets import PruneTarget
-from lightning_prune.validation import check_sparsity
+from lightning_prune.parallel.sharded import is_sharded, local_tensor
 
 _MASKED = "_lightning_prune_masked"  # module attribute: [param_name, ...] of its masked parameters
 _LOAD_HOOK = "_lightning_prune_load_hook"  # module attribute: the load_state_dict post hook's handle
@@ -262,54 +256,3 @@ def finalize(model: nn.Module) -> nn.Module:
         keep_only_(weight, getattr(module, _mask_name(param_name)) & (weight != 0))  # also turns -0.0 into +0.0
     remove_masks(model)
     return model
-
-
-def _name_nan_scores(targets: Sequence[PruneTarget], scores: Mapping[str, torch.Tensor], error: ValueError) -> None:
-    """After a failed selection: raise a ValueError naming the first target whose scores hold NaN."""
-    for target in targets:
-        if bool(torch.isnan(scores[target.name]).any()):
-            bad = int(torch.isnan(target.weight).sum())
-            raise ValueError(
-                f"the scores of {target.name!r} contain NaN ({bad} of its {target.weight.numel()} weights are NaN); "
-                "the model diverged before this prune step: lower the learning rate or check the inputs"
-            ) from error
-
-
-def update_masks(
-    targets: Sequence[PruneTarget],
-    scores: Mapping[str, torch.Tensor],
-    sparsity: float,
-    scope: str = "layer",
-    pattern: str | None = None,
-    monotone: bool = True,
-) -> dict[str, torch.Tensor]:
-    """Select keep-masks from per-target scores (in weight shape) and attach them.
-
-    Each expert of a fused experts weight is selected as one matrix (`PruneTarget.matrices`).
-    Entries already pruned stay pruned when `monotone` (they are scored lowest and kept out).
-    Returns the new masks by target name.
-    """
-    check_sparsity(sparsity)
-    matrices: dict[str, torch.Tensor] = {}
-    pruned: dict[str, torch.Tensor] = {}
-    for target in targets:
-        current = get_mask(target.module, target.param_name)
-        names = target.matrix_names()
-        matrices.update(zip(names, target.matrices(scores[target.name])))
-        if monotone and current is not None:
-            pruned.update(zip(names, (~m for m in target.matrices(current))))
-    try:  # selection checks every layer's scores for NaN once (one host sync per layer)
-        if any(is_sharded(target.weight) for target in targets):
-            selected = select_target_masks_sharded(targets, matrices, sparsity, scope, pattern, pruned)
-        else:
-            selected = select_masks(matrices, sparsity, scope=scope, pattern=pattern, pruned=pruned)
-    except ValueError as error:
-        _name_nan_scores(targets, scores, error)
-        raise
-    masks = {}
-    for target in targets:
-        names = target.matrix_names()
-        mask = target.from_matrices([selected[n] & ~pruned[n] if n in pruned else selected[n] for n in names])
-        set_mask(target.module, mask, target.param_name)
-        masks[target.name] = mask
-    return masks

@@ -5,7 +5,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from lightning_prune.criteria import Fisher, Magnitude, RandomScore, Taylor, make_criterion
-from lightning_prune.masking import update_masks
+from lightning_prune.mask_updates import update_masks
 from lightning_prune.targets import find_targets
 
 W = torch.tensor([[1.0, -2.0], [-3.0, 4.0]])

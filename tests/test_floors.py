@@ -16,14 +16,24 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lightning_prune"
 FLOORS: list[set[str]] = [
     {"validation", "registry", "targets", "selection", "schedules", "criteria"},  # pure PyTorch core
     {"parallel"},  # torch.distributed: collectives, sharded selection
-    {"masking", "report"},  # masks in the forward pass, sparsity tables
+    {"masking", "mask_updates", "report"},  # masks in the forward pass, scores to masks, sparsity tables
     {"calibration"},  # the block driver and its statistics
     {"oneshot", "structured", "recovery", "lora", "export"},  # the features
     {"callbacks"},  # Lightning adapters
     {"models", "data"},  # examples of users' code
     {"run", "cli", ""},  # the pipeline, the entry point, the public API
 ]
-PURE_CORE = {"validation", "registry", "targets", "selection", "schedules", "criteria", "masking", "parallel"}
+PURE_CORE = {
+    "validation",
+    "registry",
+    "targets",
+    "selection",
+    "schedules",
+    "criteria",
+    "masking",
+    "mask_updates",
+    "parallel",
+}
 FRAMEWORKS = ("lightning", "pytorch_lightning", "hydra", "omegaconf")
 
 

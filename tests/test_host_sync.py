@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune.masking import get_mask, update_masks
+from lightning_prune.mask_updates import update_masks
+from lightning_prune.masking import get_mask
 from lightning_prune.oneshot import sparsegpt
 from lightning_prune.oneshot.wanda import wanda_mask
 from lightning_prune.selection import (

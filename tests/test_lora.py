@@ -11,7 +11,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from lightning_prune.lora import adapter_parameters, attach_lora, base_name, load_lora, merge_lora, pruned_module_names
-from lightning_prune.masking import finalize, get_mask, get_masks, update_masks
+from lightning_prune.mask_updates import update_masks
+from lightning_prune.masking import finalize, get_mask, get_masks
 from lightning_prune.report import max_nonzeros_per_group, sparsity_report
 from lightning_prune.targets import find_targets
 from tests.conftest import tiny_llama

@@ -14,7 +14,8 @@ from lightning_prune.callbacks.lora import LoRARecovery
 from lightning_prune.callbacks.oneshot import OneShotPruning
 from lightning_prune.data import TextDataModule
 from lightning_prune.lora import merge_lora
-from lightning_prune.masking import get_masks, update_masks
+from lightning_prune.mask_updates import update_masks
+from lightning_prune.masking import get_masks
 from lightning_prune.models import CausalLMModule
 from lightning_prune.report import max_nonzeros_per_group
 from lightning_prune.targets import find_targets

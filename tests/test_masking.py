@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_prune.mask_updates import update_masks
 from lightning_prune.masking import (
     apply_masks_,
     finalize,
@@ -13,7 +14,6 @@ from lightning_prune.masking import (
     load_masks,
     remove_masks,
     set_mask,
-    update_masks,
 )
 from lightning_prune.targets import find_targets
 from tests.conftest import tiny_gpt2, tiny_llama

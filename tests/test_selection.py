@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_prune.masking import update_masks
+from lightning_prune.mask_updates import update_masks
 from lightning_prune.selection import (
     _kth_lowest,
     _kth_lowest_by_topk,

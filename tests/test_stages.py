@@ -13,7 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_prune.masking import update_masks
+from lightning_prune.mask_updates import update_masks
 from lightning_prune.run import ConfigError, run
 from lightning_prune.targets import find_targets
 from tests.conftest import compose_config

@@ -18,7 +18,8 @@ from torch.distributed.tensor import DTensor
 from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.callbacks.sharding import Blocks
 from lightning_prune.criteria import Criterion, make_criterion
-from lightning_prune.masking import apply_masks_, get_masks, update_masks
+from lightning_prune.mask_updates import update_masks
+from lightning_prune.masking import apply_masks_, get_masks
 from lightning_prune.parallel.collectives import broadcast_masks_
 from lightning_prune.parallel.sharded import local_tensor, sum_over_shards
 from lightning_prune.registry import CRITERIA
