@@ -108,8 +108,9 @@ class _GradientCriterion(Criterion):
         """The summed statistic of `name`; an error if no gradient was seen for it."""
         if name not in self.sums:
             raise RuntimeError(
-                f"{type(self).__name__.lower()} criterion has no gradients accumulated for {name!r}: either no training "
-                "step ran before this prune, or the loss does not reach it (leave it out with `ignore`)"
+                f"{type(self).__name__.lower()} criterion has no gradients accumulated for {name!r}: "
+                "either no training step ran before this prune, "
+                "or the loss does not reach it (leave it out with `ignore`)"
             )
         return self.sums[name]
 

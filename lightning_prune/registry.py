@@ -41,7 +41,8 @@ class Registry(Generic[T]):
         def add(factory: type[T]) -> type[T]:
             if name in self._entries and not overwrite and self._entries[name] is not factory:
                 raise ValueError(
-                    f"{self.kind} {name!r} is already registered ({self._entries[name].__qualname__}); pass overwrite=True to replace it"
+                    f"{self.kind} {name!r} is already registered ({self._entries[name].__qualname__}); "
+                    "pass overwrite=True to replace it"
                 )
             self._entries[name] = factory
             if getattr(factory, "name", None) in (None, ""):
@@ -66,7 +67,8 @@ class Registry(Generic[T]):
         if not isinstance(spec, str):
             if options:
                 raise ValueError(
-                    f"`{self.argument}` is an already built {self.kind}; options {sorted(options)} cannot be applied to it"
+                    f"`{self.argument}` is an already built {self.kind}; "
+                    f"options {sorted(options)} cannot be applied to it"
                 )
             return spec
         factory = self.get(spec)

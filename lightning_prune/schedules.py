@@ -98,7 +98,8 @@ class Steps:
     def __post_init__(self) -> None:
         if len(self.milestones) != len(self.values) or not self.milestones:
             raise ValueError(
-                f"`milestones` and `values` must be non-empty and of equal length, got {list(self.milestones)} and {list(self.values)}"
+                "`milestones` and `values` must be non-empty and of equal length, "
+                f"got {list(self.milestones)} and {list(self.values)}"
             )
         for milestone in self.milestones:
             check_integer(milestone, "milestones")

@@ -53,7 +53,8 @@ def check_pattern_fits(targets: Iterable[PruneTarget], pattern: str | None) -> N
         columns = target.as_matrix(target.weight).shape[-1]  # the input dimension (experts: (E, out, in))
         if columns % m:
             raise ValueError(
-                f"`pattern`={pattern!r} needs every target's input dimension to divide by {m}, got {columns} for {target.name!r}; leave it dense with `ignore`"
+                f"`pattern`={pattern!r} needs every target's input dimension to divide by {m}, "
+                f"got {columns} for {target.name!r}; leave it dense with `ignore`"
             )
 
 
@@ -232,7 +233,8 @@ def select_global(
     k = prune_count(total, sparsity)
     if k > total - len(flats):
         raise ValueError(
-            f"`sparsity`={sparsity} would empty a layer in global scope ({k} of {total} weights over {len(flats)} layers)"
+            f"`sparsity`={sparsity} would empty a layer in global scope "
+            f"({k} of {total} weights over {len(flats)} layers)"
         )
     device = next(iter(flats.values())).device
     joined = torch.cat([f.to(device) for f in flats.values()])

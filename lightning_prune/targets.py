@@ -230,7 +230,8 @@ def find_targets(
     if not found:
         shown = ", ".join(candidates[:30]) + (" ..." if len(candidates) > 30 else "")
         raise ValueError(
-            f"no prunable weights matched `targets`={include!r} with `ignore`={ignore!r} (types {[t.__name__ for t in types]}); the model's prunable modules are: [{shown}]"
+            f"no prunable weights matched `targets`={include!r} with `ignore`={ignore!r} "
+            f"(types {[t.__name__ for t in types]}); the model's prunable modules are: [{shown}]"
         )
     return found
 
