@@ -31,7 +31,8 @@ def save_sharded_state(checkpoint: dict, key: str, tensors: Mapping[str, DTensor
     state = checkpoint.get("state_dict", {})
     if tensors and (not state or not any(isinstance(value, DTensor) for value in state.values())):
         raise ValueError(
-            "a sharded pruning state can only be saved in a distributed checkpoint: use ModelParallelStrategy(save_distributed_checkpoint=True) (the default)"
+            "a sharded pruning state can only be saved in a distributed checkpoint: "
+            "use ModelParallelStrategy(save_distributed_checkpoint=True) (the default)"
         )
     for name, tensor in tensors.items():
         state[f"{PREFIX}.{key}.{name}"] = tensor

@@ -51,7 +51,8 @@ def shard_group(tensor: DTensor, name: str) -> dist.ProcessGroup | None:
     shard_dims = [dim for dim, placement in enumerate(tensor.placements) if isinstance(placement, Shard)]
     if any(tensor.placements[dim] != Shard(0) for dim in shard_dims) or len(shard_dims) > 1:
         raise ValueError(
-            f"{name!r} is placed as {tensor.placements}; pruning supports parameters sharded by rows only (FSDP2's Shard(0), optionally replicated: HSDP), not tensor parallelism"
+            f"{name!r} is placed as {tensor.placements}; pruning supports parameters sharded by rows only "
+            "(FSDP2's Shard(0), optionally replicated: HSDP), not tensor parallelism"
         )
     if not shard_dims or tensor.device_mesh.size(shard_dims[0]) == 1:
         return None
@@ -107,7 +108,8 @@ def sharded_lowest_k(
         problems
     ):
         raise ValueError(
-            f"`problems` must use every segment exactly once and `ks` give one k per problem, got {list(problems)} for {len(segments)} segments and ks={list(ks)}"
+            "`problems` must use every segment exactly once and `ks` give one k per problem, "
+            f"got {list(problems)} for {len(segments)} segments and ks={list(ks)}"
         )
     dtype = torch.float64 if any(segment.dtype == torch.float64 for segment in segments) else torch.float32
     keys = [_sortable_keys(segment.to(dtype)) for segment in segments]
@@ -244,7 +246,8 @@ def select_masks_sharded(
         total, k = sum(numel.values()), prune_count(sum(numel.values()), sparsity)
         if k > total - len(scores):
             raise ValueError(
-                f"`sparsity`={sparsity} would empty a layer in global scope ({k} of {total} weights over {len(scores)} layers)"
+                f"`sparsity`={sparsity} would empty a layer in global scope "
+                f"({k} of {total} weights over {len(scores)} layers)"
             )
         dropped = _global_dropped({name: s.reshape(-1).float() for name, s in masked.items()}, k, group)
     else:
@@ -271,7 +274,8 @@ def targets_shard_group(targets: Sequence[PruneTarget]) -> dist.ProcessGroup | N
         if not is_sharded(target.weight) or target.experts or target.transposed:
             raise ValueError(
                 f"target {target.name!r} cannot be pruned beside FSDP2-sharded weights: every target must be a "
-                "row-sharded (out, in) weight (`fully_shard` it; fused experts and transposed Conv1D weights are not supported); leave it out with `ignore`"
+                "row-sharded (out, in) weight (`fully_shard` it; "
+                "fused experts and transposed Conv1D weights are not supported); leave it out with `ignore`"
             )
         groups.append(shard_group(target.weight, target.name))  # type: ignore[arg-type]  # a DTensor, checked above
     if any(group is not groups[0] for group in groups):

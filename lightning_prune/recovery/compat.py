@@ -42,7 +42,8 @@ def _unknown_layer(model: nn.Module, layer: object) -> ValueError:
     indices = f"block indices {stacks} (`<i>` below), or " if stacks else "(no block stack, so no block indices) "
     hint = f" Did you mean {close}?" if close else ""
     return ValueError(
-        f"`layers` entry {layer!r} is not a module of {type(model).__name__}.{hint} Valid: {indices}module names {valid}"
+        f"`layers` entry {layer!r} is not a module of {type(model).__name__}.{hint} "
+        f"Valid: {indices}module names {valid}"
     )
 
 
@@ -75,7 +76,8 @@ def check_sizes(student: nn.Module, teacher_config: object, teacher_name: str, l
         ours, theirs = getattr(getattr(student, "config", None), key, None), getattr(teacher_config, key, None)
         if isinstance(ours, int) and isinstance(theirs, int) and ours != theirs:
             raise ValueError(
-                f"`teacher` {teacher_name} has {key}={theirs} but the student {type(student).__name__} has {key}={ours}; `loss`={loss!r} needs them equal"
+                f"`teacher` {teacher_name} has {key}={theirs} "
+                f"but the student {type(student).__name__} has {key}={ours}; `loss`={loss!r} needs them equal"
             )
 
 
@@ -93,7 +95,8 @@ def check_teacher_fits(student: nn.Module, teacher: nn.Module, loss: str, layer_
     shared = {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
     if shared:
         raise ValueError(
-            f"`teacher` shares {len(shared)} parameters with the student {type(student).__name__}: it would be pruned and trained with it; pass a separate copy"
+            f"`teacher` shares {len(shared)} parameters with the student {type(student).__name__}: "
+            "it would be pruned and trained with it; pass a separate copy"
         )
     check_sizes(student, getattr(teacher, "config", None), type(teacher).__name__, loss)
     if not layer_names:
@@ -107,6 +110,7 @@ def check_teacher_fits(student: nn.Module, teacher: nn.Module, loss: str, layer_
         described = [", ".join(f"{count} blocks in `{name}`" for name, count in stacks) for stacks in (ours, theirs)]
         raise ValueError(
             f"`layers`={in_blocks} compare the student's and the teacher's blocks by position, but the student has "
-            f"{described[0]} and the `teacher` {described[1]} (blocks removed, e.g. by StructuredPruning(drop_layers=...)): the same index is no "
-            "longer the same block; use loss='kl', layers=None (the model's output) or layers outside the blocks"
+            f"{described[0]} and the `teacher` {described[1]} (blocks removed, e.g. by "
+            "StructuredPruning(drop_layers=...)): the same index is no longer the same block; "
+            "use loss='kl', layers=None (the model's output) or layers outside the blocks"
         )

@@ -23,7 +23,8 @@ def _valid_rows(values: torch.Tensor, attention_mask: torch.Tensor | None) -> to
         return rows
     if attention_mask.shape != values.shape[:-1]:
         raise ValueError(
-            f"`attention_mask` of shape {tuple(attention_mask.shape)} does not fit outputs of shape {tuple(values.shape)}"
+            f"`attention_mask` of shape {tuple(attention_mask.shape)} "
+            f"does not fit outputs of shape {tuple(values.shape)}"
         )
     return rows[attention_mask.reshape(-1).bool()]
 
@@ -106,6 +107,7 @@ def mix_losses(task_loss: torch.Tensor | None, kd_loss: torch.Tensor, alpha: flo
         return kd_loss
     if task_loss is None:
         raise ValueError(
-            f"`alpha`={alpha} mixes in the task loss, but the training step returned none; use alpha=0 for pure distillation"
+            f"`alpha`={alpha} mixes in the task loss, but the training step returned none; "
+            "use alpha=0 for pure distillation"
         )
     return alpha * task_loss + (1.0 - alpha) * kd_loss

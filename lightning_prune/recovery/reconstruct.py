@@ -76,7 +76,8 @@ def reconstruct_block(
     check_reconstruct_arguments(steps, lr)
     if len(inputs) != len(dense_outputs) or not inputs:
         raise ValueError(
-            f"`inputs` ({len(inputs)} batches) and `dense_outputs` ({len(dense_outputs)}) must be equally many, at least one"
+            f"`inputs` ({len(inputs)} batches) and `dense_outputs` ({len(dense_outputs)}) "
+            "must be equally many, at least one"
         )
     parameters = [p for p in block.parameters() if p.is_floating_point()]
     dtype = parameters[0].dtype if parameters else torch.float32

@@ -43,7 +43,8 @@ def student_mesh(student: nn.Module) -> DeviceMesh | None:
             meshes.append(param.device_mesh)
     if any(mesh != meshes[0] for mesh in meshes):
         raise ValueError(
-            "the student's FSDP2 parameters lie on different device meshes; the teacher is sharded on one mesh (shard every module on the same mesh)"
+            "the student's FSDP2 parameters lie on different device meshes; "
+            "the teacher is sharded on one mesh (shard every module on the same mesh)"
         )
     return meshes[0] if meshes else None
 
@@ -54,7 +55,8 @@ def plain_class(module: nn.Module) -> type[nn.Module]:
 
 
 def _skeleton(module: nn.Module, dtype: torch.dtype | None, memo: dict[int, Any]) -> nn.Module:
-    """`module` copied without FSDP2 state, hooks or masks, its parameters and buffers on the meta device (full shape)."""
+    """`module` copied without FSDP2 state, hooks or masks; its parameters and buffers on the meta
+    device (full shape)."""
     if id(module) in memo:
         return memo[id(module)]
     cls = plain_class(module)
@@ -110,7 +112,8 @@ def shard_like(teacher: nn.Module, student: nn.Module, mesh: DeviceMesh) -> nn.M
 
 
 def rank_block(source: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This rank's block of `source` (a whole tensor or a DTensor) laid out like `like` (a DTensor or a plain tensor)."""
+    """This rank's block of `source` (a whole tensor or a DTensor), laid out like `like` (a DTensor or
+    a plain tensor)."""
     if isinstance(source, DTensor):
         if (
             isinstance(like, DTensor)
@@ -135,7 +138,8 @@ def copy_into_sharded(teacher: nn.Module, state: dict[str, torch.Tensor], every:
     missing = sorted(set(targets) - set(state)) if every else sorted(set(state) - set(targets))
     if missing:
         raise ValueError(
-            f"the teacher's weights and the saved ones differ in {missing[:5]}; the saved teacher does not match this model"
+            f"the teacher's weights and the saved ones differ in {missing[:5]}; "
+            "the saved teacher does not match this model"
         )
     for name in targets if every else state:
         local_tensor(targets[name]).copy_(rank_block(state[name], targets[name]))
@@ -168,7 +172,8 @@ def shard_teacher(
         or (dtype is not None and any(p.dtype != dtype for p in teacher.parameters() if p.is_floating_point()))
     ):
         raise ValueError(
-            "`teacher` is already sharded, on another device mesh than the student or in another dtype than `teacher_dtype`; pass it unsharded"
+            "`teacher` is already sharded, on another device mesh than the student "
+            "or in another dtype than `teacher_dtype`; pass it unsharded"
         )
     if dtype is not None and sharded is None:
         teacher.to(dtype)

@@ -23,7 +23,8 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 def frozen_copy(module: nn.Module, share: Iterable[object] = ()) -> nn.Module:
-    """A frozen deep copy of `module` without masks; objects in `share` (e.g. a Trainer) are not copied but set to None."""
+    """A frozen deep copy of `module` without masks; objects in `share` (e.g. a Trainer) are not
+    copied but set to None."""
     teacher = copy.deepcopy(module, {id(obj): None for obj in share})
     remove_masks(teacher)  # a deep copy has its own hooks: the student keeps its masks
     return freeze(teacher)
