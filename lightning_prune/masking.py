@@ -152,7 +152,9 @@ def set_mask(module: nn.Module, mask: torch.Tensor, param_name: str = "weight") 
     if masked is None:
         masked = []
         object.__setattr__(module, _MASKED, masked)
-        object.__setattr__(module, _LOAD_HOOK, module.register_load_state_dict_post_hook(_reapply_after_load))  # type: ignore[no-untyped-call]  # unannotated in torch 2.13
+        # register_load_state_dict_post_hook is unannotated in torch 2.13.
+        hook = module.register_load_state_dict_post_hook(_reapply_after_load)  # type: ignore[no-untyped-call]
+        object.__setattr__(module, _LOAD_HOOK, hook)
     if param_name in masked:
         getattr(module, _mask_name(param_name)).copy_(mask)
     else:
