@@ -65,7 +65,8 @@ def expert_parameter_names(model: nn.Module, patterns: str | Sequence[str]) -> l
     chosen = [name for name in fused if any(p.search(name) for p in compiled)]
     if not chosen:
         raise ValueError(
-            f"`target_parameters`={patterns!r} matched no fused expert parameter; the model's are {fused[:12] or 'none'}"
+            f"`target_parameters`={patterns!r} matched no fused expert parameter; "
+            f"the model's are {fused[:12] or 'none'}"
         )
     return chosen
 

@@ -47,21 +47,24 @@ def check_before_sharding(network: nn.Module, module_names: Sequence[str], param
     """
     if parameter_names:
         raise ValueError(
-            f"LoRA on fused expert parameters {list(parameter_names)[:3]} is not supported under FSDP2 (a 3-D expert stack is "
-            "not split by output rows); leave them out with `target_parameters`, or name `target_modules` explicitly"
+            f"LoRA on fused expert parameters {list(parameter_names)[:3]} is not supported under FSDP2 "
+            "(a 3-D expert stack is not split by output rows); "
+            "leave them out with `target_parameters`, or name `target_modules` explicitly"
         )
     for name in module_names:
         module = network.get_submodule(name)
         if not isinstance(module, nn.Linear):
             raise ValueError(
-                f"LoRA target {name!r} is a {type(module).__name__}; under FSDP2 LoRARecovery adapts (out, in) nn.Linear weights "
-                "only (not transposed Conv1D, embeddings or convolutions): leave it out with `target_modules`"
+                f"LoRA target {name!r} is a {type(module).__name__}; "
+                "under FSDP2 LoRARecovery adapts (out, in) nn.Linear weights only "
+                "(not transposed Conv1D, embeddings or convolutions): leave it out with `target_modules`"
             )
         if is_sharded(module.weight) or module.weight.is_meta:
             where = "already sharded" if is_sharded(module.weight) else "on the meta device"
             raise ValueError(
-                f"the weight of {name!r} is {where} when LoRARecovery injects its adapters (callback `setup`, before "
-                "`configure_model`): load the pruned weights before `trainer.fit` and call `fully_shard` in `configure_model`"
+                f"the weight of {name!r} is {where} when LoRARecovery injects its adapters "
+                "(callback `setup`, before `configure_model`): "
+                "load the pruned weights before `trainer.fit` and call `fully_shard` in `configure_model`"
             )
 
 
@@ -77,17 +80,20 @@ def check_after_sharding(model: nn.Module, masked_delta: bool) -> dist.ProcessGr
         parts = [base, *layer.lora_A.values(), *layer.lora_B.values()]
         if masked_delta and any(isinstance(part, FSDPModule) for part in parts):
             raise ValueError(
-                f"`configure_model` applied `fully_shard` to a part of the LoRA layer {name!r} (its base layer or lora_A/lora_B, "
-                "e.g. by `isinstance(m, nn.Linear)` over `modules()`); the masked-delta forward reads them outside their own "
-                "forward: shard the LoRA layer or its parent instead (skip modules whose name contains 'lora_' or "
+                f"`configure_model` applied `fully_shard` to a part of the LoRA layer {name!r} "
+                "(its base layer or lora_A/lora_B, e.g. by `isinstance(m, nn.Linear)` over `modules()`); "
+                "the masked-delta forward reads them outside their own forward: "
+                "shard the LoRA layer or its parent instead (skip modules whose name contains 'lora_' or "
                 "'base_layer'), or use masked_delta=False"
             )
         for parameter in (part.get_parameter("weight") for part in parts):
             if not is_sharded(parameter):
                 raise ValueError(
-                    f"a parameter of the LoRA layer {name!r} is not sharded: `fully_shard` every module (e.g. the root) in `configure_model`"
+                    f"a parameter of the LoRA layer {name!r} is not sharded: "
+                    "`fully_shard` every module (e.g. the root) in `configure_model`"
                 )
-        groups.append(shard_group(base.get_parameter("weight"), name))  # type: ignore[arg-type]  # a DTensor, checked above
+        # The base weight is a DTensor, checked above.
+        groups.append(shard_group(base.get_parameter("weight"), name))  # type: ignore[arg-type]
     if any(group is not groups[0] for group in groups):
         raise ValueError("every LoRA layer must be sharded over the same ranks (one FSDP2 mesh)")
     return groups[0] if groups else None
@@ -95,7 +101,8 @@ def check_after_sharding(model: nn.Module, masked_delta: bool) -> dist.ProcessGr
 
 @torch.no_grad()
 def shard_masks_(model: nn.Module) -> None:
-    """Replace every whole mask of a row-sharded weight by the rank's block (FSDP2's `torch.chunk` rows)."""
+    """Replace every whole mask of a row-sharded weight by the rank's block (FSDP2's `torch.chunk`
+    rows)."""
     for name, module, param_name in list(masked_parameters(model)):
         weight = getattr(module, param_name)
         mask = get_mask(module, param_name)
@@ -103,10 +110,12 @@ def shard_masks_(model: nn.Module) -> None:
             continue
         if mask.shape != weight.shape:
             raise ValueError(
-                f"the mask of {name!r} has shape {tuple(mask.shape)}, neither the weight's {tuple(weight.shape)} nor its row block's"
+                f"the mask of {name!r} has shape {tuple(mask.shape)}, "
+                f"neither the weight's {tuple(weight.shape)} nor its row block's"
             )
         shard_group(weight, name)  # refuses placements other than rows
-        # src_data_rank=None: every rank cuts its block from its own copy (the same on all ranks), no communication.
+        # src_data_rank=None: every rank cuts its block from its own copy (the same on all ranks), no
+        # communication.
         block = distribute_tensor(mask, weight.device_mesh, weight.placements, src_data_rank=None).to_local().clone()
         remove_mask(module, param_name)
         set_mask(module, block, param_name)
@@ -119,7 +128,8 @@ class NonzeroMask:
         weight = base.get_parameter("weight")
         if is_sharded(weight):
             raise ValueError(
-                "the masked-delta forward got a sharded base weight: an enclosing FSDP2 unit must gather it (see `check_after_sharding`)"
+                "the masked-delta forward got a sharded base weight: "
+                "an enclosing FSDP2 unit must gather it (see `check_after_sharding`)"
             )
         return torch.ne(weight, 0)
 
@@ -161,7 +171,8 @@ def install_forward_masks(model: nn.Module, group: dist.ProcessGroup | None) -> 
     kinds = {}
     for (name, layer), count in zip(layers, sum_over_shards(kept_zeros, group)):
         base = layer.get_base_layer()
-        source = NonzeroMask() if count == 0 else GatheredMask(base.get_parameter("weight"))  # type: ignore[arg-type]  # a DTensor (check_after_sharding)
+        # The base weight is a DTensor (check_after_sharding).
+        source = NonzeroMask() if count == 0 else GatheredMask(base.get_parameter("weight"))  # type: ignore[arg-type]
         object.__setattr__(base, FORWARD_MASK, source)
         kinds[name] = "nonzero" if count == 0 else "gathered"
     return kinds
@@ -180,13 +191,15 @@ class GatheredCheck:
         self.name = name
 
     def __call__(self, layer: nn.Module, args: object) -> None:
-        parts = [layer.get_base_layer(), *layer.lora_A.values(), *layer.lora_B.values()]  # type: ignore[operator]  # a LoraLayer
+        # `layer` is a LoraLayer, annotated as the hook's nn.Module.
+        parts = [layer.get_base_layer(), *layer.lora_A.values(), *layer.lora_B.values()]  # type: ignore[operator]
         if any(is_sharded(part.weight) and not isinstance(part, FSDPModule) for part in parts):
             raise ValueError(
-                f"the LoRA layer {self.name!r} runs its forward with sharded weights: no FSDP2 unit gathered them. Apply "
-                "`fully_shard` in `configure_model` to the LoRA layers or to modules around them whose forward runs (peft's "
-                "LoRA layers are no nn.Linear: a loop sharding `isinstance(m, nn.Linear)` skips them; the root unit gathers "
-                "only when `training_step` calls `self(...)`)"
+                f"the LoRA layer {self.name!r} runs its forward with sharded weights: no FSDP2 unit gathered them. "
+                "Apply `fully_shard` in `configure_model` to the LoRA layers or to modules around them "
+                "whose forward runs (peft's LoRA layers are no nn.Linear: "
+                "a loop sharding `isinstance(m, nn.Linear)` skips them; "
+                "the root unit gathers only when `training_step` calls `self(...)`)"
             )
 
 
@@ -196,7 +209,8 @@ def guard_gathered_forward(model: nn.Module) -> list[RemovableHandle]:
 
 
 def reshard(model: nn.Module) -> None:
-    """Put every FSDP2 unit of `model` back into its sharded state (a forward without backward leaves the root gathered)."""
+    """Put every FSDP2 unit of `model` back into its sharded state (a forward without backward leaves
+    the root gathered)."""
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
@@ -209,7 +223,8 @@ def gathered_adapter_state(peft_model: PeftModel) -> dict[str, torch.Tensor]:
     Row-sharded adapters are gathered (A is r × in, B is out × r: small); the base weights stay where
     they are. Every rank must call it, in the same order (one all-gather per adapter tensor).
     """
-    reshard(peft_model)  # a unit left gathered by a forward without backward would hand out its whole plain tensors
+    # A unit left gathered by a forward without backward would hand out its whole plain tensors.
+    reshard(peft_model)
     state = {}
     for name, value in peft_model.state_dict().items():
         if "lora_" in name:
@@ -218,7 +233,8 @@ def gathered_adapter_state(peft_model: PeftModel) -> dict[str, torch.Tensor]:
 
 
 def _local_delta(layer: LoraLayer, adapter: str, weight: DTensor) -> torch.Tensor:
-    """`s·B·A` for the rows of `weight` this rank holds: B's row block (laid out like the weight) times the whole A."""
+    """`s·B·A` for the rows of `weight` this rank holds: B's row block (laid out like the weight) times
+    the whole A."""
     lora_a, lora_b = layer.lora_A[adapter].get_parameter("weight"), layer.lora_B[adapter].get_parameter("weight")
     if (
         not isinstance(lora_b, DTensor)
@@ -226,7 +242,8 @@ def _local_delta(layer: LoraLayer, adapter: str, weight: DTensor) -> torch.Tenso
         or lora_b.device_mesh != weight.device_mesh
     ):
         raise ValueError(
-            f"lora_B of adapter {adapter!r} is not row-sharded like its base weight ({weight.placements}); shard both with one FSDP2 mesh"
+            f"lora_B of adapter {adapter!r} is not row-sharded like its base weight ({weight.placements}); "
+            "shard both with one FSDP2 mesh"
         )
     whole_a = lora_a.full_tensor() if isinstance(lora_a, DTensor) else lora_a  # r × in: small
     return (local_tensor(lora_b) @ whole_a) * layer.scaling[adapter]  # peft's get_delta_weight order

@@ -3,14 +3,10 @@
 peft's own `merge_and_unload` adds the dense delta `s·B·A` to the pruned weight and densifies it
 (Wanda users saw 40% sparsity fall to 32.7%, locuslab/wanda #83). Here the base weights keep their
 masks (`masking.set_mask`; derived from the exact zeros of a finalized model), adapters are the only
-trainable parameters, and `merge_lora` adds `M ⊙ (s·B·A)` with `masked_fill`, so every pruned
-entry stays exactly `+0.0` and an N:M pattern stays N:M.
-
-Two training modes:
-- merge-time masking (`masked_delta=False`): plain LoRA forward, `W·x + s·B·A·x`; the masked part of
-  the delta is dropped only at merge, so the merged model differs from the trained one.
-- masked delta (`masked_delta=True`): the forward computes `W·x + (M ⊙ s·B·A)·x`, so the merged model
-  equals the trained one up to float rounding; it costs one dense (out × in) delta per layer and step.
+trainable parameters, and `merge_lora` adds `M ⊙ (s·B·A)` with `keep_only_`, so every pruned entry
+stays exactly `+0.0` and an N:M pattern stays N:M. The two training modes (`masked_delta`) and the
+fused experts (`lora.experts`) are described in README, "One-shot Wanda and SparseGPT, then LoRA
+recovery".
 
 Lifecycle::
 
@@ -18,10 +14,6 @@ Lifecycle::
     ...train (only adapter parameters require grad)...
     model = merge_lora(peft_model)        # same zero set as before; masks attached as before
     # or keep it unmerged: peft_model.save_pretrained(dir), later load_lora(sparse_base, dir)
-
-Fused mixture-of-experts parameters (`experts.gate_up_proj`, (E, out, in) or (E, in, out)) get one
-adapter per expert through peft's `target_parameters` (`lora.experts.MaskedParamWrapper`); the same
-two modes and the same merge apply to every expert slice.
 
 Module names under peft gain `base_model.model.` and `.base_layer` (e.g.
 `base_model.model.model.layers.0.mlp.up_proj.base_layer.weight`); `base_name` maps them back.
@@ -50,8 +42,10 @@ from lightning_prune.masking import get_mask, keep_only_, masked_parameters, rem
 from lightning_prune.targets import find_targets
 from lightning_prune.validation import check_integer, check_number
 
-_DERIVED = "_lightning_prune_lora_derived_masks"  # base-layer attribute: [param_name, ...] whose masks attach_lora derived from zeros
-# Base-layer attribute under FSDP2: a callable giving the whole keep-mask in the forward, where the mask buffer is a row block (lora.sharded).
+# Base-layer attribute: [param_name, ...] whose masks attach_lora derived from zeros.
+_DERIVED = "_lightning_prune_lora_derived_masks"
+# Base-layer attribute under FSDP2: a callable giving the whole keep-mask in the forward, where the
+# mask buffer is a row block (lora.sharded).
 FORWARD_MASK = "_lightning_prune_lora_forward_mask"
 
 
@@ -96,7 +90,8 @@ def masked_delta_weight(module: LoraLayer, adapter_name: str) -> torch.Tensor:
 
     The LoRA forward differentiates through it, so it is a select rather than `keep_only_`.
     """
-    # Every concrete peft LoRA layer (Linear, Conv, Embedding) defines get_delta_weight; the LoraLayer base does not (peft 0.21.2).
+    # Every concrete peft LoRA layer (Linear, Conv, Embedding) defines get_delta_weight; the LoraLayer
+    # base does not (peft 0.21.2).
     delta: torch.Tensor = module.get_delta_weight(adapter_name)  # type: ignore[attr-defined]
     base = module.get_base_layer()
     forward_mask = getattr(base, FORWARD_MASK, None)
@@ -160,7 +155,8 @@ def check_lora_arguments(
     check_number(dropout, "dropout", low=0.0, high=1.0, high_open=True)
     if dropout and target_parameters:
         raise ValueError(
-            f"`dropout`={dropout} cannot apply to `target_parameters`={target_parameters!r} (fused experts take no LoRA dropout); use dropout=0"
+            f"`dropout`={dropout} cannot apply to `target_parameters`={target_parameters!r} "
+            "(fused experts take no LoRA dropout); use dropout=0"
         )
 
 
@@ -177,7 +173,8 @@ def lora_target_names(
         )
         if not names and not parameters:
             raise ValueError(
-                "`target_modules`=None found no pruned layer (no masks, no exact zeros); prune first or name the targets"
+                "`target_modules`=None found no pruned layer (no masks, no exact zeros); "
+                "prune first or name the targets"
             )
         return names, parameters
     names = [
@@ -216,8 +213,13 @@ def attach_lora(
     check_lora_arguments(r, alpha, dropout, parameters)
     # peft annotates lora_alpha as int but only divides it by r (peft 0.21.2): a fractional alpha works.
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, target_parameters=parameters, bias="none"
-    )  # type: ignore[arg-type]
+        r=r,
+        lora_alpha=alpha,  # type: ignore[arg-type]
+        lora_dropout=dropout,
+        target_modules=names,
+        target_parameters=parameters,
+        bias="none",
+    )
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     _ensure_masks(peft_model)
     if masked_delta:
