@@ -58,7 +58,8 @@ WIDTHS = (
 
 
 def widened(case: Case, width: int) -> Case:
-    """The case with every width in WIDTHS (and the position table) multiplied by `width` (heads and head sizes unchanged)."""
+    """The case with every width in WIDTHS (and the position table) multiplied by `width`
+    (heads and head sizes unchanged)."""
     kwargs = {k: v * width if k in WIDTHS else v for k, v in case.kwargs.items()}
     return Case(case.name, case.config, kwargs, case.auto, case.inputs, case.experts)
 

@@ -151,7 +151,8 @@ def gpu_rows(
             )
             tflops = 2 * batch * in_features * out_features / (us["dense"] * 1e-6) / 1e12
             rows.append(
-                f"| {dtype_name} | {backend} | {out_features}×{in_features} | {batch} | {us['dense']:.1f} | {us['sparse']:.1f} | {us['dense'] / us['sparse']:.2f}× | {graph} | {tflops:.0f} |"
+                f"| {dtype_name} | {backend} | {out_features}×{in_features} | {batch} | {us['dense']:.1f} "
+                f"| {us['sparse']:.1f} | {us['dense'] / us['sparse']:.2f}× | {graph} | {tflops:.0f} |"
             )
     return rows
 
@@ -168,8 +169,10 @@ def gpu_table(batches: list[int], repeats: int, iters: int, backends: list[str])
         for dtype_name in ("fp16", "bf16"):
             rows += gpu_rows(dtype_name, backend, batches, repeats, iters, notes)
     header = (
-        f"GPU: {torch.cuda.get_device_name()} (sm{major}{minor}), torch {torch.__version__}; F.linear(x[batch, in], W[out, in]); "
-        f"median of {repeats} interleaved repeats of {iters} calls; eager = one Python call each, graph = CUDA-graph replay\n\n"
+        f"GPU: {torch.cuda.get_device_name()} (sm{major}{minor}), torch {torch.__version__}; "
+        "F.linear(x[batch, in], W[out, in]); "
+        f"median of {repeats} interleaved repeats of {iters} calls; "
+        "eager = one Python call each, graph = CUDA-graph replay\n\n"
         "| dtype | backend | W (out×in) | batch | dense µs | 2:4 µs | eager speed-up | dense graph µs | 2:4 graph µs "
         "| graph speed-up | dense TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )

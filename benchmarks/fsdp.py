@@ -95,17 +95,20 @@ def worker(rank: int, args: argparse.Namespace) -> None:
     if rank == 0:
         dense_median, masked_median = statistics.median(times["dense"]), statistics.median(times["masked"])
         print(
-            f"FSDP2 on {args.world} CPU processes (gloo), MLP {args.depth} × {args.width}, batch {args.batch}/rank, AdamW(fused=True), 50% sparsity"
+            f"FSDP2 on {args.world} CPU processes (gloo), MLP {args.depth} × {args.width}, batch {args.batch}/rank, "
+            "AdamW(fused=True), 50% sparsity"
         )
         print(
-            f"{args.rounds} interleaved rounds of {args.steps} steps (after {args.warmup} warm-up), {args.threads} thread(s)/rank\n"
+            f"{args.rounds} interleaved rounds of {args.steps} steps (after {args.warmup} warm-up), "
+            f"{args.threads} thread(s)/rank\n"
         )
         print("| variant | median step (ms) | vs dense |")
         print("|---|---|---|")
         print(f"| dense FSDP2 | {1e3 * dense_median:.2f} | 1.000× |")
         print(f"| masked FSDP2 | {1e3 * masked_median:.2f} | {masked_median / dense_median:.3f}× |")
         print(
-            f"\nmask bytes per rank: {[int(b) for b in per_rank]} of {full_bytes} unsharded (= {int(per_rank[0]) / full_bytes:.3f} of it; 1/world = {1 / args.world:.3f})"
+            f"\nmask bytes per rank: {[int(b) for b in per_rank]} of {full_bytes} unsharded "
+            f"(= {int(per_rank[0]) / full_bytes:.3f} of it; 1/world = {1 / args.world:.3f})"
         )
     dist.destroy_process_group()
 

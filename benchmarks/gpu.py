@@ -207,7 +207,10 @@ def layers_section(sizes: Sequence[tuple[int, int]], tokens: int, repeats: int, 
                         mib(ref_peak),
                     ]
                 )
-    title = f"Layers: ours vs the reference math, bf16 weight, {tokens} calibration tokens; median of {repeats} interleaved rounds (goal: ours/ref ≤ 1.00×)"
+    title = (
+        f"Layers: ours vs the reference math, bf16 weight, {tokens} calibration tokens; "
+        f"median of {repeats} interleaved rounds (goal: ours/ref ≤ 1.00×)"
+    )
     return table(
         title,
         ["W (out×in)", "sparsity", "method", "ours ms", "ref ms", "ours/ref", "ours peak MiB", "ref peak MiB"],
@@ -282,7 +285,10 @@ def select_section(sizes: Sequence[tuple[int, int]], repeats: int, device: torch
                 ms(result["sort (reference)"][0]),
             ]
         )
-    title = f"Selection alone at 50% (fp32 scores), ms; median of {repeats} interleaved rounds; ours = kthvalue per row, topk for one slice off the CPU"
+    title = (
+        f"Selection alone at 50% (fp32 scores), ms; median of {repeats} interleaved rounds; "
+        "ours = kthvalue per row, topk for one slice off the CPU"
+    )
     return table(
         title, ["W (out×in)", "scope", "ours", "alternative", "host kthvalue (before)", "sort (reference)"], rows
     )
@@ -318,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
         print(
-            "benchmarks/gpu.py: no CUDA device, nothing measured (run it on a GPU; --cpu-smoke checks the script on the CPU)"
+            "benchmarks/gpu.py: no CUDA device, nothing measured "
+            "(run it on a GPU; --cpu-smoke checks the script on the CPU)"
         )
         return 0
     import gpu_model  # the model-level sections
@@ -326,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     sizes = ((64, 32), (48, 96)) if args.cpu_smoke else LAYER_SIZES[:1] if args.quick else LAYER_SIZES
     print(
-        f"torch {torch.__version__}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU smoke run (toy sizes)'}\n"
+        f"torch {torch.__version__}, "
+        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU smoke run (toy sizes)'}\n"
     )
     runs: dict[str, Callable[[], str]] = {
         "layers": lambda: layers_section(sizes, 64 if args.cpu_smoke else 2048, args.repeats, device),

@@ -142,9 +142,11 @@ def oneshot_section(settings: ModelSettings, repeats: int, device: torch.device)
     rows = [[name, ms(seconds), ratio(seconds, forward), mib(peak)] for name, (seconds, peak) in result.items()]
     params = sum(p.numel() for p in master_model(settings).parameters())
     title = (
-        f"One-shot, 50%, Llama-style {params / 1e9:.2f}B bf16 ({settings.layers} blocks), {settings.samples}×{settings.seq_len} "
-        f"calibration tokens; median of {repeats} interleaved rounds (goals: Wanda ≤ 2.2×, SparseGPT ≤ 4× the forward; "
-        f"offload peak equal at {settings.layers} and {half} blocks); peaks are above what was allocated before the call: "
+        f"One-shot, 50%, Llama-style {params / 1e9:.2f}B bf16 ({settings.layers} blocks), "
+        f"{settings.samples}×{settings.seq_len} calibration tokens; median of {repeats} interleaved rounds "
+        "(goals: Wanda ≤ 2.2×, SparseGPT ≤ 4× the forward; "
+        f"offload peak equal at {settings.layers} and {half} blocks); "
+        "peaks are above what was allocated before the call: "
         "the model itself for the runs without offload, nothing for the offloaded ones (model on the CPU)"
     )
     return table(title, ["run", "ms", "/ forward", "peak MiB above start"], rows)
@@ -217,7 +219,8 @@ def gradual_section(settings: ModelSettings, repeats: int, device: torch.device)
         ],
     ]
     title = (
-        f"GradualPruning step vs dense: bf16, fused AdamW, {settings.train_batch}×{settings.train_seq_len} tokens per step, "
+        "GradualPruning step vs dense: bf16, fused AdamW, "
+        f"{settings.train_batch}×{settings.train_seq_len} tokens per step, "
         f"50% masks; median of {repeats} rounds of {settings.steps} steps (goal: ≤ 1.03×)"
     )
     return table(title, ["step", "ms", "/ dense", "peak MiB above start"], rows)
@@ -242,7 +245,10 @@ def lora_section(settings: ModelSettings, repeats: int, device: torch.device) ->
         [name, ms(seconds / settings.steps), ratio(seconds, plain), mib(peak)]
         for name, (seconds, peak) in result.items()
     ]
-    title = f"LoRA r=16 on the 50%-pruned model, bf16, fused AdamW on the adapters; median of {repeats} rounds of {settings.steps} steps"
+    title = (
+        "LoRA r=16 on the 50%-pruned model, bf16, fused AdamW on the adapters; "
+        f"median of {repeats} rounds of {settings.steps} steps"
+    )
     return table(title, ["step", "ms", "/ plain", "peak MiB above start"], rows)
 
 
@@ -269,7 +275,10 @@ def semi_section(sizes: Sequence[tuple[int, int]], batches: Sequence[int], repea
             rows.append(
                 [f"{out_features}×{in_features}", str(batch), *semi_times(dense, sparse, batch, repeats, iters, notes)]
             )
-    title = f"2:4 semi-structured (load_sparse) vs dense nn.Linear, bf16, µs per call; median of {max(repeats, 1)} rounds of {iters} calls"
+    title = (
+        "2:4 semi-structured (load_sparse) vs dense nn.Linear, bf16, µs per call; "
+        f"median of {max(repeats, 1)} rounds of {iters} calls"
+    )
     header = ["W (out×in)", "batch", "dense", "2:4", "dense graph", "2:4 graph", "eager speed-up", "graph speed-up"]
     return table(title, header, rows) + "".join(f"{note}\n" for note in notes)
 

@@ -193,12 +193,14 @@ def main() -> None:
     recovery_batches = training_batches(data, args.recovery_steps, args.seed + 2)
     print(
         f"Llama hidden {args.hidden} × {args.layers} blocks, {sum(p.numel() for p in dense.parameters()) / 1e6:.2f} M "
-        f"parameters, {args.dense_steps} dense steps (lr 2e-3 decayed linearly to 0); recovery {args.recovery_steps} steps (batch 16 × 64 tokens), "
+        f"parameters, {args.dense_steps} dense steps (lr 2e-3 decayed linearly to 0); "
+        f"recovery {args.recovery_steps} steps (batch 16 × 64 tokens), "
         f"LoRA r={args.rank} alpha={2 * args.rank} lr={args.lora_lr}, full lr={args.full_lr}; "
         f"perplexity on {len(val)} validation batches; torch threads {torch.get_num_threads()}\n"
     )
     print(
-        "| pruning | recovery | trainable params | ppl dense | ppl pruned | ppl recovered, unmerged | ppl recovered, merged | sparsity |"
+        "| pruning | recovery | trainable params | ppl dense | ppl pruned "
+        "| ppl recovered, unmerged | ppl recovered, merged | sparsity |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     timed = None
@@ -210,7 +212,8 @@ def main() -> None:
         for name, row in recover(pruned, pattern, recovery_batches, val, args).items():
             unmerged = f"{row['unmerged']:.2f}" if row["unmerged"] is not None else "—"
             print(
-                f"| {label} | {name} | {row['trainable']:,} ({row['trainable'] / total:.1%}) | {dense_ppl:.2f} | {pruned_ppl:.2f} | {unmerged} | "
+                f"| {label} | {name} | {row['trainable']:,} ({row['trainable'] / total:.1%}) "
+                f"| {dense_ppl:.2f} | {pruned_ppl:.2f} | {unmerged} | "
                 f"{row['merged']:.2f} | {sparsity_report(pruned).global_sparsity:.1%} |"
             )
         timed = timed or pruned

@@ -152,16 +152,19 @@ def benchmark(
     dense = variants[0]
     dense_step = statistics.median(dense.step_times)
     lines = [
-        f"### {title}: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, {prunable / 1e6:.1f}M prunable, {rounds} rounds × {steps} steps, {torch.get_num_threads()} threads",
+        f"### {title}: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, "
+        f"{prunable / 1e6:.1f}M prunable, {rounds} rounds × {steps} steps, {torch.get_num_threads()} threads",
         "",
-        "| variant | step (ms, median) | × dense | optimizer step (ms) | optimizer share | extra bytes / prunable element |",
+        "| variant | step (ms, median) | × dense | optimizer step (ms) | optimizer share "
+        "| extra bytes / prunable element |",
         "|---|---|---|---|---|---|",
     ]
     for variant in variants:
         step, optimizer = statistics.median(variant.step_times), statistics.median(variant.optimizer_times)
         extra = extra_bytes_per_element(variant, dense, prunable)
         lines.append(
-            f"| {variant.name} | {step * 1e3:.1f} | {step / dense_step:.3f} | {optimizer * 1e3:.1f} | {optimizer / step:.0%} | {extra:.2f} |"
+            f"| {variant.name} | {step * 1e3:.1f} | {step / dense_step:.3f} | {optimizer * 1e3:.1f} "
+            f"| {optimizer / step:.0%} | {extra:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

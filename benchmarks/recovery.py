@@ -231,7 +231,9 @@ def main() -> None:
 
     tokens = sum(int(b["attention_mask"].sum()) for b in calibration)
     print(
-        f"\nall-MiniLM-L6-v2, {len(paragraphs)} held-out paragraphs; {args.calibration} calibration paragraphs ({tokens} tokens); time unit = one dense forward over them ({unit:.2f} s)\n"
+        f"\nall-MiniLM-L6-v2, {len(paragraphs)} held-out paragraphs; "
+        f"{args.calibration} calibration paragraphs ({tokens} tokens); "
+        f"time unit = one dense forward over them ({unit:.2f} s)\n"
     )
     print("| sparsity | method | step | cosine to dense | time (× forward) |\n|---|---|---|---|---|")
     for pattern_name, method, step, cosine, ratio in rows:

@@ -30,7 +30,8 @@ from torch import nn
 
 from lightning_prune.structured import compact, prune_structured
 
-# hidden 1152 = 12·96: LlamaConfig requires hidden_size % num_attention_heads == 0, also after 25% of heads go (16 → 12).
+# hidden 1152 = 12·96: LlamaConfig requires hidden_size % num_attention_heads == 0, also after 25% of heads
+# go (16 → 12).
 LLAMA = dict(
     hidden_size=1152,
     intermediate_size=3072,
@@ -107,10 +108,12 @@ def llama_section(repeats: int, new_tokens: int) -> None:
     )
     base_flops = linear_flops(dense)
     print(
-        f"\n### Llama-style model (hidden {LLAMA['hidden_size']}, {LLAMA['num_hidden_layers']} blocks, GQA {LLAMA['num_attention_heads']}/{LLAMA['num_key_value_heads']}), CPU, medians of {repeats}\n"
+        f"\n### Llama-style model (hidden {LLAMA['hidden_size']}, {LLAMA['num_hidden_layers']} blocks, "
+        f"GQA {LLAMA['num_attention_heads']}/{LLAMA['num_key_value_heads']}), CPU, medians of {repeats}\n"
     )
     print(
-        "| variant | params | linear FLOP reduction | forward (1×256) | forward speedup | speedup / FLOP reduction | greedy tok/s | generation speedup | reload max diff |"
+        "| variant | params | linear FLOP reduction | forward (1×256) | forward speedup | speedup / FLOP reduction "
+        "| greedy tok/s | generation speedup | reload max diff |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, model in models.items():
@@ -118,8 +121,9 @@ def llama_section(repeats: int, new_tokens: int) -> None:
         speedup = forward["dense"] / forward[name]
         diff = check_reload(model, {"input_ids": prompt}, "AutoModelForCausalLM") if name != "dense" else 0.0
         print(
-            f"| {name} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M | {reduction:.2f}× | {forward[name] * 1e3:.0f} ms | {speedup:.2f}× | "
-            f"{speedup / reduction:.2f} | {new_tokens / generate[name]:.1f} | {generate['dense'] / generate[name]:.2f}× | {diff:.1e} |"
+            f"| {name} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M | {reduction:.2f}× "
+            f"| {forward[name] * 1e3:.0f} ms | {speedup:.2f}× | {speedup / reduction:.2f} "
+            f"| {new_tokens / generate[name]:.1f} | {generate['dense'] / generate[name]:.2f}× | {diff:.1e} |"
         )
 
 
@@ -163,7 +167,8 @@ def minilm_section(repeats: int) -> None:
             models.setdefault(f"mlp {sparsity:.0%}", small)
     times = interleaved_medians({n: (lambda m=m: m(**encoded)) for n, m in models.items()}, repeats)
     print(
-        f"\n### all-MiniLM-L6-v2 (real weights), {len(paragraphs)} held-out paragraphs ≤128 tokens, CPU, medians of {repeats}\n"
+        f"\n### all-MiniLM-L6-v2 (real weights), {len(paragraphs)} held-out paragraphs ≤128 tokens, "
+        f"CPU, medians of {repeats}\n"
     )
     print("| variant | params | linear FLOP reduction | forward | speedup | speedup / FLOP reduction |")
     print("|---|---|---|---|---|---|")
@@ -171,7 +176,8 @@ def minilm_section(repeats: int) -> None:
         reduction = linear_flops(dense) / linear_flops(model)
         speedup = times["dense"] / times[name]
         print(
-            f"| {name} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | {reduction:.2f}× | {times[name] * 1e3:.0f} ms | {speedup:.2f}× | {speedup / reduction:.2f} |"
+            f"| {name} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | {reduction:.2f}× "
+            f"| {times[name] * 1e3:.0f} ms | {speedup:.2f}× | {speedup / reduction:.2f} |"
         )
     print("\n| MLP neurons removed | score | embedding cosine to dense (held-out) | params | reload max diff |")
     print("|---|---|---|---|---|")

@@ -1,8 +1,9 @@
 """The architecture table: tiny Hugging Face models from configs (random weights, no download).
 
 Each case builds (model, calibration batches); `slow` marks the half of the table the quick test
-run skips (`-m "not slow"`), chosen so that every family keeps at least one quick case. Hidden sizes 16–32, 2 layers (per stack), vocab 64,
-sequences of 16 tokens; every block weight's input dimension divides by 4 (2:4 fits everywhere).
+run skips (`-m "not slow"`), chosen so that every family keeps at least one quick case. Hidden
+sizes 16–32, 2 layers (per stack), vocab 64, sequences of 16 tokens; every block weight's input
+dimension divides by 4 (2:4 fits everywhere).
 Shared by tests/test_architectures.py and benchmarks/architectures.py.
 """
 

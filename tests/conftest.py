@@ -31,7 +31,8 @@ TINY_LLAMA_CONFIG = dict(
 
 
 def tiny_llama_config(**overrides: Any) -> dict[str, Any]:
-    """The tiny Llama's settings with `overrides`, `model_type` included (as `CausalLMModule(config=...)` takes them)."""
+    """The tiny Llama's settings with `overrides`, `model_type` included
+    (as `CausalLMModule(config=...)` takes them)."""
     return {**TINY_LLAMA_CONFIG, **overrides}
 
 

@@ -56,7 +56,8 @@ class AtFitStart(pl.Callback):
 
 
 class ShardedClassifier(ClassifierModule):
-    """The run pipeline's digits MLP, every Linear and the network sharded by FSDP2 (once: every stage's fit calls this)."""
+    """The run pipeline's digits MLP, every Linear and the network sharded by FSDP2
+    (once: every stage's fit calls this)."""
 
     def configure_model(self) -> None:
         if isinstance(self.model, FSDPModule):
@@ -93,7 +94,8 @@ def fit(
     seed: int = 0,
     empty_init: bool = False,
 ) -> tuple[pl.Trainer, Probe]:
-    """Fit a ShardedMLP seeded with `seed` (built on the meta device with `empty_init`) with `callbacks`, then a probe."""
+    """Fit a ShardedMLP seeded with `seed` (built on the meta device with `empty_init`) with `callbacks`,
+    then a probe."""
     pl.seed_everything(seed, verbose=False)
     probe = Probe()
     trainer = sharded_trainer(args.devices, epochs, [*callbacks, probe])

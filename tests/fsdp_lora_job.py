@@ -53,7 +53,8 @@ class ChildLinearMLP(LoRAMLP):
 
 
 class PerLinearMLP(LoRAMLP):
-    """Shards every nn.Linear among `modules()`: after injection, base_layer, lora_A and lora_B are units of their own."""
+    """Shards every nn.Linear among `modules()`: after injection, base_layer, lora_A and lora_B are
+    units of their own."""
 
     def configure_model(self) -> None:
         assert self.device_mesh is not None  # set by ModelParallelStrategy before configure_model

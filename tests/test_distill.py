@@ -185,9 +185,10 @@ def test_llama_gmp_distill_recipe_reaches_70_percent_with_a_dense_teacher(tmp_pa
     from lightning_prune.run import run
 
     overrides = [
-        "recipe=llama_gmp_distill", f"output_dir={tmp_path}", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
-        "tensorboard=false", "plots=false", "dense_epochs=1", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
-        "trainer.limit_val_batches=2", "data.seq_len=16", "data.vocab_size=300", "pruning.frequency=1",
+        "recipe=llama_gmp_distill", f"output_dir={tmp_path}", "trainer.enable_progress_bar=false",
+        "trainer.accelerator=cpu", "tensorboard=false", "plots=false", "dense_epochs=1", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "data.seq_len=16", "data.vocab_size=300",
+        "pruning.frequency=1",
     ]  # fmt: skip
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=overrides)

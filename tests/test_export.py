@@ -282,7 +282,8 @@ def test_load_into_a_wrong_model_checks_everything_before_copying(tmp_path):
     before = {k: v.clone() for k, v in wrong.state_dict().items()}
     with pytest.raises(
         ValueError,
-        match=r"do not fit the model's shapes: \['1.bias: checkpoint \(3,\), model \(5,\)', '1.weight: checkpoint \(3, 8\), model \(5, 8\)'\]",
+        match=r"do not fit the model's shapes: \['1.bias: checkpoint \(3,\), model \(5,\)', "
+        r"'1.weight: checkpoint \(3, 8\), model \(5, 8\)'\]",
     ):
         load_sparse(path, model=wrong)
     assert_bitwise_equal(wrong.state_dict(), before)  # nothing was overwritten

@@ -31,7 +31,10 @@ def _compressors():
             raise
         pytest.skip(f"compressed-tensors is not installed ({error}); CI installs it", allow_module_level=True)
     if not hasattr(module, "Sparse24BitMaskCompressor"):
-        message = f"compressed-tensors {importlib.import_module('compressed_tensors').__version__} has no sparse-24-bitmask compressor (0.14 has)"
+        message = (
+            f"compressed-tensors {importlib.import_module('compressed_tensors').__version__} "
+            "has no sparse-24-bitmask compressor (0.14 has)"
+        )
         if REQUIRED:
             raise ImportError(message)
         pytest.skip(message, allow_module_level=True)

@@ -27,7 +27,8 @@ def test_fsdp1_is_refused_with_the_reason_and_the_fsdp2_alternative(
     strategy = FSDPStrategy(sharding_strategy=sharding, auto_wrap_policy={nn.Linear})
     with pytest.raises(
         ValueError,
-        match=rf"`strategy`=FSDPStrategy .*{REASON}.*strategy='ddp'.*ModelParallelStrategy \(FSDP2.*PyTorch recommends over FSDP1.*HSDP",
+        match=rf"`strategy`=FSDPStrategy .*{REASON}.*strategy='ddp'.*ModelParallelStrategy "
+        r"\(FSDP2.*PyTorch recommends over FSDP1.*HSDP",
     ):
         check_strategy(strategy, sharded_ok=True)
     with pytest.raises(ValueError, match=rf"{REASON}.*strategy='ddp'.*need whole weights") as refused:

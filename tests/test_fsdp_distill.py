@@ -131,7 +131,8 @@ def test_fsdp2_refuses_a_teacher_device_and_an_unsharded_student() -> None:
 
 
 def test_a_sharded_teacher_is_not_read_outside_fsdp2() -> None:
-    """A checkpoint whose teacher went to the distributed checkpoint, restored without it, raises instead of distilling from a copy."""
+    """A checkpoint whose teacher went to the distributed checkpoint, restored without it, raises
+    instead of distilling from a copy."""
     callback = KnowledgeDistillation()
     callback.teacher = nn.Linear(4, 4)
     with pytest.raises(ValueError, match="teacher is sharded"):
@@ -139,7 +140,8 @@ def test_a_sharded_teacher_is_not_read_outside_fsdp2() -> None:
 
 
 def test_the_meta_skeleton_of_a_transformers_model_is_the_model_without_hooks_masks_or_memory() -> None:
-    """What the sharded copy is built from (here of an unsharded model: the same copier, minus FSDP2's class and state)."""
+    """What the sharded copy is built from (here of an unsharded model: the same copier, minus
+    FSDP2's class and state)."""
     from conftest import tiny_llama
 
     from lightning_prune.masking import get_masks, set_mask

@@ -219,7 +219,8 @@ def test_gradient_criterion_names_targets_without_gradients_before_any_pruning(c
     pruning = GradualPruning(0.5, start_step=3, end_step=6, frequency=1, criterion=criterion)
     with pytest.raises(
         ValueError,
-        match=rf"`criterion`='{criterion}' .* \['net.2.weight'\] got no gradient in the first training step.*ignore=\['net.2'\]",
+        match=rf"`criterion`='{criterion}' .* \['net.2.weight'\] got no gradient in the first training step"
+        r".*ignore=\['net.2'\]",
     ):
         make_trainer(max_steps=8, callbacks=[pruning]).fit(module)
     assert module.training_steps == 1 and module.net[0].weight.ne(0).all()  # stopped after one step, nothing pruned

@@ -49,7 +49,8 @@ BAD_CONFIGS = {
     "missing model path": (
         ["recipe=gmp_finetune", "model=causal_lm", "model.model_path=/no/such/model"],
         2,
-        "`model.model_path`='/no/such/model' (lightning_prune.models.CausalLMModule): `model_path`='/no/such/model' is not a local model directory",
+        "`model.model_path`='/no/such/model' (lightning_prune.models.CausalLMModule): "
+        "`model_path`='/no/such/model' is not a local model directory",
     ),
 }
 

@@ -155,7 +155,10 @@ def test_rewind_without_epochs_for_the_final_ticket_is_refused_before_training()
     module = TinyRegressor()
     pruning = IterativePruning(0.5, cycles=2, epochs_per_cycle=2, rewind="init")
     trainer = make_trainer(max_epochs=4, callbacks=[pruning])
-    message = r"`rewind`='init' .* `cycles`=2 .* `epochs_per_cycle`=2 more epochs .* Trainer\(max_epochs>=6\), got max_epochs=4"
+    message = (
+        r"`rewind`='init' .* `cycles`=2 .* `epochs_per_cycle`=2 more epochs .* "
+        r"Trainer\(max_epochs>=6\), got max_epochs=4"
+    )
     with pytest.raises(ValueError, match=message):
         pruning.preflight(module, trainer)  # what a pipeline calls before its dense phase
     with pytest.raises(ValueError, match=message):

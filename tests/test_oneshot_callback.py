@@ -145,7 +145,8 @@ def test_default_forward_on_a_tuple_batch_names_the_batch() -> None:
     callback = OneShotPruning("wanda", 0.5, num_samples=None, progress=False)
     with pytest.raises(
         ValueError,
-        match=r"calibration batch 0 \(\(tensor \(4, 5\), tensor \(4, 5\), tensor \(4,\)\)\) failed in the model's forward",
+        match=r"calibration batch 0 \(\(tensor \(4, 5\), tensor \(4, 5\), tensor \(4,\)\)\) "
+        r"failed in the model's forward",
     ):
         trainer(callback, max_epochs=0).fit(TupleBatchModule(), tuple_loader())
 

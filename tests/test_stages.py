@@ -202,7 +202,8 @@ def test_empty_dense_stage_is_skipped_and_a_fresh_baseline_measured(tmp_path: Pa
     [
         (
             ["+stages.1.bogus=1"],
-            r"`stages.1.bogus` is not a stage key: valid keys are \['name', 'use', 'callbacks', 'trainer', 'evaluate', 'evaluate_start'\]",
+            r"`stages.1.bogus` is not a stage key: "
+            r"valid keys are \['name', 'use', 'callbacks', 'trainer', 'evaluate', 'evaluate_start'\]",
         ),
         (
             ["stages.1.name=dense"],
@@ -211,7 +212,8 @@ def test_empty_dense_stage_is_skipped_and_a_fresh_baseline_measured(tmp_path: Pa
         (["stages.1.name=a b"], r"`stages.1.name`='a b' is invalid: must be a non-empty name"),
         (
             ["stages.1.use=[prunning]"],
-            r"`stages.1.use` names 'prunning', which is not a callback group: valid are \['pruning', 'lora', 'callbacks', 'export'\]",
+            r"`stages.1.use` names 'prunning', which is not a callback group: "
+            r"valid are \['pruning', 'lora', 'callbacks', 'export'\]",
         ),
         (["stages.1.use=[pruning,pruning]"], r"`stages.1.use` lists 'pruning' twice"),
         (

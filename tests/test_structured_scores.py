@@ -78,7 +78,8 @@ def test_taylor_squares_the_group_first_order_term_and_averages_steps() -> None:
         for layer in (net.up, net.down):
             layer.weight.grad = torch.full_like(layer.weight, scale)
         taylor.accumulate([group])
-    # Σ w over each group: -1 + 0 = -1; 1 + 4 = 5; -2 + 2 = 0 → (Σ w·g)² = s²·(1, 25, 0), mean over s = 1, 3 → 5·(1, 25, 0)
+    # Σ w over each group: -1 + 0 = -1; 1 + 4 = 5; -2 + 2 = 0 → (Σ w·g)² = s²·(1, 25, 0),
+    # mean over s = 1, 3 → 5·(1, 25, 0)
     assert taylor.score(group, {}).tolist() == [5.0, 125.0, 0.0]
     taylor.reset()
     with pytest.raises(ValueError, match="needs training steps"):
