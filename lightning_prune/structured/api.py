@@ -25,10 +25,11 @@ except ImportError:  # pragma: no cover - older huggingface_hub raise ValueError
 from lightning_prune.calibration.blocks import find_block_stack
 from lightning_prune.calibration.driver import Batch, calibrate_sequentially, call_model
 from lightning_prune.registry import STRUCTURED_SCORES
-from lightning_prune.structured.groups import GroupSet, find_block_groups, model_config
+from lightning_prune.structured.groups import GroupSet
 from lightning_prune.structured.report import StructuredReport, structured_report
 from lightning_prune.structured.scores import BlockInfluence, StructuredScore
 from lightning_prune.structured.select import mask_block, prune_group, units_to_remove
+from lightning_prune.structured.transformer import find_block_groups, model_config
 from lightning_prune.targets import PruneTarget
 from lightning_prune.validation import check_integer, check_sparsity
 

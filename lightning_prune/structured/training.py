@@ -20,7 +20,8 @@ from lightning_prune.calibration.driver import call_model
 from lightning_prune.registry import STRUCTURED_SCORES
 from lightning_prune.structured.api import select_groups
 from lightning_prune.structured.compact import compact, outermost_hf_models
-from lightning_prune.structured.groups import KINDS, GroupSet, find_groups, removed_units
+from lightning_prune.structured.find import find_groups
+from lightning_prune.structured.groups import KINDS, GroupSet, removed_units
 from lightning_prune.structured.scores import StructuredScore
 from lightning_prune.structured.select import prune_group
 from lightning_prune.validation import check_bool
