@@ -25,12 +25,10 @@ from lightning_prune.calibration.recorder import Recorder, StackDone
 from lightning_prune.calibration.replay import replacing, same
 
 Forward = Callable[[nn.Module, Any], Any]
-Earlier = tuple[
-    nn.ModuleList, Sequence[Any] | None
-]  # an earlier stack, and its last block's output objects per batch from the driver (or None)
-Replayed = list[
-    tuple[nn.ModuleList, Any]
-]  # stacks that compute nothing in a pass, and the output objects (by batch) they hand on
+# an earlier stack, and its last block's output objects per batch from the driver (or None)
+Earlier = tuple[nn.ModuleList, Sequence[Any] | None]
+# stacks that compute nothing in a pass, and the output objects (by batch) they hand on
+Replayed = list[tuple[nn.ModuleList, Any]]
 
 
 class Capture:
@@ -60,10 +58,10 @@ class Capture:
         self.recorder = Recorder(list(stacks), device, home, offload)  # the driver pops from `stacks`
         self.earlier = [blocks for blocks, _ in earlier]
         self.kept = [outputs for _, outputs in earlier]
-        self.earlier_outputs: list[dict[int, Any]] = [
-            {} for _ in self.earlier
-        ]  # per earlier stack: its last block's output object by batch
-        self.replayed: Replayed = []  # the earlier stacks that batches 1.. replay from the driver's outputs (`_replayable`)
+        # per earlier stack: its last block's output object by batch
+        self.earlier_outputs: list[dict[int, Any]] = [{} for _ in self.earlier]
+        # the earlier stacks that batches 1.. replay from the driver's outputs (`_replayable`)
+        self.replayed: Replayed = []
 
     @contextmanager
     def hooked(self) -> Iterator[Recorder]:
@@ -127,7 +125,8 @@ class Capture:
             recorder.mode = "real"
         if recorder.first is not None or recorder.active is not None:
             raise ValueError(
-                f"calibration batch {batch_index} did not run the block stack {recorder.stacks[recorder.first or 0][0]} that batch 0 ran"
+                f"calibration batch {batch_index} did not run the block stack "
+                f"{recorder.stacks[recorder.first or 0][0]} that batch 0 ran"
             )
         return False
 

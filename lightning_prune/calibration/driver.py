@@ -241,7 +241,8 @@ def calibrate_sequentially(
                     f"`blocks`={blocks!r}: the model's forward never ran {names} on the calibration batches"
                 )
             warnings.warn(
-                f"the model's forward never ran the block stacks {names} on the calibration batches; they are left as they are",
+                f"the model's forward never ran the block stacks {names} "
+                "on the calibration batches; they are left as they are",
                 stacklevel=2,
             )
     finally:

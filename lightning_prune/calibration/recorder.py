@@ -54,19 +54,22 @@ class Recorder:
         if self.active is None:
             if j != 0 or (self.first is not None and s != self.first):
                 raise ValueError(
-                    f"calibration batch {self.batch} entered the block stack {name} at block {j}, not where batch 0 entered; name the stacks with `blocks=`"
+                    f"calibration batch {self.batch} entered the block stack {name} at block {j}, "
+                    "not where batch 0 entered; name the stacks with `blocks=`"
                 )
             self.active = self.first = s
         elif self.active != s:
             raise ValueError(
-                f"the model's forward ran {name}.{j} inside the block stack {self.stacks[self.active][0]}; stacks must run one after the other (name them with `blocks=`)"
+                f"the model's forward ran {name}.{j} inside the block stack {self.stacks[self.active][0]}; "
+                "stacks must run one after the other (name them with `blocks=`)"
             )
         if self.mode == "rest" and j == 0:
             return  # block 0 replays its pruned outputs; its arguments are already recorded
         record = self.records[s][j]
         if len(record) > self.batch:
             raise ValueError(
-                f"the model's forward ran block {name}.{j} twice in one pass (shared blocks); name another ModuleList with `blocks=`"
+                f"the model's forward ran block {name}.{j} twice in one pass (shared blocks); "
+                "name another ModuleList with `blocks=`"
             )
         args, kwargs = without_caches(tuple(args), dict(kwargs))
         hidden = hidden_of(args, kwargs)
@@ -80,7 +83,9 @@ class Recorder:
                 hidden is previous or (hidden.shape == previous.shape and torch.equal(hidden, previous))
             ):
                 raise ValueError(
-                    f"block {name}.{j} does not take the output of {name}.{j - 1} as its hidden states, so its blocks cannot be calibrated one after the other; name another ModuleList with `blocks=`"
+                    f"block {name}.{j} does not take the output of {name}.{j - 1} "
+                    "as its hidden states, so its blocks cannot be calibrated one after the other; "
+                    "name another ModuleList with `blocks=`"
                 )
             record.append(with_hidden(args, kwargs, None))
         if self.offload and self.mode == "real":

@@ -75,8 +75,10 @@ def select_groups(groups: list[GroupSet], targets: Any, ignore: Any) -> list[Gro
     if len(chosen) != len(groups) and getattr(groups[0] if groups else None, "config_key", None):
         left = sorted({g.name for g in groups} - {g.name for g in chosen})
         raise ValueError(
-            f"`targets`={targets!r} / `ignore`={ignore!r} leave {left} at full width: a stock config states one width for every layer, "
-            "so structured pruning of transformers blocks covers all of them (prune fewer with a smaller sparsity instead)"
+            f"`targets`={targets!r} / `ignore`={ignore!r} leave {left} at full width: "
+            "a stock config states one width for every layer, "
+            "so structured pruning of transformers blocks covers all of them "
+            "(prune fewer with a smaller sparsity instead)"
         )
     return chosen
 
@@ -93,7 +95,8 @@ def _find(
 def _check_droppable(model: nn.Module, drop_layers: int, n_blocks: int) -> None:
     if not 0 <= drop_layers < n_blocks:  # an integer >= 0: checked by `prune_structured` before the model is read
         raise ValueError(
-            f"`drop_layers` must be an integer in [0, {n_blocks}) (the model has {n_blocks} blocks), got {drop_layers!r}"
+            f"`drop_layers` must be an integer in [0, {n_blocks}) "
+            f"(the model has {n_blocks} blocks), got {drop_layers!r}"
         )
     config = model_config(model)
     post_norm = (
@@ -101,7 +104,10 @@ def _check_droppable(model: nn.Module, drop_layers: int, n_blocks: int) -> None:
     )
     if drop_layers and post_norm:
         raise ValueError(
-            f"`drop_layers`={drop_layers}: {getattr(config, 'model_type', '?')} normalises after the residual sum, so a block cannot be removed without changing the model; prune MLP neurons (`mlp_sparsity`) instead"
+            f"`drop_layers`={drop_layers}: "
+            f"{getattr(config, 'model_type', '?')} normalises after the residual sum, "
+            "so a block cannot be removed without changing the model; "
+            "prune MLP neurons (`mlp_sparsity`) instead"
         )
 
 
@@ -132,7 +138,9 @@ def _check_config_accepts_heads(model: nn.Module, groups: Sequence[GroupSet], he
     if reason is not None:
         valid = sorted(round(1 - k / count, 4) for k in range(1, count) if rejection(k) is None)
         raise ValueError(
-            f"`head_sparsity`={head_sparsity} keeps {kept} of {count} key/value heads, which {type(config).__name__} rejects ({reason}); head sparsities it accepts: {valid}"
+            f"`head_sparsity`={head_sparsity} keeps {kept} of {count} key/value heads, "
+            f"which {type(config).__name__} rejects ({reason}); "
+            f"head sparsities it accepts: {valid}"
         )
 
 
@@ -179,7 +187,8 @@ def prune_structured(
     batches = list(calibration) if calibration is not None else []
     if (score.statistics or score.needs_gradients or drop_layers) and not batches:
         raise ValueError(
-            f"`calibration` has no batches; method {score.name!r}{' and drop_layers' if drop_layers else ''} need calibration data"
+            f"`calibration` has no batches; method {score.name!r}{' and drop_layers' if drop_layers else ''} "
+            "need calibration data"
         )
     notes = _rounding_notes(groups, {"neuron": mlp_sparsity, "head": head_sparsity})
     before = structured_report(model, [], [], score.name, [])
@@ -233,7 +242,10 @@ def _rounding_notes(groups: Sequence[GroupSet], sparsity: Mapping[str, float]) -
             count = sized[0].count
             removed = units_to_remove(count, sparsity[kind])
             if removed == 0 or abs(removed / count - sparsity[kind]) > 1e-9:
-                note = f"{kind}s: asked {sparsity[kind]:.4f} of {count} per layer, removing {removed} ({removed / count:.4f})"
+                note = (
+                    f"{kind}s: asked {sparsity[kind]:.4f} of {count} per layer, "
+                    f"removing {removed} ({removed / count:.4f})"
+                )
                 notes.append(note)
                 warnings.warn(note, stacklevel=3)
     return notes
@@ -288,7 +300,8 @@ def _accumulate_gradients(
                 loss = getattr(forward(model, batch), "loss", None)
                 if loss is None:
                     raise ValueError(
-                        f"`method`={score.name!r} needs a loss from the calibration batches: give batches with labels (e.g. input_ids and labels)"
+                        f"`method`={score.name!r} needs a loss from the calibration batches: "
+                        "give batches with labels (e.g. input_ids and labels)"
                     )
                 loss.backward()
             score.accumulate(groups)

@@ -74,7 +74,8 @@ def _uniform(widths: dict[int, int], what: str) -> int | None:
     values = set(widths.values())
     if len(values) > 1:
         raise ValueError(
-            f"cannot compact: the kept {what} differ between layers {widths}; a stock config states one width for every layer (prune uniformly)"
+            f"cannot compact: the kept {what} differ between layers {widths}; "
+            "a stock config states one width for every layer (prune uniformly)"
         )
     return values.pop() if values else None
 
