@@ -1,7 +1,7 @@
 """Calibration: run a model's block stacks one block at a time on calibration batches.
 
 The driver (`calibrate_sequentially`) gives every block the exact arguments the model's own forward
-gives it (`capture`, `calls`, `replay`), `collect` gathers per-weight and per-expert input
+gives it (`capture`, `recorder`, `calls`, `replay`), `collect` gathers per-weight and per-expert input
 statistics (`stats`, `experts`, `gated`), and `samples` takes the calibration sequences. One-shot,
 structured pruning and block reconstruction build on it; it imports none of them.
 """

@@ -59,7 +59,9 @@ def find_blocks(
             stacks.append((name, module))
     if not stacks:
         raise ValueError(
-            f"found no nn.ModuleList of transformer blocks in {type(model).__name__}; name the list of blocks with `blocks=` (e.g. blocks='model.layers'), or wrap your blocks in an nn.ModuleList"
+            f"found no nn.ModuleList of transformer blocks in {type(model).__name__}; "
+            "name the list of blocks with `blocks=` (e.g. blocks='model.layers'), "
+            "or wrap your blocks in an nn.ModuleList"
         )
     return stacks
 
@@ -72,6 +74,7 @@ def find_block_stack(model: nn.Module, blocks: str | nn.ModuleList | None = None
     stacks = find_blocks(model, blocks)
     if len(stacks) != 1:
         raise ValueError(
-            f"{type(model).__name__} has {len(stacks)} block stacks {[name for name, _ in stacks]}; name the one to use with `blocks=`"
+            f"{type(model).__name__} has {len(stacks)} block stacks {[name for name, _ in stacks]}; "
+            "name the one to use with `blocks=`"
         )
     return stacks[0]

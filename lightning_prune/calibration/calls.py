@@ -73,7 +73,8 @@ def hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     hidden = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(hidden, torch.Tensor):
         raise ValueError(
-            f"a block was called without hidden states as first argument or `hidden_states=` (got {type(hidden).__name__}); name another ModuleList with `blocks=`"
+            "a block was called without hidden states as first argument or `hidden_states=` "
+            f"(got {type(hidden).__name__}); name another ModuleList with `blocks=`"
         )
     return hidden
 

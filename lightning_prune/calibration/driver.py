@@ -1,20 +1,11 @@
 """Sequential calibration, block by block, over every stack of blocks the model's forward runs.
 
-Both papers' drivers, generic (DESIGN, "Sequential calibration" and "Architectures"): for each block
-stack in execution order (an encoder, then its decoder; a vision tower, then the language model),
-run the model's own forward on the calibration batches once and record the positional and keyword
-arguments *every* block of the stack receives — per-layer masks, sliding windows, position
-embeddings, position bias, cross-attention states — then stop after the stack's last block. Then for
-each block, let the caller collect statistics and prune (`process_block`), and run the pruned block
-on its own recorded arguments, with the hidden states of the pruned block before it, to feed the
-next block. Later stacks are captured after the earlier ones are pruned, so a decoder attends over
-the pruned encoder's outputs. What is kept grows with the calibration batches, never with the
-model's maximum context; key/value caches are dropped wherever they are passed, and the model
-builds none while the driver runs (`calls.caches_off`). The capture is staged (`capture.py`): only
-batch 0 runs the whole stack; the arguments of blocks 1.. are recorded after block 0 is pruned
-without computing the blocks where that gives the same arguments, and the earlier stacks compute
-nothing after batch 0 (they hand on their last block's outputs, which the driver keeps), so the
-capture of a stack costs about one batch's pass through the model instead of one per batch.
+Both papers' drivers, generic (DESIGN, "Sequential calibration"; README, "Architectures"): each
+stack, in execution order, is captured from the model's own forward (every block's exact
+arguments, `capture.py`); each block then goes to `process_block` (statistics, pruning) and runs
+pruned on its recorded arguments to feed the next. Later stacks are captured after the earlier ones
+are pruned. What is kept grows with the calibration batches, never with the model's maximum
+context; the model builds no key/value caches while the driver runs (`calls.caches_off`).
 """
 
 from __future__ import annotations
@@ -241,7 +232,8 @@ def calibrate_sequentially(
                     f"`blocks`={blocks!r}: the model's forward never ran {names} on the calibration batches"
                 )
             warnings.warn(
-                f"the model's forward never ran the block stacks {names} on the calibration batches; they are left as they are",
+                f"the model's forward never ran the block stacks {names} "
+                "on the calibration batches; they are left as they are",
                 stacklevel=2,
             )
     finally:

@@ -75,8 +75,8 @@ def expert_activations(module: nn.Module, expert: int, transposed: bool, rows: t
     if "up_proj" in names:
         return act(_linear(module, "up_proj", expert, transposed, rows))
     raise ValueError(
-        f"experts module {type(module).__name__} has no `gate_up_proj`, `gate_proj`/`up_proj` or `up_proj`, so the inputs "
-        "of its second layer cannot be computed; leave its experts dense with `ignore=`"
+        f"experts module {type(module).__name__} has no `gate_up_proj`, `gate_proj`/`up_proj` or `up_proj`, "
+        "so the inputs of its second layer cannot be computed; leave its experts dense with `ignore=`"
     )
 
 

@@ -37,7 +37,7 @@ def replacing(blocks: nn.ModuleList, forwards: Mapping[int, Callable[..., Any]])
 
 
 def same(a: Any, b: Any) -> bool:
-    """Equal arguments: the same object, equal tensors (dtype, shape, device, values), or equal containers/plain values."""
+    """Equal arguments: the same object, equal tensors (dtype, shape, device, values), equal containers or values."""
     if a is b:
         return True
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):

@@ -101,7 +101,8 @@ def block_targets(
     names = [name for name, _ in stacks]
     if outside and targets is not None:
         raise ValueError(
-            f"`targets`={targets!r} matches layers outside the blocks {names}, which one-shot pruning cannot calibrate: {outside}"
+            f"`targets`={targets!r} matches layers outside the blocks {names}, "
+            f"which one-shot pruning cannot calibrate: {outside}"
         )
     if not any(per_block.values()):
         raise ValueError(
@@ -273,6 +274,9 @@ def _reconstruct(
     result = reconstruct_block(block, run_block.inputs, dense_outputs, steps, lr)
     if result.kept:
         return []
-    note = f"reconstruction of block {name} did not lower its output error ({result.error_before:.3g}) with reconstruct_lr={lr}; its pruned weights were kept"
+    note = (
+        f"reconstruction of block {name} did not lower its output error ({result.error_before:.3g}) "
+        f"with reconstruct_lr={lr}; its pruned weights were kept"
+    )
     warnings.warn(note, stacklevel=3)
     return [note]

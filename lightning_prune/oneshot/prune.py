@@ -101,7 +101,8 @@ def warn_dense_experts(few: dict[str, int], min_tokens: int) -> None:
     if few:
         listed = ", ".join(f"{name} ({count} tokens)" for name, count in few.items())
         warnings.warn(
-            f"left dense: experts that received fewer than `min_expert_tokens`={min_tokens} calibration tokens: {listed}",
+            f"left dense: experts that received fewer than `min_expert_tokens`={min_tokens} "
+            f"calibration tokens: {listed}",
             stacklevel=3,
         )
 

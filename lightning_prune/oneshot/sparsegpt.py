@@ -37,7 +37,8 @@ def inverse_hessian_factor(
                 return upper
         damp *= 10.0
     raise ValueError(
-        f"SparseGPT: the Hessian is not positive definite even with damping {damp / 10:g}·mean(diag H) (from `percdamp`={percdamp}); use more calibration samples or a larger `percdamp`"
+        f"SparseGPT: the Hessian is not positive definite even with damping {damp / 10:g}·mean(diag H) "
+        f"(from `percdamp`={percdamp}); use more calibration samples or a larger `percdamp`"
     )
 
 
@@ -67,7 +68,8 @@ def sparsegpt_prune(
         n, m = parse_pattern(pattern)
         if columns % m or blocksize % m:
             raise ValueError(
-                f"`pattern` {pattern} needs the input dimension ({columns}) and `blocksize` ({blocksize}) to divide by {m}"
+                f"`pattern` {pattern} needs the input dimension ({columns}) "
+                f"and `blocksize` ({blocksize}) to divide by {m}"
             )
     # Dead inputs (never active in calibration) carry no information: H_jj = 1, zero their weights.
     # (masked_fill, not boolean indexing, which syncs with the host to count the dead inputs)

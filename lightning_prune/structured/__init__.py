@@ -2,8 +2,9 @@
 
 from lightning_prune.structured.api import prune_structured, resolve_score
 from lightning_prune.structured.compact import compact
+from lightning_prune.structured.find import find_groups
 from lightning_prune.structured.flap import FeatureMomentStats, GroupFluctuation
-from lightning_prune.structured.groups import GroupSet, Part, find_groups, removed_units
+from lightning_prune.structured.groups import GroupSet, Part, removed_units
 from lightning_prune.structured.report import StructuredReport
 from lightning_prune.structured.scores import (
     BlockInfluence,

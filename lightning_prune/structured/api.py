@@ -15,36 +15,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_prune.calibration.blocks import find_block_stack
 from lightning_prune.calibration.calls import block_output
 from lightning_prune.calibration.collect import collect_statistics
-
-try:  # what transformers' strict configs raise on an invalid architecture (huggingface_hub 1.x)
-    from huggingface_hub.errors import StrictDataclassClassValidationError as ConfigValidationError
-except ImportError:  # pragma: no cover - older huggingface_hub raise ValueError
-    ConfigValidationError = ValueError  # type: ignore[misc,assignment]
-from lightning_prune.calibration.blocks import find_block_stack
 from lightning_prune.calibration.driver import Batch, calibrate_sequentially, call_model
 from lightning_prune.registry import STRUCTURED_SCORES
-from lightning_prune.structured.groups import GroupSet, find_block_groups, model_config
+from lightning_prune.structured.checks import check_config_accepts_heads, check_droppable
+from lightning_prune.structured.groups import GroupSet
 from lightning_prune.structured.report import StructuredReport, structured_report
 from lightning_prune.structured.scores import BlockInfluence, StructuredScore
 from lightning_prune.structured.select import mask_block, prune_group, units_to_remove
+from lightning_prune.structured.transformer import find_block_groups, model_config
 from lightning_prune.targets import PruneTarget
 from lightning_prune.validation import check_integer, check_sparsity
-
-# Post-norm families: the residual sum goes through a LayerNorm, so a zeroed block is no identity.
-POST_NORM_TYPES = (
-    "bert",
-    "roberta",
-    "xlm-roberta",
-    "electra",
-    "distilbert",
-    "albert",
-    "camembert",
-    "mpnet",
-    "deberta",
-    "deberta-v2",
-)
 
 
 def resolve_score(
@@ -74,8 +57,10 @@ def select_groups(groups: list[GroupSet], targets: Any, ignore: Any) -> list[Gro
     if len(chosen) != len(groups) and getattr(groups[0] if groups else None, "config_key", None):
         left = sorted({g.name for g in groups} - {g.name for g in chosen})
         raise ValueError(
-            f"`targets`={targets!r} / `ignore`={ignore!r} leave {left} at full width: a stock config states one width for every layer, "
-            "so structured pruning of transformers blocks covers all of them (prune fewer with a smaller sparsity instead)"
+            f"`targets`={targets!r} / `ignore`={ignore!r} leave {left} at full width: "
+            "a stock config states one width for every layer, "
+            "so structured pruning of transformers blocks covers all of them "
+            "(prune fewer with a smaller sparsity instead)"
         )
     return chosen
 
@@ -87,52 +72,6 @@ def _find(
         *(select_groups(find_block_groups(model, "neuron", blocks), targets, ignore) if mlp_sparsity > 0 else []),
         *(select_groups(find_block_groups(model, "head", blocks), targets, ignore) if head_sparsity > 0 else []),
     ]
-
-
-def _check_droppable(model: nn.Module, drop_layers: int, n_blocks: int) -> None:
-    if not 0 <= drop_layers < n_blocks:  # an integer >= 0: checked by `prune_structured` before the model is read
-        raise ValueError(
-            f"`drop_layers` must be an integer in [0, {n_blocks}) (the model has {n_blocks} blocks), got {drop_layers!r}"
-        )
-    config = model_config(model)
-    post_norm = (
-        getattr(config, "model_type", None) in POST_NORM_TYPES or getattr(config, "do_layer_norm_before", True) is False
-    )
-    if drop_layers and post_norm:
-        raise ValueError(
-            f"`drop_layers`={drop_layers}: {getattr(config, 'model_type', '?')} normalises after the residual sum, so a block cannot be removed without changing the model; prune MLP neurons (`mlp_sparsity`) instead"
-        )
-
-
-def _check_config_accepts_heads(model: nn.Module, groups: Sequence[GroupSet], head_sparsity: float) -> None:
-    """Refuse before pruning a head count the config class rejects (Llama: hidden_size % num_attention_heads)."""
-    heads = [g for g in groups if g.kind == "head"]
-    config: Any = model_config(model)
-    if not heads or config is None:
-        return
-    count = heads[0].count
-    per_kv = heads[0].parts[0].width // heads[0].parts[2 if heads[0].parts[1].name == "bias" else 1].width
-
-    def rejection(kept: int) -> str | None:
-        values = {
-            **config.to_dict(),
-            "num_key_value_heads": kept,
-            "num_attention_heads": kept * per_kv,
-            "head_dim": getattr(config, "head_dim", None),
-        }
-        try:
-            type(config).from_dict(values)
-        except (ValueError, TypeError, ConfigValidationError) as error:
-            return str(error).strip().splitlines()[-1].strip()
-        return None
-
-    kept = count - units_to_remove(count, head_sparsity)
-    reason = rejection(kept)
-    if reason is not None:
-        valid = sorted(round(1 - k / count, 4) for k in range(1, count) if rejection(k) is None)
-        raise ValueError(
-            f"`head_sparsity`={head_sparsity} keeps {kept} of {count} key/value heads, which {type(config).__name__} rejects ({reason}); head sparsities it accepts: {valid}"
-        )
 
 
 def prune_structured(
@@ -166,19 +105,20 @@ def prune_structured(
     head_sparsity = check_sparsity(head_sparsity, "head_sparsity")
     check_integer(drop_layers, "drop_layers", low=0)
     _, block_list = find_block_stack(model, blocks)
-    _check_droppable(model, drop_layers, len(block_list))
+    check_droppable(model, drop_layers, len(block_list))
     score = resolve_score(method, method_options)
     groups = _find(model, blocks, mlp_sparsity, head_sparsity, targets, ignore)
     if not groups and not drop_layers:
         raise ValueError("nothing to prune: give `mlp_sparsity` > 0, `head_sparsity` > 0 or `drop_layers` > 0")
     for group in groups:
         score.check(group)
-    _check_config_accepts_heads(model, groups, head_sparsity)
+    check_config_accepts_heads(model, groups, head_sparsity)
     score.check_model(groups, model_config(model))
     batches = list(calibration) if calibration is not None else []
     if (score.statistics or score.needs_gradients or drop_layers) and not batches:
         raise ValueError(
-            f"`calibration` has no batches; method {score.name!r}{' and drop_layers' if drop_layers else ''} need calibration data"
+            f"`calibration` has no batches; method {score.name!r}{' and drop_layers' if drop_layers else ''} "
+            "need calibration data"
         )
     notes = _rounding_notes(groups, {"neuron": mlp_sparsity, "head": head_sparsity})
     before = structured_report(model, [], [], score.name, [])
@@ -232,7 +172,10 @@ def _rounding_notes(groups: Sequence[GroupSet], sparsity: Mapping[str, float]) -
             count = sized[0].count
             removed = units_to_remove(count, sparsity[kind])
             if removed == 0 or abs(removed / count - sparsity[kind]) > 1e-9:
-                note = f"{kind}s: asked {sparsity[kind]:.4f} of {count} per layer, removing {removed} ({removed / count:.4f})"
+                note = (
+                    f"{kind}s: asked {sparsity[kind]:.4f} of {count} per layer, "
+                    f"removing {removed} ({removed / count:.4f})"
+                )
                 notes.append(note)
                 warnings.warn(note, stacklevel=3)
     return notes
@@ -287,7 +230,8 @@ def _accumulate_gradients(
                 loss = getattr(forward(model, batch), "loss", None)
                 if loss is None:
                     raise ValueError(
-                        f"`method`={score.name!r} needs a loss from the calibration batches: give batches with labels (e.g. input_ids and labels)"
+                        f"`method`={score.name!r} needs a loss from the calibration batches: "
+                        "give batches with labels (e.g. input_ids and labels)"
                     )
                 loss.backward()
             score.accumulate(groups)

@@ -20,8 +20,10 @@ from torch import nn
 
 from lightning_prune.calibration.blocks import find_block_stack
 from lightning_prune.masking import finalize
-from lightning_prune.structured.groups import GroupSet, find_block_groups, removed_units, sequential_groups
+from lightning_prune.structured.groups import GroupSet, removed_units
 from lightning_prune.structured.select import block_is_dropped
+from lightning_prune.structured.sequential import sequential_groups
+from lightning_prune.structured.transformer import find_block_groups
 
 try:
     from transformers import PreTrainedModel
@@ -72,7 +74,8 @@ def _uniform(widths: dict[int, int], what: str) -> int | None:
     values = set(widths.values())
     if len(values) > 1:
         raise ValueError(
-            f"cannot compact: the kept {what} differ between layers {widths}; a stock config states one width for every layer (prune uniformly)"
+            f"cannot compact: the kept {what} differ between layers {widths}; "
+            "a stock config states one width for every layer (prune uniformly)"
         )
     return values.pop() if values else None
 

@@ -14,8 +14,9 @@ from torch import nn
 
 from lightning_prune.calibration.stats import TokenStatistic
 from lightning_prune.registry import register_structured_score
-from lightning_prune.structured.groups import GroupSet, input_dim, model_config
+from lightning_prune.structured.groups import GroupSet, input_dim
 from lightning_prune.structured.scores import StructuredScore, along_inputs
+from lightning_prune.structured.transformer import model_config
 from lightning_prune.validation import check_bool
 
 

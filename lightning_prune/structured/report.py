@@ -49,7 +49,8 @@ class StructuredReport:
 
     def __str__(self) -> str:
         lines = [
-            f"structured pruning ({self.method}): {self.parameters_before:,} → {self.parameters_after:,} parameters ({self.parameter_ratio:.3f})"
+            f"structured pruning ({self.method}): "
+            f"{self.parameters_before:,} → {self.parameters_after:,} parameters ({self.parameter_ratio:.3f})"
         ]
         lines += [f"  {name}: {kept}/{total}" for name, (kept, total) in self.kept.items()]
         if self.dropped_blocks:

@@ -47,7 +47,8 @@ class StructuredScore:
             for part in group.parts:
                 if part.is_weight and isinstance(part.module, nn.Conv2d):
                     raise ValueError(
-                        f"`method`={self.name!r} scores linear layers from their input activations; {part.module_name} is a Conv2d: use 'magnitude' or 'taylor' for filters"
+                        f"`method`={self.name!r} scores linear layers from their input activations; "
+                        f"{part.module_name} is a Conv2d: use 'magnitude' or 'taylor' for filters"
                     )
 
     def check_model(self, groups: Sequence[GroupSet], config: object) -> None:
@@ -143,7 +144,8 @@ class GroupTaylor(StructuredScore):
     def score(self, group: GroupSet, stats: Mapping[str, TokenStatistic]) -> torch.Tensor:
         if group.name not in self.accumulated.sums:
             raise ValueError(
-                f"`method`='taylor' has no gradients for {group.name}: it needs training steps (or calibration batches with labels) before pruning"
+                f"`method`='taylor' has no gradients for {group.name}: "
+                "it needs training steps (or calibration batches with labels) before pruning"
             )
         return self.accumulated.sums[group.name] / self.accumulated.steps[group.name]
 

@@ -20,7 +20,8 @@ from lightning_prune.calibration.driver import call_model
 from lightning_prune.registry import STRUCTURED_SCORES
 from lightning_prune.structured.api import select_groups
 from lightning_prune.structured.compact import compact, outermost_hf_models
-from lightning_prune.structured.groups import KINDS, GroupSet, find_groups, removed_units
+from lightning_prune.structured.find import find_groups
+from lightning_prune.structured.groups import KINDS, GroupSet, removed_units
 from lightning_prune.structured.scores import StructuredScore
 from lightning_prune.structured.select import prune_group
 from lightning_prune.validation import check_bool
@@ -36,16 +37,19 @@ class StructuredSelection:
             raise ValueError(f"`structure` must be None or one of {STRUCTURES}, got {structure!r}")
         if not isinstance(score, (str, StructuredScore)):
             raise ValueError(
-                f"`criterion` must be a registered structured score name or a StructuredScore with `structure`, got {score!r}"
+                "`criterion` must be a registered structured score name "
+                f"or a StructuredScore with `structure`, got {score!r}"
             )
         if isinstance(score, str) and score not in STRUCTURED_SCORES:
             raise ValueError(
-                f"`criterion`={score!r} has no structured score; with `structure` use one of {[n for n in STRUCTURED_SCORES if n != 'block_influence']}"
+                f"`criterion`={score!r} has no structured score; "
+                f"with `structure` use one of {[n for n in STRUCTURED_SCORES if n != 'block_influence']}"
             )
         self.score: StructuredScore = STRUCTURED_SCORES.create(score)
         if self.score.statistics or self.score.unit != "group":
             raise ValueError(
-                f"`criterion`={score!r} needs calibration statistics; training-time structured pruning takes 'magnitude' or 'taylor'"
+                f"`criterion`={score!r} needs calibration statistics; "
+                "training-time structured pruning takes 'magnitude' or 'taylor'"
             )
         self.structure = structure
         self.targets = targets
@@ -137,7 +141,8 @@ def check_structure_arguments(structure: str | None, pattern: str | None, scope:
     if structure is None:
         if check_bool(compact_on_end, "compact_on_end"):
             raise ValueError(
-                "`compact_on_end`=True needs a `structure` ('neuron', 'head' or 'filter'): unstructured zeros cannot be removed"
+                "`compact_on_end`=True needs a `structure` ('neuron', 'head' or 'filter'): "
+                "unstructured zeros cannot be removed"
             )
         return
     if pattern is not None:
