@@ -176,9 +176,10 @@ class MaskingCallback(Callback):
         if self.reached_sparsity < self.sparsity - 1e-9:
             self.record_warning(
                 "sparsity_shortfall",
-                f"{type(self).__name__} ended at sparsity {self.current_sparsity:.4f}, below its target {self.sparsity} "
-                f"(the last mask update aimed at {self.reached_sparsity:.4f}); the fit ended before the schedule did "
-                "(early stopping, max_steps/max_epochs shorter than the schedule, or a start/end step past the end)",
+                f"{type(self).__name__} ended at sparsity {self.current_sparsity:.4f}, below its target "
+                f"{self.sparsity} (the last mask update aimed at {self.reached_sparsity:.4f}); the fit ended before "
+                "the schedule did (early stopping, max_steps/max_epochs shorter than the schedule, or a start/end "
+                "step past the end)",
                 target=self.sparsity,
                 achieved=self.current_sparsity,
             )

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from transformers import AutoConfig
 
-from lightning_prune.callbacks.distill_sharded import ShardedTeacher
+from lightning_prune.callbacks.distill_sharded import ShardedTeacherState, sharded_teacher, teacher_state
 from lightning_prune.callbacks.distill_step import DistilledStep
 from lightning_prune.callbacks.lora import wrapped_network
 from lightning_prune.callbacks.strategy import is_fsdp2
@@ -32,19 +32,15 @@ from lightning_prune.recovery.teacher import (
 from lightning_prune.validation import check_number
 
 
-class KnowledgeDistillation(ShardedTeacher, Callback):
+class KnowledgeDistillation(Callback):
     """Train with `α·task + (1−α)·KD`, KD measured against a frozen teacher (Hinton et al., 2015).
 
     KD compares the student (`pl_module.<student_attr>`, default `pl_module.model` or `pl_module`) with
-    the teacher run on the inputs of every call `training_step` makes to it: `loss="kl"` on logits with
-    `temperature`, `"mse"` / `"cosine"` on the last hidden state or on `layers` (block indices or module
-    names), padding ignored. Automatic optimization only; `alpha=0` needs no task loss (no labels). The
-    teacher is `teacher` (a module or a local `from_pretrained` directory) or, by default, a frozen
-    copy of the student taken before any pruning callback acts. Why and how: README.md, "Recovery".
-
-    Dense teacher in a staged run: left at `teacher=None` it declares that it wants the dense model
-    (`lightning_prune.callbacks.DenseTeacherUser`, which a callback of your own can implement), and a
-    stage after the first pruning stage distills from the frozen dense copy the run hands it.
+    the teacher on the inputs of every call `training_step` makes to it: `loss="kl"` on logits, `"mse"` /
+    `"cosine"` on the last hidden state or on `layers`; automatic optimization only. The teacher is
+    `teacher` (a module or a local `from_pretrained` directory) or a frozen copy of the student taken
+    before any pruning callback acts; left at None in a staged run, it is the dense model the run hands
+    to a `DenseTeacherUser`. Why and how: README.md, "Recovery" and "Stages and resume".
 
     Lifecycle: `preflight` (before any training) and `setup(fit)` check `layers` and a given teacher's
     sizes; `setup(fit)` takes the teacher (under FSDP2 `on_fit_start`, sharded like the student:
@@ -98,6 +94,8 @@ class KnowledgeDistillation(ShardedTeacher, Callback):
         self._restored = False
         self._layer_names: list[str] = []
         self._step: DistilledStep | None = None
+        self._fsdp2 = False  # set in `setup`: the strategy is ModelParallelStrategy
+        self._sharded = ShardedTeacherState(self.state_key)  # under FSDP2, the teacher's blocks in checkpoints
 
     @property
     def state_key(self) -> str:
@@ -184,12 +182,20 @@ class KnowledgeDistillation(ShardedTeacher, Callback):
             self._restored_teacher, self._restored = {}, True
         self.teacher = place_teacher(teacher, self.teacher_device, self.teacher_dtype)
 
+    def sharded_teacher(self, trainer: pl.Trainer, student: nn.Module) -> nn.Module:
+        """Under FSDP2, the frozen teacher sharded on the student's mesh (`distill_sharded.sharded_teacher`)."""
+        if self.teacher_source is None:
+            self._copied_from = "pruned" if get_masks(student) else "dense"
+        source, device, dtype = self.teacher_source, self.teacher_device, self.teacher_dtype
+        return sharded_teacher(trainer, student, source, device, dtype, self._load_teacher)
+
     @staticmethod
     def _load_teacher(student: nn.Module, path: Path) -> nn.Module:
         loader = getattr(type(student), "from_pretrained", None)
         if loader is None:
             raise ValueError(
-                f"`teacher`={str(path)!r} is a path, but the student {type(student).__name__} has no `from_pretrained` to load it; pass the module"
+                f"`teacher`={str(path)!r} is a path, but the student {type(student).__name__} has no "
+                "`from_pretrained` to load it; pass the module"
             )
         teacher: nn.Module = loader(str(path), local_files_only=True)
         return teacher
@@ -201,14 +207,15 @@ class KnowledgeDistillation(ShardedTeacher, Callback):
         if resuming:
             self.record_warning(
                 "teacher_not_in_checkpoint",
-                "KnowledgeDistillation: the checkpoint holds no teacher for this callback, so the teacher is a copy of the "
-                "model as passed to fit, before the checkpoint's weights were loaded; pass `teacher=` to choose it",
+                "KnowledgeDistillation: the checkpoint holds no teacher for this callback, so the teacher is a copy "
+                "of the model as passed to fit, before the checkpoint's weights were loaded; pass `teacher=` to "
+                "choose it",
             )
         elif self._copied_from == "pruned":
             self.record_warning(
                 "pruned_teacher",
-                "KnowledgeDistillation: the model already had pruning masks at fit start, so the teacher is a copy of the "
-                "pruned model, not of the dense one; pass `teacher=` the dense model (or its directory)",
+                "KnowledgeDistillation: the model already had pruning masks at fit start, so the teacher is a copy "
+                "of the pruned model, not of the dense one; pass `teacher=` the dense model (or its directory)",
             )
 
     def record_warning(self, kind: str, message: str) -> None:
@@ -224,8 +231,9 @@ class KnowledgeDistillation(ShardedTeacher, Callback):
             )
         if not pl_module.automatic_optimization:
             raise ValueError(
-                f"KnowledgeDistillation adds its loss to what training_step returns, but {type(pl_module).__name__} uses manual "
-                "optimization (automatic_optimization=False), which ignores it; call `recovery.distill_loss` in your training_step instead"
+                "KnowledgeDistillation adds its loss to what training_step returns, but "
+                f"{type(pl_module).__name__} uses manual optimization (automatic_optimization=False), which ignores "
+                "it; call `recovery.distill_loss` in your training_step instead"
             )
         if self.teacher_device is None and not self._fsdp2:
             self.teacher.to(pl_module.device)
@@ -251,8 +259,16 @@ class KnowledgeDistillation(ShardedTeacher, Callback):
         assert self._step is not None, "KnowledgeDistillation computes its loss inside fit, once `on_train_start` ran"
         return self._step.kd_loss(calls)
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self._fsdp2:  # sharded blocks: into the distributed checkpoint
+            self._sharded.save(checkpoint, self.teacher, self.teacher_source)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._sharded.checkpoint_path = getattr(trainer, "ckpt_path", None)
+
     def state_dict(self) -> dict[str, Any]:
-        teacher, sharded = self.teacher_state()  # sharded blocks go to the distributed checkpoint (on_save_checkpoint)
+        # sharded blocks go to the distributed checkpoint (`on_save_checkpoint`)
+        teacher, sharded = teacher_state(self.teacher, self.teacher_source)
         state = {
             "alpha": self.alpha,
             "temperature": self.temperature,
@@ -266,10 +282,8 @@ class KnowledgeDistillation(ShardedTeacher, Callback):
         self.temperature = float(state_dict.get("temperature", self.temperature))
         saved = dict(state_dict.get("teacher", {}))
         self._restored = bool(state_dict.get("teacher_taken", False))
-        if self._fsdp2 or state_dict.get(
-            "sharded_teacher"
-        ):  # the teacher is taken (on_fit_start) before Lightning restores
-            self.restore_sharded_teacher(saved, list(state_dict.get("sharded_teacher", [])))
+        if self._fsdp2 or state_dict.get("sharded_teacher"):  # the teacher is taken (on_fit_start) before this
+            self._sharded.restore(self.teacher, saved, list(state_dict.get("sharded_teacher", [])), self._fsdp2)
         elif saved and self.teacher is not None:  # restored after `setup`: the usual order
             self.teacher.load_state_dict(saved)
         else:

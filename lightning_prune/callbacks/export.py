@@ -81,8 +81,8 @@ class SparseExport(Callback):
                 columns = target.as_matrix(target.weight).shape[1]
                 if columns % 4:
                     raise ValueError(
-                        f"`format`={self.format!r} can never hold {target.name!r}: its input dimension {columns} does not "
-                        "divide by 4; leave it out with `ignore` or use format='dense' or 'sparse-bitmask'"
+                        f"`format`={self.format!r} can never hold {target.name!r}: its input dimension {columns} "
+                        "does not divide by 4; leave it out with `ignore` or use format='dense' or 'sparse-bitmask'"
                     )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -108,9 +108,10 @@ class SparseExport(Callback):
         ]
         if never:
             raise ValueError(
-                f"`format`={self.format!r} needs every exported target to be 2:4, but no pruning callback of this Trainer "
-                f"prunes {never[:5]}{' ...' if len(never) > 5 else ''} with pattern '2:4' and they are not 2:4 now; add "
-                "pattern='2:4' to the pruning callback, narrow the export with `targets`/`ignore`, or use format='dense'"
+                f"`format`={self.format!r} needs every exported target to be 2:4, but no pruning callback of this "
+                f"Trainer prunes {never[:5]}{' ...' if len(never) > 5 else ''} with pattern '2:4' and they are not 2:4 "
+                "now; add pattern='2:4' to the pruning callback, narrow the export with `targets`/`ignore`, or use "
+                "format='dense'"
             )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -85,7 +85,8 @@ class GradualPruning(ScheduledPruning):
         if self.criterion.needs_gradients and start_step == 0 and self.initial_sparsity > 0:
             raise ValueError(
                 f"`criterion`={criterion!r} scores from gradients, so it cannot prune at step 0: "
-                f"use `start_step` >= 1 or `initial_sparsity`=0, got start_step={start_step}, initial_sparsity={initial_sparsity}"
+                f"use `start_step` >= 1 or `initial_sparsity`=0, got start_step={start_step}, "
+                f"initial_sparsity={initial_sparsity}"
             )
         self.start_step = start_step
         self.end_step = end_step

@@ -100,13 +100,15 @@ class IterativePruning(ScheduledPruning):
         needed = self.cycles * self.epochs_per_cycle
         if max_epochs is None or 0 <= max_epochs < needed:
             raise ValueError(
-                f"`cycles`={self.cycles} × `epochs_per_cycle`={self.epochs_per_cycle} needs Trainer(max_epochs>={needed}), got max_epochs={max_epochs}"
+                f"`cycles`={self.cycles} × `epochs_per_cycle`={self.epochs_per_cycle} needs "
+                f"Trainer(max_epochs>={needed}), got max_epochs={max_epochs}"
             )
         if self.rewind is not None and 0 <= max_epochs < needed + self.epochs_per_cycle:
             raise ValueError(
-                f"`rewind`={self.rewind!r} rewinds after the last of `cycles`={self.cycles} prunings, so the final ticket "
-                f"needs `epochs_per_cycle`={self.epochs_per_cycle} more epochs of training: Trainer(max_epochs>="
-                f"{needed + self.epochs_per_cycle}), got max_epochs={max_epochs} (the model would end untrained at its rewind point)"
+                f"`rewind`={self.rewind!r} rewinds after the last of `cycles`={self.cycles} prunings, so the final "
+                f"ticket needs `epochs_per_cycle`={self.epochs_per_cycle} more epochs of training: "
+                f"Trainer(max_epochs>={needed + self.epochs_per_cycle}), got max_epochs={max_epochs} (the model "
+                "would end untrained at its rewind point)"
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -141,7 +143,8 @@ class IterativePruning(ScheduledPruning):
 
     @torch.no_grad()
     def rewind_weights(self, trainer: pl.Trainer) -> None:
-        """Surviving weights back to the snapshot; optimizer state cleared (momenta belong to old weights; zeroed under FSDP2)."""
+        """Surviving weights back to the snapshot; optimizer state cleared (momenta belong to the old
+        weights; zeroed under FSDP2)."""
         if not self.snapshot:
             raise RuntimeError(f"`rewind`={self.rewind!r}: no snapshot was taken before the first pruning")
         for target in self.targets:

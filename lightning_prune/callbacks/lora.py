@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from peft import PeftModel
 from torch import nn
 
+from lightning_prune.callbacks.lora_sharded import device_mesh_hidden, prepare_sharded, save_gathered_adapter
 from lightning_prune.callbacks.strategy import check_strategy
 from lightning_prune.lora import (
     adapter_parameters,
@@ -25,36 +24,9 @@ from lightning_prune.lora import (
     unwrapped_state_dict,
 )
 from lightning_prune.lora.experts import expert_parameter_names
-from lightning_prune.lora.sharded import (
-    check_after_sharding,
-    check_before_sharding,
-    gathered_adapter_state,
-    guard_gathered_forward,
-    install_forward_masks,
-    merge_lora_sharded,
-    shard_masks_,
-)
+from lightning_prune.lora.sharded import check_before_sharding, merge_lora_sharded
 from lightning_prune.targets import find_targets
 from lightning_prune.validation import check_number
-
-
-@contextmanager
-def device_mesh_hidden(network: nn.Module) -> Iterator[None]:
-    """Hide Lightning's device mesh from peft while it injects adapters into a LightningModule.
-
-    peft 0.21.2's LoRA injection takes a `_device_mesh` attribute for a transformers tensor-parallel
-    mesh (and then reads `model.config`); Lightning 2.6.6's ModelParallelStrategy stores its mesh in
-    the LightningModule's `_device_mesh` (before callbacks' `setup`). An FSDP2 mesh is no TP plan.
-    """
-    mesh = network.__dict__.get("_device_mesh")
-    if mesh is None:
-        yield
-        return
-    network.__dict__["_device_mesh"] = None
-    try:
-        yield
-    finally:
-        network.__dict__["_device_mesh"] = mesh
 
 
 def wrapped_network(pl_module: nn.Module) -> nn.Module:
@@ -66,41 +38,22 @@ def wrapped_network(pl_module: nn.Module) -> nn.Module:
 class LoRARecovery(Callback):
     """Recover a pruned model with LoRA: only adapters train, base masks stay, merge keeps the zeros.
 
-    Lifecycle: `on_fit_start` (under FSDP2 `setup`, see below) wraps the pruned layers (and fused expert parameters, one adapter per
-    expert) of `pl_module.model` (or `pl_module`) with peft LoRA adapters (`lightning_prune.lora.attach_lora`), freezes every other parameter and replaces the
-    Trainer's optimizer with one of the same class and settings over the adapter parameters only
-    (learning rate `lr`, or the original one when None). `on_fit_end` merges `W + M ⊙ (s·B·A)`
-    (`merge_lora`) when `merge`, restoring the original `requires_grad` flags; with `merge=False`
-    the adapters stay and `save_adapter(dir)` (peft's `save_pretrained`) saves them beside the
-    sparse base, for `load_lora(base, dir)`.
+    Lifecycle: `on_fit_start` (under FSDP2 `setup`) wraps the pruned layers (and fused expert parameters,
+    one adapter per expert) of `pl_module.model` (or `pl_module`) with peft LoRA adapters
+    (`lora.attach_lora`), freezes every other parameter and replaces the Trainer's optimizer with one of
+    the same class and settings over the adapters (at `lr`, or the original learning rate). `on_fit_end`
+    merges `W + M ⊙ (s·B·A)` (`merge_lora`) when `merge` and restores `requires_grad`; with `merge=False`
+    the adapters stay and `save_adapter(dir)` saves them beside the sparse base for `load_lora(base, dir)`.
+    Why and how: README.md, "One-shot Wanda and SparseGPT, then LoRA recovery"; under FSDP2
+    (`callbacks/lora_sharded.py`), "Training large models with FSDP2".
 
-    Order: Lightning runs callbacks' hooks in list order, so put a `OneShotPruning` callback *before*
-    `LoRARecovery` in the same Trainer (the adapters target the layers pruned at that point); on an
-    already pruned model it is the only callback needed. `configure_optimizers` must not return LR
-    schedulers (they would still point at the replaced optimizer). Under DDP it is refused: adapters
-    created after DDP wrapped the model would not have their gradients synchronised.
-
-    FSDP2 (`ModelParallelStrategy`): Lightning 2.6.6 calls, in order, the callbacks' `setup`, the
-    module's `configure_model` (the user's `fully_shard`), the strategy's setup (materialization,
-    `configure_optimizers`), `on_fit_start`, then restores a checkpoint. So the adapters are
-    injected in `setup`, on the pruned model before sharding, and the user's `fully_shard` covers
-    them. A loop sharding `isinstance(m, nn.Linear)` children skips peft's LoRA layers (no
-    `nn.Linear`) and leaves them to the enclosing unit, which gathers them only if its forward runs
-    (Lightning calls `training_step`, not the root's forward; an ungathered LoRA forward raises with
-    the fix); one over `modules()` makes `lora_A`/`lora_B` units of their own, which only
-    `masked_delta=False` allows. Shard the LoRA layers or their blocks. `on_fit_start` cuts the masks to
-    the rank's rows and swaps the optimizer; the merge adds each rank's rows
-    (`lora.sharded.merge_lora_sharded`). Checkpoints keep the adapters in the model's distributed
-    `state_dict` (injected before the restore, they load like any parameter). With `merge=False`
-    call `save_adapter(dir)` on every rank after fit: it gathers the adapters (A is r × in, B is
-    out × r) and rank 0 writes whole tensors that peft loads on one process (peft 0.21.2's own
-    `save_pretrained` raises on FSDP2's DTensors: "invalid python storage"). Needs the pruned
-    weights loaded before `trainer.fit` (not meta-initialized) and `nn.Linear` targets only.
-
-    Checkpoints (one process): while adapters are attached, the checkpoint's model `state_dict` is written with
-    the unwrapped model's keys (no `base_layer`, no adapters) and the adapters go into this
-    callback's state, so a resumed fit loads the base strictly, re-attaches, restores the adapters
-    and then Lightning restores the adapter optimizer's state.
+    Put a `OneShotPruning` *before* it in the Trainer's callbacks: hooks run in list order and the
+    adapters target what is pruned by then. `configure_optimizers` must return one optimizer and no LR
+    scheduler (it would point at the replaced optimizer). DDP is refused: adapters created after DDP
+    wrapped the model would not have their gradients synchronised. Checkpoints (one process): the model
+    `state_dict` is written with the unwrapped model's keys and the adapters go into this callback's
+    state, so a resumed fit loads the base strictly, re-attaches and restores the adapters, then
+    Lightning restores the adapter optimizer; under FSDP2 they stay in the model's distributed state.
 
     Example YAML (`lightning_prune/conf/lora/lora.yaml`)::
 
@@ -109,7 +62,7 @@ class LoRARecovery(Callback):
         alpha: 16            # scaling numerator: s = alpha / r
         dropout: 0.0         # dropout on the adapter input
         target_modules: null # regexes of module names; null = the pruned layers
-        target_parameters: null # regexes of fused expert parameter names; null = the pruned ones if target_modules is null
+        target_parameters: null # fused expert parameter regexes; null = the pruned ones if target_modules is null
         merge: true          # merge into the sparse weights at the end of fit
         lr: null             # adapter learning rate; null = the model's optimizer's
         masked_delta: true   # mask the delta in the forward pass: merged model == trained model
@@ -178,7 +131,8 @@ class LoRARecovery(Callback):
         check_strategy(trainer.strategy, sharded_ok=False, ddp_ok=False)
         if trainer.world_size > 1:
             raise ValueError(
-                f"LoRARecovery runs in one process or under ModelParallelStrategy (FSDP2); got a Trainer with world_size={trainer.world_size}"
+                "LoRARecovery runs in one process or under ModelParallelStrategy (FSDP2); got a Trainer with "
+                f"world_size={trainer.world_size}"
             )
         check_one_optimizer(trainer)
         adapters = self.inject(pl_module)
@@ -197,10 +151,7 @@ class LoRARecovery(Callback):
     def attach_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """FSDP2, after sharding: masks to row blocks, forward masks, and the adapter-only optimizer."""
         check_one_optimizer(trainer)
-        group = check_after_sharding(pl_module, self.masked_delta)
-        shard_masks_(pl_module)
-        self.forward_masks = install_forward_masks(pl_module, group) if self.masked_delta else {}
-        guard_gathered_forward(pl_module)  # removed with the LoRA layers by the merge
+        self.forward_masks = prepare_sharded(pl_module, self.masked_delta)
         trainer.strategy.optimizers = [self.adapter_optimizer(trainer.optimizers[0], adapter_parameters(pl_module))]
         self.merged = False
 
@@ -268,14 +219,13 @@ class LoRARecovery(Callback):
         """
         if self.peft_model is None:
             raise ValueError(
-                "LoRARecovery.save_adapter: no adapters are attached (with merge=True they are merged at fit end; use merge=False and call it after trainer.fit)"
+                "LoRARecovery.save_adapter: no adapters are attached (with merge=True they are merged at fit end; "
+                "use merge=False and call it after trainer.fit)"
             )
         if not self._sharded:
             self.peft_model.save_pretrained(str(directory))
             return
-        state = gathered_adapter_state(self.peft_model)
-        self.peft_model.save_pretrained(str(directory), state_dict=state, is_main_process=dist.get_rank() == 0)
-        dist.barrier()
+        save_gathered_adapter(self.peft_model, directory)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

@@ -38,7 +38,8 @@ def resolve_forward(
         return forward
     if not isinstance(forward, str) or "." not in forward:
         raise ValueError(
-            f"`forward` must be None, a callable (model, batch) -> output or a dotted path 'package.module.function', got {forward!r}"
+            "`forward` must be None, a callable (model, batch) -> output or a dotted path "
+            f"'package.module.function', got {forward!r}"
         )
     module_name, _, attribute = forward.rpartition(".")
     try:
@@ -192,7 +193,8 @@ class OneShotPruning(MaskingCallback):
         empty = (counts == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(
-                f"`num_samples`={self.num_samples} leaves ranks {empty} of {trainer.world_size} without calibration batches (batches per rank: {counts.tolist()}); give at least one batch per rank"
+                f"`num_samples`={self.num_samples} leaves ranks {empty} of {trainer.world_size} without calibration "
+                f"batches (batches per rank: {counts.tolist()}); give at least one batch per rank"
             )
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SparsityReport:
@@ -200,7 +202,8 @@ class OneShotPruning(MaskingCallback):
         if self.reconstruct and trainer.world_size > 1:
             # Each rank would tune its blocks on its own batches and the weights would diverge.
             raise ValueError(
-                f"`reconstruct`=True runs in one process; got world_size={trainer.world_size} (prune one-shot before DDP)"
+                f"`reconstruct`=True runs in one process; got world_size={trainer.world_size} "
+                "(prune one-shot before DDP)"
             )
         needs_data = needs_calibration(self.solver, self.refiner, self.sparsity_profile) or self.reconstruct
         batches = self.calibration_batches(trainer) if needs_data else None

@@ -71,7 +71,8 @@ class ShardedMaskState:
         laid out like the current parameters (this rank's blocks), by kind and parameter name."""
         if path is None:
             raise ValueError(
-                f"{self.key}'s state holds sharded tensors {list(names)[:3]}..., readable only from the distributed checkpoint it came with"
+                f"{self.key}'s state holds sharded tensors {list(names)[:3]}..., readable only from the "
+                "distributed checkpoint it came with"
             )
         templates: dict[str, DTensor] = {}
         for name in names:
