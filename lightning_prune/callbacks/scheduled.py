@@ -2,7 +2,7 @@
 
 `GradualPruning` and `IterativePruning` decide *when* (`prune_to(sparsity)` at their steps or
 epochs); this layer scores the surviving weights with the criterion (feeding gradient-based ones
-every optimizer step), selects the masks (`masking.update_masks`, or whole units with `structure`)
+every optimizer step), selects the masks (`mask_updates.update_masks`, or whole units with `structure`)
 and keeps the criterion's statistics in the checkpoint.
 """
 
