@@ -84,7 +84,8 @@ def main() -> None:
     if failed:
         names = "; ".join(f"#{job.number} ({' '.join(job.overrides)}): {job.error}" for job in failed)
         print(
-            f"lightning-prune: {len(failed)} of {len(SWEEP.jobs)} sweep jobs failed (see {SWEEP.summary_path()}): {names}",
+            f"lightning-prune: {len(failed)} of {len(SWEEP.jobs)} sweep jobs failed "
+            f"(see {SWEEP.summary_path()}): {names}",
             file=sys.stderr,
         )
         sys.exit(EXIT_SWEEP_FAILED)

@@ -1,4 +1,5 @@
-"""Demo data modules: scikit-learn digits, causal-LM text and paragraphs for sentence encoders (examples of users' data code)."""
+"""Demo data modules: scikit-learn digits, causal-LM text and paragraphs for sentence encoders
+(examples of users' data code)."""
 
 from lightning_prune.data.digits import DigitsDataModule
 from lightning_prune.data.sentences import SentenceDataModule

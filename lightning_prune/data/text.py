@@ -85,7 +85,8 @@ class TextDataModule(pl.LightningDataModule):
         train, val = to_blocks(ids[:split], self.seq_len), to_blocks(ids[split:], self.seq_len)
         if len(train) == 0 or len(val) == 0:
             raise ValueError(
-                f"the corpus has {len(ids)} tokens: too few for `seq_len`={self.seq_len} blocks in both splits (`val_fraction`={self.val_fraction}); give more text in `files` or a smaller `seq_len`"
+                f"the corpus has {len(ids)} tokens: too few for `seq_len`={self.seq_len} blocks in both splits "
+                f"(`val_fraction`={self.val_fraction}); give more text in `files` or a smaller `seq_len`"
             )
         self.train_set, self.val_set = BlockDataset(train), BlockDataset(val)
 

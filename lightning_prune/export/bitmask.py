@@ -45,7 +45,8 @@ def unpack_bitmask(packed: torch.Tensor, shape: tuple[int, ...] | list[int] | to
     expected = (*shape[:-1], (shape[-1] + 7) // 8)
     if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
         raise ValueError(
-            f"bitmask must be uint8 of shape {expected} for a weight of shape {shape}, got {packed.dtype} of shape {tuple(packed.shape)}"
+            f"bitmask must be uint8 of shape {expected} for a weight of shape {shape}, "
+            f"got {packed.dtype} of shape {tuple(packed.shape)}"
         )
     bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS.to(packed.device)) != 0
     bits = bits.reshape(*shape[:-1], -1)
@@ -103,13 +104,15 @@ def decompress_24(compressed: torch.Tensor, bitmask: torch.Tensor, shape: tuple[
     rows, cols = (int(s) for s in shape)
     if cols % 4 or tuple(compressed.shape) != (rows, cols // 2):
         raise ValueError(
-            f"compressed values must have shape {(rows, cols // 2)} for shape {(rows, cols)}, got {tuple(compressed.shape)}"
+            f"compressed values must have shape {(rows, cols // 2)} for shape {(rows, cols)}, "
+            f"got {tuple(compressed.shape)}"
         )
     keep = unpack_bitmask(bitmask, (rows, cols))
     per_group = group_counts(keep, 4)
     if not bool((per_group == 2).all()):
         raise ValueError(
-            f"bitmask does not mark exactly 2 of every 4 positions (found {int(per_group.min())}..{int(per_group.max())})"
+            "bitmask does not mark exactly 2 of every 4 positions "
+            f"(found {int(per_group.min())}..{int(per_group.max())})"
         )
     dense = torch.zeros((rows, cols), dtype=compressed.dtype, device=compressed.device)
     dense[keep] = compressed.reshape(-1)

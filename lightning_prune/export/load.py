@@ -97,7 +97,8 @@ def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     unexpected = sorted(set(state) - set(current))
     if unexpected:
         raise ValueError(
-            f"checkpoint has tensors the model does not: {unexpected[:10]}; is `model` the exported model's class and config?"
+            f"checkpoint has tensors the model does not: {unexpected[:10]}; "
+            "is `model` the exported model's class and config?"
         )
     shapes = [
         f"{key}: checkpoint {tuple(state[key].shape)}, model {tuple(current[key].shape)}"
@@ -128,7 +129,8 @@ def to_semi_structured_(model: nn.Module, params: list[str]) -> list[str]:
     """
     if not torch.cuda.is_available():
         raise ValueError(
-            "`semi_structured`=True needs a CUDA GPU (torch.sparse.to_sparse_semi_structured runs only on CUDA); none is available"
+            "`semi_structured`=True needs a CUDA GPU "
+            "(torch.sparse.to_sparse_semi_structured runs only on CUDA); none is available"
         )
     from torch.sparse import to_sparse_semi_structured
 
@@ -142,7 +144,8 @@ def to_semi_structured_(model: nn.Module, params: list[str]) -> list[str]:
             continue
         if weight.dtype not in SEMI_STRUCTURED_DTYPES:
             raise ValueError(
-                f"`semi_structured`=True needs fp16 or bf16 weights, but {param!r} is {weight.dtype}; cast the model first"
+                f"`semi_structured`=True needs fp16 or bf16 weights, but {param!r} is {weight.dtype}; "
+                "cast the model first"
             )
         setattr(module, param_name, nn.Parameter(to_sparse_semi_structured(weight.detach()), requires_grad=False))
         converted.append(param)
@@ -171,7 +174,8 @@ def load_sparse(
     if model is None:
         if not manifest["huggingface"]:
             raise ValueError(
-                f"`model` is required: {directory} holds a plain {manifest['model_class']}; pass a fresh instance to load into"
+                f"`model` is required: {directory} holds a plain {manifest['model_class']}; "
+                "pass a fresh instance to load into"
             )
         model = _build_huggingface(directory, manifest)
         if manifest["format"] == "dense":

@@ -1,8 +1,9 @@
 """`save_sparse`: write a pruned model as a dense HF directory or a legacy compressed-tensors layout.
 
 The directory is built in a temporary sibling and renamed into place (`export/atomic.py`), so a
-crash never leaves a half-written checkpoint under `path`, nor no checkpoint at all. Pruned weights are written as +0.0 (negative zeros broke
-vLLM's 2:4 kernels, vLLM #13198), and a 2:4 format refuses any targeted weight that is not 2:4.
+crash never leaves a half-written checkpoint under `path`, nor no checkpoint at all. Pruned weights
+are written as +0.0 (negative zeros broke vLLM's 2:4 kernels, vLLM #13198), and a 2:4 format
+refuses any targeted weight that is not 2:4.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def _refuse_non_finite(state: dict[str, torch.Tensor]) -> None:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise ValueError(
-                f"{name!r} holds {bad} NaN or Inf value(s) of {tensor.numel()}; save_sparse refuses to write a non-finite model (check the training run that produced it)"
+                f"{name!r} holds {bad} NaN or Inf value(s) of {tensor.numel()}; save_sparse refuses to write "
+                "a non-finite model (check the training run that produced it)"
             )
 
 

@@ -1,4 +1,5 @@
-"""Demo LightningModules: a classifier, a Hugging Face causal LM and a sentence encoder (examples of users' model code)."""
+"""Demo LightningModules: a classifier, a Hugging Face causal LM and a sentence encoder (examples of
+users' model code)."""
 
 from lightning_prune.models.causal_lm import CausalLMModule, load_causal_lm
 from lightning_prune.models.classifier import ClassifierModule, build_digits_net

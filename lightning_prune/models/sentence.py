@@ -117,7 +117,8 @@ class SentenceEncoder(pl.LightningModule):
 
         if not any(isinstance(callback, KnowledgeDistillation) for callback in self.trainer.callbacks):  # type: ignore[attr-defined]
             rank_zero_warn(
-                "SentenceEncoder has no task loss (no labels): without KnowledgeDistillation(alpha=0) its training steps change nothing"
+                "SentenceEncoder has no task loss (no labels): "
+                "without KnowledgeDistillation(alpha=0) its training steps change nothing"
             )
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
@@ -131,7 +132,8 @@ class SentenceEncoder(pl.LightningModule):
             return torch.stack([self.reference[i] for i in indices]).to(self.device)
         if not self._dense:
             raise ValueError(
-                "the dense reference embeddings are missing: validate inside a Trainer (setup takes the dense copy) or restore them from a checkpoint"
+                "the dense reference embeddings are missing: validate inside a Trainer "
+                "(setup takes the dense copy) or restore them from a checkpoint"
             )
         dense = self._dense[0].to(self.device)
         with torch.no_grad():

@@ -104,7 +104,8 @@ class DenseTeacher:
             if not dense_state.is_file():
                 raise ConfigError(
                     f"`resume`=True: a later stage distills from the dense model, whose weights are in {dense_state}, "
-                    "but that file is gone; pass the distillation's `teacher=` a model directory, or start a new output_dir"
+                    "but that file is gone; pass the distillation's `teacher=` a model directory, "
+                    "or start a new output_dir"
                 )
             # Our own stage checkpoint (a full Lightning checkpoint needs the unrestricted loader).
             dense_state = torch.load(dense_state, map_location="cpu", weights_only=False)["state_dict"]

@@ -36,7 +36,8 @@ def use_model_tokenizer(cfg: DictConfig) -> None:
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(
             f"`model.model_path`={model_path!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): set "
-            f"`data.tokenizer=DIR` to the tokenizer the model was trained with (a new tokenizer's ids mean nothing to a pretrained model)"
+            "`data.tokenizer=DIR` to the tokenizer the model was trained with "
+            "(a new tokenizer's ids mean nothing to a pretrained model)"
         )
     data.tokenizer = str(model_path)
 
@@ -55,6 +56,7 @@ def check_vocabulary(data: Any, module: Any) -> None:
     size = len(tokenizer)
     if size > rows:
         raise ConfigError(
-            f"the tokenizer (`data.tokenizer`, or `data.vocab_size` when it is trained here) has {size} tokens but the model's "
-            f"input embedding (`model`) has {rows} rows: ids >= {rows} would index past it; use the model's own tokenizer"
+            f"the tokenizer (`data.tokenizer`, or `data.vocab_size` when it is trained here) has {size} tokens "
+            f"but the model's input embedding (`model`) has {rows} rows: ids >= {rows} would index past it; "
+            "use the model's own tokenizer"
         )

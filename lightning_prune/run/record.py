@@ -110,6 +110,9 @@ def check_final_sparsity(target: float | None, achieved: float, key: str = "prun
     if target is None or abs(achieved - target) <= SPARSITY_TOLERANCE:
         return None
     relation = "below" if achieved < target else "above"
-    message = f"final sparsity {achieved:.4f} is {relation} the target `{key}`={target} (the pruning phase ended before its schedule did, or a layer was left out)"
+    message = (
+        f"final sparsity {achieved:.4f} is {relation} the target `{key}`={target} "
+        "(the pruning phase ended before its schedule did, or a layer was left out)"
+    )
     warnings.warn(message, UserWarning, stacklevel=2)
     return {"kind": f"sparsity_{relation}_target", "message": message, "source": "run"}

@@ -1,17 +1,10 @@
 """Stage checkpoints and `resume=true`: every finished stage leaves a Lightning checkpoint, and a
-resumed run continues after the last one.
+resumed run continues after the last one (README, "Stages and resume").
 
-Masks are carried, not finalized, between stages: they stay attached to the model (non-persistent
-bool buffers, see `masking.py`), `StageState` keeps them applied after every optimizer step of a
-stage that has no pruning callback of its own (fine-tuning, LoRA, distillation), and each stage
-checkpoint stores them beside the weights. So a weight pruned in one stage stays exact `+0.0` in
-every later stage, and a later pruning stage only adds to the pruned set (masks are monotone). The
-run finalizes once, after the last stage (`finalize`).
-
-A stage checkpoint is what `Trainer.save_checkpoint` writes (weights, optimizer, loops, every
-callback's `state_dict`) plus, under `lightning_prune_stage`, the run's progress: the stage, the
-resolved configuration, the results and warnings so far and the model's masks. Each stage starts from
-`seed_everything(seed + index)`, so a resumed stage draws the same random numbers as it would have.
+A stage checkpoint is what `Trainer.save_checkpoint` writes plus, under `lightning_prune_stage`
+(`StageState.on_save_checkpoint`), the run's progress: the stage, the resolved configuration, the
+results and warnings so far, and the model's masks. Masks are carried between stages, not
+finalized: `StageState` keeps them applied in a stage without a pruning callback of its own.
 """
 
 from __future__ import annotations
@@ -123,8 +116,10 @@ def check_resumable(cfg: DictConfig, stages: list[Stage]) -> None:
         target = strategy.get("_target_", "") if isinstance(strategy, dict) else str(strategy)
         if cfg.resume and target.endswith("ModelParallelStrategy"):
             raise ConfigError(
-                f"`resume`=True: stage `{stage.name}` runs under `trainer.strategy`={target}, whose stage checkpoints are distributed "
-                "checkpoints (folders) that resume cannot load; run from the start (resume=false); resume reads the checkpoints of runs under strategy 'ddp' or in one process"
+                f"`resume`=True: stage `{stage.name}` runs under `trainer.strategy`={target}, "
+                "whose stage checkpoints are distributed checkpoints (folders) that resume cannot load; "
+                "run from the start (resume=false); "
+                "resume reads the checkpoints of runs under strategy 'ddp' or in one process"
             )
 
 
@@ -149,7 +144,8 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path
         if before.get(key, "<absent>") != now.get(key, "<absent>"):
             raise ConfigError(
                 f"`resume`=True: `{key}`={now.get(key, '<absent>')!r} differs from the interrupted run's "
-                f"{before.get(key, '<absent>')!r} ({path}); resume with the same configuration, or start a new output_dir"
+                f"{before.get(key, '<absent>')!r} ({path}); "
+                "resume with the same configuration, or start a new output_dir"
             )
 
 
@@ -159,6 +155,7 @@ def restore_module(module: pl.LightningModule, checkpoint: dict[str, Any], path:
         module.load_state_dict(checkpoint["state_dict"], strict=True)
     except RuntimeError as error:
         raise ValueError(
-            f"`resume`=True: the weights in {path} do not fit the model built from the config (a stage that compacted the model, `compact_on_end`, cannot be resumed after): {error}"
+            f"`resume`=True: the weights in {path} do not fit the model built from the config "
+            f"(a stage that compacted the model, `compact_on_end`, cannot be resumed after): {error}"
         ) from error
     load_masks(module, checkpoint[PAYLOAD_KEY]["masks"])

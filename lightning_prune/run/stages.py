@@ -67,7 +67,8 @@ def _used_keys(cfg: DictConfig, node: DictConfig, where: str) -> list[str]:
     use = node.get("use", ListConfig([]))
     if not isinstance(use, ListConfig) or not all(isinstance(entry, str) for entry in use):
         raise ConfigError(
-            f"`{where}.use`={OmegaConf.to_container(use) if isinstance(use, ListConfig) else use!r} is invalid: must be a list of {list(GROUPS)} or 'callbacks.<name>'"
+            f"`{where}.use`={OmegaConf.to_container(use) if isinstance(use, ListConfig) else use!r} is invalid: "
+            f"must be a list of {list(GROUPS)} or 'callbacks.<name>'"
         )
     extra = cfg.get("callbacks") or {}
     keys: list[str] = []
@@ -127,8 +128,9 @@ def check_stage_settings_used(cfg: DictConfig) -> None:
     ):
         if active and f"${{{key}}}" not in raw:
             raise ConfigError(
-                f"`{key}`={cfg.get(key)!r} has no effect: no stage of `stages` refers to it (the recipe's stages set their own "
-                f"settings; set the stage's value instead, e.g. `stages.0.trainer.max_epochs=...` or `stages.1.evaluate_start=true`)"
+                f"`{key}`={cfg.get(key)!r} has no effect: no stage of `stages` refers to it "
+                "(the recipe's stages set their own settings; set the stage's value instead, "
+                "e.g. `stages.0.trainer.max_epochs=...` or `stages.1.evaluate_start=true`)"
             )
 
 
@@ -137,7 +139,8 @@ def parse_stages(cfg: DictConfig) -> list[Stage]:
     nodes = cfg.get("stages")
     if not isinstance(nodes, ListConfig) or len(nodes) == 0:
         raise ConfigError(
-            f"`stages` must be a non-empty list of stages ({{name: ..., use: [...], callbacks: {{...}}, trainer: {{...}}}}), got {nodes!r}"
+            "`stages` must be a non-empty list of stages "
+            f"({{name: ..., use: [...], callbacks: {{...}}, trainer: {{...}}}}), got {nodes!r}"
         )
     for name, child in (cfg.get("callbacks") or {}).items():
         if not _is_callback_node(child):

@@ -1,0 +1,117 @@
+"""The end of a run: `after`, the sparsity report, plots, the finalized model and `results.json` —
+or, after a failure, the partial outputs of what was built."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
+from rich.console import Console
+
+from lightning_prune.masking import finalize as finalize_masks
+from lightning_prune.report import SparsityReport, sparsity_report
+from lightning_prune.run.outputs import (
+    History,
+    plot_layer_sparsity,
+    plot_schedule,
+    save_model,
+    write_results,
+    write_stages,
+    write_text,
+)
+from lightning_prune.run.record import RunRecord, check_final_sparsity, target_sparsity
+from lightning_prune.run.stages import Stage
+from lightning_prune.run.state import RunParts
+from lightning_prune.run.trainers import evaluate
+
+
+def finish(
+    cfg: DictConfig,
+    out: Path,
+    record: RunRecord,
+    parts: RunParts,
+    stages: list[Stage],
+    built: list[list[Callback]],
+    trainers: list[pl.Trainer],
+) -> None:
+    """`after` (the last stage's metrics, or a validation), then the report, plots, model and results."""
+    (module, data, history), results = parts.built(), record.results
+    parts.callbacks = []
+    ran = [entry for entry in results["stages"] if entry["status"] == "completed"]
+    if cfg.evaluate_after and ran:
+        record.phase = "evaluate_after"
+        last = trainers[[stage.name for stage in stages].index(ran[-1]["name"])]
+        results["after"] = ran[-1]["metrics"] if "metrics" in ran[-1] else evaluate(last, module, data)
+    record.phase = "outputs"
+    write_stages(results, history.metric, out, plots=cfg.plots)
+    results.update(write_outputs(cfg, out, module, data, history, parts.ordered))
+    record.collect_warnings([])
+    target, key = final_target(stages, built)
+    sparsity_warning = check_final_sparsity(target, results["global_sparsity"], key)
+    if sparsity_warning is not None:
+        results["warnings"].append(sparsity_warning)
+    results["status"] = "completed"
+    write_results(results, out / "results.json")
+
+
+def final_target(stages: list[Stage], built: list[list[Callback]]) -> tuple[float | None, str]:
+    """The weight sparsity the last stage that sets one asked for, and its config key."""
+    for stage, callbacks in zip(reversed(stages), reversed(built)):
+        for key, callback in zip(stage.callback_keys, callbacks):
+            value = target_sparsity([callback])
+            if value is not None:
+                return value, f"{key}.sparsity"
+    return None, "pruning.sparsity"
+
+
+def write_partial_outputs(cfg: DictConfig, out: Path, results: dict[str, Any], parts: RunParts) -> None:
+    """After a failure: `results.json` first, then the report, history and plots of what was built."""
+    write_results(results, out / "results.json")
+    module, history = parts.module, parts.history
+    if module is None or history is None:
+        return
+    report = sparsity_report(module)
+    write_report(out, report, history, plots=cfg.plots)
+    write_stages(results, history.metric, out, plots=cfg.plots)
+    results.update(sparsity_results(report, parts.ordered))
+    write_results(results, out / "results.json")
+
+
+def sparsity_results(report: SparsityReport, callbacks: list[Callback]) -> dict[str, Any]:
+    """The achieved sparsity (global and per layer) and the target the callbacks were asked for."""
+    return {
+        "global_sparsity": report.global_sparsity,
+        "target_sparsity": target_sparsity(callbacks),
+        "layer_sparsity": report.as_dict(),
+    }
+
+
+def write_report(out: Path, report: SparsityReport, history: History, plots: bool) -> None:
+    """`sparsity_report.md/.csv`, `history.csv` and (with `plots`) the layer and schedule plots."""
+    write_text(out / "sparsity_report.md", report.to_markdown())
+    write_text(out / "sparsity_report.csv", report.to_csv())
+    write_text(out / "history.csv", history.to_csv())
+    if plots:
+        plot_layer_sparsity(report, out / "plots" / "layer_sparsity.png")
+        plot_schedule(history, out / "plots" / "sparsity_vs_metric.png")
+
+
+def write_outputs(
+    cfg: DictConfig, out: Path, module: pl.LightningModule, data: Any, history: History, callbacks: list[Callback]
+) -> dict[str, Any]:
+    """Report (printed and saved), history, plots, and the finalized model; returns what to record."""
+    report = sparsity_report(module)
+    # Full layer names when writing to a file or pipe (rich would otherwise assume 80 columns).
+    Console(width=None if sys.stdout.isatty() else 160).print(report)
+    write_report(out, report, history, plots=cfg.plots)
+    recorded = sparsity_results(report, callbacks)
+    if cfg.finalize:
+        finalize_masks(module)
+    if cfg.save_model:
+        network = getattr(module, "model", module)
+        recorded["model_path"] = str(save_model(network, out / "model", getattr(data, "tokenizer", None)))
+    return recorded
