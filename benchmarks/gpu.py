@@ -76,7 +76,8 @@ def elapsed(fn: Callable[[], Any], device: torch.device) -> float:
         fn()
         return time.perf_counter() - start_s
     synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
     start.record()
     fn()
     end.record()

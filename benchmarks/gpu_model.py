@@ -88,7 +88,8 @@ def master_model(settings: ModelSettings, layers: int | None = None) -> nn.Modul
             tie_word_embeddings=False,
             use_cache=False,
         )
-        _MODELS[(settings, depth)] = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()  # type: ignore[no-untyped-call]
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # type: ignore[no-untyped-call]
+        _MODELS[(settings, depth)] = model.eval()
     return _MODELS[(settings, depth)]
 
 

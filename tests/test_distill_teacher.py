@@ -109,7 +109,8 @@ def test_a_teacher_without_teacher_device_follows_the_students_device_and_goes_t
     distill.attach(module)
     assert {p.device.type for p in distill.teacher.parameters()} == {"meta"}
     moves: list[Any] = []
-    distill.teacher.to = lambda *args, **kwargs: moves.append(args)  # type: ignore[method-assign]  # meta tensors cannot be copied back
+    # meta tensors cannot be copied back
+    distill.teacher.to = lambda *args, **kwargs: moves.append(args)  # type: ignore[method-assign]
     distill.detach(module)
     assert moves == [(torch.device("cpu"),)] and "training_step" not in module.__dict__
     placed = KnowledgeDistillation(teacher=tiny_llama(), teacher_device="cpu")

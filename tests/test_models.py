@@ -113,5 +113,6 @@ def test_lr_schedule_warms_up_then_decays_linearly_to_zero_and_is_off_by_default
     ],
 )
 def test_lr_schedule_errors_name_the_argument(schedule: str, warmup: object, total: float, match: str) -> None:
+    optimizer = make_adamw([nn.Parameter(torch.ones(2))], lr=0.1)
     with pytest.raises(ValueError, match=match):
-        with_lr_schedule(make_adamw([nn.Parameter(torch.ones(2))], lr=0.1), schedule, warmup, total)  # type: ignore[arg-type]
+        with_lr_schedule(optimizer, schedule, warmup, total)  # type: ignore[arg-type]

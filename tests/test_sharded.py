@@ -114,5 +114,6 @@ def test_structured_pruning_refuses_fsdp2_at_fit_start() -> None:
     from lightning_prune import StructuredPruning
 
     trainer = SimpleNamespace(strategy=ModelParallelStrategy(), optimizers=[], lightning_module=None)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"`strategy`=ModelParallelStrategy .*prune before sharding"):
-        StructuredPruning(mlp_sparsity=0.5).attach(trainer, nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))  # type: ignore[arg-type]
+        StructuredPruning(mlp_sparsity=0.5).attach(trainer, model)  # type: ignore[arg-type]

@@ -88,7 +88,8 @@ class SparseExport(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.preflight(pl_module)
         if self.format in TWO_FOUR_FORMATS:
-            self.check_two_four_source(trainer.callbacks, pl_module)  # type: ignore[attr-defined]  # public Trainer.callbacks, set by its connector (lightning 2.6.6)
+            # Trainer.callbacks is public, set by its connector (lightning 2.6.6); its stubs do not declare it
+            self.check_two_four_source(trainer.callbacks, pl_module)  # type: ignore[attr-defined]
 
     def check_two_four_source(self, callbacks: Sequence[Any], pl_module: nn.Module) -> None:
         """Raise unless every layer the export will write sparse (`targets`, else the pruned ones:

@@ -115,7 +115,8 @@ class SentenceEncoder(pl.LightningModule):
     def on_train_start(self) -> None:
         from lightning_prune.callbacks.distill import KnowledgeDistillation
 
-        if not any(isinstance(callback, KnowledgeDistillation) for callback in self.trainer.callbacks):  # type: ignore[attr-defined]
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
+        if not any(isinstance(callback, KnowledgeDistillation) for callback in callbacks):
             rank_zero_warn(
                 "SentenceEncoder has no task loss (no labels): "
                 "without KnowledgeDistillation(alpha=0) its training steps change nothing"

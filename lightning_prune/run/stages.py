@@ -112,7 +112,8 @@ def _stage_trainer(cfg: DictConfig, node: DictConfig, where: str) -> dict[str, A
         raise ConfigError(
             f"`{where}.trainer.{owned[0]}` is set by the run: give a stage its callbacks with `use` and `callbacks`"
         )
-    values: dict[str, Any] = OmegaConf.to_container(settings, resolve=True)  # type: ignore[assignment]  # a DictConfig gives a dict
+    # a DictConfig gives a dict
+    values: dict[str, Any] = OmegaConf.to_container(settings, resolve=True)  # type: ignore[assignment]
     base: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     check_types(OmegaConf.create({"_target_": base["_target_"], **values}), f"{where}.trainer")
     return {**base, **values}
