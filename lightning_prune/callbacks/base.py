@@ -8,6 +8,7 @@ in `callbacks/scheduled.py`.
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -242,3 +243,33 @@ class MaskingCallback(Callback):
                 "it came with"
             )
         return self._sharding.load(self._checkpoint_path, names)
+
+
+class PruneOnFitStart(MaskingCallback, ABC):
+    """A `MaskingCallback` that prunes once, when `fit` starts, and keeps those masks afterwards.
+
+    `prune(trainer, pl_module)` sets the masks; `pruned` is in the checkpoint, so a resumed run
+    restores the masks and does not prune again. Needs whole weights: refused under FSDP2.
+    """
+
+    sharded_ok = False  # calibration and group scores need whole weights: prune before FSDP2 shards the model
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pruned = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attach(trainer, pl_module)
+        if not self.pruned:
+            self.prune(trainer, pl_module)
+
+    @abstractmethod
+    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> object:
+        """Set the masks on `pl_module` (once); returns the pruning's report."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "pruned": self.pruned}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.pruned = bool(state_dict.get("pruned", False))

@@ -13,7 +13,7 @@ from torch.utils.data import DistributedSampler
 from lightning_prune.calibration.blocks import find_blocks
 from lightning_prune.calibration.driver import call_model
 from lightning_prune.calibration.samples import check_num_samples, take_samples
-from lightning_prune.callbacks.base import MaskingCallback
+from lightning_prune.callbacks.base import PruneOnFitStart
 from lightning_prune.oneshot.api import (
     block_targets,
     check_oneshot_arguments,
@@ -71,7 +71,7 @@ def fit_train_dataloader(trainer: pl.Trainer) -> Iterable[Any]:
     return cast(Iterable[Any], source)
 
 
-class OneShotPruning(MaskingCallback):
+class OneShotPruning(PruneOnFitStart):
     """Prune one-shot on calibration batches when `fit` starts, then keep the masks applied.
 
     Calibration batches come from `calibration` (any iterable of batches) or else from the fit's
@@ -101,8 +101,6 @@ class OneShotPruning(MaskingCallback):
     `lambda model, batch: model(batch[0], batch[1])` for an `(ids, mask, labels)` loader whose
     module takes `forward(ids, mask)`.
     """
-
-    sharded_ok = False  # calibration needs whole weights: prune before FSDP2 shards the model
 
     def __init__(
         self,
@@ -144,13 +142,7 @@ class OneShotPruning(MaskingCallback):
         self.forward = resolve_forward(forward)
         self.reconstruct, self.reconstruct_steps, self.reconstruct_lr = reconstruct, reconstruct_steps, reconstruct_lr
         self.reconstruct_target = reconstruct_target
-        self.pruned = False
         self.report: SparsityReport | None = None
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(trainer, pl_module)
-        if not self.pruned:
-            self.prune(trainer, pl_module)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -236,10 +228,3 @@ class OneShotPruning(MaskingCallback):
         self.reached_sparsity = self.sparsity
         self.pruned = True
         return self.report
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "pruned": self.pruned}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.pruned = bool(state_dict.get("pruned", False))

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_prune.calibration.samples import take_samples
-from lightning_prune.callbacks.base import MaskingCallback
+from lightning_prune.callbacks.base import PruneOnFitStart
 from lightning_prune.callbacks.oneshot import fit_train_dataloader
 from lightning_prune.masking import get_masks
 from lightning_prune.structured.api import prune_structured, resolve_score
@@ -17,7 +17,7 @@ from lightning_prune.structured.report import StructuredReport
 from lightning_prune.validation import check_integer, check_optional_integer, check_sparsity
 
 
-class StructuredPruning(MaskingCallback):
+class StructuredPruning(PruneOnFitStart):
     """Run `prune_structured` on calibration batches when `fit` starts; keep the masks while recovering.
 
     Calibration batches come from `calibration`, else the fit's training dataloader (first
@@ -37,8 +37,6 @@ class StructuredPruning(MaskingCallback):
         drop_layers: 0        # whole blocks removed (lowest ShortGPT block influence)
         method: wanda         # magnitude | wanda | flap | taylor | yours
     """
-
-    sharded_ok = False  # group scores and compaction need whole weights: prune before FSDP2 shards the model
 
     def __init__(
         self,
@@ -73,13 +71,7 @@ class StructuredPruning(MaskingCallback):
         self.num_samples = num_samples
         self.blocks = blocks
         self.progress = progress
-        self.pruned = False
         self.report: StructuredReport | None = None
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(trainer, pl_module)
-        if not self.pruned:
-            self.prune(trainer, pl_module)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -116,10 +108,3 @@ class StructuredPruning(MaskingCallback):
     def results(self) -> dict[str, Any]:
         """What the run records: the pruning report and the compaction's parameters and forward times."""
         return {"structured": self.report.as_dict() if self.report else {}, "compaction": dict(self.compaction)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "pruned": self.pruned}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.pruned = bool(state_dict.get("pruned", False))
