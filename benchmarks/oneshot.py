@@ -169,7 +169,7 @@ def timing(
     name: str, model: nn.Module, calibration: list[dict], repeats: int, variants: list[Variant] = BASELINES[1:]
 ) -> str:
     """Median over interleaved repeats: forward pass, whole prune_oneshot, and its pruning-only part."""
-    solve = api.prune_target
+    solve = api.prune_targets
     spent: list[float] = []
 
     def timed_solve(*args, **kwargs):
@@ -184,7 +184,7 @@ def timing(
 
     results: dict[Variant, list[tuple[float, float]]] = {v: [] for v in variants}
     forwards = []
-    api.prune_target = timed_solve
+    api.prune_targets = timed_solve
     try:
         for _ in range(repeats):
             forwards.append(median_time(forward, 1))
@@ -199,7 +199,7 @@ def timing(
                 )
                 results[variant].append((total, sum(spent)))
     finally:
-        api.prune_target = solve
+        api.prune_targets = solve
     base = statistics.median(forwards)
     rows = [["forward pass", f"{base * 1e3:.1f}", "—", "1.00×"]]
     for (label, _, _), runs in results.items():
