@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.run.checks import build, check_run_settings, check_types
 from lightning_prune.run.dense_teacher import DenseTeacher
+from lightning_prune.run.directory import earlier_run, make_output_dir, note_untouched
 from lightning_prune.run.finish import finish, write_partial_outputs
 from lightning_prune.run.outputs import History, TrainStartSnapshot, write_text
 from lightning_prune.run.pairing import check_vocabulary, use_model_tokenizer
@@ -51,6 +52,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     `results.json` is written even when a stage fails: `status` "failed", `failed_phase` (the
     stage's name, or setup, preflight, evaluate_before, evaluate_after, outputs), `error`, the
     warnings so far, and whatever report, history and plots exist; the error is then re-raised.
+    In a directory that holds an earlier run, nothing is written until the first stage starts: a
+    run refused before it (a `resume` whose config differs, a failed preflight) leaves it as it was.
     """
     check_run_settings(cfg)
     for key in ("trainer", "data", "model", *GROUPS):
@@ -59,20 +62,31 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_resumable(cfg, stages)
     use_model_tokenizer(cfg)
     out = output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    make_output_dir(out)
+    earlier = earlier_run(out)
+    parts = RunParts()
+    if earlier is None:
+        start_writing(cfg, out, parts)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     record = RunRecord({"output_dir": str(out), "status": "running"})
-    parts = RunParts()
     with record.capture():
         try:
             run_stages(cfg, stages, out, record, parts)
         except Exception as error:
+            if earlier is not None and not parts.writing:
+                note_untouched(error, out, earlier)
+                raise
             record.fail(error)
             record.collect_warnings(parts.callbacks)
             write_partial_outputs(cfg, out, record.results, parts)
             raise
     return record.results
+
+
+def start_writing(cfg: DictConfig, out: Path, parts: RunParts) -> None:
+    """From here on the run writes into `out` (results.json too when it fails): its config first."""
+    write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    parts.writing = True
 
 
 def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecord, parts: RunParts) -> None:
@@ -113,6 +127,8 @@ def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecor
         )
         for stage, callbacks, state, snapshot in zip(stages, built, states, snapshots)
     ]
+    if not parts.writing:  # an earlier run's directory: its files change from the first stage on
+        start_writing(cfg, out, parts)
     for stage in stages[start:]:
         parts.callbacks = built[stage.index]
         if stage.index == dense.first_pruning:

@@ -28,6 +28,9 @@ class RunParts:
     history: History | None = None
     keep_checkpoint: Path | None = None
     """Kept even with `stage_checkpoints=last`: the dense weights a later stage's teacher is rebuilt from."""
+    writing: bool = False
+    """Whether the run writes into its output directory yet: from the start in a new one; in one that
+    holds an earlier run, from the first stage on (a run refused before then leaves it as it was)."""
 
     def built(self) -> tuple[pl.LightningModule, pl.LightningDataModule, History]:
         """The model, the data module and the history, once built (every stage runs after they are)."""
