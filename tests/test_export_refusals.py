@@ -1,20 +1,25 @@
 """Exports say what they are: a sparse format with nothing pruned and an unmerged peft model are refused
-before anything is written."""
+before anything is written; SparseExport checks at fit start that no adapter is left unmerged."""
 
 import copy
 import json
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
 
 from lightning_prune import attach_lora, finalize, find_targets, merge_lora, update_masks
+from lightning_prune.callbacks.export import SparseExport
+from lightning_prune.callbacks.lora import LoRARecovery
 from lightning_prune.export import load_sparse, save_sparse
 from lightning_prune.masking import set_mask
-from tests.conftest import tiny_llama
+from lightning_prune.models import CausalLMModule
+from tests.conftest import make_trainer, tiny_llama, tiny_llama_config
 
 FORMATS = ["dense", "sparse-24-bitmask", "sparse-bitmask"]
 SPARSE_FORMATS = ["sparse-24-bitmask", "sparse-bitmask"]
+TINY_LLAMA = tiny_llama_config(max_position_embeddings=16)
 
 
 def pruned_2_4(model: nn.Module) -> nn.Module:
@@ -92,3 +97,51 @@ def test_an_unmerged_peft_model_is_refused_and_the_merged_one_loads_without_a_mo
     assert type(loaded).__name__ == "LlamaForCausalLM"
     assert loaded.state_dict().keys() == expected.keys()
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_sparse_export_errors_name_dirpath(tmp_path):
+    module = CausalLMModule(config=TINY_LLAMA)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"^`dirpath`='.*mine' is a non-empty directory that save_sparse did not"):
+        SparseExport(tmp_path / "mine").preflight(module)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"^`dirpath`='.*file' is an existing file, not a directory$"):
+        SparseExport(tmp_path / "file").export(module)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_sparse_export_preflight_refuses_adapters_left_unmerged(tmp_path):
+    module = CausalLMModule(config=TINY_LLAMA)
+    pruned_2_4(module.model)
+    export = SparseExport(tmp_path / "e", format="sparse-24-bitmask")
+    export.check_adapters_merged([LoRARecovery(), export], module)  # merged before the export writes
+    with pytest.raises(ValueError, match=r"LoRARecovery has `merge`=False and leaves its adapters unmerged"):
+        export.check_adapters_merged([LoRARecovery(merge=False), export], module)
+    with pytest.raises(ValueError, match=r"SparseExport comes before LoRARecovery .*; put SparseExport after"):
+        export.check_adapters_merged([export, LoRARecovery()], module)
+    attach_lora(module.model, r=2)  # attached by the user: nothing in the Trainer merges them
+    with pytest.raises(
+        ValueError,
+        match=r"^the model SparseExport writes \(`attribute`=None\) \(LlamaForCausalLM\) still has 7 unmerged "
+        r"adapter layer\(s\) .*; attach the adapters with a LoRARecovery\(merge=True\) placed before SparseExport",
+    ):
+        export.preflight(module)
+
+
+def test_lora_recovery_without_merge_and_an_export_fail_at_fit_start(tmp_path):
+    torch.manual_seed(0)
+    module = CausalLMModule(config=TINY_LLAMA)
+    pruned_2_4(module.model)
+    data = torch.utils.data.DataLoader([{"input_ids": torch.randint(0, 48, (8,))} for _ in range(4)], batch_size=2)
+    seen = []
+
+    class CountSteps(pl.Callback):
+        def on_train_batch_start(self, *args) -> None:
+            seen.append(1)
+
+    export = SparseExport(tmp_path / "export", format="sparse-24-bitmask")
+    trainer = make_trainer(max_steps=2, callbacks=[LoRARecovery(r=2, merge=False), export, CountSteps()])
+    with pytest.raises(ValueError, match=r"LoRARecovery has `merge`=False"):
+        trainer.fit(module, train_dataloaders=data)
+    assert seen == [] and listing(tmp_path) == []
