@@ -12,11 +12,18 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_prune.callbacks.base import MaskingCallback
+from lightning_prune.callbacks.lora import LoRARecovery, wrapped_network
 from lightning_prune.export.bitmask import is_2_4
+from lightning_prune.export.checks import refuse_unmerged
 from lightning_prune.export.config import TWO_FOUR_FORMATS, check_format
 from lightning_prune.export.save import check_destination, export_targets, save_sparse
 from lightning_prune.selection import parse_pattern
 from lightning_prune.targets import find_targets
+
+EXPORT_AFTER_MERGE = (
+    "attach the adapters with a LoRARecovery(merge=True) placed before SparseExport, or leave SparseExport out "
+    "and export after fit: `save_sparse(merge_lora(peft_model), ...)`"
+)
 
 
 class SparseExport(Callback):
@@ -25,12 +32,14 @@ class SparseExport(Callback):
     Masks still attached are baked in on the way out (the model itself is not modified), so it can
     follow a pruning callback with or without `finalize_on_end`. Only global rank 0 writes.
 
-    Lifecycle: `preflight(pl_module)` (also run by `on_fit_start`) checks before training what
-    can be known then: the `attribute`, the targets, the destination (a file or a non-empty
-    directory save_sparse did not write is refused) and, for a 2:4 format, that every target's
+    Lifecycle: `preflight(pl_module)` (also run by `on_fit_start`, with the Trainer's callbacks)
+    checks before training what can be known then: the `attribute`, the targets, the destination (a
+    file or a non-empty directory save_sparse did not write is refused), that no adapter will be
+    left unmerged when fit ends (`check_adapters_merged`) and, for a 2:4 format, that every target's
     input dimension divides by 4; `on_fit_start` also checks that a pruning callback of the same
     Trainer prunes the targets 2:4 (or that they already are); `on_fit_end` → `export(pl_module)` →
-    `save_sparse(model, dirpath, format, ...)`.
+    `save_sparse(model, dirpath, format, ...)`. Put it after a `LoRARecovery` in the callbacks: hooks
+    run in list order, and the adapters must be merged before the export writes.
 
     Example (YAML)::
 
@@ -71,10 +80,12 @@ class SparseExport(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(dirpath=str(self.dirpath), format=self.format)
 
-    def preflight(self, pl_module: nn.Module) -> None:
-        """Raise a ValueError for every export mistake knowable before training."""
+    def preflight(self, pl_module: nn.Module, callbacks: Sequence[Any] = ()) -> None:
+        """Raise a ValueError for every export mistake knowable before training; `callbacks`: the
+        Trainer's, when known (see `check_adapters_merged`)."""
         model = self.model_to_export(pl_module)
-        check_destination(self.dirpath)
+        check_destination(self.dirpath, argument="dirpath")
+        self.check_adapters_merged(callbacks, pl_module)
         targets = find_targets(model, include=self.targets, ignore=self.ignore)
         if self.format in TWO_FOUR_FORMATS:
             for target in targets:
@@ -86,10 +97,43 @@ class SparseExport(Callback):
                     )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.preflight(pl_module)
+        # Trainer.callbacks is public, set by its connector (lightning 2.6.6); its stubs do not declare it
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        self.preflight(pl_module, callbacks)
         if self.format in TWO_FOUR_FORMATS:
-            # Trainer.callbacks is public, set by its connector (lightning 2.6.6); its stubs do not declare it
-            self.check_two_four_source(trainer.callbacks, pl_module)  # type: ignore[attr-defined]
+            self.check_two_four_source(callbacks, pl_module)
+
+    def check_adapters_merged(self, callbacks: Sequence[Any], pl_module: nn.Module) -> None:
+        """Raise unless the exported model will hold no adapter layer when fit ends: a `LoRARecovery` of
+        `callbacks` on it must merge (`merge=True`) and come before this callback, and adapters already
+        attached must be that callback's."""
+        model = self.model_to_export(pl_module)
+        network = wrapped_network(pl_module)
+        if not any(m is network for m in model.modules()) and not any(m is model for m in network.modules()):
+            callbacks = [c for c in callbacks if not isinstance(c, LoRARecovery)]  # it wraps another module
+        position = next((i for i, c in enumerate(callbacks) if c is self), len(callbacks))
+        merged_later: set[int] = set()
+        for index, callback in enumerate(callbacks):
+            if isinstance(callback, LoRARecovery):
+                self._check_recovery(callback, index > position)
+                if callback.peft_model is not None:
+                    merged_later |= {id(m) for m in callback.peft_model.modules()}
+        refuse_unmerged(
+            model, f"the model SparseExport writes (`attribute`={self.attribute!r})", merged_later, EXPORT_AFTER_MERGE
+        )
+
+    def _check_recovery(self, recovery: LoRARecovery, after_export: bool) -> None:
+        if not recovery.merge:
+            raise ValueError(
+                f"SparseExport(dirpath={str(self.dirpath)!r}) writes when fit ends, but the Trainer's "
+                "LoRARecovery has `merge`=False and leaves its adapters unmerged then; set merge=True, or export "
+                "after fit with `save_sparse(merge_lora(recovery.peft_model), ...)` (without SparseExport)"
+            )
+        if after_export:
+            raise ValueError(
+                "SparseExport comes before LoRARecovery in the Trainer's callbacks: hooks run in list order, so "
+                "the export would write before the adapters are merged; put SparseExport after LoRARecovery"
+            )
 
     def check_two_four_source(self, callbacks: Sequence[Any], pl_module: nn.Module) -> None:
         """Raise unless every layer the export will write sparse (`targets`, else the pruned ones:
@@ -135,6 +179,7 @@ class SparseExport(Callback):
     def export(self, pl_module: pl.LightningModule) -> Path:
         """Write the export now and return its directory."""
         model = self.model_to_export(pl_module)
+        check_destination(self.dirpath, argument="dirpath")  # save_sparse's own error would name `path`
         self.last_export = save_sparse(model, self.dirpath, self.format, self.tokenizer, self.targets, self.ignore)
         return self.last_export
 

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 
 from lightning_prune.export.atomic import recover_directory, replace_directory, temporary_prefix
 from lightning_prune.export.bitmask import compress_24, compress_bitmask, is_2_4, measured_pattern
+from lightning_prune.export.checks import refuse_nothing_pruned, refuse_unmerged
 from lightning_prune.export.config import (
     CONFIG_NAME,
     MANIFEST_NAME,
@@ -190,16 +191,19 @@ def _write_hf_config(
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def check_destination(destination: Path) -> None:
-    """Only an empty directory or an earlier export may be replaced: never delete someone's files."""
+def check_destination(destination: Path, argument: str = "path") -> None:
+    """Only an empty directory or an earlier export may be replaced: never delete someone's files.
+
+    `argument` is the caller's name for the directory (`SparseExport` passes "dirpath")."""
     recover_directory(destination)
     if not destination.exists():
         return
     if not destination.is_dir():
-        raise ValueError(f"`path`={str(destination)!r} is an existing file, not a directory")
+        raise ValueError(f"`{argument}`={str(destination)!r} is an existing file, not a directory")
     if any(destination.iterdir()) and not (destination / MANIFEST_NAME).is_file():
         raise ValueError(
-            f"`path`={str(destination)!r} is a non-empty directory that save_sparse did not write; choose a new path"
+            f"`{argument}`={str(destination)!r} is a non-empty directory that save_sparse did not write; "
+            "choose a new path"
         )
 
 
@@ -225,11 +229,14 @@ def save_sparse(
             listed in `sparsity_config.targets`.
 
     Raises:
-        ValueError: bad `format`; `path` is a file or a non-empty directory not written by
-            save_sparse; for a 2:4 format, a targeted weight that is not 2:4 (names the first one
-            and its measured pattern); a NaN or Inf in any floating tensor (names it).
+        ValueError: bad `format`; `model` is a peft model or holds adapter layers (merge first:
+            `merge_lora`); `path` is a file or a non-empty directory not written by save_sparse; a
+            sparse format with no pruned weight to write; for a 2:4 format, a targeted weight that
+            is not 2:4 (names the first one and its measured pattern); a NaN or Inf in any floating
+            tensor (names it). Each before anything is written.
     """
     check_format(format)
+    refuse_unmerged(model)
     destination = Path(path)
     check_destination(destination)
     chosen = export_targets(model, targets, ignore)
@@ -237,6 +244,7 @@ def save_sparse(
     _refuse_non_finite(state)
     # Fused experts (E, out, in) are measured and packed as one (E·out, in) matrix.
     matrices = [target.as_matrix(state[target.name]).flatten(0, -2) for target in chosen]
+    refuse_nothing_pruned(format, model, chosen, matrices, targets)
     if format in TWO_FOUR_FORMATS:
         _refuse_non_2_4(chosen, matrices, format)
     target_modules = {t.module_name for t in chosen if not t.experts}
