@@ -131,7 +131,7 @@ def test_structured_pruning_then_a_compacted_student_distills_logits_and_refuses
     module = TinyCausalLM(tiny_llama(num_hidden_layers=2))
     dense = _state(module.model)
     distill = KnowledgeDistillation(alpha=0.5)
-    structured = StructuredPruning(mlp_sparsity=0.5, num_samples=4, compact_on_end=True)
+    structured = StructuredPruning(mlp_sparsity=0.5, method="magnitude", num_samples=4, compact_on_end=True)
     make_trainer(max_steps=2, callbacks=[structured, distill]).fit(module)
     assert module.model.config.intermediate_size == 32 and _equal(distill.teacher, dense)
     recorder = StepRecorder()  # the same callback (its dense teacher) on the smaller model: logits still match

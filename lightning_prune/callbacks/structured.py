@@ -13,6 +13,7 @@ from lightning_prune.callbacks.base import PruneOnFitStart
 from lightning_prune.callbacks.oneshot import fit_train_dataloader
 from lightning_prune.masking import get_masks
 from lightning_prune.structured.api import prune_structured, resolve_score
+from lightning_prune.structured.default import check_automatic_options
 from lightning_prune.structured.report import StructuredReport
 from lightning_prune.validation import check_integer, check_optional_integer, check_sparsity
 
@@ -21,10 +22,12 @@ class StructuredPruning(PruneOnFitStart):
     """Run `prune_structured` on calibration batches when `fit` starts; keep the masks while recovering.
 
     Calibration batches come from `calibration`, else the fit's training dataloader (first
-    `num_samples` sequences). With `compact_on_end` the module's model is replaced at fit end by
-    the physically smaller one (`compact`), and `compaction` records parameters and forward time
-    before and after; `report` holds the pruning's `StructuredReport`. A resumed run restores the
-    masks and does not prune again.
+    `num_samples` sequences), so `method`=None (the default) is FLAP wherever it applies without
+    adding a bias (the optimizer is built; Llama-style models get Wanda, warned), see
+    `prune_structured`; the report says which score and why. With `compact_on_end` the module's
+    model is replaced at fit end by the physically smaller one (`compact`), and `compaction`
+    records parameters and forward time before and after; `report` holds the pruning's
+    `StructuredReport`. A resumed run restores the masks and does not prune again.
 
     Lifecycle: `on_fit_start` attaches optimizer hooks, restores saved masks and (once) prunes;
     `on_train_batch_start` logs `prune/sparsity`; `on_fit_end` removes hooks and compacts.
@@ -35,7 +38,8 @@ class StructuredPruning(PruneOnFitStart):
         mlp_sparsity: 0.5     # fraction of MLP neurons removed in every block
         head_sparsity: 0.25   # fraction of key/value heads (with their query heads) removed
         drop_layers: 0        # whole blocks removed (lowest ShortGPT block influence)
-        method: wanda         # magnitude | wanda | flap | taylor | yours
+        method: null          # null: flap where it adds no bias, else wanda (warned);
+                              # or magnitude | wanda | flap | taylor | yours
     """
 
     def __init__(
@@ -43,7 +47,7 @@ class StructuredPruning(PruneOnFitStart):
         mlp_sparsity: float = 0.0,
         head_sparsity: float = 0.0,
         drop_layers: int = 0,
-        method: str = "magnitude",
+        method: str | None = None,
         method_options: dict[str, Any] | None = None,
         calibration: Iterable[Any] | None = None,
         num_samples: int | None = 128,
@@ -54,7 +58,9 @@ class StructuredPruning(PruneOnFitStart):
         progress: bool = False,
     ) -> None:
         check_sparsity(head_sparsity, "head_sparsity")
-        resolve_score(method, method_options)  # a bad name or option fails here, before any fit
+        check_automatic_options(method, method_options)
+        if method is not None:
+            resolve_score(method, method_options)  # a bad name or option fails here, before any fit
         check_integer(drop_layers, "drop_layers", low=0)
         check_optional_integer(num_samples, "num_samples", low=1)
         super().__init__(
@@ -90,6 +96,7 @@ class StructuredPruning(PruneOnFitStart):
             blocks=self.blocks,
             device=pl_module.device,
             progress=self.progress,
+            new_parameters=False,  # the fit's optimizer is built: automatic FLAP only where no bias is added
             **self.options,
         )
         self.current_sparsity = 1.0 - self.report.parameter_ratio

@@ -2,13 +2,14 @@
 
 Lifecycle::
 
-    report = prune_structured(model, batches, mlp_sparsity=0.5, head_sparsity=0.25, drop_layers=2, method="wanda")
+    report = prune_structured(model, batches, mlp_sparsity=0.5, head_sparsity=0.25, drop_layers=2)  # FLAP (batches)
     small = compact(model)                      # physically smaller; save_pretrained loads anywhere
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from lightning_prune.calibration.collect import collect_statistics
 from lightning_prune.calibration.driver import Batch, calibrate_sequentially, call_model
 from lightning_prune.registry import STRUCTURED_SCORES
 from lightning_prune.structured.checks import check_config_accepts_heads, check_droppable
+from lightning_prune.structured.default import GIVEN, check_automatic_options, choose_score
 from lightning_prune.structured.groups import GroupSet
 from lightning_prune.structured.report import StructuredReport, structured_report
 from lightning_prune.structured.scores import BlockInfluence, StructuredScore
@@ -81,7 +83,7 @@ def prune_structured(
     mlp_sparsity: float = 0.0,
     head_sparsity: float = 0.0,
     drop_layers: int = 0,
-    method: str | StructuredScore = "magnitude",
+    method: str | StructuredScore | None = None,
     method_options: Mapping[str, Any] | None = None,
     targets: str | Sequence[str] | None = None,
     ignore: str | Sequence[str] | None = None,
@@ -89,6 +91,7 @@ def prune_structured(
     device: torch.device | str | None = None,
     forward: Callable[[nn.Module, Batch], Any] = call_model,
     progress: bool = False,
+    new_parameters: bool = True,
 ) -> StructuredReport:
     """Mask the lowest-scored MLP neurons and attention heads of every block, and the least influential blocks.
 
@@ -97,7 +100,12 @@ def prune_structured(
     influence on `calibration` and the `drop_layers` lowest are masked whole (`compact` removes
     them). Activation-aware scores ("wanda", "flap") collect their statistics block by block with
     the one-shot driver, on the pruned model's own activations; "taylor" backpropagates the
-    calibration batches' loss. Everything is checked before the first weight changes.
+    calibration batches' loss. `method`=None chooses (structured/default.py): "flap" when
+    calibration batches are given and FLAP applies to the groups, else "wanda" (a bias FLAP would
+    need cannot be added) or "magnitude" (Conv2d parts), warned and noted; "magnitude" without
+    calibration. The report's `method` and `method_choice` say which and why. With
+    `new_parameters`=False (inside a fit: the optimizer is built) the automatic choice takes FLAP
+    only where it adds no bias. Everything is checked before the first weight changes.
 
     Returns the report: parameters before and after compaction, kept widths, dropped blocks.
     """
@@ -106,21 +114,29 @@ def prune_structured(
     check_integer(drop_layers, "drop_layers", low=0)
     _, block_list = find_block_stack(model, blocks)
     check_droppable(model, drop_layers, len(block_list))
-    score = resolve_score(method, method_options)
+    check_automatic_options(method, method_options)
+    score = resolve_score(method, method_options) if method is not None else None
     groups = _find(model, blocks, mlp_sparsity, head_sparsity, targets, ignore)
     if not groups and not drop_layers:
         raise ValueError("nothing to prune: give `mlp_sparsity` > 0, `head_sparsity` > 0 or `drop_layers` > 0")
+    check_config_accepts_heads(model, groups, head_sparsity)
+    batches = list(calibration) if calibration is not None else []
+    choice, notes = GIVEN, []
+    if score is None:
+        automatic = choose_score(groups, model_config(model), bool(batches), new_parameters)
+        score, choice = automatic.score, automatic.reason
+        if automatic.fallback:
+            notes.append(automatic.fallback)
+            warnings.warn(automatic.fallback, stacklevel=2)
     for group in groups:
         score.check(group)
-    check_config_accepts_heads(model, groups, head_sparsity)
     score.check_model(groups, model_config(model))
-    batches = list(calibration) if calibration is not None else []
     if (score.statistics or score.needs_gradients or drop_layers) and not batches:
         raise ValueError(
             f"`calibration` has no batches; method {score.name!r}{' and drop_layers' if drop_layers else ''} "
             "need calibration data"
         )
-    notes = _rounding_notes(groups, {"neuron": mlp_sparsity, "head": head_sparsity})
+    notes += _rounding_notes(groups, {"neuron": mlp_sparsity, "head": head_sparsity})
     before = structured_report(model, [], [], score.name, [])
     if score.prepare(model, groups):
         groups = _find(model, blocks, mlp_sparsity, head_sparsity, targets, ignore)  # with the new bias parts
@@ -158,13 +174,12 @@ def prune_structured(
         notes,
         parameters_before=before.parameters_before,
         block_influence=block_scores if drop_layers else [],
+        method_choice=choice,
     )
 
 
 def _rounding_notes(groups: Sequence[GroupSet], sparsity: Mapping[str, float]) -> list[str]:
     """Warn (and record) where round(s·count) units differ from the asked fraction by more than one unit's share."""
-    import warnings
-
     notes = []
     for kind in ("neuron", "head"):
         sized = [g for g in groups if g.kind == kind]

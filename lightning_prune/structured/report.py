@@ -18,7 +18,8 @@ class StructuredReport:
     """Parameters before and after `compact`, kept units per group set, dropped blocks, notes.
 
     `notes` lists every difference from what was asked (e.g. a head count that rounding left
-    unchanged); each was also warned about.
+    unchanged, or the automatic score falling back from FLAP); each was also warned about.
+    `method_choice` is "given" for an explicit `method`, else why the automatic choice took `method`.
     """
 
     method: str
@@ -28,6 +29,7 @@ class StructuredReport:
     dropped_blocks: list[int] = field(default_factory=list)
     block_influence: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    method_choice: str = "given"
 
     @property
     def parameter_ratio(self) -> float:
@@ -38,6 +40,7 @@ class StructuredReport:
         """Plain values for results files."""
         return {
             "method": self.method,
+            "method_choice": self.method_choice,
             "parameters_before": self.parameters_before,
             "parameters_after": self.parameters_after,
             "parameter_ratio": self.parameter_ratio,
@@ -48,8 +51,9 @@ class StructuredReport:
         }
 
     def __str__(self) -> str:
+        chosen = "" if self.method_choice == "given" else f"; {self.method_choice}"
         lines = [
-            f"structured pruning ({self.method}): "
+            f"structured pruning ({self.method}{chosen}): "
             f"{self.parameters_before:,} → {self.parameters_after:,} parameters ({self.parameter_ratio:.3f})"
         ]
         lines += [f"  {name}: {kept}/{total}" for name, (kept, total) in self.kept.items()]
@@ -90,6 +94,7 @@ def structured_report(
     notes: Sequence[str],
     parameters_before: int | None = None,
     block_influence: Sequence[float] = (),
+    method_choice: str = "given",
 ) -> StructuredReport:
     """Build the report of a structured pruning from the model's current masks."""
     before = parameters_before if parameters_before is not None else sum(p.numel() for p in model.parameters())
@@ -102,4 +107,5 @@ def structured_report(
         dropped_blocks=list(dropped),
         block_influence=list(block_influence),
         notes=list(notes),
+        method_choice=method_choice,
     )
