@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     )
     trainer.fit(model, datamodule=data)
     (metrics,) = trainer.validate(model, datamodule=data, verbose=False)
-    report = sparsity_report(model, pruning.targets)
+    report = sparsity_report(model, pruning.targets, patterns={t.name: pruning.pattern for t in pruning.targets})
     print(report)
     print(f"sparsity {report.global_sparsity:.4f}")
     print(f"validation accuracy {metrics['val/acc']:.4f}")

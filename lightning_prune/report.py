@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 
 from lightning_prune.masking import finalized_parameters, masked_parameters
 from lightning_prune.parallel.sharded import all_gather_floats, is_sharded, local_tensor, shard_group, sum_over_shards
-from lightning_prune.selection import group_counts
+from lightning_prune.selection import group_counts, parse_pattern
 from lightning_prune.targets import PruneTarget, find_targets
 
 
@@ -27,7 +27,13 @@ def max_nonzeros_per_group(matrix: torch.Tensor, m: int) -> int:
 
 @dataclass(frozen=True)
 class LayerSparsity:
-    """One row of the report: a weight's name, shape, size and exact zero count."""
+    """One row of the report: a weight's name, shape, size, exact zero count and pattern label.
+
+    `pattern` is "dense" without zeros; else the N:M pattern enforced on the weight ("2:4"), or
+    "unstructured (2:4 not held)" when its zeros no longer keep it; "unstructured" for unstructured
+    pruning, "unstructured (fits 4:8)" when its zeros happen to fit an N:M pattern; for a weight the
+    report was not told about, what its zeros fit ("fits 2:4"), else "unstructured" (`layer_pattern`).
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -152,16 +158,63 @@ def _measure(target: PruneTarget, weight: torch.Tensor) -> list[tuple[int, str]]
 _PATTERNS = ("2:4", "4:8", "unstructured")  # `_measure`'s patterns, each implied by the one before
 
 
-def _sharded_layer(target: PruneTarget) -> LayerSparsity:
+def _holds(target: PruneTarget, weight: torch.Tensor, pattern: str) -> list[bool]:
+    """Whether each matrix of `target` (its `weight`, or a row block of it) keeps at most N of every
+    M consecutive inputs of a row (False where M does not divide the inputs)."""
+    n, m = parse_pattern(pattern)
+    matrices = target.as_matrix(weight)
+    nonzero = (matrices if target.experts else matrices.unsqueeze(0)) != 0
+    count, rows, cols = nonzero.shape
+    if cols % m:
+        return [False] * count
+    if not rows:
+        return [True] * count
+    most = group_counts(nonzero.reshape(count * rows, cols), m).reshape(count, -1).amax(1)
+    return (most <= n).tolist()
+
+
+def layer_pattern(zeros: int, fits: str, enforced: str | None, said: bool, held: bool) -> str:
+    """A row's pattern label from its `zeros`, the first N:M its zeros `fits` ("unstructured" if
+    none), whether the caller `said` what was `enforced` (an N:M pattern, or None for unstructured
+    pruning) and whether the zeros `held` it."""
+    if zeros == 0:
+        return "dense"
+    if said and enforced is not None:
+        return enforced if held else f"unstructured ({enforced} not held)"
+    if fits == "unstructured":
+        return fits
+    return f"unstructured (fits {fits})" if said else f"fits {fits}"
+
+
+def check_patterns(patterns: Mapping[str, str | None] | None) -> dict[str, str | None]:
+    """`patterns` as a dict, each value an N:M pattern or None (a ValueError naming the weight otherwise)."""
+    checked = dict(patterns or {})
+    for name, pattern in checked.items():
+        if pattern is None:
+            continue
+        try:
+            parse_pattern(pattern)
+        except ValueError as error:
+            raise ValueError(
+                f"`patterns`[{name!r}] must be an N:M pattern such as '2:4' or None (unstructured), got {pattern!r}"
+            ) from error
+    return checked
+
+
+def _sharded_layer(target: PruneTarget, patterns: dict[str, str | None]) -> LayerSparsity:
     """The row of an FSDP2 row-sharded (out, in) weight: each rank counts its block's zeros (summed
     over the shard group) and its pattern (rows stay whole, so N:M holds when it holds on every
     block). Every rank of the group must call it, in the same order."""
     block = local_tensor(target.weight.detach())
     group = shard_group(target.weight, target.name)  # type: ignore[arg-type]  # a DTensor (is_sharded)
     local_zeros, local_pattern = _measure(target, block)[0] if block.shape[0] else (0, _PATTERNS[0])
+    enforced = patterns.get(target.name)
+    local_broken = float(enforced is not None and not _holds(target, block, enforced)[0])
     zeros = sum_over_shards([local_zeros], group)[0]
-    local = _PATTERNS.index(local_pattern)
-    pattern = _PATTERNS[int(max(values[0] for values in all_gather_floats([local], group)))]
+    gathered = all_gather_floats([_PATTERNS.index(local_pattern), local_broken], group)
+    fits = _PATTERNS[int(max(values[0] for values in gathered))]
+    held = not any(values[1] for values in gathered)
+    pattern = layer_pattern(zeros, fits, enforced, target.name in patterns, held)
     return LayerSparsity(target.name, tuple(target.weight.shape), target.weight.numel(), zeros, pattern)
 
 
@@ -182,23 +235,38 @@ def pruned_targets(model: nn.Module) -> list[PruneTarget]:
 
 @torch.no_grad()
 def sparsity_report(
-    model: nn.Module, targets: Sequence[PruneTarget] | None = None, skipped: Mapping[str, str] | None = None
+    model: nn.Module,
+    targets: Sequence[PruneTarget] | None = None,
+    skipped: Mapping[str, str] | None = None,
+    patterns: Mapping[str, str | None] | None = None,
 ) -> SparsityReport:
     """Measure exact zeros of `targets`, by default of the pruned layers (see `pruned_targets`);
-    one row per matrix (per expert for fused experts weights). `skipped` is recorded as given."""
+    one row per matrix (per expert for fused experts weights). `skipped` is recorded as given.
+
+    `patterns` says what pruning enforced on each weight (by weight name, e.g. "0.weight"): an N:M
+    pattern such as "2:4" (the row says "2:4" while the zeros keep it), or None for unstructured
+    pruning (the row says "unstructured", or "unstructured (fits 4:8)" when its zeros happen to fit
+    one). A weight it does not name is labelled by what its zeros fit ("fits 2:4"); a weight without
+    zeros is "dense". Names of weights not reported are ignored.
+    """
+    checked = check_patterns(patterns)
     if targets is None:
         targets = pruned_targets(model)
     layers = []
     for target in targets:
         if is_sharded(target.weight) and not (target.experts or target.transposed):
-            layers.append(_sharded_layer(target))
+            layers.append(_sharded_layer(target, checked))
             continue
         weight = target.weight.detach()
         weight = (
             weight.full_tensor() if isinstance(weight, DTensor) else weight
         )  # a fused or transposed weight: gathered, one at a time
         shape = tuple(weight.shape)
-        for name, (zeros, pattern) in zip(target.matrix_names(), _measure(target, weight)):
+        enforced = checked.get(target.name)
+        measured = _measure(target, weight)
+        held = _holds(target, weight, enforced) if enforced is not None else [True] * len(measured)
+        for name, (zeros, fits), holds in zip(target.matrix_names(), measured, held):
             matrix_shape = tuple(target.as_matrix(weight).shape[1:]) if target.experts else shape
+            pattern = layer_pattern(zeros, fits, enforced, target.name in checked, holds)
             layers.append(LayerSparsity(name, matrix_shape, math.prod(matrix_shape), zeros, pattern))
     return SparsityReport(layers, skipped=dict(skipped or {}))

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from lightning_prune.cli import CONFIG_DIR
 from lightning_prune.models import build_digits_net
+from lightning_prune.report import max_nonzeros_per_group
 from lightning_prune.run import ConfigError, run
 from tests.conftest import compose_config
 
@@ -93,6 +94,11 @@ def test_quickstart_writes_every_output(quickstart: tuple[Path, dict]) -> None:
     net.load_state_dict(state, strict=True)
     assert float((net.fc2.weight == 0).float().mean()) == pytest.approx(0.9, abs=1e-4)
     assert not torch.signbit(net.fc2.weight[net.fc2.weight == 0]).any()
+    # The pattern column says what GMP enforced (unstructured), and whether the zeros happen to fit 4:8.
+    patterns = {row["layer"]: row["pattern"] for row in csv.DictReader((out / "sparsity_report.csv").open())}
+    for name in ("fc1", "fc2"):
+        fits = max_nonzeros_per_group(getattr(net, name).weight, 8) <= 4
+        assert patterns[f"model.{name}.weight"] == ("unstructured (fits 4:8)" if fits else "unstructured")
 
 
 def test_gmp_finetune_tiny(tmp_path: Path) -> None:

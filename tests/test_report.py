@@ -1,4 +1,4 @@
-"""report.py: exact per-layer and global numbers, N:M pattern detection, Markdown and CSV."""
+"""report.py: exact per-layer and global numbers, the pattern column (enforced, fitted, dense), Markdown and CSV."""
 
 import pytest
 import torch
@@ -18,9 +18,9 @@ def two_layer_model() -> nn.Sequential:
 
 
 def test_unmasked_model_reports_every_prunable_layer() -> None:
-    report = sparsity_report(two_layer_model())
+    report = sparsity_report(two_layer_model())  # not told what was enforced: what the zeros fit
     assert [(layer.name, layer.shape, layer.numel, layer.zeros, layer.pattern) for layer in report.layers] == [
-        ("0.weight", (2, 8), 16, 8, "2:4"),
+        ("0.weight", (2, 8), 16, 8, "fits 2:4"),
         ("1.weight", (4, 2), 8, 1, "unstructured"),
     ]
     assert report.numel == 24
@@ -37,7 +37,7 @@ def test_masked_layers_only_when_masks_exist() -> None:
 
 
 def test_markdown_and_csv() -> None:
-    report = sparsity_report(two_layer_model())
+    report = sparsity_report(two_layer_model(), patterns={"0.weight": "2:4", "1.weight": None})
     assert report.to_markdown().splitlines() == [
         "| layer | shape | params | zeros | sparsity | pattern |",
         "|---|---|---|---|---|---|",
@@ -132,9 +132,66 @@ def test_rows_equal_counting_each_matrix_on_its_own() -> None:
     for target in targets:
         for name, matrix in zip(target.matrix_names(), target.matrices(target.weight.detach())):
             pattern = next(
-                (f"{n}:{m}" for n, m in ((2, 4), (4, 8)) if max_nonzeros_per_group(matrix, m) <= n), "unstructured"
+                (f"fits {n}:{m}" for n, m in ((2, 4), (4, 8)) if max_nonzeros_per_group(matrix, m) <= n),
+                "unstructured",
             )
             expected.append((name, tuple(matrix.shape), matrix.numel(), int((matrix == 0).sum()), pattern))
     got = [(r.name, r.shape, r.numel, r.zeros, r.pattern) for r in sparsity_report(nn.Module(), targets).layers]
     assert got == expected
-    assert [r[4] for r in got] == ["2:4", "4:8", "unstructured"] * 2 + ["4:8"]
+    assert [r[4] for r in got] == ["fits 2:4", "fits 4:8", "unstructured"] * 2 + ["fits 4:8"]
+
+
+def ninety_percent_unstructured_fitting_4_of_8() -> nn.Linear:
+    """A 64×64 layer at exactly 90% zeros, chosen at random (unstructured), whose zeros also fit 4:8."""
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(64, 64, generator=generator).abs() + 0.1)
+        keep = torch.zeros(64 * 64, dtype=torch.bool)
+        keep[torch.randperm(64 * 64, generator=generator)[:410]] = True
+        linear.weight.mul_(keep.view(64, 64))
+    return linear
+
+
+def test_an_unstructured_layer_whose_zeros_fit_4_of_8_is_unstructured_not_4_of_8() -> None:
+    linear = ninety_percent_unstructured_fitting_4_of_8()
+    assert max_nonzeros_per_group(linear.weight, 8) <= 4 and max_nonzeros_per_group(linear.weight, 4) > 2
+    targets = [PruneTarget("", linear)]
+    (row,) = sparsity_report(linear, targets, patterns={"weight": None}).layers
+    assert (row.zeros, row.pattern) == (64 * 64 - 410, "unstructured (fits 4:8)")
+    (unsaid,) = sparsity_report(linear, targets).layers  # not told: what it fits, never as if enforced
+    assert unsaid.pattern == "fits 4:8"
+
+
+def test_enforced_pattern_dense_layer_and_a_broken_pattern() -> None:
+    model = two_layer_model()
+    targets = [PruneTarget("0", model[0]), PruneTarget("1", model[1])]
+    patterns = {"0.weight": "2:4", "1.weight": None}
+    with torch.no_grad():
+        model[1].weight.fill_(1.0)  # no zeros: dense, whatever was asked
+    assert [r.pattern for r in sparsity_report(model, targets, patterns=patterns).layers] == ["2:4", "dense"]
+    assert [r.pattern for r in sparsity_report(model, targets, patterns={"0.weight": "1:4"}).layers] == [
+        "unstructured (1:4 not held)",
+        "dense",
+    ]
+    with torch.no_grad():
+        model[0].weight[0, 2:5] = torch.tensor([9.0, 0, 0])  # 1 2 9 0 | 0 0 4 0: 2:4 broken, 4:8 kept
+    assert sparsity_report(model, targets, patterns=patterns).layers[0].pattern == "unstructured (2:4 not held)"
+    assert sparsity_report(model, targets, patterns={"0.weight": "4:8"}).layers[0].pattern == "4:8"
+
+
+def test_a_pattern_that_is_not_n_of_m_names_the_weight() -> None:
+    with pytest.raises(ValueError, match=r"`patterns`\['0.weight'\] must be an N:M pattern .* got '2-4'"):
+        sparsity_report(two_layer_model(), patterns={"0.weight": "2-4"})
+
+
+def test_prune_oneshot_labels_what_it_enforced() -> None:
+    import lightning_prune as lp
+    from tests.conftest import tiny_llama
+
+    torch.manual_seed(0)
+    batches = [torch.randint(0, 64, (2, 16)) for _ in range(2)]
+    two_four = lp.prune_oneshot(tiny_llama(), batches, method="magnitude", pattern="2:4", progress=False)
+    assert {r.pattern for r in two_four.layers} == {"2:4"}
+    ninety = lp.prune_oneshot(tiny_llama(), batches, method="magnitude", sparsity=0.9, progress=False)
+    assert {r.pattern for r in ninety.layers} <= {"unstructured", "unstructured (fits 4:8)", "unstructured (fits 2:4)"}

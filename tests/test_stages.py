@@ -255,3 +255,26 @@ def test_evaluate_start_measures_the_one_shot_pruned_model_before_training(tmp_p
     )  # the masks stayed applied through the training steps
     rows = [row.split("|")[1].strip() for row in (tmp_path / "stages.md").read_text().splitlines()[2:]]
     assert rows == ["dense", "prune (start)", "prune"]
+
+
+def test_the_report_labels_the_pattern_pruning_enforced(tmp_path: Path) -> None:
+    """GMP to 90% unstructured (the quickstart's pruning) and to 2:4: the pattern column says what
+    was enforced; an unstructured layer whose zeros happen to fit 4:8 says so, never "4:8"."""
+    from lightning_prune.report import max_nonzeros_per_group
+
+    tiny = ["dense_epochs=0", "trainer.max_epochs=1", "pruning.frequency=1", *DIGITS_TINY]
+    labels = {}
+    for name, overrides in {"gmp": [], "nm": ["pruning.sparsity=0.5", "pruning.pattern=2:4"]}.items():
+        out = tmp_path / name
+        results = run(compose_config("quickstart", out, *overrides, *tiny))
+        rows = [line.split(" | ") for line in (out / "sparsity_report.md").read_text().splitlines()[2:-1]]
+        labels[name] = {row[0].removeprefix("| "): row[-1].removesuffix(" |") for row in rows}
+        state = torch.load(out / "model" / "model.pt")
+        if name == "gmp":
+            fits = {f"model.{k}": max_nonzeros_per_group(state[k], 8) <= 4 for k in ("fc1.weight", "fc2.weight")}
+            assert any(fits.values())  # the case of the issue: 90% unstructured zeros that happen to fit 4:8
+            assert labels[name] == {k: "unstructured (fits 4:8)" if fit else "unstructured" for k, fit in fits.items()}
+        csv_rows = list(csv.reader((out / "sparsity_report.csv").open()))
+        assert {row[0]: row[-1] for row in csv_rows[1:-1]} == labels[name]
+        assert results["layer_pattern"] == labels[name]
+    assert labels["nm"] == {"model.fc1.weight": "2:4", "model.fc2.weight": "2:4"}

@@ -247,7 +247,7 @@ def prune_oneshot(
         n: f"left dense: {count} calibration tokens < min_expert_tokens={min_expert_tokens}"
         for n, count in few_tokens.items()
     }
-    report = sparsity_report(model, every, skipped=skipped)
+    report = sparsity_report(model, every, skipped=skipped, patterns={t.name: pattern for t in every})
     return dataclasses.replace(report, notes=tuple(notes)) if notes else report
 
 

@@ -4,6 +4,7 @@ or, after a failure, the partial outputs of what was built."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 from rich.console import Console
+from torch import nn
 
+from lightning_prune.callbacks.base import MaskingCallback
+from lightning_prune.callbacks.scheduled import ScheduledPruning
+from lightning_prune.callbacks.structured import StructuredPruning
 from lightning_prune.masking import finalize as finalize_masks
 from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.run.outputs import (
@@ -74,7 +79,7 @@ def write_partial_outputs(cfg: DictConfig, out: Path, results: dict[str, Any], p
     module, history = parts.module, parts.history
     if module is None or history is None:
         return
-    report = sparsity_report(module)
+    report = sparsity_report(module, patterns=enforced_patterns(parts.ordered, module))
     write_report(out, report, history, plots=cfg.plots)
     write_stages(results, history.metric, out, plots=cfg.plots)
     results.update(sparsity_results(report, parts.ordered))
@@ -82,12 +87,36 @@ def write_partial_outputs(cfg: DictConfig, out: Path, results: dict[str, Any], p
 
 
 def sparsity_results(report: SparsityReport, callbacks: list[Callback]) -> dict[str, Any]:
-    """The achieved sparsity (global and per layer) and the target the callbacks were asked for."""
+    """The achieved sparsity (global and per layer), each layer's pattern label and the target the
+    callbacks were asked for."""
     return {
         "global_sparsity": report.global_sparsity,
         "target_sparsity": target_sparsity(callbacks),
         "layer_sparsity": report.as_dict(),
+        "layer_pattern": {layer.name: layer.pattern for layer in report.layers},
     }
+
+
+def enforced_patterns(callbacks: Sequence[Callback], model: nn.Module) -> dict[str, str | None]:
+    """{weight name: the N:M pattern its pruning callback enforced, None for unstructured} for the
+    report's pattern column. `callbacks` come last stage first (`RunParts.ordered`): the first that
+    prunes a weight names its pattern. Targets are resolved on `model` from the callbacks' settings,
+    so a resumed run labels as the uninterrupted one; structured pruning, and a callback whose
+    targets no longer resolve, leave their weights labelled by their zeros alone."""
+    patterns: dict[str, str | None] = {}
+    for callback in callbacks:
+        structured = isinstance(callback, StructuredPruning) or (
+            isinstance(callback, ScheduledPruning) and callback.structured is not None
+        )
+        if not isinstance(callback, MaskingCallback) or structured:
+            continue
+        try:
+            targets = callback.resolve_targets(model)
+        except ValueError:
+            continue
+        for target in targets:
+            patterns.setdefault(target.name, callback.pattern)
+    return patterns
 
 
 def write_report(out: Path, report: SparsityReport, history: History, plots: bool) -> None:
@@ -104,7 +133,7 @@ def write_outputs(
     cfg: DictConfig, out: Path, module: pl.LightningModule, data: Any, history: History, callbacks: list[Callback]
 ) -> dict[str, Any]:
     """Report (printed and saved), history, plots, and the finalized model; returns what to record."""
-    report = sparsity_report(module)
+    report = sparsity_report(module, patterns=enforced_patterns(callbacks, module))
     # Full layer names when writing to a file or pipe (rich would otherwise assume 80 columns).
     Console(width=None if sys.stdout.isatty() else 160).print(report)
     write_report(out, report, history, plots=cfg.plots)
