@@ -15,8 +15,6 @@ from rich.console import Console
 from torch import nn
 
 from lightning_prune.callbacks.base import MaskingCallback
-from lightning_prune.callbacks.scheduled import ScheduledPruning
-from lightning_prune.callbacks.structured import StructuredPruning
 from lightning_prune.masking import finalize as finalize_masks
 from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.run.outputs import (
@@ -105,10 +103,7 @@ def enforced_patterns(callbacks: Sequence[Callback], model: nn.Module) -> dict[s
     targets no longer resolve, leave their weights labelled by their zeros alone."""
     patterns: dict[str, str | None] = {}
     for callback in callbacks:
-        structured = isinstance(callback, StructuredPruning) or (
-            isinstance(callback, ScheduledPruning) and callback.structured is not None
-        )
-        if not isinstance(callback, MaskingCallback) or structured:
+        if not isinstance(callback, MaskingCallback) or callback.prunes_units:
             continue
         try:
             targets = callback.resolve_targets(model)
