@@ -12,6 +12,7 @@ metrics, report, plots and the finalized model are written into the output direc
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from lightning_prune.run.resume import (
     checkpoint_path,
     load_last_checkpoint,
     restore_module,
+    resume_overrides,
     run_config,
     save_stage_checkpoint,
 )
@@ -52,6 +54,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     `results.json` is written even when a stage fails: `status` "failed", `failed_phase` (the
     stage's name, or setup, preflight, evaluate_before, evaluate_after, outputs), `error`, the
     warnings so far, and whatever report, history and plots exist; the error is then re-raised.
+    An interrupted run (Ctrl-C, SIGTERM) writes the same with `status` "interrupted",
+    `interrupted_phase`, `interrupted_by` and, once a stage left its checkpoint, `resume` (the
+    overrides that continue it, also printed), then re-raises the KeyboardInterrupt or SystemExit.
     In a directory that holds an earlier run, nothing is written until the first stage starts: a
     run refused before it (a `resume` whose config differs, a failed preflight) leaves it as it was.
     """
@@ -72,13 +77,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with record.capture():
         try:
             run_stages(cfg, stages, out, record, parts)
-        except Exception as error:
+        except (Exception, KeyboardInterrupt, SystemExit) as error:
+            # Ctrl-C reaches here as KeyboardInterrupt, or as the SystemExit Lightning's graceful shutdown
+            # ends with (SIGTERMException, a SystemExit, for SIGTERM).
             if earlier is not None and not parts.writing:
                 note_untouched(error, out, earlier)
                 raise
-            record.fail(error)
+            if isinstance(error, Exception):
+                record.fail(error)
+            else:
+                record.interrupt(error, resume_overrides(out, record.results))
             record.collect_warnings(parts.callbacks)
             write_partial_outputs(cfg, out, record.results, parts)
+            if "resume" in record.results:
+                print(f"interrupted in {record.phase}; to continue: {record.results['resume']}", file=sys.stderr)
             raise
     return record.results
 

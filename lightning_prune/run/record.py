@@ -1,6 +1,8 @@
-"""What a run records besides its metrics: the phase it is in, how it failed, and every warning.
+"""What a run records besides its metrics: the phase it is in, how it failed or was interrupted, and
+every warning.
 
-`results.json` is written even when a phase fails (which phase, the error), and lists in `warnings`
+`results.json` is written even when a phase fails (which phase, the error) or is interrupted (Ctrl-C,
+SIGTERM: which phase, how to resume), and lists in `warnings`
 what the callbacks recorded (`callback.warnings_recorded`: dicts `{"kind", "message"}`) and the
 Python warnings that lightning_prune raised during the run — a result that differs from what was
 asked is said in a warning and kept in the results, never only printed.
@@ -13,6 +15,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import lightning_prune
 
@@ -91,6 +95,29 @@ class RunRecord:
         self.results["status"] = "failed"
         self.results["failed_phase"] = self.phase
         self.results["error"] = {"type": type(error).__name__, "message": str(error)}
+
+    def interrupt(self, error: BaseException, resume: str | None) -> None:
+        """Mark the results interrupted in the current phase by `error` (KeyboardInterrupt, or the
+        SystemExit Lightning ends its graceful shutdown with), with `resume`, the overrides that
+        continue the run (None when no stage checkpoint exists)."""
+        self.results["status"] = "interrupted"
+        self.results["interrupted_phase"] = self.phase
+        self.results["interrupted_by"] = interruption_cause(error)
+        if resume is not None:
+            self.results["resume"] = resume
+
+
+def interruption_cause(error: BaseException) -> str:
+    """What interrupted the run: "KeyboardInterrupt" (also when Lightning turned it into SystemExit),
+    "SIGTERM" (Lightning's SIGTERMException) or the exception's type."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, KeyboardInterrupt):
+            return "KeyboardInterrupt"
+        if isinstance(cause, SIGTERMException):
+            return "SIGTERM"
+        cause = cause.__cause__ or cause.__context__
+    return type(error).__name__
 
 
 def target_sparsity(callbacks: Iterable[Any]) -> float | None:

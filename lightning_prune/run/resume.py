@@ -40,6 +40,13 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     return {key: value for key, value in values.items() if key not in NOT_COMPARED}
 
 
+def resume_overrides(out: Path, results: dict[str, Any]) -> str | None:
+    """The overrides that continue an interrupted run in `out` (`resume=true output_dir=<out>`), None
+    while none of the stages in `results` left its checkpoint there."""
+    saved = [entry["checkpoint"] for entry in results.get("stages", []) if "checkpoint" in entry]
+    return f"resume=true output_dir={out}" if any((out / path).is_file() for path in saved) else None
+
+
 class StageState(Callback):
     """Keeps the model's masks applied in a stage without a pruning callback, and puts the run's
     progress and the masks into the stage's checkpoint (`on_save_checkpoint`).
