@@ -389,7 +389,7 @@ def test_a_2_4_export_without_a_2_4_pruning_callback_fails_at_fit_start(tmp_path
 
     trainer = make_trainer(max_steps=2, callbacks=[GradualPruning(0.5, frequency=1), export, CountSteps()])
     with pytest.raises(
-        ValueError, match=r"no pruning callback of this Trainer prunes \['model.layers.0.self_attn.q_proj.weight'"
+        ValueError, match=r"GradualPruning prunes 'model.layers.0.self_attn.q_proj.weight' with `pattern`=None, which"
     ):
         trainer.fit(module, train_dataloaders=data)
     assert seen == []  # refused before the first step

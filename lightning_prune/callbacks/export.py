@@ -20,6 +20,12 @@ from lightning_prune.export.save import check_destination, export_targets, save_
 from lightning_prune.selection import parse_pattern
 from lightning_prune.targets import find_targets
 
+
+def gives_two_four(callback: MaskingCallback) -> bool:
+    """True when `callback` leaves what it prunes 2:4: pattern '2:4' on single weights."""
+    return not callback.prunes_units and callback.pattern is not None and parse_pattern(callback.pattern) == (2, 4)
+
+
 EXPORT_AFTER_MERGE = (
     "attach the adapters with a LoRARecovery(merge=True) placed before SparseExport, or leave SparseExport out "
     "and export after fit: `save_sparse(merge_lora(peft_model), ...)`"
@@ -36,9 +42,11 @@ class SparseExport(Callback):
     checks before training what can be known then: the `attribute`, the targets, the destination (a
     file or a non-empty directory save_sparse did not write is refused), that no adapter will be
     left unmerged when fit ends (`check_adapters_merged`) and, for a 2:4 format, that every target's
-    input dimension divides by 4; `on_fit_start` also checks that a pruning callback of the same
-    Trainer prunes the targets 2:4 (or that they already are); `on_fit_end` → `export(pl_module)` →
-    `save_sparse(model, dirpath, format, ...)`. Put it after a `LoRARecovery` in the callbacks: hooks
+    input dimension divides by 4 and that no pruning callback of its run (this stage's or, through
+    `earlier`, an earlier stage's) prunes an exported layer in a pattern that is not 2:4;
+    `on_fit_start` also checks that a pruning callback of the same Trainer prunes the targets 2:4
+    (or that they already are); `on_fit_end` → `export(pl_module)` → `save_sparse(model, dirpath,
+    format, ...)`. Put it after a `LoRARecovery` in the callbacks: hooks
     run in list order, and the adapters must be merged before the export writes.
 
     Example (YAML)::
@@ -80,14 +88,16 @@ class SparseExport(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(dirpath=str(self.dirpath), format=self.format)
 
-    def preflight(self, pl_module: nn.Module, callbacks: Sequence[Any] = ()) -> None:
+    def preflight(self, pl_module: nn.Module, callbacks: Sequence[Any] = (), earlier: Sequence[Any] = ()) -> None:
         """Raise a ValueError for every export mistake knowable before training; `callbacks`: the
-        Trainer's, when known (see `check_adapters_merged`)."""
+        Trainer's, when known (see `check_adapters_merged`); `earlier`: the callbacks of a run's earlier
+        stages, whose masks the model carries into this one (see `check_two_four_pruning`)."""
         model = self.model_to_export(pl_module)
         check_destination(self.dirpath, argument="dirpath")
         self.check_adapters_merged(callbacks, pl_module)
         targets = find_targets(model, include=self.targets, ignore=self.ignore)
         if self.format in TWO_FOUR_FORMATS:
+            self.check_two_four_pruning([*earlier, *callbacks], pl_module)
             for target in targets:
                 columns = target.as_matrix(target.weight).shape[1]
                 if columns % 4:
@@ -135,6 +145,31 @@ class SparseExport(Callback):
                 "the export would write before the adapters are merged; put SparseExport after LoRARecovery"
             )
 
+    def check_two_four_pruning(self, callbacks: Sequence[Any], pl_module: nn.Module) -> None:
+        """Raise when a layer the export will write sparse is pruned only by callbacks of `callbacks`
+        that cannot leave it 2:4 (no `pattern`, another N:M pattern, or whole units: `prunes_units`).
+        Layers no pruning callback of ours prunes are left to `check_two_four_source` at fit start
+        (a user's own pruner may make them 2:4)."""
+        pruning = [c for c in callbacks if isinstance(c, MaskingCallback)]
+        if not pruning:
+            return
+        owners: dict[int, list[MaskingCallback]] = {}
+        for callback in pruning:
+            for target in callback.resolve_targets(pl_module):
+                owners.setdefault(id(target.module), []).append(callback)
+        exported = export_targets(self.model_to_export(pl_module), self.targets, self.ignore, will_prune=set(owners))
+        for target in exported:
+            found = owners.get(id(target.module), [])
+            if found and not any(gives_two_four(c) for c in found):
+                culprit = found[-1]
+                detail = "whole units (`structure`)" if culprit.prunes_units else f"`pattern`={culprit.pattern!r}"
+                raise ValueError(
+                    f"SparseExport(format={self.format!r}) needs every exported target to be 2:4, but "
+                    f"{type(culprit).__name__} prunes {target.name!r} with {detail}, which does not leave it 2:4; "
+                    "give that callback pattern='2:4', leave the layer out of the export with `targets`/`ignore`, "
+                    "or use format='dense' or 'sparse-bitmask'"
+                )
+
     def check_two_four_source(self, callbacks: Sequence[Any], pl_module: nn.Module) -> None:
         """Raise unless every layer the export will write sparse (`targets`, else the pruned ones:
         masked now, as after an earlier stage, or masked by one of `callbacks`) is already 2:4 or
@@ -145,7 +180,7 @@ class SparseExport(Callback):
             if isinstance(callback, MaskingCallback):
                 modules = {id(t.module) for t in callback.resolve_targets(pl_module)}
                 pruned |= modules
-                if callback.pattern is not None and parse_pattern(callback.pattern) == (2, 4):
+                if gives_two_four(callback):
                     pruned_2_4 |= modules
         exported = export_targets(model, self.targets, self.ignore, will_prune=pruned)
         never = [

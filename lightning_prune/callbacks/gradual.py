@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+from torch import nn
 
 from lightning_prune.callbacks.scheduled import ScheduledPruning
 from lightning_prune.criteria import Criterion
@@ -102,6 +103,17 @@ class GradualPruning(ScheduledPruning):
         self.resolve_schedule(trainer)
         self.attach(trainer, pl_module)
         self.warn_if_schedule_cannot_finish(trainer)
+
+    def preflight(self, pl_module: nn.Module, trainer: pl.Trainer | None = None) -> None:
+        """Targets and pattern (see `MaskingCallback.preflight`) and, given the Trainer that will run
+        this callback, that `end_step`=None has a finite Trainer length to end the ramp at."""
+        super().preflight(pl_module, trainer)
+        if trainer is not None and self.end_step is None and trainer.max_steps == -1 and trainer.max_epochs == -1:
+            raise ValueError(
+                "GradualPruning's `end_step`=None ends the ramp at the Trainer's last step, but "
+                f"`trainer.max_epochs`={trainer.max_epochs} with `trainer.max_steps`={trainer.max_steps} trains "
+                "without end; set `trainer.max_epochs` >= 1 or `trainer.max_steps` >= 1, or give `end_step`"
+            )
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -115,7 +115,16 @@ def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecor
     results["metric"] = history.metric
     results["stages"] = []
     record.phase = "preflight"
-    preflight([callback for callbacks in built for callback in callbacks], module)
+    # Every stage's Trainer is built before any stage trains (its settings are checked there).
+    states = [StageState(keep_masks=not any(isinstance(c, MaskingCallback) for c in callbacks)) for callbacks in built]
+    snapshots = [TrainStartSnapshot() if stage.evaluate_start else None for stage in stages]
+    trainers = [
+        make_trainer(
+            cfg, out, stage.name, [*callbacks, history, state, *([snapshot] if snapshot else [])], stage.trainer
+        )
+        for stage, callbacks, state, snapshot in zip(stages, built, states, snapshots)
+    ]
+    preflight(built, module, trainers)
     dense = DenseTeacher(built)
     source = dense.source_stage(stages)
     dense_path = None if source is None else checkpoint_path(out, source)
@@ -130,15 +139,6 @@ def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecor
     if dense_state is not None and dense.first_pruning is not None and start > dense.first_pruning:
         dense.rebuild(module, start, dense_state)
     parts.keep_checkpoint = dense_path
-    # Every stage's Trainer is built before any stage trains (its settings are checked there).
-    states = [StageState(keep_masks=not any(isinstance(c, MaskingCallback) for c in callbacks)) for callbacks in built]
-    snapshots = [TrainStartSnapshot() if stage.evaluate_start else None for stage in stages]
-    trainers = [
-        make_trainer(
-            cfg, out, stage.name, [*callbacks, history, state, *([snapshot] if snapshot else [])], stage.trainer
-        )
-        for stage, callbacks, state, snapshot in zip(stages, built, states, snapshots)
-    ]
     if not parts.writing:  # an earlier run's directory: its files change from the first stage on
         start_writing(cfg, out, parts)
     for stage in stages[start:]:

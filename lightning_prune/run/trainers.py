@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +75,18 @@ def evaluate_start(
     return evaluate(plain, snapshot.module, data)
 
 
-def preflight(callbacks: list[Callback], module: pl.LightningModule) -> None:
-    """Every check a callback can make before training (`callback.preflight(module)`), before any phase
-    trains."""
-    for callback in callbacks:
-        check = getattr(callback, "preflight", None)
-        if callable(check):
-            check(module)
+def preflight(built: list[list[Callback]], module: pl.LightningModule, trainers: list[pl.Trainer]) -> None:
+    """Every check a callback can make before training, for every stage before any stage trains:
+    `callback.preflight(module)`, given the stage's Trainer where it takes a `trainer` and, where it
+    takes `callbacks`, its stage's callbacks (and `earlier`, those of the stages before, whose masks
+    the model carries)."""
+    earlier: list[Callback] = []
+    for callbacks, trainer in zip(built, trainers, strict=True):
+        for callback in callbacks:
+            check = getattr(callback, "preflight", None)
+            if not callable(check):
+                continue
+            accepts = inspect.signature(check).parameters
+            given = {"trainer": trainer, "callbacks": callbacks, "earlier": list(earlier)}
+            check(module, **{name: value for name, value in given.items() if name in accepts})
+        earlier.extend(callbacks)
