@@ -27,9 +27,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_prune.structured.flap import GroupFluctuation
+from lightning_prune.registry import STRUCTURED_SCORES
 from lightning_prune.structured.groups import GroupSet
-from lightning_prune.structured.scores import GroupMagnitude, GroupWanda, StructuredScore
+from lightning_prune.structured.scores import StructuredScore
 
 GIVEN = "given"
 
@@ -50,6 +50,12 @@ def check_automatic_options(method: object, method_options: Mapping[str, Any] | 
             f"`method_options`={dict(method_options)!r} needs an explicit `method` (they are one score's "
             "options; `method`=None chooses the score automatically): give e.g. method='flap'"
         )
+
+
+def _score(name: str) -> StructuredScore:
+    """The registered score `name` with its default options (found by name, as `method=` would be)."""
+    score: StructuredScore = STRUCTURED_SCORES.create(name)
+    return score
 
 
 def _refusal(score: StructuredScore, groups: Sequence[GroupSet], config: object) -> str | None:
@@ -76,8 +82,8 @@ def choose_score(
     `new_parameters`=False: FLAP only where it adds no bias (the caller's optimizer is already built).
     """
     if not calibrated:
-        return ScoreChoice(GroupMagnitude(), "automatic: no calibration batches, so the weight-only 'magnitude'")
-    flap = GroupFluctuation()
+        return ScoreChoice(_score("magnitude"), "automatic: no calibration batches, so the weight-only 'magnitude'")
+    flap = _score("flap")
     refused = _refusal(flap, groups, config)
     added = _added_biases(groups) if refused is None and not new_parameters else []
     if added:
@@ -87,11 +93,11 @@ def choose_score(
         )
     if refused is None:
         return ScoreChoice(flap, "automatic: calibration batches given, so 'flap' (the best measured score)")
-    wanda: StructuredScore = GroupWanda()
+    wanda = _score("wanda")
     if _refusal(wanda, groups, config) is None:
         choice, why = wanda, "it counts the mean output that FLAP would move into a bias"
     else:
-        choice, why = GroupMagnitude(), "the activation scores do not apply; 'taylor' needs a loss from the batches"
+        choice, why = _score("magnitude"), "the activation scores do not apply; 'taylor' needs a loss from the batches"
     note = (
         f"`method`=None: 'flap' cannot apply ({refused}); using {choice.name!r} instead ({why}). "
         f"Give `method` to choose the score yourself"
