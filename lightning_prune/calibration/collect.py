@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_prune.calibration.experts import expert_inputs, routed_tokens, routing
 from lightning_prune.calibration.gated import BmmCapture, GateCapture, capture_for
+from lightning_prune.calibration.unfold import layer_inputs
 from lightning_prune.targets import PruneTarget
 
 Statistic = Any  # a TokenStatistic subclass with `add(inputs)`
@@ -56,7 +57,7 @@ class _SharedInputs:
 
 def _add_linear(per_kind: dict[type[Statistic], Statistic], shared: _SharedInputs) -> Callable[..., None]:
     def add(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        shared.add(per_kind, args[0])
+        shared.add(per_kind, layer_inputs(module, args[0]))  # a convolution's unfolded inputs (`unfold.py`)
 
     return add
 
