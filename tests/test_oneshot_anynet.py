@@ -17,6 +17,7 @@ from lightning_prune.calibration import (
     HessianStats,
     calibrate_sequentially,
     collect_statistics,
+    find_block_stack,
     find_blocks,
     unfold_inputs,
 )
@@ -227,6 +228,10 @@ def test_a_named_sequential_is_a_block_list_and_the_driver_gives_each_block_its_
         assert all(torch.equal(want, have) for want, have in zip(outputs, got[name], strict=True)), name
     report = prune_oneshot(model, batches, method="sparsegpt", blocks="blocks", progress=False)
     assert not report.notes and len(report.layers) == 12
+    # Structured pruning's one stack stays a ModuleList (a Sequential when named): its CNN path is unchanged.
+    with pytest.raises(ValueError, match=r"found no nn\.ModuleList of blocks in ViT"):
+        find_block_stack(model)
+    assert find_block_stack(model, "blocks") == ("blocks", model.blocks)
 
 
 def test_a_resnet_with_a_stem_is_calibrated_stage_by_stage() -> None:

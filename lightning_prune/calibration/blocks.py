@@ -56,24 +56,25 @@ def _outermost(model: nn.Module, kind: type[nn.Module]) -> list[Stack]:
     return stacks
 
 
-def find_block_lists(model: nn.Module) -> list[Stack]:
+def find_block_lists(model: nn.Module, sequential: bool = True) -> list[Stack]:
     """The block stacks `find_blocks` finds by default, or [] when the model has none.
 
     Every `nn.ModuleList` of composite modules that is not inside another (the transformers
-    idiom); a model without one: every outermost `nn.Sequential` of composite modules (a timm
-    ViT's `blocks`, a ResNet's stages, a MobileNet's `features`), the model itself included.
+    idiom); with `sequential`, for a model without one: every outermost `nn.Sequential` of
+    composite modules (a timm ViT's `blocks`, a ResNet's stages, a MobileNet's `features`), the
+    model itself included.
     """
-    return _outermost(model, nn.ModuleList) or _outermost(model, nn.Sequential)
+    return _outermost(model, nn.ModuleList) or (_outermost(model, nn.Sequential) if sequential else [])
 
 
-def find_blocks(model: nn.Module, blocks: BlocksArgument = None) -> list[Stack]:
+def find_blocks(model: nn.Module, blocks: BlocksArgument = None, sequential: bool = True) -> list[Stack]:
     """Every stack of blocks of `model`, as (qualified name, ModuleList or Sequential), in module order.
 
     `blocks` names them explicitly (a name such as "model.layers", a ModuleList or Sequential, or
     a list of them); by default `find_block_lists` (Llama `model.layers`; T5 `encoder.block` and
     `decoder.block`; Whisper's `encoder.layers` and `decoder.layers`; a vision tower's layers and
-    the language model's; a timm ViT's `blocks`). The driver runs them in the order the model's
-    forward reaches them.
+    the language model's; a timm ViT's `blocks`, unless `sequential` is False). The driver runs
+    them in the order the model's forward reaches them.
     """
     if blocks is not None:
         names = [blocks] if isinstance(blocks, (str, nn.ModuleList, nn.Sequential)) else list(blocks)
@@ -83,10 +84,10 @@ def find_blocks(model: nn.Module, blocks: BlocksArgument = None) -> list[Stack]:
         if len({name for name, _ in named}) != len(named):
             raise ValueError(f"`blocks` names the same block list twice: {[name for name, _ in named]}")
         return named
-    stacks = find_block_lists(model)
+    stacks = find_block_lists(model, sequential)
     if not stacks:
         raise ValueError(
-            f"found no nn.ModuleList or nn.Sequential of blocks in {type(model).__name__}; "
+            f"found no nn.ModuleList{' or nn.Sequential' if sequential else ''} of blocks in {type(model).__name__}; "
             "name the list of blocks with `blocks=` (e.g. blocks='model.layers'), "
             "or wrap your blocks in an nn.ModuleList"
         )
@@ -97,8 +98,10 @@ def find_block_stack(model: nn.Module, blocks: str | BlockList | None = None) ->
     """The one block stack of `model` (structured pruning and layer indices need exactly one).
 
     A model with several stacks (an encoder and a decoder) is an error naming them: pass `blocks=`.
+    Only ModuleLists are found (an nn.Sequential when named): structured pruning takes a model
+    without one, such as a CNN, through its `nn.Sequential` groups instead.
     """
-    stacks = find_blocks(model, blocks)
+    stacks = find_blocks(model, blocks, sequential=False)
     if len(stacks) != 1:
         raise ValueError(
             f"{type(model).__name__} has {len(stacks)} block stacks {[name for name, _ in stacks]}; "
