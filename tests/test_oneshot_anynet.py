@@ -268,6 +268,19 @@ def test_block_options_are_refused_in_whole_model_mode_and_nothing_changes() -> 
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def test_a_whole_model_pass_that_cannot_finish_leaves_the_model_as_it_was() -> None:
+    model = ResNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nan = images(4, 8)
+    nan[1][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"calibration activations entering 'conv1.0.weight' contain NaN"):
+        prune_oneshot(model, nan, method="sparsegpt", progress=False)
+    with pytest.raises(ValueError, match=r"calibration batch 1 \(tensor \(2, 3, 8, 8\)\) failed in the model"):
+        prune_oneshot(model, [images(4, 8)[0], images(3, 8)[0]], method="wanda", progress=False)
+    assert not get_masks(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_grouped_convolutions_are_left_out_by_default_and_refused_when_named() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.Linear(8 * 4 * 4, 2))

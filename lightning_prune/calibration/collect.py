@@ -1,9 +1,10 @@
 """One block's calibration statistics, per weight and per expert.
 
-Statistics are keyed by matrix name (`PruneTarget.matrix_names`): a Linear's own name, or
-`<parameter>[e]` for expert e of a fused experts weight, whose statistics come from the tokens
-routed to that expert (`experts.routed_tokens`; the second layer's from its inputs in the model's
-own forward where `gated.capture_for` knows their rows).
+Statistics are keyed by matrix name (`PruneTarget.matrix_names`): a Linear's or convolution's own
+name (a convolution's statistics are those of its unfolded inputs, `unfold.py`), or `<parameter>[e]`
+for expert e of a fused experts weight, whose statistics come from the tokens routed to that expert
+(`experts.routed_tokens`; the second layer's from its inputs in the model's own forward where
+`gated.capture_for` knows their rows).
 """
 
 from __future__ import annotations
