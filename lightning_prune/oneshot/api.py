@@ -19,7 +19,9 @@ from lightning_prune.calibration.samples import check_num_samples, take_samples
 from lightning_prune.calibration.stats import TokenStatistic
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
 from lightning_prune.oneshot.owl import owl_block_sparsities
-from lightning_prune.oneshot.plan import ONESHOT_TYPES, block_targets, plan_oneshot
+from lightning_prune.oneshot.plan import ONESHOT_TYPES as ONESHOT_TYPES  # re-exported: tests and callers import it here
+from lightning_prune.oneshot.plan import block_targets as block_targets
+from lightning_prune.oneshot.plan import plan_oneshot
 from lightning_prune.oneshot.prune import Snapshot, prune_targets, warn_dense_experts
 from lightning_prune.oneshot.whole import check_whole_model_arguments, prune_whole_model, whole_model_note
 from lightning_prune.recovery.reconstruct import check_reconstruct_arguments, reconstruct_block
@@ -27,8 +29,6 @@ from lightning_prune.registry import MASK_REFINERS, ONESHOT_METHODS
 from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.selection import check_pattern_fits, check_pattern_sparsity
 from lightning_prune.validation import check_bool, check_choice, check_integer, check_number, check_sparsity
-
-__all__ = ["ONESHOT_TYPES", "block_targets", "check_oneshot_arguments", "needs_calibration", "prune_oneshot"]
 
 PROFILES = ("uniform", "owl")
 RECONSTRUCT_TARGETS = ("block", "model")
