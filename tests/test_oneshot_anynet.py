@@ -243,6 +243,44 @@ def test_a_resnet_with_a_stem_is_calibrated_stage_by_stage() -> None:
     assert not (model.stem[0].weight == 0).any()
 
 
+class UNet(nn.Module):
+    """Sequentials of blocks whose forward is not a chain: the up blocks take skip connections."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.down = nn.Sequential(*(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()) for _ in range(2)))
+        self.up = nn.Sequential(*(nn.Sequential(nn.Conv2d(8, 4, 3, padding=1), nn.ReLU()) for _ in range(2)))
+        self.out = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        for block in self.up:
+            x = block(torch.cat([x, skips.pop()], 1))
+        return self.out(x)
+
+
+def test_found_sequentials_that_the_forward_does_not_chain_fall_back_to_a_whole_model_pass() -> None:
+    model = UNet()
+    assert plan_oneshot(model, None, None, None).fallback
+    with pytest.warns(
+        UserWarning, match=r"whole-model pass \(the blocks of \['down', 'up'\] are not chained: block up\.1"
+    ):
+        report = prune_oneshot(model, images(4, 8), method="sparsegpt", pattern="2:4", progress=False)
+    assert [layer.name for layer in report.layers] == [
+        "down.0.0.weight",
+        "down.1.0.weight",
+        "up.0.0.weight",
+        "up.1.0.weight",
+    ]
+    assert all(layer.sparsity == 0.5 for layer in report.layers) and not (model.out.weight == 0).any()
+    with pytest.raises(ValueError, match=r"block up\.1 does not take the output of up\.0"):  # named: no fallback
+        prune_oneshot(UNet(), images(4, 8), blocks=["down", "up"], progress=False)
+
+
 def test_whole_model_calibration_leaves_batchnorm_and_train_mode_as_they_were() -> None:
     model = ResNet().train()
     model.layer1[0].bn1.eval()

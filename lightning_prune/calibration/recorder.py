@@ -23,6 +23,11 @@ class StackDone(Exception):
     """Raised after the captured stack's last block to stop the forward pass."""
 
 
+class NotChained(ValueError):
+    """The model's forward does not run a stack's blocks once each, in order, each on the one before's
+    output: the stack cannot be calibrated block by block (one-shot may fall back to a whole-model pass)."""
+
+
 class Recorder:
     """The hooks of one capture pass over the remaining stacks; see `capture.Capture`."""
 
@@ -54,13 +59,13 @@ class Recorder:
         name = self.stacks[s][0]
         if self.active is None:
             if j != 0 or (self.first is not None and s != self.first):
-                raise ValueError(
+                raise NotChained(
                     f"calibration batch {self.batch} entered the block stack {name} at block {j}, "
                     "not where batch 0 entered; name the stacks with `blocks=`"
                 )
             self.active = self.first = s
         elif self.active != s:
-            raise ValueError(
+            raise NotChained(
                 f"the model's forward ran {block_name(name, j)} inside the block stack {self.stacks[self.active][0]}; "
                 "stacks must run one after the other (name them with `blocks=`)"
             )
@@ -68,7 +73,7 @@ class Recorder:
             return  # block 0 replays its pruned outputs; its arguments are already recorded
         record = self.records[s][j]
         if len(record) > self.batch:
-            raise ValueError(
+            raise NotChained(
                 f"the model's forward ran block {block_name(name, j)} twice in one pass (shared blocks); "
                 "name another block list with `blocks=`"
             )
@@ -83,7 +88,7 @@ class Recorder:
             if previous is None or not (
                 hidden is previous or (hidden.shape == previous.shape and torch.equal(hidden, previous))
             ):
-                raise ValueError(
+                raise NotChained(
                     f"block {block_name(name, j)} does not take the output of {block_name(name, j - 1)} "
                     "as its hidden states, so its blocks cannot be calibrated one after the other; "
                     "name another block list with `blocks=`"

@@ -15,6 +15,7 @@ from lightning_prune.calibration.blocks import BlocksArgument, block_name
 from lightning_prune.calibration.calls import hidden_of, with_hidden
 from lightning_prune.calibration.collect import collect_statistics, too_few_tokens
 from lightning_prune.calibration.driver import Batch, BlockRunner, calibrate_sequentially, call_model
+from lightning_prune.calibration.recorder import NotChained
 from lightning_prune.calibration.samples import check_num_samples, take_samples
 from lightning_prune.calibration.stats import TokenStatistic
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
@@ -189,12 +190,8 @@ def prune_oneshot(
     first_blocks = {block_name(n, 0) for n, _ in stacks}
     dense_stream = DenseStream() if reconstruct and reconstruct_target == "model" else None
     snapshot = Snapshot(every)
+    notes: list[str] = []
     try:
-        block_sparsity = dict.fromkeys(per_block, sparsity)
-        if sparsity_profile == "owl":
-            block_sparsity = owl_block_sparsities(
-                model, batches, per_block, sparsity, reduce_stats, owl_threshold, owl_lambda, **driver
-            )
 
         def prune_block(index: int, name: str, block: nn.Module, run_block: BlockRunner) -> None:
             dense_outputs: list[torch.Tensor] = []
@@ -215,18 +212,31 @@ def prune_oneshot(
             if dense_outputs:
                 notes.extend(_reconstruct(name, block, run_block, dense_outputs, reconstruct_steps, reconstruct_lr))
 
-        notes: list[str] = []
+        block_sparsity = dict.fromkeys(per_block, sparsity)
+        try:
+            if sparsity_profile == "owl" and not plan.whole_model:
+                block_sparsity = owl_block_sparsities(
+                    model, batches, per_block, sparsity, reduce_stats, owl_threshold, owl_lambda, **driver
+                )
+            if needs_data and not plan.whole_model:
+                calibrate_sequentially(model, batches, prune_block, **driver)
+            elif not plan.whole_model:
+                for index, (name, block) in enumerate(
+                    (block_name(n, i), b) for n, blocks_ in stacks for i, b in enumerate(blocks_)
+                ):
+                    prune_block(index, name, block, BlockRunner(block, [], name))
+        except NotChained as error:
+            if not plan.fallback:
+                raise
+            snapshot.restore()  # found Sequentials whose blocks the forward does not chain: prune the whole model
+            plan = plan.as_whole_model(f"the blocks of {[n for n, _ in stacks]} are not chained: {error}")
+            check_whole_model_arguments(plan, sparsity_profile, reconstruct, offload)
+            few_tokens.clear()
+            notes.clear()
         if plan.whole_model:
             whole = (solver, refiner, kinds, sparsity, pattern, reduce_stats, min_expert_tokens, forward, device)
-            few_tokens = prune_whole_model(model, batches, every, *whole)
+            few_tokens = prune_whole_model(model, batches, plan.targets, *whole)
             notes += [whole_model_note(plan, solver.updates_weights)] if kinds else []
-        elif needs_data:
-            calibrate_sequentially(model, batches, prune_block, **driver)
-        else:
-            for index, (name, block) in enumerate(
-                (block_name(n, i), b) for n, blocks_ in stacks for i, b in enumerate(blocks_)
-            ):
-                prune_block(index, name, block, BlockRunner(block, [], name))
     except BaseException:
         snapshot.restore()
         raise

@@ -5,7 +5,8 @@ Sequential calibration (both papers' drivers) needs the targets inside chained b
 embeddings and heads, stay dense). A model without one uses its outermost `nn.Sequential`s of
 blocks (a timm ViT's `blocks`) when every target lies inside them; otherwise (a ResNet whose stem
 conv sits outside its stages, a plain MLP) its targets are calibrated in one whole-model pass
-(`calibration.whole`). `blocks=` always means block by block.
+(`calibration.whole`), as it is when the forward turns out not to chain the found Sequentials'
+blocks (a U-Net's skip connections). `blocks=` always means block by block.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ WHOLE_MODEL = "<whole model>"  # the one "block" of a whole-model plan
 @dataclass(frozen=True)
 class OneShotPlan:
     """The stacks calibrated block by block and the targets of each block by name; a whole-model
-    plan has no stacks and one entry, WHOLE_MODEL, with every target; `reason` says why."""
+    plan has no stacks and one entry, WHOLE_MODEL, with every target; `reason` says why.
+    `fallback`: the stacks are Sequentials found (not named), so a forward that turns out not to
+    chain their blocks (`NotChained`) means a whole-model pass instead."""
 
     stacks: list[Stack] = field(default_factory=list)
     per_block: dict[str, list[PruneTarget]] = field(default_factory=dict)
     reason: str = ""
+    fallback: bool = False
 
     @property
     def whole_model(self) -> bool:
@@ -43,6 +47,10 @@ class OneShotPlan:
     def targets(self) -> list[PruneTarget]:
         """Every target, in block order."""
         return [target for targets in self.per_block.values() for target in targets]
+
+    def as_whole_model(self, reason: str) -> OneShotPlan:
+        """The same targets, calibrated in one whole-model pass because of `reason`."""
+        return OneShotPlan([], {WHOLE_MODEL: self.targets}, reason)
 
 
 def oneshot_targets(model: nn.Module, targets: Any, ignore: Any) -> list[PruneTarget]:
@@ -108,7 +116,7 @@ def plan_oneshot(model: nn.Module, blocks: BlocksArgument, targets: Any, ignore:
         t.name for t in found if _inside(t, [block_name(n, i) for n, b in stacks for i in range(len(b))]) is None
     ]
     if stacks and not outside:
-        return OneShotPlan(stacks, block_targets(model, stacks, targets, ignore))
+        return OneShotPlan(stacks, block_targets(model, stacks, targets, ignore), fallback=True)
     if stacks:
         shown = ", ".join(outside[:5]) + (" ..." if len(outside) > 5 else "")
         reason = f"layers outside the block lists {names}: {shown}"
