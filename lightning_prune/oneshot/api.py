@@ -229,7 +229,8 @@ def prune_oneshot(
             if not plan.fallback:
                 raise
             snapshot.restore()  # found Sequentials whose blocks the forward does not chain: prune the whole model
-            plan = plan.as_whole_model(f"the blocks of {[n for n, _ in stacks]} are not chained: {error}")
+            why = str(error).split(";")[0]  # the chain error without its advice to name other blocks
+            plan = plan.as_whole_model(f"the blocks of {[n for n, _ in stacks]} are not chained: {why}")
             check_whole_model_arguments(plan, sparsity_profile, reconstruct, offload)
             few_tokens.clear()
             notes.clear()
