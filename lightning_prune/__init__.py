@@ -1,5 +1,6 @@
 """lightning_prune: training-time, iterative and one-shot pruning for PyTorch Lightning."""
 
+from lightning_prune.calibration import calibrate_whole_model, unfold_inputs
 from lightning_prune.callbacks import (
     GradualPruning,
     IterativePruning,
@@ -88,6 +89,7 @@ __all__ = [
     "apply_masks_",
     "attach_lora",
     "calibrate_sequentially",
+    "calibrate_whole_model",
     "compact",
     "distill_loss",
     "ensure_gradient_masking",
@@ -123,6 +125,7 @@ __all__ = [
     "sharded_lowest_k",
     "sparsegpt_prune",
     "sparsity_report",
+    "unfold_inputs",
     "update_masks",
     "wanda_mask",
 ]
