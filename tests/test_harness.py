@@ -168,3 +168,18 @@ def test_without_lm_eval_the_error_says_how_to_install_it(
         evaluate_lm_harness(tiny_lm(tokenizer), tokenizer, [TEXT_TASK])
     with pytest.raises(ImportError, match="not installed"):
         check_tasks([TEXT_TASK])
+
+
+@needs_lm_eval
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_scores_match_and_the_model_comes_back_to_the_cpu(
+    tokenizer: PreTrainedTokenizerBase, include_path: Path
+) -> None:
+    model = tiny_lm(tokenizer)
+    evaluation = evaluate_lm_harness(
+        model, tokenizer, [TEXT_TASK], include_path=include_path, device="cuda", bootstrap_iters=0
+    )
+    assert next(model.parameters()).device.type == "cpu"
+    expected = byte_perplexity(model, tokenizer, text_docs())
+    assert evaluation["results"][TEXT_TASK]["byte_perplexity"] == pytest.approx(expected, rel=1e-4)

@@ -129,6 +129,13 @@ def test_bad_settings_are_refused_at_start_up_naming_the_key(
     assert list(tmp_path.iterdir()) == []  # refused before the output directory was touched
 
 
+def test_before_without_a_stage_with_callbacks_is_refused(tmp_path: Path, include_path: Path) -> None:
+    cfg = compose_config("quickstart", tmp_path, "pruning=none", *harness(include_path, "lm_eval.before=true"))
+    with pytest.raises(ConfigError, match=r"`lm_eval.before`=True has no effect: no stage of `stages` has callbacks"):
+        run(cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_tasks_are_required(tmp_path: Path) -> None:
     cfg = compose_config("wanda_2of4", tmp_path, *TINY, "lm_eval=harness")
     with pytest.raises(ConfigError, match=r"required value `lm_eval.tasks` is not set"):

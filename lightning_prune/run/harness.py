@@ -33,6 +33,7 @@ from lightning_prune.evaluate.harness import (
     evaluate_lm_harness,
 )
 from lightning_prune.run.checks import ConfigError
+from lightning_prune.run.stages import Stage
 from lightning_prune.validation import check_bool, check_integer, check_optional_integer
 
 KEY = "lm_eval"
@@ -102,11 +103,16 @@ def harness_settings(cfg: DictConfig) -> HarnessSettings | None:
         raise ConfigError(str(error)) from error
 
 
-def check_harness(settings: HarnessSettings | None) -> None:
-    """At start-up, before data and model are built: lm-eval is installed and knows every task
-    (a `ConfigError` naming `lm_eval.tasks` otherwise)."""
+def check_harness(settings: HarnessSettings | None, stages: list[Stage]) -> None:
+    """At start-up, before data and model are built: `lm_eval.before` has a stage with callbacks to
+    score before, lm-eval is installed and knows every task (a `ConfigError` naming the key otherwise)."""
     if settings is None:
         return
+    if settings.before and not any(stage.callback_keys for stage in stages):
+        raise ConfigError(
+            f"`{KEY}.before`=True has no effect: no stage of `stages` has callbacks (it scores the model right "
+            "before the first stage with callbacks); set it to false, the scores after the last stage are kept"
+        )
     try:
         check_tasks(settings.tasks, settings.include_path, f"{KEY}.tasks")
     except ImportError as error:

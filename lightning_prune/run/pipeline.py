@@ -71,7 +71,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stages = parse_stages(cfg)
     harness = harness_settings(cfg)
     check_resumable(cfg, stages)
-    check_harness(harness)  # lm-eval installed, its tasks known: before data and model are built
+    check_harness(harness, stages)  # lm-eval installed, its tasks known: before data and model are built
     use_model_tokenizer(cfg)
     out = output_dir(cfg)
     make_output_dir(out)
