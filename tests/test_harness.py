@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_prune.data.corpus import pydoc_topics, train_bpe_tokenizer
 from lightning_prune.evaluate import check_tasks, evaluate_lm_harness
+from lightning_prune.evaluate.harness import flat_metrics
 from lightning_prune.masking import finalize, set_mask
 from lightning_prune.models.causal_lm import load_causal_lm
 from tests.conftest import tiny_llama_config
@@ -104,6 +105,7 @@ def test_scores_equal_the_models_own_log_likelihoods(tokenizer: PreTrainedTokeni
         CHOICE_TASK: {"original": CHOICE_DOCS, "effective": CHOICE_DOCS},
         TEXT_TASK: {"original": len(text_docs()), "effective": len(text_docs())},
     }
+    assert evaluation["tasks"] == [CHOICE_TASK, TEXT_TASK]
     assert evaluation["num_fewshot"] == {CHOICE_TASK: 0, TEXT_TASK: 0}
     assert evaluation["higher_is_better"][TEXT_TASK] == {"byte_perplexity": False, "bits_per_byte": False}
     # The model is as it was (weights, training mode), and the tokenizer got no pad token.
@@ -134,11 +136,18 @@ def test_a_pruned_model_is_scored_with_its_masks_and_settings_reach_lm_eval(
     assert choice["acc_stderr"] == pytest.approx(math.sqrt(choice["acc"] * (1 - choice["acc"]) / (2 - 1)))
 
 
+def test_a_table_row_shows_the_requested_tasks_and_groups_without_stderrs() -> None:
+    results = {"group": {"acc": 0.5, "acc_stderr": 0.1}, "sub_a": {"acc": 0.4}, "sub_b": {"acc": 0.6}}
+    assert flat_metrics({"tasks": ["group"], "results": results}) == {"group/acc": 0.5}
+    # A tag has no entry of its own: its tasks are shown.
+    assert flat_metrics({"tasks": ["tag"], "results": {"sub_a": {"acc": 0.4, "acc_stderr": 0.2}}}) == {"sub_a/acc": 0.4}
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
         ({"tasks": []}, "`tasks` must be a non-empty list"),
-        ({"tasks": "pydoc_text"}, "`tasks` must be a non-empty list"),
+        ({"tasks": [""]}, "`tasks` must list task names"),
         ({"tasks": ["a", "a"]}, "names a task twice"),
         ({"limit": 0}, "`limit` must be None, an integer >= 1"),
         ({"limit": 1.5}, "`limit` must be None, an integer >= 1"),

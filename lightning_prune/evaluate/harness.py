@@ -58,8 +58,11 @@ def import_lm_eval() -> ModuleType:
 
 
 def check_task_names(tasks: object, argument: str = "tasks") -> list[str]:
-    """`tasks` as a list of task names when it is a non-empty list of non-empty strings, else a ValueError."""
-    if isinstance(tasks, str) or not isinstance(tasks, Sequence) or len(tasks) == 0:
+    """`tasks` as a list of task names when it is a non-empty list of non-empty strings (or one name),
+    else a ValueError."""
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    if not isinstance(tasks, Sequence) or len(tasks) == 0:
         raise ValueError(f"`{argument}` must be a non-empty list of lm-eval task names, got {tasks!r}")
     bad = [task for task in tasks if not isinstance(task, str) or not task.strip()]
     if bad:
@@ -172,7 +175,7 @@ def task_metrics(entry: dict[str, Any]) -> dict[str, float]:
 def evaluate_lm_harness(
     model: nn.Module,
     tokenizer: Any,
-    tasks: Sequence[str],
+    tasks: str | Sequence[str],
     *,
     limit: int | float | None = None,
     num_fewshot: int | None = None,
@@ -189,7 +192,8 @@ def evaluate_lm_harness(
     there and back; None: where it is). The model's weights, training mode and device, the tokenizer
     (lm-eval sets a pad token) and the caller's random state are left as they were.
 
-    Returns `{"results": {task: {metric: value}}, "samples": {task: {"original", "effective"}},
+    Returns `{"tasks": the names asked for, "results": {task or group: {metric: value}} (every subtask of
+    a group too), "samples": {task: {"original", "effective"}},
     "num_fewshot": {task: k}, "higher_is_better": {task: {metric: bool}}, "limit", "lm_eval_version"}`,
     metrics named as lm-eval names them ("acc", "acc_stderr", "word_perplexity", "exact_match,strict-match").
     """
@@ -235,6 +239,7 @@ def evaluate_lm_harness(
     if output is None:  # lm-eval returns results on rank 0 only; HFLM around a model object is rank 0
         raise RuntimeError("lm-eval returned no results (not rank 0)")
     return {
+        "tasks": names,
         "results": {task: task_metrics(entry) for task, entry in output["results"].items()},
         "samples": {task: dict(counts) for task, counts in output.get("n-samples", {}).items()},
         "num_fewshot": dict(output.get("n-shot", {})),
@@ -245,10 +250,13 @@ def evaluate_lm_harness(
 
 
 def flat_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
-    """`{"<task>/<metric>": value}` of an `evaluate_lm_harness` result, stderrs left out (a row of a table)."""
+    """`{"<task>/<metric>": value}` of an `evaluate_lm_harness` result for a table row: the requested
+    tasks and groups (every task when none of them has an entry of its own, as a tag), no stderrs."""
+    results = evaluation["results"]
+    shown = [name for name in evaluation.get("tasks", []) if name in results] or list(results)
     return {
         f"{task}/{metric}": value
-        for task, metrics in evaluation["results"].items()
-        for metric, value in metrics.items()
+        for task in shown
+        for metric, value in results[task].items()
         if "_stderr" not in metric
     }
