@@ -169,3 +169,18 @@ def test_an_unknown_task_stops_the_run_at_start_up(tmp_path: Path, include_path:
     with pytest.raises(ConfigError, match=r"`lm_eval.tasks` names \['nope'\], not found among lm-eval's tasks or"):
         run(cfg)
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_lm_eval
+@pytest.mark.slow  # a one-shot run: about 5 s
+def test_a_task_that_fails_while_scoring_is_recorded_with_its_phase(tmp_path: Path) -> None:
+    tasks = write_tasks(tmp_path / "lm_eval")
+    (tmp_path / "lm_eval" / "data" / "text.jsonl").unlink()  # indexed at start-up, unreadable when scored
+    out = tmp_path / "run"
+    cfg = compose_config("wanda_2of4", out, *TINY, "dense_epochs=0", *harness(tasks, f"lm_eval.tasks=[{TEXT_TASK}]"))
+    with pytest.raises(Exception, match=r"text\.jsonl"):
+        run(cfg)
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "failed" and results["failed_phase"] == "lm_eval_after"
+    assert [entry["status"] for entry in results["stages"]] == ["skipped", "completed"]
+    assert (out / results["stages"][1]["checkpoint"]).is_file()  # the pruned model's stage checkpoint is kept
