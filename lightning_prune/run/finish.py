@@ -17,6 +17,7 @@ from torch import nn
 from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.masking import finalize as finalize_masks
 from lightning_prune.report import SparsityReport, sparsity_report
+from lightning_prune.run.harness import score
 from lightning_prune.run.outputs import (
     History,
     plot_layer_sparsity,
@@ -41,14 +42,18 @@ def finish(
     built: list[list[Callback]],
     trainers: list[pl.Trainer],
 ) -> None:
-    """`after` (the last stage's metrics, or a validation), then the report, plots, model and results."""
+    """`after` (the last stage's metrics, or a validation) and the lm-eval scores, then the report, plots,
+    model and results."""
     (module, data, history), results = parts.built(), record.results
     parts.callbacks = []
     ran = [entry for entry in results["stages"] if entry["status"] == "completed"]
-    if cfg.evaluate_after and ran:
+    last = trainers[[stage.name for stage in stages].index(ran[-1]["name"])] if ran else None
+    if cfg.evaluate_after and last is not None:
         record.phase = "evaluate_after"
-        last = trainers[[stage.name for stage in stages].index(ran[-1]["name"])]
         results["after"] = ran[-1]["metrics"] if "metrics" in ran[-1] else evaluate(last, module, data)
+    if parts.harness is not None and last is not None:
+        record.phase = "lm_eval_after"
+        results.setdefault("lm_eval", {})["after"] = score(parts.harness, module, data, last)
     record.phase = "outputs"
     write_stages(results, history.metric, out, plots=cfg.plots)
     results.update(write_outputs(cfg, out, module, data, history, parts.ordered))
