@@ -45,8 +45,11 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     [
         (["resume=true", "seed=1"], ConfigError, r"`resume`=True: `data.seed`=1 differs from the interrupted run.s 0"),
         (["pruning.targets=[nomatch]"], ValueError, "nomatch"),
+        # A pruning callback configured differently from the checkpoint's (or none at all) is refused.
+        (["resume=true", "pruning.sparsity=0.5"], ConfigError, r"`pruning.sparsity`=0.5 differs from .*s 0.9 \("),
+        (["resume=true", "pruning=none"], ConfigError, r"`resume`=True: `pruning(\.\w+)?`=.* differs from"),
     ],
-    ids=["resume-refused", "preflight-refused"],
+    ids=["resume-refused", "preflight-refused", "resume-other-pruning", "resume-no-pruning"],
 )
 def test_a_run_refused_before_it_starts_leaves_the_earlier_run_byte_identical(
     finished: tuple[Path, dict[str, bytes]], overrides: list[str], error: type[Exception], match: str

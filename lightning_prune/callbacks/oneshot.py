@@ -12,7 +12,7 @@ from torch.utils.data import DistributedSampler
 
 from lightning_prune.calibration.driver import call_model
 from lightning_prune.calibration.samples import check_num_samples, take_samples
-from lightning_prune.callbacks.base import PruneOnFitStart
+from lightning_prune.callbacks.once import PruneOnFitStart
 from lightning_prune.oneshot.api import (
     check_oneshot_arguments,
     needs_calibration,

@@ -93,10 +93,13 @@ class ScheduledPruning(MaskingCallback):
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """`MaskingCallback.attach`, then the structured groups (with `structure`)."""
+        inherited = self._inherited is not None
         super().attach(trainer, pl_module)
         self._gradients_checked = False
         if self.structured is not None:
             self.structured.attach(pl_module)
+            if inherited:  # another configuration's masks kept (`keep_inherited`): the units they removed
+                self.current_sparsity = self.structured.removed_fraction()
 
     def check_every_target_has_gradients(self) -> None:
         """After the first batch that stepped: a target the loss does not reach cannot be scored by

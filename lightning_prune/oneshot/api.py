@@ -29,7 +29,14 @@ from lightning_prune.recovery.reconstruct import check_reconstruct_arguments, re
 from lightning_prune.registry import MASK_REFINERS, ONESHOT_METHODS
 from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.selection import check_pattern_fits, check_pattern_sparsity
-from lightning_prune.validation import check_bool, check_choice, check_integer, check_number, check_sparsity
+from lightning_prune.validation import (
+    check_bool,
+    check_choice,
+    check_integer,
+    check_materialized,
+    check_number,
+    check_sparsity,
+)
 
 PROFILES = ("uniform", "owl")
 RECONSTRUCT_TARGETS = ("block", "model")
@@ -170,6 +177,7 @@ def prune_oneshot(
     check_integer(min_expert_tokens, "min_expert_tokens", low=1)
     check_number(owl_threshold, "owl_threshold", low=0.0, low_open=True)
     check_number(owl_lambda, "owl_lambda", low=0.0)
+    check_materialized(model)
     solver = resolve_method(method, method_options)
     refiner = resolve_refiner(refine, refine_options)
     plan = plan_oneshot(model, blocks, targets, ignore)

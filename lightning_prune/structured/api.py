@@ -29,7 +29,7 @@ from lightning_prune.structured.scores import BlockInfluence, StructuredScore
 from lightning_prune.structured.select import mask_block, prune_group, units_to_remove
 from lightning_prune.structured.transformer import find_block_groups, model_config
 from lightning_prune.targets import PruneTarget
-from lightning_prune.validation import check_integer, check_sparsity
+from lightning_prune.validation import check_integer, check_materialized, check_sparsity
 
 
 def resolve_score(
@@ -112,6 +112,7 @@ def prune_structured(
     mlp_sparsity = check_sparsity(mlp_sparsity, "mlp_sparsity")
     head_sparsity = check_sparsity(head_sparsity, "head_sparsity")
     check_integer(drop_layers, "drop_layers", low=0)
+    check_materialized(model)
     _, block_list = find_block_stack(model, blocks)
     check_droppable(model, drop_layers, len(block_list))
     check_automatic_options(method, method_options)
