@@ -137,10 +137,15 @@ def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
         factory = instantiate(node, _partial_=True, _convert_="all")
         return factory(**kwargs)
     except InstantiationException as error:
-        cause = error.__cause__ or error
-        raise ConfigError(f"{_offending(node, key, str(cause))}: {cause}") from error
+        raise config_error(node, key, error.__cause__ or error) from error
     except ValueError as error:
-        raise ConfigError(f"{_offending(node, key, str(error))}: {error}") from error
+        raise config_error(node, key, error) from error
+
+
+def config_error(node: DictConfig, key: str, error: BaseException) -> ConfigError:
+    """`error` (raised by the object built from `node`) as a ConfigError that names its config key:
+    `key.argument=value` when the message names one of the node's arguments in backticks, else `key`."""
+    return ConfigError(f"{_offending(node, key, str(error))}: {error}")
 
 
 def _offending(node: DictConfig, key: str, message: str) -> str:

@@ -131,7 +131,8 @@ def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecor
         )
         for stage, callbacks, state, snapshot in zip(stages, built, states, snapshots)
     ]
-    preflight(built, module, trainers)
+    nodes = [[(key, OmegaConf.select(cfg, key)) for key in stage.callback_keys] for stage in stages]
+    preflight(built, module, trainers, nodes)
     preflight_harness(parts.harness, module, data)
     dense = DenseTeacher(built)
     source = dense.source_stage(stages)
