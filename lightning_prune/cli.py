@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from lightning_prune.run import run
+from lightning_prune.run.finish import run_summary
 from lightning_prune.run.overrides import unknown_key_hints
 from lightning_prune.run.sweep import SweepLog
 
@@ -49,6 +50,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
             raise
         print(f"lightning-prune: error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
+    print(run_summary(results))
     return final_metric(results)
 
 
@@ -73,6 +75,7 @@ def sweep_job(cfg: DictConfig) -> float | None:
         print(f"lightning-prune: job #{job.number} failed: {error}", file=sys.stderr)
         SWEEP.finish(job, error=error)
         return None
+    print(run_summary(results))
     value = final_metric(results)
     SWEEP.finish(job, metric=results["metric"], value=value)
     return value

@@ -4,7 +4,7 @@ or, after a failure, the partial outputs of what was built."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,32 @@ def finish(
         results["warnings"].append(sparsity_warning)
     results["status"] = "completed"
     write_results(results, out / "results.json")
+
+
+def run_summary(results: Mapping[str, Any]) -> str:
+    """What the console says at the end of a run: where it was written, each metric before → after
+    (the run's metric first; "-" where it was not evaluated), the sparsity reached and its target,
+    the model's path, the stage a resumed run continued after, and how many warnings were recorded."""
+    before, after = results.get("before") or {}, results.get("after") or {}
+    metric = results.get("metric")
+    names = [name for name in [metric, *sorted({*before, *after} - {metric})] if name in before or name in after]
+    lines = [f"lightning-prune: run written to {results['output_dir']} (results.json, sparsity_report.md)"]
+    lines += [f"  {name}: {_number(before.get(name))} → {_number(after.get(name))}" for name in names]
+    if "global_sparsity" in results:
+        target = results.get("target_sparsity")
+        aimed = "" if target is None else f" (target {target:.2%})"
+        lines.append(f"  sparsity: {results['global_sparsity']:.2%}{aimed}")
+    if results.get("model_path"):
+        lines.append(f"  model: {results['model_path']}")
+    if results.get("resumed_after"):
+        lines.append(f"  resumed after stage {results['resumed_after']!r}")
+    if results.get("warnings"):
+        lines.append(f"  {len(results['warnings'])} warning(s): see `warnings` in results.json")
+    return "\n".join(lines)
+
+
+def _number(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.4f}"
 
 
 def final_target(stages: list[Stage], built: list[list[Callback]]) -> tuple[float | None, str]:
