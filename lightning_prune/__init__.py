@@ -4,6 +4,7 @@ from lightning_prune.calibration import calibrate_whole_model, unfold_inputs
 from lightning_prune.callbacks import (
     GradualPruning,
     IterativePruning,
+    KeepMasks,
     KnowledgeDistillation,
     LoRARecovery,
     OneShotPruning,
@@ -74,6 +75,7 @@ __all__ = [
     "GradualPruning",
     "HessianStats",
     "IterativePruning",
+    "KeepMasks",
     "KnowledgeDistillation",
     "LoRARecovery",
     "MaskRefiner",

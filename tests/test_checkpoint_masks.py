@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
-from lightning_prune import GradualPruning, IterativePruning, OneShotPruning
-from lightning_prune.callbacks.base import MaskingCallback
+from lightning_prune import GradualPruning, IterativePruning, KeepMasks, OneShotPruning
 from lightning_prune.report import max_nonzeros_per_group
 from tests.conftest import TinyRegressor, make_trainer
 
@@ -31,12 +31,12 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     return path, zeros, pruning.current_sparsity
 
 
-def resume(path: Path, callback: MaskingCallback, max_epochs: int = 6) -> tuple[TinyRegressor, list[str]]:
+def resume(path: Path, callback: Callback | None, max_epochs: int = 6) -> tuple[TinyRegressor, list[str]]:
     """Fit a fresh module from `path` with `callback` (more steps than the checkpoint's); the warnings' texts."""
     module = TinyRegressor()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        make_trainer(max_epochs=max_epochs, callbacks=[callback]).fit(module, ckpt_path=str(path))
+        make_trainer(max_epochs=max_epochs, callbacks=[callback] if callback else []).fit(module, ckpt_path=str(path))
     return module, [str(w.message) for w in caught]
 
 
@@ -135,3 +135,29 @@ def test_the_same_configuration_restores_silently(checkpoint) -> None:
     assert_zeros_kept(module, zeros)
     assert callback.warnings_recorded == [] and not any("another pruning configuration" in m for m in messages)
     assert callback.current_sparsity == pytest.approx(before)
+
+
+def test_without_a_pruning_callback_lightning_revives_the_zeros_and_keep_masks_keeps_them(checkpoint, tmp_path) -> None:
+    path, zeros, before = checkpoint
+    revived, _ = resume(path, None)  # nothing of ours runs: Lightning trains every weight
+    assert sparsity(revived) < 0.1
+    keep = KeepMasks()
+    module, messages = resume(path, keep)
+    assert_zeros_kept(module, zeros)
+    assert sparsity(module) == pytest.approx(before)
+    assert not any("KeepMasks found no masks" in m for m in messages)
+    # Its own checkpoint keeps them too, and a pruning callback resuming that checkpoint without KeepMasks as well.
+    trainer = make_trainer(max_epochs=6, callbacks=[KeepMasks()])
+    trainer.fit(TinyRegressor(), ckpt_path=str(path))
+    trainer.save_checkpoint(tmp_path / "kept.ckpt")
+    again, _ = resume(tmp_path / "kept.ckpt", KeepMasks(), max_epochs=8)
+    assert_zeros_kept(again, zeros)
+    gradual = GradualPruning(0.5, end_step=40, frequency=2)
+    pruned, _ = resume(tmp_path / "kept.ckpt", gradual, max_epochs=8)
+    assert_zeros_kept(pruned, zeros)
+    assert gradual.warnings_recorded[0]["checkpoint"] == ["KeepMasks"]
+
+
+def test_keep_masks_on_an_unpruned_model_warns() -> None:
+    with pytest.warns(UserWarning, match="KeepMasks found no masks on the model nor in the checkpoint"):
+        make_trainer(max_epochs=1, callbacks=[KeepMasks()]).fit(TinyRegressor())
