@@ -105,6 +105,7 @@ def test_other_targets_keep_and_save_the_masks_they_do_not_prune(checkpoint, tmp
     third, _ = resume(tmp_path / "second.ckpt", again, max_epochs=8)
     assert_zeros_kept(third, zeros)
     assert again.warnings_recorded == []  # its own state this time
+    assert set(again.state_dict()["masks"]) == set(LAYERS)  # and it still carries net.0's mask on
 
 
 def test_iterative_pruning_keeps_a_gradual_checkpoints_zeros(checkpoint) -> None:

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lightning_prune.callbacks.inherited import InheritedMasks, unclaimed_masks
+from lightning_prune.callbacks.inherited import InheritedMasks, pruned_fractions, unclaimed_masks
 from lightning_prune.callbacks.sharding import Blocks, ShardedMaskState
 from lightning_prune.callbacks.strategy import check_materialized_before_setup, check_strategy
 from lightning_prune.masking import (
@@ -142,20 +142,13 @@ class MaskingCallback(Callback):
     def keep_inherited(self, pl_module: nn.Module, found: InheritedMasks) -> None:
         """AND the inherited masks into the model's (`tighten_masks`), measure, and say so (recorded)."""
         tighten_masks(pl_module, found.masks)
-        names = {t.name for t in self._targets}
-        self._carried = sorted(name for name in found.masks if name not in names)
+        self.carry(found.masks)
         masks = self.masks()
         if masks and not self._sharded:
-            self.layer_sparsity = {name: float((~mask).float().mean()) for name, mask in masks.items()}
-            pruned = sum(int((~mask).sum()) for mask in masks.values())
-            self.current_sparsity = pruned / sum(mask.numel() for mask in masks.values())
+            self.layer_sparsity, self.current_sparsity = pruned_fractions(masks)
         self.record_warning(
             "checkpoint_masks_kept",
-            f"{self.state_key} resumes a checkpoint whose masks come from another pruning configuration: "
-            f"{'; '.join(found.sources)}. Its pruned entries are kept (monotone: the stricter of the two wins, the "
-            f"union of the pruned entries; {found.pruned_fraction():.2%} of the masked weights are pruned in the "
-            f"checkpoint, {self.current_sparsity:.2%} of this callback's targets now), and this callback prunes "
-            "further on its own schedule; resume with the checkpoint's configuration to continue it exactly",
+            found.kept_message(self.state_key, self.current_sparsity),
             checkpoint=list(found.sources),
             configuration=self.state_key,
             sparsity=self.current_sparsity,
@@ -185,11 +178,16 @@ class MaskingCallback(Callback):
             self._sharding = ShardedMaskState(pl_module, self._targets, type(self).__name__, self.sharded_blocks)
         if self._restored_masks:
             load_masks(pl_module, self._restored_masks)
+            self.carry(self._restored_masks)
             self._restored_masks = {}
         if self._inherited is not None:
             self.keep_inherited(pl_module, self._inherited)
             self._inherited = None
         self.hook_optimizers(trainer)
+
+    def carry(self, masks: dict[str, torch.Tensor]) -> None:
+        """Save the masks of `masks` outside the targets with this callback's state too (kept from a checkpoint)."""
+        self._carried = sorted({*self._carried, *masks} - {t.name for t in self._targets})
 
     def hook_optimizers(self, trainer: pl.Trainer) -> None:
         """Keep masks applied after every step of the Trainer's current optimizers (once each).
@@ -284,6 +282,7 @@ class MaskingCallback(Callback):
                 self.restore_blocks(kind, blocks)
         if self._pl_module is not None and self._targets and self._restored_masks:  # restored after `on_fit_start`
             load_masks(self._pl_module, self._restored_masks)
+            self.carry(self._restored_masks)
             self._restored_masks = {}
         self.current_sparsity = float(state_dict.get("current_sparsity", 0.0))
         self.reached_sparsity = float(state_dict.get("reached_sparsity", self.current_sparsity))

@@ -35,15 +35,28 @@ class InheritedMasks:
     global_step: int = 0
     has_own_state: bool = False
 
-    def pruned_fraction(self) -> float:
-        """Fraction of the masked entries that are pruned."""
-        total = sum(mask.numel() for mask in self.masks.values())
-        return sum(int((~mask).sum()) for mask in self.masks.values()) / max(total, 1)
+    def kept_message(self, configuration: str, sparsity: float) -> str:
+        """The warning of a callback (`configuration`, its state key) that kept these masks, its targets now
+        at `sparsity`."""
+        return (
+            f"{configuration} resumes a checkpoint whose masks come from another pruning configuration: "
+            f"{'; '.join(self.sources)}. Its pruned entries are kept (monotone: the stricter of the two wins, the "
+            f"union of the pruned entries; {pruned_fractions(self.masks)[1]:.2%} of the masked weights are pruned "
+            f"in the checkpoint, {sparsity:.2%} of this callback's targets now), and this callback prunes further "
+            "on its own schedule; resume with the checkpoint's configuration to continue it exactly"
+        )
 
     def clock(self, key: str) -> int | None:
         """The furthest value of a schedule counter (`step`, `cycles_done`) in the states, None if none has it."""
         values = [int(state[key]) for state in self.states if key in state]
         return max(values) if values else None
+
+
+def pruned_fractions(masks: Mapping[str, torch.Tensor]) -> tuple[dict[str, float], float]:
+    """The pruned fraction of each keep-mask, and of all of them together."""
+    pruned = {name: int((~mask).sum()) for name, mask in masks.items()}
+    total = sum(mask.numel() for mask in masks.values())
+    return {name: pruned[name] / masks[name].numel() for name in masks}, sum(pruned.values()) / max(total, 1)
 
 
 def is_mask_state(state: object) -> bool:
