@@ -167,7 +167,8 @@ def test_extra_callbacks_and_dense_baseline_from_yaml_only(tmp_path: Path) -> No
             "+callbacks.bad._target_=torch.nn.ReLU",
             r"`callbacks.bad._target_`='torch.nn.ReLU' is not a Lightning Callback",
         ),
-        ("+pruning.bogus=1", r"`pruning.bogus` is not an argument of lightning_prune.GradualPruning"),
+        ("+pruning.bogus=1", r"`pruning.bogus` is not an argument of lightning_prune.GradualPruning \(its arguments: "),
+        ("+pruning.frequncy=1", r"GradualPruning \(its arguments: sparsity, .*\); did you mean `pruning.frequency`\?$"),
     ],
 )
 def test_bad_configuration_names_key_and_value(tmp_path: Path, override: str, match: str) -> None:

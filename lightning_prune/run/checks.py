@@ -4,6 +4,7 @@ and instantiation errors turned into one message that names the key and the valu
 from __future__ import annotations
 
 import collections.abc
+import difflib
 import inspect
 import re
 import types
@@ -118,7 +119,12 @@ def _check_target(node: DictConfig, key: str, target: str) -> None:
         if name.startswith("_"):
             continue
         if name not in inspect.signature(function).parameters and not accepts_any:
-            raise ConfigError(f"`{key}.{name}` is not an argument of {target}")
+            valid = [n for n in inspect.signature(function).parameters if n != "self"]
+            nearest = difflib.get_close_matches(name, valid, n=1)
+            hint = f"; did you mean `{key}.{nearest[0]}`?" if nearest else ""
+            raise ConfigError(
+                f"`{key}.{name}` is not an argument of {target} (its arguments: {', '.join(valid)}){hint}"
+            )
         hint = hints.get(name, Any)
         if not _matches(value, hint):
             shown = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
