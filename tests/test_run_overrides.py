@@ -29,8 +29,7 @@ GMP_KEYS = (
         (
             ["dense_epoch=1"],
             "Key 'dense_epoch' is not in struct",
-            "`dense_epoch` is not a top-level key; valid keys: model, data, trainer, pruning, lora, export, seed, "
-            "dense_epochs, evaluate_before,",
+            "`dense_epoch` is not a top-level key; valid keys: model, data, trainer, pruning, lora, export,",
         ),
         (["dense_epoch=1"], "Could not override 'dense_epoch'", "; did you mean `dense_epochs`?"),
         (
