@@ -21,8 +21,10 @@ from lightning_prune.lora import (
     check_lora_arguments,
     lora_target_names,
     merge_lora,
+    pruned_module_names,
     unwrapped_state_dict,
 )
+from lightning_prune.lora.conv import check_lora_convolutions
 from lightning_prune.lora.experts import expert_parameter_names
 from lightning_prune.lora.sharded import check_before_sharding, merge_lora_sharded
 from lightning_prune.targets import find_targets
@@ -113,14 +115,20 @@ class LoRARecovery(Callback):
         self.attach(trainer, pl_module)
 
     def preflight(self, pl_module: nn.Module) -> None:
-        """Raise before training when `target_modules` or `target_parameters` match nothing (None is
-        resolved at fit start: what is pruned by then)."""
+        """Raise before training when `target_modules` or `target_parameters` match nothing, or the adapted
+        layers include a convolution LoRA cannot adapt (`lora.conv`). None is resolved at fit start (what is
+        pruned by then); it is checked here too when the model is already pruned."""
+        network = wrapped_network(pl_module)
         if self.target_modules is not None:
-            find_targets(
-                wrapped_network(pl_module), include=self.target_modules, ignore_output_head=False, experts=False
-            )
+            find_targets(network, include=self.target_modules, ignore_output_head=False, experts=False)
         if self.target_parameters is not None:
-            expert_parameter_names(wrapped_network(pl_module), self.target_parameters)
+            expert_parameter_names(network, self.target_parameters)
+        names = (
+            pruned_module_names(network)
+            if self.target_modules is None
+            else lora_target_names(network, self.target_modules, None)[0]
+        )
+        check_lora_convolutions(network, names, self.masked_delta)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.merge and self.peft_model is not None:
