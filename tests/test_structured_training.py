@@ -11,6 +11,7 @@ from lightning_prune import GradualPruning, IterativePruning
 from lightning_prune.data import DigitsDataModule
 from lightning_prune.masking import get_masks
 from lightning_prune.models import ClassifierModule
+from lightning_prune.structured import training
 from tests.conftest import TinyCausalLM, TinyRegressor, make_trainer, tiny_llama
 
 
@@ -22,8 +23,50 @@ def test_gradual_neurons_compacted_at_fit_end() -> None:
     assert [(m.in_features, m.out_features) for m in linears] == [(8, 16), (16, 16), (16, 2)]
     assert pruning.current_sparsity == 0.5
     assert pruning.compaction["parameters_after"] == 8 * 16 + 16 + 16 * 16 + 16 + 16 * 2 + 2
-    assert pruning.compaction["forward_seconds_after"] > 0
+    assert pruning.compaction["forward_seconds_after"] > 0 and pruning.compaction["timing_rounds"] == 7
     assert not get_masks(module)
+    structured = pruning.results()["structured"]  # what the run writes into results.json
+    assert structured["units"] == {"neurons": {"removed": 32, "total": 64}}
+    assert structured["removed"] == {"net.0": 16, "net.2": 16}
+    assert structured["layer_parameters"] == {
+        "net.0": [8 * 32 + 32, 8 * 16 + 16],
+        "net.2": [32 * 32 + 32, 16 * 16 + 16],
+        "net.4": [32 * 2 + 2, 16 * 2 + 2],
+    }
+    assert structured["parameters_before"] == 1410 and structured["parameters_after"] == 450
+    assert structured["parameter_ratio"] == 450 / 1410
+
+
+def test_unstructured_pruning_records_no_structured_results() -> None:
+    pruning = GradualPruning(0.5, start_step=0, end_step=2, frequency=1)
+    make_trainer(max_epochs=1, callbacks=[pruning]).fit(TinyRegressor())
+    assert pruning.results() == {} and pruning.report is None
+
+
+class Clock:
+    """A fake `time.perf_counter` that a model's forward advances by the model's `cost`."""
+
+    def __init__(self) -> None:
+        self.now, self.calls = 0.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self, model: nn.Module) -> None:
+        self.calls.append(model.name)
+        self.now += model.costs.pop(0)
+
+
+def test_timings_are_medians_of_interleaved_rounds(monkeypatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(training.time, "perf_counter", clock)
+    dense, small = nn.Linear(2, 2), nn.Linear(2, 1)
+    dense.name, dense.costs = "dense", [100.0, 5.0, 9.0, 4.0]  # warm-up, then rounds 1-3
+    small.name, small.costs = "small", [100.0, 1.0, 3.0, 2.0]
+    small.eval()
+    assert training.interleaved_seconds([dense, small], clock.run, rounds=3) == [5.0, 2.0]
+    assert clock.calls == ["dense", "small", "dense", "small", "small", "dense", "dense", "small"]
+    assert dense.training and not small.training  # modes restored
 
 
 def test_gradual_heads_with_taylor_keep_the_model_running() -> None:

@@ -3,11 +3,14 @@
 The callbacks decide when; `StructuredSelection` scores the model's coupled groups with a
 registered structured score (the callback's `criterion` name: "magnitude" or "taylor"), masks the
 lowest units of every group set (monotone: removed units stay removed), and with `compact_on_end`
-turns the masked model into the smaller one, measuring parameters and forward time around it.
+turns the masked model into the smaller one, measuring parameters and forward time (interleaved medians of
+the model before and after compaction) around it.
 """
 
 from __future__ import annotations
 
+import copy
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +25,7 @@ from lightning_prune.structured.api import select_groups
 from lightning_prune.structured.compact import compact, outermost_hf_models
 from lightning_prune.structured.find import find_groups
 from lightning_prune.structured.groups import KINDS, GroupSet, removed_units
+from lightning_prune.structured.report import StructuredReport, structured_report
 from lightning_prune.structured.scores import StructuredScore
 from lightning_prune.structured.select import prune_group
 from lightning_prune.validation import check_bool
@@ -79,38 +83,56 @@ class StructuredSelection:
         self.score.reset()
         return sum(int(r.sum()) for r in removed) / sum(g.count for g in self.groups)
 
+    def report(self, model: nn.Module) -> StructuredReport:
+        """Units removed per group set and parameters before/after compaction, from the current masks."""
+        return structured_report(model, self.groups, [], self.score.name, [])
+
     def removed_fraction(self) -> float:
         """Fraction of all units currently removed (from the weights' exact zeros)."""
         return sum(int(removed_units(g).sum()) for g in self.groups) / max(1, sum(g.count for g in self.groups))
 
 
-def forward_seconds(model: nn.Module, run: Callable[[nn.Module], Any], repeats: int = 5) -> float:
-    """Median wall time of `run(model)` under `no_grad` in eval mode (one warm-up call first)."""
-    was_training = model.training
-    model.eval()
-    times = []
-    with torch.no_grad():
-        run(model)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run(model)
-            times.append(time.perf_counter() - start)
-    model.train(was_training)
-    return sorted(times)[len(times) // 2]
+def interleaved_seconds(models: Sequence[nn.Module], run: Callable[[nn.Module], Any], rounds: int = 7) -> list[float]:
+    """Median wall time of `run(model)` for each of `models` (eval mode, `no_grad`): one warm-up call each,
+    then `rounds` rounds that call every model once, in alternating order, so load on the machine and
+    clock changes fall on all of them alike (timing one model's repeats, then the other's, does not)."""
+    modes = [model.training for model in models]
+    times: list[list[float]] = [[] for _ in models]
+    try:
+        with torch.no_grad():
+            for model in models:
+                model.eval()
+                run(model)
+            for index in range(rounds):
+                order = range(len(models)) if index % 2 == 0 else reversed(range(len(models)))
+                for position in order:
+                    start = time.perf_counter()
+                    run(models[position])
+                    times[position].append(time.perf_counter() - start)
+    finally:
+        for model, mode in zip(models, modes, strict=True):
+            model.train(mode)
+    return [statistics.median(values) for values in times]
 
 
 def compact_and_measure(
-    model: nn.Module, run: Callable[[nn.Module], Any] | None, repeats: int = 5
+    model: nn.Module, run: Callable[[nn.Module], Any] | None, rounds: int = 7
 ) -> tuple[nn.Module, dict[str, float]]:
-    """`compact(model)` with parameters (and forward time of `run`, when given) before and after."""
+    """`compact(model)` with parameters before and after and, when `run` is given, the forward times of the
+    model before and after compaction: medians of `rounds` interleaved rounds (`interleaved_seconds`) on a
+    copy of the model as it was (held only while timing)."""
     record: dict[str, float] = {"parameters_before": float(sum(p.numel() for p in model.parameters()))}
-    if run is not None:
-        record["forward_seconds_before"] = forward_seconds(model, run, repeats)
+    before = copy.deepcopy(model) if run is not None else None  # a LightningModule copies without its Trainer
     small = compact(model)
     record["parameters_after"] = float(sum(p.numel() for p in small.parameters()))
-    if run is not None:
-        record["forward_seconds_after"] = forward_seconds(small, run, repeats)
-        record["speedup"] = record["forward_seconds_before"] / record["forward_seconds_after"]
+    if before is not None and run is not None:
+        seconds_before, seconds_after = interleaved_seconds([before, small], run, rounds)
+        record.update(
+            forward_seconds_before=seconds_before,
+            forward_seconds_after=seconds_after,
+            speedup=seconds_before / seconds_after,
+            timing_rounds=float(rounds),
+        )
     return small, record
 
 
