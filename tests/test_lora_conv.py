@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections import OrderedDict
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -17,7 +19,9 @@ from lightning_prune.lora import adapter_parameters, attach_lora, lora_layers, m
 from lightning_prune.mask_updates import update_masks
 from lightning_prune.masking import get_masks
 from lightning_prune.models import ClassifierModule
+from lightning_prune.run import run
 from lightning_prune.targets import find_targets
+from tests.conftest import compose_config
 
 QUIET = {
     "logger": False,
@@ -151,3 +155,36 @@ def test_dilated_convolution_without_masked_delta_is_refused():
     with pytest.raises(ValueError, match=r"conv2 \(dilation=\(2, 2\) with masked_delta=False\)"):
         LoRARecovery(masked_delta=False).preflight(model)
     LoRARecovery(masked_delta=True).preflight(model)
+
+
+def test_lora_in_the_stage_of_a_pruning_during_training_is_refused_before_the_dense_stage(tmp_path: Path) -> None:
+    # filters_cnn prunes at epoch ends; its LoRA would attach at fit start, to nothing pruned yet.
+    cfg = compose_config("filters_cnn", tmp_path, "lora=lora", "dense_epochs=1", "trainer.limit_train_batches=2")
+    with pytest.raises(ValueError, match=r"none will be: the model holds no pruned weight and IterativePruning prunes"):
+        run(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["failed_phase"] == "preflight" and results["stages"] == []
+
+
+@pytest.mark.slow
+def test_lora_stage_after_gmp_on_the_digits_cnn_keeps_the_zeros(tmp_path: Path) -> None:
+    stages = "[{name: gmp, use: [pruning]}, {name: recover, use: [lora], trainer: {max_epochs: 1}}]"
+    tiny = ["trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "plots=false", "pruning.frequency=1"]
+    cfg = compose_config(
+        "quickstart",
+        tmp_path,
+        "model=digits_cnn",
+        "lora=lora",
+        "pruning.sparsity=0.5",
+        "dense_epochs=0",
+        "trainer.max_epochs=1",
+        f"stages={stages}",
+        *tiny,
+    )
+    results = run(cfg)
+    assert [(e["name"], e["callbacks"]) for e in results["stages"]] == [
+        ("gmp", ["GradualPruning"]),
+        ("recover", ["LoRARecovery"]),
+    ]
+    assert results["layer_sparsity"]["model.conv1.weight"] == results["layer_sparsity"]["model.conv2.weight"] == 0.5
+    assert results["global_sparsity"] == pytest.approx(0.5)
