@@ -55,11 +55,19 @@ def test_flap_biases_are_added_before_the_optimizer_is_built_and_train(checkpoin
     assert bool((gate_bias[keep] != 0).all()) and bool((gate_bias[~keep] == 0).all())  # trained; removed stay 0
     # Per layer: q, k, v, o (32 each), gate, up (64 each), down (32); q, k, v, gate and up only because
     # `attention_bias` / `mlp_bias` cover every projection of the block.
-    assert pruning.report is not None and pruning.report.notes[0] == (
-        "`method`='flap' added 14 bias parameters (576 elements); 10 of them (448 elements, e.g. "
+    report = pruning.report
+    assert report is not None and sum(report.added_parameters.values()) == 2 * (4 * 32 + 64 + 64 + 32)
+    assert set(report.added_for_config) == {
+        f"model.model.layers.{i}.{name}.bias"
+        for i in (0, 1)
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+    }
+    assert report.added_line() == (
+        "flap added 14 bias parameters (576 elements); 10 of them (448 elements, e.g. "
         "model.model.layers.0.self_attn.q_proj.bias) only because the config flag that states a bias covers "
-        "every projection of the block; they start at zero"
+        "every projection of the block (they start at zero)"
     )
+    assert report.as_dict()["added_for_config"] == report.added_for_config
 
 
 def test_flap_checkpoint_resumes_into_a_fresh_module(checkpointed) -> None:

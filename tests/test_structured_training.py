@@ -11,7 +11,10 @@ from lightning_prune import GradualPruning, IterativePruning
 from lightning_prune.data import DigitsDataModule
 from lightning_prune.masking import get_masks
 from lightning_prune.models import ClassifierModule
-from lightning_prune.structured import training
+from lightning_prune.structured import timing
+from lightning_prune.structured.find import find_groups
+from lightning_prune.structured.scores import GroupMagnitude
+from lightning_prune.structured.select import prune_group
 from tests.conftest import TinyCausalLM, TinyRegressor, make_trainer, tiny_llama
 
 
@@ -44,7 +47,7 @@ def test_unstructured_pruning_records_no_structured_results() -> None:
 
 
 class Clock:
-    """A fake `time.perf_counter` that a model's forward advances by the model's `cost`."""
+    """A fake `time.perf_counter` that each timed call advances by its next cost."""
 
     def __init__(self) -> None:
         self.now, self.calls = 0.0, []
@@ -52,21 +55,36 @@ class Clock:
     def __call__(self) -> float:
         return self.now
 
-    def run(self, model: nn.Module) -> None:
-        self.calls.append(model.name)
-        self.now += model.costs.pop(0)
+    def call(self, name: str, costs: list[float]) -> None:
+        self.calls.append(name)
+        self.now += costs.pop(0)
 
 
 def test_timings_are_medians_of_interleaved_rounds(monkeypatch) -> None:
     clock = Clock()
-    monkeypatch.setattr(training.time, "perf_counter", clock)
-    dense, small = nn.Linear(2, 2), nn.Linear(2, 1)
-    dense.name, dense.costs = "dense", [100.0, 5.0, 9.0, 4.0]  # warm-up, then rounds 1-3
-    small.name, small.costs = "small", [100.0, 1.0, 3.0, 2.0]
-    small.eval()
-    assert training.interleaved_seconds([dense, small], clock.run, rounds=3) == [5.0, 2.0]
-    assert clock.calls == ["dense", "small", "dense", "small", "small", "dense", "dense", "small"]
-    assert dense.training and not small.training  # modes restored
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    dense, small = [100.0, 5.0, 9.0, 4.0], [100.0, 1.0, 3.0, 2.0]  # warm-up, then rounds 1-3
+    installed = []
+    variants = [
+        (lambda: installed.append("dense"), lambda: clock.call("dense", dense)),
+        (lambda: installed.append("small"), lambda: clock.call("small", small)),
+    ]
+    assert timing.interleaved_seconds(variants, rounds=3) == [5.0, 2.0]
+    assert clock.calls == installed == ["dense", "small", "dense", "small", "small", "dense", "dense", "small"]
+
+
+def test_compaction_times_the_parts_before_and_after_in_place_and_keeps_training_flags() -> None:
+    module = ClassifierModule(arch="cnn", hidden=16)
+    for group in find_groups(module, "filter"):
+        prune_group(group, GroupMagnitude(), 0.5)
+    module.train()
+    module.model.conv1.eval()  # e.g. a frozen part: its flag comes back as it was
+    shapes = []
+    small, record = timing.compact_and_measure(module, lambda m: shapes.append(tuple(m.model.conv2.weight.shape)), 3)
+    assert small is module and module.model.conv2.weight.shape == (32, 16, 3, 3)
+    assert set(shapes) == {(64, 32, 3, 3), (32, 16, 3, 3)} and len(shapes) == 2 * (1 + 3)
+    assert record["timing_rounds"] == 3 and record["speedup"] > 0
+    assert module.training and not module.model.conv1.training and module.model.conv2.training
 
 
 def test_gradual_heads_with_taylor_keep_the_model_running() -> None:

@@ -81,7 +81,7 @@ class StructuredPruning(PruneOnFitStart):
         self.blocks = blocks
         self.progress = progress
         self.report: StructuredReport | None = None
-        self.setup_notes: list[str] = []  # what `setup` added before the optimizer was built (FLAP's biases)
+        self.added: tuple[dict[str, int], list[str]] = ({}, [])  # what `setup` added (FLAP's biases), see report
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.options["method"] is not None:
@@ -91,7 +91,7 @@ class StructuredPruning(PruneOnFitStart):
         """Add what the explicit `method` will add (FLAP's compensation biases) before `configure_optimizers`
         builds the optimizer and before a checkpoint is restored: they train, and the checkpoint loads."""
         options = {key: value for key, value in self.options.items() if key != "drop_layers"}
-        self.setup_notes = add_structured_parameters(
+        self.added = add_structured_parameters(
             pl_module, targets=self.target_patterns, ignore=self.ignore, blocks=self.blocks, **options
         )
 
@@ -115,7 +115,8 @@ class StructuredPruning(PruneOnFitStart):
             new_parameters=False,  # the fit's optimizer is built: automatic FLAP only where no bias is added
             **self.options,
         )
-        self.report.notes[:0] = self.setup_notes
+        if self.added[0]:  # added in `setup`: `prune_structured` found them in place
+            self.report.added_parameters, self.report.added_for_config = self.added[0], list(self.added[1])
         self.current_sparsity = 1.0 - self.report.parameter_ratio
         self.reached_sparsity = self.sparsity  # the unit fractions were met (rounding is in the report's notes)
         self.pruned = True

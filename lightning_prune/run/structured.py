@@ -29,6 +29,17 @@ def _units_line(structured: dict[str, Any]) -> str:
     return "; ".join(f"{kind} removed: {n['removed']} of {n['total']}" for kind, n in units.items())
 
 
+def added_line(structured: dict[str, Any]) -> str | None:
+    """What the method added (FLAP's compensation biases), or None when nothing."""
+    added, extra = structured.get("added_parameters") or {}, structured.get("added_for_config") or []
+    if not added:
+        return None
+    line = f"{structured['method']} added {len(added)} bias parameters ({sum(added.values()):,} elements)"
+    if extra:
+        line += f", {len(extra)} of them ({sum(added[n] for n in extra):,} elements) only for the config flag, at zero"
+    return line
+
+
 def timing_line(compaction: dict[str, Any]) -> str | None:
     """The forward times of the compaction, or None when it measured none."""
     if "forward_seconds_before" not in compaction or "timing_rounds" not in compaction:
@@ -60,6 +71,8 @@ def structured_markdown(structured: dict[str, Any], compaction: dict[str, Any]) 
     if structured.get("dropped_blocks"):
         lines += [f"Dropped blocks: {structured['dropped_blocks']}", ""]
     lines += [f"Note: {note}" for note in structured.get("notes", [])]
+    if added_line(structured):
+        lines += [f"Added: {added_line(structured)}", ""]
     timing = timing_line(compaction)
     if timing is not None:
         lines += [f"Timing: {timing}", ""]
@@ -78,7 +91,7 @@ def structured_console(structured: dict[str, Any], compaction: dict[str, Any]) -
         table.add_row(name, structured["kinds"].get(name, "unit"), str(total - kept), str(kept), str(total))
     for index in structured.get("dropped_blocks", []):
         table.add_row(f"block {index}", "layer", "1", "0", "1")
-    lines = [_units_line(structured), timing_line(compaction), *structured.get("notes", [])]
+    lines = [_units_line(structured), added_line(structured), timing_line(compaction), *structured.get("notes", [])]
     return [table, *(line for line in lines if line)]
 
 

@@ -4,8 +4,7 @@ per group set and per kind (filters, neurons, heads, layers), dropped blocks."""
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +21,8 @@ class StructuredReport:
 
     `kinds` gives each group set's unit kind ("filter", "neuron", "head"); `layer_parameters` the parameters
     of every layer (module) that compaction changes, (before, after); `blocks` the model's block count (0
-    where it has no block list).
+    where it has no block list); `added_parameters` what the method added (FLAP's compensation biases) and
+    `added_for_config` those of them only the config flag stating the bias needs (`only_for_config`).
     `notes` lists every difference from what was asked (e.g. a head count that rounding left
     unchanged, or the automatic score falling back from FLAP); each was also warned about.
     `method_choice` is "given" for an explicit `method`, else why the automatic choice took `method`.
@@ -39,6 +39,8 @@ class StructuredReport:
     kinds: dict[str, str] = field(default_factory=dict)  # group set → unit kind
     layer_parameters: dict[str, tuple[int, int]] = field(default_factory=dict)  # module → (before, after)
     blocks: int = 0
+    added_parameters: dict[str, int] = field(default_factory=dict)  # name → elements the method added
+    added_for_config: list[str] = field(default_factory=list)  # of those, the ones only the config flag needs
 
     @property
     def parameter_ratio(self) -> float:
@@ -48,6 +50,19 @@ class StructuredReport:
     def removed(self) -> dict[str, int]:
         """Units removed per group set."""
         return {name: total - kept for name, (kept, total) in self.kept.items()}
+
+    def added_line(self) -> str:
+        """What the method added, in words (empty when nothing)."""
+        if not self.added_parameters:
+            return ""
+        added, extra = self.added_parameters, self.added_for_config
+        line = f"{self.method} added {len(added)} bias parameters ({sum(added.values()):,} elements)"
+        if extra:
+            line += (
+                f"; {len(extra)} of them ({sum(added[n] for n in extra):,} elements, e.g. {extra[0]}) only because "
+                "the config flag that states a bias covers every projection of the block (they start at zero)"
+            )
+        return line
 
     def units(self) -> dict[str, dict[str, int]]:
         """Units removed and in all, per kind ("filters", "neurons", "heads", and "layers" for dropped blocks)."""
@@ -67,6 +82,8 @@ class StructuredReport:
             "removed": self.removed(),
             "kinds": dict(self.kinds),
             "layer_parameters": {name: list(value) for name, value in self.layer_parameters.items()},
+            "added_parameters": dict(self.added_parameters),
+            "added_for_config": list(self.added_for_config),
             "method": self.method,
             "method_choice": self.method_choice,
             "parameters_before": self.parameters_before,
@@ -91,6 +108,8 @@ class StructuredReport:
         ]
         if self.dropped_blocks:
             lines.append(f"  dropped blocks: {self.dropped_blocks} of {self.blocks}")
+        if self.added_parameters:
+            lines.append(f"  {self.added_line()}")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -163,23 +182,17 @@ def structured_report(
     )
 
 
-def added_parameters_notes(model: nn.Module, groups: Sequence[GroupSet], present: set[str], method: str) -> list[str]:
-    """A note (also warned) naming the parameters `method` added to `model` beyond `present`: the consumer
-    biases its compensation needs, and the others that the config flag stating them covers too (Llama's one
-    `mlp_bias` gives gate_proj, up_proj and down_proj a bias; `attention_bias` q, k, v and o), left at zero."""
-    added = {name: p.numel() for name, p in model.named_parameters() if name not in present}
-    if not added:
-        return []
+def added_parameters(model: nn.Module, present: set[str]) -> dict[str, int]:
+    """{name: elements} of the parameters of `model` not in `present` (what a score's `prepare` added)."""
+    return {name: p.numel() for name, p in model.named_parameters() if name not in present}
+
+
+def only_for_config(added: Mapping[str, int], groups: Sequence[GroupSet]) -> list[str]:
+    """The `added` biases that no group's consumer needs: the config flag that states a bias covers every
+    projection of the block (Llama's one `mlp_bias` gives gate_proj, up_proj and down_proj a bias,
+    `attention_bias` q, k, v and o), so they are added too, at zero."""
     needed = {f"{part.module_name}.bias" for group in groups for part in group.consumers()}
-    extra = [name for name in added if name not in needed]
-    note = f"`method`={method!r} added {len(added)} bias parameters ({sum(added.values()):,} elements)"
-    if extra:
-        note += (
-            f"; {len(extra)} of them ({sum(added[n] for n in extra):,} elements, e.g. {extra[0]}) only because the "
-            "config flag that states a bias covers every projection of the block; they start at zero"
-        )
-    warnings.warn(note, UserWarning, stacklevel=3)
-    return [note]
+    return [name for name in added if name not in needed]
 
 
 def _block_count(model: nn.Module) -> int:

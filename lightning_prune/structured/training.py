@@ -4,30 +4,25 @@ The callbacks decide when; `StructuredSelection` scores the model's coupled grou
 registered structured score (the callback's `criterion` name: "magnitude" or "taylor"), masks the
 lowest units of every group set (monotone: removed units stay removed), and with `compact_on_end`
 turns the masked model into the smaller one, measuring parameters and forward time (interleaved medians of
-the model before and after compaction) around it.
+the model before and after compaction, `structured.timing`) around it.
 """
 
 from __future__ import annotations
 
-import copy
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
-from lightning_prune.calibration.calls import to_device
-from lightning_prune.calibration.driver import call_model
 from lightning_prune.registry import STRUCTURED_SCORES
 from lightning_prune.structured.api import select_groups
-from lightning_prune.structured.compact import compact, outermost_hf_models
 from lightning_prune.structured.find import find_groups
 from lightning_prune.structured.groups import KINDS, GroupSet, removed_units
 from lightning_prune.structured.report import StructuredReport, structured_report
 from lightning_prune.structured.scores import StructuredScore
 from lightning_prune.structured.select import prune_group
+from lightning_prune.structured.timing import compact_and_measure as compact_and_measure  # the callbacks' import
+from lightning_prune.structured.timing import sample_forward as sample_forward
 from lightning_prune.validation import check_bool
 
 STRUCTURES = KINDS
@@ -90,72 +85,6 @@ class StructuredSelection:
     def removed_fraction(self) -> float:
         """Fraction of all units currently removed (from the weights' exact zeros)."""
         return sum(int(removed_units(g).sum()) for g in self.groups) / max(1, sum(g.count for g in self.groups))
-
-
-def interleaved_seconds(models: Sequence[nn.Module], run: Callable[[nn.Module], Any], rounds: int = 7) -> list[float]:
-    """Median wall time of `run(model)` for each of `models` (eval mode, `no_grad`): one warm-up call each,
-    then `rounds` rounds that call every model once, in alternating order, so load on the machine and
-    clock changes fall on all of them alike (timing one model's repeats, then the other's, does not)."""
-    modes = [model.training for model in models]
-    times: list[list[float]] = [[] for _ in models]
-    try:
-        with torch.no_grad():
-            for model in models:
-                model.eval()
-                run(model)
-            for index in range(rounds):
-                order = range(len(models)) if index % 2 == 0 else reversed(range(len(models)))
-                for position in order:
-                    start = time.perf_counter()
-                    run(models[position])
-                    times[position].append(time.perf_counter() - start)
-    finally:
-        for model, mode in zip(models, modes, strict=True):
-            model.train(mode)
-    return [statistics.median(values) for values in times]
-
-
-def compact_and_measure(
-    model: nn.Module, run: Callable[[nn.Module], Any] | None, rounds: int = 7
-) -> tuple[nn.Module, dict[str, float]]:
-    """`compact(model)` with parameters before and after and, when `run` is given, the forward times of the
-    model before and after compaction: medians of `rounds` interleaved rounds (`interleaved_seconds`) on a
-    copy of the model as it was (held only while timing)."""
-    record: dict[str, float] = {"parameters_before": float(sum(p.numel() for p in model.parameters()))}
-    before = copy.deepcopy(model) if run is not None else None  # a LightningModule copies without its Trainer
-    small = compact(model)
-    record["parameters_after"] = float(sum(p.numel() for p in small.parameters()))
-    if before is not None and run is not None:
-        seconds_before, seconds_after = interleaved_seconds([before, small], run, rounds)
-        record.update(
-            forward_seconds_before=seconds_before,
-            forward_seconds_after=seconds_after,
-            speedup=seconds_before / seconds_after,
-            timing_rounds=float(rounds),
-        )
-    return small, record
-
-
-def sample_forward(batch: Any) -> Callable[[nn.Module], Any]:
-    """A `run(model)` that forwards one batch the way the calibration driver does."""
-
-    def run(model: nn.Module) -> Any:
-        return call_model(_forward_owner(model), to_device(batch, next(model.parameters()).device))
-
-    return run
-
-
-def _forward_owner(model: nn.Module) -> nn.Module:
-    """The module to time: the model itself when it defines `forward`, else the transformers model inside it."""
-    if (
-        type(model).forward is not nn.Module.forward
-        and getattr(type(model).forward, "__qualname__", "").split(".")[0] != "LightningModule"
-    ):
-        return model
-    inner = outermost_hf_models(model)
-    if not inner:
-        raise ValueError(f"cannot time {type(model).__name__}: it defines no `forward` and holds no transformers model")
-    return inner[0][1]
 
 
 def check_structure_arguments(structure: str | None, pattern: str | None, scope: str, compact_on_end: bool) -> None:
