@@ -110,10 +110,15 @@ def compact_and_measure(
 
 
 def sample_forward(batch: Any) -> Callable[[nn.Module], Any]:
-    """A `run(model)` that forwards one batch the way the calibration driver does."""
+    """A `run(model)` that forwards one batch the way the calibration driver does (on CUDA, until the
+    device has finished it: kernels run asynchronously, so the time would otherwise be the launch time)."""
 
     def run(model: nn.Module) -> Any:
-        return call_model(_forward_owner(model), to_device(batch, next(model.parameters()).device))
+        device = next(model.parameters()).device
+        output = call_model(_forward_owner(model), to_device(batch, device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return output
 
     return run
 
