@@ -30,6 +30,7 @@ from lightning_prune.run.outputs import (
 from lightning_prune.run.record import RunRecord, check_final_sparsity, target_sparsity
 from lightning_prune.run.stages import Stage
 from lightning_prune.run.state import RunParts
+from lightning_prune.run.structured import plot_parameters, structured_console, structured_markdown
 from lightning_prune.run.trainers import evaluate
 
 
@@ -56,7 +57,7 @@ def finish(
         results.setdefault("lm_eval", {})["after"] = score(parts.harness, module, data, last)
     record.phase = "outputs"
     write_stages(results, history.metric, out, plots=cfg.plots)
-    results.update(write_outputs(cfg, out, module, data, history, parts.ordered))
+    results.update(write_outputs(cfg, out, module, data, history, parts.ordered, results))
     record.collect_warnings([])
     target, key = final_target(stages, built)
     sparsity_warning = check_final_sparsity(target, results["global_sparsity"], key)
@@ -109,7 +110,7 @@ def write_partial_outputs(cfg: DictConfig, out: Path, results: dict[str, Any], p
     if module is None or history is None:
         return
     report = sparsity_report(module, patterns=enforced_patterns(parts.ordered, module))
-    write_report(out, report, history, plots=cfg.plots)
+    write_report(out, report, history, plots=cfg.plots, results=results)
     write_stages(results, history.metric, out, plots=cfg.plots)
     results.update(sparsity_results(report, parts.ordered))
     write_results(results, out / "results.json")
@@ -145,24 +146,50 @@ def enforced_patterns(callbacks: Sequence[Callback], model: nn.Module) -> dict[s
     return patterns
 
 
-def write_report(out: Path, report: SparsityReport, history: History, plots: bool) -> None:
-    """`sparsity_report.md/.csv`, `history.csv` and (with `plots`) the layer and schedule plots."""
-    write_text(out / "sparsity_report.md", report.to_markdown())
+def write_report(
+    out: Path, report: SparsityReport, history: History, plots: bool, results: dict[str, Any] | None = None
+) -> None:
+    """`sparsity_report.md/.csv`, `history.csv` and (with `plots`) the layer and schedule plots; after
+    structured pruning (`results["structured"]`) the report's structured section and the parameters plot,
+    which replaces the layer sparsity plot when no layer holds a zero (a compacted model)."""
+    structured, compaction = _structured(results)
+    section = "\n" + structured_markdown(structured, compaction) if structured else ""
+    write_text(out / "sparsity_report.md", report.to_markdown() + section)
     write_text(out / "sparsity_report.csv", report.to_csv())
     write_text(out / "history.csv", history.to_csv())
     if plots:
-        plot_layer_sparsity(report, out / "plots" / "layer_sparsity.png")
+        if not structured or report.global_sparsity > 0:
+            plot_layer_sparsity(report, out / "plots" / "layer_sparsity.png")
+        if structured:
+            plot_parameters(structured, out / "plots" / "structured_parameters.png")
         plot_schedule(history, out / "plots" / "sparsity_vs_metric.png")
 
 
+def _structured(results: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`results`' structured report and compaction record ({} each when there are none)."""
+    results = results or {}
+    return dict(results.get("structured") or {}), dict(results.get("compaction") or {})
+
+
 def write_outputs(
-    cfg: DictConfig, out: Path, module: pl.LightningModule, data: Any, history: History, callbacks: list[Callback]
+    cfg: DictConfig,
+    out: Path,
+    module: pl.LightningModule,
+    data: Any,
+    history: History,
+    callbacks: list[Callback],
+    results: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Report (printed and saved), history, plots, and the finalized model; returns what to record."""
+    """Report (printed and saved; with `results`' structured pruning, its units and parameters too),
+    history, plots, and the finalized model; returns what to record."""
     report = sparsity_report(module, patterns=enforced_patterns(callbacks, module))
     # Full layer names when writing to a file or pipe (rich would otherwise assume 80 columns).
-    Console(width=None if sys.stdout.isatty() else 160).print(report)
-    write_report(out, report, history, plots=cfg.plots)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(report)
+    structured, compaction = _structured(results)
+    for item in structured_console(structured, compaction) if structured else []:
+        console.print(item)
+    write_report(out, report, history, plots=cfg.plots, results=results)
     recorded = sparsity_results(report, callbacks)
     if cfg.finalize:
         finalize_masks(module)

@@ -1,6 +1,6 @@
 """Structured pruning: coupled groups, group scores, one-shot selection and `compact` (physical removal)."""
 
-from lightning_prune.structured.api import prune_structured, resolve_score
+from lightning_prune.structured.api import add_structured_parameters, prune_structured, resolve_score
 from lightning_prune.structured.compact import compact
 from lightning_prune.structured.find import find_groups
 from lightning_prune.structured.flap import FeatureMomentStats, GroupFluctuation
@@ -26,6 +26,7 @@ __all__ = [
     "Part",
     "StructuredReport",
     "StructuredScore",
+    "add_structured_parameters",
     "choose_removed",
     "compact",
     "find_groups",
