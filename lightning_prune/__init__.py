@@ -57,7 +57,14 @@ from lightning_prune.registry import (
 from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.schedules import make_schedule
 from lightning_prune.selection import select_masks
-from lightning_prune.structured import StructuredReport, StructuredScore, compact, prune_structured
+from lightning_prune.structured import (
+    ExpertScore,
+    StructuredReport,
+    StructuredScore,
+    compact,
+    prune_experts,
+    prune_structured,
+)
 from lightning_prune.targets import PruneTarget, find_targets
 
 __version__ = "0.1.0"
@@ -68,6 +75,7 @@ __all__ = [
     "ONESHOT_METHODS",
     "STRUCTURED_SCORES",
     "DSnoT",
+    "ExpertScore",
     "FeatureNormStats",
     "GradualPruning",
     "HessianStats",
@@ -108,6 +116,7 @@ __all__ = [
     "mask_sharded_gradients_",
     "merge_lora",
     "merge_lora_sharded",
+    "prune_experts",
     "prune_oneshot",
     "prune_structured",
     "reconstruct_block",
