@@ -8,6 +8,7 @@ from lightning_prune.callbacks import (
     OneShotPruning,
     SparseExport,
 )
+from lightning_prune.callbacks.experts import ExpertPruning
 from lightning_prune.callbacks.structured import StructuredPruning
 from lightning_prune.criteria import make_criterion
 from lightning_prune.export import load_sparse, load_sparse_state_dict, save_sparse
@@ -75,6 +76,7 @@ __all__ = [
     "ONESHOT_METHODS",
     "STRUCTURED_SCORES",
     "DSnoT",
+    "ExpertPruning",
     "ExpertScore",
     "FeatureNormStats",
     "GradualPruning",

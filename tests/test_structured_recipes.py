@@ -65,3 +65,29 @@ def test_filters_cnn_recipe_compacts_the_convolutions(tmp_path: Path) -> None:
     assert not [w for w in results["warnings"] if "sparsity" in w["kind"]] and results["target_sparsity"] is None
     state = torch.load(tmp_path / "model" / "model.pt")
     assert state["conv1.weight"].shape[0] == 16 and state["conv2.weight"].shape[0] == 32
+
+
+@pytest.mark.slow
+def test_moe_experts_recipe_removes_experts_distills_and_saves_a_stock_moe(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = compose_config(
+        "moe_experts",
+        tmp_path,
+        "dense_epochs=1",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=2",
+        "data.seq_len=16",
+        "data.vocab_size=300",
+        "model.config.hidden_size=32",
+        "model.config.num_hidden_layers=2",
+        "pruning.num_samples=16",
+    )
+    results = run(cfg)
+    assert results["experts"]["kept"] == {f"model.model.layers.{i}.mlp.experts": [4, 8] for i in range(2)}
+    compaction = results["compaction"]
+    assert compaction["parameters_after"] == results["experts"]["parameters_after"] < compaction["parameters_before"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert model.config.num_experts == 4 and model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 4
+    assert 1.0 < results["after"]["val/ppl"] < float("inf")
+    assert not [w for w in results["warnings"] if "sparsity" in w["kind"]] and results["target_sparsity"] is None

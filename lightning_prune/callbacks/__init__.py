@@ -3,6 +3,7 @@
 from lightning_prune.callbacks.base import MaskingCallback, PruneOnFitStart
 from lightning_prune.callbacks.dense_teacher import DenseTeacherUser
 from lightning_prune.callbacks.distill import KnowledgeDistillation
+from lightning_prune.callbacks.experts import ExpertPruning
 from lightning_prune.callbacks.export import SparseExport
 from lightning_prune.callbacks.gradual import GradualPruning
 from lightning_prune.callbacks.iterative import IterativePruning
@@ -13,6 +14,7 @@ from lightning_prune.callbacks.structured import StructuredPruning
 
 __all__ = [
     "DenseTeacherUser",
+    "ExpertPruning",
     "GradualPruning",
     "IterativePruning",
     "KnowledgeDistillation",

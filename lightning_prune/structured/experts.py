@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_prune.calibration.driver import Batch, calibrate_sequentially, call_model
+from lightning_prune.masking import get_mask
 from lightning_prune.structured.api import resolve_score, select_groups
 from lightning_prune.structured.expert_scores import ExpertRandom, RoutingStats, observe_routing
 from lightning_prune.structured.groups import GroupSet
@@ -180,3 +181,18 @@ def _remove_experts(
     undo.route(layer.router)
     set_routing(layer.router, ~removed, renormalize)
     return removed
+
+
+def restore_routing(model: nn.Module, renormalize: bool = True) -> list[str]:
+    """Route around the experts whose masks remove them whole (masks restored from a checkpoint);
+    returns the MoE layers whose routing was restored."""
+    restored = []
+    for layer in find_expert_layers(model):
+        mask = get_mask(layer.experts, "down_proj")
+        if mask is None or routing_keep(layer.router) is not None:
+            continue
+        keep = mask.reshape(layer.count, -1).any(1)
+        if not bool(keep.all()):
+            set_routing(layer.router, keep, renormalize)
+            restored.append(layer.name)
+    return restored
