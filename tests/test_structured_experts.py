@@ -281,3 +281,14 @@ def test_compacted_moe_models_load_with_stock_transformers(tmp_path: Path) -> No
     )
     for name, output in expected.items():
         assert (torch.load(tmp_path / name / "outputs.pt") - output).abs().max() <= 1e-6, name
+
+
+def test_random_needs_no_calibration_and_follows_its_seed() -> None:
+    case = BY_NAME["mixtral"]
+    chosen = []
+    for seed in (0, 0, 1):
+        model = case.build()
+        prune_experts(model, None, experts_per_layer=2, method="random", method_options={"seed": seed})
+        chosen.append([routing_keep(layer.router).tolist() for layer in find_expert_layers(model)])
+    assert chosen[0] == chosen[1] != chosen[2]
+    assert all(sum(keep) == 2 for keep in chosen[0])

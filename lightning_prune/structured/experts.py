@@ -158,7 +158,8 @@ def prune_experts(
         else:
             for layer in chosen:
                 group = next(g for g in groups if g.name == layer.experts_name)
-                _remove_experts(layer, group, score.score(group, {}), kept, renormalize, undo)
+                empty: dict[str, Any] = {group.name: RoutingStats(layer.count)}  # a score without statistics
+                _remove_experts(layer, group, score.score(group, empty), kept, renormalize, undo)
     except BaseException:
         undo.restore()
         raise
