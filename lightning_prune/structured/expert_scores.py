@@ -101,9 +101,13 @@ def observe_routing(layer: ExpertLayer, stats: RoutingStats) -> Callable[[], Non
 
 
 class ExpertScore(StructuredScore):
-    """Base of the expert scores: `score(group, stats)` reads `stats[group.name]`, a `RoutingStats`."""
+    """Base of the expert scores: `score(group, stats)` reads `stats[group.name]`, a `RoutingStats`.
+
+    `needs_calibration` is False for scores that read no statistics (then `calibration` may be empty).
+    """
 
     unit = "expert"
+    needs_calibration = True
 
     def score(self, group: GroupSet, stats: Mapping[str, Any]) -> torch.Tensor:
         return self.expert_scores(stats[group.name], group).float()
@@ -140,6 +144,8 @@ class ExpertRoutingWeight(ExpertScore):
 @register_structured_score("random")
 class ExpertRandom(ExpertScore):
     """A uniform random score per expert, seeded by `seed` and the layer's block (a baseline)."""
+
+    needs_calibration = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed

@@ -19,7 +19,7 @@ from torch import nn
 from lightning_prune.calibration.driver import Batch, calibrate_sequentially, call_model
 from lightning_prune.masking import get_mask
 from lightning_prune.structured.api import resolve_score, select_groups
-from lightning_prune.structured.expert_scores import ExpertRandom, RoutingStats, observe_routing
+from lightning_prune.structured.expert_scores import ExpertScore, RoutingStats, observe_routing
 from lightning_prune.structured.groups import GroupSet
 from lightning_prune.structured.moe import ExpertLayer, expert_count_keys, find_expert_layers, shared_expert_names
 from lightning_prune.structured.report import StructuredReport, structured_report
@@ -131,39 +131,56 @@ def prune_experts(
         raise ValueError(f"`targets`={targets!r} / `ignore`={ignore!r} leave no MoE layer to prune")
     kept, notes = _kept_count(layers[0].count, expert_sparsity, experts_per_layer)
     _check_model(model, chosen, kept)
-    score = resolve_score(method, method_options, unit="expert")
+    score: ExpertScore = resolve_score(method, method_options, unit="expert")  # type: ignore[assignment]
     batches = list(calibration) if calibration is not None else []
-    if not batches and not isinstance(score, ExpertRandom):
+    if not batches and score.needs_calibration:
         raise ValueError(f"`calibration` has no batches; method {score.name!r} needs calibration data")
     before = structured_report(model, [], [], score.name, []).parameters_before
+    pairs = [(layer, next(g for g in groups if g.name == layer.experts_name)) for layer in chosen]
     undo = MaskUndo()
-    by_block = {layer.block: [(layer, g) for g in groups if g.name == layer.experts_name] for layer in chosen}
     try:
-
-        def process(index: int, name: str, block: nn.Module, run_block: Callable[[], Any]) -> None:
-            pairs = by_block.get(index, [])
-            stats: dict[str, Any] = {g.name: RoutingStats(layer.count) for layer, g in pairs}
-            removers = [observe_routing(layer, stats[g.name]) for layer, g in pairs]
-            try:
-                if pairs:
-                    run_block()
-            finally:
-                for remove in removers:
-                    remove()
-            for layer, group in pairs:
-                _remove_experts(layer, group, score.score(group, stats), kept, renormalize, undo)
-
         if batches:
-            calibrate_sequentially(model, batches, process, device=device, forward=forward, progress=progress)
-        else:
-            for layer in chosen:
-                group = next(g for g in groups if g.name == layer.experts_name)
-                empty: dict[str, Any] = {group.name: RoutingStats(layer.count)}  # a score without statistics
+            _prune_by_blocks(model, batches, pairs, score, kept, renormalize, undo, device, forward, progress)
+        else:  # a score without statistics
+            for layer, group in pairs:
+                empty: dict[str, Any] = {group.name: RoutingStats(layer.count)}
                 _remove_experts(layer, group, score.score(group, empty), kept, renormalize, undo)
     except BaseException:
         undo.restore()
         raise
     return structured_report(model, groups, [], score.name, notes, parameters_before=before)
+
+
+def _prune_by_blocks(
+    model: nn.Module,
+    batches: list[Batch],
+    pairs: list[tuple[ExpertLayer, GroupSet]],
+    score: ExpertScore,
+    kept: int,
+    renormalize: bool,
+    undo: MaskUndo,
+    device: torch.device | str | None,
+    forward: Callable[[nn.Module, Batch], Any],
+    progress: bool,
+) -> None:
+    """Block by block (the calibration driver): observe the routing of the block's MoE layers on the
+    already pruned model's activations, then remove their experts before the next block runs."""
+
+    def process(index: int, name: str, block: nn.Module, run_block: Callable[[], Any]) -> None:
+        here = [(layer, group) for layer, group in pairs if layer.block == index]
+        if not here:
+            return
+        stats: dict[str, Any] = {group.name: RoutingStats(layer.count) for layer, group in here}
+        removers = [observe_routing(layer, stats[group.name]) for layer, group in here]
+        try:
+            run_block()
+        finally:
+            for remove in removers:
+                remove()
+        for layer, group in here:
+            _remove_experts(layer, group, score.score(group, stats), kept, renormalize, undo)
+
+    calibrate_sequentially(model, batches, process, device=device, forward=forward, progress=progress)
 
 
 def _remove_experts(
