@@ -98,6 +98,16 @@ def test_checkpoint_resume_restores_masks_and_routing_and_does_not_prune_again(t
         assert torch.equal(get_masks(resumed_model)[name], mask), name
 
 
+def test_renormalize_false_that_compact_cannot_state_is_refused_before_training() -> None:
+    torch.manual_seed(0)
+    model = CausalLMModule(config={**QWEN3_MOE, "norm_topk_prob": False}, lr=1e-2)
+    callback = ExpertPruning(expert_sparsity=0.5, renormalize=False, num_samples=8)
+    fit = trainer([callback], max_steps=2)
+    with pytest.raises(ValueError, match="renormalize=False"):
+        fit.fit(model, loader())
+    assert fit.global_step == 0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

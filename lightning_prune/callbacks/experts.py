@@ -13,7 +13,9 @@ from lightning_prune.callbacks.base import PruneOnFitStart
 from lightning_prune.callbacks.oneshot import fit_train_dataloader
 from lightning_prune.masking import get_masks
 from lightning_prune.structured.api import resolve_score
+from lightning_prune.structured.compact_experts import check_representable
 from lightning_prune.structured.experts import prune_experts, restore_routing
+from lightning_prune.structured.moe import find_expert_layers
 from lightning_prune.structured.report import StructuredReport
 from lightning_prune.validation import check_integer, check_optional_integer, check_sparsity
 
@@ -100,6 +102,9 @@ class ExpertPruning(PruneOnFitStart):
             progress=self.progress,
             **self.options,
         )
+        if self.compact_on_end:  # refuse now what `compact` would refuse at the end of the fit
+            for layer in find_expert_layers(pl_module):
+                check_representable(layer)
         self.current_sparsity = 1.0 - self.report.parameter_ratio
         self.reached_sparsity = self.sparsity
         self.pruned = True
