@@ -10,6 +10,7 @@ from lightning_prune.callbacks import (
     OneShotPruning,
     SparseExport,
 )
+from lightning_prune.callbacks.experts import ExpertPruning
 from lightning_prune.callbacks.structured import StructuredPruning
 from lightning_prune.criteria import make_criterion
 from lightning_prune.evaluate import evaluate_lm_harness
@@ -60,7 +61,14 @@ from lightning_prune.registry import (
 from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.schedules import make_schedule
 from lightning_prune.selection import select_masks
-from lightning_prune.structured import StructuredReport, StructuredScore, compact, prune_structured
+from lightning_prune.structured import (
+    ExpertScore,
+    StructuredReport,
+    StructuredScore,
+    compact,
+    prune_experts,
+    prune_structured,
+)
 from lightning_prune.targets import PruneTarget, find_targets
 
 __version__ = "0.1.0"
@@ -71,6 +79,8 @@ __all__ = [
     "ONESHOT_METHODS",
     "STRUCTURED_SCORES",
     "DSnoT",
+    "ExpertPruning",
+    "ExpertScore",
     "FeatureNormStats",
     "GradualPruning",
     "HessianStats",
@@ -114,6 +124,7 @@ __all__ = [
     "mask_sharded_gradients_",
     "merge_lora",
     "merge_lora_sharded",
+    "prune_experts",
     "prune_oneshot",
     "prune_structured",
     "reconstruct_block",

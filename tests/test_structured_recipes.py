@@ -111,3 +111,29 @@ def test_structured_run_reports_units_and_parameters_in_results_report_and_plot(
     plots = tmp_path / "plots"
     assert (plots / "structured_parameters.png").read_bytes()[:4] == b"\x89PNG"
     assert not (plots / "layer_sparsity.png").exists()  # a compacted model has no zeros to plot
+
+
+@pytest.mark.slow
+def test_moe_experts_recipe_removes_experts_distills_and_saves_a_stock_moe(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = compose_config(
+        "moe_experts",
+        tmp_path,
+        "dense_epochs=1",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=2",
+        "data.seq_len=16",
+        "data.vocab_size=300",
+        "model.config.hidden_size=32",
+        "model.config.num_hidden_layers=2",
+        "pruning.num_samples=16",
+    )
+    results = run(cfg)
+    assert results["experts"]["kept"] == {f"model.model.layers.{i}.mlp.experts": [4, 8] for i in range(2)}
+    compaction = results["compaction"]
+    assert compaction["parameters_after"] == results["experts"]["parameters_after"] < compaction["parameters_before"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert model.config.num_experts == 4 and model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 4
+    assert 1.0 < results["after"]["val/ppl"] < float("inf")
+    assert not [w for w in results["warnings"] if "sparsity" in w["kind"]] and results["target_sparsity"] is None

@@ -3,6 +3,7 @@
 from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.callbacks.dense_teacher import DenseTeacherUser
 from lightning_prune.callbacks.distill import KnowledgeDistillation
+from lightning_prune.callbacks.experts import ExpertPruning
 from lightning_prune.callbacks.export import SparseExport
 from lightning_prune.callbacks.gradual import GradualPruning
 from lightning_prune.callbacks.iterative import IterativePruning
@@ -15,6 +16,7 @@ from lightning_prune.callbacks.structured import StructuredPruning
 
 __all__ = [
     "DenseTeacherUser",
+    "ExpertPruning",
     "GradualPruning",
     "IterativePruning",
     "KeepMasks",

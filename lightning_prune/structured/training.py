@@ -42,7 +42,8 @@ class StructuredSelection:
         if isinstance(score, str) and score not in STRUCTURED_SCORES:
             raise ValueError(
                 f"`criterion`={score!r} has no structured score; "
-                f"with `structure` use one of {[n for n in STRUCTURED_SCORES if n != 'block_influence']}"
+                f"with `structure` use one of "
+                f"{[n for n in STRUCTURED_SCORES if getattr(STRUCTURED_SCORES.get(n), 'unit', 'group') == 'group']}"
             )
         self.score: StructuredScore = STRUCTURED_SCORES.create(score)
         if self.score.statistics or self.score.unit != "group":
