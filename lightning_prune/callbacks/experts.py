@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_prune.calibration.samples import take_samples
-from lightning_prune.callbacks.base import PruneOnFitStart
+from lightning_prune.callbacks.once import PruneOnFitStart
 from lightning_prune.callbacks.oneshot import fit_train_dataloader
 from lightning_prune.masking import get_masks
 from lightning_prune.structured.api import resolve_score
