@@ -4,6 +4,7 @@ from lightning_prune.callbacks import (
     GradualPruning,
     IterativePruning,
     KnowledgeDistillation,
+    LearnedSparsity,
     LoRARecovery,
     OneShotPruning,
     SparseExport,
@@ -11,6 +12,7 @@ from lightning_prune.callbacks import (
 from lightning_prune.callbacks.structured import StructuredPruning
 from lightning_prune.criteria import make_criterion
 from lightning_prune.export import load_sparse, load_sparse_state_dict, save_sparse
+from lightning_prune.learned import LearnedMasks
 from lightning_prune.lora import attach_lora, load_lora, merge_lora
 from lightning_prune.lora.sharded import merge_lora_sharded
 from lightning_prune.mask_updates import update_masks
@@ -73,6 +75,8 @@ __all__ = [
     "HessianStats",
     "IterativePruning",
     "KnowledgeDistillation",
+    "LearnedMasks",
+    "LearnedSparsity",
     "LoRARecovery",
     "MaskRefiner",
     "OneShotMethod",

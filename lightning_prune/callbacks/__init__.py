@@ -6,6 +6,7 @@ from lightning_prune.callbacks.distill import KnowledgeDistillation
 from lightning_prune.callbacks.export import SparseExport
 from lightning_prune.callbacks.gradual import GradualPruning
 from lightning_prune.callbacks.iterative import IterativePruning
+from lightning_prune.callbacks.learned import LearnedSparsity
 from lightning_prune.callbacks.lora import LoRARecovery
 from lightning_prune.callbacks.oneshot import OneShotPruning
 from lightning_prune.callbacks.scheduled import ScheduledPruning
@@ -16,6 +17,7 @@ __all__ = [
     "GradualPruning",
     "IterativePruning",
     "KnowledgeDistillation",
+    "LearnedSparsity",
     "LoRARecovery",
     "MaskingCallback",
     "OneShotPruning",
