@@ -13,7 +13,7 @@ from torch import nn
 from lightning_prune.callbacks.base import MaskingCallback
 from lightning_prune.callbacks.oneshot import OneShotPruning
 from lightning_prune.callbacks.strategy import is_fsdp2
-from lightning_prune.learned import Anneal, LearnedMasks, check_candidates
+from lightning_prune.learned import Anneal, LearnedMasks, check_candidates, freeze_parameters
 from lightning_prune.learned.schedules import ANNEAL_SHAPES
 from lightning_prune.masking import get_mask, get_masks, remove_mask, set_mask
 from lightning_prune.oneshot.method import OneShotMethod
@@ -29,46 +29,41 @@ class LearnedSparsity(MaskingCallback):
     """Learn an N:M mask during `fit`: logits over the candidate patterns, Gumbel-softmax, the argmax at the end.
 
     Every group of M weights (along the input dimension) of every target holds C(M, N) logits (6 for
-    2:4). Each training batch draws one soft mask `softmax((logits + g)·κ/τ) @ P` and the targets
-    compute with `W ⊙ mask`; validation and any eval-mode forward use the hard argmax mask, so the
-    validation metrics are those of the final N:M model. τ and κ anneal from `tau_start`/`scale_start`
-    to `tau_end`/`scale_end` over the run (`anneal`, ending at `end_step`, default the fit's last step).
+    2:4). Each training batch draws one soft mask `softmax((logits + g)·κ/τ) @ P` and the targets compute
+    with `W ⊙ mask`; validation and every eval-mode forward use the hard argmax mask (the metrics of the
+    final N:M model). τ and κ anneal from `tau_start`/`scale_start` to `tau_end`/`scale_end` (`anneal`)
+    until `end_step` (default: the fit's last step).
 
-    The logits are this callback's, not the LightningModule's: the callback steps its own AdamW
-    (`lr`) once per optimizer step of the Trainer (after the module's optimizers, gradients averaged
-    over DDP ranks), so any LightningModule works unchanged — automatic or manual optimization,
-    gradient accumulation, its own optimizers and LR schedules — and the logits' optimizer state
-    travels in this callback's checkpoint state. The loss is whatever the module (or
-    `KnowledgeDistillation`) trains with.
+    The logits are this callback's, not the LightningModule's: it steps its own AdamW (`lr`) once per
+    optimizer step of the Trainer (gradients averaged over DDP ranks), so any LightningModule works
+    unchanged (automatic or manual optimization, gradient accumulation, its own optimizers and LR
+    schedules), and the logits' optimizer state is in this callback's checkpoint state. The loss is
+    whatever the module (or `KnowledgeDistillation`) trains with.
 
-    `prior` (any registered one-shot method: "sparsegpt", "wanda", "magnitude", ...; None: random,
-    no pattern preferred) initialises the logits from a one-shot N:M mask calibrated on the fit's
-    training data (`calibration`, `num_samples`, `forward` as in `OneShotPruning`); its targets are
-    then the one-shot's (Linear/Conv1D layers inside the model's blocks). The weights themselves are
-    left as they were (SparseGPT's weight update is not kept: the mask is learned on the dense weights).
-    `train_weights=False` (MaskLLM's setting) freezes the targets' weights during the fit, and
-    `freeze_others=True` every other parameter of the module too; `regularizer` λ adds MaskLLM's
-    −λ‖W ⊙ M‖² (linearly decayed to 0), which favours masks that keep large weights.
+    `prior` (a registered one-shot method: "sparsegpt", "wanda", "magnitude", ...; None: random) starts
+    the logits from a one-shot N:M mask calibrated on the fit's training data (`calibration`,
+    `num_samples`, `forward` as in `OneShotPruning`), `prior_strength` standard deviations ahead; the
+    targets are then the one-shot's (Linear/Conv1D inside the blocks) and the weights stay dense (a
+    weight update such as SparseGPT's is not kept). `train_weights=False` (MaskLLM's setting) freezes
+    the targets' weights during the fit, `freeze_others=True` every other parameter too; `regularizer`
+    λ adds MaskLLM's −λ‖W ⊙ M‖² (decayed linearly to 0), which favours masks that keep large weights.
 
-    Lifecycle: `on_fit_start` refuses FSDP2 and targets already masked, computes the prior (once),
-    makes the logits, freezes, and hooks the targets' forwards; `on_train_batch_start` samples the
-    soft masks; `on_train_batch_end` steps the logits when the Trainer stepped; `on_train_end` turns
-    the argmax into fixed bool masks on the usual path (`set_mask`: `finalize`, `sparsity_report`,
-    LoRA recovery, distillation stages and the 2:4 export work unchanged), unfreezes, and drops the
-    logits; `on_fit_end` finalizes if asked. `memory` holds the bytes per pruned weight of the
-    logits and their optimizer state; a resumed run restores logits, optimizer, step and Gumbel RNG exactly.
+    Lifecycle: `on_fit_start` refuses FSDP2 and masked targets, computes the prior (once), makes the
+    logits, freezes and hooks the targets' forwards; `on_train_batch_start` samples the soft masks;
+    `on_train_batch_end` steps the logits when the Trainer stepped; `on_train_end` turns the argmax into
+    fixed bool masks on the usual path (`set_mask`: `finalize`, `sparsity_report`, LoRA recovery,
+    distillation stages and the 2:4 export work unchanged), unfreezes and drops the logits. `memory`:
+    bytes per pruned weight of the logits and their optimizer state. Resume restores the logits, their
+    optimizer, the step and the Gumbel noise's generator exactly.
 
     Example YAML (`lightning_prune/conf/pruning/learned.yaml`)::
 
         _target_: lightning_prune.LearnedSparsity
         pattern: "2:4"        # keep N of every M
         prior: sparsegpt      # one-shot mask the logits start from; null: none
-        prior_strength: 3.0   # standard deviations the prior's pattern starts ahead
         lr: 0.01              # AdamW learning rate of the logits
-        tau_start: 4.0        # Gumbel-softmax temperature, annealed ...
-        tau_end: 0.05         # ... to this
-        scale_start: 100.0    # logit scale κ, annealed ...
-        scale_end: 500.0      # ... to this
+        tau_start: 4.0        # Gumbel-softmax temperature, annealed to tau_end (0.05)
+        scale_start: 100.0    # logit scale κ, annealed to scale_end (500)
     """
 
     sharded_ok = False
@@ -104,7 +99,7 @@ class LearnedSparsity(MaskingCallback):
         check_candidates(pattern, max_candidates)
         for value, name in ((tau_start, "tau_start"), (tau_end, "tau_end"), (scale_start, "scale_start")):
             check_number(value, name, low=0, low_open=True)
-        check_number(scale_end, "scale_end", low=0, low_open=True)
+        check_number(scale_end, "scale_end", low=0, low_open=True)  # four separate knobs: one override each
         check_number(lr, "lr", low=0, low_open=True)
         check_number(prior_strength, "prior_strength", low=0)
         check_number(regularizer, "regularizer", low=0)
@@ -116,13 +111,9 @@ class LearnedSparsity(MaskingCallback):
         check_bool(freeze_others, "freeze_others")
         super().__init__((m - n) / m, pattern, targets, ignore, finalize_on_end)
         # Built here so that a bad method name or option fails when the callback is made, before any fit.
-        self.prior_pruner = (
-            None
-            if prior is None
-            else OneShotPruning(
-                prior, self.sparsity, pattern, prior_options, calibration=calibration, num_samples=num_samples,
-                targets=targets, ignore=ignore, progress=False, forward=forward,
-            )
+        self.prior_pruner = None if prior is None else OneShotPruning(
+            prior, self.sparsity, pattern, prior_options, calibration=calibration, num_samples=num_samples,
+            targets=targets, ignore=ignore, progress=False, forward=forward,
         )  # fmt: skip
         self.prior, self.prior_strength, self.lr = prior, prior_strength, lr
         self.tau = (tau_start, tau_end)
@@ -136,7 +127,7 @@ class LearnedSparsity(MaskingCallback):
         self.learner: LearnedMasks | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._restored_learning: dict[str, Any] = {}
-        self._requires_grad: dict[nn.Parameter, bool] = {}
+        self._frozen: list[nn.Parameter] = []
         self._global_step_at_batch_start = 0
         self._schedule_steps = 1
 
@@ -265,19 +256,14 @@ class LearnedSparsity(MaskingCallback):
 
     def freeze(self, pl_module: nn.Module) -> None:
         """Freeze the targets' weights (unless `train_weights`) and, with `freeze_others`, every other parameter."""
-        chosen = {id(t.weight) for t in self._targets}
-        for param in pl_module.parameters():
-            target = id(param) in chosen
-            frozen = (target and not self.train_weights) or (not target and self.freeze_others)
-            if frozen and param.requires_grad:
-                self._requires_grad[param] = True
-                param.requires_grad_(False)
+        weights = [t.weight for t in self._targets]
+        self._frozen = freeze_parameters(pl_module, weights, not self.train_weights, self.freeze_others)
 
     def unfreeze(self) -> None:
         """Give back `requires_grad` to every parameter `freeze` froze."""
-        for param in self._requires_grad:
+        for param in self._frozen:
             param.requires_grad_(True)
-        self._requires_grad = {}
+        self._frozen = []
 
     def convert(self) -> dict[str, torch.Tensor]:
         """The argmax becomes each target's fixed bool mask (`set_mask`); hooks, freezing and logits go away."""

@@ -2,7 +2,7 @@
 group of M weights, sampled with Gumbel-softmax in training, the argmax at the end. Pure PyTorch;
 `lightning_prune.callbacks.learned.LearnedSparsity` runs it on a Trainer."""
 
-from lightning_prune.learned.masks import LearnedMasks
+from lightning_prune.learned.masks import LearnedMasks, freeze_parameters
 from lightning_prune.learned.patterns import (
     MAX_CANDIDATES,
     bytes_per_weight,
@@ -26,6 +26,7 @@ __all__ = [
     "candidate_count",
     "candidate_patterns",
     "check_candidates",
+    "freeze_parameters",
     "gumbel_noise",
     "hard_mask",
     "init_logits",

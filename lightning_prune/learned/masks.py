@@ -193,3 +193,18 @@ class LearnedMasks:
             logits.copy_(saved[name])
         self.generator.set_state(state["generator"])
         self.step_done()
+
+
+def freeze_parameters(
+    model: nn.Module, weights: Sequence[nn.Parameter], freeze_weights: bool, freeze_others: bool
+) -> list[nn.Parameter]:
+    """Set `requires_grad=False` on `weights` (with `freeze_weights`) and on every other parameter of `model`
+    (with `freeze_others`); returns the parameters it froze (those that required grad), to unfreeze later."""
+    chosen = {id(weight) for weight in weights}
+    frozen = []
+    for param in model.parameters():
+        freeze = freeze_weights if id(param) in chosen else freeze_others
+        if freeze and param.requires_grad:
+            param.requires_grad_(False)
+            frozen.append(param)
+    return frozen
