@@ -104,7 +104,7 @@ def test_the_soft_masks_gradient_reaches_the_logits_and_never_the_frozen_weights
     assert model[2].weight.grad is not None  # the rest trains as usual
 
 
-def test_training_forward_uses_the_soft_mask_eval_the_hard_one_and_the_parameter_stays() -> None:
+def test_a_sample_gives_the_soft_mask_in_any_mode_otherwise_the_hard_one_and_the_parameter_stays() -> None:
     model = mlp()
     (target,) = find_targets(model, include=["0"])
     dense = copy.deepcopy(model)
@@ -115,12 +115,15 @@ def test_training_forward_uses_the_soft_mask_eval_the_hard_one_and_the_parameter
     model.eval()
     with torch.no_grad():
         dense[0].weight.mul_(hard)
-    assert torch.equal(model(x), dense(x))  # eval: W where the argmax keeps it
-    model.train()
-    learner.sample(tau=4.0, scale=1.0)
+    assert torch.equal(model(x), dense(x))  # no sample: W where the argmax keeps it
+    learner.sample(tau=4.0, scale=1.0)  # a training step, eval mode or not (Lightning keeps HF models' eval mode)
     soft = learner._soft["0.weight"]
     expected = nn.functional.linear(x, model[0].weight * soft, model[0].bias)
+    assert torch.equal(model[0](x), expected) and soft.requires_grad
+    model.train()
     assert torch.equal(model[0](x), expected)
+    learner.clear_sample()
+    assert torch.equal(model(x), dense(x))
     assert list(dict(model.named_parameters())) == ["0.weight", "0.bias", "2.weight", "2.bias"]
     assert model.state_dict().keys() == dense.state_dict().keys()
     learner.detach()

@@ -30,9 +30,10 @@ class LearnedSparsity(MaskingCallback):
 
     Every group of M weights (along the input dimension) of every target holds C(M, N) logits (6 for
     2:4). Each training batch draws one soft mask `softmax((logits + g)·κ/τ) @ P` and the targets compute
-    with `W ⊙ mask`; validation and every eval-mode forward use the hard argmax mask (the metrics of the
-    final N:M model). τ and κ anneal from `tau_start`/`scale_start` to `tau_end`/`scale_end` (`anneal`)
-    until `end_step` (default: the fit's last step).
+    with `W ⊙ mask` in its forwards (whatever the modules' train/eval mode); validation and every forward
+    outside a training batch use the hard argmax mask (the metrics of the final N:M model). τ and κ
+    anneal from `tau_start`/`scale_start` to `tau_end`/`scale_end` (`anneal`) until `end_step` (default:
+    the fit's last step).
 
     The logits are this callback's, not the LightningModule's: it steps its own AdamW (`lr`) once per
     optimizer step of the Trainer (gradients averaged over DDP ranks), so any LightningModule works
@@ -167,8 +168,10 @@ class LearnedSparsity(MaskingCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.learner is not None and trainer.global_step > self._global_step_at_batch_start:
-            self.step_logits()
+        if self.learner is not None:
+            self.learner.clear_sample()  # validation and other forwards between steps use the hard mask
+            if trainer.global_step > self._global_step_at_batch_start:
+                self.step_logits()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.learner is not None:

@@ -1,17 +1,20 @@
 """`LearnedMasks`: the logits of every target, the masks they give, and the forward that uses them.
 
-Each target weight W computes with `W ⊙ mask` in every forward: in training mode, the soft mask of the
-current sample (`sample`), differentiable in the logits (and in W when W requires grad); otherwise,
-and between samples, the hard argmax mask (exactly N:M; pruned entries +0.0). The product replaces
-the parameter for the duration of the module's own forward only (a forward pre-hook puts it in, a
-forward hook that runs even when the forward raises puts the parameter back), so `state_dict`,
-optimizers, DDP and checkpoints only ever see the unchanged dense parameter. Pure PyTorch.
+Each target weight W computes with `W ⊙ mask` in every forward: from `sample` to `clear_sample` (a
+training step), the soft mask of that sample, differentiable in the logits (and in W when W requires
+grad); at any other time, the hard argmax mask (exactly N:M; pruned entries +0.0). Which one is
+decided by the sample, not by `module.training`: Lightning keeps the train/eval mode submodules come
+with (a Hugging Face `from_pretrained` model is in eval mode), and a training step must still learn.
+The product replaces the parameter for the duration of the module's own forward only (a forward
+pre-hook puts it in, a forward hook that runs even when the forward raises puts the parameter back),
+so `state_dict`, optimizers, DDP and checkpoints only ever see the unchanged dense parameter. Pure PyTorch.
 
 Lifecycle::
 
     masks = LearnedMasks(targets, "2:4", priors=one_shot_masks, seed=0)
     masks.attach()                                  # forwards use W ⊙ mask from now on
     masks.sample(tau=4.0, scale=100.0)              # before each training forward; then backward
+    masks.clear_sample()                            # after it: other forwards (validation) use the hard mask
     optimizer.step()                                # over `masks.parameters()`; then masks.step_done()
     keep = masks.hard_masks()                       # bool masks by target name, for `set_mask`
     masks.detach()
@@ -115,10 +118,10 @@ class LearnedMasks:
             }
         return self._hard
 
-    def masked_weight(self, target: PruneTarget, weight: torch.Tensor, training: bool) -> torch.Tensor:
-        """W ⊙ soft mask in training with a current sample; else W where the hard mask keeps it, +0.0 elsewhere."""
+    def masked_weight(self, target: PruneTarget, weight: torch.Tensor) -> torch.Tensor:
+        """W ⊙ the current sample's soft mask; without one, W where the hard mask keeps it, +0.0 elsewhere."""
         soft = self._soft.get(target.name)
-        if training and soft is not None:
+        if soft is not None:
             return weight * soft.to(weight.dtype)
         return torch.where(self.hard_masks()[target.name], weight, torch.zeros((), dtype=weight.dtype))
 
@@ -146,7 +149,7 @@ class LearnedMasks:
             param = self._swapped.get(target.name, module._parameters[target.param_name])
             assert param is not None
             self._swapped[target.name] = param
-            masked = self.masked_weight(target, param, module.training)
+            masked = self.masked_weight(target, param)
             module._parameters[target.param_name] = masked  # type: ignore[assignment]
 
         return hook
