@@ -98,13 +98,11 @@ class LearnedSparsity(MaskingCallback):
     ) -> None:
         n, m = parse_pattern(pattern)
         check_candidates(pattern, max_candidates)
-        for value, name in ((tau_start, "tau_start"), (tau_end, "tau_end"), (scale_start, "scale_start")):
+        numbers = {"tau_start": tau_start, "tau_end": tau_end, "scale_start": scale_start, "scale_end": scale_end}
+        for name, value in {**numbers, "lr": lr, "init_std": init_std}.items():
             check_number(value, name, low=0, low_open=True)
-        check_number(scale_end, "scale_end", low=0, low_open=True)  # four separate knobs: one override each
-        check_number(lr, "lr", low=0, low_open=True)
-        check_number(prior_strength, "prior_strength", low=0)
-        check_number(regularizer, "regularizer", low=0)
-        check_number(init_std, "init_std", low=0, low_open=True)
+        for name, value in {"prior_strength": prior_strength, "regularizer": regularizer}.items():
+            check_number(value, name, low=0)
         check_choice(anneal, "anneal", ANNEAL_SHAPES)
         check_choice(logits_dtype, "logits_dtype", tuple(LOGITS_DTYPES))
         check_optional_integer(end_step, "end_step", low=1)
@@ -130,7 +128,7 @@ class LearnedSparsity(MaskingCallback):
         self._restored_learning: dict[str, Any] = {}
         self._frozen: list[nn.Parameter] = []
         self._global_step_at_batch_start = 0
-        self._schedule_steps = 1
+        self._anneals: tuple[Anneal, ...] = ()
 
     def resolve_targets(self, model: nn.Module) -> list[PruneTarget]:
         """With a `prior`, the one-shot's targets (inside the blocks); without, `MaskingCallback`'s."""
@@ -153,9 +151,15 @@ class LearnedSparsity(MaskingCallback):
                 "trains without end (max_epochs=-1, max_steps=-1); set trainer.max_steps or max_epochs, or `end_step`"
             )
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and not self.converted:  # before DDP wraps the module: it registers trainable parameters
+            self.freeze(pl_module)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.attach(trainer, pl_module)
-        if not self.converted:
+        if self.converted:  # resumed after the mask was fixed (the checkpoint said so after `setup` froze)
+            self.unfreeze()
+        else:
             self.start_learning(trainer, pl_module)
 
     def on_train_batch_start(
@@ -178,12 +182,15 @@ class LearnedSparsity(MaskingCallback):
             self.convert()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.learner is not None:  # the fit failed before on_train_end: leave the model as it was
+        self.on_exception(trainer, pl_module, RuntimeError())
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.learner is not None:  # the fit ended before on_train_end: hooks off, weights as they were
             self.learner.detach()
-            self.unfreeze()
+        self.unfreeze()
 
     def check_no_masks(self, pl_module: nn.Module) -> None:
-        """The targets must not be masked already (a mask from an earlier stage would be silently overridden)."""
+        """The targets must not be masked already (an earlier stage's mask would be silently overridden)."""
         masked = [t.name for t in self._targets if get_mask(t.module, t.param_name) is not None]
         if masked:
             raise ValueError(
@@ -216,27 +223,19 @@ class LearnedSparsity(MaskingCallback):
         if restored:
             self.learner.load_state_dict(restored["learner"])
             self.optimizer.load_state_dict(restored["optimizer"])
-        self.freeze(pl_module)
         self.learner.attach()
         total = self.end_step or trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("`end_step`=None needs a Trainer with a finite length (max_steps or max_epochs)")
-        self._schedule_steps = max(int(total), 1)
+        steps = max(int(total), 1)  # λ decays linearly to 0, as in MaskLLM
+        self._anneals = (Anneal(*self.tau, steps, self.anneal), Anneal(*self.scale, steps, self.anneal))
+        self._anneals += (Anneal(self.regularizer, 0.0, steps),)
         self.memory = self.learner.memory(self.optimizer)
-
-    def schedules(self) -> tuple[Anneal, Anneal, Anneal]:
-        """τ, κ and λ as functions of `step` (λ decays linearly to 0, as in MaskLLM)."""
-        steps = self._schedule_steps
-        return (
-            Anneal(*self.tau, steps, self.anneal),
-            Anneal(*self.scale, steps, self.anneal),
-            Anneal(self.regularizer, 0.0, steps),
-        )
 
     def sample(self, pl_module: pl.LightningModule) -> None:
         """This batch's soft masks at the schedules' τ and κ; logs `learned/tau` and `learned/scale`."""
         assert self.learner is not None
-        tau, scale, regularizer = (schedule(self.step) for schedule in self.schedules())
+        tau, scale, regularizer = (anneal(self.step) for anneal in self._anneals)
         self.learner.regularizer = regularizer
         self.learner.sample(tau, scale)
         pl_module.log_dict({"learned/tau": tau, "learned/scale": scale}, on_step=True, on_epoch=False)
@@ -259,7 +258,7 @@ class LearnedSparsity(MaskingCallback):
 
     def freeze(self, pl_module: nn.Module) -> None:
         """Freeze the targets' weights (unless `train_weights`) and, with `freeze_others`, every other parameter."""
-        weights = [t.weight for t in self._targets]
+        weights = [t.weight for t in self.resolve_targets(pl_module)]
         self._frozen = freeze_parameters(pl_module, weights, not self.train_weights, self.freeze_others)
 
     def unfreeze(self) -> None:
