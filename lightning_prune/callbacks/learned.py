@@ -29,7 +29,7 @@ class LearnedSparsity(MaskingCallback):
     """Learn an N:M mask during `fit`: logits over the candidate patterns, Gumbel-softmax, the argmax at the end.
 
     Every group of M weights (along the input dimension) of every target holds C(M, N) logits (6 for
-    2:4). Each training batch draws one soft mask `softmax((logits + g)·κ/τ) @ P` and the targets compute
+    2:4). Each training batch draws one soft mask `softmax((κ·logits + g)/τ) @ P` and the targets compute
     with `W ⊙ mask` in its forwards (whatever the modules' train/eval mode); validation and every forward
     outside a training batch use the hard argmax mask (the metrics of the final N:M model). τ and κ
     anneal from `tau_start`/`scale_start` to `tau_end`/`scale_end` (`anneal`) until `end_step` (default:
@@ -62,7 +62,7 @@ class LearnedSparsity(MaskingCallback):
         _target_: lightning_prune.LearnedSparsity
         pattern: "2:4"        # keep N of every M
         prior: sparsegpt      # one-shot mask the logits start from; null: none
-        lr: 0.01              # AdamW learning rate of the logits
+        lr: 0.001             # AdamW learning rate of the logits
         tau_start: 4.0        # Gumbel-softmax temperature, annealed to tau_end (0.05)
         scale_start: 100.0    # logit scale κ, annealed to scale_end (500)
     """
@@ -78,7 +78,7 @@ class LearnedSparsity(MaskingCallback):
         calibration: Iterable[Any] | None = None,
         num_samples: int | None = 128,
         forward: Callable[[nn.Module, Any], Any] | str | None = None,
-        lr: float = 1e-2,
+        lr: float = 1e-3,
         tau_start: float = 4.0,
         tau_end: float = 0.05,
         scale_start: float = 100.0,

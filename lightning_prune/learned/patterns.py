@@ -2,7 +2,7 @@
 
 MaskLLM (Fang et al., NeurIPS 2024, section 3): every group of M consecutive weights along the input
 dimension holds one logit per candidate pattern, the C(M, N) ways to keep N of M. Training samples
-`softmax((logits + g)·κ/τ) @ P` (eq. 4–6: Gumbel noise g, logit scale κ, temperature τ, the candidate
+`softmax((κ·logits + g)/τ) @ P` (Gumbel noise g, logit scale κ, temperature τ, the candidate
 patterns P as rows of 0/1); evaluation and the final mask take the argmax pattern.
 
 Shapes: a weight viewed as a matrix (..., rows, cols) has logits (..., rows, cols/M, C); masks come
@@ -121,9 +121,16 @@ def soft_mask(
     scale: float,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MaskLLM's differentiable mask `softmax((logits + noise)·scale/τ) @ P` in the matrix shape (fp32)."""
-    z = logits.float() if noise is None else logits.float() + noise
-    probabilities = torch.softmax(z * (scale / tau), dim=-1)
+    """MaskLLM's differentiable mask `softmax((κ·logits + g)/τ) @ P` in the matrix shape (fp32).
+
+    The scale κ multiplies the logits before the Gumbel noise g is added (MaskLLM section 3.3: the
+    categorical's probabilities are softmax(κ·logits); its code: `gumbel_softmax(gate * scale, tau)`),
+    so a larger κ makes the sample follow the logits more and the noise less; τ sharpens the result.
+    """
+    z = logits.float() * scale
+    if noise is not None:
+        z = z + noise
+    probabilities = torch.softmax(z / tau, dim=-1)
     mask = probabilities @ patterns
     return mask.reshape(*logits.shape[:-2], -1)
 
