@@ -188,3 +188,19 @@ def test_refusals() -> None:
     with pytest.raises(ValueError, match=r"\['net.0.weight'\] .* already have masks"):
         make_trainer(max_steps=1, callbacks=[LearnedSparsity(prior=None, targets=["net.0"])]).fit(module, regression())
     assert module.net[0].weight.requires_grad  # nothing was frozen
+
+
+def test_lora_recovery_after_the_learned_mask_keeps_its_2of4_zero_set() -> None:
+    from lightning_prune import LoRARecovery
+
+    module = llama()
+    learned = LearnedSparsity(prior="magnitude", lr=1e-2)
+    make_trainer(max_steps=3, callbacks=[learned]).fit(module, tokens())
+    masks = {name: mask.clone() for name, mask in get_masks(module).items()}
+    recovery = LoRARecovery(r=2, lr=5e-3)  # masked delta, merged at fit end
+    make_trainer(max_steps=3, callbacks=[recovery]).fit(module, tokens())
+    assert recovery.merged and len(masks) == 7
+    for name, mask in masks.items():
+        weight = module.get_parameter(name).detach()
+        assert torch.equal(weight != 0, mask), name  # merged with the zero set kept: exactly the learned 2:4
+        assert not weight[~mask].signbit().any(), name
