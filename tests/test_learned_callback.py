@@ -184,6 +184,12 @@ def test_refusals() -> None:
 
     with pytest.raises(ValueError, match=r"ModelParallelStrategy \(FSDP2\) yet"):
         LearnedSparsity(prior=None).preflight(module, Sharded())  # type: ignore[arg-type]
+
+    class TwoRanks:
+        strategy, world_size, max_steps, max_epochs = None, 2, 5, 1
+
+    with pytest.raises(ValueError, match=r"`freeze_others`=True freezes parameters after DDP registered them"):
+        LearnedSparsity(prior=None, freeze_others=True).preflight(module, TwoRanks())  # type: ignore[arg-type]
     set_mask(module.net[0], torch.ones_like(module.net[0].weight, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"\['net.0.weight'\] .* already have masks"):
         make_trainer(max_steps=1, callbacks=[LearnedSparsity(prior=None, targets=["net.0"])]).fit(module, regression())

@@ -17,7 +17,6 @@ from lightning_prune.learned import Anneal, LearnedMasks, check_candidates, free
 from lightning_prune.learned.schedules import ANNEAL_SHAPES
 from lightning_prune.masking import get_mask, get_masks, remove_mask, set_mask
 from lightning_prune.oneshot.method import OneShotMethod
-from lightning_prune.parallel.collectives import all_reduce_sum_, is_distributed
 from lightning_prune.selection import parse_pattern
 from lightning_prune.targets import PruneTarget
 from lightning_prune.validation import check_bool, check_choice, check_number, check_optional_integer
@@ -63,8 +62,6 @@ class LearnedSparsity(MaskingCallback):
         pattern: "2:4"        # keep N of every M
         prior: sparsegpt      # one-shot mask the logits start from; null: none
         lr: 0.001             # AdamW learning rate of the logits
-        tau_start: 4.0        # Gumbel-softmax temperature, annealed to tau_end (0.05)
-        scale_start: 100.0    # logit scale κ, annealed to scale_end (500)
     """
 
     sharded_ok = False
@@ -145,6 +142,11 @@ class LearnedSparsity(MaskingCallback):
                 "one process, then train the 2:4 model sharded in a later stage"
             )
         super().preflight(pl_module, trainer)
+        if trainer is not None and self.freeze_others and trainer.world_size > 1:
+            raise ValueError(
+                "LearnedSparsity's `freeze_others`=True freezes parameters after DDP registered them (it would wait "
+                "for their gradients); under DDP set requires_grad=False on them in your LightningModule instead"
+            )
         if trainer is not None and self.end_step is None and trainer.max_steps == -1 and trainer.max_epochs == -1:
             raise ValueError(
                 "LearnedSparsity's `end_step`=None anneals τ and κ until the Trainer's last step, but the Trainer "
@@ -153,7 +155,7 @@ class LearnedSparsity(MaskingCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and not self.converted:  # before DDP wraps the module: it registers trainable parameters
-            self.freeze(pl_module)
+            self.freeze(pl_module, targets=not self.train_weights, others=False)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.attach(trainer, pl_module)
@@ -181,18 +183,17 @@ class LearnedSparsity(MaskingCallback):
         if self.learner is not None:
             self.convert()
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.on_exception(trainer, pl_module, RuntimeError())
-
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.learner is not None:  # the fit ended before on_train_end: hooks off, weights as they were
             self.learner.detach()
         self.unfreeze()
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.on_exception(trainer, pl_module, RuntimeError(stage))
+
     def check_no_masks(self, pl_module: nn.Module) -> None:
         """The targets must not be masked already (an earlier stage's mask would be silently overridden)."""
-        masked = [t.name for t in self._targets if get_mask(t.module, t.param_name) is not None]
-        if masked:
+        if masked := [t.name for t in self._targets if get_mask(t.module, t.param_name) is not None]:
             raise ValueError(
                 f"LearnedSparsity learns the masks of unmasked weights, but {masked[:3]} (of {len(masked)}) already "
                 "have masks (an earlier pruning stage or callback); learn on the dense model, with `prior` for the "
@@ -224,6 +225,7 @@ class LearnedSparsity(MaskingCallback):
             self.learner.load_state_dict(restored["learner"])
             self.optimizer.load_state_dict(restored["optimizer"])
         self.learner.attach()
+        self.freeze(pl_module, targets=False, others=self.freeze_others)
         total = self.end_step or trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("`end_step`=None needs a Trainer with a finite length (max_steps or max_epochs)")
@@ -243,12 +245,7 @@ class LearnedSparsity(MaskingCallback):
     def step_logits(self) -> None:
         """One AdamW step of the logits on their gradients (averaged over DDP ranks: identical logits)."""
         assert self.learner is not None and self.optimizer is not None
-        grads = [x.grad for x in self.learner.parameters() if x.grad is not None]
-        if is_distributed():
-            all_reduce_sum_(grads)
-            world = torch.distributed.get_world_size()
-            for grad in grads:
-                grad.div_(world)
+        self.learner.average_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.learner.step_done()
@@ -256,10 +253,11 @@ class LearnedSparsity(MaskingCallback):
         if self.step == 1:  # AdamW's state exists from its first step on
             self.memory = self.learner.memory(self.optimizer)
 
-    def freeze(self, pl_module: nn.Module) -> None:
-        """Freeze the targets' weights (unless `train_weights`) and, with `freeze_others`, every other parameter."""
+    def freeze(self, pl_module: nn.Module, targets: bool, others: bool) -> None:
+        """Freeze the targets' weights (in `setup`, before the optimizers: `configure_optimizers` may leave frozen
+        weights out) and every other parameter (in `on_fit_start`, after them: an optimizer needs a parameter)."""
         weights = [t.weight for t in self.resolve_targets(pl_module)]
-        self._frozen = freeze_parameters(pl_module, weights, not self.train_weights, self.freeze_others)
+        self._frozen += freeze_parameters(pl_module, weights, targets, others)
 
     def unfreeze(self) -> None:
         """Give back `requires_grad` to every parameter `freeze` froze."""

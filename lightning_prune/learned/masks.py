@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.learned.patterns import candidate_patterns, gumbel_noise, hard_mask, init_logits, soft_mask
+from lightning_prune.parallel.collectives import all_reduce_sum_, is_distributed
 from lightning_prune.targets import PruneTarget
 
 
@@ -70,6 +71,17 @@ class LearnedMasks:
     def parameters(self) -> list[torch.Tensor]:
         """The logits, in target order: what the mask optimizer steps."""
         return [self.logits[t.name] for t in self.targets]
+
+    @torch.no_grad()
+    def average_gradients(self) -> None:
+        """Average the logits' gradients over the ranks (a no-op in one process): every DDP rank then steps
+        the same logits the same way (DDP averages only the module's own parameters)."""
+        if not is_distributed():
+            return
+        grads = [x.grad for x in self.parameters() if x.grad is not None]
+        all_reduce_sum_(grads)
+        for grad in grads:
+            grad.div_(torch.distributed.get_world_size())
 
     def patterns(self, device: torch.device) -> torch.Tensor:
         """The candidate patterns on `device` (made once per device)."""
