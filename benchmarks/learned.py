@@ -1,6 +1,6 @@
 """Learned 2:4 masks (MaskLLM) against SparseGPT 2:4 on the real all-MiniLM-L6-v2, at the same token budget.
 
-    python benchmarks/learned.py --steps 48    # every training row gets 48 steps of 16 paragraphs
+    python benchmarks/learned.py --steps 48 --logits-lr 5e-3   # every training row: 48 steps of 16 paragraphs
 
 Rows (cosine between the dense and the pruned model's mean-pooled embeddings of held-out pydoc
 paragraphs, as benchmarks/recovery.py): SparseGPT 2:4 one-shot; + reconstruction (towards the dense
@@ -68,14 +68,10 @@ class StepTimer(pl.Callback):
 
 
 class MaskOnly(EncoderDistillation):
-    """`EncoderDistillation` whose optimizer takes every parameter (all frozen while the mask is learned)."""
+    """`EncoderDistillation` with a forward: the prior's one-shot calibration runs the module on a batch."""
 
     def forward(self, **batch: torch.Tensor) -> Any:
-        """The encoder's output (what the prior's one-shot calibration runs)."""
         return self.model(**batch)
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
 def train(
