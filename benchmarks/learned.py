@@ -44,7 +44,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=48, help="training steps of every training row")
     parser.add_argument("--reconstruct-steps", type=int, default=100)
     parser.add_argument("--distill-lr", type=float, default=2e-4, help="weights' learning rate (distillation)")
-    parser.add_argument("--logits-lr", type=float, default=2e-3, help="the learned mask's logits' learning rate")
+    parser.add_argument("--logits-lr", type=float, default=1e-3, help="the learned mask's logits' learning rate")
     parser.add_argument("--prior-strength", type=float, default=3.0, help="MaskLLM's prior strength (std devs)")
     parser.add_argument("--paragraphs", type=int, default=64, help="held-out paragraphs for the metric")
     return parser.parse_args()
