@@ -1,6 +1,6 @@
 """Learned 2:4 masks (MaskLLM) against SparseGPT 2:4 on the real all-MiniLM-L6-v2, at the same token budget.
 
-    python benchmarks/learned.py --steps 48 --logits-lr 5e-3   # every training row: 48 steps of 16 paragraphs
+    python benchmarks/learned.py --steps 48   # every training row: 48 steps of 16 paragraphs (logits lr 1e-3)
 
 Rows (cosine between the dense and the pruned model's mean-pooled embeddings of held-out pydoc
 paragraphs, as benchmarks/recovery.py): SparseGPT 2:4 one-shot; + reconstruction (towards the dense
