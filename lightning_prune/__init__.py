@@ -6,6 +6,7 @@ from lightning_prune.callbacks import (
     IterativePruning,
     KeepMasks,
     KnowledgeDistillation,
+    LearnedSparsity,
     LoRARecovery,
     OneShotPruning,
     SparseExport,
@@ -15,6 +16,7 @@ from lightning_prune.callbacks.structured import StructuredPruning
 from lightning_prune.criteria import make_criterion
 from lightning_prune.evaluate import evaluate_lm_harness
 from lightning_prune.export import load_sparse, load_sparse_state_dict, save_sparse
+from lightning_prune.learned import LearnedMasks
 from lightning_prune.lora import attach_lora, load_lora, merge_lora
 from lightning_prune.lora.sharded import merge_lora_sharded
 from lightning_prune.mask_updates import update_masks
@@ -87,6 +89,8 @@ __all__ = [
     "IterativePruning",
     "KeepMasks",
     "KnowledgeDistillation",
+    "LearnedMasks",
+    "LearnedSparsity",
     "LoRARecovery",
     "MaskRefiner",
     "OneShotMethod",

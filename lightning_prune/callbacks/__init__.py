@@ -8,6 +8,7 @@ from lightning_prune.callbacks.export import SparseExport
 from lightning_prune.callbacks.gradual import GradualPruning
 from lightning_prune.callbacks.iterative import IterativePruning
 from lightning_prune.callbacks.keep import KeepMasks
+from lightning_prune.callbacks.learned import LearnedSparsity
 from lightning_prune.callbacks.lora import LoRARecovery
 from lightning_prune.callbacks.once import PruneOnFitStart
 from lightning_prune.callbacks.oneshot import OneShotPruning
@@ -21,6 +22,7 @@ __all__ = [
     "IterativePruning",
     "KeepMasks",
     "KnowledgeDistillation",
+    "LearnedSparsity",
     "LoRARecovery",
     "MaskingCallback",
     "OneShotPruning",
