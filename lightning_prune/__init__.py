@@ -10,6 +10,7 @@ from lightning_prune.callbacks import (
 )
 from lightning_prune.callbacks.structured import StructuredPruning
 from lightning_prune.criteria import make_criterion
+from lightning_prune.evaluate import PerplexityResult, evaluate_perplexity
 from lightning_prune.export import load_sparse, load_sparse_state_dict, save_sparse
 from lightning_prune.lora import attach_lora, load_lora, merge_lora
 from lightning_prune.lora.sharded import merge_lora_sharded
@@ -77,6 +78,7 @@ __all__ = [
     "MaskRefiner",
     "OneShotMethod",
     "OneShotPruning",
+    "PerplexityResult",
     "PruneTarget",
     "Registry",
     "Ria",
@@ -91,6 +93,7 @@ __all__ = [
     "compact",
     "distill_loss",
     "ensure_gradient_masking",
+    "evaluate_perplexity",
     "finalize",
     "finalized_parameters",
     "find_blocks",

@@ -18,7 +18,7 @@ FLOORS: list[set[str]] = [
     {"parallel"},  # torch.distributed: collectives, sharded selection
     {"masking", "mask_updates", "report"},  # masks in the forward pass, scores to masks, sparsity tables
     {"calibration"},  # the block driver and its statistics
-    {"oneshot", "structured", "recovery", "lora", "export"},  # the features
+    {"oneshot", "structured", "recovery", "lora", "export", "evaluate"},  # the features
     {"callbacks"},  # Lightning adapters
     {"models", "data"},  # examples of users' code
     {"run", "cli", ""},  # the pipeline, the entry point, the public API

@@ -70,7 +70,10 @@ def test_causal_lm_trains_one_step() -> None:
     ("kwargs", "match"),
     [
         ({"model_path": "/no/such/model"}, "`model_path`='/no/such/model' is not a local model directory"),
-        ({}, "exactly one of `model_path` or `config`"),
+        ({}, "exactly one of `model_path`, `gguf_file` or `config`"),
+        ({"gguf_file": "/no/such.gguf"}, "`gguf_file`=./no/such.gguf. is not a file"),
+        ({"gguf_file": "a.gguf", "config": TINY_LLAMA}, "give `gguf_file` or `config`, not both"),
+        ({"pretrained": "gpt5"}, "`pretrained` must be one of \\[.smollm2.\\] or null, got .gpt5."),
         ({"config": {"hidden_size": 8}}, "needs a `model_type`"),
         ({"config": TINY_LLAMA, "dtype": "floaty"}, "`dtype` must name a torch dtype"),
         ({"config": TINY_LLAMA, "lr": 0.0}, "`lr` must be > 0"),
