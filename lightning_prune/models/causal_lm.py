@@ -12,6 +12,7 @@ import torch
 from torchmetrics.text import Perplexity
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from lightning_prune.evaluate.perplexity import IGNORE_INDEX
 from lightning_prune.models.optim import make_adamw
 from lightning_prune.models.pretrained import pretrained_smollm2_path
 from lightning_prune.validation import check_number
@@ -124,10 +125,12 @@ class CausalLMModule(pl.LightningModule):
     """Next-token training of a Hugging Face `AutoModelForCausalLM`; `self.model` is the HF model.
 
     Batches are `{"input_ids": (B, T)}` (optionally `attention_mask`, `labels`); labels default to
-    the inputs (the model shifts them). Logs `train/loss`, `val/loss` and `val/ppl` (torchmetrics
-    `Perplexity` over every predicted token). The model comes from `model_path` (a local HF
-    directory), `gguf_file` (a GGUF file, or a file name inside `model_path`), `config` (random
-    init), or else `pretrained`: the name of a packaged model (`PRETRAINED_CAUSAL_LMS`, e.g. smollm2).
+    the inputs (the model shifts them); labels of -100 and padding (`attention_mask` 0) are not
+    targets. Logs `train/loss`, `val/loss` and `val/ppl` (torchmetrics `Perplexity` over every
+    predicted token: on the same windows, the tokens and value of `evaluate_perplexity`). The model
+    comes from `model_path` (a local HF directory), `gguf_file` (a GGUF file, or a file name inside
+    `model_path`), `config` (random init), or else `pretrained`: the name of a packaged model
+    (`PRETRAINED_CAUSAL_LMS`, e.g. smollm2).
 
     Example YAML (`lightning_prune/conf/model/tiny_llama.yaml`)::
 
@@ -167,6 +170,9 @@ class CausalLMModule(pl.LightningModule):
 
     def _loss_and_logits(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         labels = batch.get("labels", batch["input_ids"])
+        mask = batch.get("attention_mask")
+        if mask is not None:  # padding is never a target: the tokens evaluate_perplexity counts, no others
+            labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
         output = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
         return output.loss, output.logits, labels
 
