@@ -1,16 +1,19 @@
 """lightning_prune: training-time, iterative and one-shot pruning for PyTorch Lightning."""
 
+from lightning_prune.calibration import calibrate_whole_model, unfold_inputs
 from lightning_prune.callbacks import (
     GradualPruning,
     IterativePruning,
+    KeepMasks,
     KnowledgeDistillation,
     LoRARecovery,
     OneShotPruning,
     SparseExport,
 )
+from lightning_prune.callbacks.experts import ExpertPruning
 from lightning_prune.callbacks.structured import StructuredPruning
 from lightning_prune.criteria import make_criterion
-from lightning_prune.evaluate import PerplexityResult, evaluate_perplexity
+from lightning_prune.evaluate import PerplexityResult, evaluate_lm_harness, evaluate_perplexity
 from lightning_prune.export import load_sparse, load_sparse_state_dict, save_sparse
 from lightning_prune.lora import attach_lora, load_lora, merge_lora
 from lightning_prune.lora.sharded import merge_lora_sharded
@@ -58,7 +61,14 @@ from lightning_prune.registry import (
 from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.schedules import make_schedule
 from lightning_prune.selection import select_masks
-from lightning_prune.structured import StructuredReport, StructuredScore, compact, prune_structured
+from lightning_prune.structured import (
+    ExpertScore,
+    StructuredReport,
+    StructuredScore,
+    compact,
+    prune_experts,
+    prune_structured,
+)
 from lightning_prune.targets import PruneTarget, find_targets
 
 __version__ = "0.1.0"
@@ -69,10 +79,13 @@ __all__ = [
     "ONESHOT_METHODS",
     "STRUCTURED_SCORES",
     "DSnoT",
+    "ExpertPruning",
+    "ExpertScore",
     "FeatureNormStats",
     "GradualPruning",
     "HessianStats",
     "IterativePruning",
+    "KeepMasks",
     "KnowledgeDistillation",
     "LoRARecovery",
     "MaskRefiner",
@@ -90,9 +103,11 @@ __all__ = [
     "apply_masks_",
     "attach_lora",
     "calibrate_sequentially",
+    "calibrate_whole_model",
     "compact",
     "distill_loss",
     "ensure_gradient_masking",
+    "evaluate_lm_harness",
     "evaluate_perplexity",
     "finalize",
     "finalized_parameters",
@@ -111,6 +126,7 @@ __all__ = [
     "mask_sharded_gradients_",
     "merge_lora",
     "merge_lora_sharded",
+    "prune_experts",
     "prune_oneshot",
     "prune_structured",
     "reconstruct_block",
@@ -126,6 +142,7 @@ __all__ = [
     "sharded_lowest_k",
     "sparsegpt_prune",
     "sparsity_report",
+    "unfold_inputs",
     "update_masks",
     "wanda_mask",
 ]

@@ -1,6 +1,7 @@
 """`lightning-prune`: the Hydra entry point. Composes lightning_prune/conf/ (recipes included) and calls `run(cfg)`.
 
-Configuration mistakes end with one line naming the key and the value and exit code 2;
+Configuration mistakes end with one line naming the key and the value and exit code 2 (a key that does
+not exist gets Hydra's message, then its group's valid keys and the nearest match);
 `HYDRA_FULL_ERROR=1` shows the full traceback instead. In a sweep (`-m`), a failing job is
 recorded and the others still run; `sweep_summary.json`/`.md` in the sweep directory list every
 job's outcome, and the command exits with 1 naming the failed jobs.
@@ -21,6 +22,8 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from lightning_prune.run import run
+from lightning_prune.run.finish import run_summary
+from lightning_prune.run.overrides import unknown_key_hints
 from lightning_prune.run.sweep import SweepLog
 
 # Exceptions that report a bad configuration (ValueError includes ConfigError and the library's
@@ -47,6 +50,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
             raise
         print(f"lightning-prune: error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
+    print(run_summary(results))
     return final_metric(results)
 
 
@@ -71,6 +75,7 @@ def sweep_job(cfg: DictConfig) -> float | None:
         print(f"lightning-prune: job #{job.number} failed: {error}", file=sys.stderr)
         SWEEP.finish(job, error=error)
         return None
+    print(run_summary(results))
     value = final_metric(results)
     SWEEP.finish(job, metric=results["metric"], value=value)
     return value
@@ -79,7 +84,11 @@ def sweep_job(cfg: DictConfig) -> float | None:
 def main() -> None:
     """Console script `lightning-prune`."""
     SWEEP.jobs.clear()  # one sweep per call (tests and notebooks call main() more than once)
-    hydra_main()
+    try:
+        hydra_main()
+    except SystemExit as exit_:
+        explain_unknown_keys(exit_)
+        raise
     failed = SWEEP.failed()
     if failed:
         names = "; ".join(f"#{job.number} ({' '.join(job.overrides)}): {job.error}" for job in failed)
@@ -89,6 +98,18 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(EXIT_SWEEP_FAILED)
+
+
+def explain_unknown_keys(exit_: SystemExit) -> None:
+    """After Hydra refused the command line (its message printed, exit 1): for each override naming no key of
+    the config, print the valid keys of its group and the nearest match, and exit with `EXIT_BAD_CONFIG`."""
+    if exit_.code != 1:
+        return
+    hints = unknown_key_hints(CONFIG_DIR, sys.argv[1:])
+    for hint in hints:
+        print(f"lightning-prune: error: {hint}", file=sys.stderr)
+    if hints:
+        sys.exit(EXIT_BAD_CONFIG)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_prune.parallel.sharded import is_sharded, local_tensor
+from lightning_prune.validation import check_materialized
 
 _MASKED = "_lightning_prune_masked"  # module attribute: [param_name, ...] of its masked parameters
 _LOAD_HOOK = "_lightning_prune_load_hook"  # module attribute: the load_state_dict post hook's handle
@@ -186,15 +187,35 @@ def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: getattr(module, _mask_name(p)) for name, module, p in masked_parameters(model)}
 
 
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, param_name = name.rpartition(".")
+    try:
+        return model.get_submodule(module_name), param_name
+    except AttributeError as error:
+        raise ValueError(f"saved mask {name!r} names no module of this model") from error
+
+
 def load_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Attach masks saved by `get_masks` (e.g. from a checkpoint) to the same-named parameters."""
     for name, mask in masks.items():
-        module_name, _, param_name = name.rpartition(".")
-        try:
-            module = model.get_submodule(module_name)
-        except AttributeError as error:
-            raise ValueError(f"saved mask {name!r} names no module of this model") from error
+        module, param_name = _owner(model, name)
         set_mask(module, mask, param_name)
+
+
+def tighten_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Attach `masks` ANDed with the masks already there: the union of the pruned entries, never a revival.
+
+    All or nothing: every name and shape is checked before any mask changes.
+    """
+    owners = {name: _owner(model, name) for name in masks}
+    for name, (module, param_name) in owners.items():
+        shape = tuple(local_tensor(getattr(module, param_name)).shape)
+        if tuple(masks[name].shape) != shape:
+            raise ValueError(f"saved mask {name!r} of shape {tuple(masks[name].shape)} does not fit its weight {shape}")
+    for name, (module, param_name) in owners.items():
+        current = get_mask(module, param_name)
+        mask = masks[name].to(dtype=torch.bool)
+        set_mask(module, mask if current is None else current & mask.to(current.device), param_name)
 
 
 @torch.no_grad()
@@ -250,7 +271,9 @@ def finalize(model: nn.Module) -> nn.Module:
 
     Afterwards `model.state_dict()` has exactly the dense model's keys. Each module keeps the names
     of its parameters that were pruned (`finalized_parameters`), so reports count the same layers.
+    A model on the meta device (no values to bake in) is a ValueError.
     """
+    check_materialized(model)
     for _, module, param_name in masked_parameters(model):
         finalized = getattr(module, _FINALIZED, [])
         object.__setattr__(module, _FINALIZED, [*finalized, *([] if param_name in finalized else [param_name])])

@@ -19,6 +19,9 @@ DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, H
 # Last name components of output heads that stay dense by default.
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head", "cls", "output_layer")
+# Last name components of input embeddings made of layers (a ViT's patch-embedding conv, a CNN stem):
+# every layer inside them stays dense by default, like token embeddings.
+EMBEDDING_NAMES = ("patch_embed", "patch_embeds", "patch_embedding", "patch_embeddings", "stem")
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,23 @@ def output_head_names(model: nn.Module, types: tuple[type[nn.Module], ...] = DEF
     return heads
 
 
+def embedding_names(model: nn.Module, types: tuple[type[nn.Module], ...] = DEFAULT_TYPES) -> set[str]:
+    """Names of the prunable layers inside input embeddings made of layers: left dense unless targeted by name.
+
+    A module whose last name component is in EMBEDDING_NAMES (timm's `patch_embed`, transformers'
+    `patch_embeddings` / `patch_embedding`, a CNN's `stem`) holding a convolution is an embedding,
+    as a token embedding is: every `types` layer inside it (its conv, a projection) is one.
+    """
+    names: set[str] = set()
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in EMBEDDING_NAMES:
+            continue
+        inside = [(n, m) for n, m in module.named_modules(prefix=name) if isinstance(m, types)]
+        if any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for _, m in inside):
+            names.update(n for n, _ in inside)
+    return names
+
+
 def adapter_module_names(model: nn.Module) -> set[str]:
     """Modules inside peft tuner layers other than their `base_layer` (LoRA's `lora_A`, `lora_B`, ...).
 
@@ -198,7 +218,8 @@ def find_targets(
             module or the parameter name); when given, only matching modules are targeted, output
             heads and routers included if they match.
         ignore: regular expressions of module (or expert parameter) names to leave dense.
-        ignore_output_head: leave the output head / classifier dense (see `output_head_names`).
+        ignore_output_head: leave the output head / classifier, the routers and the patch embeddings /
+            stems dense (see `output_head_names`, `router_names`, `embedding_names`).
         experts: also target fused mixture-of-experts weights (see `expert_parameters`).
 
     Raises:
@@ -207,7 +228,11 @@ def find_targets(
     types = tuple(types) if types is not None else DEFAULT_TYPES
     includes = _compile(include, "targets")
     ignores = _compile(ignore, "ignore")
-    dense = (output_head_names(model, types) | router_names(model)) if ignore_output_head and not includes else set()
+    dense = (
+        output_head_names(model, types) | router_names(model) | embedding_names(model, types)
+        if ignore_output_head and not includes
+        else set()
+    )
     found = []
     candidates = []
     adapters = adapter_module_names(model)

@@ -13,6 +13,8 @@ import math
 from collections.abc import Sequence
 from typing import TypeGuard, TypeVar
 
+from torch import nn
+
 T = TypeVar("T")
 
 
@@ -122,3 +124,16 @@ def check_choice(value: object, argument: str, choices: Sequence[T]) -> T:
         if isinstance(value, bool) == isinstance(choice, bool) and value == choice:
             return choice
     raise _refuse(argument, f"one of {tuple(choices)}", value)
+
+
+def check_materialized(model: nn.Module, argument: str = "model") -> None:
+    """Refuse a model whose parameters or buffers are on the `meta` device (shapes without values, e.g.
+    built under `torch.device("meta")` or `init_empty_weights`): there is nothing to score, prune or bake in."""
+    meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if meta:
+        raise ValueError(
+            f"`{argument}` ({type(model).__name__}) is on the meta device: {len(meta)} of its tensors "
+            f"({', '.join(repr(name) for name in meta[:3])}{', ...' if len(meta) > 3 else ''}) have a shape but no "
+            "values. Materialize it first: `model.to_empty(device='cpu')` (or 'cuda'), then load its weights "
+            "(`model.load_state_dict(state_dict)`, or `from_pretrained` without a meta device / empty-weights init)"
+        )

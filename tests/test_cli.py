@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,12 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from lightning_prune import cli
 from lightning_prune.cli import CONFIG_DIR
 from lightning_prune.models import build_digits_net
 from lightning_prune.report import max_nonzeros_per_group
 from lightning_prune.run import ConfigError, run
-from tests.conftest import compose_config
+from tests.conftest import QUIET_RUN, compose_config
 
 
 def flatten(node: dict, prefix: str = "") -> dict[str, object]:
@@ -165,7 +167,8 @@ def test_extra_callbacks_and_dense_baseline_from_yaml_only(tmp_path: Path) -> No
             "+callbacks.bad._target_=torch.nn.ReLU",
             r"`callbacks.bad._target_`='torch.nn.ReLU' is not a Lightning Callback",
         ),
-        ("+pruning.bogus=1", r"`pruning.bogus` is not an argument of lightning_prune.GradualPruning"),
+        ("+pruning.bogus=1", r"`pruning.bogus` is not an argument of lightning_prune.GradualPruning \(its arguments: "),
+        ("+pruning.frequncy=1", r"GradualPruning \(its arguments: sparsity, .*\); did you mean `pruning.frequency`\?$"),
     ],
 )
 def test_bad_configuration_names_key_and_value(tmp_path: Path, override: str, match: str) -> None:
@@ -194,3 +197,29 @@ def test_oneshot_method_configs_differ_from_their_shared_base_only_in_method() -
             node = OmegaConf.to_container(compose("config", overrides=["~recipe", f"pruning={method}"]).pruning)
         assert list(node) == list(base)  # every argument, in the base's order
         assert node == {**shared, "method": method, "method_options": method_options}
+
+
+@pytest.mark.slow
+def test_the_console_ends_with_where_the_run_went_and_its_metrics_before_and_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # Hydra's own run directory goes here
+    out = tmp_path / "run"
+    tiny = ["dense_epochs=1", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1"]
+    arguments = ["recipe=quickstart", f"output_dir={out}", *QUIET_RUN, *tiny, "plots=false"]
+    monkeypatch.setattr(sys, "argv", ["lightning-prune", *arguments])
+    cli.main()
+    results = json.loads((out / "results.json").read_text())
+    before, after = results["before"], results["after"]
+    summary = (
+        f"lightning-prune: run written to {out} (results.json, sparsity_report.md)\n"
+        f"  val/acc: {before['val/acc']:.4f} → {after['val/acc']:.4f}\n"
+        f"  val/loss: {before['val/loss']:.4f} → {after['val/loss']:.4f}\n"
+        "  sparsity: 90.00% (target 90.00%)\n"
+        f"  model: {out / 'model' / 'model.pt'}\n"
+    )
+    assert capsys.readouterr().out.endswith(summary)
+    # Resumed after its last stage: the same metrics (carried in the checkpoint), and where it resumed.
+    monkeypatch.setattr(sys, "argv", ["lightning-prune", *arguments, "resume=true"])
+    cli.main()
+    assert capsys.readouterr().out.endswith(summary + "  resumed after stage 'prune'\n")

@@ -14,6 +14,7 @@ from lightning_prune.masking import (
     load_masks,
     remove_masks,
     set_mask,
+    tighten_masks,
 )
 from lightning_prune.targets import find_targets
 from tests.conftest import tiny_gpt2, tiny_llama
@@ -273,3 +274,20 @@ def test_nan_weights_under_magnitude_selection_name_the_layer() -> None:
     targets = find_targets(model, ignore_output_head=False)
     with pytest.raises(ValueError, match=r"the scores of '0.weight' contain NaN \(1 of its 16 weights are NaN\)"):
         update_masks(targets, {t.name: t.weight.detach().abs() for t in targets}, 0.5)
+
+
+def test_tighten_masks_keeps_the_union_of_pruned_entries_all_or_nothing() -> None:
+    layer = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2.0, 3.0, -4.0], [5.0, -6.0, 7.0, -8.0]]))
+    set_mask(layer, torch.tensor([[True, False, True, True], [True, True, True, False]]))
+    tighten_masks(layer, {"weight": torch.tensor([[False, True, True, True], [True, False, True, True]])})
+    expected = torch.tensor([[False, False, True, True], [True, False, True, False]])
+    assert torch.equal(get_mask(layer), expected)
+    assert torch.equal(layer.weight, torch.tensor([[0.0, 0.0, 3.0, -4.0], [5.0, 0.0, 7.0, 0.0]]))
+    assert not torch.signbit(layer.weight[~expected]).any()
+    with pytest.raises(ValueError, match=r"'weight' of shape \(2, 2\) does not fit its weight \(2, 4\)"):
+        tighten_masks(layer, {"weight": torch.zeros(2, 2, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"'nope\.weight' names no module"):
+        tighten_masks(layer, {"nope.weight": torch.zeros(1, dtype=torch.bool)})
+    assert torch.equal(get_mask(layer), expected)  # refused calls changed nothing

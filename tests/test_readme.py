@@ -323,6 +323,50 @@ def check_compacted(namespace: dict[str, Any], directory: Path) -> None:
     ) == (2, 48, 6, 3)
 
 
+def no_standins(pretrained: dict[str, Path]) -> dict[str, Any]:
+    return {}
+
+
+def check_any_network(namespace: dict[str, Any], directory: Path) -> None:
+    report = namespace["report"]
+    assert report.global_sparsity == 0.5
+    assert report.notes[0].startswith("calibrated in one whole-model pass (no block list found)")
+    for layer in (namespace["cnn"][0], namespace["cnn"][2]):  # the convolutions, 2:4 along weight.flatten(1)
+        groups = (layer.weight.flatten(1) != 0).reshape(layer.weight.shape[0], -1, 4).sum(-1)
+        assert bool((groups == 2).all())
+    assert bool((namespace["cnn"][5].weight != 0).all())  # the classifier head stays dense
+
+
+def experts_standins(pretrained: dict[str, Path]) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=64,
+        max_position_embeddings=32,
+    )
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "moe": AutoModelForCausalLM.from_config(config),
+        "batches": [{"input_ids": torch.randint(0, 64, (2, 16), generator=generator)} for _ in range(2)],
+    }
+
+
+def check_experts(namespace: dict[str, Any], directory: Path) -> None:
+    smaller = namespace["smaller"]
+    assert smaller.config.num_experts == 2
+    assert all(layer.mlp.experts.gate_up_proj.shape[0] == 2 for layer in smaller.model.layers)
+
+
 # A distinctive line of each Python block -> (stand-ins, check after it ran).
 PYTHON_BLOCKS: dict[str, tuple[Callable[[dict[str, Path]], dict[str, Any]], Callable[[dict[str, Any], Path], None]]] = {
     "pruning = GradualPruning(": (digits_standins, check_one_callback),
@@ -332,6 +376,8 @@ PYTHON_BLOCKS: dict[str, tuple[Callable[[dict[str, Path]], dict[str, Any]], Call
     "small = compact(model)": (structured_standins, check_compacted),
     "LoRARecovery(r=8, alpha=16, lr=2e-3)": (callbacks_standins, check_export),
     'model = load_sparse("export/")': (export_standins, check_two_of_four),
+    'pattern="2:4")\n': (no_standins, check_any_network),
+    "prune_experts(moe, batches": (experts_standins, check_experts),
 }
 
 
@@ -353,5 +399,5 @@ def test_python_block_runs(
     namespace = {"__name__": "readme", **standins(pretrained)}
     exec(compile(substitute(block, pretrained), f"README.md[{key}]", "exec"), namespace)
     check(namespace, tmp_path)
-    if "print(" in block:
+    if "print(" in block and "report.notes" not in block:
         assert "Sparsity report" in capsys.readouterr().out  # the rich table

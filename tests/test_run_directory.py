@@ -45,8 +45,11 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     [
         (["resume=true", "seed=1"], ConfigError, r"`resume`=True: `data.seed`=1 differs from the interrupted run.s 0"),
         (["pruning.targets=[nomatch]"], ValueError, "nomatch"),
+        # A pruning callback configured differently from the checkpoint's (or none at all) is refused.
+        (["resume=true", "pruning.sparsity=0.5"], ConfigError, r"`pruning.sparsity`=0.5 differs from .*s 0.9 \("),
+        (["resume=true", "pruning=none"], ConfigError, r"`resume`=True: `pruning(\.\w+)?`=.* differs from"),
     ],
-    ids=["resume-refused", "preflight-refused"],
+    ids=["resume-refused", "preflight-refused", "resume-other-pruning", "resume-no-pruning"],
 )
 def test_a_run_refused_before_it_starts_leaves_the_earlier_run_byte_identical(
     finished: tuple[Path, dict[str, bytes]], overrides: list[str], error: type[Exception], match: str
@@ -103,3 +106,18 @@ def test_output_dir_that_is_or_is_under_a_file_names_output_dir(tmp_path: Path, 
         f"{message}; `output_dir` must be a directory: a new path, or an earlier run's directory to resume it"
     )
     assert blocker.read_text() == "a file\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_an_export_path_from_the_config_is_named_by_its_key(tmp_path: Path) -> None:
+    blocker = tmp_path / "export-here"
+    blocker.write_text("a file\n")
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as raised:
+        run(compose_config("quickstart", out, *TINY, "export=dense", f"export.dirpath={blocker}"))
+    assert str(raised.value) == (
+        f"`export.dirpath`='{blocker}' (lightning_prune.SparseExport): `dirpath`='{blocker}' is an existing file, "
+        "not a directory"
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert (results["failed_phase"], results["error"]["type"]) == ("preflight", "ConfigError")
+    assert blocker.read_text() == "a file\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,74 @@ def test_filters_cnn_recipe_compacts_the_convolutions(tmp_path: Path) -> None:
     assert not [w for w in results["warnings"] if "sparsity" in w["kind"]] and results["target_sparsity"] is None
     state = torch.load(tmp_path / "model" / "model.pt")
     assert state["conv1.weight"].shape[0] == 16 and state["conv2.weight"].shape[0] == 32
+
+
+def test_structured_run_reports_units_and_parameters_in_results_report_and_plot(tmp_path: Path) -> None:
+    cfg = compose_config(
+        "quickstart",
+        tmp_path,
+        "dense_epochs=0",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=1",
+        "pruning.sparsity=0.5",
+        "pruning.frequency=1",
+        "pruning.structure=neuron",
+        "pruning.compact_on_end=true",
+        "plots=true",
+    )
+    results = run(cfg)
+    # The digits MLP 64 → 256 → 256 → 10 loses half of both hidden layers' neurons.
+    layers = {
+        "model.fc1": [64 * 256 + 256, 64 * 128 + 128],
+        "model.fc2": [256 * 256 + 256, 128 * 128 + 128],
+        "model.classifier": [256 * 10 + 10, 128 * 10 + 10],
+    }
+    before, after = sum(b for b, _ in layers.values()), sum(a for _, a in layers.values())
+    recorded = json.loads((tmp_path / "results.json").read_text())
+    structured = recorded["structured"]
+    assert results["structured"] == structured
+    assert structured["units"] == {"neurons": {"removed": 256, "total": 512}}
+    assert structured["removed"] == {"model.fc1": 128, "model.fc2": 128}
+    assert structured["layer_parameters"] == layers
+    assert (structured["parameters_before"], structured["parameters_after"]) == (before, after) == (85_002, 26_122)
+    assert structured["parameter_ratio"] == after / before
+    compaction = recorded["compaction"]
+    assert (compaction["parameters_before"], compaction["parameters_after"]) == (before, after)
+    assert compaction["timing_rounds"] == 7 and compaction["speedup"] == pytest.approx(
+        compaction["forward_seconds_before"] / compaction["forward_seconds_after"]
+    )
+    report = (tmp_path / "sparsity_report.md").read_text()
+    assert f"{before:,} → {after:,} parameters (ratio {after / before:.4f}, {before - after:,} removed)" in report
+    assert "| neurons | 256 | 512 |" in report and "| model.fc2 | neuron | 128 | 128 | 256 |" in report
+    assert f"| model.fc2 | {256 * 256 + 256} | {128 * 128 + 128} |" in report
+    assert "median of 7 interleaved rounds" in report
+    plots = tmp_path / "plots"
+    assert (plots / "structured_parameters.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (plots / "layer_sparsity.png").exists()  # a compacted model has no zeros to plot
+
+
+@pytest.mark.slow
+def test_moe_experts_recipe_removes_experts_distills_and_saves_a_stock_moe(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = compose_config(
+        "moe_experts",
+        tmp_path,
+        "dense_epochs=1",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=2",
+        "data.seq_len=16",
+        "data.vocab_size=300",
+        "model.config.hidden_size=32",
+        "model.config.num_hidden_layers=2",
+        "pruning.num_samples=16",
+    )
+    results = run(cfg)
+    assert results["experts"]["kept"] == {f"model.model.layers.{i}.mlp.experts": [4, 8] for i in range(2)}
+    compaction = results["compaction"]
+    assert compaction["parameters_after"] == results["experts"]["parameters_after"] < compaction["parameters_before"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert model.config.num_experts == 4 and model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 4
+    assert 1.0 < results["after"]["val/ppl"] < float("inf")
+    assert not [w for w in results["warnings"] if "sparsity" in w["kind"]] and results["target_sparsity"] is None

@@ -11,6 +11,10 @@ from lightning_prune import GradualPruning, IterativePruning
 from lightning_prune.data import DigitsDataModule
 from lightning_prune.masking import get_masks
 from lightning_prune.models import ClassifierModule
+from lightning_prune.structured import timing
+from lightning_prune.structured.find import find_groups
+from lightning_prune.structured.scores import GroupMagnitude
+from lightning_prune.structured.select import prune_group
 from tests.conftest import TinyCausalLM, TinyRegressor, make_trainer, tiny_llama
 
 
@@ -22,8 +26,65 @@ def test_gradual_neurons_compacted_at_fit_end() -> None:
     assert [(m.in_features, m.out_features) for m in linears] == [(8, 16), (16, 16), (16, 2)]
     assert pruning.current_sparsity == 0.5
     assert pruning.compaction["parameters_after"] == 8 * 16 + 16 + 16 * 16 + 16 + 16 * 2 + 2
-    assert pruning.compaction["forward_seconds_after"] > 0
+    assert pruning.compaction["forward_seconds_after"] > 0 and pruning.compaction["timing_rounds"] == 7
     assert not get_masks(module)
+    structured = pruning.results()["structured"]  # what the run writes into results.json
+    assert structured["units"] == {"neurons": {"removed": 32, "total": 64}}
+    assert structured["removed"] == {"net.0": 16, "net.2": 16}
+    assert structured["layer_parameters"] == {
+        "net.0": [8 * 32 + 32, 8 * 16 + 16],
+        "net.2": [32 * 32 + 32, 16 * 16 + 16],
+        "net.4": [32 * 2 + 2, 16 * 2 + 2],
+    }
+    assert structured["parameters_before"] == 1410 and structured["parameters_after"] == 450
+    assert structured["parameter_ratio"] == 450 / 1410
+
+
+def test_unstructured_pruning_records_no_structured_results() -> None:
+    pruning = GradualPruning(0.5, start_step=0, end_step=2, frequency=1)
+    make_trainer(max_epochs=1, callbacks=[pruning]).fit(TinyRegressor())
+    assert pruning.results() == {} and pruning.report is None
+
+
+class Clock:
+    """A fake `time.perf_counter` that each timed call advances by its next cost."""
+
+    def __init__(self) -> None:
+        self.now, self.calls = 0.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def call(self, name: str, costs: list[float]) -> None:
+        self.calls.append(name)
+        self.now += costs.pop(0)
+
+
+def test_timings_are_medians_of_interleaved_rounds(monkeypatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    dense, small = [100.0, 5.0, 9.0, 4.0], [100.0, 1.0, 3.0, 2.0]  # warm-up, then rounds 1-3
+    installed = []
+    variants = [
+        (lambda: installed.append("dense"), lambda: clock.call("dense", dense)),
+        (lambda: installed.append("small"), lambda: clock.call("small", small)),
+    ]
+    assert timing.interleaved_seconds(variants, rounds=3) == [5.0, 2.0]
+    assert clock.calls == installed == ["dense", "small", "dense", "small", "small", "dense", "dense", "small"]
+
+
+def test_compaction_times_the_parts_before_and_after_in_place_and_keeps_training_flags() -> None:
+    module = ClassifierModule(arch="cnn", hidden=16)
+    for group in find_groups(module, "filter"):
+        prune_group(group, GroupMagnitude(), 0.5)
+    module.train()
+    module.model.conv1.eval()  # e.g. a frozen part: its flag comes back as it was
+    shapes = []
+    small, record = timing.compact_and_measure(module, lambda m: shapes.append(tuple(m.model.conv2.weight.shape)), 3)
+    assert small is module and module.model.conv2.weight.shape == (32, 16, 3, 3)
+    assert set(shapes) == {(64, 32, 3, 3), (32, 16, 3, 3)} and len(shapes) == 2 * (1 + 3)
+    assert record["timing_rounds"] == 3 and record["speedup"] > 0
+    assert module.training and not module.model.conv1.training and module.model.conv2.training
 
 
 def test_gradual_heads_with_taylor_keep_the_model_running() -> None:

@@ -19,6 +19,7 @@ from lightning_prune import (
     StructuredPruning,
     attach_lora,
     distill_loss,
+    finalize,
     magnitude_mask,
     make_schedule,
     prune_oneshot,
@@ -206,3 +207,48 @@ def test_optional_integers_sparsities_and_fractions() -> None:
     assert check_fraction(0.25, "f") == 0.25
     with pytest.raises(ValueError, match=r"`f` must be in \(0, 1\), got 0.0$"):
         check_fraction(0.0, "f")
+
+
+META = (
+    r"`model` \((LlamaForCausalLM|TinyRegressor)\) is on the meta device: \d+ of its tensors \('.*'.*\) have a "
+    r"shape but no values\. Materialize it first: `model\.to_empty\(device='cpu'\)`"
+)
+
+
+@pytest.fixture
+def meta_llama() -> nn.Module:
+    from tests.conftest import tiny_llama
+
+    with torch.device("meta"):
+        return tiny_llama(seed=None)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda model: prune_oneshot(model, None, method="magnitude", sparsity=0.5, progress=False),
+        lambda model: prune_structured(model, None, mlp_sparsity=0.5, method="magnitude"),
+        lambda model: finalize(model),
+        lambda model: GradualPruning(0.5).preflight(model),
+        lambda model: OneShotPruning("magnitude", 0.5, progress=False).preflight(model),
+    ],
+    ids=["prune_oneshot", "prune_structured", "finalize", "GradualPruning", "OneShotPruning"],
+)
+def test_a_model_on_the_meta_device_is_named_with_what_to_do(meta_llama: nn.Module, call: Callable) -> None:
+    with pytest.raises(ValueError, match=META):
+        call(meta_llama)
+
+
+def test_a_pruning_callback_refuses_a_meta_module_before_lightning_moves_it() -> None:
+    from tests.conftest import TinyRegressor, make_trainer
+
+    with torch.device("meta"):
+        module = TinyRegressor()
+    trainer = make_trainer(max_epochs=1, callbacks=[GradualPruning(0.5)])
+    with pytest.raises(ValueError, match=META):
+        GradualPruning(0.5).setup(trainer, module, "fit")
+    # Through `fit`, Lightning's teardown then fails moving the meta module to CPU: ours is the first error.
+    with pytest.raises(Exception) as raised:
+        trainer.fit(module)
+    chain = [raised.value, raised.value.__context__]
+    assert any(isinstance(e, ValueError) and re.match(META, str(e)) for e in chain)

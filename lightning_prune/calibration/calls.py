@@ -74,7 +74,7 @@ def hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     if not isinstance(hidden, torch.Tensor):
         raise ValueError(
             "a block was called without hidden states as first argument or `hidden_states=` "
-            f"(got {type(hidden).__name__}); name another ModuleList with `blocks=`"
+            f"(got {type(hidden).__name__}); name another block list with `blocks=`"
         )
     return hidden
 

@@ -20,15 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_prune.calibration.blocks import BlockList
 from lightning_prune.calibration.calls import BlockInputs, describe_batch, to_device
 from lightning_prune.calibration.recorder import Recorder, StackDone
 from lightning_prune.calibration.replay import replacing, same
 
 Forward = Callable[[nn.Module, Any], Any]
 # an earlier stack, and its last block's output objects per batch from the driver (or None)
-Earlier = tuple[nn.ModuleList, Sequence[Any] | None]
+Earlier = tuple[BlockList, Sequence[Any] | None]
 # stacks that compute nothing in a pass, and the output objects (by batch) they hand on
-Replayed = list[tuple[nn.ModuleList, Any]]
+Replayed = list[tuple[BlockList, Any]]
 
 
 class Capture:
@@ -45,7 +46,7 @@ class Capture:
     def __init__(
         self,
         model: nn.Module,
-        stacks: Sequence[tuple[str, nn.ModuleList]],
+        stacks: Sequence[tuple[str, BlockList]],
         batches: Sequence[Any],
         device: torch.device,
         forward: Forward,
@@ -91,7 +92,7 @@ class Capture:
         batch_index: int,
         mode: str,
         replaced: dict[int, Callable[..., Any]] | None = None,
-        earlier: Sequence[tuple[nn.ModuleList, Any]] = (),
+        earlier: Sequence[tuple[BlockList, Any]] = (),
     ) -> bool:
         """Record one batch in `mode`, with the blocks in `replaced` and every block of the `earlier`
         stacks computing nothing (those hand on their outputs for this batch); False when the

@@ -1,9 +1,10 @@
 """One block's calibration statistics, per weight and per expert.
 
-Statistics are keyed by matrix name (`PruneTarget.matrix_names`): a Linear's own name, or
-`<parameter>[e]` for expert e of a fused experts weight, whose statistics come from the tokens
-routed to that expert (`experts.routed_tokens`; the second layer's from its inputs in the model's
-own forward where `gated.capture_for` knows their rows).
+Statistics are keyed by matrix name (`PruneTarget.matrix_names`): a Linear's or convolution's own
+name (a convolution's statistics are those of its unfolded inputs, `unfold.py`), or `<parameter>[e]`
+for expert e of a fused experts weight, whose statistics come from the tokens routed to that expert
+(`experts.routed_tokens`; the second layer's from its inputs in the model's own forward where
+`gated.capture_for` knows their rows).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from lightning_prune.calibration.experts import expert_inputs, routed_tokens, routing
 from lightning_prune.calibration.gated import BmmCapture, GateCapture, capture_for
+from lightning_prune.calibration.unfold import layer_inputs
 from lightning_prune.targets import PruneTarget
 
 Statistic = Any  # a TokenStatistic subclass with `add(inputs)`
@@ -56,7 +58,7 @@ class _SharedInputs:
 
 def _add_linear(per_kind: dict[type[Statistic], Statistic], shared: _SharedInputs) -> Callable[..., None]:
     def add(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        shared.add(per_kind, args[0])
+        shared.add(per_kind, layer_inputs(module, args[0]))  # a convolution's unfolded inputs (`unfold.py`)
 
     return add
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 import inspect
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lightning_prune.calibration.blocks import Stack, find_blocks
+from lightning_prune.calibration.blocks import BlocksArgument, Stack, block_name, find_blocks
 from lightning_prune.calibration.calls import (
     BlockInputs,
     block_output,
@@ -129,21 +129,23 @@ def _run_stack(
     hidden = [hidden_of(args, kwargs) for args, kwargs in inputs[0]]
     last: list[Any] | None = None
     for index, block in enumerate(block_list):
-        bar.set_postfix_str(f"{name}.{index}")
+        bar.set_postfix_str(block_name(name, index))
         if offload:
             block.to(device)
         runner = BlockRunner(
-            block, [with_hidden(args, kwargs, h) for (args, kwargs), h in zip(inputs[index], hidden)], f"{name}.{index}"
+            block,
+            [with_hidden(args, kwargs, h) for (args, kwargs), h in zip(inputs[index], hidden)],
+            block_name(name, index),
         )
-        process_block(start + index, f"{name}.{index}", block, runner)
+        process_block(start + index, block_name(name, index), block, runner)
         if index == 0 and capture.staged:
             outputs = runner(keep_outputs=True, whole=True)
             hidden = [block_output(output) for output in outputs]
-            check_finite(hidden, f"leaving block {name}.{index}")
+            check_finite(hidden, f"leaving block {block_name(name, index)}")
             inputs = [inputs[0], *capture.rest(outputs)]
         elif index + 1 < len(block_list):  # the last block's outputs feed nothing we keep
             hidden = runner(keep_outputs=True)
-            check_finite(hidden, f"leaving block {name}.{index}")
+            check_finite(hidden, f"leaving block {block_name(name, index)}")
         if keep_last and index + 1 == len(block_list):
             last = outputs if index == 0 and capture.staged else runner(keep_outputs=True, whole=True)
         if offload:
@@ -157,7 +159,7 @@ def calibrate_sequentially(
     model: nn.Module,
     calibration: Iterable[Batch],
     process_block: BlockProcessor,
-    blocks: str | nn.ModuleList | Sequence[str | nn.ModuleList] | None = None,
+    blocks: BlocksArgument = None,
     device: torch.device | str | None = None,
     offload: bool = False,
     forward: Callable[[nn.Module, Batch], Any] = call_model,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_prune.calibration.blocks import BlockList, block_name
 from lightning_prune.calibration.calls import BlockInputs, block_output, hidden_of, with_hidden, without_caches
 
 
@@ -22,11 +23,16 @@ class StackDone(Exception):
     """Raised after the captured stack's last block to stop the forward pass."""
 
 
+class NotChained(ValueError):
+    """The model's forward does not run a stack's blocks once each, in order, each on the one before's
+    output: the stack cannot be calibrated block by block (one-shot may fall back to a whole-model pass)."""
+
+
 class Recorder:
     """The hooks of one capture pass over the remaining stacks; see `capture.Capture`."""
 
     def __init__(
-        self, stacks: Sequence[tuple[str, nn.ModuleList]], device: torch.device, home: torch.device, offload: bool
+        self, stacks: Sequence[tuple[str, BlockList]], device: torch.device, home: torch.device, offload: bool
     ) -> None:
         self.stacks, self.device, self.home, self.offload = stacks, device, home, offload
         self.records: list[list[BlockInputs]] = [[[] for _ in blocks] for _, blocks in stacks]
@@ -53,23 +59,23 @@ class Recorder:
         name = self.stacks[s][0]
         if self.active is None:
             if j != 0 or (self.first is not None and s != self.first):
-                raise ValueError(
+                raise NotChained(
                     f"calibration batch {self.batch} entered the block stack {name} at block {j}, "
                     "not where batch 0 entered; name the stacks with `blocks=`"
                 )
             self.active = self.first = s
         elif self.active != s:
-            raise ValueError(
-                f"the model's forward ran {name}.{j} inside the block stack {self.stacks[self.active][0]}; "
+            raise NotChained(
+                f"the model's forward ran {block_name(name, j)} inside the block stack {self.stacks[self.active][0]}; "
                 "stacks must run one after the other (name them with `blocks=`)"
             )
         if self.mode == "rest" and j == 0:
             return  # block 0 replays its pruned outputs; its arguments are already recorded
         record = self.records[s][j]
         if len(record) > self.batch:
-            raise ValueError(
-                f"the model's forward ran block {name}.{j} twice in one pass (shared blocks); "
-                "name another ModuleList with `blocks=`"
+            raise NotChained(
+                f"the model's forward ran block {block_name(name, j)} twice in one pass (shared blocks); "
+                "name another block list with `blocks=`"
             )
         args, kwargs = without_caches(tuple(args), dict(kwargs))
         hidden = hidden_of(args, kwargs)
@@ -82,10 +88,10 @@ class Recorder:
             if previous is None or not (
                 hidden is previous or (hidden.shape == previous.shape and torch.equal(hidden, previous))
             ):
-                raise ValueError(
-                    f"block {name}.{j} does not take the output of {name}.{j - 1} "
+                raise NotChained(
+                    f"block {block_name(name, j)} does not take the output of {block_name(name, j - 1)} "
                     "as its hidden states, so its blocks cannot be calibrated one after the other; "
-                    "name another ModuleList with `blocks=`"
+                    "name another block list with `blocks=`"
                 )
             record.append(with_hidden(args, kwargs, None))
         if self.offload and self.mode == "real":

@@ -16,11 +16,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
+
+from lightning_prune.calibration.blocks import BlockList
 
 
 @contextmanager
-def replacing(blocks: nn.ModuleList, forwards: Mapping[int, Callable[..., Any]]) -> Iterator[None]:
+def replacing(blocks: BlockList, forwards: Mapping[int, Callable[..., Any]]) -> Iterator[None]:
     """Block j of `blocks` runs `forwards[j]` instead of its own forward (hooks still fire)."""
     # An instance `forward` already there (accelerate's hooks put one) is put back afterwards.
     saved = {j: blocks[j].__dict__.get("forward") for j in forwards}

@@ -8,7 +8,6 @@ in `callbacks/scheduled.py`.
 from __future__ import annotations
 
 import warnings
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,14 +17,23 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from lightning_prune.callbacks.inherited import InheritedMasks, pruned_fractions, unclaimed_masks
 from lightning_prune.callbacks.sharding import Blocks, ShardedMaskState
-from lightning_prune.callbacks.strategy import check_strategy
-from lightning_prune.masking import finalize, get_mask, keep_masks_applied, load_masks, mask_sharded_gradients_
+from lightning_prune.callbacks.strategy import check_materialized_before_setup, check_strategy
+from lightning_prune.masking import (
+    finalize,
+    get_mask,
+    get_masks,
+    keep_masks_applied,
+    load_masks,
+    mask_sharded_gradients_,
+    tighten_masks,
+)
 from lightning_prune.parallel.sharded import local_tensor
 from lightning_prune.selection import check_pattern_fits, check_pattern_sparsity
 from lightning_prune.structured.training import compact_and_measure, first_batch, sample_forward
 from lightning_prune.targets import PruneTarget, find_targets
-from lightning_prune.validation import check_sparsity
+from lightning_prune.validation import check_materialized, check_sparsity
 
 
 class MaskingCallback(Callback):
@@ -77,6 +85,8 @@ class MaskingCallback(Callback):
         self._sharded = False  # the strategy is FSDP2 (attach)
         self._sharding: ShardedMaskState | None = None  # under FSDP2, once the targets are known (attach)
         self._checkpoint_path: str | None = None  # the checkpoint being restored (on_load_checkpoint)
+        self._inherited: InheritedMasks | None = None  # another configuration's masks in it (on_load_checkpoint)
+        self._carried: list[str] = []  # kept masks of parameters outside the targets: saved with this state
 
     @property
     def state_key(self) -> str:
@@ -86,6 +96,10 @@ class MaskingCallback(Callback):
     def targets(self) -> list[PruneTarget]:
         """The weights this callback prunes (known from `on_fit_start` on)."""
         return self._targets
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_materialized_before_setup(trainer.strategy, pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.attach(trainer, pl_module)
@@ -112,6 +126,33 @@ class MaskingCallback(Callback):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         self._checkpoint_path = getattr(trainer, "ckpt_path", None)
+        # `trainer.callbacks` is public, but set by Lightning's CallbackConnector, not declared on the class (2.6).
+        claimed = {callback.state_key for callback in getattr(trainer, "callbacks", [])}
+        found = unclaimed_masks(checkpoint, claimed, self.state_key)
+        if found is not None:
+            self.inherit(found)
+
+    def inherit(self, found: InheritedMasks) -> None:
+        """Take the masks of a checkpoint's differently configured pruning (applied at `attach`): monotone,
+        the stricter wins entry by entry (the union of the pruned entries), said in a warning naming both
+        configurations. Subclasses also take the checkpoint's schedule clock, or refuse."""
+        self._inherited = found
+        self.reached_sparsity = max([self.reached_sparsity, *(float(s["reached_sparsity"]) for s in found.states)])
+
+    def keep_inherited(self, pl_module: nn.Module, found: InheritedMasks) -> None:
+        """AND the inherited masks into the model's (`tighten_masks`), measure, and say so (recorded)."""
+        tighten_masks(pl_module, found.masks)
+        self.carry(found.masks)
+        masks = self.masks()
+        if masks and not self._sharded:
+            self.layer_sparsity, self.current_sparsity = pruned_fractions(masks)
+        self.record_warning(
+            "checkpoint_masks_kept",
+            found.kept_message(self.state_key, self.current_sparsity),
+            checkpoint=list(found.sources),
+            configuration=self.state_key,
+            sparsity=self.current_sparsity,
+        )
 
     def resolve_targets(self, model: nn.Module) -> list[PruneTarget]:
         """The weights this callback prunes in `model` (a ValueError naming the model's layers if none)."""
@@ -120,7 +161,8 @@ class MaskingCallback(Callback):
     def preflight(self, pl_module: nn.Module, trainer: pl.Trainer | None = None) -> None:
         """Raise a ValueError for every mistake knowable before training: targets that match nothing,
         an N:M `pattern` that does not divide a target's input dimension (and, given the Trainer
-        that will run this callback, schedules it cannot run: see the subclasses)."""
+        that will run this callback, schedules it cannot run: see the subclasses), a model on the meta device."""
+        check_materialized(pl_module)
         targets = self.resolve_targets(pl_module)
         if self.pattern is not None:
             check_pattern_fits(targets, self.pattern)
@@ -136,8 +178,16 @@ class MaskingCallback(Callback):
             self._sharding = ShardedMaskState(pl_module, self._targets, type(self).__name__, self.sharded_blocks)
         if self._restored_masks:
             load_masks(pl_module, self._restored_masks)
+            self.carry(self._restored_masks)
             self._restored_masks = {}
+        if self._inherited is not None:
+            self.keep_inherited(pl_module, self._inherited)
+            self._inherited = None
         self.hook_optimizers(trainer)
+
+    def carry(self, masks: dict[str, torch.Tensor]) -> None:
+        """Save the masks of `masks` outside the targets with this callback's state too (kept from a checkpoint)."""
+        self._carried = sorted({*self._carried, *masks} - {t.name for t in self._targets})
 
     def hook_optimizers(self, trainer: pl.Trainer) -> None:
         """Keep masks applied after every step of the Trainer's current optimizers (once each).
@@ -214,7 +264,9 @@ class MaskingCallback(Callback):
         load_masks(self._pl_module, {name: local_tensor(block) for name, block in blocks.items()})
 
     def state_dict(self) -> dict[str, Any]:
-        masks = {} if self._sharded else {name: mask.detach().cpu().clone() for name, mask in self.masks().items()}
+        model_masks = get_masks(self._pl_module) if self._carried and self._pl_module is not None else {}
+        current = {**self.masks(), **{name: model_masks[name] for name in self._carried if name in model_masks}}
+        masks = {} if self._sharded else {name: mask.detach().cpu().clone() for name, mask in current.items()}
         return {
             "masks": masks or dict(self._restored_masks),
             # Under FSDP2 the blocks are in the distributed checkpoint (on_save_checkpoint): their names.
@@ -230,6 +282,7 @@ class MaskingCallback(Callback):
                 self.restore_blocks(kind, blocks)
         if self._pl_module is not None and self._targets and self._restored_masks:  # restored after `on_fit_start`
             load_masks(self._pl_module, self._restored_masks)
+            self.carry(self._restored_masks)
             self._restored_masks = {}
         self.current_sparsity = float(state_dict.get("current_sparsity", 0.0))
         self.reached_sparsity = float(state_dict.get("reached_sparsity", self.current_sparsity))
@@ -243,33 +296,3 @@ class MaskingCallback(Callback):
                 "it came with"
             )
         return self._sharding.load(self._checkpoint_path, names)
-
-
-class PruneOnFitStart(MaskingCallback, ABC):
-    """A `MaskingCallback` that prunes once, when `fit` starts, and keeps those masks afterwards.
-
-    `prune(trainer, pl_module)` sets the masks; `pruned` is in the checkpoint, so a resumed run
-    restores the masks and does not prune again. Needs whole weights: refused under FSDP2.
-    """
-
-    sharded_ok = False  # calibration and group scores need whole weights: prune before FSDP2 shards the model
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.pruned = False
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(trainer, pl_module)
-        if not self.pruned:
-            self.prune(trainer, pl_module)
-
-    @abstractmethod
-    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> object:
-        """Set the masks on `pl_module` (once); returns the pruning's report."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "pruned": self.pruned}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.pruned = bool(state_dict.get("pruned", False))

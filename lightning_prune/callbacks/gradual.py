@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
+from lightning_prune.callbacks.inherited import InheritedMasks
 from lightning_prune.callbacks.scheduled import ScheduledPruning
 from lightning_prune.criteria import Criterion
 from lightning_prune.schedules import RAMPS, make_schedule
@@ -36,6 +37,10 @@ class GradualPruning(ScheduledPruning):
     `warnings_recorded`) when the Trainer's estimated length ends before the ramp does;
     `on_train_batch_start` prunes on schedule and logs `prune/sparsity`; `on_train_batch_end`
     counts the step; `on_fit_end` warns if the target was missed, removes hooks (and finalizes if asked).
+
+    Resuming (`ckpt_path`) a checkpoint of another configuration (a different `sparsity`, `pattern` or
+    `targets`) keeps the checkpoint's pruned entries: the stricter of the two wins entry by entry, the
+    schedule continues from the checkpoint's step, and a warning names both (`MaskingCallback.inherit`).
 
     Example YAML (`lightning_prune/conf/pruning/gmp.yaml`)::
 
@@ -200,6 +205,15 @@ class GradualPruning(ScheduledPruning):
             "step": self.step,
             "global_steps_per_step": self.global_steps_per_step,
         }
+
+    def inherit(self, found: InheritedMasks) -> None:
+        """Keep another configuration's masks (`MaskingCallback.inherit`) and continue its clock: its
+        `step` (a GradualPruning's), else the checkpoint's `global_step`; the ramp is this callback's."""
+        super().inherit(found)
+        step = found.clock("step")
+        self.step = found.global_step if step is None else step
+        self.last_update_step = found.clock("last_update_step") or -1
+        self.global_steps_per_step = found.clock("global_steps_per_step") or 0
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

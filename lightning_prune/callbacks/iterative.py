@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch.distributed.tensor import DTensor
 
+from lightning_prune.callbacks.inherited import InheritedMasks
 from lightning_prune.callbacks.scheduled import ScheduledPruning
 from lightning_prune.callbacks.sharding import Blocks
 from lightning_prune.criteria import Criterion
@@ -160,6 +161,12 @@ class IterativePruning(ScheduledPruning):
         # Under FSDP2 the snapshot holds DTensors: their blocks go to the distributed checkpoint (`sharded_blocks`).
         snapshot = {} if self._sharded else {name: value.cpu().clone() for name, value in self.snapshot.items()}
         return {**super().state_dict(), "cycles_done": self.cycles_done, "snapshot": snapshot}
+
+    def inherit(self, found: InheritedMasks) -> None:
+        """Keep another configuration's masks (`MaskingCallback.inherit`) and its count of cycles done
+        (an IterativePruning's, at most `cycles`); a cycle whose target the kept masks already meet prunes nothing."""
+        super().inherit(found)
+        self.cycles_done = min(found.clock("cycles_done") or 0, self.cycles)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.snapshot = dict(state_dict.get("snapshot", {}))  # before the base class reads sharded blocks into it

@@ -14,6 +14,7 @@ from peft import PeftModel
 from torch import nn
 
 from lightning_prune.callbacks.lora_sharded import device_mesh_hidden, prepare_sharded, save_gathered_adapter
+from lightning_prune.callbacks.scheduled import ScheduledPruning
 from lightning_prune.callbacks.strategy import check_strategy
 from lightning_prune.lora import (
     adapter_parameters,
@@ -21,10 +22,13 @@ from lightning_prune.lora import (
     check_lora_arguments,
     lora_target_names,
     merge_lora,
+    pruned_module_names,
     unwrapped_state_dict,
 )
+from lightning_prune.lora.conv import check_lora_convolutions
 from lightning_prune.lora.experts import expert_parameter_names
 from lightning_prune.lora.sharded import check_before_sharding, merge_lora_sharded
+from lightning_prune.lora.wrap import pruned_expert_names
 from lightning_prune.targets import find_targets
 from lightning_prune.validation import check_number
 
@@ -112,15 +116,38 @@ class LoRARecovery(Callback):
         self.preflight(pl_module)
         self.attach(trainer, pl_module)
 
-    def preflight(self, pl_module: nn.Module) -> None:
-        """Raise before training when `target_modules` or `target_parameters` match nothing (None is
-        resolved at fit start: what is pruned by then)."""
+    def preflight(self, pl_module: nn.Module, callbacks: Sequence[Any] = (), earlier: Sequence[Any] = ()) -> None:
+        """Raise before training when `target_modules` or `target_parameters` match nothing, or the adapted
+        layers include a convolution LoRA cannot adapt (`lora.conv`). None is resolved at fit start (what is
+        pruned by then); it is checked here too when the model is already pruned, and given the stage's
+        `callbacks` (and `earlier`, the earlier stages'), refused when nothing can be pruned by then."""
+        network = wrapped_network(pl_module)
         if self.target_modules is not None:
-            find_targets(
-                wrapped_network(pl_module), include=self.target_modules, ignore_output_head=False, experts=False
-            )
+            find_targets(network, include=self.target_modules, ignore_output_head=False, experts=False)
         if self.target_parameters is not None:
-            expert_parameter_names(wrapped_network(pl_module), self.target_parameters)
+            expert_parameter_names(network, self.target_parameters)
+        names = (
+            pruned_module_names(network)
+            if self.target_modules is None
+            else lora_target_names(network, self.target_modules, None)[0]
+        )
+        check_lora_convolutions(network, names, self.masked_delta)
+        if self.target_modules is None and callbacks and not names and not pruned_expert_names(network):
+            self.check_pruned_in_time(callbacks, earlier)
+
+    def check_pruned_in_time(self, callbacks: Sequence[Any], earlier: Sequence[Any]) -> None:
+        """Raise when the model holds nothing pruned, no earlier stage has a callback, and the callbacks before
+        this one in its stage prune only during training (`ScheduledPruning`): at fit start, when the adapters
+        attach to the pruned layers, there would be none."""
+        before = list(callbacks)[: next((i for i, c in enumerate(callbacks) if c is self), len(callbacks))]
+        if earlier or not all(isinstance(callback, ScheduledPruning) for callback in before):
+            return
+        during = f" and {', '.join(type(c).__name__ for c in before)} prunes during training" if before else ""
+        raise ValueError(
+            "LoRARecovery with `target_modules`=None adapts the layers pruned when its fit starts, and none will be: "
+            f"the model holds no pruned weight{during}. Recover in a later stage (stages: a `use: [pruning]` stage, "
+            "then a `use: [lora]` one), after a one-shot pruning callback listed before it, or name `target_modules`"
+        )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.merge and self.peft_model is not None:

@@ -10,12 +10,10 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DistributedSampler
 
-from lightning_prune.calibration.blocks import find_blocks
 from lightning_prune.calibration.driver import call_model
 from lightning_prune.calibration.samples import check_num_samples, take_samples
-from lightning_prune.callbacks.base import PruneOnFitStart
+from lightning_prune.callbacks.once import PruneOnFitStart
 from lightning_prune.oneshot.api import (
-    block_targets,
     check_oneshot_arguments,
     needs_calibration,
     prune_oneshot,
@@ -23,6 +21,7 @@ from lightning_prune.oneshot.api import (
     resolve_refiner,
 )
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
+from lightning_prune.oneshot.plan import plan_oneshot
 from lightning_prune.parallel.collectives import all_reduce_sum_, is_distributed
 from lightning_prune.report import SparsityReport
 from lightning_prune.targets import PruneTarget
@@ -150,9 +149,9 @@ class OneShotPruning(PruneOnFitStart):
         self.log_sparsity(pl_module, layers=batch_idx == 0)
 
     def resolve_targets(self, model: torch.nn.Module) -> list[PruneTarget]:
-        """The Linear/Conv1D layers inside the model's blocks that `targets`/`ignore` select (as `prune_oneshot`)."""
-        per_block = block_targets(model, find_blocks(model, self.blocks), self.target_patterns, self.ignore)
-        return [target for targets in per_block.values() for target in targets]
+        """The layers `prune_oneshot` prunes: those `targets`/`ignore` select inside the model's blocks (or in
+        the whole model when it has no chained block list)."""
+        return plan_oneshot(model, self.blocks, self.target_patterns, self.ignore).targets
 
     def calibration_batches(self, trainer: pl.Trainer) -> list[Any]:
         """This rank's calibration batches: the first `num_samples` sequences over all ranks.

@@ -24,6 +24,7 @@ from lightning_prune.parallel.collectives import broadcast_masks_
 from lightning_prune.parallel.sharded import local_tensor, sum_over_shards
 from lightning_prune.registry import CRITERIA
 from lightning_prune.selection import SCOPES
+from lightning_prune.structured.report import StructuredReport
 from lightning_prune.structured.training import StructuredSelection, check_structure_arguments, describe
 from lightning_prune.validation import check_choice, check_sparsity
 
@@ -67,6 +68,7 @@ class ScheduledPruning(MaskingCallback):
         self.sharded_ok = structure is None  # structured selection needs whole weights
         self._gradients_checked = False
         self._restored_sums: dict[str, torch.Tensor] = {}
+        self.report: StructuredReport | None = None  # with `structure`: what was removed, made at fit end
 
     def on_before_optimizer_step(
         self,
@@ -93,10 +95,27 @@ class ScheduledPruning(MaskingCallback):
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """`MaskingCallback.attach`, then the structured groups (with `structure`)."""
+        inherited = self._inherited is not None
         super().attach(trainer, pl_module)
         self._gradients_checked = False
         if self.structured is not None:
             self.structured.attach(pl_module)
+            if inherited:  # another configuration's masks kept (`keep_inherited`): the units they removed
+                self.current_sparsity = self.structured.removed_fraction()
+
+    def detach(self, pl_module: pl.LightningModule, sample_batch: Any = None) -> None:
+        """With `structure`, first the `report` of the units removed (compaction then slices them off),
+        then `MaskingCallback.detach`."""
+        if self.structured is not None and self.structured.groups:
+            self.report = self.structured.report(pl_module)
+        super().detach(pl_module, sample_batch)
+
+    def results(self) -> dict[str, Any]:
+        """What the run records: with `structure`, the units removed and the parameters before and after
+        (`structured`, see `StructuredReport.as_dict`) and the compaction's measurements; else nothing."""
+        if self.structured is None:
+            return {}
+        return {"structured": self.report.as_dict() if self.report else {}, "compaction": dict(self.compaction)}
 
     def check_every_target_has_gradients(self) -> None:
         """After the first batch that stepped: a target the loss does not reach cannot be scored by

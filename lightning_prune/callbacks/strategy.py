@@ -8,7 +8,11 @@ when the strategy is built) shard parameters in ways the masks cannot follow, an
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from lightning_prune.validation import check_materialized
 
 # Why FSDP1 is refused (torch 2.13, lightning 2.6.6). Lightning refuses FSDPStrategy with
 # accelerator="cpu" (and passes FSDP1 no CPU device_id); in a CPU probe that bypassed both (a
@@ -50,3 +54,13 @@ def check_strategy(strategy: object, sharded_ok: bool, ddp_ok: bool = True) -> b
         f"{reason}use {ddp}{_FSDP2 if sharded_ok else ''}. One-shot and structured pruning need whole weights: "
         "prune before sharding (one-shot runs block by block with `offload`), then train the pruned model sharded"
     )
+
+
+def check_materialized_before_setup(strategy: object, module: pl.LightningModule) -> None:
+    """At the callbacks' `setup` (before Lightning moves the module to its device): refuse a module on the
+    meta device (`validation.check_materialized`) where nothing will materialize it; sharding strategies
+    (FSDP, FSDP2, DeepSpeed) and a module's own `configure_model` may, so they are left to `preflight`."""
+    # `is_overridden` is Lightning's public helper (lightning.pytorch.utilities.model_helpers, 2.6.6).
+    sharding = isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy))
+    if not sharding and not is_overridden("configure_model", module):
+        check_materialized(module)

@@ -9,10 +9,10 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_prune.calibration.samples import take_samples
-from lightning_prune.callbacks.base import PruneOnFitStart
+from lightning_prune.callbacks.once import PruneOnFitStart
 from lightning_prune.callbacks.oneshot import fit_train_dataloader
 from lightning_prune.masking import get_masks
-from lightning_prune.structured.api import prune_structured, resolve_score
+from lightning_prune.structured.api import add_structured_parameters, prune_structured, resolve_score
 from lightning_prune.structured.default import check_automatic_options
 from lightning_prune.structured.report import StructuredReport
 from lightning_prune.validation import check_integer, check_optional_integer, check_sparsity
@@ -24,13 +24,16 @@ class StructuredPruning(PruneOnFitStart):
     Calibration batches come from `calibration`, else the fit's training dataloader (first
     `num_samples` sequences), so `method`=None (the default) is FLAP wherever it applies without
     adding a bias (the optimizer is built; Llama-style models get Wanda, warned), see
-    `prune_structured`; the report says which score and why. With `compact_on_end` the module's
-    model is replaced at fit end by the physically smaller one (`compact`), and `compaction`
-    records parameters and forward time before and after; `report` holds the pruning's
-    `StructuredReport`. A resumed run restores the masks and does not prune again.
+    `prune_structured`; the report says which score and why. An explicit `method` that adds
+    parameters (FLAP's compensation biases where the model has none) adds them in `setup`, before the
+    optimizer is built and a checkpoint is restored, so they train and a resumed fit loads them. With
+    `compact_on_end` the module's model is replaced at fit end by the physically smaller one
+    (`compact`), and `compaction` records parameters and forward time before and after; `report`
+    holds the pruning's `StructuredReport`. A resumed run restores the masks and does not prune again.
 
-    Lifecycle: `on_fit_start` attaches optimizer hooks, restores saved masks and (once) prunes;
-    `on_train_batch_start` logs `prune/sparsity`; `on_fit_end` removes hooks and compacts.
+    Lifecycle: `setup` adds an explicit method's new parameters; `on_fit_start` attaches optimizer
+    hooks, restores saved masks and (once) prunes; `on_train_batch_start` logs `prune/sparsity`;
+    `on_fit_end` removes hooks and compacts.
 
     Example YAML (`lightning_prune/conf/pruning/structured.yaml`)::
 
@@ -78,6 +81,19 @@ class StructuredPruning(PruneOnFitStart):
         self.blocks = blocks
         self.progress = progress
         self.report: StructuredReport | None = None
+        self.added: tuple[dict[str, int], list[str]] = ({}, [])  # what `setup` added (FLAP's biases), see report
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.options["method"] is not None:
+            self.add_parameters(pl_module)
+
+    def add_parameters(self, pl_module: pl.LightningModule) -> None:
+        """Add what the explicit `method` will add (FLAP's compensation biases) before `configure_optimizers`
+        builds the optimizer and before a checkpoint is restored: they train, and the checkpoint loads."""
+        options = {key: value for key, value in self.options.items() if key != "drop_layers"}
+        self.added = add_structured_parameters(
+            pl_module, targets=self.target_patterns, ignore=self.ignore, blocks=self.blocks, **options
+        )
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -99,6 +115,8 @@ class StructuredPruning(PruneOnFitStart):
             new_parameters=False,  # the fit's optimizer is built: automatic FLAP only where no bias is added
             **self.options,
         )
+        if self.added[0]:  # added in `setup`: `prune_structured` found them in place
+            self.report.added_parameters, self.report.added_for_config = self.added[0], list(self.added[1])
         self.current_sparsity = 1.0 - self.report.parameter_ratio
         self.reached_sparsity = self.sparsity  # the unit fractions were met (rounding is in the report's notes)
         self.pruned = True

@@ -1,6 +1,7 @@
-"""LoRA recovery that keeps the sparsity pattern: peft wrapping, fused experts, FSDP2 row blocks.
+"""LoRA recovery that keeps the sparsity pattern: peft wrapping, convolutions, fused experts, FSDP2 row blocks.
 
-`wrap` attaches and merges adapters (`W + M ⊙ s·B·A`), `experts` handles fused 3-D expert
+`wrap` attaches and merges adapters (`W + M ⊙ s·B·A`), `conv` runs the masked delta of a convolution
+(and refuses grouped ones), `experts` handles fused 3-D expert
 parameters through peft's `target_parameters`, `sharded` merges on FSDP2 row blocks.
 """
 

@@ -31,6 +31,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
+from lightning_prune.lora.conv import CONVOLUTIONS, check_lora_convolutions, conv_delta_forward
 from lightning_prune.lora.experts import (
     adapted_parameter,
     expert_parameter_names,
@@ -78,11 +79,16 @@ class MaskedDelta(LoraVariant):
     def forward(
         module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
-        """`result + (M ⊙ ΔW) x` with ΔW = s·B·A in the base weight's layout (peft's `get_delta_weight`)."""
-        delta = masked_delta_weight(module, active_adapter)
+        """`result + (M ⊙ ΔW) x` with ΔW = s·B·A in the base weight's layout (peft's `get_delta_weight`);
+        for a convolution, the base's convolution of x with `M ⊙ ΔW` (ΔW: peft's k×k `lora_A` then 1×1 `lora_B`)."""
+        delta = masked_delta_weight(module, active_adapter).to(x.dtype)
+        x = module.lora_dropout[active_adapter](x)
+        base = module.get_base_layer()
+        if isinstance(base, CONVOLUTIONS):
+            return result + conv_delta_forward(base, x, delta)  # the merged layer's forward, exactly
         if getattr(module, "fan_in_fan_out", False):  # GPT-2 Conv1D stores (in, out); set on peft's Linear only
             delta = delta.t()
-        return result + F.linear(module.lora_dropout[active_adapter](x), delta.to(x.dtype))
+        return result + F.linear(x, delta)
 
 
 def masked_delta_weight(module: LoraLayer, adapter_name: str) -> torch.Tensor:
@@ -207,10 +213,12 @@ def attach_lora(
             pruned ones when `target_modules` is None too, else none. Needs `dropout=0`.
 
     Returns the `PeftModel`; `model` itself now holds the LoRA layers (peft injects in place).
+    Convolutions (`nn.Conv1d/2d/3d`) are adapted as peft does (`lora.conv`); grouped ones are refused.
     """
     check_lora_arguments(r, alpha, dropout, target_parameters)
     names, parameters = lora_target_names(model, target_modules, target_parameters)
     check_lora_arguments(r, alpha, dropout, parameters)
+    check_lora_convolutions(model, names, masked_delta)
     # peft annotates lora_alpha as int but only divides it by r (peft 0.21.2): a fractional alpha works.
     config = LoraConfig(
         r=r,

@@ -1,4 +1,4 @@
-"""One-shot pruning on calibration data: sequential driver, registered methods, OWL.
+"""One-shot pruning on calibration data: sequential driver (or one whole-model pass), registered methods, OWL.
 
 Importing this package registers the built-in methods (one file each): magnitude, wanda, sparsegpt,
 ria; and the mask refinement dsnot.
@@ -12,6 +12,7 @@ from lightning_prune.oneshot.dsnot import DSnoT, dsnot_refine, expected_error
 from lightning_prune.oneshot.magnitude import MagnitudeMethod, magnitude_mask
 from lightning_prune.oneshot.method import LayerStats, MaskRefiner, OneShotMethod
 from lightning_prune.oneshot.owl import outlier_ratio, owl_sparsities
+from lightning_prune.oneshot.plan import OneShotPlan, plan_oneshot
 from lightning_prune.oneshot.ria import Ria, ria_mask, ria_scores
 from lightning_prune.oneshot.sparsegpt import SparseGPT, inverse_hessian_factor, sparsegpt_prune
 from lightning_prune.oneshot.wanda import Wanda, wanda_mask, wanda_scores
@@ -30,6 +31,7 @@ __all__ = [
     "MagnitudeMethod",
     "MaskRefiner",
     "OneShotMethod",
+    "OneShotPlan",
     "Ria",
     "SparseGPT",
     "TokenStatistic",
@@ -43,6 +45,7 @@ __all__ = [
     "needs_calibration",
     "outlier_ratio",
     "owl_sparsities",
+    "plan_oneshot",
     "prune_oneshot",
     "resolve_method",
     "resolve_refiner",

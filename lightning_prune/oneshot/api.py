@@ -1,4 +1,5 @@
-"""`prune_oneshot`: Wanda, SparseGPT or magnitude on calibration batches, block by block, in place."""
+"""`prune_oneshot`: Wanda, SparseGPT or magnitude on calibration batches, block by block (or in one
+whole-model pass for a model without a chained block list, `plan.py`), in place."""
 
 from __future__ import annotations
 
@@ -9,27 +10,36 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from lightning_prune.calibration.blocks import find_blocks
+from lightning_prune.calibration.blocks import BlocksArgument, block_name
 from lightning_prune.calibration.calls import hidden_of, with_hidden
 from lightning_prune.calibration.collect import collect_statistics, too_few_tokens
 from lightning_prune.calibration.driver import Batch, BlockRunner, calibrate_sequentially, call_model
+from lightning_prune.calibration.recorder import NotChained
 from lightning_prune.calibration.samples import check_num_samples, take_samples
 from lightning_prune.calibration.stats import TokenStatistic
 from lightning_prune.oneshot.method import MaskRefiner, OneShotMethod
 from lightning_prune.oneshot.owl import owl_block_sparsities
+from lightning_prune.oneshot.plan import ONESHOT_TYPES as ONESHOT_TYPES  # re-exported: tests and callers import it here
+from lightning_prune.oneshot.plan import block_targets as block_targets
+from lightning_prune.oneshot.plan import plan_oneshot
 from lightning_prune.oneshot.prune import Snapshot, prune_targets, warn_dense_experts
+from lightning_prune.oneshot.whole import check_whole_model_arguments, prune_whole_model, whole_model_note
 from lightning_prune.recovery.reconstruct import check_reconstruct_arguments, reconstruct_block
 from lightning_prune.registry import MASK_REFINERS, ONESHOT_METHODS
 from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.selection import check_pattern_fits, check_pattern_sparsity
-from lightning_prune.targets import PruneTarget, find_targets
-from lightning_prune.validation import check_bool, check_choice, check_integer, check_number, check_sparsity
+from lightning_prune.validation import (
+    check_bool,
+    check_choice,
+    check_integer,
+    check_materialized,
+    check_number,
+    check_sparsity,
+)
 
 PROFILES = ("uniform", "owl")
 RECONSTRUCT_TARGETS = ("block", "model")
-ONESHOT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 Statistic = TokenStatistic
 
 
@@ -84,33 +94,6 @@ def check_oneshot_arguments(
     return sparsity
 
 
-def block_targets(
-    model: nn.Module, stacks: Sequence[tuple[str, nn.ModuleList]], targets: Any, ignore: Any
-) -> dict[str, list[PruneTarget]]:
-    """The targets of each block by block name ("<stack>.<index>"), over every stack in `stacks`;
-    explicitly requested targets outside the blocks are an error."""
-    found = find_targets(model, types=ONESHOT_TYPES, include=targets, ignore=ignore)
-    per_block: dict[str, list[PruneTarget]] = {f"{name}.{i}": [] for name, blocks in stacks for i in range(len(blocks))}
-    outside = []
-    for target in found:
-        block = next((b for b in per_block if target.module_name == b or target.module_name.startswith(b + ".")), None)
-        if block is None:
-            outside.append(target.name)
-        else:
-            per_block[block].append(target)
-    names = [name for name, _ in stacks]
-    if outside and targets is not None:
-        raise ValueError(
-            f"`targets`={targets!r} matches layers outside the blocks {names}, "
-            f"which one-shot pruning cannot calibrate: {outside}"
-        )
-    if not any(per_block.values()):
-        raise ValueError(
-            f"no Linear/Conv1D layers matched `targets`={targets!r} (`ignore`={ignore!r}) inside the blocks {names}"
-        )
-    return per_block
-
-
 def _identity(stats: list[Statistic]) -> None:
     """Default `reduce_stats`: one process, nothing to combine."""
 
@@ -129,7 +112,7 @@ def prune_oneshot(
     ignore: str | Sequence[str] | None = None,
     offload: bool = False,
     device: torch.device | str | None = None,
-    blocks: str | nn.ModuleList | Sequence[str | nn.ModuleList] | None = None,
+    blocks: BlocksArgument = None,
     num_samples: int | None = None,
     min_expert_tokens: int = 8,
     sparsity_profile: str = "uniform",
@@ -143,11 +126,17 @@ def prune_oneshot(
     reconstruct_lr: float = 1e-4,
     reconstruct_target: str = "block",
 ) -> SparsityReport:
-    """Prune the Linear/Conv1D layers inside `model`'s blocks one-shot, in place; masks attached.
+    """Prune the Linear/Conv layers of `model` one-shot, in place; masks attached.
 
     Args:
-        model: any model with nn.ModuleLists of blocks (`blocks` names them if not found); every
-            stack the forward runs (an encoder, then its decoder) is pruned, in execution order.
+        model: any model. With block lists (nn.ModuleLists of blocks, or, without those,
+            nn.Sequentials of blocks holding every target; `blocks` names them) the layers inside
+            the blocks are pruned block by block, every stack the forward runs (an encoder, then its
+            decoder) in execution order. A model without (a ResNet whose stem sits outside its
+            stages, a plain MLP) is calibrated in one whole-model pass: every layer's statistics
+            from the dense model's forward, SparseGPT's updates from the dense inputs (the paper's
+            non-sequential variant); said in a warning and in the report's `notes`. Convolutions
+            (groups=1) get their statistics from their unfolded (im2col) inputs.
         calibration: batches (dicts of tensors, tensors, or (inputs, targets) tuples) that
             `forward(model, batch)` runs; magnitude needs none unless `sparsity_profile="owl"`.
         method: a registered method name (`ONESHOT_METHODS`: "wanda" (Sun et al., 2023),
@@ -155,7 +144,8 @@ def prune_oneshot(
         sparsity / pattern: fraction of zeros per layer, or N:M such as "2:4" (sparsity (M−N)/M).
         method_options: the method's own options, e.g. {"blocksize": 128, "percdamp": 0.01} for SparseGPT.
         refine / refine_options: a registered mask refinement run after the method (e.g. "dsnot").
-        targets / ignore: regexes of module names (see `find_targets`); the output head stays dense.
+        targets / ignore: regexes of module names (see `find_targets`); the output head, routers and
+            patch embeddings / stems stay dense unless named; grouped convolutions are not targets.
         offload: keep the blocks where they are and bring one at a time to `device`.
         num_samples: use only the first `num_samples` sequences of `calibration`.
         min_expert_tokens: an expert of a fused experts weight that received fewer calibration
@@ -174,7 +164,8 @@ def prune_oneshot(
             each block also corrects the error its pruned predecessors left.
     Returns:
         the per-layer (per-expert) sparsity report of the pruned layers; `notes` lists blocks whose
-        reconstruction did not lower the output error (their pruned weights were kept).
+        reconstruction did not lower the output error (their pruned weights were kept), and says
+        when the model was calibrated in one whole-model pass.
     Raises:
         ValueError: on bad arguments, or when pruning cannot finish (statistics that never arrive,
             a failed factorisation, NaN activations); the error names the layer, and the model's
@@ -186,12 +177,14 @@ def prune_oneshot(
     check_integer(min_expert_tokens, "min_expert_tokens", low=1)
     check_number(owl_threshold, "owl_threshold", low=0.0, low_open=True)
     check_number(owl_lambda, "owl_lambda", low=0.0)
+    check_materialized(model)
     solver = resolve_method(method, method_options)
     refiner = resolve_refiner(refine, refine_options)
-    stacks = find_blocks(model, blocks)
-    per_block = block_targets(model, stacks, targets, ignore)
-    every = [t for targets_ in per_block.values() for t in targets_]
+    plan = plan_oneshot(model, blocks, targets, ignore)
+    stacks, per_block, every = plan.stacks, plan.per_block, plan.targets
     check_pattern_fits(every, pattern)
+    if plan.whole_model:
+        check_whole_model_arguments(plan, sparsity_profile, reconstruct, offload)
     reduce_stats = reduce_stats or _identity
     driver: dict[str, Any] = dict(
         blocks=[b for _, b in stacks], device=device, offload=offload, forward=forward, progress=progress
@@ -202,15 +195,11 @@ def prune_oneshot(
         raise ValueError(f"`calibration` has no batches; method {solver.name!r} needs calibration data")
     kinds = tuple(dict.fromkeys(solver.statistics + (refiner.statistics if refiner else ())))
     few_tokens: dict[str, int] = {}
-    first_blocks = {f"{n}.0" for n, _ in stacks}
+    first_blocks = {block_name(n, 0) for n, _ in stacks}
     dense_stream = DenseStream() if reconstruct and reconstruct_target == "model" else None
     snapshot = Snapshot(every)
+    notes: list[str] = []
     try:
-        block_sparsity = dict.fromkeys(per_block, sparsity)
-        if sparsity_profile == "owl":
-            block_sparsity = owl_block_sparsities(
-                model, batches, per_block, sparsity, reduce_stats, owl_threshold, owl_lambda, **driver
-            )
 
         def prune_block(index: int, name: str, block: nn.Module, run_block: BlockRunner) -> None:
             dense_outputs: list[torch.Tensor] = []
@@ -231,18 +220,38 @@ def prune_oneshot(
             if dense_outputs:
                 notes.extend(_reconstruct(name, block, run_block, dense_outputs, reconstruct_steps, reconstruct_lr))
 
-        notes: list[str] = []
-        if needs_data:
-            calibrate_sequentially(model, batches, prune_block, **driver)
-        else:
-            for index, (name, block) in enumerate(
-                (f"{n}.{i}", b) for n, blocks_ in stacks for i, b in enumerate(blocks_)
-            ):
-                prune_block(index, name, block, BlockRunner(block, [], name))
+        block_sparsity = dict.fromkeys(per_block, sparsity)
+        try:
+            if sparsity_profile == "owl" and not plan.whole_model:
+                block_sparsity = owl_block_sparsities(
+                    model, batches, per_block, sparsity, reduce_stats, owl_threshold, owl_lambda, **driver
+                )
+            if needs_data and not plan.whole_model:
+                calibrate_sequentially(model, batches, prune_block, **driver)
+            elif not plan.whole_model:
+                for index, (name, block) in enumerate(
+                    (block_name(n, i), b) for n, blocks_ in stacks for i, b in enumerate(blocks_)
+                ):
+                    prune_block(index, name, block, BlockRunner(block, [], name))
+        except NotChained as error:
+            if not plan.fallback:
+                raise
+            snapshot.restore()  # found Sequentials whose blocks the forward does not chain: prune the whole model
+            why = str(error).split(";")[0]  # the chain error without its advice to name other blocks
+            plan = plan.as_whole_model(f"the blocks of {[n for n, _ in stacks]} are not chained: {why}")
+            check_whole_model_arguments(plan, sparsity_profile, reconstruct, offload)
+            few_tokens.clear()
+            notes.clear()
+        if plan.whole_model:
+            whole = (solver, refiner, kinds, sparsity, pattern, reduce_stats, min_expert_tokens, forward, device)
+            few_tokens = prune_whole_model(model, batches, plan.targets, *whole)
+            notes += [whole_model_note(plan, solver.updates_weights)] if kinds else []
     except BaseException:
         snapshot.restore()
         raise
     warn_dense_experts(few_tokens, min_expert_tokens)
+    if plan.whole_model and notes:  # how it was calibrated: recorded in the run's results with the warnings
+        warnings.warn(notes[0], stacklevel=2)
     skipped = {
         n: f"left dense: {count} calibration tokens < min_expert_tokens={min_expert_tokens}"
         for n, count in few_tokens.items()

@@ -18,7 +18,8 @@ from lightning_prune.calibration.blocks import find_block_stack, find_blocks
 def block_stacks(model: nn.Module) -> list[tuple[str, int]]:
     """(name, number of blocks) of every block stack of `model`; empty when it has none (a plain MLP)."""
     try:
-        return [(name, len(blocks)) for name, blocks in find_blocks(model)]
+        # ModuleList stacks only: integer `layers` index them through `find_block_stack`, which finds no other
+        return [(name, len(blocks)) for name, blocks in find_blocks(model, sequential=False)]
     except ValueError:
         return []
 

@@ -4,6 +4,7 @@ and instantiation errors turned into one message that names the key and the valu
 from __future__ import annotations
 
 import collections.abc
+import difflib
 import inspect
 import re
 import types
@@ -118,7 +119,12 @@ def _check_target(node: DictConfig, key: str, target: str) -> None:
         if name.startswith("_"):
             continue
         if name not in inspect.signature(function).parameters and not accepts_any:
-            raise ConfigError(f"`{key}.{name}` is not an argument of {target}")
+            valid = [n for n in inspect.signature(function).parameters if n != "self"]
+            nearest = difflib.get_close_matches(name, valid, n=1)
+            hint = f"; did you mean `{key}.{nearest[0]}`?" if nearest else ""
+            raise ConfigError(
+                f"`{key}.{name}` is not an argument of {target} (its arguments: {', '.join(valid)}){hint}"
+            )
         hint = hints.get(name, Any)
         if not _matches(value, hint):
             shown = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
@@ -137,10 +143,15 @@ def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
         factory = instantiate(node, _partial_=True, _convert_="all")
         return factory(**kwargs)
     except InstantiationException as error:
-        cause = error.__cause__ or error
-        raise ConfigError(f"{_offending(node, key, str(cause))}: {cause}") from error
+        raise config_error(node, key, error.__cause__ or error) from error
     except ValueError as error:
-        raise ConfigError(f"{_offending(node, key, str(error))}: {error}") from error
+        raise config_error(node, key, error) from error
+
+
+def config_error(node: DictConfig, key: str, error: BaseException) -> ConfigError:
+    """`error` (raised by the object built from `node`) as a ConfigError that names its config key:
+    `key.argument=value` when the message names one of the node's arguments in backticks, else `key`."""
+    return ConfigError(f"{_offending(node, key, str(error))}: {error}")
 
 
 def _offending(node: DictConfig, key: str, message: str) -> str:

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from lightning_prune.evaluate.harness import flat_metrics
 from lightning_prune.report import SparsityReport
 
 SPARSITY_KEY = "prune/sparsity"
@@ -199,13 +200,15 @@ def write_results(results: dict[str, Any], path: Path) -> None:
 def stage_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, float], str]]:
     """(row label, metrics, what was measured) for every evaluation of `results["stages"]`, in run order."""
     rows: list[tuple[str, dict[str, float], str]] = []
-    entries = results.get("stages", [])
+    entries, harness = results.get("stages", []), results.get("lm_eval", {})
     for entry in entries:
         name, used = entry["name"], ", ".join(entry.get("callbacks", [])) or "training only"
         if entry["status"] == "skipped":
             rows.append((name, {}, "skipped: no callbacks and no epoch to train"))
         if "before_metrics" in entry:
             rows.append(("before", entry["before_metrics"], f"before stage `{name}`, the first with callbacks"))
+        if harness.get("before_stage") == name and "before" in harness:
+            rows.append(("lm-eval before", flat_metrics(harness["before"]), f"lm-eval, before stage `{name}`"))
         if "start_metrics" in entry:
             rows.append((f"{name} (start)", entry["start_metrics"], f"once {used} acted at fit start, before training"))
         if "metrics" in entry:
@@ -213,6 +216,8 @@ def stage_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, float], str
     ran = [entry for entry in entries if entry["status"] == "completed"]
     if "after" in results and ran and "metrics" not in ran[-1]:
         rows.append(("after", results["after"], "after the last stage"))
+    if "after" in harness:
+        rows.append(("lm-eval after", flat_metrics(harness["after"]), "lm-eval, after the last stage"))
     return rows
 
 

@@ -7,6 +7,9 @@ stage with callbacks the model is validated (`evaluate_before`); each stage is v
 (`evaluate`) and, with `evaluate_start`, once its callbacks acted at fit start. Each finished stage
 leaves a checkpoint; `resume=true` continues after the last one (run/resume.py). Then the per-stage
 metrics, report, plots and the finalized model are written into the output directory (run/finish.py).
+With `lm_eval=harness`, lm-evaluation-harness tasks score the model in memory after the last stage
+(and, with `lm_eval.before`, before the first stage with callbacks); lm-eval and its tasks are
+checked at start-up, before data and model are built (run/harness.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from lightning_prune.run.checks import build, check_run_settings, check_types
 from lightning_prune.run.dense_teacher import DenseTeacher
 from lightning_prune.run.directory import earlier_run, make_output_dir, note_untouched
 from lightning_prune.run.finish import finish, write_partial_outputs
+from lightning_prune.run.harness import check_harness, harness_settings, preflight_harness, score
 from lightning_prune.run.outputs import History, TrainStartSnapshot, write_text
 from lightning_prune.run.pairing import check_vocabulary, use_model_tokenizer
 from lightning_prune.run.record import RunRecord
@@ -52,7 +56,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment from a composed config; returns the results also saved as `results.json`.
 
     `results.json` is written even when a stage fails: `status` "failed", `failed_phase` (the
-    stage's name, or setup, preflight, evaluate_before, evaluate_after, outputs), `error`, the
+    stage's name, or setup, preflight, evaluate_before, lm_eval_before, evaluate_after, lm_eval_after,
+    outputs), `error`, the
     warnings so far, and whatever report, history and plots exist; the error is then re-raised.
     An interrupted run (Ctrl-C, SIGTERM) writes the same with `status` "interrupted",
     `interrupted_phase`, `interrupted_by` and, once a stage left its checkpoint, `resume` (the
@@ -64,12 +69,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for key in ("trainer", "data", "model", *GROUPS):
         check_types(cfg.get(key), key)
     stages = parse_stages(cfg)
+    harness = harness_settings(cfg)
     check_resumable(cfg, stages)
+    check_harness(harness, stages)  # lm-eval installed, its tasks known: before data and model are built
     use_model_tokenizer(cfg)
     out = output_dir(cfg)
     make_output_dir(out)
     earlier = earlier_run(out)
-    parts = RunParts()
+    parts = RunParts(harness=harness)
     if earlier is None:
         start_writing(cfg, out, parts)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -124,7 +131,9 @@ def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecor
         )
         for stage, callbacks, state, snapshot in zip(stages, built, states, snapshots)
     ]
-    preflight(built, module, trainers)
+    nodes = [[(key, OmegaConf.select(cfg, key)) for key in stage.callback_keys] for stage in stages]
+    preflight(built, module, trainers, nodes)
+    preflight_harness(parts.harness, module, data)
     dense = DenseTeacher(built)
     source = dense.source_stage(stages)
     dense_path = None if source is None else checkpoint_path(out, source)
@@ -202,6 +211,10 @@ def run_stage(
             if ran and "metrics" in ran[-1]
             else entry.setdefault("before_metrics", evaluate(trainer, module, data))
         )
+    harness = parts.harness
+    if harness is not None and harness.before and callbacks and "before" not in results.get("lm_eval", {}):
+        record.phase = "lm_eval_before"
+        results.setdefault("lm_eval", {}).update(before=score(harness, module, data, trainer), before_stage=stage.name)
     record.phase = stage.name
     history.start_phase(stage.name, sum(e.get("steps", 0) for e in results["stages"]))
     pl.seed_everything(cfg.seed + stage.index, workers=True, verbose=False)  # a resumed stage draws the same numbers

@@ -19,12 +19,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_prune.callbacks.inherited import STAGE_KEY
 from lightning_prune.masking import get_masks, keep_masks_applied, load_masks
 from lightning_prune.run.checks import ConfigError
 from lightning_prune.run.stages import Stage
 
 CHECKPOINT_DIR = "checkpoints"
-PAYLOAD_KEY = "lightning_prune_stage"
+PAYLOAD_KEY = STAGE_KEY  # where a stage checkpoint holds the run's progress and masks
 # Keys that may differ between the interrupted run and its resumption.
 NOT_COMPARED = ("resume",)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from lightning_prune.run.harness import HarnessSettings
 from lightning_prune.run.outputs import History
 
 
@@ -26,6 +27,8 @@ class RunParts:
     data: pl.LightningDataModule | None = None
     module: pl.LightningModule | None = None
     history: History | None = None
+    harness: HarnessSettings | None = None
+    """The checked `lm_eval` settings; None: the run scores no lm-evaluation-harness tasks."""
     keep_checkpoint: Path | None = None
     """Kept even with `stage_checkpoints=last`: the dense weights a later stage's teacher is rebuilt from."""
     writing: bool = False

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_prune.run.checks import build
+from lightning_prune.run.checks import ConfigError, build, config_error
 from lightning_prune.run.outputs import TrainStartSnapshot
 from lightning_prune.run.stages import Stage
 
@@ -75,18 +75,29 @@ def evaluate_start(
     return evaluate(plain, snapshot.module, data)
 
 
-def preflight(built: list[list[Callback]], module: pl.LightningModule, trainers: list[pl.Trainer]) -> None:
+def preflight(
+    built: list[list[Callback]],
+    module: pl.LightningModule,
+    trainers: list[pl.Trainer],
+    nodes: list[list[tuple[str, DictConfig]]] | None = None,
+) -> None:
     """Every check a callback can make before training, for every stage before any stage trains:
     `callback.preflight(module)`, given the stage's Trainer where it takes a `trainer` and, where it
     takes `callbacks`, its stage's callbacks (and `earlier`, those of the stages before, whose masks
-    the model carries)."""
+    the model carries). With `nodes` (each callback's config key and node), a ValueError becomes a
+    ConfigError naming the key (`export.dirpath`, not the callback's `dirpath`)."""
     earlier: list[Callback] = []
-    for callbacks, trainer in zip(built, trainers, strict=True):
-        for callback in callbacks:
+    for index, (callbacks, trainer) in enumerate(zip(built, trainers, strict=True)):
+        for position, callback in enumerate(callbacks):
             check = getattr(callback, "preflight", None)
             if not callable(check):
                 continue
             accepts = inspect.signature(check).parameters
             given = {"trainer": trainer, "callbacks": callbacks, "earlier": list(earlier)}
-            check(module, **{name: value for name, value in given.items() if name in accepts})
+            try:
+                check(module, **{name: value for name, value in given.items() if name in accepts})
+            except ValueError as error:
+                if nodes is None or isinstance(error, ConfigError):
+                    raise
+                raise config_error(nodes[index][position][1], nodes[index][position][0], error) from error
         earlier.extend(callbacks)

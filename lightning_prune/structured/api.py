@@ -24,12 +24,12 @@ from lightning_prune.registry import STRUCTURED_SCORES
 from lightning_prune.structured.checks import check_config_accepts_heads, check_droppable
 from lightning_prune.structured.default import GIVEN, check_automatic_options, choose_score
 from lightning_prune.structured.groups import GroupSet
-from lightning_prune.structured.report import StructuredReport, structured_report
+from lightning_prune.structured.report import StructuredReport, added_parameters, only_for_config, structured_report
 from lightning_prune.structured.scores import BlockInfluence, StructuredScore
 from lightning_prune.structured.select import mask_block, prune_group, units_to_remove
 from lightning_prune.structured.transformer import find_block_groups, model_config
 from lightning_prune.targets import PruneTarget
-from lightning_prune.validation import check_integer, check_sparsity
+from lightning_prune.validation import check_integer, check_materialized, check_sparsity
 
 
 def resolve_score(
@@ -112,6 +112,7 @@ def prune_structured(
     mlp_sparsity = check_sparsity(mlp_sparsity, "mlp_sparsity")
     head_sparsity = check_sparsity(head_sparsity, "head_sparsity")
     check_integer(drop_layers, "drop_layers", low=0)
+    check_materialized(model)
     _, block_list = find_block_stack(model, blocks)
     check_droppable(model, drop_layers, len(block_list))
     check_automatic_options(method, method_options)
@@ -138,8 +139,10 @@ def prune_structured(
         )
     notes += _rounding_notes(groups, {"neuron": mlp_sparsity, "head": head_sparsity})
     before = structured_report(model, [], [], score.name, [])
+    present = {name for name, _ in model.named_parameters()}
     if score.prepare(model, groups):
         groups = _find(model, blocks, mlp_sparsity, head_sparsity, targets, ignore)  # with the new bias parts
+    added = added_parameters(model, present)
     if score.needs_gradients:
         _accumulate_gradients(model, batches, groups, score, forward)
     sparsity = {"neuron": mlp_sparsity, "head": head_sparsity}
@@ -166,7 +169,7 @@ def prune_structured(
     )
     for index in dropped:
         mask_block(block_list[index])
-    return structured_report(
+    report = structured_report(
         model,
         groups,
         dropped,
@@ -176,6 +179,41 @@ def prune_structured(
         block_influence=block_scores if drop_layers else [],
         method_choice=choice,
     )
+    report.added_parameters, report.added_for_config = added, only_for_config(added, groups)
+    return report
+
+
+def add_structured_parameters(
+    model: nn.Module,
+    *,
+    method: str | StructuredScore,
+    mlp_sparsity: float = 0.0,
+    head_sparsity: float = 0.0,
+    method_options: Mapping[str, Any] | None = None,
+    targets: str | Sequence[str] | None = None,
+    ignore: str | Sequence[str] | None = None,
+    blocks: str | None = None,
+) -> tuple[dict[str, int], list[str]]:
+    """Add now the parameters that `prune_structured` with this `method` would add (FLAP's compensation
+    biases and the config flag that states them, `StructuredScore.prepare`), checked as it checks them.
+
+    Call it before an optimizer is built or a checkpoint is loaded (`StructuredPruning.setup`): the new
+    parameters then train, and a checkpoint that holds them loads into a freshly built model. The later
+    `prune_structured` finds them in place. Returns what was added and which of it only the config needs
+    (`StructuredReport.added_parameters`, `added_for_config`).
+    """
+    score = resolve_score(method, method_options)
+    check_sparsity(mlp_sparsity, "mlp_sparsity")
+    check_sparsity(head_sparsity, "head_sparsity")
+    groups = _find(model, blocks, mlp_sparsity, head_sparsity, targets, ignore)
+    for group in groups:
+        score.check(group)
+    score.check_model(groups, model_config(model))
+    present = {name for name, _ in model.named_parameters()}
+    if not score.prepare(model, groups):
+        return {}, []
+    added = added_parameters(model, present)
+    return added, only_for_config(added, _find(model, blocks, mlp_sparsity, head_sparsity, targets, ignore))
 
 
 def _rounding_notes(groups: Sequence[GroupSet], sparsity: Mapping[str, float]) -> list[str]:

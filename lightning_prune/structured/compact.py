@@ -20,7 +20,9 @@ from torch import nn
 
 from lightning_prune.calibration.blocks import find_block_stack
 from lightning_prune.masking import finalize
+from lightning_prune.structured.compact_experts import slice_experts
 from lightning_prune.structured.groups import GroupSet, removed_units
+from lightning_prune.structured.moe import find_expert_layers
 from lightning_prune.structured.select import block_is_dropped
 from lightning_prune.structured.sequential import sequential_groups
 from lightning_prune.structured.transformer import find_block_groups
@@ -63,11 +65,15 @@ def compact(model: nn.Module) -> nn.Module:
 
 
 def _groups_of(model: nn.Module, kind: str) -> list[GroupSet]:
-    """The model's groups of `kind`; a family without them (heads of GPT-2, BERT, ...) has none to remove."""
+    """The model's groups of `kind`; a family without them (heads of GPT-2, BERT, ...) has none to remove.
+
+    The MLPs inside MoE layers (shared experts) are not the config's `intermediate_size`: left alone."""
     try:
-        return find_block_groups(model, kind)
+        groups = find_block_groups(model, kind)
     except ValueError:
         return []
+    moe = tuple(f"{layer.name}." for layer in find_expert_layers(model))
+    return [g for g in groups if not any(p.module_name.startswith(moe) for p in g.parts)]
 
 
 def _uniform(widths: dict[int, int], what: str) -> int | None:
@@ -129,7 +135,10 @@ def _compact_transformers(model: nn.Module) -> nn.Module:
         head_dim = widths_of["k_proj"]  # k_proj rows per key/value head
         head_shape = (kv_width, widths_of["q_proj"] // head_dim, head_dim)
     neuron_key = neurons[0].config_key if neurons else None
+    expert_counts = slice_experts(model, state)
     config = _rewrite_config(model.config, neuron_width, neuron_key, head_shape, kept_blocks, len(blocks))
+    for key, count in expert_counts.items():
+        setattr(config, key, count)
     state = _renumber_blocks(state, blocks_name, kept_blocks, len(blocks))
     parameter = next(model.parameters())
     rebuilt = type(model)(config).to(device=parameter.device, dtype=parameter.dtype)

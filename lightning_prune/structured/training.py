@@ -3,27 +3,26 @@
 The callbacks decide when; `StructuredSelection` scores the model's coupled groups with a
 registered structured score (the callback's `criterion` name: "magnitude" or "taylor"), masks the
 lowest units of every group set (monotone: removed units stay removed), and with `compact_on_end`
-turns the masked model into the smaller one, measuring parameters and forward time around it.
+turns the masked model into the smaller one, measuring parameters and forward time (interleaved medians of
+the model before and after compaction, `structured.timing`) around it.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
-from lightning_prune.calibration.calls import to_device
-from lightning_prune.calibration.driver import call_model
 from lightning_prune.registry import STRUCTURED_SCORES
 from lightning_prune.structured.api import select_groups
-from lightning_prune.structured.compact import compact, outermost_hf_models
 from lightning_prune.structured.find import find_groups
 from lightning_prune.structured.groups import KINDS, GroupSet, removed_units
+from lightning_prune.structured.report import StructuredReport, structured_report
 from lightning_prune.structured.scores import StructuredScore
 from lightning_prune.structured.select import prune_group
+from lightning_prune.structured.timing import compact_and_measure as compact_and_measure  # the callbacks' import
+from lightning_prune.structured.timing import sample_forward as sample_forward
 from lightning_prune.validation import check_bool
 
 STRUCTURES = KINDS
@@ -43,7 +42,8 @@ class StructuredSelection:
         if isinstance(score, str) and score not in STRUCTURED_SCORES:
             raise ValueError(
                 f"`criterion`={score!r} has no structured score; "
-                f"with `structure` use one of {[n for n in STRUCTURED_SCORES if n != 'block_influence']}"
+                f"with `structure` use one of "
+                f"{[n for n in STRUCTURED_SCORES if getattr(STRUCTURED_SCORES.get(n), 'unit', 'group') == 'group']}"
             )
         self.score: StructuredScore = STRUCTURED_SCORES.create(score)
         if self.score.statistics or self.score.unit != "group":
@@ -79,61 +79,13 @@ class StructuredSelection:
         self.score.reset()
         return sum(int(r.sum()) for r in removed) / sum(g.count for g in self.groups)
 
+    def report(self, model: nn.Module) -> StructuredReport:
+        """Units removed per group set and parameters before/after compaction, from the current masks."""
+        return structured_report(model, self.groups, [], self.score.name, [])
+
     def removed_fraction(self) -> float:
         """Fraction of all units currently removed (from the weights' exact zeros)."""
         return sum(int(removed_units(g).sum()) for g in self.groups) / max(1, sum(g.count for g in self.groups))
-
-
-def forward_seconds(model: nn.Module, run: Callable[[nn.Module], Any], repeats: int = 5) -> float:
-    """Median wall time of `run(model)` under `no_grad` in eval mode (one warm-up call first)."""
-    was_training = model.training
-    model.eval()
-    times = []
-    with torch.no_grad():
-        run(model)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run(model)
-            times.append(time.perf_counter() - start)
-    model.train(was_training)
-    return sorted(times)[len(times) // 2]
-
-
-def compact_and_measure(
-    model: nn.Module, run: Callable[[nn.Module], Any] | None, repeats: int = 5
-) -> tuple[nn.Module, dict[str, float]]:
-    """`compact(model)` with parameters (and forward time of `run`, when given) before and after."""
-    record: dict[str, float] = {"parameters_before": float(sum(p.numel() for p in model.parameters()))}
-    if run is not None:
-        record["forward_seconds_before"] = forward_seconds(model, run, repeats)
-    small = compact(model)
-    record["parameters_after"] = float(sum(p.numel() for p in small.parameters()))
-    if run is not None:
-        record["forward_seconds_after"] = forward_seconds(small, run, repeats)
-        record["speedup"] = record["forward_seconds_before"] / record["forward_seconds_after"]
-    return small, record
-
-
-def sample_forward(batch: Any) -> Callable[[nn.Module], Any]:
-    """A `run(model)` that forwards one batch the way the calibration driver does."""
-
-    def run(model: nn.Module) -> Any:
-        return call_model(_forward_owner(model), to_device(batch, next(model.parameters()).device))
-
-    return run
-
-
-def _forward_owner(model: nn.Module) -> nn.Module:
-    """The module to time: the model itself when it defines `forward`, else the transformers model inside it."""
-    if (
-        type(model).forward is not nn.Module.forward
-        and getattr(type(model).forward, "__qualname__", "").split(".")[0] != "LightningModule"
-    ):
-        return model
-    inner = outermost_hf_models(model)
-    if not inner:
-        raise ValueError(f"cannot time {type(model).__name__}: it defines no `forward` and holds no transformers model")
-    return inner[0][1]
 
 
 def check_structure_arguments(structure: str | None, pattern: str | None, scope: str, compact_on_end: bool) -> None:
