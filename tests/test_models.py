@@ -58,6 +58,26 @@ def test_causal_lm_perplexity_is_exp_of_loss(tmp_path) -> None:
     assert torch.equal(reloaded(batch["input_ids"]), module(batch["input_ids"]))
 
 
+def test_causal_lm_padding_is_never_a_target() -> None:
+    """val/ppl and the loss count exactly the tokens evaluate_perplexity counts: a padded batch (labels
+    = the ids, attention_mask 0 on the padding) scores as its rows alone."""
+    from lightning_prune import evaluate_perplexity
+
+    torch.manual_seed(0)
+    module = CausalLMModule(config=TINY_LLAMA).eval()
+    padded = {
+        "input_ids": torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]),
+    }
+    with torch.no_grad():
+        module.validation_step(padded, 0)
+        loss, _, labels = module._loss_and_logits(padded)
+    expected = evaluate_perplexity(module.model, [torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.tensor([[11, 12, 13]])])
+    assert expected.tokens == 5 + 2 and int((labels[:, 1:] != -100).sum()) == 7
+    assert float(module.val_perplexity.compute()) == pytest.approx(expected.ppl, rel=1e-5)
+    assert float(loss) == pytest.approx(expected.nll, rel=1e-5)
+
+
 def test_causal_lm_trains_one_step() -> None:
     module = CausalLMModule(config=TINY_LLAMA, lr=1e-2)
     data = [{"input_ids": torch.randint(0, 50, (8,))} for _ in range(4)]
@@ -70,7 +90,10 @@ def test_causal_lm_trains_one_step() -> None:
     ("kwargs", "match"),
     [
         ({"model_path": "/no/such/model"}, "`model_path`='/no/such/model' is not a local model directory"),
-        ({}, "exactly one of `model_path` or `config`"),
+        ({}, "exactly one of `model_path`, `gguf_file` or `config`"),
+        ({"gguf_file": "/no/such.gguf"}, "`gguf_file`=./no/such.gguf. is not a file"),
+        ({"gguf_file": "a.gguf", "config": TINY_LLAMA}, "give `gguf_file` or `config`, not both"),
+        ({"pretrained": "gpt5"}, "`pretrained` must be one of \\[.smollm2.\\] or null, got .gpt5."),
         ({"config": {"hidden_size": 8}}, "needs a `model_type`"),
         ({"config": TINY_LLAMA, "dtype": "floaty"}, "`dtype` must name a torch dtype"),
         ({"config": TINY_LLAMA, "lr": 0.0}, "`lr` must be > 0"),

@@ -29,6 +29,9 @@ BLOCKS = re.findall(r"^```(\w+)\n(.*?)^```", README, flags=re.DOTALL | re.MULTIL
 TEXT_RECIPES = {"gmp_finetune", "wanda_2of4", "sparsegpt_50", "wanda_2of4_lora"}
 QUIET = ["trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "tensorboard=false"]
 DIGITS_SMALL = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+# The smollm2_* recipes: short windows, few calibration sequences, one training step (tests/test_smollm2_recipes.py).
+SMOLLM2_SMALL = ["data.seq_len=32", "data.batch_size=2", "data.val_windows=2", "pruning.num_samples=4"]
+SMOLLM2_ONESHOT = ["pruning.targets=[layers.0.]"]
 
 
 def commands(block: str) -> list[list[str]]:
@@ -131,6 +134,10 @@ def small_overrides(arguments: list[str], corpus: Path) -> list[str]:
             "pruning.reconstruct_steps=2",
             "+trainer.max_steps=2",
         ]
+    if recipe.startswith("smollm2_"):  # the real SmolLM2 (its directory given by the caller): 2 blocks, 1 step
+        small = [entry for entry in small if not entry.startswith(("dense_epochs=", "trainer.max_epochs="))]
+        small += [*SMOLLM2_SMALL, *(SMOLLM2_ONESHOT if recipe != "smollm2_structured" else [])]
+        small += ["export.targets=[layers.0.]"] if recipe in ("smollm2_2of4_lora", "smollm2_2of4_distill") else []
     if recipe in TEXT_RECIPES:
         small += ["data.seq_len=16", "data.vocab_size=300", "data.batch_size=4", f"data.files=[{corpus}]"]
         if pruning in (None, "wanda", "sparsegpt") and recipe != "gmp_finetune":
@@ -161,10 +168,14 @@ def test_cli_command_runs(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corpus.txt").write_text(pretrained["corpus"].read_text())
     arguments = [substitute(a, pretrained) for a in arguments]
+    if any(a.startswith("recipe=smollm2_") for a in arguments) and not any(a.startswith("model.") for a in arguments):
+        # The session's SmolLM2 directory (loaded from GGUF once) instead of ~17 s of GGUF loading per command.
+        arguments.append(f"model.model_path={request.getfixturevalue('smollm2').directory}")
     if "--help" in arguments or "--cfg" in arguments:
         assert run_cli(arguments, monkeypatch) == 0
         printed = capsys.readouterr().out

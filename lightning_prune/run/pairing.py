@@ -2,7 +2,9 @@
 
 With `model.model_path=DIR` and no `data.tokenizer`, the data module gets the tokenizer saved in
 DIR (`AutoTokenizer.from_pretrained(DIR)`); without one there it is an error naming
-`data.tokenizer` — never a freshly trained tokenizer whose ids mean nothing to the model.
+`data.tokenizer` — never a freshly trained tokenizer whose ids mean nothing to the model. A GGUF
+model (`model.gguf_file`, or the packaged model named by `model.pretrained`, e.g. smollm2) carries
+its tokenizer in the same file: `data.tokenizer` is set to that file.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from lightning_prune.models.causal_lm import gguf_location, pretrained_causal_lm
 from lightning_prune.run.checks import ConfigError
 
 # Files one of which every `save_pretrained` tokenizer directory holds.
@@ -28,7 +31,13 @@ def use_model_tokenizer(cfg: DictConfig) -> None:
     if not isinstance(model, DictConfig) or not isinstance(data, DictConfig):
         return
     model_path = model.get("model_path")
-    if not model_path or "tokenizer" not in data or data.get("tokenizer") is not None:
+    if "tokenizer" not in data or data.get("tokenizer") is not None:
+        return
+    gguf = gguf_tokenizer(model)
+    if gguf is not None:
+        data.tokenizer = gguf
+        return
+    if not model_path:
         return
     directory = Path(str(model_path)).expanduser()
     if not (directory / "config.json").is_file():
@@ -40,6 +49,23 @@ def use_model_tokenizer(cfg: DictConfig) -> None:
             "(a new tokenizer's ids mean nothing to a pretrained model)"
         )
     data.tokenizer = str(model_path)
+
+
+def gguf_tokenizer(model: DictConfig) -> str | None:
+    """The GGUF file a model config loads from (`gguf_file`, or `pretrained` when no other source is
+    given), None when it loads from elsewhere or the file is missing (the model's own check says so)."""
+    gguf_file, model_path = model.get("gguf_file"), model.get("model_path")
+    if gguf_file:
+        try:
+            return str(gguf_location(str(gguf_file), None if model_path is None else str(model_path)))
+        except ValueError:
+            return None
+    if model.get("pretrained") and model_path is None and model.get("config") is None:
+        try:
+            return pretrained_causal_lm(str(model.pretrained))
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+    return None
 
 
 def check_vocabulary(data: Any, module: Any) -> None:
