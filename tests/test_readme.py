@@ -10,6 +10,7 @@ explicit: PLACEHOLDERS maps each one to what the test substitutes.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import sys
@@ -367,6 +368,22 @@ def check_experts(namespace: dict[str, Any], directory: Path) -> None:
     assert all(layer.mlp.experts.gate_up_proj.shape[0] == 2 for layer in smaller.model.layers)
 
 
+def check_perplexity(namespace: dict[str, Any], directory: Path) -> None:
+    result = namespace["result"]
+    assert (result.windows, result.tokens) == (16, 16 * 255)
+    assert result.ppl == pytest.approx(math.exp(result.nll)) and result.ppl > 1.0
+
+
+def check_learned(namespace: dict[str, Any], directory: Path) -> None:
+    from lightning_prune import get_masks
+
+    masks = get_masks(namespace["module"])
+    assert masks  # the argmax became ordinary bool masks at the end of the fit
+    for name, mask in masks.items():
+        groups = mask.reshape(mask.shape[0], -1, 4).sum(-1)
+        assert bool((groups == 2).all()), name
+
+
 # A distinctive line of each Python block -> (stand-ins, check after it ran).
 PYTHON_BLOCKS: dict[str, tuple[Callable[[dict[str, Path]], dict[str, Any]], Callable[[dict[str, Any], Path], None]]] = {
     "pruning = GradualPruning(": (digits_standins, check_one_callback),
@@ -378,6 +395,8 @@ PYTHON_BLOCKS: dict[str, tuple[Callable[[dict[str, Path]], dict[str, Any]], Call
     'model = load_sparse("export/")': (export_standins, check_two_of_four),
     'pattern="2:4")\n': (no_standins, check_any_network),
     "prune_experts(moe, batches": (experts_standins, check_experts),
+    "evaluate_perplexity(model, tokenizer, text=held_out": (no_standins, check_perplexity),
+    'LearnedSparsity(pattern="2:4", prior="sparsegpt", lr=1e-3)': (callbacks_standins, check_learned),
 }
 
 
