@@ -91,3 +91,49 @@ def test_unknown_sections_and_rows_are_refused(llm: ModuleType) -> None:
         llm.parse_args(["--sections", "oneshot,speed"])
     with pytest.raises(SystemExit, match="wandaa"):
         llm.chosen(llm.VARIANTS, "wanda,wandaa", "rows")
+
+
+@pytest.fixture(scope="module")
+def llm_recovery(llm: ModuleType) -> ModuleType:
+    """benchmarks/llm_recovery.py, which imports its sibling llm.py as `llm`."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("llm_recovery_benchmark", BENCHMARKS / "llm_recovery.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+@pytest.mark.slow
+def test_recovery_table_trains_each_recovery_and_keeps_two_of_four(llm_recovery: ModuleType, data: tuple) -> None:
+    model, calibration, evaluation = data
+    lines: list[str] = []
+    text = llm_recovery.recovery_table(
+        model, calibration, calibration, evaluation, 2, 1e-2, 5e-2, 4, ("wanda",), lines.append
+    )
+    steps = [line.split(" | ")[1] for line in text.splitlines() if line.startswith("| wanda 2:4")]
+    assert steps == ["one-shot", "+ kd", "+ lora", "+ kd+lora"]
+    assert "2 steps × 64 tokens = 128 training tokens" in text
+    ppls = [float(line.split(" | ")[2]) for line in lines]
+    assert len(set(ppls)) == 4  # each recovery changed the one-shot model, each differently
+    assert all(p.ne(0).all() for n, p in model.named_parameters() if n.endswith("proj.weight"))  # dense untouched
+
+
+@pytest.mark.slow
+def test_structured_table_compacts_times_and_distills(llm_recovery: ModuleType, llm: ModuleType) -> None:
+    model = tiny_llama(num_hidden_layers=3).eval()
+    generator = torch.Generator().manual_seed(1)
+    calibration = llm.calibration_batches(torch.randint(0, 48, (8, 16), generator=generator), 4)
+    evaluation = llm.eval_batches(torch.randint(0, 48, (80,), generator=generator).tolist(), 16, 4, None)
+    variants = {"flap 25%": dict(mlp_sparsity=0.25, method="flap"), "1 dropped": dict(drop_layers=1)}
+    text = llm_recovery.structured_table(model, calibration, calibration, evaluation, 2, 1e-3, 2, variants, print)
+    cells = [line.strip("| ").split(" | ") for line in text.splitlines()[4:]]
+    rows = {row[0]: row[1:] for row in cells}
+    assert list(rows) == ["dense", "flap 25%", "1 dropped"]
+    params = {name: int(row[0].replace(",", "")) for name, row in rows.items()}
+    assert params["flap 25%"] < params["dense"] and params["1 dropped"] < params["dense"]
+    assert rows["dense"][3] == "—" and all(float(rows[n][3]) > 0 for n in ("flap 25%", "1 dropped"))
+    assert all(row[1].endswith("×") for row in rows.values())
