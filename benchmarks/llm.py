@@ -294,7 +294,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sections", default="oneshot,time", help="comma-separated: oneshot, time, profile")
     parser.add_argument("--calibration", type=int, default=None, help="calibration sequences (default 64; quick 8)")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="sequences per calibration batch; our capture runs batch 0 through every block once more, "
+        "so one batch gives ~1.5x the loop's block calls (3 passes, not 2), 8 batches ~1.05x",
+    )
     parser.add_argument("--eval-windows", type=int, default=None, help="held-out windows (default all; quick 16)")
     parser.add_argument("--rows", default=None, help="comma-separated row labels of the one-shot table")
     parser.add_argument("--columns", default=None, help="comma-separated column labels: 50%%,60%%,2:4")
