@@ -60,6 +60,7 @@ def test_reference_loop_prunes_what_ours_prunes(llm: ModuleType, data: tuple, me
         assert int((weight == 0).sum()) == weight.numel() // 2
 
 
+@pytest.mark.slow
 def test_oneshot_table_scores_every_cell_on_the_same_windows(llm: ModuleType, data: tuple) -> None:
     model, calibration, evaluation = data
     lines: list[str] = []
@@ -78,6 +79,7 @@ def test_oneshot_table_scores_every_cell_on_the_same_windows(llm: ModuleType, da
     )
 
 
+@pytest.mark.slow
 def test_time_table_alternates_and_gives_ratios(llm: ModuleType, data: tuple) -> None:
     model, calibration, _ = data
     lines: list[str] = []
