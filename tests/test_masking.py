@@ -273,3 +273,17 @@ def test_nan_weights_under_magnitude_selection_name_the_layer() -> None:
     targets = find_targets(model, ignore_output_head=False)
     with pytest.raises(ValueError, match=r"the scores of '0.weight' contain NaN \(1 of its 16 weights are NaN\)"):
         update_masks(targets, {t.name: t.weight.detach().abs() for t in targets}, 0.5)
+
+
+def test_a_masked_model_is_freed_when_dropped() -> None:
+    # The gradient hook sits in the weight's C++ side, out of the garbage collector's sight: a hook holding
+    # its module strongly (weight -> hook -> module -> weight) kept every masked model alive for good.
+    import gc
+    import weakref
+
+    model = tiny_llama()
+    set_mask(model.model.layers[0].mlp.down_proj, torch.rand(32, 64) > 0.5)
+    gone = weakref.ref(model.model.layers[0].mlp.down_proj)
+    del model
+    gc.collect()
+    assert gone() is None
