@@ -19,6 +19,7 @@ Lifecycle::
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -96,11 +97,14 @@ class _MaskGradient:
     """
 
     def __init__(self, module: nn.Module, param_name: str) -> None:
-        self.module, self.param_name = module, param_name
+        # A weak reference: the hook lives in the parameter's C++ side, which the garbage collector cannot
+        # see, so a strong one (parameter -> hook -> module -> parameter) kept every masked model alive.
+        self.module, self.param_name = weakref.ref(module), param_name
 
     def __call__(self, param: torch.Tensor) -> None:
-        if param.grad is not None and self.param_name in getattr(self.module, _MASKED, ()):
-            keep_only_(param.grad, getattr(self.module, _mask_name(self.param_name)))
+        module = self.module()
+        if param.grad is not None and module is not None and self.param_name in getattr(module, _MASKED, ()):
+            keep_only_(param.grad, getattr(module, _mask_name(self.param_name)))
 
 
 def _hook_gradient(module: nn.Module, param_name: str) -> None:

@@ -291,3 +291,17 @@ def test_tighten_masks_keeps_the_union_of_pruned_entries_all_or_nothing() -> Non
     with pytest.raises(ValueError, match=r"'nope\.weight' names no module"):
         tighten_masks(layer, {"nope.weight": torch.zeros(1, dtype=torch.bool)})
     assert torch.equal(get_mask(layer), expected)  # refused calls changed nothing
+
+
+def test_a_masked_model_is_freed_when_dropped() -> None:
+    # The gradient hook sits in the weight's C++ side, out of the garbage collector's sight: a hook holding
+    # its module strongly (weight -> hook -> module -> weight) kept every masked model alive for good.
+    import gc
+    import weakref
+
+    model = tiny_llama()
+    set_mask(model.model.layers[0].mlp.down_proj, torch.rand(32, 64) > 0.5)
+    gone = weakref.ref(model.model.layers[0].mlp.down_proj)
+    del model
+    gc.collect()
+    assert gone() is None
