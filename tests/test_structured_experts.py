@@ -295,3 +295,34 @@ def test_random_needs_no_calibration_and_follows_its_seed() -> None:
         chosen.append([routing_keep(layer.router).tolist() for layer in find_expert_layers(model)])
     assert chosen[0] == chosen[1] != chosen[2]
     assert all(sum(keep) == 2 for keep in chosen[0])
+
+
+def test_expert_masks_survive_lora_recovery_and_its_merge() -> None:
+    """LoRA on an expert-pruned MoE (peft `target_parameters` for the fused experts, the masked router
+    rows included): training and `merge_lora` keep the removed experts at zero, tokens still avoid them,
+    and `compact` of the merged model equals it."""
+    from lightning_prune import attach_lora, merge_lora
+
+    model = _qwen3(norm_topk_prob=True)
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 64, (2, 16), generator=generator)} for _ in range(2)]
+    prune_experts(model, batches, expert_sparsity=0.5, method="reap")
+    removed = {name: ~mask.flatten(1).any(1) for name, mask in get_masks(model).items() if "experts" in name}
+    assert removed and all(int(gone.sum()) == gone.numel() // 2 for gone in removed.values())
+    peft_model = attach_lora(model, r=4, alpha=8)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    for batch in batches * 2:
+        peft_model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    merged = merge_lora(peft_model).eval()
+    for name, gone in removed.items():
+        weight = merged.get_parameter(name)
+        assert not bool(weight[gone].any()) and not bool(torch.signbit(weight[gone]).any()), name
+        assert bool(weight[~gone].flatten(1).any(1).all()), name  # the kept experts were trained, not zeroed
+    with torch.no_grad():
+        expected = merged(input_ids=batches[0]["input_ids"]).logits
+        small = compact(merged)
+        assert small.config.num_experts == 2  # of 4: the compacted model has no removed expert to route to
+        torch.testing.assert_close(small(input_ids=batches[0]["input_ids"]).logits, expected, atol=1e-5, rtol=1e-5)
