@@ -75,3 +75,16 @@ def test_existing_keys_and_group_choices_get_no_hint() -> None:
     assert unknown_key_hints(cli.CONFIG_DIR, ["stages.1.trainer.max_epochs=1", "-m"]) == [
         "`stages.1.trainer.max_epochs` is not a key of `stages.1`; valid keys: name, use, evaluate, evaluate_start"
     ]
+
+
+def test_an_unknown_group_choice_beside_a_key_gets_hydras_message_and_no_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # `recipe=nope output_dir=...`: the hint's own compose met the missing recipe again and raised a traceback.
+    assert unknown_key_hints(cli.CONFIG_DIR, ["recipe=nope", f"output_dir={tmp_path}"]) == []
+    monkeypatch.setattr(sys, "argv", ["lightning-prune", "recipe=nope", f"output_dir={tmp_path}"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Could not find 'recipe/nope'" in err and "Traceback" not in err

@@ -15,6 +15,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -78,6 +79,9 @@ def unknown_key_hints(config_dir: str, overrides: Sequence[str]) -> list[str]:
     if not keys:
         return []
     GlobalHydra.instance().clear()  # the failed run's Hydra instance, if any: compose starts its own
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        cfg = compose("config", overrides=choices)
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            cfg = compose("config", overrides=choices)
+    except HydraException:  # a group choice that does not exist (`recipe=nope`): Hydra already said which
+        return []
     return [hint for key in keys if (hint := unknown_key_hint(cfg, key)) is not None]
