@@ -8,9 +8,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_prune.calibration.samples import take_samples
 from lightning_prune.callbacks.once import PruneOnFitStart
-from lightning_prune.callbacks.oneshot import fit_train_dataloader
+from lightning_prune.callbacks.oneshot import calibration_batches
 from lightning_prune.masking import get_masks
 from lightning_prune.structured.api import resolve_score
 from lightning_prune.structured.compact_experts import check_representable
@@ -91,8 +90,7 @@ class ExpertPruning(PruneOnFitStart):
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> StructuredReport:
         """Run `prune_experts` on the module with this rank's calibration batches."""
-        source = self.calibration if self.calibration is not None else fit_train_dataloader(trainer)
-        batches = take_samples(source, self.num_samples)
+        batches = calibration_batches(self.calibration, self.num_samples, trainer)
         self.report = prune_experts(
             pl_module,
             batches,

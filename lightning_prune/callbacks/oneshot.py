@@ -70,6 +70,12 @@ def fit_train_dataloader(trainer: pl.Trainer) -> Iterable[Any]:
     return cast(Iterable[Any], source)
 
 
+def calibration_batches(calibration: Iterable[Any] | None, num_samples: int | None, trainer: pl.Trainer) -> list[Any]:
+    """The batches a prune-at-fit-start callback calibrates on: `calibration` when given, else the fit's
+    training dataloader, cut to `num_samples` samples (`take_samples`)."""
+    return take_samples(calibration if calibration is not None else fit_train_dataloader(trainer), num_samples)
+
+
 class OneShotPruning(PruneOnFitStart):
     """Prune one-shot on calibration batches when `fit` starts, then keep the masks applied.
 
