@@ -117,3 +117,14 @@ def test_structured_recipe_saves_a_smaller_stock_model(smollm2: SmolLM2Reference
     assert sum(p.numel() for p in model.parameters()) == compaction["parameters_after"]
     with torch.no_grad():
         assert model(input_ids=smollm2.input_ids).logits.shape == smollm2.logits.shape
+
+
+def test_learned_recipe_learns_a_2of4_mask_distills_and_exports_it(smollm2: SmolLM2Reference, tmp_path: Path) -> None:
+    results = short_run("smollm2_learned_2of4", smollm2, tmp_path, *TARGETS, *EXPORT_TARGETS)
+    assert stage_rows(tmp_path) == ["before", "learn", "distill"]
+    assert [stage["steps"] for stage in results["stages"]] == [1, 1]
+    assert all("val/ppl" in stage["metrics"] for stage in results["stages"])
+    check_2of4_saved(tmp_path / "model")
+    check_2of4_saved(tmp_path / "export")
+    sparsity_config = json.loads((tmp_path / "export" / "config.json").read_text())["sparsity_config"]
+    assert sparsity_config["sparsity_structure"] == "2:4" and len(sparsity_config["targets"]) == 14
