@@ -15,6 +15,7 @@ from lightning_prune import (
     GradualPruning,
     IterativePruning,
     KnowledgeDistillation,
+    LearnedSparsity,
     Ria,
     StructuredPruning,
     attach_lora,
@@ -252,3 +253,20 @@ def test_a_pruning_callback_refuses_a_meta_module_before_lightning_moves_it() ->
         trainer.fit(module)
     chain = [raised.value, raised.value.__context__]
     assert any(isinstance(e, ValueError) and re.match(META, str(e)) for e in chain)
+
+
+@pytest.mark.parametrize(
+    "callback",
+    [
+        lambda: StructuredPruning(mlp_sparsity=0.5, method="flap"),  # its setup adds FLAP's biases
+        lambda: LearnedSparsity(prior=None),  # its setup freezes the targets
+    ],
+    ids=["StructuredPruning", "LearnedSparsity"],
+)
+def test_callbacks_with_their_own_setup_still_refuse_a_meta_module_there(callback: Callable) -> None:
+    from tests.conftest import TinyRegressor, make_trainer
+
+    with torch.device("meta"):
+        module = TinyRegressor()
+    with pytest.raises(ValueError, match=META):
+        callback().setup(make_trainer(max_epochs=1), module, "fit")

@@ -6,11 +6,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
-from lightning_prune.callbacks.once import PruneOnFitStart
+from lightning_prune.callbacks.once import PruneUnitsOnFitStart
 from lightning_prune.callbacks.oneshot import calibration_batches
-from lightning_prune.masking import get_masks
 from lightning_prune.structured.api import resolve_score
 from lightning_prune.structured.compact_experts import check_representable
 from lightning_prune.structured.experts import prune_experts, restore_routing
@@ -19,7 +17,7 @@ from lightning_prune.structured.report import StructuredReport
 from lightning_prune.validation import check_integer, check_optional_integer, check_sparsity
 
 
-class ExpertPruning(PruneOnFitStart):
+class ExpertPruning(PruneUnitsOnFitStart):
     """Run `prune_experts` on calibration batches when `fit` starts; keep the experts removed while recovering.
 
     Calibration batches come from `calibration`, else the fit's training dataloader (first
@@ -39,6 +37,8 @@ class ExpertPruning(PruneOnFitStart):
         expert_sparsity: 0.5   # fraction of routed experts removed from every MoE layer
         method: reap           # reap | frequency | routing_weight | random | yours
     """
+
+    results_key = "experts"
 
     def __init__(
         self,
@@ -66,7 +66,15 @@ class ExpertPruning(PruneOnFitStart):
         resolve_score(method, method_options, unit="expert")  # a bad name or option fails here, before any fit
         check_optional_integer(num_samples, "num_samples", low=1)
         sparsity = check_sparsity(expert_sparsity, "expert_sparsity") if expert_sparsity is not None else 0.0
-        super().__init__(sparsity, None, targets, ignore, compact_on_end=compact_on_end)
+        super().__init__(
+            sparsity,
+            targets,
+            ignore,
+            calibration=calibration,
+            num_samples=num_samples,
+            compact_on_end=compact_on_end,
+            progress=progress,
+        )
         self.options: dict[str, Any] = dict(
             expert_sparsity=expert_sparsity,
             experts_per_layer=experts_per_layer,
@@ -74,24 +82,15 @@ class ExpertPruning(PruneOnFitStart):
             method_options=method_options,
             renormalize=renormalize,
         )
-        self.calibration = calibration
-        self.num_samples = num_samples
-        self.progress = progress
-        self.report: StructuredReport | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         restore_routing(pl_module, self.options["renormalize"])
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self.log_sparsity(pl_module, layers=False)
-
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> StructuredReport:
         """Run `prune_experts` on the module with this rank's calibration batches."""
         batches = calibration_batches(self.calibration, self.num_samples, trainer)
-        self.report = prune_experts(
+        report = prune_experts(
             pl_module,
             batches,
             targets=self.target_patterns,
@@ -103,19 +102,4 @@ class ExpertPruning(PruneOnFitStart):
         if self.compact_on_end:  # refuse now what `compact` would refuse at the end of the fit
             for layer in find_expert_layers(pl_module):
                 check_representable(layer)
-        self.current_sparsity = 1.0 - self.report.parameter_ratio
-        self.reached_sparsity = self.sparsity
-        self.pruned = True
-        return self.report
-
-    @property
-    def prunes_units(self) -> bool:
-        """Always: `sparsity` (`expert_sparsity`) is a fraction of whole experts."""
-        return True
-
-    def masks(self) -> dict[str, torch.Tensor]:
-        return get_masks(self._pl_module) if self._pl_module is not None else {}
-
-    def results(self) -> dict[str, Any]:
-        """What the run records: the removal's report and the compaction's parameters and forward times."""
-        return {"experts": self.report.as_dict() if self.report else {}, "compaction": dict(self.compaction)}
+        return self.took(report)

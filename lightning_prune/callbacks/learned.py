@@ -154,6 +154,7 @@ class LearnedSparsity(MaskingCallback):
             )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)  # a meta-device model is refused before anything is frozen
         if stage == "fit" and not self.converted:  # before DDP wraps the module: it registers trainable parameters
             self.freeze(pl_module, targets=not self.train_weights, others=False)
 

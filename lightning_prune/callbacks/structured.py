@@ -6,18 +6,16 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
-from lightning_prune.callbacks.once import PruneOnFitStart
+from lightning_prune.callbacks.once import PruneUnitsOnFitStart
 from lightning_prune.callbacks.oneshot import calibration_batches
-from lightning_prune.masking import get_masks
 from lightning_prune.structured.api import add_structured_parameters, prune_structured, resolve_score
 from lightning_prune.structured.default import check_automatic_options
 from lightning_prune.structured.report import StructuredReport
 from lightning_prune.validation import check_integer, check_optional_integer, check_sparsity
 
 
-class StructuredPruning(PruneOnFitStart):
+class StructuredPruning(PruneUnitsOnFitStart):
     """Run `prune_structured` on calibration batches when `fit` starts; keep the masks while recovering.
 
     Calibration batches come from `calibration`, else the fit's training dataloader (first
@@ -66,7 +64,13 @@ class StructuredPruning(PruneOnFitStart):
         check_integer(drop_layers, "drop_layers", low=0)
         check_optional_integer(num_samples, "num_samples", low=1)
         super().__init__(
-            check_sparsity(mlp_sparsity, "mlp_sparsity"), None, targets, ignore, compact_on_end=compact_on_end
+            check_sparsity(mlp_sparsity, "mlp_sparsity"),
+            targets,
+            ignore,
+            calibration=calibration,
+            num_samples=num_samples,
+            compact_on_end=compact_on_end,
+            progress=progress,
         )
         self.options: dict[str, Any] = dict(
             mlp_sparsity=mlp_sparsity,
@@ -75,14 +79,11 @@ class StructuredPruning(PruneOnFitStart):
             method=method,
             method_options=method_options,
         )
-        self.calibration = calibration
-        self.num_samples = num_samples
         self.blocks = blocks
-        self.progress = progress
-        self.report: StructuredReport | None = None
         self.added: tuple[dict[str, int], list[str]] = ({}, [])  # what `setup` added (FLAP's biases), see report
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)  # a meta-device model is refused before anything is added
         if stage == "fit" and self.options["method"] is not None:
             self.add_parameters(pl_module)
 
@@ -94,15 +95,10 @@ class StructuredPruning(PruneOnFitStart):
             pl_module, targets=self.target_patterns, ignore=self.ignore, blocks=self.blocks, **options
         )
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self.log_sparsity(pl_module, layers=False)
-
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> StructuredReport:
         """Run `prune_structured` on the module with this rank's calibration batches."""
         batches = calibration_batches(self.calibration, self.num_samples, trainer)
-        self.report = prune_structured(
+        report = prune_structured(
             pl_module,
             batches,
             targets=self.target_patterns,
@@ -114,20 +110,5 @@ class StructuredPruning(PruneOnFitStart):
             **self.options,
         )
         if self.added[0]:  # added in `setup`: `prune_structured` found them in place
-            self.report.added_parameters, self.report.added_for_config = self.added[0], list(self.added[1])
-        self.current_sparsity = 1.0 - self.report.parameter_ratio
-        self.reached_sparsity = self.sparsity  # the unit fractions were met (rounding is in the report's notes)
-        self.pruned = True
-        return self.report
-
-    @property
-    def prunes_units(self) -> bool:
-        """Always: `sparsity` (`mlp_sparsity`) is a fraction of whole units."""
-        return True
-
-    def masks(self) -> dict[str, torch.Tensor]:
-        return get_masks(self._pl_module) if self._pl_module is not None else {}
-
-    def results(self) -> dict[str, Any]:
-        """What the run records: the pruning report and the compaction's parameters and forward times."""
-        return {"structured": self.report.as_dict() if self.report else {}, "compaction": dict(self.compaction)}
+            report.added_parameters, report.added_for_config = self.added[0], list(self.added[1])
+        return self.took(report)
