@@ -89,7 +89,7 @@ class ExpertPruning(PruneUnitsOnFitStart):
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> StructuredReport:
         """Run `prune_experts` on the module with this rank's calibration batches."""
-        batches = calibration_batches(self.calibration, self.num_samples, trainer)
+        batches = calibration_batches(self.calibration, self.num_samples, trainer, type(self).__name__)
         report = prune_experts(
             pl_module,
             batches,

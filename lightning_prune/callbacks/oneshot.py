@@ -52,7 +52,7 @@ def resolve_forward(
     return cast(Callable[[torch.nn.Module, Any], Any], resolved)
 
 
-def fit_train_dataloader(trainer: pl.Trainer) -> Iterable[Any]:
+def fit_train_dataloader(trainer: pl.Trainer, caller: str = "OneShotPruning") -> Iterable[Any]:
     """The fit's training dataloader, available already in `on_fit_start`.
 
     `trainer.train_dataloader` is set once the fit loop has set up its data, which it does after
@@ -62,18 +62,21 @@ def fit_train_dataloader(trainer: pl.Trainer) -> Iterable[Any]:
     trainer.fit_loop.setup_data()
     source = trainer.train_dataloader
     if source is None:
-        raise ValueError("OneShotPruning found no training dataloader to calibrate on; pass `calibration=` batches")
+        raise ValueError(f"{caller} found no training dataloader to calibrate on; pass `calibration=` batches")
     if isinstance(source, (list, tuple, dict)):
         raise ValueError(
-            f"OneShotPruning cannot choose among {len(source)} training dataloaders; pass `calibration=` batches"
+            f"{caller} cannot choose among {len(source)} training dataloaders; pass `calibration=` batches"
         )
     return cast(Iterable[Any], source)
 
 
-def calibration_batches(calibration: Iterable[Any] | None, num_samples: int | None, trainer: pl.Trainer) -> list[Any]:
-    """The batches a prune-at-fit-start callback calibrates on: `calibration` when given, else the fit's
-    training dataloader, cut to `num_samples` samples (`take_samples`)."""
-    return take_samples(calibration if calibration is not None else fit_train_dataloader(trainer), num_samples)
+def calibration_batches(
+    calibration: Iterable[Any] | None, num_samples: int | None, trainer: pl.Trainer, caller: str
+) -> list[Any]:
+    """The batches a prune-at-fit-start callback (`caller`, named in errors) calibrates on: `calibration` when
+    given, else the fit's training dataloader, cut to `num_samples` samples (`take_samples`)."""
+    source = calibration if calibration is not None else fit_train_dataloader(trainer, caller)
+    return take_samples(source, num_samples)
 
 
 class OneShotPruning(PruneOnFitStart):

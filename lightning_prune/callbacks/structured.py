@@ -97,7 +97,7 @@ class StructuredPruning(PruneUnitsOnFitStart):
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> StructuredReport:
         """Run `prune_structured` on the module with this rank's calibration batches."""
-        batches = calibration_batches(self.calibration, self.num_samples, trainer)
+        batches = calibration_batches(self.calibration, self.num_samples, trainer, type(self).__name__)
         report = prune_structured(
             pl_module,
             batches,
