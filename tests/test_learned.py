@@ -15,6 +15,7 @@ from lightning_prune.learned import (
     candidate_count,
     candidate_patterns,
     check_candidates,
+    gumbel_noise,
     hard_mask,
     init_logits,
     pattern_indices,
@@ -54,6 +55,17 @@ def test_a_huge_prior_makes_the_learned_mask_the_prior() -> None:
     onehot = nn.functional.one_hot(pattern_indices(prior, "2:4"), 6).bool()
     assert torch.equal(shifted[onehot], plain[onehot])
     torch.testing.assert_close(shifted[~onehot], plain[~onehot] - 3.0 * plain.std())
+
+
+def test_a_row_block_gets_the_logits_and_noise_of_those_rows_of_the_whole() -> None:
+    """What an FSDP2 rank holds (rows 6-9 of 10) is what one process holds there: prior shift by the whole std."""
+    weight = torch.randn(10, 8, generator=torch.Generator().manual_seed(0))
+    prior = select_n_m(weight.abs(), 2, 4)
+    whole = init_logits(weight.shape, "2:4", prior, 3.0, generator=torch.Generator().manual_seed(1))
+    block = init_logits(weight.shape, "2:4", prior[6:], 3.0, generator=torch.Generator().manual_seed(1), rows=(6, 4))
+    assert block.shape == (4, 2, 6) and torch.equal(block, whole[6:])
+    noise = gumbel_noise(whole, torch.Generator().manual_seed(2))
+    assert torch.equal(gumbel_noise(block, torch.Generator().manual_seed(2), rows=(6, 4, 10)), noise[6:])
 
 
 def test_as_tau_goes_to_zero_the_soft_mask_is_the_hard_mask() -> None:

@@ -182,8 +182,8 @@ def test_refusals() -> None:
         strategy = ModelParallelStrategy()
         max_steps, max_epochs = 5, 1
 
-    with pytest.raises(ValueError, match=r"ModelParallelStrategy \(FSDP2\) yet"):
-        LearnedSparsity(prior=None).preflight(module, Sharded())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`prior`='wanda' calibrates on whole weights.*prior=None or 'magnitude'"):
+        LearnedSparsity(prior="wanda").preflight(module, Sharded())  # type: ignore[arg-type]
 
     class TwoRanks:
         strategy, world_size, max_steps, max_epochs = None, 2, 5, 1

@@ -1,8 +1,7 @@
 """What every pruning callback shares: targets, masks kept applied, checkpoint state, logging, the end.
 
-The callbacks decide *when* to prune; the math is in `criteria`, `selection`, `masking`, `oneshot`
-and `structured`. Scheduled pruning during training (criterion, scope, gradients) is one layer up,
-in `callbacks/scheduled.py`.
+The callbacks decide *when* to prune; the math is in `criteria`, `selection`, `masking`, `oneshot` and
+`structured`. Scheduled pruning during training (criterion, scope, gradients) is in `callbacks/scheduled.py`.
 """
 
 from __future__ import annotations
@@ -175,7 +174,8 @@ class MaskingCallback(Callback):
         self._targets = self.resolve_targets(pl_module)
         self.warnings_recorded = []
         if self._sharded:  # refuses targets that FSDP2 pruning cannot handle
-            self._sharding = ShardedMaskState(pl_module, self._targets, type(self).__name__, self.sharded_blocks)
+            blocks = (self.sharded_blocks, self.sharded_layout)
+            self._sharding = ShardedMaskState(pl_module, self._targets, type(self).__name__, *blocks)
         if self._restored_masks:
             load_masks(pl_module, self._restored_masks)
             self.carry(self._restored_masks)
@@ -204,10 +204,8 @@ class MaskingCallback(Callback):
         self._hooked_optimizers = list(trainer.optimizers)
 
     def detach(self, pl_module: pl.LightningModule, sample_batch: Any = None) -> None:
-        """Remove the optimizer hooks; bake the masks in when `finalize_on_end`; compact when `compact_on_end`.
-
-        Compaction records parameters (and, given a `sample_batch`, forward time) before and after in `compaction`.
-        """
+        """Remove the optimizer hooks; bake the masks in when `finalize_on_end`; compact when `compact_on_end`
+        (recording parameters and, given a `sample_batch`, forward time before and after in `compaction`)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks, self._hooked_optimizers = [], []
@@ -256,6 +254,10 @@ class MaskingCallback(Callback):
     def sharded_blocks(self) -> Blocks:
         """Under FSDP2, this rank's blocks of the state by kind (here the masks; subclasses add theirs)."""
         return {"mask": self.masks()}
+
+    def sharded_layout(self, kind: str, name: str) -> tuple[tuple[int, ...], torch.dtype] | None:
+        """This rank's block shape and dtype of a saved kind not shaped like its parameter's block (None: as masks)."""
+        return None
 
     def restore_blocks(self, kind: str, blocks: dict[str, DTensor]) -> None:
         """Take one kind of block read back from the distributed checkpoint (the masks here)."""

@@ -10,13 +10,16 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_prune.callbacks.base import MaskingCallback
+from lightning_prune.callbacks.learned_state import LearnedState
 from lightning_prune.callbacks.oneshot import OneShotPruning
 from lightning_prune.callbacks.strategy import is_fsdp2
 from lightning_prune.learned import Anneal, LearnedMasks, check_candidates, freeze_parameters
 from lightning_prune.learned.schedules import ANNEAL_SHAPES
+from lightning_prune.learned.state import load_learning_state
 from lightning_prune.masking import get_mask, get_masks, remove_mask, set_mask
+from lightning_prune.oneshot.magnitude import magnitude_mask
 from lightning_prune.oneshot.method import OneShotMethod
+from lightning_prune.parallel.sharded import local_tensor
 from lightning_prune.selection import parse_pattern
 from lightning_prune.targets import PruneTarget
 from lightning_prune.validation import check_bool, check_choice, check_number, check_optional_integer
@@ -24,7 +27,7 @@ from lightning_prune.validation import check_bool, check_choice, check_number, c
 LOGITS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class LearnedSparsity(MaskingCallback):
+class LearnedSparsity(LearnedState):
     """Learn an N:M mask during `fit`: logits over the candidate patterns, Gumbel-softmax, the argmax at the end.
 
     Every group of M weights (along the input dimension) of every target holds C(M, N) logits (6 for
@@ -48,7 +51,11 @@ class LearnedSparsity(MaskingCallback):
     the targets' weights during the fit, `freeze_others=True` every other parameter too; `regularizer`
     λ adds MaskLLM's −λ‖W ⊙ M‖² (decayed linearly to 0), which favours masks that keep large weights.
 
-    Lifecycle: `on_fit_start` refuses FSDP2 and masked targets, computes the prior (once), makes the
+    Under FSDP2 (`ModelParallelStrategy`) every rank holds the logits (and their AdamW state) of its own
+    row block of each weight, learns what one process would, and saves them as row blocks into the
+    distributed checkpoint; the prior is then `None` or "magnitude" (a calibrated one needs whole weights).
+
+    Lifecycle: `on_fit_start` refuses masked targets, computes the prior (once), makes the
     logits, freezes and hooks the targets' forwards; `on_train_batch_start` samples the soft masks;
     `on_train_batch_end` steps the logits when the Trainer stepped; `on_train_end` turns the argmax into
     fixed bool masks on the usual path (`set_mask`: `finalize`, `sparsity_report`, LoRA recovery,
@@ -63,8 +70,6 @@ class LearnedSparsity(MaskingCallback):
         prior: sparsegpt      # one-shot mask the logits start from; null: none
         lr: 0.001             # AdamW learning rate of the logits
     """
-
-    sharded_ok = False
 
     def __init__(
         self,
@@ -123,6 +128,7 @@ class LearnedSparsity(MaskingCallback):
         self.learner: LearnedMasks | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._restored_learning: dict[str, Any] = {}
+        self._learning_blocks: dict[str, dict[str, torch.Tensor]] = {}
         self._frozen: list[nn.Parameter] = []
         self._global_step_at_batch_start = 0
         self._anneals: tuple[Anneal, ...] = ()
@@ -134,12 +140,12 @@ class LearnedSparsity(MaskingCallback):
         return super().resolve_targets(model)
 
     def preflight(self, pl_module: nn.Module, trainer: pl.Trainer | None = None) -> None:
-        """Targets and pattern (`MaskingCallback.preflight`); given the Trainer: no FSDP2, a finite length."""
-        if trainer is not None and is_fsdp2(trainer.strategy):
+        """Targets and pattern (`MaskingCallback.preflight`); given the Trainer: a prior FSDP2 can compute, a length."""
+        if trainer is not None and is_fsdp2(trainer.strategy) and self.prior not in (None, "magnitude"):
             raise ValueError(
-                "LearnedSparsity does not run under ModelParallelStrategy (FSDP2) yet: its logits would have to be "
-                "sharded with their weights' rows; use strategy='ddp' (the logits are identical on every rank) or "
-                "one process, then train the 2:4 model sharded in a later stage"
+                f"LearnedSparsity's `prior`={self.prior!r} calibrates on whole weights, which ModelParallelStrategy "
+                "(FSDP2) shards; under FSDP2 use prior=None or 'magnitude' (each rank's rows), or learn under "
+                "strategy='ddp' or in one process"
             )
         super().preflight(pl_module, trainer)
         if trainer is not None and self.freeze_others and trainer.world_size > 1:
@@ -202,8 +208,14 @@ class LearnedSparsity(MaskingCallback):
             )
 
     def prior_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-        """The one-shot prior's N:M masks of the targets; the weights are put back as they were."""
+        """The one-shot prior's N:M masks of the targets; the weights are put back as they were. Under FSDP2
+        (magnitude, `preflight`) each rank's of its own rows, as one process selects them (rows stay whole)."""
         assert self.prior_pruner is not None
+        if self._sharded:
+            local = {t.name: (t, t.as_matrix(local_tensor(t.weight).detach())) for t in self._targets}
+            return {
+                name: t.from_matrix(magnitude_mask(w, self.sparsity, self.pattern)) for name, (t, w) in local.items()
+            }
         saved = {t.name: t.weight.detach().clone() for t in self._targets}
         self.prior_pruner.prune(trainer, pl_module)
         masks = {name: mask.clone() for name, mask in get_masks(pl_module).items()}
@@ -218,13 +230,11 @@ class LearnedSparsity(MaskingCallback):
         self.check_no_masks(pl_module)
         restored, self._restored_learning = self._restored_learning, {}
         priors = self.prior_masks(trainer, pl_module) if self.prior_pruner is not None and not restored else None
-        self.learner = LearnedMasks(
-            self._targets, str(self.pattern), priors, self.prior_strength, self.init_std, self.seed, self.logits_dtype
-        )
+        options = (self.prior_strength, self.init_std, self.seed, self.logits_dtype, self._sharded)
+        self.learner = LearnedMasks(self._targets, str(self.pattern), priors, *options)
         self.optimizer = torch.optim.AdamW(self.learner.parameters(), lr=self.lr, weight_decay=0.0)
         if restored:
-            self.learner.load_state_dict(restored["learner"])
-            self.optimizer.load_state_dict(restored["optimizer"])
+            load_learning_state(self.learner, self.optimizer, restored, self._learning_blocks)
         self.learner.attach()
         self.freeze(pl_module, targets=False, others=self.freeze_others)
         total = self.end_step or trainer.estimated_stepping_batches
@@ -280,20 +290,3 @@ class LearnedSparsity(MaskingCallback):
         self.reached_sparsity = self.sparsity
         self.learner, self.optimizer, self.converted = None, None, True
         return self.masks()
-
-    def state_dict(self) -> dict[str, Any]:
-        learning: dict[str, Any] = dict(self._restored_learning)
-        if self.learner is not None and self.optimizer is not None:
-            learning = {"learner": self.learner.state_dict(), "optimizer": self.optimizer.state_dict()}
-        return {**super().state_dict(), "step": self.step, "converted": self.converted, "learning": learning}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.step = int(state_dict.get("step", 0))
-        self.converted = bool(state_dict.get("converted", False))
-        learning = dict(state_dict.get("learning", {}))
-        if learning and self.learner is not None and self.optimizer is not None:  # restored after `on_fit_start`
-            self.learner.load_state_dict(learning["learner"])
-            self.optimizer.load_state_dict(learning["optimizer"])
-        else:
-            self._restored_learning = learning

@@ -37,7 +37,9 @@ class ShardedMaskState:
     Made by the callback once its targets are known (`attach`), with the module that holds them, the
     key its blocks are saved under, and `blocks()`: the current blocks by kind and parameter name
     (local blocks, or DTensors already laid out like their parameter). Saved blocks are named
-    `<kind>/<parameter>`; the callback state lists those names and `load` reads them back by kind.
+    `<kind>/<parameter>`; the callback state lists those names and `load` reads them back by kind,
+    in the parameter's block shape and `BLOCK_DTYPES` dtype, or in what `layout(kind, parameter)` says
+    (blocks of the parameter's rows with other columns, such as learned logits).
     """
 
     def __init__(
@@ -46,11 +48,13 @@ class ShardedMaskState:
         targets: Sequence[PruneTarget],
         key: str,
         blocks: Callable[[], Blocks],
+        layout: Callable[[str, str], tuple[tuple[int, ...], torch.dtype] | None] | None = None,
     ) -> None:
         self.group: dist.ProcessGroup | None = targets_shard_group(targets)  # refuses what FSDP2 pruning cannot do
         self.module = module
         self.key = key
         self.blocks = blocks
+        self.layout = layout  # (kind, parameter) -> this rank's block shape and dtype, where not the parameter's
 
     def tensors(self) -> dict[str, DTensor]:
         """This rank's blocks as DTensors, by `<kind>/<parameter>`."""
@@ -78,8 +82,10 @@ class ShardedMaskState:
         for name in names:
             kind, _, param_name = name.partition("/")
             param = self._parameter(param_name)
-            dtype = BLOCK_DTYPES.get(kind, param.dtype)
-            templates[name] = as_dtensor(torch.zeros_like(local_tensor(param), dtype=dtype), param)
+            own = None if self.layout is None else self.layout(kind, param_name)
+            block = local_tensor(param)
+            shape, dtype = own or (tuple(block.shape), BLOCK_DTYPES.get(kind, param.dtype))
+            templates[name] = as_dtensor(block.new_zeros(shape, dtype=dtype), param)
         load_sharded_state(path, self.key, templates)  # in place, into the templates' local blocks
         loaded: dict[str, dict[str, DTensor]] = {}
         for name, template in templates.items():

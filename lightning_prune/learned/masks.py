@@ -9,6 +9,11 @@ The product replaces the parameter for the duration of the module's own forward 
 pre-hook puts it in, a forward hook that runs even when the forward raises puts the parameter back),
 so `state_dict`, optimizers, DDP and checkpoints only ever see the unchanged dense parameter. Pure PyTorch.
 
+Under FSDP2 (`sharded=True`, row-sharded DTensor weights) each rank holds the logits of its own row
+block only (1/world of them, `parallel.rows.row_block`), drawn and initialised as one process would
+draw those rows; a forward, which sees the unsharded weight, gathers the whole mask from the blocks
+(`gather_rows`, whose backward sums every rank's gradient into each block's logits).
+
 Lifecycle::
 
     masks = LearnedMasks(targets, "2:4", priors=one_shot_masks, seed=0)
@@ -26,11 +31,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.learned.patterns import candidate_patterns, gumbel_noise, hard_mask, init_logits, soft_mask
+from lightning_prune.parallel.checkpoint import as_dtensor
 from lightning_prune.parallel.collectives import all_reduce_sum_, is_distributed
+from lightning_prune.parallel.rows import gather_rows, replica_group, row_block, sum_over_
+from lightning_prune.parallel.sharded import is_sharded, local_tensor, shard_group
 from lightning_prune.targets import PruneTarget
 
 
@@ -46,26 +56,40 @@ class LearnedMasks:
         init_std: float = 0.02,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        sharded: bool = False,
     ) -> None:
         self.targets = list(targets)
+        self.sharded = sharded
         self.pattern = pattern
         self.dtype = dtype
         priors = priors or {}
         device = self.targets[0].weight.device
         init = torch.Generator(device="cpu").manual_seed(seed)
         self.logits: dict[str, torch.Tensor] = {}
+        self.blocks: dict[str, tuple[int, int, int, dist.ProcessGroup | None]] = {}  # start, count, rows, group
+        self.replicas: dist.ProcessGroup | None = None  # HSDP: the ranks that hold the same blocks
+        self.ranks = 1  # sharded: the ranks of the mesh (blocks × replicas) whose losses the gradients sum
         for target in self.targets:
-            matrix = target.as_matrix(target.weight.detach())
+            weight = target.weight
+            group = shard_group(weight, target.name) if sharded and isinstance(weight, DTensor) else None
+            matrix = target.as_matrix(local_tensor(weight).detach())
+            start, count = row_block(weight.shape[0], group)
+            self.blocks[target.name] = (start, count, weight.shape[0], group)
+            if sharded and isinstance(weight, DTensor):
+                self.replicas, self.ranks = replica_group(weight), weight.device_mesh.size()
+            whole = (*matrix.shape[:-2], weight.shape[0], matrix.shape[-1])
             prior = priors.get(target.name)
             prior_matrix = None if prior is None else target.as_matrix(prior.to(torch.bool).cpu())
-            logits = init_logits(matrix.shape, pattern, prior_matrix, prior_strength, init_std, init, dtype)
-            self.logits[target.name] = logits.to(target.weight.device).requires_grad_(True)
+            rows = None if group is None else (start, count)
+            logits = init_logits(whole, pattern, prior_matrix, prior_strength, init_std, init, dtype, rows=rows)
+            self.logits[target.name] = logits.to(weight.device).requires_grad_(True)
         self.generator = torch.Generator(device=device).manual_seed(seed + 1)  # the Gumbel noise's own stream
         self._patterns: dict[torch.device, torch.Tensor] = {}
         self._soft: dict[str, torch.Tensor] = {}
         self._hard: dict[str, torch.Tensor] = {}
         self._hooks: list[RemovableHandle] = []
         self._swapped: dict[str, torch.Tensor] = {}
+        self._inserted: dict[str, torch.Tensor] = {}
         self.regularizer = 0.0  # λ of MaskLLM's weight regulariser −λ‖W ⊙ M‖², applied through the soft masks
 
     def parameters(self) -> list[torch.Tensor]:
@@ -75,13 +99,17 @@ class LearnedMasks:
     @torch.no_grad()
     def average_gradients(self) -> None:
         """Average the logits' gradients over the ranks (a no-op in one process): every DDP rank then steps
-        the same logits the same way (DDP averages only the module's own parameters)."""
+        the same logits the same way (DDP averages only the module's own parameters). Sharded, the gathers'
+        backward already summed the gradients of the ranks that share the blocks: HSDP's replicas add theirs."""
         if not is_distributed():
             return
         grads = [x.grad for x in self.parameters() if x.grad is not None]
-        all_reduce_sum_(grads)
+        if not self.sharded:
+            all_reduce_sum_(grads)
+        elif self.replicas is not None:
+            sum_over_(grads, self.replicas)
         for grad in grads:
-            grad.div_(torch.distributed.get_world_size())
+            grad.div_(self.ranks if self.sharded else torch.distributed.get_world_size())
 
     def patterns(self, device: torch.device) -> torch.Tensor:
         """The candidate patterns on `device` (made once per device)."""
@@ -94,20 +122,23 @@ class LearnedMasks:
         self._soft = {}
         for target in self.targets:
             logits = self.logits[target.name]
-            noise = gumbel_noise(logits, self.generator)
+            start, count, rows, group = self.blocks[target.name]
+            noise = gumbel_noise(logits, self.generator, None if group is None else (start, count, rows))
             with torch.enable_grad():  # also when the first forward runs under no_grad (reentrant checkpointing)
                 mask = target.from_matrix(soft_mask(logits, self.patterns(logits.device), tau, scale, noise))
-                if self.regularizer and mask.requires_grad:
-                    mask.register_hook(self._regularizer_hook(target, mask.detach()))
+                if self.regularizer and mask.requires_grad and group is None:  # sharded: on the gathered mask
+                    mask.register_hook(self._regularizer_hook(local_tensor(target.weight).detach(), mask.detach()))
             self._soft[target.name] = mask
 
-    def _regularizer_hook(self, target: PruneTarget, mask: torch.Tensor) -> Any:
+    def _regularizer_hook(self, weight: torch.Tensor, mask: torch.Tensor) -> Any:
         """The gradient of −λ‖W ⊙ M‖² in M, −2λ·W²·M, added to M's own (MaskLLM's sparse weight
-        regularisation: keeps the kept weights large). Added once per backward through M."""
+        regularisation: keeps the kept weights large). Added once per backward through M; sharded, once per
+        forward through the gathered mask, on every rank (the gather's backward sums them, the average
+        divides by the ranks again)."""
         strength = self.regularizer
 
         def add(grad: torch.Tensor) -> torch.Tensor:
-            return grad - 2.0 * strength * target.weight.detach().float().square() * mask
+            return grad - 2.0 * strength * weight.float().square() * mask
 
         return add
 
@@ -134,8 +165,22 @@ class LearnedMasks:
         """W ⊙ the current sample's soft mask; without one, W where the hard mask keeps it, +0.0 elsewhere."""
         soft = self._soft.get(target.name)
         if soft is not None:
-            return weight * soft.to(weight.dtype)
-        return torch.where(self.hard_masks()[target.name], weight, torch.zeros((), dtype=weight.dtype))
+            mask = self.whole(target.name, soft, weight)
+            if self.regularizer and mask.requires_grad and mask is not soft:  # FSDP2 holds W whole in backward
+                mask.register_hook(self._regularizer_hook(weight.detach(), mask.detach()))
+            return weight * mask.to(weight.dtype)
+        keep = self.whole(target.name, self.hard_masks()[target.name], weight)
+        return torch.where(keep, weight, torch.zeros((), dtype=weight.dtype))
+
+    def whole(self, name: str, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The mask for the `weight` a forward sees: sharded, the rank's block gathered into the whole
+        (FSDP2 unsharded the weight) or as a DTensor (a forward outside FSDP2's); else `mask` itself."""
+        group = self.blocks[name][3]
+        if group is None:
+            return mask
+        if is_sharded(weight):
+            return as_dtensor(mask, weight)  # type: ignore[arg-type]  # a DTensor, checked
+        return gather_rows(mask, weight.shape[0], group)
 
     def attach(self) -> None:
         """Make every target's forward use its masked weight (idempotent)."""
@@ -162,21 +207,24 @@ class LearnedMasks:
             assert param is not None
             self._swapped[target.name] = param
             masked = self.masked_weight(target, param)
-            module._parameters[target.param_name] = masked  # type: ignore[assignment]
+            module._parameters[target.param_name] = self._inserted[target.name] = masked  # type: ignore[assignment]
 
         return hook
 
     def _swap_back(self, target: PruneTarget) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            param = self._swapped.pop(target.name, None)
-            if param is not None:
+            param, inserted = self._swapped.pop(target.name, None), self._inserted.pop(target.name, None)
+            # FSDP2's own forward hook on this module (`fully_shard` on the layer) runs first and puts its
+            # sharded parameter in place of ours: that one stays (torch 2.13's FSDPParam.to_sharded).
+            if param is not None and module._parameters[target.param_name] is inserted:
                 module._parameters[target.param_name] = param  # type: ignore[assignment]
 
         return hook
 
     def memory(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
-        """Bytes per target weight of the logits and of `optimizer`'s state for them, and their total."""
-        weights = sum(t.weight.numel() for t in self.targets)
+        """Bytes per target weight of the logits and of `optimizer`'s state for them, and their total (sharded:
+        of this rank's blocks, the same ratio on 1/world of the weights)."""
+        weights = sum(local_tensor(t.weight).numel() for t in self.targets)  # sharded: this rank's block
         logits = sum(x.numel() * x.element_size() for x in self.logits.values())
         state = 0
         if optimizer is not None:

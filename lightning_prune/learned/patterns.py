@@ -88,12 +88,15 @@ def init_logits(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Logits (..., rows, cols/M, C) for a weight matrix of `shape` (..., rows, cols).
 
     Random N(0, init_std²) (`prior=None`: no pattern preferred), then MaskLLM's prior (section 3.3):
     `logits += (onehot(prior) − 1)·std(logits)·prior_strength`, which lowers every candidate but the
     prior's by `prior_strength` standard deviations; a huge strength makes the prior the argmax everywhere.
+    `rows=(start, count)` gives only those rows (a rank's block under FSDP2; `prior` is of the block), the
+    same values as the whole matrix's: the random draw and its std are the whole matrix's.
     """
     _, m = parse_pattern(pattern)
     *lead, cols = shape
@@ -101,15 +104,25 @@ def init_logits(
         raise ValueError(f"`pattern`={pattern!r} needs the input dimension to divide by {m}, got {cols}")
     noise = torch.randn((*lead, cols // m, candidate_count(pattern)), generator=generator, device=device)
     logits = noise * init_std
+    std = logits.std()
+    if rows is not None:
+        logits = logits.narrow(-3, *rows)
     if prior is not None:
         onehot = torch.nn.functional.one_hot(pattern_indices(prior.to(logits.device), pattern), logits.shape[-1])
-        logits = logits + (onehot.to(logits.dtype) - 1.0) * logits.std() * prior_strength
+        logits = logits + (onehot.to(logits.dtype) - 1.0) * std * prior_strength
     return logits.to(dtype)
 
 
-def gumbel_noise(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard Gumbel noise −log(−log U) of the logits' shape, fp32, from `generator`."""
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+def gumbel_noise(
+    logits: torch.Tensor, generator: torch.Generator | None = None, rows: tuple[int, int, int] | None = None
+) -> torch.Tensor:
+    """Standard Gumbel noise −log(−log U) of the logits' shape, fp32, from `generator`. With `rows=(start,
+    count, total)` the logits are those rows of a `total`-row whole: the whole's noise is drawn (every rank
+    draws the same) and those rows returned, so a rank's block gets what one process would."""
+    shape = logits.shape if rows is None else (*logits.shape[:-3], rows[2], *logits.shape[-2:])
+    uniform = torch.rand(shape, generator=generator, device=logits.device, dtype=torch.float32)
+    if rows is not None:
+        uniform = uniform.narrow(-3, rows[0], rows[1])
     tiny = torch.finfo(torch.float32).tiny  # U in (0, 1): keep both logs finite
     return -torch.log(-torch.log(uniform.clamp(min=tiny, max=1.0 - 2**-24)))
 

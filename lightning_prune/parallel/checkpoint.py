@@ -21,8 +21,12 @@ PREFIX = "_lightning_prune"
 
 
 def as_dtensor(block: torch.Tensor, like: DTensor) -> DTensor:
-    """This rank's `block` (e.g. a mask) as a DTensor laid out like the parameter `like`."""
+    """This rank's `block` (e.g. a mask) as a DTensor laid out like the parameter `like`: the same row blocks;
+    the other dimensions are the block's (a per-row quantity such as learned logits may have other columns)."""
     shape, stride = like.shape, like.stride()
+    if tuple(block.shape[1:]) != tuple(like.shape[1:]):
+        shape = torch.Size((like.shape[0], *block.shape[1:]))
+        stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(block, like.device_mesh, like.placements, shape=shape, stride=stride, run_check=False)
 
 
