@@ -123,11 +123,17 @@ class ForwardLM(TinyCausalLM):
         return self.model(input_ids=batch)
 
 
-def test_structured_pruning_in_a_fit_adds_no_bias_the_optimizer_would_miss() -> None:
+def test_structured_pruning_in_a_fit_chooses_flap_and_its_biases_train() -> None:
+    """The automatic choice inside a fit was Wanda on Llama (FLAP's bias would have come after the optimizer):
+    `setup` now adds the biases before `configure_optimizers`, so FLAP runs and its biases are trained."""
     module = ForwardLM(tiny_llama())
     callback = StructuredPruning(mlp_sparsity=0.5, num_samples=4, compact_on_end=False)
-    added = r"would add biases to \['model.model.layers.0.mlp.down_proj'\].*using 'wanda'"
-    with pytest.warns(UserWarning, match=added):
-        make_trainer(max_steps=1, callbacks=[callback]).fit(module)
-    assert callback.report is not None and callback.report.method == "wanda"
-    assert module.model.model.layers[0].mlp.down_proj.bias is None  # the model's parameters are the optimizer's
+    trainer = make_trainer(max_steps=2, callbacks=[callback])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*'flap' cannot apply")
+        trainer.fit(module)
+    assert callback.report is not None and callback.report.method == "flap"
+    assert callback.report.method_choice.startswith("automatic: calibration batches given, so 'flap'")
+    bias = module.model.model.layers[0].mlp.down_proj.bias
+    assert bias is not None and callback.report.added_parameters  # added in `setup`, listed in the report
+    assert any(p is bias for group in trainer.optimizers[0].param_groups for p in group["params"])

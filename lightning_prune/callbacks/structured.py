@@ -19,16 +19,16 @@ class StructuredPruning(PruneUnitsOnFitStart):
     """Run `prune_structured` on calibration batches when `fit` starts; keep the masks while recovering.
 
     Calibration batches come from `calibration`, else the fit's training dataloader (first
-    `num_samples` sequences), so `method`=None (the default) is FLAP wherever it applies without
-    adding a bias (the optimizer is built; Llama-style models get Wanda, warned), see
-    `prune_structured`; the report says which score and why. An explicit `method` that adds
-    parameters (FLAP's compensation biases where the model has none) adds them in `setup`, before the
-    optimizer is built and a checkpoint is restored, so they train and a resumed fit loads them. With
+    `num_samples` sequences), so `method`=None (the default) is FLAP wherever it applies, see
+    `prune_structured`; the report says which score and why. A method that adds parameters (FLAP's
+    compensation biases where the model has none, as on Llama-style models; explicit or the automatic
+    choice) adds them in `setup`, before the optimizer is built and a checkpoint is restored, so they
+    train and a resumed fit loads them. With
     `compact_on_end` the module's model is replaced at fit end by the physically smaller one
     (`compact`), and `compaction` records parameters and forward time before and after; `report`
     holds the pruning's `StructuredReport`. A resumed run restores the masks and does not prune again.
 
-    Lifecycle: `setup` adds an explicit method's new parameters; `on_fit_start` attaches optimizer
+    Lifecycle: `setup` adds the method's new parameters; `on_fit_start` attaches optimizer
     hooks, restores saved masks and (once) prunes; `on_train_batch_start` logs `prune/sparsity`;
     `on_fit_end` removes hooks and compacts.
 
@@ -38,7 +38,7 @@ class StructuredPruning(PruneUnitsOnFitStart):
         mlp_sparsity: 0.5     # fraction of MLP neurons removed in every block
         head_sparsity: 0.25   # fraction of key/value heads (with their query heads) removed
         drop_layers: 0        # whole blocks removed (lowest ShortGPT block influence)
-        method: null          # null: flap where it adds no bias, else wanda (warned);
+        method: null          # null: flap where it applies, else wanda or magnitude (warned);
                               # or magnitude | wanda | flap | taylor | yours
     """
 
@@ -84,12 +84,13 @@ class StructuredPruning(PruneUnitsOnFitStart):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)  # a meta-device model is refused before anything is added
-        if stage == "fit" and self.options["method"] is not None:
+        if stage == "fit":
             self.add_parameters(pl_module)
 
     def add_parameters(self, pl_module: pl.LightningModule) -> None:
-        """Add what the explicit `method` will add (FLAP's compensation biases) before `configure_optimizers`
-        builds the optimizer and before a checkpoint is restored: they train, and the checkpoint loads."""
+        """Add what the `method` (or the automatic choice: FLAP where it applies) will add, its compensation
+        biases, before `configure_optimizers` builds the optimizer and before a checkpoint is restored: they
+        train, and the checkpoint loads."""
         options = {key: value for key, value in self.options.items() if key != "drop_layers"}
         self.added = add_structured_parameters(
             pl_module, targets=self.target_patterns, ignore=self.ignore, blocks=self.blocks, **options
@@ -106,7 +107,7 @@ class StructuredPruning(PruneUnitsOnFitStart):
             blocks=self.blocks,
             device=pl_module.device,
             progress=self.progress,
-            new_parameters=False,  # the fit's optimizer is built: automatic FLAP only where no bias is added
+            new_parameters=False,  # the fit's optimizer is built: what FLAP adds was added in `setup`
             **self.options,
         )
         if self.added[0]:  # added in `setup`: `prune_structured` found them in place

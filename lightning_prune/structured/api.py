@@ -186,7 +186,7 @@ def prune_structured(
 def add_structured_parameters(
     model: nn.Module,
     *,
-    method: str | StructuredScore,
+    method: str | StructuredScore | None,
     mlp_sparsity: float = 0.0,
     head_sparsity: float = 0.0,
     method_options: Mapping[str, Any] | None = None,
@@ -200,12 +200,19 @@ def add_structured_parameters(
     Call it before an optimizer is built or a checkpoint is loaded (`StructuredPruning.setup`): the new
     parameters then train, and a checkpoint that holds them loads into a freshly built model. The later
     `prune_structured` finds them in place. Returns what was added and which of it only the config needs
-    (`StructuredReport.added_parameters`, `added_for_config`).
+    (`StructuredReport.added_parameters`, `added_for_config`). `method`=None: what the automatic choice
+    with calibration batches adds (FLAP's biases where FLAP applies; the later automatic choice, whose
+    optimizer is built, then finds them and takes FLAP).
     """
-    score = resolve_score(method, method_options)
+    check_automatic_options(method, method_options)
     check_sparsity(mlp_sparsity, "mlp_sparsity")
     check_sparsity(head_sparsity, "head_sparsity")
     groups = _find(model, blocks, mlp_sparsity, head_sparsity, targets, ignore)
+    score = (
+        choose_score(groups, model_config(model), True).score
+        if method is None
+        else resolve_score(method, method_options)
+    )
     for group in groups:
         score.check(group)
     score.check_model(groups, model_config(model))

@@ -9,9 +9,11 @@ With calibration batches: FLAP (fluctuation with bias compensation), the best me
   compensation a unit with a large steady mean would be removed as "unimportant". Wanda's
   ‖X_j‖₂² = N·(Var(X_j) + E[X_j]²) counts the mean the removal loses, and is the next best score
   measured above.
-- inside a fit (`StructuredPruning`, `new_parameters=False`), a consumer without a bias: Wanda,
-  as above. FLAP would add the bias after the fit's optimizer was built: it would not train,
-  and a checkpoint of the run would not load into the freshly built model a resume starts from.
+- with `new_parameters=False` (the caller's optimizer is built), a consumer without a bias: Wanda,
+  as above. FLAP would add the bias after the optimizer was built: it would not train, and a
+  checkpoint of the run would not load into the freshly built model a resume starts from.
+  `StructuredPruning` avoids this: its `setup` adds the biases first (`add_structured_parameters`
+  with `method=None`), so inside a fit FLAP applies, the best measured score above.
 - Conv2d parts (filters; both activation scores refuse them): magnitude, the filter L1 of Li et
   al. 2016. Taylor is not chosen automatically: it needs a loss from the batches (labels) and a
   backward pass per batch, which plain calibration batches do not give.
