@@ -46,6 +46,9 @@ def test_structured_llama_recipe_saves_a_smaller_model_that_loads_stock(tmp_path
         2,
     )
     assert model.model.layers[0].mlp.down_proj.weight.shape == (64, 88)
+    # The automatic choice is FLAP: its compensation biases were added before the optimizer, trained, saved
+    assert results["structured"]["method"] == "flap" and model.config.mlp_bias and model.config.attention_bias
+    assert model.model.layers[0].mlp.down_proj.bias is not None
     assert 1.0 < results["after"]["val/ppl"] < float("inf")
     # Units, not zeros: a compacted model holds no zeros, and that is no missed target.
     assert not [w for w in results["warnings"] if "sparsity" in w["kind"]] and results["target_sparsity"] is None
