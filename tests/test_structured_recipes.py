@@ -140,3 +140,42 @@ def test_moe_experts_recipe_removes_experts_distills_and_saves_a_stock_moe(tmp_p
     assert model.config.num_experts == 4 and model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 4
     assert 1.0 < results["after"]["val/ppl"] < float("inf")
     assert not [w for w in results["warnings"] if "sparsity" in w["kind"]] and results["target_sparsity"] is None
+
+
+@pytest.mark.slow  # three short staged runs (~25 s); run by default
+def test_resume_after_a_flap_stage_adds_its_biases_again_and_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """A stage checkpoint after StructuredPruning (FLAP, not compacted) holds the biases its `setup` added: the
+    resumed run adds them to the freshly built model before loading it (it was refused), and the later
+    stage's dense teacher gets them at zero (the dense model had none)."""
+
+    def overrides(out: Path) -> list[str]:
+        fail = f"fail:{{_target_:test_stages.FailOnce,marker:'{out}/interrupted',step:1}}"
+        kd = "kd:{_target_:lightning_prune.KnowledgeDistillation,alpha:0.5}"
+        stages = (
+            "stages=[{name:dense,trainer:{max_epochs:'${dense_epochs}'}},{name:prune,use:[pruning],trainer:{max_epochs:1}},"
+            f"{{name:tune,callbacks:{{{kd},{fail}}},trainer:{{max_epochs:1}}}}]"
+        )
+        tiny = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "data.seq_len=16"]
+        return [
+            stages,
+            "dense_epochs=1",
+            "pruning.compact_on_end=false",
+            "pruning.num_samples=8",
+            "data.vocab_size=300",
+            *tiny,
+        ]
+
+    whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
+    whole.mkdir()
+    (whole / "interrupted").touch()  # the probe never fires here
+    expected = run(compose_config("structured_llama", whole, *overrides(whole)))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(compose_config("structured_llama", interrupted, *overrides(interrupted)))
+    resumed = run(compose_config("structured_llama", interrupted, *overrides(interrupted), "resume=true"))
+    assert resumed["resumed_after"] == "prune" and resumed["structured"]["method"] == "flap"
+    assert resumed["after"] == expected["after"]
+    from safetensors.torch import load_file
+
+    model, reference = (load_file(out / "model" / "model.safetensors") for out in (interrupted, whole))
+    assert "model.layers.0.mlp.down_proj.bias" in model and model.keys() == reference.keys()
+    assert all(torch.equal(model[key], reference[key]) for key in model)

@@ -34,6 +34,7 @@ from lightning_prune.run.pairing import check_vocabulary, use_model_tokenizer
 from lightning_prune.run.record import RunRecord
 from lightning_prune.run.resume import (
     StageState,
+    add_setup_parameters,
     check_resumable,
     checkpoint_path,
     load_last_checkpoint,
@@ -142,11 +143,11 @@ def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecor
         if cfg.resume and dense.needed and source is None
         else None
     )
-    start = resume(cfg, stages, out, record, module, history) if cfg.resume else 0
+    start, added = resume(cfg, stages, out, record, module, history, built) if cfg.resume else (0, set())
     # None: no later stage distills from the dense model.
     dense_state = dense_path if dense_path is not None else as_built
     if dense_state is not None and dense.first_pruning is not None and start > dense.first_pruning:
-        dense.rebuild(module, start, dense_state)
+        dense.rebuild(module, start, dense_state, added)
     parts.keep_checkpoint = dense_path
     if not parts.writing:  # an earlier run's directory: its files change from the first stage on
         start_writing(cfg, out, parts)
@@ -159,10 +160,16 @@ def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecor
 
 
 def resume(
-    cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecord, module: pl.LightningModule, history: History
-) -> int:
-    """Restore the model, masks, history, results and warnings of the last finished stage; returns the
-    next stage's index."""
+    cfg: DictConfig,
+    stages: list[Stage],
+    out: Path,
+    record: RunRecord,
+    module: pl.LightningModule,
+    history: History,
+    built: list[list[pl.Callback]],
+) -> tuple[int, set[str]]:
+    """Restore the model (with the parameters its finished stages added in `setup`), masks, history, results
+    and warnings of the last finished stage; returns the next stage's index and the added parameters."""
     found = load_last_checkpoint(out, stages, cfg)
     if found is None:
         warnings.warn(
@@ -171,15 +178,16 @@ def resume(
             stacklevel=2,
         )
         record.results["resumed_after"] = None
-        return 0
+        return 0, set()
     stage, checkpoint = found
+    added = add_setup_parameters(built[: stage.index + 1], module)
     restore_module(module, checkpoint, checkpoint_path(out, stage))
     history.load_state_dict(checkpoint["callbacks"][history.state_key])
     progress = checkpoint["lightning_prune_stage"]
     record.results.update(progress["results"])
     record.carried = list(progress["warnings"])
     record.results["resumed_after"] = stage.name
-    return stage.index + 1
+    return stage.index + 1, added
 
 
 def run_stage(

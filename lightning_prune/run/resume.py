@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune.callbacks.inherited import STAGE_KEY
+from lightning_prune.callbacks.structured import StructuredPruning
 from lightning_prune.masking import get_masks, keep_masks_applied, load_masks
 from lightning_prune.run.checks import ConfigError
 from lightning_prune.run.stages import Stage
@@ -167,3 +168,14 @@ def restore_module(module: pl.LightningModule, checkpoint: dict[str, Any], path:
             f"(a stage that compacted the model, `compact_on_end`, cannot be resumed after): {error}"
         ) from error
     load_masks(module, checkpoint[PAYLOAD_KEY]["masks"])
+
+
+def add_setup_parameters(finished: list[list[Callback]], module: pl.LightningModule) -> set[str]:
+    """Add to the freshly built `module` the parameters the finished stages' callbacks added in their `setup`
+    (`StructuredPruning`: FLAP's compensation biases), so that their stage checkpoint loads; their names."""
+    before = set(module.state_dict())
+    for callbacks in finished:
+        for callback in callbacks:
+            if isinstance(callback, StructuredPruning):
+                callback.add_parameters(module)
+    return set(module.state_dict()) - before
