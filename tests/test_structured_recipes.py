@@ -142,11 +142,13 @@ def test_moe_experts_recipe_removes_experts_distills_and_saves_a_stock_moe(tmp_p
     assert not [w for w in results["warnings"] if "sparsity" in w["kind"]] and results["target_sparsity"] is None
 
 
-@pytest.mark.slow  # three short staged runs (~25 s); run by default
-def test_resume_after_a_flap_stage_adds_its_biases_again_and_equals_the_uninterrupted_run(tmp_path: Path) -> None:
-    """A stage checkpoint after StructuredPruning (FLAP, not compacted) holds the biases its `setup` added: the
-    resumed run adds them to the freshly built model before loading it (it was refused), and the later
-    stage's dense teacher gets them at zero (the dense model had none)."""
+@pytest.mark.slow  # three short staged runs each (~10 s); run by default
+@pytest.mark.parametrize("compacted", [False, True])
+def test_resume_after_a_flap_stage_equals_the_uninterrupted_run(tmp_path: Path, compacted: bool) -> None:
+    """A stage checkpoint after StructuredPruning (FLAP) holds the biases its `setup` added and, compacted,
+    the smaller model: the resumed run gives the freshly built model both (replaying the compaction from
+    the saved unit masks) before loading it (it was refused), and the later stage distills from a dense
+    teacher built anew (the dense model had neither)."""
 
     def overrides(out: Path) -> list[str]:
         fail = f"fail:{{_target_:test_stages.FailOnce,marker:'{out}/interrupted',step:1}}"
@@ -156,14 +158,8 @@ def test_resume_after_a_flap_stage_adds_its_biases_again_and_equals_the_uninterr
             f"{{name:tune,callbacks:{{{kd},{fail}}},trainer:{{max_epochs:1}}}}]"
         )
         tiny = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "data.seq_len=16"]
-        return [
-            stages,
-            "dense_epochs=1",
-            "pruning.compact_on_end=false",
-            "pruning.num_samples=8",
-            "data.vocab_size=300",
-            *tiny,
-        ]
+        settings = [f"pruning.compact_on_end={str(compacted).lower()}", "pruning.num_samples=8", "data.vocab_size=300"]
+        return [stages, "dense_epochs=1", *settings, *tiny]
 
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
     whole.mkdir()
@@ -179,3 +175,5 @@ def test_resume_after_a_flap_stage_adds_its_biases_again_and_equals_the_uninterr
     model, reference = (load_file(out / "model" / "model.safetensors") for out in (interrupted, whole))
     assert "model.layers.0.mlp.down_proj.bias" in model and model.keys() == reference.keys()
     assert all(torch.equal(model[key], reference[key]) for key in model)
+    width = model["model.layers.0.mlp.down_proj.weight"].shape[1]
+    assert width == (88 if compacted else 176)  # half of tiny_llama's 176 MLP neurons removed when compacted

@@ -72,6 +72,7 @@ class MaskingCallback(Callback):
         self.finalize_on_end = finalize_on_end
         self.compact_on_end = compact_on_end
         self.compaction: dict[str, float] = {}
+        self.compacted_masks: dict[str, torch.Tensor] = {}  # the masks compaction removed (a resume replays it)
         self.current_sparsity = 0.0
         self.layer_sparsity: dict[str, float] = {}
         self.reached_sparsity = 0.0  # the target of the last mask update
@@ -212,6 +213,7 @@ class MaskingCallback(Callback):
         if self.finalize_on_end:
             finalize(pl_module)
         if self.compact_on_end:
+            self.compacted_masks = {name: mask.detach().cpu().clone() for name, mask in get_masks(pl_module).items()}
             run = sample_forward(sample_batch) if sample_batch is not None else None
             self.compaction = compact_and_measure(pl_module, run)[1]
 
@@ -236,14 +238,12 @@ class MaskingCallback(Callback):
     def log_sparsity(self, pl_module: pl.LightningModule, layers: bool = False, on_step: bool = True) -> None:
         """Log the targets' global sparsity as `prune/sparsity` (and per layer as `prune/layer/<name>`)."""
         metrics = {"prune/sparsity": self.current_sparsity}
-        if layers:
-            metrics.update({f"prune/layer/{name}": value for name, value in self.layer_sparsity.items()})
+        metrics.update({f"prune/layer/{name}": value for name, value in self.layer_sparsity.items()} if layers else {})
         pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
 
     @property
     def prunes_units(self) -> bool:
-        """True when `sparsity` is a fraction of whole units (neurons, heads, filters), not of
-        weights: the model's zero fraction then says nothing about the target."""
+        """True when `sparsity` is a fraction of whole units (neurons, heads, filters), not of weights."""
         return False
 
     def masks(self) -> dict[str, torch.Tensor]:

@@ -94,17 +94,10 @@ class DenseTeacher:
                         copies[key] = offered if offered is not None else frozen_copy(student)
                 callback.use_dense_teacher(copies[key])
 
-    def rebuild(
-        self,
-        module: pl.LightningModule,
-        start: int,
-        dense_state: dict[str, torch.Tensor] | Path,
-        added: set[str] | frozenset[str] = frozenset(),
-    ) -> None:
+    def rebuild(self, module: pl.LightningModule, start: int, dense_state: dict[str, torch.Tensor] | Path) -> None:
         """On resume after the first pruning stage: the dense student from `dense_state` (the model's
         weights as built, or the checkpoint of the stage before the first pruning one), for the
-        callbacks still to run; the module's own weights are put back afterwards. `added`: parameters
-        a pruning stage added (FLAP's biases), which the dense model did not have: zero in the teacher."""
+        callbacks still to run; the module's own weights are put back afterwards."""
         if not any(index >= start for index, _ in self.waiting):
             return
         if isinstance(dense_state, Path):
@@ -118,7 +111,6 @@ class DenseTeacher:
             dense_state = torch.load(dense_state, map_location="cpu", weights_only=False)["state_dict"]
         assert not isinstance(dense_state, Path)
         current = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
-        dense_state = {**{name: torch.zeros_like(current[name]) for name in added}, **dense_state}
         masks = {name: mask.clone() for name, mask in get_masks(module).items()}
         remove_masks(module)  # a masked module re-zeros its pruned weights after every load_state_dict
         module.load_state_dict(dense_state, strict=True)

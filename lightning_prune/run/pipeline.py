@@ -34,10 +34,10 @@ from lightning_prune.run.pairing import check_vocabulary, use_model_tokenizer
 from lightning_prune.run.record import RunRecord
 from lightning_prune.run.resume import (
     StageState,
-    add_setup_parameters,
     check_resumable,
     checkpoint_path,
     load_last_checkpoint,
+    replay_stages,
     restore_module,
     resume_overrides,
     run_config,
@@ -143,11 +143,12 @@ def run_stages(cfg: DictConfig, stages: list[Stage], out: Path, record: RunRecor
         if cfg.resume and dense.needed and source is None
         else None
     )
-    start, added = resume(cfg, stages, out, record, module, history, built) if cfg.resume else (0, set())
+    start, changed = resume(cfg, stages, out, record, module, history, built) if cfg.resume else (0, False)
     # None: no later stage distills from the dense model.
     dense_state = dense_path if dense_path is not None else as_built
     if dense_state is not None and dense.first_pruning is not None and start > dense.first_pruning:
-        dense.rebuild(module, start, dense_state, added)
+        # A model the finished stages changed in shape (FLAP's biases, compaction): the dense one built anew.
+        dense.rebuild(build(cfg.model, "model") if changed else module, start, dense_state)
     parts.keep_checkpoint = dense_path
     if not parts.writing:  # an earlier run's directory: its files change from the first stage on
         start_writing(cfg, out, parts)
@@ -167,9 +168,9 @@ def resume(
     module: pl.LightningModule,
     history: History,
     built: list[list[pl.Callback]],
-) -> tuple[int, set[str]]:
-    """Restore the model (with the parameters its finished stages added in `setup`), masks, history, results
-    and warnings of the last finished stage; returns the next stage's index and the added parameters."""
+) -> tuple[int, bool]:
+    """Restore the model (shaped as its finished stages left it: `replay_stages`), masks, history, results and
+    warnings of the last finished stage; returns the next stage's index and whether the model's shape changed."""
     found = load_last_checkpoint(out, stages, cfg)
     if found is None:
         warnings.warn(
@@ -178,16 +179,17 @@ def resume(
             stacklevel=2,
         )
         record.results["resumed_after"] = None
-        return 0, set()
+        return 0, False
     stage, checkpoint = found
-    added = add_setup_parameters(built[: stage.index + 1], module)
+    progress = checkpoint["lightning_prune_stage"]
+    record.compactions = dict(progress.get("compactions", {}))
+    changed = replay_stages(built[: stage.index + 1], module, record.compactions)
     restore_module(module, checkpoint, checkpoint_path(out, stage))
     history.load_state_dict(checkpoint["callbacks"][history.state_key])
-    progress = checkpoint["lightning_prune_stage"]
     record.results.update(progress["results"])
     record.carried = list(progress["warnings"])
     record.results["resumed_after"] = stage.name
-    return stage.index + 1, added
+    return stage.index + 1, changed
 
 
 def run_stage(
@@ -235,6 +237,8 @@ def run_stage(
     if stage.evaluate:
         entry["metrics"] = evaluate(trainer, module, data)
     for callback in callbacks:  # structured pruning: parameters and forward time before/after compaction
+        if isinstance(callback, MaskingCallback) and callback.compacted_masks:  # what a resume replays
+            record.compactions[stage.index] = callback.compacted_masks
         callback_results, compaction = getattr(callback, "results", None), getattr(callback, "compaction", None)
         if callable(callback_results):
             results.update(callback_results())
@@ -248,5 +252,6 @@ def run_stage(
         "config": run_config(cfg),
         "results": copy.deepcopy(results),
         "warnings": record.close_stage(callbacks),
+        "compactions": dict(record.compactions),
     }
     save_stage_checkpoint(trainer, path, keep_earlier=cfg.stage_checkpoints == "all", keep=parts.keep_checkpoint)

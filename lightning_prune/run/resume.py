@@ -24,6 +24,7 @@ from lightning_prune.callbacks.structured import StructuredPruning
 from lightning_prune.masking import get_masks, keep_masks_applied, load_masks
 from lightning_prune.run.checks import ConfigError
 from lightning_prune.run.stages import Stage
+from lightning_prune.structured.compact import compact
 
 CHECKPOINT_DIR = "checkpoints"
 PAYLOAD_KEY = STAGE_KEY  # where a stage checkpoint holds the run's progress and masks
@@ -164,18 +165,25 @@ def restore_module(module: pl.LightningModule, checkpoint: dict[str, Any], path:
         module.load_state_dict(checkpoint["state_dict"], strict=True)
     except RuntimeError as error:
         raise ValueError(
-            f"`resume`=True: the weights in {path} do not fit the model built from the config "
-            f"(a stage that compacted the model, `compact_on_end`, cannot be resumed after): {error}"
+            f"`resume`=True: the weights in {path} do not fit the model built from the config and shaped as "
+            f"the finished stages left it (added parameters, compactions): {error}"
         ) from error
     load_masks(module, checkpoint[PAYLOAD_KEY]["masks"])
 
 
-def add_setup_parameters(finished: list[list[Callback]], module: pl.LightningModule) -> set[str]:
-    """Add to the freshly built `module` the parameters the finished stages' callbacks added in their `setup`
-    (`StructuredPruning`: FLAP's compensation biases), so that their stage checkpoint loads; their names."""
-    before = set(module.state_dict())
-    for callbacks in finished:
+def replay_stages(
+    finished: list[list[Callback]], module: pl.LightningModule, compactions: dict[int, dict[str, torch.Tensor]]
+) -> bool:
+    """Give the freshly built `module` the shape the finished stages left it in, so that the last one's
+    checkpoint loads: the parameters their callbacks added in `setup` (`StructuredPruning`: FLAP's
+    compensation biases), and their compactions (the removed units' masks, then `compact`), in stage
+    order. The weights do not matter (the checkpoint's replace them). True when the shape changed."""
+    before = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+    for index, callbacks in enumerate(finished):
         for callback in callbacks:
             if isinstance(callback, StructuredPruning):
                 callback.add_parameters(module)
-    return set(module.state_dict()) - before
+        if index in compactions:
+            load_masks(module, compactions[index])
+            compact(module)
+    return {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()} != before
