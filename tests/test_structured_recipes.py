@@ -143,12 +143,16 @@ def test_moe_experts_recipe_removes_experts_distills_and_saves_a_stock_moe(tmp_p
 
 
 @pytest.mark.slow  # three short staged runs each (~10 s); run by default
-@pytest.mark.parametrize("compacted", [False, True])
-def test_resume_after_a_flap_stage_equals_the_uninterrupted_run(tmp_path: Path, compacted: bool) -> None:
+@pytest.mark.parametrize(
+    ("recipe", "compacted"), [("structured_llama", False), ("structured_llama", True), ("moe_experts", True)]
+)
+def test_resume_after_a_stage_that_changed_the_models_shape_equals_the_uninterrupted_run(
+    tmp_path: Path, recipe: str, compacted: bool
+) -> None:
     """A stage checkpoint after StructuredPruning (FLAP) holds the biases its `setup` added and, compacted,
-    the smaller model: the resumed run gives the freshly built model both (replaying the compaction from
-    the saved unit masks) before loading it (it was refused), and the later stage distills from a dense
-    teacher built anew (the dense model had neither)."""
+    the smaller model (ExpertPruning: fewer experts): the resumed run gives the freshly built model both
+    (replaying the compaction from the saved unit masks and routing) before loading it (it was refused), and
+    the later stage distills from a dense teacher built anew (the dense model had neither)."""
 
     def overrides(out: Path) -> list[str]:
         fail = f"fail:{{_target_:test_stages.FailOnce,marker:'{out}/interrupted',step:1}}"
@@ -157,23 +161,24 @@ def test_resume_after_a_flap_stage_equals_the_uninterrupted_run(tmp_path: Path, 
             "stages=[{name:dense,trainer:{max_epochs:'${dense_epochs}'}},{name:prune,use:[pruning],trainer:{max_epochs:1}},"
             f"{{name:tune,callbacks:{{{kd},{fail}}},trainer:{{max_epochs:1}}}}]"
         )
-        tiny = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "data.seq_len=16"]
+        tiny = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "data.seq_len=16", "callbacks={}"]
         settings = [f"pruning.compact_on_end={str(compacted).lower()}", "pruning.num_samples=8", "data.vocab_size=300"]
         return [stages, "dense_epochs=1", *settings, *tiny]
 
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
     whole.mkdir()
     (whole / "interrupted").touch()  # the probe never fires here
-    expected = run(compose_config("structured_llama", whole, *overrides(whole)))
+    expected = run(compose_config(recipe, whole, *overrides(whole)))
     with pytest.raises(RuntimeError, match="interrupted"):
-        run(compose_config("structured_llama", interrupted, *overrides(interrupted)))
-    resumed = run(compose_config("structured_llama", interrupted, *overrides(interrupted), "resume=true"))
-    assert resumed["resumed_after"] == "prune" and resumed["structured"]["method"] == "flap"
-    assert resumed["after"] == expected["after"]
+        run(compose_config(recipe, interrupted, *overrides(interrupted)))
+    resumed = run(compose_config(recipe, interrupted, *overrides(interrupted), "resume=true"))
+    assert resumed["resumed_after"] == "prune" and resumed["after"] == expected["after"]
     from safetensors.torch import load_file
 
     model, reference = (load_file(out / "model" / "model.safetensors") for out in (interrupted, whole))
-    assert "model.layers.0.mlp.down_proj.bias" in model and model.keys() == reference.keys()
-    assert all(torch.equal(model[key], reference[key]) for key in model)
-    width = model["model.layers.0.mlp.down_proj.weight"].shape[1]
-    assert width == (88 if compacted else 176)  # half of tiny_llama's 176 MLP neurons removed when compacted
+    assert model.keys() == reference.keys() and all(torch.equal(model[key], reference[key]) for key in model)
+    if recipe == "moe_experts":  # half of tiny_qwen3_moe's 8 experts removed: the router scores 4
+        assert model["model.layers.0.mlp.gate.weight"].shape == (4, 64)
+    else:  # FLAP's bias; half of tiny_llama's 176 MLP neurons removed when compacted
+        assert resumed["structured"]["method"] == "flap" and "model.layers.0.mlp.down_proj.bias" in model
+        assert model["model.layers.0.mlp.down_proj.weight"].shape[1] == (88 if compacted else 176)

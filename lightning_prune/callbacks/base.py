@@ -30,6 +30,7 @@ from lightning_prune.masking import (
 )
 from lightning_prune.parallel.sharded import local_tensor
 from lightning_prune.selection import check_pattern_fits, check_pattern_sparsity
+from lightning_prune.structured.replay import compaction_record
 from lightning_prune.structured.training import compact_and_measure, first_batch, sample_forward
 from lightning_prune.targets import PruneTarget, find_targets
 from lightning_prune.validation import check_materialized, check_sparsity
@@ -72,7 +73,7 @@ class MaskingCallback(Callback):
         self.finalize_on_end = finalize_on_end
         self.compact_on_end = compact_on_end
         self.compaction: dict[str, float] = {}
-        self.compacted_masks: dict[str, torch.Tensor] = {}  # the masks compaction removed (a resume replays it)
+        self.compacted: dict[str, Any] = {}  # what compaction removed (`compaction_record`): a resume replays it
         self.current_sparsity = 0.0
         self.layer_sparsity: dict[str, float] = {}
         self.reached_sparsity = 0.0  # the target of the last mask update
@@ -213,9 +214,8 @@ class MaskingCallback(Callback):
         if self.finalize_on_end:
             finalize(pl_module)
         if self.compact_on_end:
-            self.compacted_masks = {name: mask.detach().cpu().clone() for name, mask in get_masks(pl_module).items()}
-            run = sample_forward(sample_batch) if sample_batch is not None else None
-            self.compaction = compact_and_measure(pl_module, run)[1]
+            run = None if sample_batch is None else sample_forward(sample_batch)
+            self.compacted, self.compaction = compaction_record(pl_module), compact_and_measure(pl_module, run)[1]
 
     def record_warning(self, kind: str, message: str, **details: Any) -> None:
         """Warn (UserWarning) and keep the warning in `warnings_recorded` for the run's results."""

@@ -237,8 +237,8 @@ def run_stage(
     if stage.evaluate:
         entry["metrics"] = evaluate(trainer, module, data)
     for callback in callbacks:  # structured pruning: parameters and forward time before/after compaction
-        if isinstance(callback, MaskingCallback) and callback.compacted_masks:  # what a resume replays
-            record.compactions[stage.index] = callback.compacted_masks
+        if isinstance(callback, MaskingCallback) and callback.compacted:  # what a resume replays
+            record.compactions[stage.index] = callback.compacted
         callback_results, compaction = getattr(callback, "results", None), getattr(callback, "compaction", None)
         if callable(callback_results):
             results.update(callback_results())

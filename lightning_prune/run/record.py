@@ -44,7 +44,7 @@ class RunRecord:
         self.phase = "setup"
         self.caught: list[warnings.WarningMessage] = []
         self.carried: list[dict[str, str]] = []  # warnings of the finished stages (restored on resume)
-        self.compactions: dict[int, dict[str, Any]] = {}  # stage index -> the masks its compaction removed
+        self.compactions: dict[int, dict[str, Any]] = {}  # stage index -> what its compaction removed
         self._stage_start = 0  # index into `caught` where the current stage's Python warnings begin
 
     @contextmanager

@@ -24,7 +24,7 @@ from lightning_prune.callbacks.structured import StructuredPruning
 from lightning_prune.masking import get_masks, keep_masks_applied, load_masks
 from lightning_prune.run.checks import ConfigError
 from lightning_prune.run.stages import Stage
-from lightning_prune.structured.compact import compact
+from lightning_prune.structured.replay import replay_compaction
 
 CHECKPOINT_DIR = "checkpoints"
 PAYLOAD_KEY = STAGE_KEY  # where a stage checkpoint holds the run's progress and masks
@@ -172,18 +172,17 @@ def restore_module(module: pl.LightningModule, checkpoint: dict[str, Any], path:
 
 
 def replay_stages(
-    finished: list[list[Callback]], module: pl.LightningModule, compactions: dict[int, dict[str, torch.Tensor]]
+    finished: list[list[Callback]], module: pl.LightningModule, compactions: dict[int, dict[str, Any]]
 ) -> bool:
     """Give the freshly built `module` the shape the finished stages left it in, so that the last one's
     checkpoint loads: the parameters their callbacks added in `setup` (`StructuredPruning`: FLAP's
-    compensation biases), and their compactions (the removed units' masks, then `compact`), in stage
-    order. The weights do not matter (the checkpoint's replace them). True when the shape changed."""
+    compensation biases), and their compactions (`replay_compaction`), in stage order. The weights do not
+    matter (the checkpoint's replace them). True when the shape changed."""
     before = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
     for index, callbacks in enumerate(finished):
         for callback in callbacks:
             if isinstance(callback, StructuredPruning):
                 callback.add_parameters(module)
         if index in compactions:
-            load_masks(module, compactions[index])
-            compact(module)
+            replay_compaction(module, compactions[index])
     return {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()} != before
