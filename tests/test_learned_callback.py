@@ -138,11 +138,12 @@ class LogitsProbe(pl.Callback):
     """Keeps a copy of the learned logits at the last training batch (before `on_train_end` turns them into masks)."""
 
     def __init__(self, callback: LearnedSparsity) -> None:
-        self.callback, self.logits = callback, {}
+        self.callback, self.logits, self.batches = callback, {}, []
 
-    def on_train_batch_end(self, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.callback.learner is not None
         self.logits = {k: v.detach().clone() for k, v in self.callback.learner.logits.items()}
+        self.batches.append(batch[0].clone())
 
 
 def test_resume_mid_run_is_bitwise(tmp_path: Path) -> None:
@@ -165,6 +166,76 @@ def test_resume_mid_run_is_bitwise(tmp_path: Path) -> None:
     state = torch.load(tmp_path / "a" / "step=6.ckpt", weights_only=False)["callbacks"]
     (saved,) = [s for key, s in state.items() if key.startswith("LearnedSparsity")]
     assert saved["step"] == 6 and not saved["converted"] and set(saved["learning"]) == {"learner", "optimizer"}
+
+
+class ResumableLoader:
+    """Fixed batches that a mid-epoch checkpoint resumes where they stopped: Lightning 2.6's `_Stateful` protocol
+    (`state_dict`/`load_state_dict`, as torchdata's StatefulDataLoader); a plain DataLoader restarts its epoch."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.batches, self.served, self.start = list(loader), 0, 0
+
+    def __len__(self) -> int:  # a length: Lightning then fetches no batch ahead, so `served` is what was trained
+        return len(self.batches)
+
+    def __iter__(self) -> Any:
+        start, self.start = self.start, 0
+        for index in range(start, len(self.batches)):
+            self.served = index + 1
+            yield self.batches[index]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"served": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.start = state["served"] % len(self.batches)
+
+
+ESTIMATE_FIRST = (
+    "LearnedSparsity.on_fit_start reads trainer.estimated_stepping_batches (end_step=None), which sets up the train "
+    "loader before the checkpoint's loop state is restored, so Lightning 2.6 never loads the loader's state "
+    "(Lightning #20550) and the resumed epoch starts again from its first batch"
+)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize(
+    "end_step", [18, pytest.param(None, marks=pytest.mark.xfail(strict=True, reason=ESTIMATE_FIRST))]
+)
+def test_resume_mid_epoch_is_bitwise(tmp_path: Path, accumulate: int, end_step: int | None) -> None:
+    def fit(ckpt: str | None, root: Path) -> tuple[MLP, LearnedSparsity, LogitsProbe]:
+        module = MLP()
+        callback = LearnedSparsity(
+            prior=None, lr=0.2, targets=["net.0", "net.2"], train_weights=True, regularizer=1e-3,
+            end_step=end_step and end_step // accumulate,
+        )  # fmt: skip
+        probe = LogitsProbe(callback)
+        every = 4 // accumulate  # checkpoints after batches 4, 8, 12, 16 (6 batches per epoch)
+        saver = ModelCheckpoint(dirpath=root, save_top_k=-1, filename="{step}", every_n_train_steps=every)
+        trainer = make_trainer(
+            max_epochs=3, accumulate_grad_batches=accumulate, callbacks=[callback, probe, saver],
+            enable_checkpointing=True,
+        )  # fmt: skip
+        trainer.fit(module, ResumableLoader(regression()), ckpt_path=ckpt)
+        return module, callback, probe
+
+    straight, straight_callback, straight_probe = fit(None, tmp_path / "a")
+    checkpoint = tmp_path / "a" / f"step={8 // accumulate}.ckpt"  # after 8 of 18 batches: 2 into epoch 1
+    loop = torch.load(checkpoint, weights_only=False)["loops"]["fit_loop"]  # Lightning 2.6's checkpoint layout
+    assert loop["epoch_progress"]["current"]["completed"] == 1
+    assert loop["state_dict"]["combined_loader"] == [{"served": 2}]
+    resumed, resumed_callback, resumed_probe = fit(str(checkpoint), tmp_path / "b")
+    for ours, theirs in zip(resumed_probe.batches, straight_probe.batches[8:], strict=True):
+        assert torch.equal(ours, theirs)  # the straight run's last 10 batches, not epoch 1 from its start
+    assert straight_callback.step == resumed_callback.step == 18 // accumulate
+    for name, logits in straight_probe.logits.items():  # after the last batch
+        assert torch.equal(resumed_probe.logits[name], logits), name
+    masks = get_masks(resumed)
+    assert len(masks) == 2
+    for name, mask in get_masks(straight).items():
+        assert torch.equal(masks[name], mask), name
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
 
 
 def test_refusals() -> None:
