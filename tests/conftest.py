@@ -174,6 +174,29 @@ class TinyRegressor(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
 
 
+class ResumableLoader:
+    """Fixed batches that a mid-epoch checkpoint resumes where they stopped: Lightning 2.6's `_Stateful` protocol
+    (`state_dict`/`load_state_dict`, as torchdata's StatefulDataLoader); a plain DataLoader restarts its epoch."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+        self.batches, self.served, self.start = list(loader), 0, 0
+
+    def __len__(self) -> int:  # a length: Lightning then fetches no batch ahead, so `served` is what was trained
+        return len(self.batches)
+
+    def __iter__(self) -> Any:
+        start, self.start = self.start, 0
+        for index in range(start, len(self.batches)):
+            self.served = index + 1
+            yield self.batches[index]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"served": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.start = state["served"] % len(self.batches)
+
+
 class TinyCausalLM(pl.LightningModule):
     """A Hugging Face causal LM trained on fixed random token batches (4 batches of 2 × 16)."""
 

@@ -4,13 +4,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_prune import GradualPruning, finalize, get_masks
 from lightning_prune.report import max_nonzeros_per_group
 from lightning_prune.selection import prune_count
 from lightning_prune.targets import find_targets
-from tests.conftest import TinyCausalLM, TinyRegressor, make_trainer, tiny_llama
+from tests.conftest import ResumableLoader, TinyCausalLM, TinyRegressor, make_trainer, tiny_llama
 
 SIZES = (8 * 32, 32 * 32)  # the two targeted weights of TinyRegressor (its last layer is the head)
 
@@ -85,7 +86,9 @@ def test_invalid_arguments_raise_before_training(kwargs: dict, match: str) -> No
 def test_end_step_none_needs_a_finite_trainer() -> None:
     module = TinyRegressor()
     trainer = make_trainer(max_epochs=-1, max_steps=-1, callbacks=[GradualPruning(0.5)])
-    with pytest.raises(ValueError, match="`end_step`=None needs a Trainer with a finite length"):
+    with pytest.raises(
+        ValueError, match=r"`end_step`=None ends the ramp at the Trainer's last step.*trains without end"
+    ):
         trainer.fit(module)
     assert module.training_steps == 0
 
@@ -147,6 +150,29 @@ def test_resume_mid_schedule_is_bitwise_equal(tmp_path: Path) -> None:
     assert resumed_cb.current_sparsity == straight_cb.current_sparsity > 0.7
     assert resumed_cb.last_update_step == straight_cb.last_update_step == 12
     assert resumed.zeros_seen == straight.zeros_seen[8:]  # the forward saw the same masks after resume
+
+
+@pytest.mark.parametrize("end_step", [12, None])
+def test_resume_mid_epoch_with_a_resumable_loader_is_bitwise_equal(tmp_path: Path, end_step: int | None) -> None:
+    """From a checkpoint inside an epoch the resumed fit trains on the straight fit's batches; with `end_step`=None
+    the schedule's length used to be read in `on_fit_start`, which set up the train loader before Lightning
+    restored its state, so the epoch restarted from its first batch (Lightning 2.6, #20550)."""
+
+    def fit(ckpt: str | None, root: Path) -> tuple[TinyRegressor, GradualPruning]:
+        module = TinyRegressor()  # 4 batches per epoch
+        pruning = GradualPruning(0.75, start_step=0, end_step=end_step, frequency=3)
+        saver = ModelCheckpoint(dirpath=root, save_top_k=-1, filename="{step}", every_n_train_steps=6)
+        trainer = make_trainer(max_epochs=4, callbacks=[pruning, saver], enable_checkpointing=True)
+        trainer.fit(module, ResumableLoader(module.train_dataloader()), ckpt_path=ckpt)
+        return module, pruning
+
+    straight, straight_cb = fit(None, tmp_path / "a")
+    resumed, resumed_cb = fit(str(tmp_path / "a" / "step=6.ckpt"), tmp_path / "b")  # 2 batches into epoch 1
+    assert resumed.zeros_seen == straight.zeros_seen[6:] and resumed_cb.current_sparsity == straight_cb.current_sparsity
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    for name, mask in straight_cb.masks().items():
+        assert torch.equal(resumed_cb.masks()[name], mask), name
 
 
 def test_finalize_after_fit_loads_strict_into_the_plain_module() -> None:

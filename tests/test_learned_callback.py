@@ -18,7 +18,7 @@ from lightning_prune import LearnedSparsity, finalize, get_masks, load_sparse, s
 from lightning_prune.models import CausalLMModule
 from lightning_prune.oneshot import prune_oneshot
 from lightning_prune.selection import group_counts
-from tests.conftest import make_trainer, tiny_llama_config
+from tests.conftest import ResumableLoader, make_trainer, tiny_llama_config
 
 LLAMA = tiny_llama_config(num_hidden_layers=1, num_attention_heads=4, vocab_size=64, max_position_embeddings=16)
 
@@ -168,40 +168,8 @@ def test_resume_mid_run_is_bitwise(tmp_path: Path) -> None:
     assert saved["step"] == 6 and not saved["converted"] and set(saved["learning"]) == {"learner", "optimizer"}
 
 
-class ResumableLoader:
-    """Fixed batches that a mid-epoch checkpoint resumes where they stopped: Lightning 2.6's `_Stateful` protocol
-    (`state_dict`/`load_state_dict`, as torchdata's StatefulDataLoader); a plain DataLoader restarts its epoch."""
-
-    def __init__(self, loader: DataLoader) -> None:
-        self.batches, self.served, self.start = list(loader), 0, 0
-
-    def __len__(self) -> int:  # a length: Lightning then fetches no batch ahead, so `served` is what was trained
-        return len(self.batches)
-
-    def __iter__(self) -> Any:
-        start, self.start = self.start, 0
-        for index in range(start, len(self.batches)):
-            self.served = index + 1
-            yield self.batches[index]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"served": self.served}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.start = state["served"] % len(self.batches)
-
-
-ESTIMATE_FIRST = (
-    "LearnedSparsity.on_fit_start reads trainer.estimated_stepping_batches (end_step=None), which sets up the train "
-    "loader before the checkpoint's loop state is restored, so Lightning 2.6 never loads the loader's state "
-    "(Lightning #20550) and the resumed epoch starts again from its first batch"
-)
-
-
 @pytest.mark.parametrize("accumulate", [1, 2])
-@pytest.mark.parametrize(
-    "end_step", [18, pytest.param(None, marks=pytest.mark.xfail(strict=True, reason=ESTIMATE_FIRST))]
-)
+@pytest.mark.parametrize("end_step", [18, None])  # None: the length from `estimated_stepping_batches` (#20550)
 def test_resume_mid_epoch_is_bitwise(tmp_path: Path, accumulate: int, end_step: int | None) -> None:
     def fit(ckpt: str | None, root: Path) -> tuple[MLP, LearnedSparsity, LogitsProbe]:
         module = MLP()

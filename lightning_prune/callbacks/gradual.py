@@ -104,9 +104,12 @@ class GradualPruning(ScheduledPruning):
         self.global_steps_per_step = 0  # measured on the first such batch (manual optimization: one per optimizer)
         self._global_step_at_batch_start = 0
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The schedule reads `estimated_stepping_batches`, which sets up the train loader: here Lightning
+        # has restored its loops and the loader's state; in `on_fit_start` the loader would be set up first
+        # and a mid-epoch checkpoint's loader state never loaded (Lightning 2.6, issue #20550).
+        super().on_train_start(trainer, pl_module)
         self.resolve_schedule(trainer)
-        self.attach(trainer, pl_module)
         self.warn_if_schedule_cannot_finish(trainer)
 
     def preflight(self, pl_module: nn.Module, trainer: pl.Trainer | None = None) -> None:

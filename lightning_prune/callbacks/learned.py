@@ -55,11 +55,11 @@ class LearnedSparsity(LearnedState):
     row block of each weight, learns what one process would, and saves them as row blocks into the
     distributed checkpoint; the prior is then `None` or "magnitude" (a calibrated one needs whole weights).
 
-    Lifecycle: `on_fit_start` refuses masked targets, computes the prior (once), makes the
-    logits, freezes and hooks the targets' forwards; `on_train_batch_start` samples the soft masks;
-    `on_train_batch_end` steps the logits when the Trainer stepped; `on_train_end` turns the argmax into
-    fixed bool masks on the usual path (`set_mask`: `finalize`, `sparsity_report`, LoRA recovery,
-    distillation stages and the 2:4 export work unchanged), unfreezes and drops the logits. `memory`:
+    Lifecycle: `on_fit_start` refuses masked targets, computes the prior (once), makes the logits, freezes
+    and hooks the targets' forwards; `on_train_start` resolves the schedules' length; `on_train_batch_start`
+    samples the soft masks; `on_train_batch_end` steps the logits when the Trainer stepped; `on_train_end`
+    turns the argmax into fixed bool masks on the usual path (`set_mask`: `finalize`, `sparsity_report`,
+    LoRA recovery, distillation stages and the 2:4 export work unchanged), unfreezes and drops the logits. `memory`:
     bytes per pruned weight of the logits and their optimizer state. Resume restores the logits, their
     optimizer, the step and the Gumbel noise's generator exactly.
 
@@ -237,13 +237,21 @@ class LearnedSparsity(LearnedState):
             load_learning_state(self.learner, self.optimizer, restored, self._learning_blocks)
         self.learner.attach()
         self.freeze(pl_module, targets=False, others=self.freeze_others)
+        self.memory = self.learner.memory(self.optimizer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The length may come from `estimated_stepping_batches`, which sets up the train loader: here Lightning
+        # has restored its loops and the loader's state (in `on_fit_start` a mid-epoch checkpoint's loader
+        # state would never load: Lightning 2.6, issue #20550).
+        super().on_train_start(trainer, pl_module)
+        if self.learner is None:
+            return
         total = self.end_step or trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("`end_step`=None needs a Trainer with a finite length (max_steps or max_epochs)")
         steps = max(int(total), 1)  # λ decays linearly to 0, as in MaskLLM
         self._anneals = (Anneal(*self.tau, steps, self.anneal), Anneal(*self.scale, steps, self.anneal))
         self._anneals += (Anneal(self.regularizer, 0.0, steps),)
-        self.memory = self.learner.memory(self.optimizer)
 
     def sample(self, pl_module: pl.LightningModule) -> None:
         """This batch's soft masks at the schedules' τ and κ; logs `learned/tau` and `learned/scale`."""
