@@ -1,6 +1,7 @@
 """Learned 2:4 masks (MaskLLM) against SparseGPT 2:4 on the real all-MiniLM-L6-v2, at the same token budget.
 
     python benchmarks/learned.py --steps 48   # every training row: 48 steps of 16 paragraphs (logits lr 1e-3)
+    python benchmarks/learned.py --only learned --logits-lr 1e-2 --prior-strength 1   # one row, other settings
 
 Rows (cosine between the dense and the pruned model's mean-pooled embeddings of held-out pydoc
 paragraphs, as benchmarks/recovery.py): SparseGPT 2:4 one-shot; + reconstruction (towards the dense
@@ -10,6 +11,10 @@ the learned mask with every weight frozen (`LearnedSparsity(prior="sparsegpt", f
 `--steps`, the loss: cosine distillation from the dense model); the learned mask for half the steps,
 then distillation with it fixed for the other half; GMP 2:4 (`GradualPruning`, magnitude, with the
 same distillation) for the time per step. Training rows see the same batches in the same order.
+`--only` runs some rows (the cheap one-shot rows always run: they are the reference); the `--tau-*`,
+`--scale-*`, `--anneal`, `--logits-lr` and `--prior-strength` options are LearnedSparsity's; `--mask-fraction`
+and `--train-weights` shape the learned + distillation row (its mask phase's share of the steps, and
+whether the weights learn, towards the dense model, while the mask does).
 Time per step is the median wall time of a training batch (forward, backward, optimizer steps);
 bytes per weight is what the method keeps per pruned weight beyond the weights (masks: 1 byte).
 """
@@ -33,6 +38,7 @@ from lightning_prune.masking import remove_masks
 from lightning_prune.selection import group_counts
 
 Batch = dict[str, torch.Tensor]
+ROWS = ("reconstruction", "distillation", "learned", "learned+distillation", "gmp")
 
 
 def arguments() -> argparse.Namespace:
@@ -46,8 +52,22 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--distill-lr", type=float, default=2e-4, help="weights' learning rate (distillation)")
     parser.add_argument("--logits-lr", type=float, default=1e-3, help="the learned mask's logits' learning rate")
     parser.add_argument("--prior-strength", type=float, default=3.0, help="MaskLLM's prior strength (std devs)")
+    parser.add_argument("--tau-start", type=float, default=4.0, help="Gumbel-softmax temperature at step 0")
+    parser.add_argument("--tau-end", type=float, default=0.05, help="... at the last step")
+    parser.add_argument("--scale-start", type=float, default=100.0, help="logit scale κ at step 0")
+    parser.add_argument("--scale-end", type=float, default=500.0, help="... at the last step")
+    parser.add_argument("--anneal", default="linear", choices=("linear", "exponential"), help="τ/κ schedule shape")
+    parser.add_argument("--mask-fraction", type=float, default=0.5, help="learned + distillation: mask phase share")
+    parser.add_argument("--train-weights", action="store_true", help="learned + distillation: weights learn too")
     parser.add_argument("--paragraphs", type=int, default=64, help="held-out paragraphs for the metric")
-    return parser.parse_args()
+    parser.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows to train: {','.join(ROWS)}")
+    args = parser.parse_args()
+    args.only = set(args.only.split(","))
+    if unknown := args.only - set(ROWS):
+        parser.error(f"--only: unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
+    if not 0.0 < args.mask_fraction <= 1.0:
+        parser.error(f"--mask-fraction must be in (0, 1], got {args.mask_fraction}")
+    return args
 
 
 class StepTimer(pl.Callback):
@@ -132,57 +152,62 @@ def main() -> None:
     masks = {name: mask.clone() for name, mask in get_masks(oneshot).items()}
     load_masks(mask_only, masks)
     add("SparseGPT's 2:4 mask on the dense weights", mask_only, 0, None, None, 0.0)
-    tuned = copy.deepcopy(dense)
-    recon = dict(reconstruct=True, reconstruct_steps=args.reconstruct_steps, reconstruct_target="model")
-    seconds = timed(prune_oneshot, tuned, calibration, **options, **recon)
-    add("+ reconstruction", tuned, 0, None, None, seconds)
-    distilled = masked_copy(dense, tuned)
-    start = time.perf_counter()
-    timer = train(distilled, teacher, training, args.steps, args.distill_lr, None)
-    add(
-        "+ reconstruction + distillation",
-        distilled,
-        args.steps,
-        timer.median(),
-        1,
-        seconds + time.perf_counter() - start,
-    )
+    if args.only & {"reconstruction", "distillation"}:
+        tuned = copy.deepcopy(dense)
+        recon = dict(reconstruct=True, reconstruct_steps=args.reconstruct_steps, reconstruct_target="model")
+        seconds = timed(prune_oneshot, tuned, calibration, **options, **recon)
+        add("+ reconstruction", tuned, 0, None, None, seconds)
+    if "distillation" in args.only:
+        distilled = masked_copy(dense, tuned)
+        start = time.perf_counter()
+        timer = train(distilled, teacher, training, args.steps, args.distill_lr, None)
+        total = seconds + time.perf_counter() - start
+        add("+ reconstruction + distillation", distilled, args.steps, timer.median(), 1, total)
 
-    def learned() -> LearnedSparsity:
+    def learned(train_weights: bool = False) -> LearnedSparsity:
         return LearnedSparsity(
             prior="sparsegpt", calibration=calibration, num_samples=args.calibration, lr=args.logits_lr,
-            prior_strength=args.prior_strength, freeze_others=True,
+            prior_strength=args.prior_strength, tau_start=args.tau_start, tau_end=args.tau_end,
+            scale_start=args.scale_start, scale_end=args.scale_end, anneal=args.anneal,
+            train_weights=train_weights, freeze_others=not train_weights,
         )  # fmt: skip
 
-    learner = copy.deepcopy(dense)
-    callback = learned()
-    start = time.perf_counter()
-    timer = train(learner, teacher, training, args.steps, args.distill_lr, callback)
-    total = time.perf_counter() - start
-    add("learned mask (weights frozen)", learner, args.steps, timer.median(), callback.memory["total"], total)
+    if "learned" in args.only:
+        learner = copy.deepcopy(dense)
+        callback = learned()
+        start = time.perf_counter()
+        timer = train(learner, teacher, training, args.steps, args.distill_lr, callback)
+        total = time.perf_counter() - start
+        add("learned mask (weights frozen)", learner, args.steps, timer.median(), callback.memory["total"], total)
 
-    half = args.steps // 2
-    both = copy.deepcopy(dense)
-    callback = learned()
-    start = time.perf_counter()
-    train(both, teacher, training[:half], half, args.distill_lr, callback)
-    timer = train(both, teacher, training[half:], args.steps - half, args.distill_lr, None)
-    name = f"learned mask ({half} steps) + distillation ({args.steps - half} steps)"
-    add(name, both, args.steps, None, callback.memory["total"], time.perf_counter() - start)
+    if "learned+distillation" in args.only:
+        first = max(1, round(args.steps * args.mask_fraction))
+        both = copy.deepcopy(dense)
+        callback = learned(train_weights=args.train_weights)
+        start = time.perf_counter()
+        train(both, teacher, training[:first], first, args.distill_lr, callback)
+        if first < args.steps:
+            train(both, teacher, training[first:] or training, args.steps - first, args.distill_lr, None)
+        weights = ", weights learning" if args.train_weights else ""
+        name = f"learned mask ({first} steps{weights}) + distillation ({args.steps - first} steps)"
+        add(name, both, args.steps, None, callback.memory["total"], time.perf_counter() - start)
 
-    gmp = copy.deepcopy(dense)
-    schedule = GradualPruning(
-        0.5, pattern="2:4", end_step=max(1, args.steps * 3 // 4), frequency=max(1, args.steps // 8)
-    )
-    start = time.perf_counter()
-    timer = train(gmp, teacher, training, args.steps, args.distill_lr, schedule)
-    add("GMP 2:4 + distillation (dense start)", gmp, args.steps, timer.median(), 1, time.perf_counter() - start)
-    remove_masks(gmp)
+    if "gmp" in args.only:
+        gmp = copy.deepcopy(dense)
+        schedule = GradualPruning(
+            0.5, pattern="2:4", end_step=max(1, args.steps * 3 // 4), frequency=max(1, args.steps // 8)
+        )
+        start = time.perf_counter()
+        timer = train(gmp, teacher, training, args.steps, args.distill_lr, schedule)
+        add("GMP 2:4 + distillation (dense start)", gmp, args.steps, timer.median(), 1, time.perf_counter() - start)
+        remove_masks(gmp)
 
     tokens = sum(int(b["attention_mask"].sum()) for b in training[: args.steps])
     print(
         f"\nall-MiniLM-L6-v2, {len(paragraphs)} held-out paragraphs; {args.calibration} calibration paragraphs; "
-        f"{args.steps} training steps of {args.train_batch} paragraphs (≤{args.max_length} tokens, {tokens} tokens)\n"
+        f"{args.steps} training steps of {args.train_batch} paragraphs (≤{args.max_length} tokens, {tokens} tokens); "
+        f"logits lr {args.logits_lr:g}, prior strength {args.prior_strength:g}, τ {args.tau_start:g}→{args.tau_end:g}, "
+        f"κ {args.scale_start:g}→{args.scale_end:g} ({args.anneal})\n"
     )
     print("| row | cosine to dense | steps | s / step | bytes / weight | wall s |\n|---|---|---|---|---|---|")
     for name, cosine, steps, step, memory, seconds in rows:
