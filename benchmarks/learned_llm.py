@@ -5,12 +5,12 @@ model, text and perplexity protocol of `benchmarks/llm.py` / `llm_recovery.py` (
 calibration and training sequences from the training pydoc topics; the same held-out windows for every row):
 
 - SparseGPT 2:4 one-shot; + reconstruction (`reconstruct=True`, towards the dense hidden states;
-  `--no-reconstruction` skips it); + distillation (masked full fine-tuning from the dense model, logit KL,
+  `--skip reconstruction` leaves it out); + distillation (masked full fine-tuning from the dense model, logit KL,
   alpha=0, `--steps`);
 - SparseGPT's 2:4 mask on the unchanged dense weights (where a frozen-weight learned mask starts);
 - the learned mask with every weight frozen (`LearnedSparsity(prior="sparsegpt", freeze_others=True)`,
   `--steps`, the loss: the same distillation), once per (`--logits-lr`, `--prior-strength`) pair;
-- the learned mask (the first pair) for half the steps, then distillation with it fixed for the other half;
+- the learned mask (the first pair) for half the steps (a row), then distillation with it fixed for the other half;
 - GMP 2:4 (`GradualPruning`, magnitude) with the same distillation, for the time per step.
 
 Every training row sees the same `--steps` batches in the same order (the training text cycled if short).
@@ -46,6 +46,8 @@ from lightning_prune import (
     prune_oneshot,
 )
 
+ROWS = ("reconstruction", "distillation", "learned", "learned+distillation", "gmp")  # what --skip may leave out
+
 
 class StepPeriod(StepTimer):
     """Seconds from one training batch's start to the next's: a learned mask's sampling (batch start) and
@@ -80,8 +82,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logits-lr", default="1e-3", help="comma-separated: one learned (frozen) row per value")
     parser.add_argument("--prior-strength", default="3", help="MaskLLM's prior strength (std devs), comma-separated")
     parser.add_argument("--reconstruct-steps", type=int, default=None, help="Adam steps per block (100; quick 5)")
-    parser.add_argument("--no-reconstruction", action="store_true", help="skip + reconstruction (slow on CPU)")
+    parser.add_argument("--skip", default="", help=f"comma-separated rows to leave out: {', '.join(ROWS)}")
     args = parser.parse_args(argv)
+    args.skip = set(filter(None, args.skip.split(",")))
+    if args.skip - set(ROWS):
+        parser.error(f"--skip: unknown {sorted(args.skip - set(ROWS))}; valid: {', '.join(ROWS)}")
     args.calibration = args.calibration or (8 if args.quick else 64)
     args.eval_windows = args.eval_windows or (16 if args.quick else None)
     args.train_batch = args.train_batch or (2 if args.quick else 4)
@@ -132,15 +137,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("SparseGPT's 2:4 mask on the dense weights", mask_only, 0, None, 1, 0.0)
     del mask_only
     base, label = oneshot, "SparseGPT 2:4"
-    if not args.no_reconstruction:
+    if "reconstruction" not in args.skip:  # 100 Adam steps per block: slow on CPU
         base, label = copy.deepcopy(dense), "SparseGPT 2:4 + reconstruction"
         recon = dict(reconstruct=True, reconstruct_steps=args.reconstruct_steps, reconstruct_target="model")
         seconds, _ = timed(lambda m=base: prune_oneshot(m, calibration, **options, **recon))
         add("+ reconstruction", base, 0, None, 1, seconds)
-    distilled, timer = masked_copy(dense, base), StepPeriod()
-    train_s, _ = timed(lambda m=distilled: train(m, teacher, batches, args.steps, args.lr, None, [timer]))
-    add(f"{label} + distillation", distilled, args.steps, timer, 1, seconds + train_s)
-    del distilled, base, oneshot
+    if "distillation" not in args.skip:
+        distilled, timer = masked_copy(dense, base), StepPeriod()
+        train_s, _ = timed(lambda m=distilled: train(m, teacher, batches, args.steps, args.lr, None, [timer]))
+        add(f"{label} + distillation", distilled, args.steps, timer, 1, seconds + train_s)
+        del distilled
+    del base, oneshot
 
     def learned(logits_lr: float, strength: float) -> LearnedSparsity:
         return LearnedSparsity(
@@ -148,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prior_strength=strength, freeze_others=True, forward=lambda module, batch: module.model(**batch),
         )  # fmt: skip
 
-    for logits_lr, strength in args.learned:
+    for logits_lr, strength in [] if "learned" in args.skip else args.learned:
         learner, callback, timer = copy.deepcopy(dense), learned(logits_lr, strength), StepPeriod()
         extra = [callback, timer]
         seconds, _ = timed(lambda m=learner, e=extra: train(m, teacher, batches, args.steps, args.lr, None, e))
@@ -158,25 +165,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         del learner
 
     half, (logits_lr, strength) = args.steps // 2, args.learned[0]
-    both, callback = copy.deepcopy(dense), learned(logits_lr, strength)
+    if "learned+distillation" not in args.skip:
+        both, callback = copy.deepcopy(dense), learned(logits_lr, strength)
+        name = f"learned mask ({half} steps, logits lr {logits_lr:g}, prior strength {strength:g})"
+        seconds, _ = timed(lambda m=both: train(m, teacher, batches[:half], half, args.lr, None, [callback]))
+        add(name, both, half, None, callback.memory["total"], seconds)  # the mask the distillation keeps
+        train_s, _ = timed(lambda m=both: train(m, teacher, batches[half:], args.steps - half, args.lr, None))
+        name += f" + distillation ({args.steps - half} steps)"
+        add(name, both, args.steps, None, callback.memory["total"], seconds + train_s)
+        del both
 
-    def learn_then_distill(model: nn.Module) -> None:
-        train(model, teacher, batches[:half], half, args.lr, None, [callback])
-        train(model, teacher, batches[half:], args.steps - half, args.lr, None)
-
-    seconds, _ = timed(lambda m=both: learn_then_distill(m))
-    name = f"learned mask ({half} steps, logits lr {logits_lr:g}, prior {strength:g})"
-    name += f" + distillation ({args.steps - half} steps)"
-    add(name, both, args.steps, None, callback.memory["total"], seconds)
-    del both
-
+    if "gmp" in args.skip:
+        return finish(args, p0, rows, begin)
     gmp, timer = copy.deepcopy(dense), StepPeriod()
     schedule = GradualPruning(
         0.5, pattern="2:4", end_step=max(1, args.steps * 3 // 4), frequency=max(1, args.steps // 8)
     )
     seconds, _ = timed(lambda m=gmp: train(m, teacher, batches, args.steps, args.lr, None, [schedule, timer]))
     add("GMP 2:4 + distillation (dense start)", gmp, args.steps, timer, 1, seconds)
+    return finish(args, p0, rows, begin)
 
+
+def finish(args: argparse.Namespace, p0: Any, rows: list[list[str]], begin: float) -> int:
+    """Print the table of `rows` under a line saying the budget; 0 (the exit status)."""
     say(
         f"\nSmolLM2-135M-Instruct, held-out perplexity on {p0.tokens} tokens ({p0.windows} windows); "
         f"{args.calibration}×{args.seq_len} calibration tokens; {args.steps} training steps of "
