@@ -74,11 +74,18 @@ class NextTokenTraining(pl.LightningModule):
 
 
 def train(
-    student: nn.Module, teacher: nn.Module | None, batches: list[Batch], steps: int, lr: float, rank: int | None
+    student: nn.Module,
+    teacher: nn.Module | None,
+    batches: list[Batch],
+    steps: int,
+    lr: float,
+    rank: int | None,
+    extra: Sequence[pl.Callback] = (),
 ) -> None:
     """`steps` AdamW steps on `student`: distilled from `teacher` when given (logit KL, alpha=0), else
-    the next-token loss; with `rank`, LoRA adapters at `lr` (merged at the end, masks kept)."""
-    callbacks: list[pl.Callback] = []
+    the next-token loss; with `rank`, LoRA adapters at `lr` (merged at the end, masks kept); `extra`
+    callbacks (a pruning callback, a timer) come first."""
+    callbacks: list[pl.Callback] = list(extra)
     if teacher is not None:
         callbacks.append(KnowledgeDistillation(alpha=0.0, loss="kl", teacher=teacher))
     if rank is not None:
