@@ -1,6 +1,6 @@
 """Learned 2:4 masks (MaskLLM) against SparseGPT 2:4 on the real all-MiniLM-L6-v2, at the same token budget.
 
-    python benchmarks/learned.py --steps 48   # every training row: 48 steps of 16 paragraphs (logits lr 1e-3)
+    python benchmarks/learned.py --steps 48   # every training row: 48 steps of 16 paragraphs (logits lr 1e-2)
     python benchmarks/learned.py --only learned --logits-lr 1e-2 --prior-strength 1   # one row, other settings
 
 Rows (cosine between the dense and the pruned model's mean-pooled embeddings of held-out pydoc
@@ -50,8 +50,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=48, help="training steps of every training row")
     parser.add_argument("--reconstruct-steps", type=int, default=100)
     parser.add_argument("--distill-lr", type=float, default=2e-4, help="weights' learning rate (distillation)")
-    parser.add_argument("--logits-lr", type=float, default=1e-3, help="the learned mask's logits' learning rate")
-    parser.add_argument("--prior-strength", type=float, default=3.0, help="MaskLLM's prior strength (std devs)")
+    parser.add_argument("--logits-lr", type=float, default=1e-2, help="the learned mask's logits' learning rate")
+    parser.add_argument("--prior-strength", type=float, default=10.0, help="MaskLLM's prior strength (std devs)")
     parser.add_argument("--tau-start", type=float, default=4.0, help="Gumbel-softmax temperature at step 0")
     parser.add_argument("--tau-end", type=float, default=0.05, help="... at the last step")
     parser.add_argument("--scale-start", type=float, default=100.0, help="logit scale κ at step 0")

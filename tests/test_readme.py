@@ -396,7 +396,7 @@ PYTHON_BLOCKS: dict[str, tuple[Callable[[dict[str, Path]], dict[str, Any]], Call
     'pattern="2:4")\n': (no_standins, check_any_network),
     "prune_experts(moe, batches": (experts_standins, check_experts),
     "evaluate_perplexity(model, tokenizer, text=held_out": (no_standins, check_perplexity),
-    'LearnedSparsity(pattern="2:4", prior="sparsegpt", lr=1e-3)': (callbacks_standins, check_learned),
+    'LearnedSparsity(pattern="2:4", prior="sparsegpt", lr=1e-2)': (callbacks_standins, check_learned),
 }
 
 

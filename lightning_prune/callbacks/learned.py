@@ -68,19 +68,19 @@ class LearnedSparsity(LearnedState):
         _target_: lightning_prune.LearnedSparsity
         pattern: "2:4"        # keep N of every M
         prior: sparsegpt      # one-shot mask the logits start from; null: none
-        lr: 0.001             # AdamW learning rate of the logits
+        lr: 0.01              # AdamW learning rate of the logits
     """
 
     def __init__(
         self,
         pattern: str = "2:4",
         prior: str | OneShotMethod | None = "sparsegpt",
-        prior_strength: float = 3.0,
+        prior_strength: float = 10.0,
         prior_options: dict[str, Any] | None = None,
         calibration: Iterable[Any] | None = None,
         num_samples: int | None = 128,
         forward: Callable[[nn.Module, Any], Any] | str | None = None,
-        lr: float = 1e-3,
+        lr: float = 1e-2,
         tau_start: float = 4.0,
         tau_end: float = 0.05,
         scale_start: float = 100.0,
