@@ -14,38 +14,35 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from fsdp_hsdp_job import HSDPMLP
 from fsdp_job import SaveAfterEpoch, ShardedMLP, job_parser, sharded_trainer  # tests/, beside this script
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 from lightning_prune import LearnedSparsity, get_masks
 from lightning_prune.parallel.sharded import local_tensor
 
 
+def learned_net() -> nn.Sequential:
+    """The digits MLP with layers of 48, 36 and 9 rows (9: blocks of 5 and 4 rows on two ranks)."""
+    return nn.Sequential(
+        nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 36), nn.ReLU(), nn.Linear(36, 9), nn.ReLU(), nn.Linear(9, 10)
+    )
+
+
 class LearnedMLP(ShardedMLP):
-    """The FSDP2 digits MLP with layers of 48, 36 and 9 rows (9: blocks of 5 and 4 rows on two ranks)."""
+    """The FSDP2 digits MLP (`ShardedMLP`) with `learned_net`'s layers."""
 
     def __init__(self, global_batch: int) -> None:
         super().__init__(global_batch)
-        self.net = nn.Sequential(
-            nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 36), nn.ReLU(), nn.Linear(36, 9), nn.ReLU(), nn.Linear(9, 10)
-        )
+        self.net = learned_net()
 
 
-class HSDPLearnedMLP(LearnedMLP):
-    """`LearnedMLP` sharded by HSDP on a (replicate, shard) mesh of the given shape (2x1: two whole replicas)."""
+class HSDPLearnedMLP(HSDPMLP):
+    """`learned_net` sharded by HSDP on a (replicate, shard) mesh of the given shape (2x1: two whole replicas)."""
 
     def __init__(self, global_batch: int, mesh_shape: tuple[int, int]) -> None:
-        super().__init__(global_batch)
-        self.mesh_shape = mesh_shape
-
-    def configure_model(self) -> None:
-        mesh = init_device_mesh("cpu", self.mesh_shape, mesh_dim_names=("replicate", "shard"))
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
+        super().__init__(global_batch, mesh_shape)
+        self.net = learned_net()
 
 
 class LogitsProbe(pl.Callback):
