@@ -29,11 +29,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from recovery import EncoderDistillation, embed, load_minilm, masked_copy, paragraph_batches, timed
+from recovery import EncoderDistillation, embed, masked_copy, minilm_setup, timed
 from torch import nn
 
 from lightning_prune import GradualPruning, KnowledgeDistillation, LearnedSparsity, get_masks, load_masks, prune_oneshot
-from lightning_prune.data.sentences import SentenceDataModule
 from lightning_prune.masking import remove_masks
 from lightning_prune.selection import group_counts
 
@@ -126,16 +125,7 @@ def check_2_4(model: nn.Module) -> None:
 def main() -> None:
     args = arguments()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    dense, tokenizer = load_minilm()
-    data = SentenceDataModule(max_length=args.max_length)
-    order = torch.randperm(len(data.train_paragraphs), generator=torch.Generator().manual_seed(0)).tolist()
-    shuffled = [data.train_paragraphs[i] for i in order]
-    calibration = paragraph_batches(data, shuffled[: args.calibration], 16)
-    training = paragraph_batches(data, shuffled[args.calibration :], args.train_batch)
-    paragraphs = data.val_paragraphs[: args.paragraphs]
-    reference = embed(dense, tokenizer, paragraphs)
-    teacher = copy.deepcopy(dense)
+    dense, tokenizer, calibration, training, paragraphs, reference, teacher = minilm_setup(args)
     rows: list[tuple[str, float, int, str, str, float]] = []
 
     def add(name: str, model: nn.Module, steps: int, step_s: float | None, memory: float | None, total: float) -> None:

@@ -170,9 +170,12 @@ def check_pattern(model: nn.Module, pattern: str | None) -> None:
             assert max_nonzeros_per_group(weight, 4) <= 2, name
 
 
-def main() -> None:
-    args = arguments()
-    torch.set_num_threads(args.threads)
+def minilm_setup(
+    args: argparse.Namespace,
+) -> tuple[nn.Module, Any, list[Batch], list[Batch], list[str], torch.Tensor, nn.Module]:
+    """The dense MiniLM and its tokenizer; calibration (`--calibration` paragraphs, batches of 16) and
+    training batches (the rest, `--train-batch` each) from one fixed shuffle of the training paragraphs;
+    the held-out paragraphs (`--paragraphs`), their dense embeddings, and a copy of the dense model (teacher)."""
     torch.manual_seed(0)
     dense, tokenizer = load_minilm()
     data = SentenceDataModule(max_length=args.max_length)
@@ -181,8 +184,21 @@ def main() -> None:
     calibration = paragraph_batches(data, shuffled[: args.calibration], 16)
     training = paragraph_batches(data, shuffled[args.calibration :], args.train_batch)
     paragraphs = data.val_paragraphs[: args.paragraphs]
-    reference = embed(dense, tokenizer, paragraphs)
-    teacher = copy.deepcopy(dense)
+    return (
+        dense,
+        tokenizer,
+        calibration,
+        training,
+        paragraphs,
+        embed(dense, tokenizer, paragraphs),
+        copy.deepcopy(dense),
+    )
+
+
+def main() -> None:
+    args = arguments()
+    torch.set_num_threads(args.threads)
+    dense, tokenizer, calibration, training, paragraphs, reference, teacher = minilm_setup(args)
     unit = statistics.median(timed(lambda: [dense(**b) for b in calibration]) for _ in range(3))
 
     def score(model: nn.Module) -> float:
