@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from structured import interleaved_medians  # benchmarks/, beside this script
 from torch import nn
 
 from lightning_prune import compact, keep_masks_applied, prune_experts
@@ -119,20 +120,6 @@ def fine_tune(model: nn.Module, teacher: nn.Module | None, train: list[dict], st
         optimizer.zero_grad()
     handle.remove()
     return model.eval()
-
-
-def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each run, measured round-robin after one warm-up each."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    with torch.no_grad():
-        for run in runs.values():
-            run()
-        for _ in range(repeats):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def find_count(model: nn.Module) -> int:
